@@ -1,0 +1,71 @@
+"""Command-line interface. Each subcommand parses its arguments, then calls one library function.
+
+User errors (bad config, missing files, unusable data) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moelab.errors import UserError
+
+
+def _cmd_train(args) -> int:
+    from moelab.config import build_config
+    from moelab.train.loop import train
+
+    if args.resume and (args.preset or args.config):
+        raise UserError("--resume continues a run with its own saved config; drop --preset/--config "
+                        "(key=value overrides such as train.steps=2000 still apply)")
+    cfg = build_config(args.preset, args.config, args.overrides)
+    s = train(cfg, out=args.out, resume=args.resume, overrides=tuple(args.overrides))
+    print(f"done: {s['steps']} updates | val loss {s['val_loss']:.4f} | ppl {s['val_ppl']:.2f} | "
+          f"acc {s['val_acc']:.3f} | bits/byte {s['val_bpb']:.3f} | "
+          f"{s['train_tokens_per_s']:.0f} train tok/s | run {s['run_dir']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moelab", description="Train, evaluate and diagnose Mixture-of-Experts language models.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train an MoE language model (default: tiny preset on the "
+                                     "embedded Python-stdlib corpus)",
+                       description="Train an MoE LM. Settings: preset, then --config YAML, then "
+                                   "key=value overrides such as train.steps=40 model.n_experts=8.")
+    p.add_argument("--preset", help="named preset: tiny (default), exp3, test")
+    p.add_argument("--config", help="YAML config file (sections model, data, optim, train)")
+    p.add_argument("--out", help="run directory (default: runs/<preset>[-N])")
+    p.add_argument("--resume", help="'auto' (newest complete checkpoint in --out) or a checkpoint/run path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.set_defaults(func=_cmd_train)
+    return parser
+
+
+def _version() -> str:
+    from moelab import __version__
+
+    return f"moelab {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"moelab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moelab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

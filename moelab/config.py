@@ -1,0 +1,284 @@
+"""Typed run configuration: one dataclass tree, YAML in/out, dotted overrides, strict validation.
+
+Resolution order for `moelab train`: preset -> YAML file -> command-line overrides. Derived values
+(head_dim, n_kv_heads, vocab size from the tokenizer) are filled in one place, `Config.resolve`.
+Every unknown key is an error naming its dotted path and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moelab.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0: take the tokenizer's vocabulary size
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads (MHA); fewer gives GQA
+    head_dim: int = 0  # 0: d_model // n_heads
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    n_experts: int = 4
+    top_k: int = 2
+    expert_dim: int = 256  # hidden width of each SwiGLU expert
+    norm_topk_prob: bool = True  # renormalise the chosen k router weights to sum to 1
+    aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss, averaged over MoE layers
+    z_loss_coef: float = 0.0  # router z-loss (ST-MoE), averaged over MoE layers
+    init_std: float = 0.02
+    router_init_std: float = 0.02
+    expert_backend: str = "auto"  # auto | grouped | padded | loop (loop is the slow reference)
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # "stdlib" (embedded default corpus) or a text file / directory
+    val_fraction: float = 0.05  # share of documents (not windows) held out for validation
+    split_salt: str = "moelab"  # changes which documents land in validation
+    max_docs: int = 0  # 0: all documents
+    tokenizer: str = ""  # "": train BPE on the training split; else tokenizer.json or HF dir
+    vocab_size: int = 8192  # for BPE training
+    tokenizer_train_bytes: int = 0  # 0: train the tokenizer on the whole training split
+
+
+@dataclass
+class OptimConfig:
+    muon_lr: float = 3e-3  # LR of Muon (2-D hidden matrices and expert matrices)
+    adamw_lr: float = 3e-3  # LR of AdamW (embeddings, head, norms, router)
+    weight_decay: float = 0.01  # decoupled; matrices only (not norms or biases)
+    momentum: float = 0.95  # Muon momentum (Nesterov)
+    ns_steps: int = 5  # Newton-Schulz iterations
+    ns_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    muon_scale: str = "match_adamw"  # match_adamw (Moonlight: 0.2*sqrt(max dim)) | spectral
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup: int = 50  # optimizer updates
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600  # optimizer updates (not micro-batches)
+    seq_len: int = 128
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer update
+    grad_clip: float = 1.0  # 0 disables
+    eval_every: int = 100
+    eval_windows: int = 128  # windows for periodic evaluation; the final one uses all
+    log_every: int = 20
+    save_every: int = 200
+    seed: int = 1234
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ---- derived values, computed here only ----
+    def resolve(self, vocab_size: int | None = None) -> "Config":
+        m = self.model
+        if vocab_size is not None:
+            m.vocab_size = vocab_size
+        if m.n_kv_heads == 0:
+            m.n_kv_heads = m.n_heads
+        if m.head_dim == 0 and m.n_heads > 0:
+            m.head_dim = m.d_model // m.n_heads
+        m.max_seq_len = max(m.max_seq_len, self.train.seq_len)
+        self.validate()
+        return self
+
+    def validate(self) -> None:
+        m, t, o, d = self.model, self.train, self.optim, self.data
+        checks = [
+            (m.d_model > 0 and m.n_layers > 0 and m.n_heads > 0, "model sizes must be positive"),
+            (m.n_experts >= 1, "model.n_experts must be >= 1"),
+            (1 <= m.top_k <= m.n_experts, "model.top_k must be between 1 and model.n_experts"),
+            (m.n_kv_heads == 0 or m.n_heads % m.n_kv_heads == 0,
+             "model.n_heads must be a multiple of model.n_kv_heads"),
+            (m.head_dim != 0 or m.d_model % m.n_heads == 0,
+             "model.d_model must be divisible by model.n_heads (or set model.head_dim)"),
+            (m.head_dim % 2 == 0, "model.head_dim must be even for RoPE"),
+            (m.expert_backend in ("auto", "grouped", "padded", "loop"),
+             "model.expert_backend must be auto, grouped, padded or loop"),
+            (0.0 < d.val_fraction < 1.0, "data.val_fraction must be between 0 and 1"),
+            (d.vocab_size >= 260, "data.vocab_size must be at least 260 (256 bytes + specials)"),
+            (t.steps >= 1 and t.batch_size >= 1 and t.grad_accum >= 1 and t.seq_len >= 2,
+             "train.steps, train.batch_size, train.grad_accum must be >= 1, train.seq_len >= 2"),
+            (t.eval_every >= 1 and t.log_every >= 1 and t.save_every >= 1,
+             "train.eval_every, train.log_every and train.save_every must be >= 1"),
+            (t.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
+            (o.schedule in ("cosine", "constant"), "optim.schedule must be cosine or constant"),
+            (o.muon_scale in ("match_adamw", "spectral"),
+             "optim.muon_scale must be match_adamw or spectral"),
+            (o.ns_dtype in ("auto", "bf16", "fp32"), "optim.ns_dtype must be auto, bf16 or fp32"),
+            (0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]"),
+            (o.muon_lr > 0 and o.adamw_lr > 0, "optim.muon_lr and optim.adamw_lr must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(f"invalid config: {msg}")
+
+    # ---- dict / YAML ----
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict, base: "Config | None" = None) -> "Config":
+        cfg = base if base is not None else cls()
+        apply_mapping(cfg, data, "")
+        return cfg
+
+
+def _field_types(obj) -> dict[str, type]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def all_keys(obj=None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config tree, for error suggestions."""
+    obj = obj if obj is not None else Config()
+    keys = []
+    for name, tp in _field_types(obj).items():
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(path: str, obj, prefix: str) -> UserError:
+    names = [f.name for f in dataclasses.fields(obj)]
+    leaf = path.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.5)
+    if not close:
+        close = difflib.get_close_matches(path, all_keys(), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+    else:
+        hint = f"; did you mean '{prefix}{close[0]}'?"
+    return UserError(f"unknown config key '{path}'{hint}")
+
+
+def _coerce(value, tp, path: str):
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if value is None:
+            return ""
+    raise UserError(f"config key '{path}' expects {tp.__name__}, got {value!r}")
+
+
+def apply_mapping(obj, data: dict, prefix: str) -> None:
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    types = _field_types(obj)
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in types:
+            raise _unknown_key(path, obj, prefix)
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            apply_mapping(current, value, path + ".")
+        else:
+            setattr(obj, key, _coerce(value, types[key], path))
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (so 3e-3, true, 8 work)."""
+    import yaml
+
+    if "=" not in item:
+        raise UserError(f"override '{item}' must look like key=value, e.g. train.steps=40")
+    path, raw = item.split("=", 1)
+    path = path.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) or value is None:
+        value = raw  # keep strings verbatim (paths with colons, leading zeros)
+    parts = path.split(".")
+    nested: dict = {}
+    node = nested
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    obj = cfg
+    for i, part in enumerate(parts[:-1]):  # fail early on a path through a leaf
+        if not hasattr(obj, part) or not dataclasses.is_dataclass(getattr(obj, part)):
+            raise _unknown_key(".".join(parts[: i + 1]), obj, ".".join(parts[:i]) + "." if i else "")
+        obj = getattr(obj, part)
+    apply_mapping(cfg, nested, "")
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"config file {p} is not valid YAML: {first}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must contain a mapping of sections")
+    return data
+
+
+def build_config(preset: str | None = None, config_file: str | None = None,
+                 overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Preset -> YAML file -> dotted overrides, then validation."""
+    from moelab.models.presets import get_preset
+
+    data = load_yaml(config_file) if config_file else {}
+    name = preset or data.pop("preset", None) or "tiny"
+    data.pop("preset", None)
+    cfg = get_preset(name)
+    apply_mapping(cfg, data, "")
+    for item in overrides:
+        apply_override(cfg, item)
+    cfg.validate()
+    return cfg

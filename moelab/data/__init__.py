@@ -1,0 +1,1 @@
+"""Data: document sources, document-level split, tokenizer, packing and the resumable loader."""

@@ -1,0 +1,71 @@
+"""Packing documents into non-overlapping windows, and the resumable shuffled batch loader.
+
+Each split's documents are concatenated (document tokens, then EOS) into one stream and cut into
+disjoint windows of seq_len + 1 tokens (inputs = w[:-1], targets = w[1:]). Windows never overlap
+and never cross the split, because each split is packed separately.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def pack(token_lists: list[list[int]], eos_id: int) -> torch.Tensor:
+    """One int64 stream: doc0 EOS doc1 EOS ..."""
+    total = sum(len(t) + 1 for t in token_lists)
+    out = np.empty(total, dtype=np.int64)
+    pos = 0
+    for ids in token_lists:
+        out[pos:pos + len(ids)] = ids
+        out[pos + len(ids)] = eos_id
+        pos += len(ids) + 1
+    return torch.from_numpy(out)
+
+
+def make_windows(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(N, seq_len + 1) disjoint windows; the tail shorter than one window is dropped."""
+    n = stream.numel() // (seq_len + 1)
+    return stream[: n * (seq_len + 1)].view(n, seq_len + 1)
+
+
+class BatchLoader:
+    """Deterministic per-epoch shuffle of windows with an exact, resumable position.
+
+    The order of epoch e is randperm(N) drawn from a generator seeded with (seed, e), so the
+    state is just (epoch, batch index): nothing depends on how many batches were drawn before.
+    The last partial batch of each epoch is dropped so every batch has the same shape.
+    """
+
+    def __init__(self, windows: torch.Tensor, batch_size: int, seed: int):
+        if windows.shape[0] < batch_size:
+            raise ValueError("fewer windows than one batch")
+        self.windows, self.batch_size, self.seed = windows, batch_size, seed
+        self.batches_per_epoch = windows.shape[0] // batch_size
+        self.epoch, self.index = 0, 0
+        self._order = self._perm(0)
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.windows.shape[0], generator=g)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._perm(self.epoch)
+        rows = self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        w = self.windows[rows]
+        return w[:, :-1], w[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+                "n_windows": int(self.windows.shape[0]), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "n_windows", "batch_size"):
+            if state[key] != mine[key]:
+                raise ValueError(f"loader {key} changed since the checkpoint ({state[key]} -> {mine[key]})")
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._perm(self.epoch)

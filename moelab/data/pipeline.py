@@ -1,0 +1,100 @@
+"""From a source name to ready windows: corpus -> document split -> tokenizer -> packed windows.
+
+Writes into the run directory: `tokenizer/` and `data/split.json` (which document went where,
+bytes and tokens per split, skipped inputs with reasons, and a fingerprint checked on resume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moelab.config import DataConfig
+from moelab.data.loader import make_windows, pack
+from moelab.data.sources import load_corpus
+from moelab.data.split import hash_unit, split_documents
+from moelab.data.tokenizer import TextTokenizer, load_tokenizer, train_bpe
+from moelab.errors import UserError
+
+
+@dataclass
+class Dataset:
+    tokenizer: TextTokenizer
+    train_windows: torch.Tensor  # (N, seq_len + 1) int64
+    val_windows: torch.Tensor
+    token_bytes: torch.Tensor  # (V,) UTF-8 bytes per token id, for bits per byte
+    fingerprint: str
+    report: dict
+
+
+def _fingerprint(train, val, tokenizer: TextTokenizer, seq_len: int) -> str:
+    h = hashlib.sha256()
+    for tag, docs in (("train", train), ("val", val)):
+        for d in docs:
+            h.update(f"{tag}\x00{d.name}\x00".encode())
+            h.update(hashlib.sha256(d.text.encode("utf-8")).digest())
+    h.update(tokenizer.tk.to_str().encode())
+    h.update(str(seq_len).encode())
+    return h.hexdigest()[:16]
+
+
+def _tokenizer_texts(train, budget: int):
+    """Training-split texts for BPE, in hash order (an unbiased sample) up to `budget` bytes."""
+    used = 0
+    for d in sorted(train, key=lambda d: hash_unit(d.name, "tokenizer")):
+        if budget and used >= budget:
+            return
+        used += len(d.text)
+        yield d.text
+
+
+def build_dataset(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Dataset:
+    corpus = load_corpus(cfg.source, cfg.max_docs)
+    train, val = split_documents(corpus.documents, cfg.val_fraction, cfg.split_salt)
+    if not train or not val:
+        raise UserError(f"data source '{cfg.source}' has {len(corpus.documents)} usable document(s); "
+                        "need at least 2 (one for training, one for validation)")
+    tok_dir = run_dir / "tokenizer" if run_dir else None
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    elif tok_dir is not None and (tok_dir / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(tok_dir)  # resuming: reuse the run's own tokenizer
+    else:
+        tokenizer = train_bpe(_tokenizer_texts(train, cfg.tokenizer_train_bytes), cfg.vocab_size)
+    if tok_dir is not None and not (tok_dir / "tokenizer.json").is_file():
+        tokenizer.save(tok_dir)
+
+    ids_train = tokenizer.encode_batch([d.text for d in train])
+    ids_val = tokenizer.encode_batch([d.text for d in val])
+    train_w = make_windows(pack(ids_train, tokenizer.eos_id), seq_len)
+    val_w = make_windows(pack(ids_val, tokenizer.eos_id), seq_len)
+    if val_w.shape[0] == 0:
+        raise UserError(f"validation split has {sum(map(len, ids_val))} tokens, fewer than one sequence "
+                        f"of {seq_len + 1}; raise data.val_fraction or lower train.seq_len")
+    if train_w.shape[0] == 0:
+        raise UserError(f"training split has fewer tokens than one sequence of {seq_len + 1}; "
+                        "use more text or lower train.seq_len")
+
+    report = {
+        "source": corpus.source,
+        "fingerprint": _fingerprint(train, val, tokenizer, seq_len),
+        "seq_len": seq_len,
+        "vocab_size": tokenizer.vocab_size,
+        "splits": {
+            name: {"documents": len(docs), "bytes": sum(len(d.text.encode("utf-8")) for d in docs),
+                   "tokens": sum(map(len, ids)), "windows": int(w.shape[0])}
+            for name, docs, ids, w in (("train", train, ids_train, train_w), ("val", val, ids_val, val_w))
+        },
+        "skipped": [{"name": n, "reason": r} for n, r in corpus.skipped],
+        "val_documents": [d.name for d in val],
+        "train_documents": [d.name for d in train],
+    }
+    if run_dir is not None:
+        (run_dir / "data").mkdir(parents=True, exist_ok=True)
+        (run_dir / "data" / "split.json").write_text(json.dumps(report, indent=1))
+    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
+    return Dataset(tokenizer, train_w, val_w, token_bytes, report["fingerprint"], report)

@@ -1,0 +1,93 @@
+"""Document sources. A document is one file; splits are made over documents, never windows.
+
+The embedded default corpus is the running interpreter's standard library (`.py` files under
+sysconfig's stdlib path, without test folders or site-packages), so training needs no download.
+Unreadable inputs are skipped and reported with their reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moelab.errors import UserError
+
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ""}
+
+
+@dataclass
+class Document:
+    name: str  # stable identifier: the path relative to the source root
+    text: str
+
+
+@dataclass
+class Corpus:
+    source: str
+    documents: list[Document]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+
+
+def _read_text(path: Path) -> tuple[str | None, str]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        return None, f"unreadable: {exc.strerror or exc}"
+    if not raw.strip():
+        return None, "empty"
+    if b"\x00" in raw[:8192]:
+        return None, "binary"
+    try:
+        return raw.decode("utf-8"), ""
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+
+
+def _collect(root: Path, files: list[Path], max_docs: int, source: str) -> Corpus:
+    corpus = Corpus(source=source, documents=[])
+    for path in sorted(files):
+        name = path.relative_to(root).as_posix() if path != root else path.name
+        text, reason = _read_text(path)
+        if text is None:
+            corpus.skipped.append((name, reason))
+            continue
+        corpus.documents.append(Document(name, text))
+        if max_docs and len(corpus.documents) >= max_docs:
+            break
+    return corpus
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_corpus(max_docs: int = 0) -> Corpus:
+    root = stdlib_root()
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        files += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
+    return _collect(root, files, max_docs, f"stdlib:{root}")
+
+
+def files_corpus(path: str, max_docs: int = 0) -> Corpus:
+    p = Path(path).expanduser()
+    if p.is_file():
+        return _collect(p.parent, [p], max_docs, str(p))
+    if not p.is_dir():
+        raise UserError(f"data source not found: {path} (give a text file, a directory, or 'stdlib')")
+    files = [f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+             and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+    return _collect(p, files, max_docs, str(p))
+
+
+def load_corpus(source: str, max_docs: int = 0) -> Corpus:
+    corpus = stdlib_corpus(max_docs) if source == "stdlib" else files_corpus(source, max_docs)
+    if not corpus.documents:
+        why = "; ".join(f"{n}: {r}" for n, r in corpus.skipped[:3])
+        raise UserError(f"no usable text in data source '{source}'"
+                        + (f" (skipped {len(corpus.skipped)}: {why})" if why else " (no files)"))
+    return corpus

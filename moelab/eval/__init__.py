@@ -1,0 +1,1 @@
+"""Evaluation: loss, perplexity, token accuracy and bits per byte."""

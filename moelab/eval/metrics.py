@@ -1,0 +1,42 @@
+"""Token-weighted validation metrics.
+
+loss = mean next-token NLL (nats) over all target tokens; perplexity = exp(loss);
+accuracy = share of targets that are the argmax; bits per byte = total NLL / ln 2 / total UTF-8
+bytes of the target tokens (EOS counts 0 bytes but its NLL is kept: a conservative figure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def evaluate(model, windows: torch.Tensor, token_bytes: torch.Tensor, batch_size: int,
+             device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict:
+    was_training = model.training
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    token_bytes = token_bytes.to(device)
+    n_tokens = 0
+    ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
+           else contextlib.nullcontext())
+    for i in range(0, windows.shape[0], batch_size):
+        w = windows[i:i + batch_size].to(device)
+        x, y = w[:, :-1], w[:, 1:]
+        with ctx:
+            logits = model(x).logits
+        logits = logits.float().flatten(0, 1)
+        nll += F.cross_entropy(logits, y.flatten(), reduction="sum").double()
+        correct += (logits.argmax(-1) == y.flatten()).sum()
+        n_bytes += token_bytes[y].sum()
+        n_tokens += y.numel()
+    model.train(was_training)
+    loss = nll.item() / max(n_tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct.item() / max(n_tokens, 1),
+            "bpb": nll.item() / math.log(2) / max(n_bytes.item(), 1.0), "tokens": n_tokens}

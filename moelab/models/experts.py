@@ -1,0 +1,106 @@
+"""Routed SwiGLU experts: grouped matmuls over expert-sorted tokens, and the per-expert reference.
+
+Legend: T tokens, D model dim, F expert hidden dim, E experts, K experts per token, N = T*K slots.
+Weights use nn.Linear's (out, in) layout per expert, as transformers does: gate/up (E, F, D),
+down (E, D, F).
+
+Fast path: sort the N (token, expert) slots by expert, run three grouped matmuls over the
+contiguous per-expert row blocks (`torch._grouped_mm`, offsets = cumulative counts, no host sync),
+then un-sort and sum the K weighted outputs per token. No Python loop over tokens or experts.
+Where `_grouped_mm` is unavailable for the device/dtype, a padded batched matmul is used instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        # Hopper+ kernels are bf16; other dtypes/architectures fall back to the padded path.
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
+    return False
+
+
+def _grouped_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs=offs_E)
+
+
+def _padded_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, expert_N: torch.Tensor,
+                   pos_N: torch.Tensor, capacity: int) -> torch.Tensor:
+    E, D = w_EOD.shape[0], x_ND.shape[1]
+    buf_ECD = x_ND.new_zeros(E, capacity, D).index_put((expert_N, pos_N), x_ND)
+    return torch.bmm(buf_ECD, w_EOD.transpose(-2, -1))[expert_N, pos_N]
+
+
+class Experts(nn.Module):
+    def __init__(self, n_experts: int, d_model: int, hidden: int, backend: str = "auto"):
+        super().__init__()
+        self.n_experts, self.backend = n_experts, backend
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.gate_proj, std=std)
+        nn.init.normal_(self.up_proj, std=std)
+        nn.init.normal_(self.down_proj, std=out_std)
+
+    def _weights(self, dtype: torch.dtype):
+        # Under autocast x arrives in bf16 while the master weights stay fp32.
+        return [w.to(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)]
+
+    def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor,
+                counts_E: torch.Tensor) -> torch.Tensor:
+        backend = self.backend
+        if backend == "loop":
+            return experts_reference(x_TD, idx_TK, weights_TK, *self._weights(x_TD.dtype))
+        T, K = idx_TK.shape
+        order_N = idx_TK.flatten().argsort(stable=True)  # slots sorted by expert
+        x_ND = x_TD[order_N // K]
+        w_gate, w_up, w_down = self._weights(x_ND.dtype)
+        if backend == "auto":
+            backend = "grouped" if grouped_mm_supported(x_TD.device, x_ND.dtype) else "padded"
+        if backend == "grouped":
+            offs_E = counts_E.cumsum(0).to(torch.int32)
+            h_NF = F.silu(_grouped_linear(x_ND, w_gate, offs_E)) * _grouped_linear(x_ND, w_up, offs_E)
+            y_ND = _grouped_linear(h_NF, w_down, offs_E)
+        else:
+            expert_N = torch.repeat_interleave(torch.arange(self.n_experts, device=x_TD.device),
+                                               counts_E, output_size=T * K)
+            starts_E = counts_E.cumsum(0) - counts_E
+            pos_N = torch.arange(T * K, device=x_TD.device) - starts_E[expert_N]
+            cap = int(counts_E.max())  # host sync; fallback path only
+            lin = lambda x, w: _padded_linear(x, w, expert_N, pos_N, cap)  # noqa: E731
+            y_ND = lin(F.silu(lin(x_ND, w_gate)) * lin(x_ND, w_up), w_down)
+        y_ND = y_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(y_ND.dtype)
+        # Un-sort by assignment (deterministic, unlike index_add's atomics on GPU), sum over K.
+        out_ND = torch.empty_like(y_ND)
+        out_ND[order_N] = y_ND
+        return out_ND.view(T, K, -1).sum(dim=1)
+
+
+def experts_reference(x_TD, idx_TK, weights_TK, w_gate_EFD, w_up_EFD, w_down_EDF) -> torch.Tensor:
+    """Slow, obviously-correct per-expert loop. Used by tests and `expert_backend=loop`."""
+    out_TD = torch.zeros_like(x_TD)
+    for e in range(w_gate_EFD.shape[0]):
+        tok, slot = torch.nonzero(idx_TK == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xe = x_TD[tok]
+        ye = (F.silu(xe @ w_gate_EFD[e].T) * (xe @ w_up_EFD[e].T)) @ w_down_EDF[e].T
+        out_TD = out_TD.index_add(0, tok, ye * weights_TK[tok, slot].unsqueeze(-1).to(ye.dtype))
+    return out_TD
+
+
+def residual_std(std: float, n_layers: int) -> float:
+    """GPT-2 style scaling of the projections that write into the residual stream."""
+    return std / math.sqrt(2 * n_layers)

@@ -1,0 +1,74 @@
+"""Muon: momentum SGD whose update is orthogonalised by a quintic Newton-Schulz iteration.
+
+For a gradient G (out x in), the update is ~ U V^T from G's SVD: every singular direction moves by
+the same amount. 3-D parameters (E, out, in) are orthogonalised per expert in one batched call.
+Scale options: "match_adamw" multiplies by 0.2*sqrt(max(out, in)) so the update RMS matches
+AdamW's (Moonlight), letting Muon and AdamW share LR values; "spectral" uses sqrt(max(1, out/in))
+(Keller Jordan's original).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Quintic coefficients tuned for fast convergence of small singular values (Keller Jordan).
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16,
+                  eps: float = 1e-7) -> torch.Tensor:
+    """Approximate the orthogonal polar factor of each matrix in G (..., m, n)."""
+    a, b, c = NS_COEFFS
+    X = G.to(dtype)
+    transposed = X.shape[-2] > X.shape[-1]
+    if transposed:  # iterate on the wide orientation: the Gram matrix is the smaller one
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    if transposed:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+def update_scale(shape: torch.Size, mode: str) -> float:
+    out_dim, in_dim = shape[-2], shape[-1]
+    if mode == "match_adamw":
+        return 0.2 * max(out_dim, in_dim) ** 0.5
+    return max(1.0, out_dim / in_dim) ** 0.5
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
+                 scale: str = "match_adamw"):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        ns_steps=ns_steps, scale=scale)
+        super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim < 2:
+                    raise ValueError(f"Muon needs matrices; got a parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)
+                g = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                dtype = self.ns_dtype or (torch.bfloat16 if p.is_cuda else torch.float32)
+                u = newton_schulz(g, group["ns_steps"], dtype)
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(u, alpha=-lr * update_scale(p.shape, group["scale"]))
+        return loss

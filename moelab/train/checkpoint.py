@@ -1,0 +1,109 @@
+"""Atomic checkpoints and model loading.
+
+Layout: RUN/checkpoints/step_0000200/{model.safetensors, trainer_state.pt, config.yaml, meta.json}.
+A checkpoint is written to a hidden temporary directory and renamed into place only when
+complete, so a reader never sees half a checkpoint. Weights are safetensors; the trainer state
+(optimizer, loader position, RNG) holds only tensors and plain containers and is read with
+torch.load(weights_only=True), which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moelab.errors import UserError
+
+CKPT_PREFIX = "step_"
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_version, py_keys, py_gauss = random.getstate()
+    state = {"python": list(py_keys), "python_gauss": py_gauss,
+             "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32),
+                         state["numpy"]["pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, config_yaml: str,
+                    meta: dict) -> Path:
+    from safetensors.torch import save_model
+
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{CKPT_PREFIX}{step:07d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+    (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step, time=time.time()), indent=1))
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. Temporary directories are never listed."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
+             and (p / "meta.json").is_file() and (p / "model.safetensors").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    try:
+        return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses arbitrary pickles with UnpicklingError
+        raise UserError(f"refusing to load {ckpt / 'trainer_state.pt'}: "
+                        f"{str(exc).splitlines()[0]}") from None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its newest checkpoint)."""
+    p = Path(path).expanduser()
+    if (p / "model.safetensors").is_file() and (p / "config.yaml").is_file():
+        return p
+    ckpts = list_checkpoints(p)
+    if not ckpts:
+        raise UserError(f"no checkpoint found at {path} (give a run directory or a checkpoint directory)")
+    return ckpts[-1]
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Load a trained model from a run directory or a checkpoint directory, in eval mode."""
+    import yaml
+    from safetensors.torch import load_model as st_load_model
+
+    from moelab.config import Config
+    from moelab.models import MoETransformer
+
+    ckpt = resolve_checkpoint(path)
+    cfg = Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())).resolve()
+    model = MoETransformer(cfg.model)
+    st_load_model(model, str(ckpt / "model.safetensors"), device="cpu")
+    return model.to(device).eval()

@@ -1,0 +1,69 @@
+"""Run directories: choosing one without clobbering, recording provenance, the metrics log."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from moelab.errors import UserError
+
+
+def new_run_dir(out: str | None, preset: str) -> Path:
+    """`out` must be new or empty; without `out`, runs/<preset>, runs/<preset>-2, ..."""
+    if out:
+        p = Path(out).expanduser()
+        if p.exists() and (not p.is_dir() or any(p.iterdir())):
+            raise UserError(f"run directory {p} is not empty; pass --resume auto to continue it, "
+                            "or choose another --out")
+        return p
+    base = Path("runs") / preset
+    p, i = base, 2
+    while p.exists():
+        p, i = base.with_name(f"{preset}-{i}"), i + 1
+    return p
+
+
+def git_sha() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance() -> dict:
+    import tokenizers
+    import torch
+
+    import moelab
+
+    return {"command": sys.argv, "git_sha": git_sha(), "moelab": moelab.__version__,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "tokenizers": tokenizers.__version__, "platform": platform.platform(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+class MetricsLog:
+    """Append-only JSON lines. On resume, records after the resumed step are dropped first, so
+    the file reads as one uninterrupted run."""
+
+    def __init__(self, path: Path, keep_until_step: int | None = None):
+        self.path = path
+        if keep_until_step is not None and path.is_file():
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self._fh = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
