@@ -23,7 +23,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     if device.type == "cpu":
-        return True
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
     if device.type == "cuda":
         # Hopper+ kernels are bf16; other dtypes/architectures fall back to the padded path.
         return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
@@ -67,8 +67,8 @@ class Experts(nn.Module):
         order_N = idx_TK.flatten().argsort(stable=True)  # slots sorted by expert
         x_ND = x_TD[order_N // K]
         w_gate, w_up, w_down = self._weights(x_ND.dtype)
-        if backend == "auto":
-            backend = "grouped" if grouped_mm_supported(x_TD.device, x_ND.dtype) else "padded"
+        if backend != "padded" and not grouped_mm_supported(x_TD.device, x_ND.dtype):
+            backend = "padded"  # e.g. float64, or CUDA before Hopper
         if backend == "grouped":
             offs_E = counts_E.cumsum(0).to(torch.int32)
             h_NF = F.silu(_grouped_linear(x_ND, w_gate, offs_E)) * _grouped_linear(x_ND, w_up, offs_E)

@@ -1,0 +1,58 @@
+"""No validation document may reach training data; the split is stable; windows never overlap."""
+
+import json
+
+import torch
+
+from moelab.config import DataConfig
+from moelab.data.loader import BatchLoader, make_windows, pack
+from moelab.data.pipeline import build_dataset
+from moelab.data.sources import Document, stdlib_corpus
+from moelab.data.split import split_documents
+
+
+def test_no_validation_document_in_training_windows(text_corpus, tmp_path):
+    cfg = DataConfig(source=str(text_corpus), val_fraction=0.2, vocab_size=400)
+    ds = build_dataset(cfg, seq_len=32, run_dir=tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "data" / "split.json").read_text())
+    val_names, train_names = set(report["val_documents"]), set(report["train_documents"])
+    assert val_names and train_names and not (val_names & train_names)
+    assert len(val_names) + len(train_names) == 60
+    train_text = ds.tokenizer.decode(ds.train_windows.flatten().tolist())
+    val_text = ds.tokenizer.decode(ds.val_windows.flatten().tolist())
+    for name in val_names:  # each document carries its own marker word
+        marker = f"marker{name[3:6]}x"
+        assert marker not in train_text
+    assert any(f"marker{n[3:6]}x" in val_text for n in val_names)
+    assert any(f"marker{n[3:6]}x" in train_text for n in train_names)
+
+
+def test_split_is_stable_when_documents_are_added():
+    docs = [Document(f"d{i}.txt", "x") for i in range(200)]
+    _, val = split_documents(docs, 0.1)
+    _, val_more = split_documents(docs + [Document(f"new{i}.txt", "y") for i in range(100)], 0.1)
+    assert {d.name for d in val} <= {d.name for d in val_more}
+    assert 5 <= len(val) <= 40
+
+
+def test_windows_are_disjoint_and_loader_resumes_exactly():
+    stream = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], eos_id=0)
+    assert stream.tolist() == [1, 2, 3, 0, 4, 5, 0, 6, 7, 8, 9, 0]
+    w = make_windows(torch.arange(100), seq_len=9)
+    assert w.shape == (10, 10) and w.flatten().unique().numel() == 100
+    loader = BatchLoader(torch.arange(400).view(40, 10), batch_size=3, seed=7)
+    for _ in range(25):  # crosses an epoch boundary (13 batches per epoch)
+        loader.next_batch()
+    state = loader.state_dict()
+    expected = [loader.next_batch()[0] for _ in range(8)]
+    fresh = BatchLoader(torch.arange(400).view(40, 10), batch_size=3, seed=7)
+    fresh.load_state_dict(state)
+    for want in expected:
+        assert torch.equal(fresh.next_batch()[0], want)
+
+
+def test_stdlib_corpus_skips_tests_and_site_packages():
+    corpus = stdlib_corpus(max_docs=0)
+    names = [d.name for d in corpus.documents]
+    assert len(names) > 100 and all(n.endswith(".py") for n in names)
+    assert not any(n.startswith(("test/", "site-packages/")) or "/tests/" in n for n in names)

@@ -1,0 +1,65 @@
+"""User errors: one clear line on stderr, exit code 2, no traceback, nothing overwritten."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def moelab(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "moelab", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def _assert_user_error(res, *needles):
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moelab: error:"), res.stderr
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_help_lists_commands():
+    res = moelab("--help")
+    assert res.returncode == 0 and "train" in res.stdout and "embedded" in res.stdout
+
+
+def test_missing_config_file(tmp_path):
+    _assert_user_error(moelab("train", "--config", str(tmp_path / "nope.yaml")), "config file not found")
+
+
+def test_unknown_preset():
+    _assert_user_error(moelab("train", "--preset", "huge"), "unknown preset 'huge'")
+
+
+def test_unknown_override_key():
+    _assert_user_error(moelab("train", "model.n_expert=8"), "model.n_experts")
+
+
+def test_corpus_without_usable_text(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "empty.txt").write_text("")
+    (corpus / "blob.txt").write_bytes(b"\x00\x01\x02binary\xff" * 100)
+    (corpus / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    res = moelab("train", "--preset", "test", f"data.source={corpus}", "--out", str(tmp_path / "r"))
+    _assert_user_error(res, "no usable text", "skipped 3")
+
+
+def test_existing_run_dir_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    res = moelab("train", "--preset", "test", "--out", str(out))
+    _assert_user_error(res, "not empty", "--resume")
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_cli_train_end_to_end(tmp_path):
+    res = moelab("train", "--preset", "test", "--out", str(tmp_path / "run"), "train.steps=6",
+                 "train.eval_every=3", "train.save_every=3")
+    assert res.returncode == 0, res.stderr
+    assert "done: 6 updates" in res.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step_0000006" / "model.safetensors").is_file()
