@@ -170,16 +170,19 @@ def all_keys(obj=None, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(path: str, obj, prefix: str) -> UserError:
+def _unknown_key(path: str, obj, prefix: str, rest: str = "") -> UserError:
+    """`path` is the first unknown component (with its prefix); `rest` what followed it."""
     names = [f.name for f in dataclasses.fields(obj)]
     leaf = path.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.5)
-    if not close:
-        close = difflib.get_close_matches(path, all_keys(), n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+    if close and rest and f"{prefix}{close[0]}{rest}" not in all_keys():
+        close = None  # the rest is misspelt too: match the whole dotted path instead
+    if close:
+        hint = f"; did you mean '{prefix}{close[0]}{rest}'?"
     else:
-        hint = f"; did you mean '{prefix}{close[0]}'?"
-    return UserError(f"unknown config key '{path}'{hint}")
+        close = difflib.get_close_matches(path + rest, all_keys(), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+    return UserError(f"unknown config key '{path}{rest}'{hint}")
 
 
 def _coerce(value, tp, path: str):
@@ -247,7 +250,8 @@ def apply_override(cfg: Config, item: str) -> None:
     obj = cfg
     for i, part in enumerate(parts[:-1]):  # fail early on a path through a leaf
         if not hasattr(obj, part) or not dataclasses.is_dataclass(getattr(obj, part)):
-            raise _unknown_key(".".join(parts[: i + 1]), obj, ".".join(parts[:i]) + "." if i else "")
+            prefix = ".".join(parts[:i]) + "." if i else ""
+            raise _unknown_key(".".join(parts[: i + 1]), obj, prefix, "." + ".".join(parts[i + 1:]))
         obj = getattr(obj, part)
     apply_mapping(cfg, nested, "")
 

@@ -22,7 +22,7 @@ def test_default_preset_is_tiny():
 
 @pytest.mark.parametrize("item,expect", [
     ("model.n_expert=8", "model.n_experts"),
-    ("trian.steps=3", "train"),
+    ("trian.steps=3", "train.steps"),
     ("train.stepz=3", "train.steps"),
 ])
 def test_unknown_keys_name_the_closest(item, expect):
