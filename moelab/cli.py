@@ -26,6 +26,27 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_info(args) -> int:
+    from moelab.commands import info
+
+    print(info(args.target))
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from moelab.commands import convert
+
+    print(f"converted {args.hf_dir} -> {convert(args.hf_dir, args.out)}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from moelab.commands import export
+
+    print(f"exported {args.run} -> {export(args.run, args.to, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moelab", description="Train, evaluate and diagnose Mixture-of-Experts language models.")
@@ -42,6 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in --out) or a checkpoint/run path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("info", help="parameter table (total and active per token) of a preset, run "
+                                    "or Hugging Face directory")
+    p.add_argument("target", help="preset name, run/checkpoint directory, or HF model directory")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face model directory (Mixtral) to a moelab run")
+    p.add_argument("hf_dir")
+    p.add_argument("--out", required=True, help="new run directory")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("export", help="export a run to a Hugging Face directory (save_pretrained layout)")
+    p.add_argument("run", help="run or checkpoint directory")
+    p.add_argument("--to", default="hf", help="target format (hf)")
+    p.add_argument("--out", required=True, help="new output directory")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

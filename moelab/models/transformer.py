@@ -99,8 +99,6 @@ class MoETransformer(nn.Module):
 
     def num_parameters(self) -> dict[str, int]:
         """Total and active-per-token parameter counts (tied weights counted once)."""
-        c = self.cfg
-        total = sum(p.numel() for p in self.parameters())
-        expert = sum(b.moe.experts.gate_proj.numel() * 3 for b in self.blocks)
-        active = total - expert + expert * c.top_k // c.n_experts
-        return {"total": total, "active": active, "routed_experts": expert}
+        from moelab.models.accounting import parameter_table
+
+        return parameter_table(self)["total"]

@@ -94,14 +94,38 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return ckpts[-1]
 
 
+def is_hf_dir(path: str | Path) -> bool:
+    p = Path(path).expanduser()
+    return (p / "config.json").is_file() and not (p / "config.yaml").is_file()
+
+
+def save_weights_only(run_dir: Path, model, config_yaml: str, meta: dict) -> Path:
+    """A checkpoint with weights and config but no trainer state (converted models)."""
+    from safetensors.torch import save_model
+
+    final = run_dir / "checkpoints" / f"{CKPT_PREFIX}{0:07d}"
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    (tmp / "config.yaml").write_text(config_yaml)
+    (tmp / "meta.json").write_text(json.dumps(dict(meta, step=0, time=time.time()), indent=1))
+    os.replace(tmp, final)
+    return final
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Load a trained model from a run directory or a checkpoint directory, in eval mode."""
+    """Load a model, in eval mode, from a run directory (its newest checkpoint), a checkpoint
+    directory, or a Hugging Face directory of a supported architecture."""
     import yaml
     from safetensors.torch import load_model as st_load_model
 
     from moelab.config import Config
     from moelab.models import MoETransformer
 
+    if is_hf_dir(path):
+        from moelab.models.hf import load_hf
+
+        return load_hf(path).to(device)
     ckpt = resolve_checkpoint(path)
     cfg = Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())).resolve()
     model = MoETransformer(cfg.model)

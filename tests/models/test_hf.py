@@ -61,3 +61,34 @@ def test_inexpressible_config_is_refused():
     model.cfg.norm_topk_prob = False
     with pytest.raises(UserError, match="norm_topk_prob"):
         to_hf(model)
+
+
+def test_trained_run_exports_and_converts_via_cli(tmp_path):
+    import subprocess
+    import sys
+
+    from moelab import load_model
+    from moelab.config import build_config
+    from moelab.train.loop import train
+
+    run = tmp_path / "run"
+    train(build_config("test", None, ["train.steps=3", "train.eval_every=3"]), out=str(run), progress=False)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "moelab", *args], capture_output=True, text=True)
+
+    res = cli("export", str(run), "--to", "hf", "--out", str(tmp_path / "hf"))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    ours = load_model(run)
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids).logits).abs().max().item() <= 1e-4
+    res = cli("convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))
+    assert res.returncode == 0, res.stderr
+    back = load_model(tmp_path / "back")
+    for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name
+    res = cli("export", str(run), "--out", str(tmp_path / "hf"))  # never overwrite
+    assert res.returncode == 2 and "not empty" in res.stderr

@@ -1,0 +1,87 @@
+"""Library functions behind the model-level CLI commands: info, convert, export."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from moelab.errors import UserError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def model_config_for(target: str):
+    """A resolved ModelConfig for a preset name, a run/checkpoint directory or an HF directory."""
+    import yaml
+
+    from moelab.config import Config
+    from moelab.models.presets import PRESETS, get_preset
+    from moelab.train.checkpoint import is_hf_dir, resolve_checkpoint
+
+    if not Path(target).exists():
+        if target not in PRESETS:
+            raise UserError(f"'{target}' is neither a preset ({', '.join(PRESETS)}) nor an existing "
+                            "run, checkpoint or Hugging Face directory")
+        cfg = get_preset(target)
+        return cfg.resolve(vocab_size=cfg.data.vocab_size).model
+    if is_hf_dir(target):
+        import transformers
+
+        from moelab.models.hf import model_config_from_mixtral
+
+        hf = transformers.AutoConfig.from_pretrained(target)
+        if hf.model_type != "mixtral":
+            raise UserError(f"unsupported architecture '{hf.model_type}' (supported: mixtral)")
+        return Config(model=model_config_from_mixtral(hf)).resolve().model
+    ckpt = resolve_checkpoint(target)
+    return Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())).resolve().model
+
+
+def info(target: str) -> str:
+    from moelab.models.accounting import build_meta_model, format_table, parameter_table
+
+    m = model_config_for(target)
+    head = (f"{target}: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads "
+            f"({m.n_kv_heads} kv), {m.n_experts} experts top-{m.top_k} x width {m.expert_dim}, "
+            f"vocab {m.vocab_size}, tied embeddings {m.tie_embeddings}")
+    return head + "\n" + format_table(parameter_table(build_meta_model(m)))
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
+    if files:
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy2(f, dst / f.name)
+
+
+def convert(hf_dir: str, out: str) -> Path:
+    """HF directory -> moelab run directory (config.yaml, tokenizer/, checkpoints/step_0000000)."""
+    from moelab.config import Config
+    from moelab.models.hf import load_hf
+    from moelab.train.checkpoint import save_weights_only
+    from moelab.train.rundir import new_run_dir
+
+    if not Path(hf_dir, "config.json").is_file():
+        raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    run_dir = new_run_dir(out, "converted")
+    model = load_hf(hf_dir)
+    cfg = Config(preset="converted", model=model.cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    save_weights_only(run_dir, model, cfg.to_yaml(), {"converted_from": str(hf_dir)})
+    _copy_tokenizer(Path(hf_dir), run_dir / "tokenizer")
+    return run_dir
+
+
+def export(run: str, to: str, out: str) -> Path:
+    from moelab.models.hf import export_hf
+    from moelab.train.checkpoint import load_model, resolve_checkpoint
+
+    if to != "hf":
+        raise UserError(f"unknown export format '{to}' (supported: hf)")
+    model = load_model(run)
+    path = export_hf(model, out)
+    ckpt = resolve_checkpoint(run)
+    _copy_tokenizer(ckpt.parent.parent / "tokenizer", path)
+    return path

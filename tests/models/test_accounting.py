@@ -1,0 +1,33 @@
+"""Parameter counts against hand-computed formulas; `moelab info` prints them."""
+
+import subprocess
+import sys
+
+from moelab.config import build_config
+from moelab.models.accounting import build_meta_model, parameter_table
+
+
+def test_counts_match_formula_tied_and_untied():
+    for tie in (True, False):
+        cfg = build_config("exp3", None, [f"model.tie_embeddings={tie}", "model.n_kv_heads=2"])
+        m = cfg.resolve(vocab_size=1000).model
+        V, D, L, E, F, Dh = 1000, m.d_model, m.n_layers, m.n_experts, m.expert_dim, m.head_dim
+        rows = parameter_table(build_meta_model(m))
+        attn = L * (D * 8 * Dh + 2 * D * 2 * Dh + 8 * Dh * D)  # q, k+v (2 kv heads), o
+        experts = L * E * 3 * D * F
+        assert rows["embedding"]["total"] == V * D
+        assert rows["head"]["total"] == (0 if tie else V * D)
+        assert rows["attention"]["total"] == attn
+        assert rows["routed_experts"]["total"] == experts
+        assert rows["routed_experts"]["active"] == experts * 2 // 4
+        assert rows["router"]["total"] == L * E * D
+        assert rows["norms"]["total"] == (2 * L + 1) * D
+        total = V * D * (1 if tie else 2) + attn + experts + L * E * D + (2 * L + 1) * D
+        assert rows["total"]["total"] == total
+        assert rows["total"]["active"] == total - experts // 2
+
+
+def test_info_cli():
+    res = subprocess.run([sys.executable, "-m", "moelab", "info", "exp3"], capture_output=True, text=True)
+    assert res.returncode == 0
+    assert "13,116,672" in res.stdout and "8,398,080" in res.stdout  # total / active at vocab 8192
