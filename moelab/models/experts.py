@@ -30,6 +30,13 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
+def pick_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """auto/grouped -> grouped where `_grouped_mm` runs, else padded (float64, pre-Hopper CUDA)."""
+    if requested in ("auto", "grouped"):
+        return "grouped" if grouped_mm_supported(device, dtype) else "padded"
+    return requested
+
+
 def _grouped_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     return torch._grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs=offs_E)
 
@@ -65,10 +72,10 @@ class Experts(nn.Module):
             return experts_reference(x_TD, idx_TK, weights_TK, *self._weights(x_TD.dtype))
         T, K = idx_TK.shape
         order_N = idx_TK.flatten().argsort(stable=True)  # slots sorted by expert
-        x_ND = x_TD[order_N // K]
+        # index_select rather than x[idx]: its backward is index_add, not a slow index_put
+        x_ND = x_TD.index_select(0, order_N // K)
         w_gate, w_up, w_down = self._weights(x_ND.dtype)
-        if backend != "padded" and not grouped_mm_supported(x_TD.device, x_ND.dtype):
-            backend = "padded"  # e.g. float64, or CUDA before Hopper
+        backend = pick_backend(backend, x_TD.device, x_ND.dtype)
         if backend == "grouped":
             offs_E = counts_E.cumsum(0).to(torch.int32)
             h_NF = F.silu(_grouped_linear(x_ND, w_gate, offs_E)) * _grouped_linear(x_ND, w_up, offs_E)
@@ -82,10 +89,11 @@ class Experts(nn.Module):
             lin = lambda x, w: _padded_linear(x, w, expert_N, pos_N, cap)  # noqa: E731
             y_ND = lin(F.silu(lin(x_ND, w_gate)) * lin(x_ND, w_up), w_down)
         y_ND = y_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(y_ND.dtype)
-        # Un-sort by assignment (deterministic, unlike index_add's atomics on GPU), sum over K.
-        out_ND = torch.empty_like(y_ND)
-        out_ND[order_N] = y_ND
-        return out_ND.view(T, K, -1).sum(dim=1)
+        # Un-sort with a gather by the inverse permutation (deterministic, unlike scatter-add's
+        # atomics on GPU), then sum the K expert outputs of each token.
+        inverse_N = torch.empty_like(order_N)
+        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+        return y_ND.index_select(0, inverse_N).view(T, K, -1).sum(dim=1)
 
 
 def experts_reference(x_TD, idx_TK, weights_TK, w_gate_EFD, w_up_EFD, w_down_EDF) -> torch.Tensor:

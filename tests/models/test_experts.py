@@ -75,3 +75,13 @@ def test_router_aux_loss_is_one_when_uniform_and_larger_when_skewed():
     out = r(torch.ones(400, 8))
     assert out.counts_E.tolist() == [400, 0, 0, 0]
     assert out.aux_loss.item() > 3.9  # collapse onto one expert: aux -> E
+
+
+def test_auto_backend_takes_the_grouped_path_on_cpu():
+    from moelab.models.experts import pick_backend
+
+    cpu = torch.device("cpu")
+    assert pick_backend("auto", cpu, torch.float32) == "grouped"
+    assert pick_backend("auto", cpu, torch.bfloat16) == "grouped"
+    assert pick_backend("auto", cpu, torch.float64) == "padded"
+    assert pick_backend("loop", cpu, torch.float32) == "loop"
