@@ -43,7 +43,7 @@ def _cmd_convert(args) -> int:
 def _cmd_export(args) -> int:
     from moelab.commands import export
 
-    print(f"exported {args.run} -> {export(args.run, args.to, args.out)}")
+    print(f"exported {args.run} -> {export(args.run, args.to, args.out, args.arch)}")
     return 0
 
 
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="preset name, run/checkpoint directory, or HF model directory")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("convert", help="convert a Hugging Face model directory (Mixtral) to a moelab run")
+    p = sub.add_parser("convert", help="convert a Hugging Face model directory (Mixtral, Qwen3-MoE, "
+                       "OLMoE, DeepSeek-V3, GLM4-MoE, Llama, Qwen3) to a moelab run")
     p.add_argument("hf_dir")
     p.add_argument("--out", required=True, help="new run directory")
     p.set_defaults(func=_cmd_convert)
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run or checkpoint directory")
     p.add_argument("--to", default="hf", help="target format (hf)")
     p.add_argument("--out", required=True, help="new output directory")
+    p.add_argument("--arch", default="auto",
+                   help="mixtral|qwen3_moe|olmoe|deepseek_v3|glm4_moe|llama|qwen3; auto: the one that "
+                        "expresses the model exactly")
     p.set_defaults(func=_cmd_export)
     return parser
 

@@ -25,14 +25,12 @@ def model_config_for(target: str):
         cfg = get_preset(target)
         return cfg.resolve(vocab_size=cfg.data.vocab_size).model
     if is_hf_dir(target):
-        import transformers
+        from moelab.models.hf import _require_transformers, model_config_from_hf
 
-        from moelab.models.hf import model_config_from_mixtral
-
-        hf = transformers.AutoConfig.from_pretrained(target)
-        if hf.model_type != "mixtral":
-            raise UserError(f"unsupported architecture '{hf.model_type}' (supported: mixtral)")
-        return Config(model=model_config_from_mixtral(hf)).resolve().model
+        hf = _require_transformers().AutoConfig.from_pretrained(target)
+        cfg = Config(model=model_config_from_hf(hf))
+        cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
+        return cfg.resolve().model
     ckpt = resolve_checkpoint(target)
     return Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())).resolve().model
 
@@ -41,8 +39,15 @@ def info(target: str) -> str:
     from moelab.models.accounting import build_meta_model, format_table, parameter_table
 
     m = model_config_for(target)
-    head = (f"{target}: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads "
-            f"({m.n_kv_heads} kv), {m.n_experts} experts top-{m.top_k} x width {m.expert_dim}, "
+    attn = (f"MLA {m.n_heads} heads (q rank {m.q_lora_rank or 'full'}, kv rank {m.kv_lora_rank})"
+            if m.attention == "mla" else f"{m.n_heads} heads ({m.n_kv_heads} kv)")
+    if m.n_experts:
+        ffn = (f"{m.n_experts} experts top-{m.top_k} x width {m.expert_dim}, {m.router} router"
+               + (f", {m.n_shared_experts} shared" if m.n_shared_experts else "")
+               + (f", first {m.first_k_dense} dense" if m.first_k_dense else ""))
+    else:
+        ffn = f"dense MLP width {m.dense_dim}"
+    head = (f"{target}: d_model {m.d_model}, {m.n_layers} layers, {attn}, {ffn}, "
             f"vocab {m.vocab_size}, tied embeddings {m.tie_embeddings}")
     return head + "\n" + format_table(parameter_table(build_meta_model(m)))
 
@@ -74,14 +79,14 @@ def convert(hf_dir: str, out: str) -> Path:
     return run_dir
 
 
-def export(run: str, to: str, out: str) -> Path:
+def export(run: str, to: str, out: str, arch: str = "auto") -> Path:
     from moelab.models.hf import export_hf
     from moelab.train.checkpoint import load_model, resolve_checkpoint
 
     if to != "hf":
         raise UserError(f"unknown export format '{to}' (supported: hf)")
     model = load_model(run)
-    path = export_hf(model, out)
+    path = export_hf(model, out, arch)
     ckpt = resolve_checkpoint(run)
     _copy_tokenizer(ckpt.parent.parent / "tokenizer", path)
     return path

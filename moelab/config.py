@@ -21,22 +21,66 @@ class ModelConfig:
     vocab_size: int = 0  # 0: take the tokenizer's vocabulary size
     d_model: int = 128
     n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 0  # 0: same as n_heads (MHA); fewer gives GQA
-    head_dim: int = 0  # 0: d_model // n_heads
     max_seq_len: int = 128
-    rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
-    n_experts: int = 4
-    top_k: int = 2
-    expert_dim: int = 256  # hidden width of each SwiGLU expert
-    norm_topk_prob: bool = True  # renormalise the chosen k router weights to sum to 1
-    aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss, averaged over MoE layers
-    z_loss_coef: float = 0.0  # router z-loss (ST-MoE), averaged over MoE layers
     init_std: float = 0.02
+    # ---- attention ----
+    attention: str = "gqa"  # gqa (MHA when n_kv_heads == n_heads) | mla (DeepSeek latent attention)
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0: same as n_heads (MHA); fewer gives GQA. Ignored by MLA.
+    head_dim: int = 0  # 0: d_model // n_heads. Ignored by MLA.
+    qk_norm: str = "none"  # none | head (RMSNorm per head: Qwen3, GLM4) | full (over all heads: OLMoE)
+    qkv_bias: bool = False  # biases on the q/k/v projections (GLM4-MoE)
+    out_bias: bool = False  # bias on the output projection
+    q_lora_rank: int = 0  # MLA: 0 = full-rank query projection, else low-rank with its own norm
+    kv_lora_rank: int = 64  # MLA: width of the compressed key/value latent
+    qk_nope_head_dim: int = 32  # MLA: per-head query/key dims without RoPE
+    qk_rope_head_dim: int = 16  # MLA: per-head query/key dims with RoPE (the key part is shared)
+    v_head_dim: int = 32  # MLA: per-head value dim
+    # ---- rotary position embedding ----
+    rope_theta: float = 10000.0
+    partial_rotary: float = 1.0  # share of each head's dims that is rotated (GLM4: 0.5)
+    rope_interleave: bool = False  # rotate (x0,x1),(x2,x3).. pairs (DeepSeek) instead of halves
+    rope_scaling: str = "none"  # none | linear | yarn
+    rope_factor: float = 1.0  # context extension factor (linear, yarn)
+    rope_original_max_len: int = 0  # yarn: pre-extension context length
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 0.0  # 0: unset (attention factor from rope_factor alone)
+    yarn_mscale_all_dim: float = 0.0  # 0: unset; with MLA also scales the softmax (DeepSeek-V3)
+    # ---- feed-forward ----
+    ffn_act: str = "silu"  # silu | gelu (tanh approximation)
+    ffn_glu: bool = True  # gated act(gate(x)) * up(x) (SwiGLU) or plain act(up(x))
+    dense_dim: int = 0  # hidden width of dense layers; 0: 4 * d_model
+    first_k_dense: int = 0  # the first k layers use a dense MLP instead of an MoE
+    n_experts: int = 4  # routed experts per MoE layer; 0 makes every layer dense
+    top_k: int = 2
+    expert_dim: int = 256  # hidden width of each routed expert
+    n_shared_experts: int = 0  # always-on experts added to the routed output (DeepSeek, GLM4)
+    shared_expert_dim: int = 0  # hidden width of each shared expert; 0: expert_dim
+    # ---- router ----
+    router: str = "softmax"  # softmax (then top-k) | topk_softmax | sigmoid (+bias, groups) | switch
+    norm_topk_prob: bool = True  # renormalise the chosen k weights to sum to 1 (softmax, sigmoid)
+    routed_scaling: float = 1.0  # multiplies the routed weights (DeepSeek-V3: 2.5)
+    n_group: int = 1  # group-limited routing: experts split into n_group groups...
+    topk_group: int = 1  # ...and each token may only use experts of its best topk_group groups
+    capacity_factor: float = 0.0  # 0: dropless; > 0: ceil(cf*T*K/E) slots per expert, rest dropped
+    noisy_gating: bool = False  # Shazeer et al. 2017: learned Gaussian noise on logits in training
     router_init_std: float = 0.02
+    # ---- load balancing (each coefficient 0 disables it) ----
+    aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss, averaged over MoE layers
+    seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss, averaged over layers
+    z_loss_coef: float = 0.0  # router z-loss (ST-MoE), averaged over MoE layers
+    bias_update_rate: float = 0.0  # aux-loss-free balancing: selection-bias step after each update
     expert_backend: str = "auto"  # auto | grouped | padded | loop (loop is the slow reference)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.n_experts > 0 and i >= self.first_k_dense
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
 
 
 @dataclass
@@ -101,6 +145,10 @@ class Config:
             m.n_kv_heads = m.n_heads
         if m.head_dim == 0 and m.n_heads > 0:
             m.head_dim = m.d_model // m.n_heads
+        if m.dense_dim == 0:
+            m.dense_dim = 4 * m.d_model
+        if m.shared_expert_dim == 0:
+            m.shared_expert_dim = m.expert_dim
         m.max_seq_len = max(m.max_seq_len, self.train.seq_len)
         self.validate()
         return self
@@ -109,13 +157,48 @@ class Config:
         m, t, o, d = self.model, self.train, self.optim, self.data
         checks = [
             (m.d_model > 0 and m.n_layers > 0 and m.n_heads > 0, "model sizes must be positive"),
-            (m.n_experts >= 1, "model.n_experts must be >= 1"),
-            (1 <= m.top_k <= m.n_experts, "model.top_k must be between 1 and model.n_experts"),
+            (m.n_experts >= 0, "model.n_experts must be >= 0 (0: dense model)"),
+            (m.n_experts == 0 or 1 <= m.top_k <= m.n_experts,
+             "model.top_k must be between 1 and model.n_experts"),
+            (0 <= m.first_k_dense <= m.n_layers, "model.first_k_dense must be in [0, model.n_layers]"),
+            (m.attention in ("gqa", "mla"), "model.attention must be gqa or mla"),
             (m.n_kv_heads == 0 or m.n_heads % m.n_kv_heads == 0,
              "model.n_heads must be a multiple of model.n_kv_heads"),
             (m.head_dim != 0 or m.d_model % m.n_heads == 0,
              "model.d_model must be divisible by model.n_heads (or set model.head_dim)"),
-            (m.head_dim % 2 == 0, "model.head_dim must be even for RoPE"),
+            (m.qk_norm in ("none", "head", "full"), "model.qk_norm must be none, head or full"),
+            (m.attention == "gqa" or m.qk_norm == "none",
+             "model.qk_norm applies to attention=gqa (MLA has its own latent norms)"),
+            (m.attention == "gqa" or not (m.qkv_bias or m.out_bias),
+             "model.qkv_bias/out_bias are not supported with attention=mla"),
+            (m.attention == "gqa" or m.partial_rotary == 1.0,
+             "with attention=mla set the rotated width with model.qk_rope_head_dim, not partial_rotary"),
+            (0.0 < m.partial_rotary <= 1.0, "model.partial_rotary must be in (0, 1]"),
+            (m.attention == "mla" or int(m.head_dim * m.partial_rotary) % 2 == 0,
+             "model.head_dim * model.partial_rotary must be even for RoPE"),
+            (m.attention == "gqa" or (m.kv_lora_rank > 0 and m.qk_rope_head_dim > 0
+                                      and m.qk_rope_head_dim % 2 == 0 and m.v_head_dim > 0
+                                      and m.qk_nope_head_dim >= 0 and m.q_lora_rank >= 0),
+             "MLA needs kv_lora_rank > 0, an even qk_rope_head_dim > 0 and v_head_dim > 0"),
+            (m.rope_scaling in ("none", "linear", "yarn"), "model.rope_scaling must be none, linear or yarn"),
+            (m.rope_scaling == "none" or m.rope_factor >= 1.0, "model.rope_factor must be >= 1"),
+            (m.rope_scaling != "yarn" or m.rope_original_max_len > 0,
+             "rope_scaling=yarn needs model.rope_original_max_len (the pre-extension context)"),
+            (m.ffn_act in ("silu", "gelu"), "model.ffn_act must be silu or gelu"),
+            (m.router in ("softmax", "topk_softmax", "sigmoid", "switch"),
+             "model.router must be softmax, topk_softmax, sigmoid or switch"),
+            (m.router != "switch" or m.n_experts == 0 or (m.top_k == 1 and m.capacity_factor > 0),
+             "router=switch is top-1 with a capacity: set model.top_k=1 and model.capacity_factor "
+             "(Switch used 1.0-1.25)"),
+            (m.n_group >= 1 and m.topk_group >= 1 and m.topk_group <= m.n_group
+             and (m.n_experts == 0 or m.n_experts % m.n_group == 0),
+             "model.n_group must divide model.n_experts, and 1 <= model.topk_group <= model.n_group"),
+            (m.n_group == 1 or m.n_experts == 0 or m.top_k <= m.topk_group * (m.n_experts // m.n_group),
+             "model.top_k exceeds the experts reachable in model.topk_group groups"),
+            (m.capacity_factor >= 0, "model.capacity_factor must be >= 0"),
+            (m.n_shared_experts >= 0, "model.n_shared_experts must be >= 0"),
+            (min(m.aux_loss_coef, m.seq_aux_loss_coef, m.z_loss_coef, m.bias_update_rate) >= 0,
+             "loss coefficients and model.bias_update_rate must be >= 0"),
             (m.expert_backend in ("auto", "grouped", "padded", "loop"),
              "model.expert_backend must be auto, grouped, padded or loop"),
             (0.0 < d.val_fraction < 1.0, "data.val_fraction must be between 0 and 1"),

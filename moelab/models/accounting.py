@@ -1,7 +1,7 @@
 """Parameter accounting: total and active-per-token parameters by component.
 
-Active = every parameter a token's forward pass uses: all non-expert parameters plus top_k of the
-n_experts routed experts per MoE layer. The embedding table counts in full (the usual convention,
+Active = every parameter a token's forward pass uses: all non-expert parameters (dense MLP layers and
+shared experts included) plus top_k of the n_experts routed experts per MoE layer. The embedding table counts in full (the usual convention,
 as in the Mixtral and DeepSeek reports). Tied embedding/head weights count once, as embedding.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-COMPONENTS = ("embedding", "attention", "routed_experts", "shared_experts", "router", "norms", "head")
+COMPONENTS = ("embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router", "norms",
+              "head")
 
 
 def component_of(name: str) -> str:
@@ -21,8 +22,10 @@ def component_of(name: str) -> str:
         return "attention"
     if ".moe.experts." in name:
         return "routed_experts"
-    if ".moe.shared" in name:
+    if ".moe.shared." in name:
         return "shared_experts"
+    if ".mlp." in name:
+        return "dense_mlp"
     if ".router." in name:
         return "router"
     if "norm" in name:

@@ -1,6 +1,14 @@
-"""Causal multi-head / grouped-query attention on torch's scaled_dot_product_attention.
+"""Causal self-attention on torch's scaled_dot_product_attention.
 
-Shapes: B batch, S sequence, H query heads, G key/value heads, Dh head dim, D model dim.
+`Attention`: multi-head / grouped-query attention with optional QK-norm (per head as in Qwen3 and
+GLM4, or over all heads as in OLMoE), q/k/v and output biases, and partial rotary embeddings.
+`LatentAttention`: DeepSeek multi-head latent attention (MLA). The query is full-rank or goes through
+a low-rank bottleneck with its own norm. Keys and values come from one compressed latent
+(kv_lora_rank, normed) plus a single RoPE key shared by all heads. Each head's query/key is
+[no-RoPE part | RoPE part]; the value head dim may differ.
+
+Shapes: B batch, S sequence, H query heads, G key/value heads, Dh head dim, D model dim,
+R rotated dims (cos/sin come in as (S, R)).
 """
 
 from __future__ import annotations
@@ -10,25 +18,97 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import ModelConfig
-from moelab.models.layers import apply_rope
+from moelab.models.layers import RMSNorm, apply_rope, yarn_softmax_scale
+
+
+def rotary_dim(cfg: ModelConfig) -> int:
+    return cfg.qk_rope_head_dim if cfg.attention == "mla" else int(cfg.head_dim * cfg.partial_rotary)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.qk_norm, self.interleave = cfg.qk_norm, cfg.rope_interleave
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.out_bias)
+        if cfg.qk_norm == "head":
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(q_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(kv_dim, cfg.norm_eps)
 
-    def forward(self, x_BSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+    def output_projections(self) -> list[nn.Linear]:
+        return [self.o_proj]
+
+    def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q_BHSD = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BGSD = self.k_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v_BGSD = self.v_proj(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q_BHSD, k_BGSD = apply_rope(q_BHSD, cos_SD, sin_SD), apply_rope(k_BGSD, cos_SD, sin_SD)
+        q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BSHD = q.view(B, S, self.n_heads, self.head_dim)
+        k_BSGD = k.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q_BSHD, k_BSGD = self.q_norm(q_BSHD), self.k_norm(k_BSGD)
+        q_BHSD, k_BGSD = q_BSHD.transpose(1, 2), k_BSGD.transpose(1, 2)
+        v_BGSD = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHSD = apply_rope(q_BHSD, cos_SR, sin_SR, self.interleave)
+        k_BGSD = apply_rope(k_BGSD, cos_SR, sin_SR, self.interleave)
         y_BHSD = F.scaled_dot_product_attention(
             q_BHSD, k_BGSD, v_BGSD, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
         )
         return self.o_proj(y_BHSD.transpose(1, 2).reshape(B, S, -1))
+
+
+# DeepSeek's latent norms use eps 1e-6 whatever rms_norm_eps is (reference code and transformers).
+MLA_NORM_EPS = 1e-6
+
+
+class LatentAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H = self.n_heads = cfg.n_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank, self.interleave = cfg.kv_lora_rank, cfg.rope_interleave
+        qk_dim = self.nope + self.rope
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(cfg.d_model, cfg.q_lora_rank, bias=False)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, MLA_NORM_EPS)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.d_model, H * qk_dim, bias=False)
+        self.kv_a_proj = nn.Linear(cfg.d_model, cfg.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, MLA_NORM_EPS)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, cfg.d_model, bias=False)
+        self.scale = qk_dim ** -0.5 * yarn_softmax_scale(cfg)
+
+    def output_projections(self) -> list[nn.Linear]:
+        return [self.o_proj]
+
+    def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        H = self.n_heads
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x_BSD)
+        else:
+            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BSD)))
+        q_BHSQ = q.view(B, S, H, self.nope + self.rope).transpose(1, 2)
+        q_nope, q_rot = q_BHSQ.split([self.nope, self.rope], dim=-1)
+        latent, k_rot_BSR = self.kv_a_proj(x_BSD).split([self.kv_rank, self.rope], dim=-1)
+        kv_BHSX = self.kv_b_proj(self.kv_a_norm(latent)).view(B, S, H, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v_BHSV = kv_BHSX.split([self.nope, self.v_dim], dim=-1)
+        q_rot = apply_rope(q_rot, cos_SR, sin_SR, self.interleave)
+        k_rot_B1SR = apply_rope(k_rot_BSR.unsqueeze(1), cos_SR, sin_SR, self.interleave)
+        q_BHSQ = torch.cat([q_nope, q_rot], dim=-1)
+        k_BHSQ = torch.cat([k_nope, k_rot_B1SR.expand(B, H, S, self.rope)], dim=-1)
+        y_BHSV = F.scaled_dot_product_attention(q_BHSQ, k_BHSQ, v_BHSV, is_causal=True, scale=self.scale)
+        return self.o_proj(y_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    return LatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)

@@ -1,8 +1,9 @@
-"""Routed SwiGLU experts: grouped matmuls over expert-sorted tokens, and the per-expert reference.
+"""Routed experts: grouped matmuls over expert-sorted tokens, and the per-expert reference.
 
 Legend: T tokens, D model dim, F expert hidden dim, E experts, K experts per token, N = T*K slots.
 Weights use nn.Linear's (out, in) layout per expert, as transformers does: gate/up (E, F, D),
-down (E, D, F).
+down (E, D, F). Gated experts (SwiGLU) compute down(act(gate x) * up x); plain experts
+down(act(up x)) and have no gate.
 
 Fast path: sort the N (token, expert) slots by expert, run three grouped matmuls over the
 contiguous per-expert row blocks (`torch._grouped_mm`, offsets = cumulative counts, no host sync),
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moelab.models.layers import activation
+
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
@@ -30,10 +33,12 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
-def pick_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """auto/grouped -> grouped where `_grouped_mm` runs, else padded (float64, pre-Hopper CUDA)."""
+def pick_backend(requested: str, device: torch.device, dtype: torch.dtype, dims: tuple[int, ...] = ()) -> str:
+    """auto/grouped -> grouped where `_grouped_mm` runs, else padded (float64, pre-Hopper CUDA,
+    or a width whose rows are not a multiple of 16 bytes, which `_grouped_mm` rejects)."""
     if requested in ("auto", "grouped"):
-        return "grouped" if grouped_mm_supported(device, dtype) else "padded"
+        aligned = all(d * torch.finfo(dtype).bits // 8 % 16 == 0 for d in dims)
+        return "grouped" if aligned and grouped_mm_supported(device, dtype) else "padded"
     return requested
 
 
@@ -49,37 +54,43 @@ def _padded_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, expert_N: torch.Tens
 
 
 class Experts(nn.Module):
-    def __init__(self, n_experts: int, d_model: int, hidden: int, backend: str = "auto"):
+    def __init__(self, n_experts: int, d_model: int, hidden: int, backend: str = "auto",
+                 act: str = "silu", glu: bool = True):
         super().__init__()
-        self.n_experts, self.backend = n_experts, backend
-        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+        self.n_experts, self.backend, self.glu, self.act_name = n_experts, backend, glu, act
+        self.act = activation(act)
+        if glu:
+            self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, d_model))
         self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, d_model))
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_model, hidden))
 
     def reset_parameters(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.gate_proj, std=std)
-        nn.init.normal_(self.up_proj, std=std)
+        for w in self._in_weights():
+            nn.init.normal_(w, std=std)
         nn.init.normal_(self.down_proj, std=out_std)
 
-    def _weights(self, dtype: torch.dtype):
+    def _in_weights(self) -> list[torch.Tensor]:
+        return [self.gate_proj, self.up_proj] if self.glu else [self.up_proj]
+
+    def _weights(self, dtype: torch.dtype) -> list[torch.Tensor]:
         # Under autocast x arrives in bf16 while the master weights stay fp32.
-        return [w.to(dtype) for w in (self.gate_proj, self.up_proj, self.down_proj)]
+        return [w.to(dtype) for w in (*self._in_weights(), self.down_proj)]
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor,
                 counts_E: torch.Tensor) -> torch.Tensor:
         backend = self.backend
         if backend == "loop":
-            return experts_reference(x_TD, idx_TK, weights_TK, *self._weights(x_TD.dtype))
+            return experts_reference(x_TD, idx_TK, weights_TK, *self._weights(x_TD.dtype),
+                                     act=self.act_name, glu=self.glu)
         T, K = idx_TK.shape
         order_N = idx_TK.flatten().argsort(stable=True)  # slots sorted by expert
         # index_select rather than x[idx]: its backward is index_add, not a slow index_put
         x_ND = x_TD.index_select(0, order_N // K)
-        w_gate, w_up, w_down = self._weights(x_ND.dtype)
-        backend = pick_backend(backend, x_TD.device, x_ND.dtype)
+        weights = self._weights(x_ND.dtype)
+        backend = pick_backend(backend, x_TD.device, x_ND.dtype, tuple(self.down_proj.shape[1:]))
         if backend == "grouped":
             offs_E = counts_E.cumsum(0).to(torch.int32)
-            h_NF = F.silu(_grouped_linear(x_ND, w_gate, offs_E)) * _grouped_linear(x_ND, w_up, offs_E)
-            y_ND = _grouped_linear(h_NF, w_down, offs_E)
+            lin = lambda x, w: _grouped_linear(x, w, offs_E)  # noqa: E731
         else:
             expert_N = torch.repeat_interleave(torch.arange(self.n_experts, device=x_TD.device),
                                                counts_E, output_size=T * K)
@@ -87,7 +98,11 @@ class Experts(nn.Module):
             pos_N = torch.arange(T * K, device=x_TD.device) - starts_E[expert_N]
             cap = int(counts_E.max())  # host sync; fallback path only
             lin = lambda x, w: _padded_linear(x, w, expert_N, pos_N, cap)  # noqa: E731
-            y_ND = lin(F.silu(lin(x_ND, w_gate)) * lin(x_ND, w_up), w_down)
+        if self.glu:
+            h_NF = self.act(lin(x_ND, weights[0])) * lin(x_ND, weights[1])
+        else:
+            h_NF = self.act(lin(x_ND, weights[0]))
+        y_ND = lin(h_NF, weights[-1])
         y_ND = y_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(y_ND.dtype)
         # Un-sort with a gather by the inverse permutation (deterministic, unlike scatter-add's
         # atomics on GPU), then sum the K expert outputs of each token.
@@ -96,15 +111,18 @@ class Experts(nn.Module):
         return y_ND.index_select(0, inverse_N).view(T, K, -1).sum(dim=1)
 
 
-def experts_reference(x_TD, idx_TK, weights_TK, w_gate_EFD, w_up_EFD, w_down_EDF) -> torch.Tensor:
-    """Slow, obviously-correct per-expert loop. Used by tests and `expert_backend=loop`."""
+def experts_reference(x_TD, idx_TK, weights_TK, *weights, act: str = "silu", glu: bool = True):
+    """Slow, obviously-correct per-expert loop. Used by tests and `expert_backend=loop`.
+    `weights` is (gate, up, down) for gated experts, (up, down) for plain ones."""
+    fn = activation(act)
     out_TD = torch.zeros_like(x_TD)
-    for e in range(w_gate_EFD.shape[0]):
+    for e in range(weights[-1].shape[0]):
         tok, slot = torch.nonzero(idx_TK == e, as_tuple=True)
         if tok.numel() == 0:
             continue
         xe = x_TD[tok]
-        ye = (F.silu(xe @ w_gate_EFD[e].T) * (xe @ w_up_EFD[e].T)) @ w_down_EDF[e].T
+        h = fn(xe @ weights[0][e].T) * (xe @ weights[1][e].T) if glu else fn(xe @ weights[0][e].T)
+        ye = h @ weights[-1][e].T
         out_TD = out_TD.index_add(0, tok, ye * weights_TK[tok, slot].unsqueeze(-1).to(ye.dtype))
     return out_TD
 

@@ -1,13 +1,24 @@
-"""Weight-name and shape maps between moelab and Hugging Face transformers architectures.
+"""Exact weight and config maps between moelab and Hugging Face transformers architectures.
 
-Supported so far: MixtralForCausalLM (softmax top-k router with renormalisation, SwiGLU experts,
-GQA, RoPE, RMSNorm): moelab's default MoE design. Conversion goes through transformers' own model
-classes, so whatever layout `save_pretrained` writes, transformers reads it back. A config that
-the target architecture cannot express exactly is refused, naming the field; never approximated.
+Architectures (transformers model_type -> class):
+  mixtral      MixtralForCausalLM     GQA, softmax top-k router renormalised, SwiGLU experts
+  qwen3_moe    Qwen3MoeForCausalLM    GQA + per-head QK-norm, softmax router, leading dense layers
+  olmoe        OlmoeForCausalLM       GQA + QK-norm over all heads, softmax router
+  deepseek_v3  DeepseekV3ForCausalLM  MLA, sigmoid router with selection bias and groups, shared
+                                      experts, first_k_dense, (interleaved) RoPE, yarn
+  glm4_moe     Glm4MoeForCausalLM     GQA + qkv bias, optional QK-norm, partial rotary, DeepSeek MoE
+  llama        LlamaForCausalLM       dense baseline
+  qwen3        Qwen3ForCausalLM       dense baseline with per-head QK-norm
+
+Conversion goes through transformers' own model classes, so whatever layout `save_pretrained`
+writes, transformers reads back. A moelab config the target cannot express exactly is refused with
+every differing field named; never approximated. Training-only settings (loss coefficients, the
+bias update rate) do not change the forward pass and are not refused.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -15,119 +26,332 @@ import torch
 from moelab.config import ModelConfig
 from moelab.errors import UserError
 
+ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
+         "glm4_moe": "Glm4Moe", "llama": "Llama", "qwen3": "Qwen3"}
+MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe")
+ACTS = {"silu": "silu", "gelu": "gelu_pytorch_tanh"}
+
 
 def _require_transformers():
     try:
-        import transformers  # noqa: F401
+        import transformers
     except ImportError:
         raise UserError("Hugging Face interop needs transformers: pip install 'moelab[hf]'") from None
+    return transformers
 
 
-def mixtral_config(cfg: ModelConfig):
-    _require_transformers()
-    from transformers import MixtralConfig
+# ---------------------------------------------------------------- moelab -> HF config
 
-    refusals = {
-        "model.norm_topk_prob": (cfg.norm_topk_prob, True),
-        "model.z_loss_coef": (cfg.z_loss_coef, 0.0),
-    }
-    for name, (have, need) in refusals.items():
-        if have != need:
-            raise UserError(f"cannot export to Mixtral exactly: {name}={have} (Mixtral has {need})")
-    return MixtralConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.expert_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, num_local_experts=cfg.n_experts,
-        num_experts_per_tok=cfg.top_k, router_aux_loss_coef=cfg.aux_loss_coef,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        hidden_act="silu", sliding_window=None, attention_dropout=0.0, router_jitter_noise=0.0,
-    )
+def problems(cfg: ModelConfig, arch: str) -> list[str]:
+    """Every field of `cfg` that `arch` cannot express exactly, as 'field=value (arch: need)'."""
+    need: dict[str, tuple[object, object]] = {  # field -> (ours, what the architecture has)
+        "ffn_glu": (cfg.ffn_glu, True), "noisy_gating": (cfg.noisy_gating, False),
+        "capacity_factor": (cfg.capacity_factor, 0.0)}
+    moe = arch in MOE_ARCHS
+    if moe != (cfg.n_experts > 0):
+        return [f"model.n_experts={cfg.n_experts} ({ARCHS[arch]} is {'an MoE' if moe else 'dense'})"]
+    if arch != "deepseek_v3":
+        need["attention"] = (cfg.attention, "gqa")
+        need["rope_interleave"] = (cfg.rope_interleave, False)
+    if arch != "glm4_moe":
+        need["partial_rotary"] = (cfg.partial_rotary, 1.0)
+    qk = {"mixtral": "none", "llama": "none", "qwen3_moe": "head", "qwen3": "head", "olmoe": "full"}
+    if arch in qk:
+        need["qk_norm"] = (cfg.qk_norm, qk[arch])
+        need["out_bias"] = (cfg.out_bias, cfg.qkv_bias if arch != "mixtral" else False)
+        if arch == "mixtral":
+            need["qkv_bias"] = (cfg.qkv_bias, False)
+    if arch == "olmoe":
+        need["n_heads*head_dim"] = (cfg.n_heads * cfg.head_dim, cfg.d_model)
+    if arch == "deepseek_v3":
+        need["attention"] = (cfg.attention, "mla")
+    if arch == "glm4_moe":
+        need["qk_norm"] = (cfg.qk_norm if cfg.qk_norm != "head" else "none", "none")
+        need["out_bias"] = (cfg.out_bias, False)
+    if moe:
+        if arch in ("deepseek_v3", "glm4_moe"):
+            need["router"] = (cfg.router, "sigmoid")
+            need["shared_expert_dim"] = (cfg.shared_expert_dim, cfg.expert_dim)
+            if cfg.n_group > 1:
+                need["experts per group"] = (cfg.n_experts // cfg.n_group >= 2, True)
+        else:
+            need["router"] = (cfg.router if cfg.router != "topk_softmax" else "softmax", "softmax")
+            need["routed_scaling"] = (cfg.routed_scaling, 1.0)
+            need["n_group"] = (cfg.n_group, 1)
+            need["n_shared_experts"] = (cfg.n_shared_experts, 0)
+            need["bias_update_rate"] = (cfg.bias_update_rate, 0.0)  # a selection bias changes routing
+            if cfg.router == "topk_softmax":  # equals softmax-then-top-k renormalised
+                need["norm_topk_prob"] = (True, True)
+            elif arch == "mixtral":
+                need["norm_topk_prob"] = (cfg.norm_topk_prob, True)
+        if arch in ("mixtral", "olmoe"):
+            need["first_k_dense"] = (cfg.first_k_dense, 0)
+    out = []
+    for name, (have, want) in need.items():
+        if have != want:
+            out.append(f"model.{name}={have!r} ({ARCHS[arch]} has {want!r})")
+    return out
 
 
-def model_config_from_mixtral(hf) -> ModelConfig:
-    rope = getattr(hf, "rope_parameters", None) or {}
-    checks = {"hidden_act": (hf.hidden_act, "silu"), "rope_type": (rope.get("rope_type", "default"), "default"),
-              "router_jitter_noise": (hf.router_jitter_noise, 0.0)}
-    for name, (have, need) in checks.items():
-        if have != need:
-            raise UserError(f"cannot convert this Mixtral exactly: {name}={have!r} (moelab supports {need!r})")
-    if hf.sliding_window is not None and hf.sliding_window < hf.max_position_embeddings:
-        raise UserError(f"cannot convert this Mixtral exactly: sliding_window={hf.sliding_window} "
-                        "(moelab attends to the full context)")
-    head_dim = hf.head_dim or hf.hidden_size // hf.num_attention_heads
-    return ModelConfig(
-        vocab_size=hf.vocab_size, d_model=hf.hidden_size, n_layers=hf.num_hidden_layers,
-        n_heads=hf.num_attention_heads, n_kv_heads=hf.num_key_value_heads, head_dim=head_dim,
-        max_seq_len=hf.max_position_embeddings, rope_theta=float(rope.get("rope_theta", 1e6)),
-        norm_eps=hf.rms_norm_eps, tie_embeddings=bool(hf.tie_word_embeddings),
-        n_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok, expert_dim=hf.intermediate_size,
-        norm_topk_prob=True, aux_loss_coef=hf.router_aux_loss_coef)
+def pick_arch(cfg: ModelConfig) -> str:
+    """The one architecture that expresses this config, or an error naming what differs."""
+    fits = [a for a in ARCHS if not problems(cfg, a)]
+    if fits:
+        return fits[0]
+    order = MOE_ARCHS if cfg.n_experts else ("llama", "qwen3")
+    best = min(order, key=lambda a: len(problems(cfg, a)))
+    raise UserError(f"no Hugging Face architecture expresses this model exactly; closest is {best}: "
+                    + "; ".join(problems(cfg, best)))
 
 
-def _layer_map(i: int) -> dict[str, str]:
-    """moelab name -> HF name for the 1:1 tensors of layer i."""
-    ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-    m = {f"{ours}attn_norm.weight": f"{theirs}input_layernorm.weight",
-         f"{ours}mlp_norm.weight": f"{theirs}post_attention_layernorm.weight",
-         f"{ours}moe.router.weight": f"{theirs}mlp.gate.weight",
-         f"{ours}moe.experts.down_proj": f"{theirs}mlp.experts.down_proj"}
-    for p in ("q", "k", "v", "o"):
-        m[f"{ours}attn.{p}_proj.weight"] = f"{theirs}self_attn.{p}_proj.weight"
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    rope = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling,
+            "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling != "none":
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_scaling == "yarn":
+        rope.update(original_max_position_embeddings=cfg.rope_original_max_len,
+                    beta_fast=cfg.yarn_beta_fast, beta_slow=cfg.yarn_beta_slow)
+        if cfg.yarn_mscale:
+            rope["mscale"] = cfg.yarn_mscale
+        if cfg.yarn_mscale_all_dim:
+            rope["mscale_all_dim"] = cfg.yarn_mscale_all_dim
+    if cfg.partial_rotary != 1.0:
+        rope["partial_rotary_factor"] = cfg.partial_rotary
+    return rope
+
+
+def hf_config(cfg: ModelConfig, arch: str = "auto"):
+    transformers = _require_transformers()
+    arch = pick_arch(cfg) if arch == "auto" else arch
+    if arch not in ARCHS:
+        raise UserError(f"unknown architecture '{arch}' (supported: {', '.join(ARCHS)})")
+    bad = problems(cfg, arch)
+    if bad:
+        raise UserError(f"cannot export to {ARCHS[arch]} exactly: " + "; ".join(bad))
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                  num_attention_heads=cfg.n_heads, max_position_embeddings=cfg.max_seq_len,
+                  rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+                  hidden_act=ACTS[cfg.ffn_act], rope_parameters=_rope_parameters(cfg),
+                  attention_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if arch != "deepseek_v3":
+        common.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
+    if arch in ("qwen3_moe", "olmoe", "glm4_moe", "llama", "qwen3"):
+        common["attention_bias"] = cfg.qkv_bias
+    moe = dict(num_experts_per_tok=cfg.top_k, router_aux_loss_coef=cfg.aux_loss_coef)
+    if arch == "mixtral":
+        kw = dict(intermediate_size=cfg.expert_dim, num_local_experts=cfg.n_experts, sliding_window=None,
+                  router_jitter_noise=0.0, **moe)
+    elif arch == "qwen3_moe":
+        kw = dict(intermediate_size=cfg.dense_dim, moe_intermediate_size=cfg.expert_dim,
+                  num_experts=cfg.n_experts, norm_topk_prob=cfg.norm_topk_prob or cfg.router == "topk_softmax",
+                  decoder_sparse_step=1, mlp_only_layers=list(range(cfg.first_k_dense)),
+                  use_sliding_window=False, **moe)
+    elif arch == "olmoe":
+        kw = dict(intermediate_size=cfg.expert_dim, num_experts=cfg.n_experts, clip_qkv=None,
+                  norm_topk_prob=cfg.norm_topk_prob or cfg.router == "topk_softmax", **moe)
+    elif arch in ("deepseek_v3", "glm4_moe"):
+        kw = dict(intermediate_size=cfg.dense_dim, moe_intermediate_size=cfg.expert_dim,
+                  n_routed_experts=cfg.n_experts, n_shared_experts=cfg.n_shared_experts,
+                  routed_scaling_factor=cfg.routed_scaling, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                  first_k_dense_replace=cfg.first_k_dense, norm_topk_prob=cfg.norm_topk_prob,
+                  num_experts_per_tok=cfg.top_k)
+        if arch == "deepseek_v3":
+            kw.update(num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None,
+                      kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                      qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.v_head_dim,
+                      rope_interleave=cfg.rope_interleave, attention_bias=False)
+        else:
+            kw.update(use_qk_norm=cfg.qk_norm == "head")
+    else:  # llama, qwen3
+        kw = dict(intermediate_size=cfg.dense_dim)
+        if arch == "llama":
+            kw["mlp_bias"] = False
+        else:
+            kw["use_sliding_window"] = False
+    return getattr(transformers, ARCHS[arch] + "Config")(**common, **kw)
+
+
+# ---------------------------------------------------------------- HF -> moelab config
+
+def _refuse(arch: str, field: str, have, want) -> UserError:
+    return UserError(f"cannot convert this {ARCHS.get(arch, arch)} exactly: {field}={have!r} "
+                     f"(moelab supports {want!r})")
+
+
+def model_config_from_hf(hf) -> ModelConfig:
+    arch = hf.model_type
+    if arch not in ARCHS:
+        raise UserError(f"unsupported architecture '{arch}' (supported: {', '.join(ARCHS)})")
+    g = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
+    acts = {v: k for k, v in ACTS.items()} | {"gelu_new": "gelu"}
+    if g("hidden_act") not in acts:
+        raise _refuse(arch, "hidden_act", g("hidden_act"), list(ACTS.values()))
+    rope = dict(g("rope_parameters") or {})
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ("default", "linear", "yarn"):
+        raise _refuse(arch, "rope_type", rope_type, ["default", "linear", "yarn"])
+    for name, want in (("sliding_window", None), ("router_jitter_noise", 0.0), ("clip_qkv", None),
+                       ("mlp_bias", False), ("decoder_sparse_step", 1), ("use_sliding_window", False)):
+        have = g(name, want)
+        if name == "sliding_window" and arch not in ("mixtral",):
+            continue  # Qwen3 keeps a window value but only uses it with use_sliding_window
+        if have != want and not (name == "sliding_window" and have >= hf.max_position_embeddings):
+            raise _refuse(arch, name, have, want)
+    n_heads = hf.num_attention_heads
+    m = ModelConfig(
+        vocab_size=hf.vocab_size, d_model=hf.hidden_size, n_layers=hf.num_hidden_layers, n_heads=n_heads,
+        max_seq_len=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
+        tie_embeddings=bool(hf.tie_word_embeddings), ffn_act=acts[hf.hidden_act],
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        partial_rotary=float(rope.get("partial_rotary_factor", 1.0)) if arch == "glm4_moe" else 1.0,
+        rope_scaling="none" if rope_type == "default" else rope_type,
+        rope_factor=float(rope.get("factor") or 1.0),
+        rope_original_max_len=int(rope.get("original_max_position_embeddings") or 0),
+        yarn_beta_fast=float(rope.get("beta_fast") or 32.0), yarn_beta_slow=float(rope.get("beta_slow") or 1.0),
+        yarn_mscale=float(rope.get("mscale") or 0.0), yarn_mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
+        dense_dim=g("intermediate_size"), n_experts=0, aux_loss_coef=0.0)
+    if rope_type == "yarn" and rope.get("attention_factor") is not None:
+        raise _refuse(arch, "rope_parameters.attention_factor", rope["attention_factor"], None)
+    if arch == "deepseek_v3":
+        m.attention = "mla"
+        m.q_lora_rank = hf.q_lora_rank or 0
+        m.kv_lora_rank, m.qk_rope_head_dim = hf.kv_lora_rank, hf.qk_rope_head_dim
+        m.qk_nope_head_dim, m.v_head_dim = hf.qk_nope_head_dim, hf.v_head_dim
+        m.rope_interleave = bool(hf.rope_interleave)
+        m.head_dim, m.n_kv_heads = m.qk_nope_head_dim + m.qk_rope_head_dim, n_heads
+        if hf.attention_bias:
+            raise _refuse(arch, "attention_bias", True, False)
+        if hf.num_key_value_heads != n_heads:
+            raise _refuse(arch, "num_key_value_heads", hf.num_key_value_heads, n_heads)
+    else:
+        m.head_dim = g("head_dim") or hf.hidden_size // n_heads
+        m.n_kv_heads = g("num_key_value_heads") or n_heads
+        bias = bool(g("attention_bias", False))
+        m.qkv_bias, m.out_bias = bias, bias and arch != "glm4_moe"
+        m.qk_norm = {"qwen3_moe": "head", "qwen3": "head", "olmoe": "full"}.get(arch, "none")
+        if arch == "glm4_moe" and hf.use_qk_norm:
+            m.qk_norm = "head"
+    if arch in MOE_ARCHS:
+        m.top_k = hf.num_experts_per_tok
+        m.aux_loss_coef = float(g("router_aux_loss_coef", 0.0) or 0.0)
+        m.norm_topk_prob = bool(g("norm_topk_prob", True))
+        if arch == "mixtral":
+            m.n_experts, m.expert_dim = hf.num_local_experts, hf.intermediate_size
+        elif arch == "olmoe":
+            m.n_experts, m.expert_dim = hf.num_experts, hf.intermediate_size
+        elif arch == "qwen3_moe":
+            m.n_experts, m.expert_dim = hf.num_experts, hf.moe_intermediate_size
+            k = len(hf.mlp_only_layers)
+            if sorted(hf.mlp_only_layers) != list(range(k)):
+                raise _refuse(arch, "mlp_only_layers", hf.mlp_only_layers, "the first k layers")
+            m.first_k_dense = k
+        else:  # deepseek_v3, glm4_moe
+            m.n_experts, m.expert_dim = hf.n_routed_experts, hf.moe_intermediate_size
+            m.router, m.routed_scaling = "sigmoid", float(hf.routed_scaling_factor)
+            m.n_group, m.topk_group = hf.n_group or 1, hf.topk_group or 1
+            m.n_shared_experts, m.shared_expert_dim = hf.n_shared_experts or 0, hf.moe_intermediate_size
+            m.first_k_dense = min(hf.first_k_dense_replace or 0, m.n_layers)
+    m.dense_dim = m.dense_dim or 4 * m.d_model
+    m.shared_expert_dim = m.shared_expert_dim or m.expert_dim
     return m
 
 
+# ---------------------------------------------------------------- weights
+
+# (moelab suffix within a block, HF suffix within a layer); the first match wins, both ways.
+_LAYER_RENAMES = [
+    ("attn_norm.", "input_layernorm."), ("mlp_norm.", "post_attention_layernorm."),
+    ("attn.kv_a_proj.", "self_attn.kv_a_proj_with_mqa."), ("attn.kv_a_norm.", "self_attn.kv_a_layernorm."),
+    ("attn.q_a_norm.", "self_attn.q_a_layernorm."), ("attn.", "self_attn."),
+    ("moe.router.weight", "mlp.gate.weight"), ("moe.router.selection_bias", "mlp.gate.e_score_correction_bias"),
+    ("moe.shared.", "mlp.shared_experts."), ("moe.experts.down_proj", "mlp.experts.down_proj"),
+    ("mlp.", "mlp."),
+]
+_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "lm_head.weight": "lm_head.weight"}
+
+
+def _rename(name: str, to_hf: bool) -> str | None:
+    src_block, dst_block = (r"blocks\.(\d+)\.", "model.layers.{}.") if to_hf else (r"model\.layers\.(\d+)\.", "blocks.{}.")
+    top = _TOP if to_hf else {v: k for k, v in _TOP.items()}
+    if name in top:
+        return top[name]
+    match = re.match(src_block, name)
+    if not match:
+        return None
+    rest = name[match.end():]
+    for ours, theirs in _LAYER_RENAMES:
+        src, dst = (ours, theirs) if to_hf else (theirs, ours)
+        if rest.startswith(src):
+            return dst_block.format(match.group(1)) + dst + rest[len(src):]
+    return None
+
+
 def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
-    sd, cfg = model.state_dict(), model.cfg
-    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(cfg.n_layers):
-        out.update({hf: sd[ours] for ours, hf in _layer_map(i).items()})
-        e = f"blocks.{i}.moe.experts."
-        out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat(
-            [sd[e + "gate_proj"], sd[e + "up_proj"]], dim=1)  # HF chunks gate first, then up
+    out = {}
+    sd = model.state_dict()
+    for name, t in sd.items():
+        if name.endswith(("moe.experts.gate_proj", "moe.experts.up_proj")):
+            if name.endswith("gate_proj"):  # HF fuses gate and up: chunk(2) gives gate first
+                up = sd[name[: -len("gate_proj")] + "up_proj"]
+                out[_rename(name[: -len("gate_proj")] + "down_proj", True).replace(
+                    "down_proj", "gate_up_proj")] = torch.cat([t, up], dim=1)
+            continue
+        hf_name = _rename(name, True)
+        if hf_name is None:
+            raise AssertionError(f"no Hugging Face name for {name}")
+        out[hf_name] = t
     return out
 
 
-def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-           "lm_head.weight": sd.get("lm_head.weight", sd["model.embed_tokens.weight"])}
-    for i in range(cfg.n_layers):
-        out.update({ours: sd[hf] for ours, hf in _layer_map(i).items()})
-        gate, up = sd[f"model.layers.{i}.mlp.experts.gate_up_proj"].chunk(2, dim=1)
-        out[f"blocks.{i}.moe.experts.gate_proj"] = gate
-        out[f"blocks.{i}.moe.experts.up_proj"] = up
+def from_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in sd.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            base = _rename(name.replace("gate_up_proj", "down_proj"), False)[: -len("down_proj")]
+            out[base + "gate_proj"], out[base + "up_proj"] = t.chunk(2, dim=1)
+            continue
+        ours = _rename(name, False)
+        if ours is None:
+            raise UserError(f"unexpected tensor '{name}' in the Hugging Face checkpoint")
+        out[ours] = t
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["embed.weight"]
     return out
 
 
-def to_hf(model):
-    """A transformers MixtralForCausalLM holding exactly this model's weights."""
-    from transformers import MixtralForCausalLM
-
-    hf = MixtralForCausalLM(mixtral_config(model.cfg)).to(next(model.parameters()).dtype)
+def to_hf(model, arch: str = "auto"):
+    """A transformers model of the chosen (or only fitting) architecture holding exactly this
+    model's weights."""
+    transformers = _require_transformers()
+    config = hf_config(model.cfg, arch)
+    cls = getattr(transformers, ARCHS[config.model_type] + "ForCausalLM")
+    hf = cls(config).to(next(model.parameters()).dtype)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
     missing = [k for k in missing if not (model.cfg.tie_embeddings and k == "lm_head.weight")]
-    assert not missing and not unexpected, (missing, unexpected)
+    if missing or unexpected:
+        raise AssertionError(f"weight map incomplete: missing {missing}, unexpected {unexpected}")
     return hf.eval()
 
 
 def from_hf(hf_model):
+    from moelab.config import Config
     from moelab.models import MoETransformer
 
-    if hf_model.config.model_type != "mixtral":
-        raise UserError(f"unsupported architecture '{hf_model.config.model_type}' (supported: mixtral)")
-    cfg = model_config_from_mixtral(hf_model.config)
-    model = MoETransformer(cfg)
-    model.load_state_dict(from_hf_state_dict(hf_model.state_dict(), cfg))
+    cfg = Config(model=model_config_from_hf(hf_model.config))
+    cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
+    cfg.resolve()
+    model = MoETransformer(cfg.model)
+    model.load_state_dict(from_hf_state_dict(hf_model.state_dict()))
     return model.eval()
 
 
-def export_hf(model, out_dir: str | Path) -> Path:
+def export_hf(model, out_dir: str | Path, arch: str = "auto") -> Path:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory {out} is not empty; choose another --out")
-    to_hf(model).save_pretrained(out)
+    to_hf(model, arch).save_pretrained(out)
     return out
 
 

@@ -1,9 +1,11 @@
-"""Building blocks shared by every architecture: RMSNorm, rotary embeddings, dense SwiGLU MLP.
+"""Building blocks shared by every architecture: RMSNorm, rotary embeddings, dense MLP.
 
-Shapes: B batch, S sequence, H heads, Dh head dim, D model dim.
+Shapes: B batch, S sequence, H heads, Dh head dim, R rotated dims, D model dim.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -24,29 +26,95 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cache(seq_len: int, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (seq_len, dim) for the half-rotation convention (Llama / HF)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_inv_freq(cfg, dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (dim/2,) in float64 and the factor applied to cos/sin.
+
+    none: theta^(-2i/dim). linear: divided by rope_factor (position interpolation).
+    yarn (Peng et al. 2023, as DeepSeek-V3 and transformers compute it): interpolate the low
+    frequencies, keep the high ones, blend linearly between beta_fast and beta_slow rotations.
+    """
+    base = cfg.rope_theta
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if cfg.rope_scaling == "none":
+        return inv, 1.0
+    factor = cfg.rope_factor
+    if cfg.rope_scaling == "linear":
+        return inv / factor, 1.0
+    # yarn
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(cfg.yarn_beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.yarn_beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    inv = (inv / factor) * (1 - extrapolate) + inv * extrapolate
+    if cfg.yarn_mscale and cfg.yarn_mscale_all_dim:
+        attn_factor = _yarn_mscale(factor, cfg.yarn_mscale) / _yarn_mscale(factor, cfg.yarn_mscale_all_dim)
+    else:
+        attn_factor = _yarn_mscale(factor)
+    return inv, attn_factor
+
+
+def yarn_softmax_scale(cfg) -> float:
+    """Extra softmax-scale factor DeepSeek-V3 applies in MLA under yarn with mscale_all_dim."""
+    if cfg.rope_scaling == "yarn" and cfg.yarn_mscale_all_dim:
+        return _yarn_mscale(cfg.rope_factor, cfg.yarn_mscale_all_dim) ** 2
+    return 1.0
+
+
+def rope_cache(cfg, seq_len: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (seq_len, dim): each frequency twice, [f0..f_{R/2}, f0..f_{R/2}]."""
+    inv, attn_factor = rope_inv_freq(cfg, dim)
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().float(), emb.sin().float()
+    return (emb.cos() * attn_factor).float(), (emb.sin() * attn_factor).float()
 
 
-def apply_rope(x_BHSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
-    half = x_BHSD.shape[-1] // 2
-    x1, x2 = x_BHSD[..., :half], x_BHSD[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x_BHSD * cos_SD + rotated * sin_SD).to(x_BHSD.dtype)
+def apply_rope(x: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor,
+               interleave: bool = False) -> torch.Tensor:
+    """Rotate the first R dims of the last axis, pass the rest through.
+
+    Half layout (Llama): pairs are (x_i, x_{i+R/2}). Interleaved layout (DeepSeek checkpoints):
+    pairs are (x_{2i}, x_{2i+1}); the rotated result is written in half layout, which leaves
+    q.k unchanged since queries and keys get the same permutation.
+    """
+    R = cos_SR.shape[-1]
+    x_rot, x_pass = x[..., :R], x[..., R:]
+    if interleave:
+        c, s = cos_SR[..., : R // 2], sin_SR[..., : R // 2]
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+        out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    else:
+        x1, x2 = x_rot[..., : R // 2], x_rot[..., R // 2:]
+        out = x_rot * cos_SR + torch.cat([-x2, x1], dim=-1) * sin_SR
+    out = out.to(x.dtype)
+    return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
 
 
-class SwiGLU(nn.Module):
-    """Dense SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+def activation(name: str):
+    return F.silu if name == "silu" else (lambda x: F.gelu(x, approximate="tanh"))
 
-    def __init__(self, d_model: int, hidden: int):
+
+class MLP(nn.Module):
+    """Dense feed-forward: down(act(gate(x)) * up(x)) when gated (SwiGLU), else down(act(up(x)))."""
+
+    def __init__(self, d_model: int, hidden: int, act: str = "silu", glu: bool = True):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.act, self.glu = activation(act), glu
+        if glu:
+            self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.glu else self.act(self.up_proj(x))
+        return self.down_proj(h)
+
+

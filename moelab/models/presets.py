@@ -3,6 +3,10 @@
 `tiny` is the default CPU run: about 3M parameters, a few minutes on 2 cores.
 `exp3` is the "DeepSeek attention + GLM4 MoE" experiment's size (256-d, 6 layers, 8 heads,
 expert width 512, 4 experts top-2, seq 128, batch 16, Muon LR 3e-3).
+
+Each architecture family has a `<family>-tiny` preset (same design at a CPU-trainable size; the
+Hugging Face parity tests use these) and a preset at the published size of a well-known model of
+that family (train it on GPUs; `moelab info` accounts for it on any machine).
 """
 
 from __future__ import annotations
@@ -47,7 +51,93 @@ def test() -> Config:
     )
 
 
+def _tiny_family(name: str, **model) -> Config:
+    cfg = tiny()
+    cfg.preset = name
+    for k, v in model.items():
+        setattr(cfg.model, k, v)
+    return cfg
+
+
+# Design features per family, shared by the tiny and the published-size preset.
+FAMILIES = {
+    "mixtral": dict(n_kv_heads=2, tie_embeddings=False),
+    "qwen3_moe": dict(n_kv_heads=2, qk_norm="head", tie_embeddings=False, norm_topk_prob=True),
+    "olmoe": dict(qk_norm="full", norm_topk_prob=False, tie_embeddings=False),
+    "deepseek_v3": dict(attention="mla", router="sigmoid", n_shared_experts=1, rope_interleave=True,
+                        norm_topk_prob=True, tie_embeddings=False, aux_loss_coef=0.0,
+                        seq_aux_loss_coef=1e-4, bias_update_rate=1e-3),
+    "glm4_moe": dict(router="sigmoid", n_shared_experts=1, qkv_bias=True, partial_rotary=0.5,
+                     norm_topk_prob=True, tie_embeddings=False, aux_loss_coef=0.0, seq_aux_loss_coef=1e-4,
+                     bias_update_rate=1e-3),
+    "switch": dict(router="switch", top_k=1, capacity_factor=1.25, ffn_glu=False, ffn_act="gelu"),
+    "llama": dict(n_experts=0, n_kv_heads=2, tie_embeddings=False),
+    "qwen3": dict(n_experts=0, n_kv_heads=2, qk_norm="head", tie_embeddings=True),
+}
+
+TINY = {
+    "mixtral": dict(n_experts=8, top_k=2, expert_dim=128),
+    "qwen3_moe": dict(n_experts=8, top_k=2, expert_dim=96, head_dim=48, first_k_dense=1, dense_dim=256),
+    "olmoe": dict(n_experts=8, top_k=2, expert_dim=96),
+    "deepseek_v3": dict(n_experts=8, top_k=2, expert_dim=96, n_group=4, topk_group=2, first_k_dense=1,
+                        dense_dim=256, routed_scaling=2.5, q_lora_rank=64, kv_lora_rank=48,
+                        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
+    "glm4_moe": dict(n_experts=8, top_k=2, expert_dim=96, n_group=2, topk_group=1, first_k_dense=1,
+                     dense_dim=256, qk_norm="head"),
+    "switch": dict(n_experts=8, expert_dim=256),
+    "llama": dict(dense_dim=384),
+    "qwen3": dict(dense_dim=384),
+}
+
+# Published sizes: Mixtral-8x7B, Qwen3-30B-A3B, OLMoE-1B-7B, DeepSeek-V3 (671B), GLM-4.5-Air,
+# a decoder-only Switch-Base-8 analogue, Llama-3-8B, Qwen3-0.6B.
+PUBLISHED = {
+    "mixtral-8x7b": ("mixtral", dict(
+        vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, n_experts=8, top_k=2,
+        expert_dim=14336, rope_theta=1e6, norm_eps=1e-5, max_seq_len=32768)),
+    "qwen3-30b-a3b": ("qwen3_moe", dict(
+        vocab_size=151936, d_model=2048, n_layers=48, n_heads=32, n_kv_heads=4, head_dim=128, n_experts=128,
+        top_k=8, expert_dim=768, rope_theta=1e6, max_seq_len=40960)),
+    "olmoe-1b-7b": ("olmoe", dict(
+        vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, n_experts=64, top_k=8, expert_dim=1024,
+        norm_eps=1e-5, max_seq_len=4096)),
+    "deepseek-v3": ("deepseek_v3", dict(
+        vocab_size=129280, d_model=7168, n_layers=61, n_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_experts=256, top_k=8,
+        expert_dim=2048, dense_dim=18432, n_group=8, topk_group=4, first_k_dense=3, routed_scaling=2.5,
+        rope_scaling="yarn", rope_factor=40.0, rope_original_max_len=4096, yarn_mscale=1.0,
+        yarn_mscale_all_dim=1.0, max_seq_len=163840)),
+    "glm-4.5-air": ("glm4_moe", dict(
+        vocab_size=151552, d_model=4096, n_layers=46, n_heads=96, n_kv_heads=8, head_dim=128,
+        n_experts=128, top_k=8, expert_dim=1408, dense_dim=10944, first_k_dense=1, rope_theta=1e6,
+        norm_eps=1e-5, max_seq_len=131072)),
+    "switch-base-8": ("switch", dict(
+        vocab_size=32128, d_model=768, n_layers=12, n_heads=12, n_experts=8, expert_dim=3072,
+        max_seq_len=2048)),
+    "llama3-8b": ("llama", dict(
+        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, dense_dim=14336,
+        rope_theta=5e5, norm_eps=1e-5, max_seq_len=8192)),
+    "qwen3-0.6b": ("qwen3", dict(
+        vocab_size=151936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
+        dense_dim=3072, rope_theta=1e6, max_seq_len=40960)),
+}
+
+
+def _published(name: str) -> Config:
+    family, model = PUBLISHED[name]
+    cfg = Config(preset=name, model=ModelConfig(**{**FAMILIES[family], **model}),
+                 data=DataConfig(vocab_size=model["vocab_size"]),
+                 optim=OptimConfig(muon_lr=2e-3, adamw_lr=1e-3, warmup=2000),
+                 train=TrainConfig(steps=100_000, seq_len=2048, batch_size=8, precision="bf16",
+                                   eval_every=1000, save_every=2000, log_every=50))
+    return cfg
+
+
 PRESETS = {"tiny": tiny, "exp3": exp3, "test": test}
+for _fam in FAMILIES:
+    PRESETS[f"{_fam}-tiny"] = (lambda f: lambda: _tiny_family(f"{f}-tiny", **FAMILIES[f], **TINY[f]))(_fam)
+for _name in PUBLISHED:
+    PRESETS[_name] = (lambda n: lambda: _published(n))(_name)
 
 
 def get_preset(name: str) -> Config:

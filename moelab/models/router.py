@@ -1,49 +1,145 @@
 """Routers: token -> (expert ids, combine weights) plus their own statistics and aux terms.
 
-Legend: T tokens, D model dim, E experts, K experts per token.
+Legend: B sequences, S positions, T = B*S tokens, D model dim, E experts, K experts per token.
+
+Kinds (`model.router`):
+  softmax       softmax over all E, top-k, optional renormalisation (Mixtral, Qwen3-MoE, OLMoE)
+  topk_softmax  top-k on the logits, softmax over the chosen k
+  sigmoid       sigmoid scores; selection uses score + a per-expert bias (aux-loss-free balancing),
+                weights use the raw scores, renormalised and scaled (DeepSeek-V3, GLM4-MoE)
+  switch        softmax top-1 with the raw probability as weight and a capacity (Switch Transformer)
+Any kind can be group-limited (n_group/topk_group: a group scores the sum of its two best experts,
+tokens pick only from their best topk_group groups), capacity-limited (tokens over an expert's
+capacity are dropped and counted) and noisy (Shazeer et al. 2017, in training only).
+
 Router math runs in fp32 whatever the autocast dtype, since small logit errors flip top-k choices.
 Nothing here mutates state: counts and losses are returned, so recomputation (activation
-checkpointing) cannot count twice.
+checkpointing) cannot count twice. The selection bias changes only in `update_selection_bias`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moelab.config import ModelConfig
+
 
 @dataclass
 class RouterOutput:
-    weights_TK: torch.Tensor  # combine weights of the chosen experts
+    weights_TK: torch.Tensor  # combine weights of the chosen experts (0 for dropped slots)
     idx_TK: torch.Tensor  # chosen expert ids (int64)
-    counts_E: torch.Tensor  # tokens routed to each expert (int64); reduce across ranks: sum
-    aux_loss: torch.Tensor  # Switch/GShard load-balancing loss (scalar, fp32)
+    counts_E: torch.Tensor  # slots routed to each expert before capacity (int64); reduce: sum
+    dropped_E: torch.Tensor  # slots dropped at each expert for lack of capacity (int64); reduce: sum
+    aux_loss: torch.Tensor  # Switch/GShard load-balancing loss (scalar, fp32; 1.0 when uniform)
+    seq_aux_loss: torch.Tensor  # DeepSeek-V3 sequence-wise balance loss (scalar, fp32)
     z_loss: torch.Tensor  # router z-loss: mean(logsumexp(logits)^2) (scalar, fp32)
+    layer: int = -1  # index of the transformer layer this router belongs to
 
 
-class SoftmaxTopKRouter(nn.Module):
-    """Softmax over all experts, then top-k, optionally renormalised (Mixtral / Qwen3-MoE / OLMoE)."""
+def expert_capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts: int) -> int:
+    return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, norm_topk_prob: bool = True):
+
+def capacity_keep(idx_TK: torch.Tensor, counts_E: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Which slots fit: each expert takes slots in priority order, first choices of all tokens
+    (in token order) before second choices (GShard). Vectorised: a stable sort by expert gives
+    each slot its rank at its expert."""
+    T, K = idx_TK.shape
+    expert_N = idx_TK.t().flatten()  # priority order: (k, t)
+    order_N = expert_N.argsort(stable=True)
+    starts_E = counts_E.cumsum(0) - counts_E
+    rank_sorted = torch.arange(T * K, device=idx_TK.device) - starts_E[expert_N[order_N]]
+    rank_N = torch.empty_like(rank_sorted)
+    rank_N[order_N] = rank_sorted
+    return (rank_N < capacity).view(K, T).t()
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int = -1):
         super().__init__()
-        self.n_experts, self.top_k, self.norm_topk_prob = n_experts, top_k, norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        self.kind, self.layer = cfg.router, layer
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.norm_topk_prob = cfg.norm_topk_prob and cfg.router in ("softmax", "sigmoid")
+        self.scaling, self.n_group, self.topk_group = cfg.routed_scaling, cfg.n_group, cfg.topk_group
+        self.capacity_factor = cfg.capacity_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
+        if cfg.noisy_gating:
+            self.noise_weight = nn.Parameter(torch.zeros(cfg.n_experts, cfg.d_model))
+        if cfg.router == "sigmoid" or cfg.bias_update_rate > 0:
+            self.register_buffer("selection_bias", torch.zeros(cfg.n_experts))
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def _group_mask(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        T, E, G = choice_TE.shape[0], self.n_experts, self.n_group
+        per_group = choice_TE.view(T, G, E // G)
+        group_score_TG = per_group.topk(min(2, E // G), dim=-1).values.sum(dim=-1)
+        best_TG = group_score_TG.topk(self.topk_group, dim=-1).indices
+        allowed_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_TG, True)
+        return allowed_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
+
+    def forward(self, x_TD: torch.Tensor, n_seqs: int = 1) -> RouterOutput:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
-            probs_TE = logits_TE.softmax(dim=-1)
-            weights_TK, idx_TK = probs_TE.topk(self.top_k, dim=-1)
+            return self._route(x_TD.float(), n_seqs)
+
+    def _route(self, x_TD: torch.Tensor, n_seqs: int) -> RouterOutput:
+        T, E, K = x_TD.shape[0], self.n_experts, self.top_k
+        logits_TE = F.linear(x_TD, self.weight.float())
+        if self.training and hasattr(self, "noise_weight"):
+            noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight.float()))
+            logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+        if self.kind == "sigmoid":
+            scores_TE = logits_TE.sigmoid()
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)  # for the balance losses
+        else:
+            scores_TE = probs_TE = logits_TE.softmax(dim=-1)
+        choice_TE = logits_TE if self.kind == "topk_softmax" else scores_TE
+        if hasattr(self, "selection_bias"):
+            choice_TE = choice_TE + self.selection_bias.float()
+        if self.n_group > 1:
+            choice_TE = choice_TE.masked_fill(~self._group_mask(choice_TE), float("-inf"))
+        idx_TK = choice_TE.topk(K, dim=-1).indices
+        if self.kind == "topk_softmax":
+            weights_TK = logits_TE.gather(1, idx_TK).softmax(dim=-1)
+        else:
+            weights_TK = scores_TE.gather(1, idx_TK)
             if self.norm_topk_prob:
-                weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-            counts_E = torch.bincount(idx_TK.flatten(), minlength=self.n_experts)
-            # aux = E * sum_e f_e * P_e, f_e = share of the T*K assignments (no gradient),
-            # P_e = mean router probability (carries the gradient). Equals 1 when uniform.
-            T = x_TD.shape[0]
-            f_E = counts_E.float() / max(T * self.top_k, 1)
-            aux_loss = self.n_experts * (f_E * probs_TE.mean(dim=0)).sum()
-            z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
-        return RouterOutput(weights_TK.to(x_TD.dtype), idx_TK, counts_E, aux_loss, z_loss)
+                eps = 1e-20 if self.kind == "sigmoid" else 0.0
+                weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + eps)
+        if self.scaling != 1.0:
+            weights_TK = weights_TK * self.scaling
+        counts_E = torch.bincount(idx_TK.flatten(), minlength=E)
+        if self.capacity_factor > 0:
+            cap = expert_capacity(self.capacity_factor, T, K, E)
+            weights_TK = torch.where(capacity_keep(idx_TK, counts_E, cap), weights_TK, 0.0)
+            dropped_E = counts_E - counts_E.clamp(max=cap)
+        else:
+            dropped_E = torch.zeros_like(counts_E)
+        # aux = E * sum_e f_e * P_e, f_e = share of the T*K assignments (no gradient),
+        # P_e = mean router probability (carries the gradient). Equals 1 when uniform.
+        f_E = counts_E.float() / max(T * K, 1)
+        aux_loss = E * (f_E * probs_TE.mean(dim=0)).sum()
+        # Sequence-wise (DeepSeek-V3 eq. 17-20): the same quantity within each sequence, averaged.
+        B = n_seqs if n_seqs > 0 and T % n_seqs == 0 else 1
+        S = T // B
+        counts_BE = torch.zeros(B, E, device=x_TD.device).scatter_add_(
+            1, idx_TK.view(B, S * K), torch.ones(B, S * K, device=x_TD.device))
+        seq_aux_loss = (E / (S * K) * counts_BE * probs_TE.view(B, S, E).mean(dim=1)).sum(dim=1).mean()
+        z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+        return RouterOutput(weights_TK, idx_TK, counts_E, dropped_E, aux_loss, seq_aux_loss, z_loss,
+                            self.layer)
+
+
+@torch.no_grad()
+def update_selection_bias(routers: list[Router], counts_LE: torch.Tensor, rate: float) -> None:
+    """Aux-loss-free balancing (DeepSeek-V3): after an optimizer update, raise the selection bias of
+    under-loaded experts and lower it for over-loaded ones by `rate`. `counts_LE` must hold the
+    tokens each expert received over the whole update (all accumulation micro-batches, all ranks)."""
+    for router, counts_E in zip(routers, counts_LE):
+        load = counts_E.float()
+        router.selection_bias.add_(rate * torch.sign(load.mean() - load))
+
+

@@ -1,4 +1,7 @@
-"""The causal decoder LM: pre-norm blocks of attention + MoE, returning loss, logits and routing.
+"""The causal decoder LM: pre-norm blocks of attention + feed-forward, returning loss, logits, routing.
+
+Each block's feed-forward is an MoE (`block.moe`) or, for the first `first_k_dense` layers and in
+dense models (n_experts=0), a dense MLP (`block.mlp`).
 
 Shapes: B batch, S sequence, D model dim, V vocabulary.
 `targets[b, t]` is the token to predict at position t (already shifted by the caller; -100 ignored).
@@ -13,35 +16,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import ModelConfig
-from moelab.models.attention import Attention
+from moelab.models.attention import build_attention, rotary_dim
 from moelab.models.experts import residual_std
-from moelab.models.layers import RMSNorm, rope_cache
+from moelab.models.layers import MLP, RMSNorm, rope_cache
 from moelab.models.moe import MoE
-from moelab.models.router import RouterOutput
+from moelab.models.router import Router, RouterOutput
 
 
 @dataclass
 class ModelOutput:
     logits: torch.Tensor
-    loss: torch.Tensor | None = None  # lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss
+    loss: torch.Tensor | None = None  # lm_loss + each balance term times its coefficient
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # mean over MoE layers
+    seq_aux_loss: torch.Tensor | None = None  # mean over MoE layers
     z_loss: torch.Tensor | None = None  # mean over MoE layers
-    router: list[RouterOutput] = field(default_factory=list)
+    router: list[RouterOutput] = field(default_factory=list)  # one per MoE layer, in layer order
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = build_attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.moe = MoE(cfg)
+        if cfg.is_moe_layer(layer):
+            self.moe = MoE(cfg, layer)
+        else:
+            self.mlp = MLP(cfg.d_model, cfg.dense_dim, cfg.ffn_act, cfg.ffn_glu)
 
-    def forward(self, x_BSD, cos_SD, sin_SD):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SD, sin_SD)
-        y_BSD, routing = self.moe(self.mlp_norm(x_BSD))
-        return x_BSD + y_BSD, routing
+    def forward(self, x_BSD, cos_SR, sin_SR):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR)
+        h_BSD = self.mlp_norm(x_BSD)
+        if hasattr(self, "moe"):
+            y_BSD, routing = self.moe(h_BSD)
+            return x_BSD + y_BSD, routing
+        return x_BSD + self.mlp(h_BSD), None
 
 
 class MoETransformer(nn.Module):
@@ -50,51 +60,74 @@ class MoETransformer(nn.Module):
         assert cfg.vocab_size > 0 and cfg.head_dim > 0, "resolve the config before building"
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_cache(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_cache(cfg, cfg.max_seq_len, rotary_dim(cfg))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    @property
+    def routers(self) -> list[Router]:
+        return [blk.moe.router for blk in self.blocks if hasattr(blk, "moe")]
+
     def reset_parameters(self) -> None:
+        """Normal(init_std) for every matrix, residual-scaled std for the projections that write
+        into the residual stream, zeros for biases and the selection bias, ones for norms."""
         c = self.cfg
         out_std = residual_std(c.init_std, c.n_layers)
         nn.init.normal_(self.embed.weight, std=c.init_std)
         if not c.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=c.init_std)
         for blk in self.blocks:
-            for lin in (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj):
-                nn.init.normal_(lin.weight, std=c.init_std)
-            nn.init.normal_(blk.attn.o_proj.weight, std=out_std)
-            nn.init.normal_(blk.moe.router.weight, std=c.router_init_std)
-            blk.moe.experts.reset_parameters(c.init_std, out_std)
+            out_proj = {id(m) for m in blk.attn.output_projections()}
+            ffns = [blk.mlp] if hasattr(blk, "mlp") else ([blk.moe.shared] if hasattr(blk.moe, "shared") else [])
+            out_proj |= {id(f.down_proj) for f in ffns}
+            for mod in (blk.attn, *ffns):
+                for m in mod.modules():
+                    if isinstance(m, nn.Linear):
+                        nn.init.normal_(m.weight, std=out_std if id(m) in out_proj else c.init_std)
+                        if m.bias is not None:
+                            nn.init.zeros_(m.bias)
+                    elif isinstance(m, RMSNorm):
+                        nn.init.ones_(m.weight)
+            if hasattr(blk, "moe"):
+                router = blk.moe.router
+                nn.init.normal_(router.weight, std=c.router_init_std)
+                if hasattr(router, "noise_weight"):
+                    nn.init.zeros_(router.noise_weight)
+                if hasattr(router, "selection_bias"):
+                    nn.init.zeros_(router.selection_bias)
+                blk.moe.experts.reset_parameters(c.init_std, out_std)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
         S = input_ids.shape[1]
         if S > self.rope_cos.shape[0]:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len {self.rope_cos.shape[0]}")
-        cos_SD, sin_SD = self.rope_cos[:S], self.rope_sin[:S]
+        cos_SR, sin_SR = self.rope_cos[:S], self.rope_sin[:S]
         x_BSD = self.embed(input_ids)
         routing = []
         for blk in self.blocks:
-            x_BSD, r = blk(x_BSD, cos_SD, sin_SD)
-            routing.append(r)
+            x_BSD, r = blk(x_BSD, cos_SR, sin_SR)
+            if r is not None:
+                routing.append(r)
         logits_BSV = self.lm_head(self.norm(x_BSD))
         out = ModelOutput(logits=logits_BSV, router=routing)
         if targets is not None:
             out.lm_loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets.flatten(),
                                           ignore_index=-100)
-            out.aux_loss = torch.stack([r.aux_loss for r in routing]).mean()
-            out.z_loss = torch.stack([r.z_loss for r in routing]).mean()
+            zero = out.lm_loss.new_zeros(())
+            terms = {"aux_loss": self.cfg.aux_loss_coef, "seq_aux_loss": self.cfg.seq_aux_loss_coef,
+                     "z_loss": self.cfg.z_loss_coef}
             out.loss = out.lm_loss
-            if self.cfg.aux_loss_coef:
-                out.loss = out.loss + self.cfg.aux_loss_coef * out.aux_loss
-            if self.cfg.z_loss_coef:
-                out.loss = out.loss + self.cfg.z_loss_coef * out.z_loss
+            for name, coef in terms.items():
+                value = torch.stack([getattr(r, name) for r in routing]).mean() if routing else zero
+                setattr(out, name, value)
+                if coef:
+                    out.loss = out.loss + coef * value
         return out
 
     def num_parameters(self) -> dict[str, int]:

@@ -14,7 +14,7 @@ from torch import nn
 from moelab.config import OptimConfig
 from moelab.optim.muon import Muon
 
-ADAMW_MATRIX_SUFFIXES = ("embed.weight", "lm_head.weight", "router.weight")
+ADAMW_MATRIX_SUFFIXES = ("embed.weight", "lm_head.weight", "router.weight", "router.noise_weight")
 
 
 def split_params(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:

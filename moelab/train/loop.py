@@ -24,6 +24,7 @@ from moelab.data.pipeline import Dataset, build_dataset
 from moelab.errors import UserError
 from moelab.eval.metrics import evaluate
 from moelab.models import MoETransformer
+from moelab.models.router import update_selection_bias
 from moelab.optim.groups import HybridOptimizer
 from moelab.optim.schedules import lr_factor
 from moelab.train import checkpoint as ck
@@ -145,12 +146,25 @@ def run_eval(run: Run, full: bool = False) -> dict:
     return evaluate(run.model, windows, run.data.token_bytes, run.cfg.train.batch_size, run.device, dtype)
 
 
-def routing_stats(counts_LE: torch.Tensor) -> dict:
-    """Per-layer max/mean load and dead experts over the log interval."""
+def routing_stats(counts_LE: torch.Tensor, dropped_LE: torch.Tensor) -> dict:
+    """Per-MoE-layer max/mean load, dead experts and dropped-slot share over the log interval."""
+    if counts_LE.numel() == 0:
+        return {}
     load = counts_LE.double()
     mean = load.mean(dim=1).clamp_min(1e-9)
-    return {"load_max_mean": [round(v, 3) for v in (load.max(dim=1).values / mean).tolist()],
-            "dead_experts": (counts_LE == 0).sum(dim=1).tolist()}
+    stats = {"load_max_mean": [round(v, 3) for v in (load.max(dim=1).values / mean).tolist()],
+             "dead_experts": (counts_LE == 0).sum(dim=1).tolist()}
+    if bool(dropped_LE.any()):
+        total = load.sum(dim=1).clamp_min(1.0)
+        stats["dropped_share"] = [round(v, 4) for v in (dropped_LE.double().sum(dim=1) / total).tolist()]
+    return stats
+
+
+def balance_terms(m) -> dict[str, float]:
+    """The balancing coefficients in use (non-zero ones), for the start-of-run line and the log."""
+    terms = {"aux_loss": m.aux_loss_coef, "seq_aux_loss": m.seq_aux_loss_coef, "z_loss": m.z_loss_coef,
+             "bias_update_rate": m.bias_update_rate}
+    return {k: v for k, v in terms.items() if v} if m.n_experts else {}
 
 
 def train(cfg: Config, out: str | None = None, resume: str | None = None,
@@ -165,6 +179,8 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
         f"{run.optimizer.report['adamw_decay'] + run.optimizer.report['adamw_no_decay']:,} params | "
         f"{run.data.train_windows.shape[0]} train / {run.data.val_windows.shape[0]} val windows | "
         f"{run.device}" + (f" | resumed at step {run.step}" if run.step else ""))
+    if balance_terms(cfg.model):
+        say("balancing: " + ", ".join(f"{k} {v:g}" for k, v in balance_terms(cfg.model).items()))
     if run.step == 0:
         first = run_eval(run)
         log.write({"step": 0, "split": "val", **first})
@@ -188,6 +204,9 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip or math.inf)
         run.optimizer.step()
         run.optimizer.zero_grad()
+        if cfg.model.bias_update_rate:  # after the update, on the whole update's counts
+            update_selection_bias(run.model.routers, window.update_counts_LE, cfg.model.bias_update_rate)
+        window.update_counts_LE.zero_()
         run.step += 1
         window.add_step(grad_norm, tokens_per_step)
         bar.update(1)
@@ -223,21 +242,28 @@ class _Window:
 
     def __init__(self, run: Run):
         self.run = run
-        L, E = run.cfg.model.n_layers, run.cfg.model.n_experts
+        L, E = len(run.cfg.model.moe_layers), run.cfg.model.n_experts
         self.counts_LE = torch.zeros(L, E, dtype=torch.int64, device=run.device)
-        self.sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # lm, aux, z, gnorm
+        self.dropped_LE = torch.zeros_like(self.counts_LE)
+        self.update_counts_LE = torch.zeros_like(self.counts_LE)  # this optimizer update only
+        # lm, aux, seq_aux, z, gnorm
+        self.sums = torch.zeros(5, dtype=torch.float64, device=run.device)
         self.micro = self.steps = self.tokens = 0
         self.tokens_total, self.train_time, self.last_loss = 0, 0.0, float("nan")
         self.clock = time.perf_counter()
 
     def add_micro(self, out) -> None:
-        self.sums[:3] += torch.stack([out.lm_loss.detach(), out.aux_loss.detach(),
-                                      out.z_loss.detach()]).double()
-        self.counts_LE += torch.stack([r.counts_E for r in out.router])
+        self.sums[:4] += torch.stack([out.lm_loss.detach(), out.aux_loss.detach(),
+                                      out.seq_aux_loss.detach(), out.z_loss.detach()]).double()
+        if out.router:
+            counts = torch.stack([r.counts_E for r in out.router])
+            self.counts_LE += counts
+            self.update_counts_LE += counts
+            self.dropped_LE += torch.stack([r.dropped_E for r in out.router])
         self.micro += 1
 
     def add_step(self, grad_norm: torch.Tensor, tokens: int) -> None:
-        self.sums[3] += grad_norm.detach().double()
+        self.sums[4] += grad_norm.detach().double()
         self.steps += 1
         self.tokens += tokens
 
@@ -250,13 +276,17 @@ class _Window:
         self.train_time += elapsed
         self.tokens_total += self.tokens
         lrs = [g["lr"] for opt in optimizer.optimizers for g in opt.param_groups]
-        rec = {"step": step, "split": "train", "loss": s[0] / self.micro, "aux_loss": s[1] / self.micro,
-               "z_loss": s[2] / self.micro, "grad_norm": s[3] / self.steps, "lr": lrs[0],
-               "tokens_per_s": self.tokens / elapsed, "tokens": self.tokens_total,
-               **routing_stats(self.counts_LE)}
+        m = self.run.cfg.model
+        rec = {"step": step, "split": "train", "loss": s[0] / self.micro}
+        for i, name in enumerate(("aux_loss", "seq_aux_loss", "z_loss"), start=1):
+            if name == "aux_loss" and m.n_experts or name in balance_terms(m):
+                rec[name] = s[i] / self.micro
+        rec.update({"grad_norm": s[4] / self.steps, "lr": lrs[0], "tokens_per_s": self.tokens / elapsed,
+                    "tokens": self.tokens_total, **routing_stats(self.counts_LE, self.dropped_LE)})
         self.last_loss = rec["loss"]
         self.sums.zero_()
         self.counts_LE.zero_()
+        self.dropped_LE.zero_()
         self.micro = self.steps = self.tokens = 0
         self.reset_clock()
         return rec

@@ -63,9 +63,9 @@ def test_moe_layer_fp32_grouped_equals_loop():
 
 
 def test_router_aux_loss_is_one_when_uniform_and_larger_when_skewed():
-    from moelab.models.router import SoftmaxTopKRouter
+    from moelab.models.router import Router
 
-    r = SoftmaxTopKRouter(8, 4, 1, norm_topk_prob=False)
+    r = Router(ModelConfig(d_model=8, n_experts=4, top_k=1, norm_topk_prob=False))
     torch.nn.init.zeros_(r.weight)
     x = torch.randn(400, 8)
     # zero logits: P_e = 1/4 exactly, so aux = 4 * sum_e f_e / 4 = 1 whatever the tie-breaking
@@ -85,3 +85,7 @@ def test_auto_backend_takes_the_grouped_path_on_cpu():
     assert pick_backend("auto", cpu, torch.bfloat16) == "grouped"
     assert pick_backend("auto", cpu, torch.float64) == "padded"
     assert pick_backend("loop", cpu, torch.float32) == "loop"
+    # _grouped_mm needs rows that are multiples of 16 bytes: a width of 30 fp32 / 12 bf16 is not
+    assert pick_backend("auto", cpu, torch.float32, (32, 30)) == "padded"
+    assert pick_backend("auto", cpu, torch.bfloat16, (32, 12)) == "padded"
+    assert pick_backend("auto", cpu, torch.bfloat16, (32, 16)) == "grouped"

@@ -1,66 +1,142 @@
-"""moelab's model is exactly Mixtral: logits match transformers both ways; round trips are exact."""
+"""moelab's models are exactly the transformers architectures they claim to be: logits match both
+ways for every family, weights round-trip bit-exactly, inexpressible configs are refused."""
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from moelab.config import Config  # noqa: E402
+from moelab.errors import UserError  # noqa: E402
 from moelab.models import MoETransformer  # noqa: E402
-from moelab.models.hf import export_hf, from_hf, load_hf, mixtral_config, to_hf  # noqa: E402
+from moelab.models.hf import ARCHS, export_hf, from_hf, hf_config, load_hf, pick_arch, to_hf  # noqa: E402
+from moelab.models.presets import PUBLISHED, get_preset  # noqa: E402
+
+V = 211
+# (family preset, overrides): covers GQA, MHA, QK-norm (head/full), qkv bias, partial rotary,
+# shared experts, group-limited sigmoid routing, first_k_dense, MLA with and without query
+# low-rank, interleaved and half RoPE, yarn, tied and untied heads, dense baselines.
+CASES = {
+    "mixtral": ("mixtral-tiny", {}),
+    "mixtral-tied-mha": ("mixtral-tiny", {"tie_embeddings": True, "n_kv_heads": 4}),
+    "qwen3_moe": ("qwen3_moe-tiny", {"norm_topk_prob": False, "qkv_bias": True, "out_bias": True}),
+    "olmoe": ("olmoe-tiny", {"n_kv_heads": 2}),
+    "deepseek_v3": ("deepseek_v3-tiny", {}),
+    "deepseek_v3-full-q-yarn": ("deepseek_v3-tiny", {
+        "q_lora_rank": 0, "rope_interleave": False, "n_shared_experts": 2, "rope_scaling": "yarn",
+        "rope_factor": 4.0, "rope_original_max_len": 16, "yarn_mscale": 1.0, "yarn_mscale_all_dim": 0.8}),
+    "glm4_moe": ("glm4_moe-tiny", {"n_kv_heads": 2}),
+    "llama": ("llama-tiny", {"qkv_bias": True, "out_bias": True}),
+    "qwen3": ("qwen3-tiny", {}),
+}
+EXPECTED_ARCH = {"mixtral-tied-mha": "mixtral", "deepseek_v3-full-q-yarn": "deepseek_v3"}
 
 
-def _model(tie=False, kv=2):
-    cfg = Config()
-    m = cfg.model
-    m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.expert_dim = 64, 2, 4, kv, 96
-    m.n_experts, m.top_k, m.tie_embeddings, m.norm_eps, m.rope_theta = 8, 2, tie, 1e-5, 5e5
-    cfg.resolve(vocab_size=211)
-    torch.manual_seed(0)
-    model = MoETransformer(m)
-    with torch.no_grad():  # larger router weights so routing is decisive, and non-trivial norms
-        for blk in model.blocks:
-            blk.moe.router.weight.normal_(std=0.5)
-            blk.attn_norm.weight.uniform_(0.5, 1.5)
+def _model(preset: str, overrides: dict, seed: int = 0) -> MoETransformer:
+    cfg = get_preset(preset)
+    cfg.model.n_layers, cfg.model.d_model = 3, 64  # small, but still 2+ MoE layers after dense ones
+    cfg.model.expert_dim, cfg.model.dense_dim, cfg.model.norm_eps = 32, 80, 1e-5
+    if cfg.model.attention == "gqa" and cfg.model.head_dim:
+        cfg.model.head_dim = 24 if cfg.model.qk_norm != "full" else 0
+    for k, v in overrides.items():
+        setattr(cfg.model, k, v)
+    cfg.train.seq_len = cfg.model.max_seq_len = 64
+    cfg.resolve(vocab_size=V)
+    torch.manual_seed(seed)
+    model = MoETransformer(cfg.model)
+    with torch.no_grad():  # decisive routing, non-trivial norms, biases and selection biases
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "router.weight" in name:
+                p.normal_(std=0.5)
+            elif name.endswith("bias"):
+                p.normal_(std=0.1)
+        for r in model.routers:
+            if hasattr(r, "selection_bias"):
+                r.selection_bias.normal_(std=0.1)
     return model.eval()
 
 
-@pytest.mark.parametrize("tie,kv", [(False, 2), (True, 4)])
-def test_logits_match_transformers_mixtral_both_ways(tmp_path, tie, kv):
-    ours = _model(tie, kv)
-    ids = torch.randint(0, 211, (2, 33))
+def _max_diff(a, b, ids) -> float:
+    with torch.no_grad():
+        return (a(ids).logits - b(ids).logits).abs().max().item()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers_both_ways(tmp_path, case):
+    ours = _model(*CASES[case])
+    arch = EXPECTED_ARCH.get(case, case)
+    assert pick_arch(ours.cfg) == arch
+    ids = torch.randint(0, V, (2, 48))
     hf = to_hf(ours)
-    with torch.no_grad():
-        diff = (hf(ids).logits - ours(ids).logits).abs().max().item()
-    assert diff <= 1e-4, diff
-    export_hf(ours, tmp_path / "hf")
-    reloaded_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    assert type(reloaded_hf).__name__ == "MixtralForCausalLM"
-    back = load_hf(tmp_path / "hf")  # HF -> moelab
-    with torch.no_grad():
-        assert (reloaded_hf(ids).logits - back(ids).logits).abs().max().item() <= 1e-4
+    assert type(hf).__name__ == ARCHS[arch] + "ForCausalLM"
+    assert _max_diff(hf, ours, ids) <= 1e-4
+    export_hf(ours, tmp_path / "hf")  # moelab -> HF directory, read by transformers alone
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert type(reloaded).__name__ == ARCHS[arch] + "ForCausalLM"
+    assert _max_diff(reloaded, ours, ids) <= 1e-4
+    back = load_hf(tmp_path / "hf")  # HF directory -> moelab
+    assert _max_diff(reloaded, back, ids) <= 1e-4
+    assert ours.state_dict().keys() == back.state_dict().keys()
     for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), name  # moelab -> HF -> moelab is bit-exact
 
 
-def test_hf_to_moelab_to_hf_is_bit_exact():
-    cfg = mixtral_config(_model().cfg)
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_to_moelab_to_hf_is_bit_exact(case):
+    config = hf_config(_model(*CASES[case]).cfg)
     torch.manual_seed(3)
-    hf = transformers.MixtralForCausalLM(cfg).eval()
-    again = to_hf(from_hf(hf))
+    hf = getattr(transformers, type(config).__name__.replace("Config", "ForCausalLM"))(config).eval()
+    with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: randomise them
+        for name, t in hf.state_dict().items():
+            if t.ndim == 1:
+                t.normal_(mean=1.0 if "norm" in name else 0.0, std=0.1)
+    ours = from_hf(hf)
+    again = to_hf(ours)
     sd_a, sd_b = hf.state_dict(), again.state_dict()
     assert sd_a.keys() == sd_b.keys()
     for k in sd_a:
         assert torch.equal(sd_a[k], sd_b[k]), k
+    ids = torch.randint(0, V, (2, 48))
+    assert _max_diff(hf, ours, ids) <= 1e-4
 
 
-def test_inexpressible_config_is_refused():
-    from moelab.errors import UserError
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_presets_count_parameters_like_transformers(name):
+    """moelab's accounting of a published-size preset equals transformers' own model of it, built
+    on the meta device (no memory), and the preset maps to the family's architecture."""
+    from moelab.models.accounting import build_meta_model, parameter_table
 
-    model = _model()
-    model.cfg.norm_topk_prob = False
-    with pytest.raises(UserError, match="norm_topk_prob"):
-        to_hf(model)
+    cfg = get_preset(name).resolve()
+    ours = parameter_table(build_meta_model(cfg.model))["total"]["total"]
+    family = PUBLISHED[name][0]
+    if family == "switch":
+        with pytest.raises(UserError, match="capacity_factor"):
+            hf_config(cfg.model)
+        return
+    config = hf_config(cfg.model)
+    assert config.model_type == family
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    assert ours == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("field,value,arch,match", [
+    ("norm_topk_prob", False, "mixtral", "norm_topk_prob"),
+    ("n_shared_experts", 1, "mixtral", "n_shared_experts"),
+    ("capacity_factor", 1.0, "auto", "capacity_factor"),
+    ("noisy_gating", True, "auto", "noisy_gating"),
+    ("ffn_glu", False, "auto", "ffn_glu"),
+    ("router", "softmax", "deepseek_v3", "router"),
+    ("partial_rotary", 0.5, "qwen3_moe", "partial_rotary"),
+])
+def test_inexpressible_config_is_refused_naming_the_field(field, value, arch, match):
+    model = _model("mixtral-tiny", {}) if arch != "deepseek_v3" else _model("deepseek_v3-tiny", {})
+    if arch == "qwen3_moe":
+        model = _model("qwen3_moe-tiny", {})
+    setattr(model.cfg, field, value)
+    with pytest.raises(UserError, match=match):
+        to_hf(model, arch)
 
 
 def test_trained_run_exports_and_converts_via_cli(tmp_path):
