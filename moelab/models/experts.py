@@ -43,7 +43,47 @@ def pick_backend(requested: str, device: torch.device, dtype: torch.dtype, dims:
 
 
 def _grouped_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # torch's fake (meta) kernel for _grouped_mm accepts bf16 only, although the CPU kernel
+        # runs fp32/fp16 too; under torch.compile the op goes through moelab's own custom op.
+        return grouped_linear_op(x_ND, w_EOD, offs_E)
     return torch._grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs=offs_E)
+
+
+@torch.library.custom_op("moelab::grouped_linear", mutates_args=())
+def grouped_linear_op(x_ND: torch.Tensor, w_EOD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs=offs_E)
+
+
+@grouped_linear_op.register_fake
+def _(x_ND, w_EOD, offs_E):
+    return x_ND.new_empty(x_ND.shape[0], w_EOD.shape[1])
+
+
+@torch.library.custom_op("moelab::grouped_linear_backward", mutates_args=())
+def grouped_linear_backward_op(grad_NO: torch.Tensor, x_ND: torch.Tensor, w_EOD: torch.Tensor,
+                               offs_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # dx = grad @ W_e per group; dW_e = grad_e^T x_e (grouped along the token dimension)
+    return (torch._grouped_mm(grad_NO, w_EOD, offs=offs_E),
+            torch._grouped_mm(grad_NO.t(), x_ND, offs=offs_E))
+
+
+@grouped_linear_backward_op.register_fake
+def _(grad_NO, x_ND, w_EOD, offs_E):
+    return torch.empty_like(x_ND), torch.empty_like(w_EOD)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_NO):
+    x_ND, w_EOD, offs_E = ctx.saved_tensors
+    dx, dw = grouped_linear_backward_op(grad_NO.contiguous(), x_ND, w_EOD, offs_E)
+    return dx, dw, None
+
+
+grouped_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _padded_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, expert_N: torch.Tensor,
