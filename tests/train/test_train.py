@@ -67,3 +67,39 @@ def test_resume_continues_exactly(tmp_path):
     a, b = load_model(full), load_model(part)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
+
+
+DEEPSEEK_STYLE = ("model.attention=mla", "model.q_lora_rank=32", "model.kv_lora_rank=16",
+                  "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
+                  "model.router=sigmoid", "model.n_experts=8", "model.n_group=4", "model.topk_group=2",
+                  "model.n_shared_experts=1",
+                  "model.n_layers=3", "model.first_k_dense=1", "model.aux_loss_coef=0",
+                  "model.seq_aux_loss_coef=0.001", "model.bias_update_rate=0.001", "train.grad_accum=2")
+
+
+def test_deepseek_style_run_balances_with_bias_and_resumes_exactly(tmp_path):
+    """MLA + sigmoid group-limited router + shared expert + leading dense layer + aux-free bias
+    balancing under gradient accumulation: trains, logs its balance terms, moves the selection
+    biases in steps of the rate, and resumes bit-exactly (the biases are part of the state)."""
+    import shutil
+
+    full = tmp_path / "full"
+    summary = train(_cfg(*DEEPSEEK_STYLE, "train.steps=20"), out=str(full), progress=False)
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if r["split"] == "train"]
+    assert "seq_aux_loss" in train_recs[0] and "z_loss" not in train_recs[0]
+    assert len(train_recs[0]["load_max_mean"]) == 2  # the two MoE layers, not the dense one
+    val = [r for r in records if r["split"] == "val"]
+    assert summary["val_loss"] < val[0]["loss"] - 0.5
+    model = load_model(full)
+    biases = torch.stack([r.selection_bias for r in model.routers])
+    steps = biases / 0.001
+    assert biases.abs().max() > 0 and biases.abs().max() <= 20 * 0.001 + 1e-6
+    torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3)  # whole steps of the rate
+    part = tmp_path / "part"
+    train(_cfg(*DEEPSEEK_STYLE, "train.steps=20", "train.save_every=10"), out=str(part), progress=False)
+    for c in list_checkpoints(part)[1:]:
+        shutil.rmtree(c)
+    train(_cfg(*DEEPSEEK_STYLE), out=str(part), resume="auto", progress=False)
+    for (name, x), y in zip(model.state_dict().items(), load_model(part).state_dict().values()):
+        assert torch.equal(x, y), name
