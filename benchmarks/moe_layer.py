@@ -1,6 +1,10 @@
-"""One MoE layer, forward + backward: moelab vs transformers' Mixtral block, same size and weights.
+"""One MoE layer, forward + backward: moelab vs transformers' MoE block of the same architecture,
+same size and weights.
 
-Run: python benchmarks/moe_layer.py [--preset exp3] [--iters 20] [--dtype fp32|bf16]
+Run: python benchmarks/moe_layer.py [--preset exp3] [--arch mixtral|qwen3_moe|olmoe|deepseek_v3|glm4_moe]
+                                    [--iters 20] [--dtype fp32|bf16]
+The preset gives the size (exp3: D=256, E=4 top-2, F=512, 16x128 tokens); --arch the design (router,
+shared experts) taken from that family's tiny preset.
 Prints tokens/s for moelab and for every transformers experts implementation that runs on this
 device, and the ratio of moelab to the best of them. Not a test: timings are machine-dependent.
 """
@@ -14,40 +18,49 @@ import torch
 
 
 def bench(fn, iters: int, warmup: int = 3) -> float:
+    """Seconds per call; an implementation slower than 1 s per call gets 2 timed calls only."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    t = time.perf_counter()
+    fn()
+    sync()
+    if time.perf_counter() - t > 1.0:
+        warmup, iters = 0, 2
     for _ in range(warmup):
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     for _ in range(iters):
         fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - t) / iters
 
 
 def main() -> None:
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    import transformers
 
     from moelab.config import build_config
-    from moelab.models.hf import mixtral_config
-    from moelab.models.moe import MoE
+    from moelab.models import MoETransformer
+    from moelab.models.hf import ARCHS, hf_config, to_hf_state_dict
+    from moelab.models.presets import FAMILIES
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="exp3")
+    ap.add_argument("--arch", default="mixtral", choices=[a for a in ARCHS if a not in ("llama", "qwen3")])
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     cfg = build_config(args.preset)
+    size = {k: getattr(cfg.model, k) for k in ("d_model", "n_heads", "n_experts", "top_k", "expert_dim")}
+    for k, v in {**FAMILIES[args.arch], **size, "n_layers": 1, "first_k_dense": 0, "n_group": 1,
+                 "topk_group": 1}.items():
+        setattr(cfg.model, k, v)
     m = cfg.resolve(vocab_size=cfg.data.vocab_size).model
     B, S = cfg.train.batch_size, cfg.train.seq_len
     torch.manual_seed(0)
-    ours = MoE(m)
-    ours.experts.reset_parameters(0.02, 0.02)
-    torch.nn.init.normal_(ours.router.weight, std=0.02)
-    ours = ours.to(device, dtype)
+    model = MoETransformer(m)
+    ours = model.blocks[0].moe.to(device, dtype)
     x = torch.randn(B, S, m.d_model, device=device, dtype=dtype)
     g = torch.randn_like(x)
 
@@ -59,14 +72,11 @@ def main() -> None:
     tokens = B * S
     results = {"moelab": tokens / bench(lambda: step(ours, True), args.iters)}
     for impl in ("eager", "batched_mm", "grouped_mm"):
-        hf_cfg = mixtral_config(m)
+        hf_cfg = hf_config(m, args.arch)
         hf_cfg._experts_implementation = impl
-        block = MixtralSparseMoeBlock(hf_cfg)
-        block.gate.weight.data.copy_(ours.router.weight.data.float())
-        block.experts.gate_up_proj.data.copy_(torch.cat([ours.experts.gate_proj.data,
-                                                          ours.experts.up_proj.data], 1).float())
-        block.experts.down_proj.data.copy_(ours.experts.down_proj.data.float())
-        block = block.to(device, dtype)
+        hf = getattr(transformers, ARCHS[args.arch] + "ForCausalLM")(hf_cfg)
+        hf.load_state_dict(to_hf_state_dict(model), strict=False)
+        block = hf.model.layers[0].mlp.to(device, dtype)
         with torch.no_grad():  # same weights, so same outputs: a sanity check before timing
             diff = (block(x) - ours(x)[0]).abs().max().item()
         try:
@@ -75,8 +85,9 @@ def main() -> None:
             print(f"transformers/{impl}: skipped ({type(exc).__name__}: {str(exc)[:80]})")
             continue
         print(f"transformers/{impl}: max |out - moelab| = {diff:.2e}")
-    print(f"\nMoE layer fwd+bwd, preset {args.preset} (D={m.d_model}, E={m.n_experts}, top-{m.top_k}, "
-          f"F={m.expert_dim}, {tokens} tokens), {device}, {args.dtype}, {torch.get_num_threads()} threads")
+    print(f"\nMoE layer fwd+bwd, {args.arch} design at preset {args.preset} size (D={m.d_model}, "
+          f"E={m.n_experts}, top-{m.top_k}, F={m.expert_dim}, {tokens} tokens), {device}, {args.dtype}, "
+          f"{torch.get_num_threads()} threads")
     for name, tps in results.items():
         print(f"  {name:<26}{tps:>12,.0f} tokens/s")
     best = max((v, k) for k, v in results.items() if k != "moelab")

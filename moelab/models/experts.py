@@ -139,16 +139,21 @@ class Experts(nn.Module):
             cap = int(counts_E.max())  # host sync; fallback path only
             lin = lambda x, w: _padded_linear(x, w, expert_N, pos_N, cap)  # noqa: E731
         if self.glu:
-            h_NF = self.act(lin(x_ND, weights[0])) * lin(x_ND, weights[1])
+            # gate and up in one GEMM over the concatenated (E, 2F, D) weight: one larger matmul
+            # beats two, and the concatenation copies weights, not activations.
+            # chunk, not slicing: its backward is one cat instead of zero-filled slice grads.
+            gate_NF, up_NF = lin(x_ND, torch.cat([weights[0], weights[1]], dim=1)).chunk(2, dim=1)
+            h_NF = self.act(gate_NF) * up_NF
         else:
             h_NF = self.act(lin(x_ND, weights[0]))
         y_ND = lin(h_NF, weights[-1])
-        y_ND = y_ND * weights_TK.flatten()[order_N].unsqueeze(-1).to(y_ND.dtype)
         # Un-sort with a gather by the inverse permutation (deterministic, unlike scatter-add's
-        # atomics on GPU), then sum the K expert outputs of each token.
+        # atomics on GPU), then weight and sum each token's K outputs in one batched matmul:
+        # (T, 1, K) @ (T, K, D).
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        return y_ND.index_select(0, inverse_N).view(T, K, -1).sum(dim=1)
+        y_TKD = y_ND.index_select(0, inverse_N).view(T, K, -1)
+        return torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
 
 
 def experts_reference(x_TD, idx_TK, weights_TK, *weights, act: str = "silu", glu: bool = True):

@@ -36,7 +36,7 @@ class RouterOutput:
     counts_E: torch.Tensor  # slots routed to each expert before capacity (int64); reduce: sum
     dropped_E: torch.Tensor  # slots dropped at each expert for lack of capacity (int64); reduce: sum
     aux_loss: torch.Tensor  # Switch/GShard load-balancing loss (scalar, fp32; 1.0 when uniform)
-    seq_aux_loss: torch.Tensor  # DeepSeek-V3 sequence-wise balance loss (scalar, fp32)
+    seq_aux_loss: torch.Tensor  # DeepSeek-V3 sequence-wise balance loss (0 unless its coef is set)
     z_loss: torch.Tensor  # router z-loss: mean(logsumexp(logits)^2) (scalar, fp32)
     layer: int = -1  # index of the transformer layer this router belongs to
 
@@ -66,7 +66,7 @@ class Router(nn.Module):
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
         self.norm_topk_prob = cfg.norm_topk_prob and cfg.router in ("softmax", "sigmoid")
         self.scaling, self.n_group, self.topk_group = cfg.routed_scaling, cfg.n_group, cfg.topk_group
-        self.capacity_factor = cfg.capacity_factor
+        self.capacity_factor, self.seq_aux = cfg.capacity_factor, cfg.seq_aux_loss_coef > 0
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         if cfg.noisy_gating:
             self.noise_weight = nn.Parameter(torch.zeros(cfg.n_experts, cfg.d_model))
@@ -123,11 +123,14 @@ class Router(nn.Module):
         f_E = counts_E.float() / max(T * K, 1)
         aux_loss = E * (f_E * probs_TE.mean(dim=0)).sum()
         # Sequence-wise (DeepSeek-V3 eq. 17-20): the same quantity within each sequence, averaged.
-        B = n_seqs if n_seqs > 0 and T % n_seqs == 0 else 1
-        S = T // B
-        counts_BE = torch.zeros(B, E, device=x_TD.device).scatter_add_(
-            1, idx_TK.view(B, S * K), torch.ones(B, S * K, device=x_TD.device))
-        seq_aux_loss = (E / (S * K) * counts_BE * probs_TE.view(B, S, E).mean(dim=1)).sum(dim=1).mean()
+        # Computed only when its coefficient is non-zero (it costs a scatter per layer).
+        seq_aux_loss = aux_loss.new_zeros(())
+        if self.seq_aux:
+            B = n_seqs if n_seqs > 0 and T % n_seqs == 0 else 1
+            S = T // B
+            counts_BE = torch.zeros(B, E, device=x_TD.device).scatter_add_(
+                1, idx_TK.view(B, S * K), torch.ones(B, S * K, device=x_TD.device))
+            seq_aux_loss = (E / (S * K) * counts_BE * probs_TE.view(B, S, E).mean(dim=1)).sum(dim=1).mean()
         z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
         return RouterOutput(weights_TK, idx_TK, counts_E, dropped_E, aux_loss, seq_aux_loss, z_loss,
                             self.layer)

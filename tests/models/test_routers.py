@@ -140,7 +140,7 @@ def test_capacity_priority_takes_first_choices_of_all_tokens_before_second_choic
 
 
 def test_balance_losses_equal_their_formulas():
-    cfg = _cfg(router="sigmoid", n_experts=4, top_k=2)
+    cfg = _cfg(router="sigmoid", n_experts=4, top_k=2, seq_aux_loss_coef=1e-3)
     router = _layer(cfg).router.eval()
     B, S = 3, 5
     x = torch.randn(B * S, 32)
