@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from moelab.errors import UserError
 
@@ -47,6 +48,21 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_data_check(args) -> int:
+    import json
+
+    from moelab.commands import data_check
+
+    result = data_check(args.run, args.train, args.val, args.ngram, args.seq_len, args.threshold,
+                        args.tokenizer)
+    print(result.summary())
+    for d in result.duplicate_documents[:10]:
+        print(f"  duplicate: val {d['val']} == train {d['train']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
+    return 1 if result.leaked else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moelab", description="Train, evaluate and diagnose Mixture-of-Experts language models.")
@@ -57,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "embedded Python-stdlib corpus)",
                        description="Train an MoE LM. Settings: preset, then --config YAML, then "
                                    "key=value overrides such as train.steps=40 model.n_experts=8.")
-    p.add_argument("--preset", help="named preset: tiny (default), exp3, test")
+    p.add_argument("--preset", help="named preset: tiny (default), exp3, test, <family>-tiny, or a "
+                                    "published size such as deepseek-v3 (see README)")
     p.add_argument("--config", help="YAML config file (sections model, data, optim, train)")
     p.add_argument("--out", help="run directory (default: runs/<preset>[-N])")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in --out) or a checkpoint/run path")
@@ -83,6 +100,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixtral|qwen3_moe|olmoe|deepseek_v3|glm4_moe|llama|qwen3; auto: the one that "
                         "expresses the model exactly")
     p.set_defaults(func=_cmd_export)
+
+    data = sub.add_parser("data", help="data tools: leakage audit").add_subparsers(
+        dest="data_command", metavar="DATA_COMMAND", required=True)
+    p = data.add_parser("check", help="leakage audit: duplicate documents across splits and validation "
+                                      "windows sharing a long n-gram with training data; exit 1 above "
+                                      "the threshold")
+    p.add_argument("run", nargs="?", help="run directory (audits the split its config produces)")
+    p.add_argument("--train", help="training text: a file or folder (each file one document)")
+    p.add_argument("--val", help="validation text: a file or folder")
+    p.add_argument("--ngram", type=int, default=32, help="n-gram length in tokens (default 32)")
+    p.add_argument("--seq-len", type=int, default=None, help="validation window length (default: the "
+                                                              "run's train.seq_len, else 128)")
+    p.add_argument("--threshold", type=float, default=0.05,
+                   help="largest acceptable share of leaked validation windows (default 0.05)")
+    p.add_argument("--tokenizer", help="tokenizer.json or directory (default: the run's, or a BPE "
+                                       "trained on --train)")
+    p.add_argument("--json", help="also write the full result to this JSON file")
+    p.set_defaults(func=_cmd_data_check)
     return parser
 
 

@@ -90,3 +90,38 @@ def export(run: str, to: str, out: str, arch: str = "auto") -> Path:
     ckpt = resolve_checkpoint(run)
     _copy_tokenizer(ckpt.parent.parent / "tokenizer", path)
     return path
+
+
+def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: int, seq_len: int | None,
+               threshold: float, tokenizer: str | None):
+    """Leakage audit of a run's own split (re-derived from its config) or of any two text sources.
+    Returns the AuditResult."""
+    import yaml
+
+    from moelab.config import Config
+    from moelab.data.audit import audit
+    from moelab.data.sources import load_corpus
+    from moelab.data.split import split_documents
+    from moelab.data.tokenizer import load_tokenizer, train_bpe
+
+    if (train is None) != (val is None):
+        raise UserError("give both --train and --val (files or folders), or a run directory")
+    if run_dir is None and train is None:
+        raise UserError("nothing to check: give a run directory, or --train A --val B")
+    if run_dir is not None:
+        cfg_file = Path(run_dir) / "config.yaml"
+        if not cfg_file.is_file():
+            raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+        cfg = Config.from_dict(yaml.safe_load(cfg_file.read_text()))
+        corpus = load_corpus(cfg.data.source, cfg.data.max_docs)
+        train_docs, val_docs = split_documents(corpus.documents, cfg.data.val_fraction, cfg.data.split_salt,
+                                               cfg.data.near_dup_split)
+        tok = load_tokenizer(tokenizer or Path(run_dir) / "tokenizer")
+        seq_len = seq_len or cfg.train.seq_len
+    else:
+        train_docs, val_docs = load_corpus(train).documents, load_corpus(val).documents
+        tok = load_tokenizer(tokenizer) if tokenizer else train_bpe((d.text for d in train_docs), 8192)
+        seq_len = seq_len or 128
+    if ngram < 2 or seq_len < ngram:
+        raise UserError(f"need 2 <= --ngram ({ngram}) <= --seq-len ({seq_len})")
+    return audit(train_docs, val_docs, tok, ngram, seq_len, threshold)

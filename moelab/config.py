@@ -88,6 +88,7 @@ class DataConfig:
     source: str = "stdlib"  # "stdlib" (embedded default corpus) or a text file / directory
     val_fraction: float = 0.05  # share of documents (not windows) held out for validation
     split_salt: str = "moelab"  # changes which documents land in validation
+    near_dup_split: bool = True  # near-copies (MinHash Jaccard >= 0.5) go to the same split
     max_docs: int = 0  # 0: all documents
     tokenizer: str = ""  # "": train BPE on the training split; else tokenizer.json or HF dir
     vocab_size: int = 8192  # for BPE training

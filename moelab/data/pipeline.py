@@ -54,7 +54,7 @@ def _tokenizer_texts(train, budget: int):
 
 def build_dataset(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Dataset:
     corpus = load_corpus(cfg.source, cfg.max_docs)
-    train, val = split_documents(corpus.documents, cfg.val_fraction, cfg.split_salt)
+    train, val = split_documents(corpus.documents, cfg.val_fraction, cfg.split_salt, cfg.near_dup_split)
     if not train or not val:
         raise UserError(f"data source '{cfg.source}' has {len(corpus.documents)} usable document(s); "
                         "need at least 2 (one for training, one for validation)")

@@ -1,0 +1,110 @@
+"""The leakage audit flags a stride-1 randomly split dataset and passes moelab's own split of the
+same text; near-copies are grouped by MinHash and split together."""
+
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moelab.data.audit import audit, ngram_hashes
+from moelab.data.neardup import near_duplicate_groups
+from moelab.data.sources import Document, stdlib_corpus
+from moelab.data.split import split_documents
+from moelab.data.tokenizer import train_bpe
+
+
+@pytest.fixture(scope="module")
+def documents():
+    """40 real, distinct documents: mid-sized stdlib modules outside the template-generated codec
+    tables (the stdlib also holds byte-identical files, e.g. __phello__/__init__.py and spam.py)."""
+    docs, seen = [], set()
+    for d in stdlib_corpus().documents:
+        if 1500 < len(d.text) < 6000 and not d.name.startswith(("encodings/", "distutils/")) \
+                and d.text not in seen:
+            seen.add(d.text)
+            docs.append(d)
+    return docs[:40]
+
+
+def _stride1_random_split(docs, chars=1200, stride=100, seed=0):
+    """The failure mode moelab replaces: overlapping windows of the text, split at random."""
+    text = "\n".join(d.text for d in docs)
+    windows = [Document(f"w{i}", text[i:i + chars]) for i in range(0, len(text) - chars, stride)]
+    random.Random(seed).shuffle(windows)
+    cut = len(windows) // 10
+    return windows[cut:], windows[:cut]
+
+
+def test_ngram_hash_equality_matches_tuple_equality():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 3, 400)  # a 3-letter alphabet: many repeated 6-grams
+    h = ngram_hashes(ids, 6)
+    grams = [tuple(ids[i:i + 6]) for i in range(len(ids) - 5)]
+    for i in range(0, len(grams), 7):
+        for j in range(len(grams)):
+            assert (h[i] == h[j]) == (grams[i] == grams[j])
+
+
+def test_audit_flags_stride1_random_split_and_passes_document_split(documents):
+    train, val = _stride1_random_split(documents)
+    tok = train_bpe((d.text for d in train), 2000)
+    leaky = audit(train, val, tok, ngram=32, seq_len=64)
+    assert leaky.verdict == "leakage" and leaky.leaked_share > 0.9
+    train, val = split_documents(documents, 0.2, near_duplicates=True)
+    tok = train_bpe((d.text for d in train), 2000)
+    honest = audit(train, val, tok, ngram=32, seq_len=64)
+    assert honest.val_windows > 50 and not honest.duplicate_documents
+    assert honest.verdict != "leakage" and honest.leaked_share < 0.05
+
+
+def test_audit_reports_exact_duplicate_documents(documents):
+    train, val = documents[:30], documents[30:35] + [Document("copy.py", documents[3].text + "\n  ")]
+    tok = train_bpe((d.text for d in train), 1000)
+    result = audit(train, val, tok)
+    assert result.duplicate_documents == [{"val": "copy.py", "train": documents[3].name}]
+    assert result.verdict == "leakage"
+    assert result.overlapping_documents[0]["val"] == "copy.py"
+    assert result.overlapping_documents[0]["share"] > 0.95  # all but the n-grams of the added tail
+
+
+def test_near_copies_are_grouped_and_split_together(documents):
+    base = documents[10].text
+    words = base.split(" ")
+    edited = " ".join(w if i % 50 else "changed" for i, w in enumerate(words))  # 2% of words
+    docs = documents + [Document("zz_near_copy.py", edited)]
+    groups = near_duplicate_groups([d.text for d in docs])
+    assert groups[-1] == groups[10]
+    assert len(set(groups[:-1])) == len(documents)  # distinct modules stay apart
+    for salt in ("a", "b", "c", "d"):
+        train, val = split_documents(docs, 0.3, salt, near_duplicates=True)
+        sides = {d.name: "val" if d in val else "train" for d in docs}
+        assert sides["zz_near_copy.py"] == sides[documents[10].name]
+
+
+def test_data_check_cli_exit_codes(tmp_path, documents):
+    def write(docs, folder):
+        folder.mkdir()
+        for i, d in enumerate(docs):
+            (folder / f"{i:05d}.txt").write_text(d.text)
+
+    train, val = _stride1_random_split(documents[:20])
+    write(train, tmp_path / "leaky_train")
+    write(val, tmp_path / "leaky_val")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "moelab", "data", "check", *args],
+                              capture_output=True, text=True)
+
+    res = cli("--train", str(tmp_path / "leaky_train"), "--val", str(tmp_path / "leaky_val"),
+              "--seq-len", "64", "--json", str(tmp_path / "r.json"))
+    assert res.returncode == 1 and res.stdout.startswith("LEAKAGE"), res.stderr
+    assert (tmp_path / "r.json").is_file()
+    train, val = split_documents(documents, 0.2, near_duplicates=True)
+    write(train, tmp_path / "train")
+    write(val, tmp_path / "val")
+    res = cli("--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--seq-len", "64")
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = cli("--train", str(tmp_path / "train"))
+    assert res.returncode == 2 and "--val" in res.stderr and "Traceback" not in res.stderr
