@@ -108,3 +108,21 @@ def test_data_check_cli_exit_codes(tmp_path, documents):
     assert res.returncode == 0, res.stdout + res.stderr
     res = cli("--train", str(tmp_path / "train"))
     assert res.returncode == 2 and "--val" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_data_check_rederives_a_runs_own_split(tmp_path):
+    import json
+
+    from moelab.config import build_config
+    from moelab.train.loop import train
+
+    run = tmp_path / "run"
+    train(build_config("test", None, ["train.steps=2", "train.eval_every=2"]), out=str(run), progress=False)
+    split = json.loads((run / "data" / "split.json").read_text())
+    res = subprocess.run([sys.executable, "-m", "moelab", "data", "check", str(run), "--json",
+                          str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert res.returncode in (0, 1), res.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["train_documents"] == split["splits"]["train"]["documents"]
+    assert result["val_documents"] == split["splits"]["val"]["documents"]
+    assert result["seq_len"] == 64 and not result["duplicate_documents"]
