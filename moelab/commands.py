@@ -113,7 +113,7 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
         if not cfg_file.is_file():
             raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
         cfg = Config.from_dict(yaml.safe_load(cfg_file.read_text()))
-        corpus = load_corpus(cfg.data.source, cfg.data.max_docs)
+        corpus = load_corpus(cfg.data.source, cfg.data.max_docs, cfg.data.text_field)
         train_docs, val_docs = split_documents(corpus.documents, cfg.data.val_fraction, cfg.data.split_salt,
                                                cfg.data.near_dup_split)
         tok = load_tokenizer(tokenizer or Path(run_dir) / "tokenizer")

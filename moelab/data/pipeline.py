@@ -53,7 +53,7 @@ def _tokenizer_texts(train, budget: int):
 
 
 def build_dataset(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Dataset:
-    corpus = load_corpus(cfg.source, cfg.max_docs)
+    corpus = load_corpus(cfg.source, cfg.max_docs, cfg.text_field)
     train, val = split_documents(corpus.documents, cfg.val_fraction, cfg.split_salt, cfg.near_dup_split)
     if not train or not val:
         raise UserError(f"data source '{cfg.source}' has {len(corpus.documents)} usable document(s); "

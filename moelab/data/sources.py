@@ -1,4 +1,5 @@
-"""Document sources. A document is one file; splits are made over documents, never windows.
+"""Document sources. A document is one file, or one record of a JSONL/Parquet file (its text
+field); splits are made over documents, never windows.
 
 The embedded default corpus is the running interpreter's standard library (`.py` files under
 sysconfig's stdlib path, without test folders or site-packages), so training needs no download.
@@ -7,6 +8,7 @@ Unreadable inputs are skipped and reported with their reason, never a crash.
 
 from __future__ import annotations
 
+import json
 import os
 import sysconfig
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from moelab.errors import UserError
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ""}
+RECORD_SUFFIXES = {".jsonl", ".parquet"}
 
 
 @dataclass
@@ -46,10 +49,62 @@ def _read_text(path: Path) -> tuple[str | None, str]:
         return None, "not UTF-8"
 
 
-def _collect(root: Path, files: list[Path], max_docs: int, source: str) -> Corpus:
+def _records(path: Path, name: str, text_field: str):
+    """(record name, text or None, reason) for each record of a JSONL or Parquet file."""
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError("reading Parquet needs pyarrow: pip install 'moelab[data]'") from None
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            yield name, None, f"unreadable Parquet: {str(exc).splitlines()[0][:80]}"
+            return
+        if text_field not in table.column_names:
+            yield name, None, f"no column '{text_field}' (has {', '.join(table.column_names[:8])})"
+            return
+        values = table.column(text_field).to_pylist()
+    else:
+        try:
+            lines = path.read_bytes().decode("utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            yield name, None, f"unreadable JSONL: {getattr(exc, 'strerror', None) or exc}"
+            return
+        values = []
+        for line in lines:
+            try:
+                rec = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                rec = ValueError("invalid JSON")
+            values.append(rec.get(text_field, KeyError()) if isinstance(rec, dict) else rec)
+    for i, v in enumerate(values):
+        rec_name = f"{name}#{i + 1}"
+        if isinstance(v, str) and v.strip():
+            yield rec_name, v, ""
+        elif v is None or isinstance(v, str):
+            yield rec_name, None, "empty"
+        elif isinstance(v, ValueError):
+            yield rec_name, None, "invalid JSON"
+        elif isinstance(v, KeyError):
+            yield rec_name, None, f"no field '{text_field}'"
+        else:
+            yield rec_name, None, f"field '{text_field}' is not text"
+
+
+def _collect(root: Path, files: list[Path], max_docs: int, source: str, text_field: str = "text") -> Corpus:
     corpus = Corpus(source=source, documents=[])
     for path in sorted(files):
         name = path.relative_to(root).as_posix() if path != root else path.name
+        if path.suffix.lower() in RECORD_SUFFIXES:
+            for rec_name, text, reason in _records(path, name, text_field):
+                if text is None:
+                    corpus.skipped.append((rec_name, reason))
+                    continue
+                corpus.documents.append(Document(rec_name, text))
+                if max_docs and len(corpus.documents) >= max_docs:
+                    return corpus
+            continue
         text, reason = _read_text(path)
         if text is None:
             corpus.skipped.append((name, reason))
@@ -73,19 +128,20 @@ def stdlib_corpus(max_docs: int = 0) -> Corpus:
     return _collect(root, files, max_docs, f"stdlib:{root}")
 
 
-def files_corpus(path: str, max_docs: int = 0) -> Corpus:
+def files_corpus(path: str, max_docs: int = 0, text_field: str = "text") -> Corpus:
     p = Path(path).expanduser()
     if p.is_file():
-        return _collect(p.parent, [p], max_docs, str(p))
+        return _collect(p.parent, [p], max_docs, str(p), text_field)
     if not p.is_dir():
-        raise UserError(f"data source not found: {path} (give a text file, a directory, or 'stdlib')")
-    files = [f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+        raise UserError(f"data source not found: {path} (give a text, JSONL or Parquet file, a "
+                        "directory, or 'stdlib')")
+    files = [f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES | RECORD_SUFFIXES
              and not any(part.startswith(".") for part in f.relative_to(p).parts)]
-    return _collect(p, files, max_docs, str(p))
+    return _collect(p, files, max_docs, str(p), text_field)
 
 
-def load_corpus(source: str, max_docs: int = 0) -> Corpus:
-    corpus = stdlib_corpus(max_docs) if source == "stdlib" else files_corpus(source, max_docs)
+def load_corpus(source: str, max_docs: int = 0, text_field: str = "text") -> Corpus:
+    corpus = stdlib_corpus(max_docs) if source == "stdlib" else files_corpus(source, max_docs, text_field)
     if not corpus.documents:
         why = "; ".join(f"{n}: {r}" for n, r in corpus.skipped[:3])
         raise UserError(f"no usable text in data source '{source}'"

@@ -1,0 +1,57 @@
+"""JSONL and Parquet sources: one document per record's text field, bad records skipped with reasons."""
+
+import json
+
+import pytest
+
+from moelab.data.sources import load_corpus
+from moelab.errors import UserError
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_jsonl_records_become_documents_and_bad_ones_are_skipped(tmp_path):
+    f = _jsonl(tmp_path / "data.jsonl", [
+        {"text": "first document", "id": 1}, {"body": "wrong field"}, "{not json", {"text": ""},
+        {"text": 42}, {"text": "second document"}])
+    corpus = load_corpus(str(f))
+    assert [(d.name, d.text) for d in corpus.documents] == [("data.jsonl#1", "first document"),
+                                                            ("data.jsonl#6", "second document")]
+    assert dict(corpus.skipped) == {"data.jsonl#2": "no field 'text'", "data.jsonl#3": "invalid JSON",
+                                    "data.jsonl#4": "empty", "data.jsonl#5": "field 'text' is not text"}
+    other = load_corpus(str(f), text_field="body")
+    assert [d.text for d in other.documents] == ["wrong field"]
+
+
+def test_parquet_column_and_mixed_directory(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    pq.write_table(pa.table({"content": ["alpha text", None, "beta text"]}), d / "part.parquet")
+    _jsonl(d / "more.jsonl", [{"content": "gamma text"}])
+    (d / "notes.txt").write_text("plain file")
+    corpus = load_corpus(str(d), text_field="content")
+    assert sorted(doc.text for doc in corpus.documents) == ["alpha text", "beta text", "gamma text",
+                                                            "plain file"]
+    assert corpus.skipped == [("part.parquet#2", "empty")]
+    with pytest.raises(UserError, match="no usable text"):
+        load_corpus(str(d / "part.parquet"), text_field="missing")
+
+
+def test_train_on_a_jsonl_source(tmp_path, text_corpus):
+    from moelab.config import build_config
+    from moelab.train.loop import train
+
+    rows = [{"text": p.read_text()} for p in sorted(text_corpus.iterdir())]
+    f = _jsonl(tmp_path / "corpus.jsonl", rows)
+    summary = train(build_config("test", None, [f"data.source={f}", "data.max_docs=0", "train.steps=3",
+                                                "train.eval_every=3", "data.vocab_size=300"]),
+                    out=str(tmp_path / "run"), progress=False)
+    split = json.loads((tmp_path / "run" / "data" / "split.json").read_text())
+    assert split["splits"]["train"]["documents"] + split["splits"]["val"]["documents"] == len(rows)
+    assert summary["steps"] == 3
