@@ -63,6 +63,22 @@ def _cmd_data_check(args) -> int:
     return 1 if result.leaked else 0
 
 
+def _cmd_data_prepare(args) -> int:
+    import json
+
+    from moelab.data.prepare import MANIFEST, prepare
+
+    out = prepare(args.sources, args.out, args.val_fraction, args.salt, args.text_field, args.tokenizer,
+                  args.vocab_size, not args.no_near_dup_split, args.dedup, args.overwrite, args.max_docs)
+    m = json.loads((out / MANIFEST).read_text())
+    s = m["splits"]
+    print(f"prepared {out}: train {s['train']['documents']} docs / {s['train']['tokens']:,} tokens, "
+          f"val {s['val']['documents']} docs / {s['val']['tokens']:,} tokens, vocab {m['vocab_size']}, "
+          f"{len(m['skipped'])} skipped, {len(m['near_duplicates_dropped'])} near-duplicates dropped, "
+          f"fingerprint {m['fingerprint']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moelab", description="Train, evaluate and diagnose Mixture-of-Experts language models.")
@@ -101,8 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "expresses the model exactly")
     p.set_defaults(func=_cmd_export)
 
-    data = sub.add_parser("data", help="data tools: leakage audit").add_subparsers(
+    data = sub.add_parser("data", help="data tools: prepare a dataset, leakage audit").add_subparsers(
         dest="data_command", metavar="DATA_COMMAND", required=True)
+    p = data.add_parser("prepare", help="split by document, train/load a tokenizer, write memory-mapped "
+                                        "token streams and a manifest; train on it with data.path=DIR")
+    p.add_argument("sources", nargs="+", help="'stdlib', text/JSONL/Parquet files or directories")
+    p.add_argument("--out", required=True, help="new output directory")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
+    p.add_argument("--salt", default="moelab", help="changes which documents land in validation")
+    p.add_argument("--text-field", default="text", help="text field of JSONL/Parquet records")
+    p.add_argument("--tokenizer", help="tokenizer.json or directory (default: train BPE on the train split)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="for BPE training")
+    p.add_argument("--max-docs", type=int, default=0, help="0: all documents")
+    p.add_argument("--dedup", action="store_true",
+                   help="drop near-duplicate documents (MinHash) within the training split")
+    p.add_argument("--no-near-dup-split", action="store_true",
+                   help="split near-copies independently (default: they share a side)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_data_prepare)
     p = data.add_parser("check", help="leakage audit: duplicate documents across splits and validation "
                                       "windows sharing a long n-gram with training data; exit 1 above "
                                       "the threshold")

@@ -87,6 +87,8 @@ class ModelConfig:
 class DataConfig:
     source: str = "stdlib"  # "stdlib" (embedded default corpus), or a text/JSONL/Parquet file or directory
     text_field: str = "text"  # the text field of JSONL records / Parquet column
+    path: str = ""  # a directory made by `moelab data prepare`; when set, source/split/tokenizer
+    # settings come from its manifest
     val_fraction: float = 0.05  # share of documents (not windows) held out for validation
     split_salt: str = "moelab"  # changes which documents land in validation
     near_dup_split: bool = True  # near-copies (MinHash Jaccard >= 0.5) go to the same split

@@ -55,7 +55,7 @@ class BatchLoader:
             self._order = self._perm(self.epoch)
         rows = self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
         self.index += 1
-        w = self.windows[rows]
+        w = self.windows[rows]  # a tensor, or prepared data's memory-mapped windows (int64 out)
         return w[:, :-1], w[:, 1:]
 
     def state_dict(self) -> dict:

@@ -52,7 +52,31 @@ def _tokenizer_texts(train, budget: int):
         yield d.text
 
 
+def _from_prepared(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Dataset:
+    from moelab.data.prepare import load_prepared
+
+    tokenizer, train_w, val_w, manifest = load_prepared(cfg.path, seq_len)
+    for name, w in (("validation", val_w), ("training", train_w)):
+        if w.shape[0] == 0:
+            raise UserError(f"the {name} split of {cfg.path} has fewer tokens than one sequence of "
+                            f"{seq_len + 1}; prepare more text or lower train.seq_len")
+    if run_dir is not None and not (run_dir / "tokenizer" / "tokenizer.json").is_file():
+        tokenizer.save(run_dir / "tokenizer")  # so the run is self-contained (export, eval)
+    report = {"source": str(cfg.path), "prepared": manifest["fingerprint"], "seq_len": seq_len,
+              "fingerprint": hashlib.sha256(f"{manifest['fingerprint']}/{seq_len}".encode()).hexdigest()[:16],
+              "vocab_size": tokenizer.vocab_size,
+              "splits": {k: {kk: v[kk] for kk in ("documents", "bytes", "tokens")} | {"windows": w.shape[0]}
+                         for (k, v), w in zip(manifest["splits"].items(), (train_w, val_w))}}
+    if run_dir is not None:
+        (run_dir / "data").mkdir(parents=True, exist_ok=True)
+        (run_dir / "data" / "split.json").write_text(json.dumps(report, indent=1))
+    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
+    return Dataset(tokenizer, train_w, val_w, token_bytes, report["fingerprint"], report)
+
+
 def build_dataset(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Dataset:
+    if cfg.path:
+        return _from_prepared(cfg, seq_len, run_dir)
     corpus = load_corpus(cfg.source, cfg.max_docs, cfg.text_field)
     train, val = split_documents(corpus.documents, cfg.val_fraction, cfg.split_salt, cfg.near_dup_split)
     if not train or not val:

@@ -1,0 +1,92 @@
+"""`moelab data prepare`: memory-mapped streams equal in-memory packing; training and resuming on a
+prepared directory; the output directory is never clobbered without --overwrite."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+from moelab.data.loader import BatchLoader, make_windows, pack
+from moelab.data.prepare import load_prepared, prepare
+from moelab.data.tokenizer import load_tokenizer
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "moelab", *args], capture_output=True, text=True)
+
+
+def test_prepared_streams_equal_in_memory_packing(tmp_path, text_corpus):
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("\n".join(json.dumps({"text": f"record {i} " * 50}) for i in range(10)) + "\n{bad\n")
+    out = prepare([str(text_corpus), str(extra)], str(tmp_path / "prep"), val_fraction=0.2, vocab_size=300)
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["sources"]) == {str(text_corpus), str(extra)}
+    assert m["sources"][str(extra)] == {"documents": 10, "skipped": 1, "bytes": m["sources"][str(extra)]["bytes"]}
+    assert {"name": "extra.jsonl/extra.jsonl#11", "reason": "invalid JSON"} in m["skipped"]
+    names = m["splits"]["train"]["document_names"] + m["splits"]["val"]["document_names"]
+    assert len(names) == len(set(names)) == 70
+    tok = load_tokenizer(out / "tokenizer")
+    texts = {}
+    for p in sorted(text_corpus.iterdir()):
+        texts[f"corpus/{p.name}"] = p.read_text()
+    for i in range(10):
+        texts[f"extra.jsonl/extra.jsonl#{i + 1}"] = f"record {i} " * 50
+    for split in ("train", "val"):
+        ref = pack(tok.encode_batch([texts[n] for n in m["splits"][split]["document_names"]]), tok.eos_id)
+        stream = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
+        assert np.array_equal(stream.astype(np.int64), ref.numpy())
+        starts = np.load(out / f"{split}_docs.npy")
+        assert (stream[starts[1:] - 1] == tok.eos_id).all()
+    _, train_w, val_w, _ = load_prepared(out, 16)
+    assert torch.equal(val_w[torch.arange(val_w.shape[0])], make_windows(ref, 16))
+    # the loader over memory-mapped windows resumes exactly
+    a = BatchLoader(train_w, 4, seed=3)
+    for _ in range(5):
+        a.next_batch()
+    b = BatchLoader(load_prepared(out, 16)[1], 4, seed=3)
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        x1, y1 = a.next_batch()
+        x2, y2 = b.next_batch()
+        assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.dtype == torch.int64
+
+
+def test_train_on_prepared_data_and_resume(tmp_path, text_corpus):
+    from moelab import load_model
+    from moelab.config import build_config
+    from moelab.train.checkpoint import list_checkpoints
+    from moelab.train.loop import train
+
+    res = _cli("data", "prepare", str(text_corpus), "--out", str(tmp_path / "prep"), "--vocab-size", "300",
+               "--val-fraction", "0.2")
+    assert res.returncode == 0 and res.stdout.startswith("prepared"), res.stderr
+    args = [f"data.path={tmp_path / 'prep'}", "train.steps=6", "train.save_every=3", "train.eval_every=3"]
+    full = train(build_config("test", None, args), out=str(tmp_path / "full"), progress=False)
+    val = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in val if r["split"] == "val"]
+    assert full["val_loss"] < val[0]["loss"] - 0.3  # it learned from the prepared tokens
+    part = tmp_path / "part"
+    train(build_config("test", None, args), out=str(part), progress=False)
+    import shutil
+
+    shutil.rmtree(list_checkpoints(part)[-1])
+    train(build_config("test", None, args), out=str(part), resume="auto", progress=False)
+    for (n, x), y in zip(load_model(tmp_path / "full").state_dict().items(), load_model(part).state_dict().values()):
+        assert torch.equal(x, y), n
+    assert (tmp_path / "full" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_prepare_never_clobbers_without_overwrite(tmp_path, text_corpus):
+    out = tmp_path / "prep"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    res = _cli("data", "prepare", str(text_corpus), "--out", str(out), "--vocab-size", "300")
+    assert res.returncode == 2 and "--overwrite" in res.stderr and "Traceback" not in res.stderr
+    assert (out / "precious.txt").read_text() == "keep me"
+    res = _cli("data", "prepare", str(text_corpus), "--out", str(out), "--vocab-size", "300", "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert not (out / "precious.txt").exists() and (out / "manifest.json").is_file()
+    res = _cli("train", "--preset", "test", f"data.path={tmp_path / 'nothing'}", "--out", str(tmp_path / "r"))
+    assert res.returncode == 2 and "not a prepared data directory" in res.stderr
