@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("check", help="leakage audit: duplicate documents across splits and validation "
                                       "windows sharing a long n-gram with training data; exit 1 above "
                                       "the threshold")
-    p.add_argument("run", nargs="?", help="run directory (audits the split its config produces)")
+    p.add_argument("run", nargs="?", help="run directory (audits the split its config produces) or a "
+                                          "directory made by `moelab data prepare`")
     p.add_argument("--train", help="training text: a file or folder (each file one document)")
     p.add_argument("--val", help="validation text: a file or folder")
     p.add_argument("--ngram", type=int, default=32, help="n-gram length in tokens (default 32)")

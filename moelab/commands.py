@@ -109,10 +109,18 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
     if run_dir is None and train is None:
         raise UserError("nothing to check: give a run directory, or --train A --val B")
     if run_dir is not None:
+        from moelab.data.audit import audit_prepared
+        from moelab.data.prepare import is_prepared
+
         cfg_file = Path(run_dir) / "config.yaml"
+        if is_prepared(run_dir):
+            return audit_prepared(run_dir, ngram, seq_len or 128, threshold)
         if not cfg_file.is_file():
-            raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+            raise UserError(f"{run_dir} is neither a run directory (no config.yaml) nor a prepared "
+                            "data directory (no manifest.json)")
         cfg = Config.from_dict(yaml.safe_load(cfg_file.read_text()))
+        if cfg.data.path:
+            return audit_prepared(cfg.data.path, ngram, seq_len or cfg.train.seq_len, threshold)
         corpus = load_corpus(cfg.data.source, cfg.data.max_docs, cfg.data.text_field)
         train_docs, val_docs = split_documents(corpus.documents, cfg.data.val_fraction, cfg.data.split_salt,
                                                cfg.data.near_dup_split)
@@ -122,6 +130,6 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
         train_docs, val_docs = load_corpus(train).documents, load_corpus(val).documents
         tok = load_tokenizer(tokenizer) if tokenizer else train_bpe((d.text for d in train_docs), 8192)
         seq_len = seq_len or 128
-    if ngram < 2 or seq_len < ngram:
+    if ngram < 2 or seq_len < ngram:  # (prepared directories are checked in audit_ids)
         raise UserError(f"need 2 <= --ngram ({ngram}) <= --seq-len ({seq_len})")
     return audit(train_docs, val_docs, tok, ngram, seq_len, threshold)

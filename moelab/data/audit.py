@@ -80,20 +80,34 @@ class AuditResult:
 
 def audit(train: list[Document], val: list[Document], tokenizer, ngram: int = 32, seq_len: int = 128,
           threshold: float = 0.05) -> AuditResult:
-    train_keys = {}
-    for d in train:
-        train_keys.setdefault(_doc_key(d.text), d.name)
-    dups = [{"val": d.name, "train": train_keys[k]} for d in val if (k := _doc_key(d.text)) in train_keys]
+    """Audit two lists of text documents (tokenised with `tokenizer`)."""
+    return audit_ids([d.name for d in train], tokenizer.encode_batch([d.text for d in train]),
+                     [d.name for d in val], tokenizer.encode_batch([d.text for d in val]),
+                     tokenizer.eos_id, ngram, seq_len, threshold,
+                     [_doc_key(d.text) for d in train], [_doc_key(d.text) for d in val])
 
-    train_ids = tokenizer.encode_batch([d.text for d in train])
+
+def audit_ids(train_names, train_ids, val_names, val_ids, eos_id: int, ngram: int = 32, seq_len: int = 128,
+              threshold: float = 0.05, train_keys=None, val_keys=None) -> AuditResult:
+    """Audit token sequences (one per document). Duplicates are keyed by normalised text when the
+    keys are given, else by the exact token sequence (prepared data stores tokens only)."""
+    def key(ids):
+        return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
+
+    train_keys = train_keys or [key(i) for i in train_ids]
+    val_keys = val_keys or [key(i) for i in val_ids]
+    first_train = {}
+    for k, n in zip(train_keys, train_names):
+        first_train.setdefault(k, n)
+    dups = [{"val": n, "train": first_train[k]} for n, k in zip(val_names, val_keys) if k in first_train]
+
     per_doc = [ngram_hashes(np.asarray(i), ngram) for i in train_ids]
     owner = np.repeat(np.arange(len(per_doc)), [h.shape[0] for h in per_doc])
     seen, first = np.unique(np.concatenate(per_doc or [np.zeros(0, np.uint64)]), return_index=True)
     owner = owner[first]  # the training document each distinct n-gram first occurs in
     # Validation windows exactly as evaluation sees them: documents packed with end-of-text,
     # cut into disjoint windows of seq_len tokens.
-    val_ids = tokenizer.encode_batch([d.text for d in val])
-    stream = np.concatenate([np.append(np.asarray(i, dtype=np.int64), tokenizer.eos_id) for i in val_ids]
+    stream = np.concatenate([np.append(np.asarray(i, dtype=np.int64), eos_id) for i in val_ids]
                             or [np.zeros(0, np.int64)])
     windows = stream.shape[0] // seq_len
     leaked = 0
@@ -104,17 +118,34 @@ def audit(train: list[Document], val: list[Document], tokenizer, ngram: int = 32
     share = leaked / windows if windows else 0.0
     # Which validation documents overlap, and with which training document: makes it actionable.
     overlapping = []
-    for d, ids in zip(val, val_ids):
+    for name, ids in zip(val_names, val_ids):
         h = ngram_hashes(np.asarray(ids), ngram)
         pos = np.searchsorted(seen, h).clip(max=max(seen.shape[0] - 1, 0))
         hit = seen[pos] == h if seen.shape[0] else np.zeros(h.shape[0], dtype=bool)
         if hit.any():
             top = np.bincount(owner[pos[hit]]).argmax()
-            overlapping.append({"val": d.name, "share": float(hit.mean()), "train": train[top].name})
+            overlapping.append({"val": name, "share": float(hit.mean()), "train": train_names[top]})
     overlapping.sort(key=lambda r: -r["share"])
     if share > threshold or dups:
         verdict = "leakage"
     else:
         verdict = "clean" if share <= threshold / 5 else "minor overlap"
-    return AuditResult(ngram, seq_len, threshold, len(train), len(val), windows, leaked, share, dups,
+    return AuditResult(ngram, seq_len, threshold, len(train_ids), len(val_ids), windows, leaked, share, dups,
                        overlapping, verdict)
+
+
+def audit_prepared(path, ngram: int = 32, seq_len: int = 128, threshold: float = 0.05) -> AuditResult:
+    """Audit a directory made by `moelab data prepare`, from its token streams."""
+    import json
+    from pathlib import Path
+
+    root = Path(path)
+    m = json.loads((root / "manifest.json").read_text())
+    docs = {}
+    for split in ("train", "val"):
+        stream = np.memmap(root / f"{split}.bin", dtype=np.dtype(m["dtype"]).newbyteorder("<"), mode="r")
+        starts = np.load(root / f"{split}_docs.npy")
+        ends = np.append(starts[1:], stream.shape[0]) - 1  # drop each document's end-of-text
+        docs[split] = [np.asarray(stream[a:b], dtype=np.int64) for a, b in zip(starts, ends)]
+    return audit_ids(m["splits"]["train"]["document_names"], docs["train"],
+                     m["splits"]["val"]["document_names"], docs["val"], m["eos_id"], ngram, seq_len, threshold)

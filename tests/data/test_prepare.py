@@ -90,3 +90,23 @@ def test_prepare_never_clobbers_without_overwrite(tmp_path, text_corpus):
     assert not (out / "precious.txt").exists() and (out / "manifest.json").is_file()
     res = _cli("train", "--preset", "test", f"data.path={tmp_path / 'nothing'}", "--out", str(tmp_path / "r"))
     assert res.returncode == 2 and "not a prepared data directory" in res.stderr
+
+
+def test_data_check_on_prepared_directories(tmp_path, text_corpus):
+    """The audit reads prepared token streams: a directory whose validation documents copy
+    training documents is flagged; moelab's own split of distinct documents is not."""
+    import shutil
+
+    clean = prepare([str(text_corpus)], str(tmp_path / "clean"), val_fraction=0.2, vocab_size=300)
+    res = _cli("data", "check", str(clean), "--seq-len", "64", "--json", str(tmp_path / "c.json"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["val_windows"] > 10 and result["leaked_windows"] == 0
+    leaky_src = tmp_path / "leaky_src"
+    shutil.copytree(text_corpus, leaky_src)
+    for p in sorted(text_corpus.iterdir())[:30]:  # every document twice, under another name
+        (leaky_src / f"copy_{p.name}").write_text(p.read_text())
+    leaky = prepare([str(leaky_src)], str(tmp_path / "leaky"), val_fraction=0.3, vocab_size=300,
+                    near_dup_split=False)
+    res = _cli("data", "check", str(leaky), "--seq-len", "64")
+    assert res.returncode == 1 and "duplicate" in res.stdout, res.stdout + res.stderr
