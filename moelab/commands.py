@@ -121,7 +121,9 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
         cfg = Config.from_dict(yaml.safe_load(cfg_file.read_text()))
         if cfg.data.path:
             return audit_prepared(cfg.data.path, ngram, seq_len or cfg.train.seq_len, threshold)
-        corpus = load_corpus(cfg.data.source, cfg.data.max_docs, cfg.data.text_field)
+        from moelab.data.pipeline import pdf_filters
+
+        corpus = load_corpus(cfg.data.source, cfg.data.max_docs, cfg.data.text_field, pdf_filters(cfg.data))
         train_docs, val_docs = split_documents(corpus.documents, cfg.data.val_fraction, cfg.data.split_salt,
                                                cfg.data.near_dup_split)
         tok = load_tokenizer(tokenizer or Path(run_dir) / "tokenizer")

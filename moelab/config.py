@@ -87,6 +87,11 @@ class ModelConfig:
 class DataConfig:
     source: str = "stdlib"  # "stdlib" (embedded default corpus), or a text/JSONL/Parquet file or directory
     text_field: str = "text"  # the text field of JSONL records / Parquet column
+    pdf_min_chars: int = 50  # PDF segments (paragraphs) outside these bounds are dropped
+    pdf_max_chars: int = 800
+    pdf_min_words: int = 10
+    pdf_max_words: int = 150
+    pdf_ascii_only: bool = False
     path: str = ""  # a directory made by `moelab data prepare`; when set, source/split/tokenizer
     # settings come from its manifest
     val_fraction: float = 0.05  # share of documents (not windows) held out for validation

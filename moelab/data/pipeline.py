@@ -52,6 +52,13 @@ def _tokenizer_texts(train, budget: int):
         yield d.text
 
 
+def pdf_filters(cfg: DataConfig):
+    from moelab.data.pdf import PdfFilters
+
+    return PdfFilters(cfg.pdf_min_chars, cfg.pdf_max_chars, cfg.pdf_min_words, cfg.pdf_max_words,
+                      cfg.pdf_ascii_only)
+
+
 def _from_prepared(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Dataset:
     from moelab.data.prepare import load_prepared
 
@@ -77,7 +84,7 @@ def _from_prepared(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Datas
 def build_dataset(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Dataset:
     if cfg.path:
         return _from_prepared(cfg, seq_len, run_dir)
-    corpus = load_corpus(cfg.source, cfg.max_docs, cfg.text_field)
+    corpus = load_corpus(cfg.source, cfg.max_docs, cfg.text_field, pdf_filters(cfg))
     train, val = split_documents(corpus.documents, cfg.val_fraction, cfg.split_salt, cfg.near_dup_split)
     if not train or not val:
         raise UserError(f"data source '{cfg.source}' has {len(corpus.documents)} usable document(s); "

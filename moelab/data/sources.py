@@ -19,6 +19,7 @@ from moelab.errors import UserError
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ""}
 RECORD_SUFFIXES = {".jsonl", ".parquet"}
+PDF_SUFFIXES = {".pdf"}
 
 
 @dataclass
@@ -92,7 +93,8 @@ def _records(path: Path, name: str, text_field: str):
             yield rec_name, None, f"field '{text_field}' is not text"
 
 
-def _collect(root: Path, files: list[Path], max_docs: int, source: str, text_field: str = "text") -> Corpus:
+def _collect(root: Path, files: list[Path], max_docs: int, source: str, text_field: str = "text",
+             pdf_filters=None) -> Corpus:
     corpus = Corpus(source=source, documents=[])
     for path in sorted(files):
         name = path.relative_to(root).as_posix() if path != root else path.name
@@ -105,7 +107,12 @@ def _collect(root: Path, files: list[Path], max_docs: int, source: str, text_fie
                 if max_docs and len(corpus.documents) >= max_docs:
                     return corpus
             continue
-        text, reason = _read_text(path)
+        if path.suffix.lower() in PDF_SUFFIXES:
+            from moelab.data.pdf import pdf_document
+
+            text, reason = pdf_document(path, pdf_filters)
+        else:
+            text, reason = _read_text(path)
         if text is None:
             corpus.skipped.append((name, reason))
             continue
@@ -128,20 +135,23 @@ def stdlib_corpus(max_docs: int = 0) -> Corpus:
     return _collect(root, files, max_docs, f"stdlib:{root}")
 
 
-def files_corpus(path: str, max_docs: int = 0, text_field: str = "text") -> Corpus:
+def files_corpus(path: str, max_docs: int = 0, text_field: str = "text", pdf_filters=None) -> Corpus:
     p = Path(path).expanduser()
     if p.is_file():
-        return _collect(p.parent, [p], max_docs, str(p), text_field)
+        return _collect(p.parent, [p], max_docs, str(p), text_field, pdf_filters)
     if not p.is_dir():
         raise UserError(f"data source not found: {path} (give a text, JSONL or Parquet file, a "
                         "directory, or 'stdlib')")
-    files = [f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES | RECORD_SUFFIXES
+    suffixes = TEXT_SUFFIXES | RECORD_SUFFIXES | PDF_SUFFIXES
+    files = [f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
              and not any(part.startswith(".") for part in f.relative_to(p).parts)]
-    return _collect(p, files, max_docs, str(p), text_field)
+    return _collect(p, files, max_docs, str(p), text_field, pdf_filters)
 
 
-def load_corpus(source: str, max_docs: int = 0, text_field: str = "text") -> Corpus:
-    corpus = stdlib_corpus(max_docs) if source == "stdlib" else files_corpus(source, max_docs, text_field)
+def load_corpus(source: str, max_docs: int = 0, text_field: str = "text", pdf_filters=None) -> Corpus:
+    """`pdf_filters`: a moelab.data.pdf.PdfFilters for PDF segments (None: its defaults)."""
+    corpus = (stdlib_corpus(max_docs) if source == "stdlib"
+              else files_corpus(source, max_docs, text_field, pdf_filters))
     if not corpus.documents:
         why = "; ".join(f"{n}: {r}" for n, r in corpus.skipped[:3])
         raise UserError(f"no usable text in data source '{source}'"

@@ -1,0 +1,89 @@
+"""PDF ingestion on real PDFs built with fpdf2: two-column pages, running headers, page numbers,
+hyphenated line breaks; encrypted, truncated and empty files are skipped with a reason."""
+
+import pytest
+
+fpdf = pytest.importorskip("fpdf")
+
+from moelab.data.pdf import PdfFilters, clean_pages, pdf_document, segment  # noqa: E402
+from moelab.data.sources import load_corpus  # noqa: E402
+
+INTRO = ["Mixture of experts models route each token to a small",
+         "subset of expert networks. This keeps the compute per",
+         "token low while parameter count grows.",
+         "We study how routers learn during training and how the",
+         "load across experts evolves over a long experi-",
+         "ment with many thousands of updates."]
+METHODS = ["Our setup trains a decoder with sixteen experts per",
+           "layer on a corpus of research papers and measures the",
+           "validation loss at every checkpoint."]
+EXPECTED = [
+    "Mixture of experts models route each token to a small subset of expert networks. This keeps "
+    "the compute per token low while parameter count grows.",
+    "We study how routers learn during training and how the load across experts evolves over a "
+    "long experiment with many thousands of updates.",
+    "Our setup trains a decoder with sixteen experts per layer on a corpus of research papers and "
+    "measures the validation loss at every checkpoint.",
+]
+
+
+def _paper(path, encrypt=False):
+    pdf = fpdf.FPDF()
+    pdf.set_auto_page_break(False)
+    pdf.set_font("Helvetica", size=10)
+    pages = [(["1 Introduction", *INTRO], ["2 Methods", *METHODS]),
+             (["3 Results", *METHODS], ["4 Discussion", *INTRO])]
+    for number, (left, right) in enumerate(pages, 1):
+        pdf.add_page()
+        pdf.set_xy(10, 8)
+        pdf.cell(0, 5, "Journal of Mixture Studies, Vol. 12")  # running header
+        for x, lines in ((10, left), (110, right)):  # two columns
+            for i, line in enumerate(lines):
+                pdf.set_xy(x, 20 + 5 * i)
+                pdf.cell(90, 5, line)
+        pdf.set_xy(100, 280)
+        pdf.cell(10, 5, f"Page {number} of 2")  # page number footer
+    if encrypt:
+        pdf.set_encryption(owner_password="owner", user_password="secret")
+    pdf.output(str(path))
+    return path
+
+
+def test_two_column_paper_extracts_to_the_known_paragraphs(tmp_path):
+    text, reason = pdf_document(_paper(tmp_path / "paper.pdf"))
+    assert reason == ""
+    assert text.split("\n\n") == [EXPECTED[0], EXPECTED[1], EXPECTED[2], EXPECTED[2], EXPECTED[0], EXPECTED[1]]
+    assert "Journal" not in text and "Page" not in text
+    strict, _ = pdf_document(tmp_path / "paper.pdf", PdfFilters(min_words=24))
+    assert strict.split("\n\n") == [p for p in text.split("\n\n") if len(p.split()) >= 24] != []
+
+
+def test_sections_ligatures_and_filters():
+    # a paragraph running across a page break, page numbers between, ligature glyphs in the text
+    lines = clean_pages(["2.1 Routing\nThe e\ufb03cient \ufb01lter \ufb02ows on to the\n- 3 -\n",
+                         "next page without a break.\n\nShort.\nPage 4\n"])
+    assert segment(lines) == [("2.1 Routing", "The efficient filter flows on to the next page without a break."),
+                              ("2.1 Routing", "Short.")]
+    f = PdfFilters(min_chars=10, max_chars=40, min_words=3, max_words=10, ascii_only=True)
+    assert f.keep("The efficient filter flows.") and not f.keep("Short.") and not f.keep("Caf\u00e9 au lait ok")
+
+
+def test_bad_pdfs_are_skipped_with_reasons(tmp_path):
+    from pypdf import PdfWriter
+
+    d = tmp_path / "pdfs"
+    d.mkdir()
+    _paper(d / "good.pdf")
+    _paper(d / "locked.pdf", encrypt=True)
+    data = (d / "good.pdf").read_bytes()
+    (d / "truncated.pdf").write_bytes(data[: len(data) // 2])
+    with open(d / "empty.pdf", "wb") as fh:
+        PdfWriter().write(fh)
+    (d / "zero.pdf").write_bytes(b"")
+    corpus = load_corpus(str(d))
+    assert [doc.name for doc in corpus.documents] == ["good.pdf"]
+    reasons = dict(corpus.skipped)
+    assert reasons["locked.pdf"] == "encrypted"
+    assert reasons["empty.pdf"] == "no pages"
+    assert reasons["truncated.pdf"].startswith("unreadable PDF") or reasons["truncated.pdf"] == "no text"
+    assert reasons["zero.pdf"].startswith("unreadable PDF")
