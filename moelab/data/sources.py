@@ -148,10 +148,55 @@ def files_corpus(path: str, max_docs: int = 0, text_field: str = "text", pdf_fil
     return _collect(p, files, max_docs, str(p), text_field, pdf_filters)
 
 
+def hf_corpus(source: str, max_docs: int = 0, text_field: str = "text") -> Corpus:
+    """A Hugging Face dataset: `hf:NAME[:CONFIG][@SPLIT]` (hub or local cache; HF_DATASETS_OFFLINE=1
+    uses the cache only), or a directory written by `Dataset.save_to_disk`. Each record is one
+    document (its `text_field`), named NAME#i."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("Hugging Face datasets need the datasets library: pip install 'moelab[hf]'") from None
+    disk = Path(source).expanduser()
+    try:
+        if not source.startswith("hf:"):
+            ds, label = datasets.load_from_disk(str(disk)), disk.name
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        else:
+            spec, _, split = source[3:].partition("@")
+            name, _, config = spec.partition(":")
+            ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=bool(max_docs))
+            label = name
+    except Exception as exc:  # network, missing cache, unknown name: one clear line
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot load Hugging Face dataset '{source}': {first} (no network and not in "
+                        "the local cache? set HF_DATASETS_OFFLINE=1 to use the cache only)") from None
+    corpus = Corpus(source=source, documents=[])
+    for i, rec in enumerate(ds):
+        value = rec.get(text_field) if isinstance(rec, dict) else None
+        name = f"{label}#{i + 1}"
+        if not isinstance(value, str) or not value.strip():
+            corpus.skipped.append((name, f"no text in field '{text_field}'" if value is None else "empty"))
+            continue
+        corpus.documents.append(Document(name, value))
+        if max_docs and len(corpus.documents) >= max_docs:
+            break
+    return corpus
+
+
+def _is_saved_dataset(path: str) -> bool:
+    p = Path(path).expanduser()
+    return p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file())
+
+
 def load_corpus(source: str, max_docs: int = 0, text_field: str = "text", pdf_filters=None) -> Corpus:
     """`pdf_filters`: a moelab.data.pdf.PdfFilters for PDF segments (None: its defaults)."""
-    corpus = (stdlib_corpus(max_docs) if source == "stdlib"
-              else files_corpus(source, max_docs, text_field, pdf_filters))
+    if source == "stdlib":
+        corpus = stdlib_corpus(max_docs)
+    elif source.startswith("hf:") or _is_saved_dataset(source):
+        corpus = hf_corpus(source, max_docs, text_field)
+    else:
+        corpus = files_corpus(source, max_docs, text_field, pdf_filters)
     if not corpus.documents:
         why = "; ".join(f"{n}: {r}" for n, r in corpus.skipped[:3])
         raise UserError(f"no usable text in data source '{source}'"

@@ -55,3 +55,22 @@ def test_train_on_a_jsonl_source(tmp_path, text_corpus):
     split = json.loads((tmp_path / "run" / "data" / "split.json").read_text())
     assert split["splits"]["train"]["documents"] + split["splits"]["val"]["documents"] == len(rows)
     assert summary["steps"] == 3
+
+
+def test_hugging_face_dataset_from_disk_and_clear_error_offline(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"text": ["one paper body", "", "another paper"], "id": [1, 2, 3]})
+    ds.save_to_disk(str(tmp_path / "saved"))
+    corpus = load_corpus(str(tmp_path / "saved"))
+    assert [d.text for d in corpus.documents] == ["one paper body", "another paper"]
+    assert corpus.skipped == [("saved#2", "empty")]
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    res = subprocess.run([sys.executable, "-m", "moelab", "data", "prepare", "hf:nobody/no-such-dataset",
+                          "--out", str(tmp_path / "p")], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "cannot load Hugging Face dataset 'hf:nobody/no-such-dataset'" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "p").exists()
