@@ -69,7 +69,8 @@ def _cmd_data_prepare(args) -> int:
     from moelab.data.prepare import MANIFEST, prepare
 
     out = prepare(args.sources, args.out, args.val_fraction, args.salt, args.text_field, args.tokenizer,
-                  args.vocab_size, not args.no_near_dup_split, args.dedup, args.overwrite, args.max_docs)
+                  args.vocab_size, not args.no_near_dup_split, args.dedup, args.overwrite, args.max_docs,
+                  args.weights)
     m = json.loads((out / MANIFEST).read_text())
     s = m["splits"]
     print(f"prepared {out}: train {s['train']['documents']} docs / {s['train']['tokens']:,} tokens, "
@@ -133,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop near-duplicate documents (MinHash) within the training split")
     p.add_argument("--no-near-dup-split", action="store_true",
                    help="split near-copies independently (default: they share a side)")
+    p.add_argument("--weights", type=float, nargs="+",
+                   help="one weight per source: its share of the training tokens (documents are "
+                        "repeated or subsampled); validation keeps the natural mixture")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_cmd_data_prepare)
     p = data.add_parser("check", help="leakage audit: duplicate documents across splits and validation "

@@ -67,20 +67,54 @@ def _dedup_training(train: list[Document]) -> tuple[list[Document], list[dict]]:
     return kept, dropped
 
 
+def _mix(docs: list[Document], ids: list[list[int]], sources: list[str], weights: dict[str, float],
+         salt: str):
+    """Resample the training documents so each source supplies its weight's share of the tokens:
+    every document of a source repeats floor(factor) times, then a seeded random subset of its
+    documents covers the remainder. Validation keeps its natural mixture."""
+    rng = np.random.default_rng(int(hashlib.sha256(salt.encode()).hexdigest()[:8], 16))
+    total = sum(len(i) + 1 for i in ids)
+    wsum = sum(weights[s] for s in set(sources))
+    out_docs, out_ids, report = [], [], {}
+    for src in dict.fromkeys(sources):  # sources in order of appearance
+        members = [k for k, s in enumerate(sources) if s == src]
+        have = sum(len(ids[k]) + 1 for k in members)
+        want = weights[src] / wsum * total
+        chosen = members * int(want // have)
+        rest = want - have * int(want // have)
+        for k in rng.permutation(members):
+            if rest <= 0:
+                break
+            chosen.append(int(k))
+            rest -= len(ids[k]) + 1
+        out_docs += [docs[k] for k in chosen]
+        out_ids += [ids[k] for k in chosen]
+        report[src] = {"weight": weights[src], "natural_tokens": have,
+                       "tokens": sum(len(ids[k]) + 1 for k in chosen), "documents": len(chosen)}
+    mixed_total = sum(r["tokens"] for r in report.values())
+    for r in report.values():
+        r["share"] = r["tokens"] / mixed_total
+    return out_docs, out_ids, report
+
+
 def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str = "moelab",
             text_field: str = "text", tokenizer: str | None = None, vocab_size: int = 8192,
             near_dup_split: bool = True, dedup: bool = False, overwrite: bool = False,
-            max_docs: int = 0) -> Path:
+            max_docs: int = 0, weights: list[float] | None = None) -> Path:
     out_dir = Path(out).expanduser()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise UserError(f"output directory {out_dir} is not empty; choose another --out or pass --overwrite")
     if not 0.0 < val_fraction < 1.0:
         raise UserError("--val-fraction must be between 0 and 1")
-    docs, skipped, per_source = [], [], {}
+    if weights is not None and (len(weights) != len(sources) or min(weights) <= 0):
+        raise UserError(f"--weights needs one positive weight per source ({len(sources)} sources, "
+                        f"got {len(weights)})")
+    docs, skipped, per_source, source_of = [], [], {}, {}
     for src in sources:
         corpus = load_corpus(src, max_docs, text_field)
         prefix = f"{Path(src).name or src}/" if len(sources) > 1 else ""
         docs += [Document(prefix + d.name, d.text) for d in corpus.documents]
+        source_of.update({prefix + d.name: src for d in corpus.documents})
         skipped += [{"name": prefix + n, "reason": r} for n, r in corpus.skipped]
         per_source[src] = {"documents": len(corpus.documents), "skipped": len(corpus.skipped),
                            "bytes": sum(len(d.text.encode("utf-8")) for d in corpus.documents)}
@@ -99,8 +133,12 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
     tmp.mkdir(parents=True)
     tok.save(tmp / "tokenizer")
     splits, h = {}, hashlib.sha256(tok.tk.to_str().encode())
+    mixing = None
     for name, split_docs in (("train", train), ("val", val)):
         ids = tok.encode_batch([d.text for d in split_docs])
+        if name == "train" and weights is not None:
+            split_docs, ids, mixing = _mix(split_docs, ids, [source_of[d.name] for d in split_docs],
+                                           dict(zip(sources, weights)), salt)
         lengths = np.array([len(i) + 1 for i in ids], dtype=np.int64)
         stream = np.empty(int(lengths.sum()), dtype=dtype)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
@@ -117,7 +155,7 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         "format": 1, "sources": per_source, "text_field": text_field, "val_fraction": val_fraction,
         "salt": salt, "near_dup_split": near_dup_split, "dtype": np.dtype(dtype).name,
         "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "fingerprint": h.hexdigest()[:16],
-        "splits": splits, "skipped": skipped, "near_duplicates_dropped": dropped,
+        "splits": splits, "skipped": skipped, "near_duplicates_dropped": dropped, "mixing": mixing,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if out_dir.exists():

@@ -110,3 +110,23 @@ def test_data_check_on_prepared_directories(tmp_path, text_corpus):
                     near_dup_split=False)
     res = _cli("data", "check", str(leaky), "--seq-len", "64")
     assert res.returncode == 1 and "duplicate" in res.stdout, res.stdout + res.stderr
+
+
+def test_source_weights_set_the_training_token_shares(tmp_path, text_corpus):
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"text": f"other source {i} " + "gamma delta " * 60})
+                               for i in range(40)) + "\n")
+    plain = prepare([str(text_corpus), str(other)], str(tmp_path / "plain"), val_fraction=0.2, vocab_size=300)
+    mixed = prepare([str(text_corpus), str(other)], str(tmp_path / "mixed"), val_fraction=0.2, vocab_size=300,
+                    weights=[3.0, 1.0])
+    mp, mm = (json.loads((d / "manifest.json").read_text()) for d in (plain, mixed))
+    mix = mm["mixing"]
+    total = sum(r["tokens"] for r in mix.values())
+    natural = {k: r["natural_tokens"] / sum(x["natural_tokens"] for x in mix.values()) for k, r in mix.items()}
+    assert natural[str(other)] < 0.1  # the weights change the mixture a lot...
+    for src, want in ((str(text_corpus), 0.75), (str(other), 0.25)):  # ...to within one document
+        assert abs(mix[src]["tokens"] / total - want) < 0.03
+    assert mm["splits"]["train"]["tokens"] == total
+    assert mm["splits"]["val"] == mp["splits"]["val"]  # validation keeps its natural mixture
+    res = _cli("data", "prepare", str(text_corpus), str(other), "--out", str(tmp_path / "bad"), "--weights", "1")
+    assert res.returncode == 2 and "--weights" in res.stderr
