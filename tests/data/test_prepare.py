@@ -130,3 +130,23 @@ def test_source_weights_set_the_training_token_shares(tmp_path, text_corpus):
     assert mm["splits"]["val"] == mp["splits"]["val"]  # validation keeps its natural mixture
     res = _cli("data", "prepare", str(text_corpus), str(other), "--out", str(tmp_path / "bad"), "--weights", "1")
     assert res.returncode == 2 and "--weights" in res.stderr
+
+
+def test_dedup_drops_near_duplicates_within_training(tmp_path, text_corpus):
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = sorted(text_corpus.iterdir())
+    for p in docs:
+        (src / p.name).write_text(p.read_text())
+    words = docs[5].read_text().split(" ")
+    (src / "zz_copy.txt").write_text(" ".join(w if i % 40 else "edited" for i, w in enumerate(words)))
+    out = prepare([str(src)], str(tmp_path / "dedup"), val_fraction=0.2, vocab_size=300, dedup=True)
+    m = json.loads((out / "manifest.json").read_text())
+    kept = m["splits"]["train"]["document_names"] + m["splits"]["val"]["document_names"]
+    # with this salt the pair lands in training (near-copies always share a side): the copy goes
+    assert m["near_duplicates_dropped"] == [{"name": "zz_copy.txt", "near_duplicate_of": docs[5].name}]
+    assert "zz_copy.txt" not in kept and len(kept) == len(docs)
+    plain = json.loads((prepare([str(src)], str(tmp_path / "plain"), val_fraction=0.2, vocab_size=300)
+                        / "manifest.json").read_text())
+    assert plain["near_duplicates_dropped"] == [] and len(plain["splits"]["train"]["document_names"]) + len(
+        plain["splits"]["val"]["document_names"]) == len(docs) + 1
