@@ -119,8 +119,11 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
             raise UserError(f"{run_dir} is neither a run directory (no config.yaml) nor a prepared "
                             "data directory (no manifest.json)")
         cfg = Config.from_dict(yaml.safe_load(cfg_file.read_text()))
-        if cfg.data.path:
-            return audit_prepared(cfg.data.path, ngram, seq_len or cfg.train.seq_len, threshold)
+        from moelab.data.pipeline import RUN_PREPARED
+
+        frozen = Path(run_dir) / RUN_PREPARED  # the copy a raw-source run trained on
+        if cfg.data.path or is_prepared(frozen):
+            return audit_prepared(cfg.data.path or frozen, ngram, seq_len or cfg.train.seq_len, threshold)
         from moelab.data.pipeline import pdf_filters
 
         corpus = load_corpus(cfg.data.source, cfg.data.max_docs, cfg.data.text_field, pdf_filters(cfg.data))

@@ -42,7 +42,7 @@ def _fingerprint(train, val, tokenizer: TextTokenizer, seq_len: int) -> str:
     return h.hexdigest()[:16]
 
 
-def _tokenizer_texts(train, budget: int):
+def tokenizer_texts(train, budget: int):
     """Training-split texts for BPE, in hash order (an unbiased sample) up to `budget` bytes."""
     used = 0
     for d in sorted(train, key=lambda d: hash_unit(d.name, "tokenizer")):
@@ -69,11 +69,15 @@ def _from_prepared(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Datas
                             f"{seq_len + 1}; prepare more text or lower train.seq_len")
     if run_dir is not None and not (run_dir / "tokenizer" / "tokenizer.json").is_file():
         tokenizer.save(run_dir / "tokenizer")  # so the run is self-contained (export, eval)
-    report = {"source": str(cfg.path), "prepared": manifest["fingerprint"], "seq_len": seq_len,
+    report = {"source": str(cfg.source if Path(cfg.path).name == RUN_PREPARED.name else cfg.path),
+              "prepared": str(cfg.path), "prepared_fingerprint": manifest["fingerprint"], "seq_len": seq_len,
               "fingerprint": hashlib.sha256(f"{manifest['fingerprint']}/{seq_len}".encode()).hexdigest()[:16],
               "vocab_size": tokenizer.vocab_size,
               "splits": {k: {kk: v[kk] for kk in ("documents", "bytes", "tokens")} | {"windows": w.shape[0]}
-                         for (k, v), w in zip(manifest["splits"].items(), (train_w, val_w))}}
+                         for (k, v), w in zip(manifest["splits"].items(), (train_w, val_w))},
+              "skipped": manifest["skipped"],
+              "val_documents": manifest["splits"]["val"]["document_names"],
+              "train_documents": manifest["splits"]["train"]["document_names"]}
     if run_dir is not None:
         (run_dir / "data").mkdir(parents=True, exist_ok=True)
         (run_dir / "data" / "split.json").write_text(json.dumps(report, indent=1))
@@ -81,9 +85,44 @@ def _from_prepared(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Datas
     return Dataset(tokenizer, train_w, val_w, token_bytes, report["fingerprint"], report)
 
 
+RUN_PREPARED = Path("data") / "prepared"
+
+
+def _request(cfg: DataConfig) -> dict:
+    """The data settings a run's prepared copy was made with."""
+    keys = ("source", "max_docs", "text_field", "val_fraction", "split_salt", "near_dup_split", "tokenizer",
+            "vocab_size", "tokenizer_train_bytes", "pdf_min_chars", "pdf_max_chars", "pdf_min_words",
+            "pdf_max_words", "pdf_ascii_only")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def _prepare_into_run(cfg: DataConfig, run_dir: Path) -> Path:
+    """A raw source is prepared into the run directory once; a resume reuses that copy, so the run's
+    data can neither drift nor be re-tokenised. Changed data settings on resume are an error."""
+    from moelab.data.prepare import MANIFEST, prepare
+
+    target = run_dir / RUN_PREPARED
+    want = _request(cfg)
+    if (target / MANIFEST).is_file():
+        have = json.loads((target / MANIFEST).read_text()).get("request") or {}
+        changed = [f"data.{k} ({have.get(k)!r} -> {v!r})" for k, v in want.items() if have.get(k) != v]
+        if changed:
+            raise UserError("this run's data was prepared with other settings: " + ", ".join(changed)
+                            + "; resuming would silently train on other data (start a new run instead)")
+        return target
+    tok = cfg.tokenizer or (str(run_dir / "tokenizer") if (run_dir / "tokenizer" / "tokenizer.json").is_file()
+                            else None)
+    return prepare([cfg.source], str(target), cfg.val_fraction, cfg.split_salt, cfg.text_field, tok,
+                   cfg.vocab_size, cfg.near_dup_split, max_docs=cfg.max_docs, pdf_filters=pdf_filters(cfg),
+                   tokenizer_train_bytes=cfg.tokenizer_train_bytes, request=want)
+
+
 def build_dataset(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Dataset:
     if cfg.path:
         return _from_prepared(cfg, seq_len, run_dir)
+    if run_dir is not None:
+        prepared = _prepare_into_run(cfg, run_dir)
+        return _from_prepared(DataConfig(**{**cfg.__dict__, "path": str(prepared)}), seq_len, run_dir)
     corpus = load_corpus(cfg.source, cfg.max_docs, cfg.text_field, pdf_filters(cfg))
     train, val = split_documents(corpus.documents, cfg.val_fraction, cfg.split_salt, cfg.near_dup_split)
     if not train or not val:
@@ -95,7 +134,7 @@ def build_dataset(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Datase
     elif tok_dir is not None and (tok_dir / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(tok_dir)  # resuming: reuse the run's own tokenizer
     else:
-        tokenizer = train_bpe(_tokenizer_texts(train, cfg.tokenizer_train_bytes), cfg.vocab_size)
+        tokenizer = train_bpe(tokenizer_texts(train, cfg.tokenizer_train_bytes), cfg.vocab_size)
     if tok_dir is not None and not (tok_dir / "tokenizer.json").is_file():
         tokenizer.save(tok_dir)
 

@@ -100,7 +100,10 @@ def _mix(docs: list[Document], ids: list[list[int]], sources: list[str], weights
 def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str = "moelab",
             text_field: str = "text", tokenizer: str | None = None, vocab_size: int = 8192,
             near_dup_split: bool = True, dedup: bool = False, overwrite: bool = False,
-            max_docs: int = 0, weights: list[float] | None = None) -> Path:
+            max_docs: int = 0, weights: list[float] | None = None, pdf_filters=None,
+            tokenizer_train_bytes: int = 0, request: dict | None = None) -> Path:
+    """`request`: the settings that produced this directory, stored in the manifest (a run that
+    prepares its raw source checks them when it resumes)."""
     out_dir = Path(out).expanduser()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise UserError(f"output directory {out_dir} is not empty; choose another --out or pass --overwrite")
@@ -111,7 +114,7 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
                         f"got {len(weights)})")
     docs, skipped, per_source, source_of = [], [], {}, {}
     for src in sources:
-        corpus = load_corpus(src, max_docs, text_field)
+        corpus = load_corpus(src, max_docs, text_field, pdf_filters)
         prefix = f"{Path(src).name or src}/" if len(sources) > 1 else ""
         docs += [Document(prefix + d.name, d.text) for d in corpus.documents]
         source_of.update({prefix + d.name: src for d in corpus.documents})
@@ -124,7 +127,12 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
     dropped = []
     if dedup:
         train, dropped = _dedup_training(train)
-    tok = load_tokenizer(tokenizer) if tokenizer else train_bpe((d.text for d in train), vocab_size)
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
+    else:
+        from moelab.data.pipeline import tokenizer_texts
+
+        tok = train_bpe(tokenizer_texts(train, tokenizer_train_bytes), vocab_size)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
 
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
@@ -156,6 +164,7 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         "salt": salt, "near_dup_split": near_dup_split, "dtype": np.dtype(dtype).name,
         "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "fingerprint": h.hexdigest()[:16],
         "splits": splits, "skipped": skipped, "near_duplicates_dropped": dropped, "mixing": mixing,
+        "request": request,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if out_dir.exists():

@@ -150,3 +150,33 @@ def test_dedup_drops_near_duplicates_within_training(tmp_path, text_corpus):
                         / "manifest.json").read_text())
     assert plain["near_duplicates_dropped"] == [] and len(plain["splits"]["train"]["document_names"]) + len(
         plain["splits"]["val"]["document_names"]) == len(docs) + 1
+
+
+def test_raw_source_is_prepared_into_the_run_once_and_reused(tmp_path, text_corpus):
+    """The run keeps its own prepared copy: a resume neither re-reads nor re-tokenises the source
+    (so edits to it cannot leak in), and changed data settings on resume are refused."""
+    import shutil
+
+    from moelab.config import build_config
+    from moelab.errors import UserError
+    from moelab.train.loop import train
+
+    src = tmp_path / "src"
+    shutil.copytree(text_corpus, src)
+    args = [f"data.source={src}", "data.vocab_size=300", "train.eval_every=2", "train.save_every=2"]
+    run = tmp_path / "run"
+    train(build_config("test", None, [*args, "train.steps=2"]), out=str(run), progress=False)
+    manifest = run / "data" / "prepared" / "manifest.json"
+    before = manifest.read_text()
+    assert json.loads(before)["request"]["source"] == str(src)
+    (src / "new_doc.txt").write_text("a document added after the run started " * 20)
+    summary = train(build_config("test", None, [*args, "train.steps=4"]), out=str(run), resume="auto",
+                    overrides=("train.steps=4",), progress=False)
+    assert summary["steps"] == 4 and manifest.read_text() == before
+    try:
+        train(build_config("test", None, args), out=str(run), resume="auto",
+              overrides=("train.steps=6", "data.val_fraction=0.3"), progress=False)
+    except UserError as exc:
+        assert "data.val_fraction" in str(exc)
+    else:
+        raise AssertionError("resuming with other data settings must be refused")

@@ -18,8 +18,8 @@ def test_no_validation_document_in_training_windows(text_corpus, tmp_path):
     val_names, train_names = set(report["val_documents"]), set(report["train_documents"])
     assert val_names and train_names and not (val_names & train_names)
     assert len(val_names) + len(train_names) == 60
-    train_text = ds.tokenizer.decode(ds.train_windows.flatten().tolist())
-    val_text = ds.tokenizer.decode(ds.val_windows.flatten().tolist())
+    train_text = ds.tokenizer.decode(ds.train_windows[:].flatten().tolist())
+    val_text = ds.tokenizer.decode(ds.val_windows[:].flatten().tolist())
     for name in val_names:  # each document carries its own marker word
         marker = f"marker{name[3:6]}x"
         assert marker not in train_text
