@@ -136,6 +136,15 @@ def stdlib_corpus(max_docs: int = 0) -> Corpus:
 
 
 def files_corpus(path: str, max_docs: int = 0, text_field: str = "text", pdf_filters=None) -> Corpus:
+    if any(c in path for c in "*?["):  # a glob such as papers/**/*.pdf
+        import glob
+
+        matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(path), recursive=True))]
+        files = [m for m in matches if m.is_file()]
+        if not files:
+            raise UserError(f"no file matches {path}")
+        root = Path(os.path.commonpath([str(f.parent) for f in files]))
+        return _collect(root, files, max_docs, path, text_field, pdf_filters)
     p = Path(path).expanduser()
     if p.is_file():
         return _collect(p.parent, [p], max_docs, str(p), text_field, pdf_filters)

@@ -74,3 +74,14 @@ def test_hugging_face_dataset_from_disk_and_clear_error_offline(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "cannot load Hugging Face dataset 'hf:nobody/no-such-dataset'" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "p").exists()
+
+
+def test_glob_sources(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "one.md").write_text("markdown text")
+    (tmp_path / "a" / "two.txt").write_text("plain text")
+    (tmp_path / "b.md").write_text("another markdown")
+    corpus = load_corpus(str(tmp_path / "**" / "*.md"))
+    assert sorted(d.text for d in corpus.documents) == ["another markdown", "markdown text"]
+    with pytest.raises(UserError, match="no file matches"):
+        load_corpus(str(tmp_path / "*.pdf"))
