@@ -1,4 +1,6 @@
-"""From a source name to ready windows: corpus -> document split -> tokenizer -> packed windows.
+"""From a data config to ready windows. A raw source goes through `moelab data prepare` once, into
+the run's `data/prepared/`; prepared data (`data.path`) is used as is. Either way the windows are
+views into the memory-mapped token streams.
 
 Writes into the run directory: `tokenizer/` and `data/split.json` (which document went where,
 bytes and tokens per split, skipped inputs with reasons, and a fingerprint checked on resume).
@@ -14,42 +16,19 @@ from pathlib import Path
 import torch
 
 from moelab.config import DataConfig
-from moelab.data.loader import make_windows, pack
-from moelab.data.sources import load_corpus
-from moelab.data.split import hash_unit, split_documents
-from moelab.data.tokenizer import TextTokenizer, load_tokenizer, train_bpe
+from moelab.data.prepare import TokenWindows
+from moelab.data.tokenizer import TextTokenizer
 from moelab.errors import UserError
 
 
 @dataclass
 class Dataset:
     tokenizer: TextTokenizer
-    train_windows: torch.Tensor  # (N, seq_len + 1) int64
-    val_windows: torch.Tensor
+    train_windows: TokenWindows  # (N, seq_len + 1); indexing gives int64 tensors
+    val_windows: TokenWindows
     token_bytes: torch.Tensor  # (V,) UTF-8 bytes per token id, for bits per byte
     fingerprint: str
     report: dict
-
-
-def _fingerprint(train, val, tokenizer: TextTokenizer, seq_len: int) -> str:
-    h = hashlib.sha256()
-    for tag, docs in (("train", train), ("val", val)):
-        for d in docs:
-            h.update(f"{tag}\x00{d.name}\x00".encode())
-            h.update(hashlib.sha256(d.text.encode("utf-8")).digest())
-    h.update(tokenizer.tk.to_str().encode())
-    h.update(str(seq_len).encode())
-    return h.hexdigest()[:16]
-
-
-def tokenizer_texts(train, budget: int):
-    """Training-split texts for BPE, in hash order (an unbiased sample) up to `budget` bytes."""
-    used = 0
-    for d in sorted(train, key=lambda d: hash_unit(d.name, "tokenizer")):
-        if budget and used >= budget:
-            return
-        used += len(d.text)
-        yield d.text
 
 
 def pdf_filters(cfg: DataConfig):
@@ -59,7 +38,7 @@ def pdf_filters(cfg: DataConfig):
                       cfg.pdf_ascii_only)
 
 
-def _from_prepared(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Dataset:
+def _from_prepared(cfg: DataConfig, seq_len: int, run_dir: Path) -> Dataset:
     from moelab.data.prepare import load_prepared
 
     tokenizer, train_w, val_w, manifest = load_prepared(cfg.path, seq_len)
@@ -67,7 +46,7 @@ def _from_prepared(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Datas
         if w.shape[0] == 0:
             raise UserError(f"the {name} split of {cfg.path} has fewer tokens than one sequence of "
                             f"{seq_len + 1}; prepare more text or lower train.seq_len")
-    if run_dir is not None and not (run_dir / "tokenizer" / "tokenizer.json").is_file():
+    if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
         tokenizer.save(run_dir / "tokenizer")  # so the run is self-contained (export, eval)
     report = {"source": str(cfg.source if Path(cfg.path).name == RUN_PREPARED.name else cfg.path),
               "prepared": str(cfg.path), "prepared_fingerprint": manifest["fingerprint"], "seq_len": seq_len,
@@ -78,9 +57,8 @@ def _from_prepared(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Datas
               "skipped": manifest["skipped"],
               "val_documents": manifest["splits"]["val"]["document_names"],
               "train_documents": manifest["splits"]["train"]["document_names"]}
-    if run_dir is not None:
-        (run_dir / "data").mkdir(parents=True, exist_ok=True)
-        (run_dir / "data" / "split.json").write_text(json.dumps(report, indent=1))
+    (run_dir / "data").mkdir(parents=True, exist_ok=True)
+    (run_dir / "data" / "split.json").write_text(json.dumps(report, indent=1))
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
     return Dataset(tokenizer, train_w, val_w, token_bytes, report["fingerprint"], report)
 
@@ -117,54 +95,9 @@ def _prepare_into_run(cfg: DataConfig, run_dir: Path) -> Path:
                    tokenizer_train_bytes=cfg.tokenizer_train_bytes, request=want)
 
 
-def build_dataset(cfg: DataConfig, seq_len: int, run_dir: Path | None) -> Dataset:
+def build_dataset(cfg: DataConfig, seq_len: int, run_dir: Path) -> Dataset:
+    """Prepared data (`data.path`) as is; a raw source is first prepared into the run directory."""
     if cfg.path:
         return _from_prepared(cfg, seq_len, run_dir)
-    if run_dir is not None:
-        prepared = _prepare_into_run(cfg, run_dir)
-        return _from_prepared(DataConfig(**{**cfg.__dict__, "path": str(prepared)}), seq_len, run_dir)
-    corpus = load_corpus(cfg.source, cfg.max_docs, cfg.text_field, pdf_filters(cfg))
-    train, val = split_documents(corpus.documents, cfg.val_fraction, cfg.split_salt, cfg.near_dup_split)
-    if not train or not val:
-        raise UserError(f"data source '{cfg.source}' has {len(corpus.documents)} usable document(s); "
-                        "need at least 2 (one for training, one for validation)")
-    tok_dir = run_dir / "tokenizer" if run_dir else None
-    if cfg.tokenizer:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    elif tok_dir is not None and (tok_dir / "tokenizer.json").is_file():
-        tokenizer = load_tokenizer(tok_dir)  # resuming: reuse the run's own tokenizer
-    else:
-        tokenizer = train_bpe(tokenizer_texts(train, cfg.tokenizer_train_bytes), cfg.vocab_size)
-    if tok_dir is not None and not (tok_dir / "tokenizer.json").is_file():
-        tokenizer.save(tok_dir)
-
-    ids_train = tokenizer.encode_batch([d.text for d in train])
-    ids_val = tokenizer.encode_batch([d.text for d in val])
-    train_w = make_windows(pack(ids_train, tokenizer.eos_id), seq_len)
-    val_w = make_windows(pack(ids_val, tokenizer.eos_id), seq_len)
-    if val_w.shape[0] == 0:
-        raise UserError(f"validation split has {sum(map(len, ids_val))} tokens, fewer than one sequence "
-                        f"of {seq_len + 1}; raise data.val_fraction or lower train.seq_len")
-    if train_w.shape[0] == 0:
-        raise UserError(f"training split has fewer tokens than one sequence of {seq_len + 1}; "
-                        "use more text or lower train.seq_len")
-
-    report = {
-        "source": corpus.source,
-        "fingerprint": _fingerprint(train, val, tokenizer, seq_len),
-        "seq_len": seq_len,
-        "vocab_size": tokenizer.vocab_size,
-        "splits": {
-            name: {"documents": len(docs), "bytes": sum(len(d.text.encode("utf-8")) for d in docs),
-                   "tokens": sum(map(len, ids)), "windows": int(w.shape[0])}
-            for name, docs, ids, w in (("train", train, ids_train, train_w), ("val", val, ids_val, val_w))
-        },
-        "skipped": [{"name": n, "reason": r} for n, r in corpus.skipped],
-        "val_documents": [d.name for d in val],
-        "train_documents": [d.name for d in train],
-    }
-    if run_dir is not None:
-        (run_dir / "data").mkdir(parents=True, exist_ok=True)
-        (run_dir / "data" / "split.json").write_text(json.dumps(report, indent=1))
-    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
-    return Dataset(tokenizer, train_w, val_w, token_bytes, report["fingerprint"], report)
+    prepared = _prepare_into_run(cfg, run_dir)
+    return _from_prepared(DataConfig(**{**cfg.__dict__, "path": str(prepared)}), seq_len, run_dir)

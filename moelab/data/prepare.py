@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from moelab.data.sources import Document, load_corpus
-from moelab.data.split import split_documents
+from moelab.data.split import hash_unit, split_documents
 from moelab.data.tokenizer import load_tokenizer, train_bpe
 from moelab.errors import UserError
 
@@ -52,13 +52,21 @@ class TokenWindows:
         return torch.from_numpy(np.asarray(self._view[idx], dtype=np.int64))
 
 
-def _dedup_training(train: list[Document]) -> tuple[list[Document], list[dict]]:
-    """Keep one document of each near-duplicate group (MinHash) in the training split."""
-    from moelab.data.neardup import near_duplicate_groups
+def tokenizer_texts(train, budget: int):
+    """Training-split texts for BPE, in hash order (an unbiased sample) up to `budget` bytes."""
+    used = 0
+    for d in sorted(train, key=lambda d: hash_unit(d.name, "tokenizer")):
+        if budget and used >= budget:
+            return
+        used += len(d.text)
+        yield d.text
 
-    groups = near_duplicate_groups([d.text for d in train])
+
+def _dedup_training(train: list[Document], group_of: dict[str, int]) -> tuple[list[Document], list[dict]]:
+    """Keep one document of each near-duplicate group (MinHash) in the training split."""
     kept, dropped, first = [], [], {}
-    for d, g in zip(train, groups):
+    for d in train:
+        g = group_of[d.name]
         if g in first:
             dropped.append({"name": d.name, "near_duplicate_of": first[g]})
         else:
@@ -121,17 +129,20 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         skipped += [{"name": prefix + n, "reason": r} for n, r in corpus.skipped]
         per_source[src] = {"documents": len(corpus.documents), "skipped": len(corpus.skipped),
                            "bytes": sum(len(d.text.encode("utf-8")) for d in corpus.documents)}
-    train, val = split_documents(docs, val_fraction, salt, near_dup_split)
+    groups = None
+    if near_dup_split or dedup:  # MinHash once, for the split and for --dedup
+        from moelab.data.neardup import near_duplicate_groups
+
+        groups = near_duplicate_groups([d.text for d in docs])
+    train, val = split_documents(docs, val_fraction, salt, groups=groups if near_dup_split else None)
     if not train or not val:
         raise UserError(f"{len(docs)} usable document(s); need at least 2 (one for training, one for validation)")
     dropped = []
     if dedup:
-        train, dropped = _dedup_training(train)
+        train, dropped = _dedup_training(train, {d.name: g for d, g in zip(docs, groups)})
     if tokenizer:
         tok = load_tokenizer(tokenizer)
     else:
-        from moelab.data.pipeline import tokenizer_texts
-
         tok = train_bpe(tokenizer_texts(train, tokenizer_train_bytes), vocab_size)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
 

@@ -21,12 +21,15 @@ def hash_unit(name: str, salt: str) -> float:
 
 
 def split_documents(docs: list[Document], val_fraction: float, salt: str = "moelab",
-                    near_duplicates: bool = False) -> tuple[list[Document], list[Document]]:
+                    near_duplicates: bool = False, groups: list[int] | None = None
+                    ) -> tuple[list[Document], list[Document]]:
+    """`groups`: near-duplicate group ids already computed for `docs` (implies near_duplicates)."""
     keys = [d.name for d in docs]
-    if near_duplicates:
+    if near_duplicates and groups is None:
         from moelab.data.neardup import near_duplicate_groups
 
         groups = near_duplicate_groups([d.text for d in docs])
+    if groups is not None:
         first_name: dict[int, str] = {}
         for g, name in zip(groups, keys):
             first_name[g] = min(first_name.get(g, name), name)

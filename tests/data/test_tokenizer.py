@@ -30,6 +30,6 @@ def test_tokenizer_sees_only_training_documents(text_corpus, tmp_path):
     for d in val:  # plant a long, frequent word in validation documents only
         (text_corpus / d.name).write_text(d.text + " zyzzyvaquux" * 300)
     ds = build_dataset(DataConfig(source=str(text_corpus), val_fraction=0.2, vocab_size=600),
-                       seq_len=32, run_dir=None)
+                       seq_len=32, run_dir=tmp_path / "run")
     assert ds.tokenizer.tk.token_to_id("Ġzyzzyvaquux") is None
     assert len(ds.tokenizer.encode(" zyzzyvaquux")) > 2
