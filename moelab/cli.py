@@ -20,10 +20,18 @@ def _cmd_train(args) -> int:
         raise UserError("--resume continues a run with its own saved config; drop --preset/--config "
                         "(key=value overrides such as train.steps=2000 still apply)")
     cfg = build_config(args.preset, args.config, args.overrides)
-    s = train(cfg, out=args.out, resume=args.resume, overrides=tuple(args.overrides))
-    print(f"done: {s['steps']} updates | val loss {s['val_loss']:.4f} | ppl {s['val_ppl']:.2f} | "
-          f"acc {s['val_acc']:.3f} | bits/byte {s['val_bpb']:.3f} | "
-          f"{s['train_tokens_per_s']:.0f} train tok/s | run {s['run_dir']}")
+    s = train(cfg, out=args.out, resume=args.resume, overrides=tuple(args.overrides), smoke=args.smoke)
+    if s["stopped"]:  # SIGTERM/SIGINT: the step finished and was saved; not an error
+        print(f"stopped by {s['stopped']} after {s['steps']} updates; checkpoint saved | run {s['run_dir']}")
+        return 0
+    skipped = sum(s["skipped"][k] for k in ("nonfinite", "spike"))
+    print(f"done: {s['steps']} updates{' (early stop)' if s['early_stopped'] else ''} | val loss "
+          f"{s['val_loss']:.4f} | ppl {s['val_ppl']:.2f} | acc {s['val_acc']:.3f} | bits/byte "
+          f"{s['val_bpb']:.3f} | {s['train_tokens_per_s']:.0f} train tok/s"
+          + (f" | {skipped} updates skipped" if skipped else "") + f" | run {s['run_dir']}")
+    if args.smoke:
+        print(f"smoke check passed: data, model, {s['steps']} updates, evaluation, checkpoint save and "
+              f"reload all work ({s['smoke']['checkpoint']})")
     return 0
 
 
@@ -95,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config file (sections model, data, optim, train)")
     p.add_argument("--out", help="run directory (default: runs/<preset>[-N])")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in --out) or a checkpoint/run path")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the config end to end first: 4 updates, tiny evaluations, save and "
+                        "reload a checkpoint (run directory runs/<preset>-smoke by default)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=_cmd_train)
 

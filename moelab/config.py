@@ -105,19 +105,21 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    muon_lr: float = 3e-3  # LR of Muon (2-D hidden matrices and expert matrices)
-    adamw_lr: float = 3e-3  # LR of AdamW (embeddings, head, norms, router)
+    mode: str = "hybrid"  # hybrid (Muon on hidden matrices, AdamW on the rest) | muon | adamw
+    muon_lr: float = 3e-3  # LR of Muon (2-D hidden matrices and expert matrices); mode=muon: all
+    adamw_lr: float = 3e-3  # LR of AdamW (embeddings, head, norms, router); mode=adamw: all
     weight_decay: float = 0.01  # decoupled; matrices only (not norms or biases)
     momentum: float = 0.95  # Muon momentum (Nesterov)
     ns_steps: int = 5  # Newton-Schulz iterations
-    ns_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    ns_dtype: str = "bf16"  # bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU)
     muon_scale: str = "match_adamw"  # match_adamw (Moonlight: 0.2*sqrt(max dim)) | spectral
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     warmup: int = 50  # optimizer updates
-    schedule: str = "cosine"  # cosine | constant
-    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | linear | wsd (warmup-stable-decay) | constant
+    min_lr_ratio: float = 0.1  # the LR at the last update, as a share of the base LR
+    decay_frac: float = 0.2  # wsd: share of all updates spent decaying at the end
 
 
 @dataclass
@@ -133,8 +135,26 @@ class TrainConfig:
     save_every: int = 200
     seed: int = 1234
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaler); weights stay fp32
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    activation_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
+    compile: bool = False  # torch.compile the model for training
+    final_eval_windows: int = 0  # windows for the final evaluation; 0: the whole validation split
+    # ---- checkpoints and stopping ----
+    keep_last: int = 0  # keep the newest N step checkpoints (0: all); `best` is kept apart
+    keep_best: bool = True  # save checkpoints/best whenever validation loss improves
+    patience: int = 0  # stop after this many evaluations without improvement (0: never)
+    min_delta: float = 0.0  # an improvement must lower validation loss by more than this
+    # ---- guards ----
+    nonfinite: str = "skip"  # skip | raise: a NaN/Inf loss or gradient norm never reaches the weights
+    spike_sigma: float = 6.0  # skip updates whose loss exceeds recent mean + this many std (0: off)
+    spike_window: int = 50  # accepted updates the spike statistics look back over
+    spike_max_consecutive: int = 10  # this many spike skips in a row stop the run
+    # ---- logging ----
+    tensorboard: bool = False  # also write RUN/tensorboard (pip install 'moelab[tensorboard]')
+    wandb: str = ""  # a Weights & Biases project name to log to (pip install 'moelab[wandb]')
+    peak_tflops: float = 0.0  # accelerator peak for MFU; 0: datasheet value of a known GPU
+    plot: bool = True  # write RUN/curves.png at each evaluation and at the end
 
 
 @dataclass
@@ -216,8 +236,15 @@ class Config:
              "train.steps, train.batch_size, train.grad_accum must be >= 1, train.seq_len >= 2"),
             (t.eval_every >= 1 and t.log_every >= 1 and t.save_every >= 1,
              "train.eval_every, train.log_every and train.save_every must be >= 1"),
-            (t.precision in ("fp32", "bf16"), "train.precision must be fp32 or bf16"),
-            (o.schedule in ("cosine", "constant"), "optim.schedule must be cosine or constant"),
+            (t.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
+            (t.nonfinite in ("skip", "raise"), "train.nonfinite must be skip or raise"),
+            (t.keep_last >= 0 and t.patience >= 0 and t.spike_window >= 2 and t.spike_max_consecutive >= 1,
+             "train.keep_last and train.patience must be >= 0, train.spike_window >= 2, "
+             "train.spike_max_consecutive >= 1"),
+            (o.schedule in ("cosine", "linear", "wsd", "constant"),
+             "optim.schedule must be cosine, linear, wsd or constant"),
+            (o.mode in ("hybrid", "muon", "adamw"), "optim.mode must be hybrid, muon or adamw"),
+            (0.0 < o.decay_frac <= 1.0, "optim.decay_frac must be in (0, 1]"),
             (o.muon_scale in ("match_adamw", "spectral"),
              "optim.muon_scale must be match_adamw or spectral"),
             (o.ns_dtype in ("auto", "bf16", "fp32"), "optim.ns_dtype must be auto, bf16 or fp32"),

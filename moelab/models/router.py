@@ -81,11 +81,14 @@ class Router(nn.Module):
         allowed_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_TG, True)
         return allowed_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
 
-    def forward(self, x_TD: torch.Tensor, n_seqs: int = 1) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, n_seqs: int = 1, route_cache: dict | None = None) -> RouterOutput:
+        """`route_cache`: under activation checkpointing, the first forward stores its expert choices
+        there and the recomputation reuses them, so backward always sees the routing the forward
+        used (even if a recomputed logit would tip a top-k tie the other way)."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return self._route(x_TD.float(), n_seqs)
+            return self._route(x_TD.float(), n_seqs, route_cache)
 
-    def _route(self, x_TD: torch.Tensor, n_seqs: int) -> RouterOutput:
+    def _route(self, x_TD: torch.Tensor, n_seqs: int, route_cache: dict | None = None) -> RouterOutput:
         T, E, K = x_TD.shape[0], self.n_experts, self.top_k
         logits_TE = F.linear(x_TD, self.weight.float())
         if self.training and hasattr(self, "noise_weight"):
@@ -101,7 +104,13 @@ class Router(nn.Module):
             choice_TE = choice_TE + self.selection_bias.float()
         if self.n_group > 1:
             choice_TE = choice_TE.masked_fill(~self._group_mask(choice_TE), float("-inf"))
-        idx_TK = choice_TE.topk(K, dim=-1).indices
+        if route_cache is not None and "idx_TK" in route_cache:
+            idx_TK = route_cache["idx_TK"]  # recomputation: route as the first forward did
+        else:
+            with torch.no_grad():  # a choice has no gradient; recomputation then saves the same tensors
+                idx_TK = choice_TE.topk(K, dim=-1).indices
+            if route_cache is not None:
+                route_cache["idx_TK"] = idx_TK
         if self.kind == "topk_softmax":
             weights_TK = logits_TE.gather(1, idx_TK).softmax(dim=-1)
         else:

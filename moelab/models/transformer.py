@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moelab.config import ModelConfig
 from moelab.models.attention import build_attention, rotary_dim
@@ -45,11 +46,11 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg.d_model, cfg.dense_dim, cfg.ffn_act, cfg.ffn_glu)
 
-    def forward(self, x_BSD, cos_SR, sin_SR):
+    def forward(self, x_BSD, cos_SR, sin_SR, route_cache: dict | None = None):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR)
         h_BSD = self.mlp_norm(x_BSD)
         if hasattr(self, "moe"):
-            y_BSD, routing = self.moe(h_BSD)
+            y_BSD, routing = self.moe(h_BSD, route_cache)
             return x_BSD + y_BSD, routing
         return x_BSD + self.mlp(h_BSD), None
 
@@ -68,6 +69,9 @@ class MoETransformer(nn.Module):
         cos, sin = rope_cache(cfg, cfg.max_seq_len, rotary_dim(cfg))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Activation checkpointing per block: activations are recomputed in backward instead of
+        # stored. Expert choices of the first forward are reused by the recomputation.
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     @property
@@ -110,8 +114,12 @@ class MoETransformer(nn.Module):
         cos_SR, sin_SR = self.rope_cos[:S], self.rope_sin[:S]
         x_BSD = self.embed(input_ids)
         routing = []
+        ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x_BSD, r = blk(x_BSD, cos_SR, sin_SR)
+            if ckpt:
+                x_BSD, r = checkpoint(blk, x_BSD, cos_SR, sin_SR, {}, use_reentrant=False)
+            else:
+                x_BSD, r = blk(x_BSD, cos_SR, sin_SR)
             if r is not None:
                 routing.append(r)
         logits_BSV = self.lm_head(self.norm(x_BSD))

@@ -1,9 +1,18 @@
 """Which parameters Muon updates and which AdamW does, and the combined optimizer.
 
-Rule: Muon takes every hidden weight matrix (ndim >= 2): attention projections and each expert's
-matrices (3-D, orthogonalised per expert). AdamW takes the rest: token embedding, output head
-(these are lookup/readout tables, not linear maps between hidden spaces), the router (small,
-needs precise probabilities), norms and biases. Weight decay applies to matrices only.
+The rule (`optim.mode`):
+  hybrid (default)  Muon takes every hidden weight matrix: attention projections, dense MLP and
+                    shared-expert matrices, and each routed expert's matrices (3-D, orthogonalised
+                    per expert in one batched call). AdamW takes the rest: the token embedding and
+                    output head (lookup/readout tables, not maps between hidden spaces), the router
+                    (small, and its probabilities must stay precise), norms and biases.
+                    LRs: optim.muon_lr for Muon, optim.adamw_lr for AdamW.
+  muon              Muon takes every matrix, embedding, head and router included; vectors (norms,
+                    biases), which cannot be orthogonalised, go to AdamW. One LR: optim.muon_lr
+                    (with the default match_adamw scaling Muon's update RMS is AdamW's, so one LR
+                    serves both).
+  adamw             AdamW takes everything. One LR: optim.adamw_lr.
+Weight decay (decoupled) applies to matrices only, never to norms, biases or the selection bias.
 """
 
 from __future__ import annotations
@@ -15,19 +24,20 @@ from moelab.config import OptimConfig
 from moelab.optim.muon import Muon
 
 ADAMW_MATRIX_SUFFIXES = ("embed.weight", "lm_head.weight", "router.weight", "router.noise_weight")
+MODES = ("hybrid", "muon", "adamw")
 
 
-def split_params(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+def split_params(model: nn.Module, mode: str = "hybrid") -> dict[str, list[tuple[str, nn.Parameter]]]:
     groups = {"muon": [], "adamw_decay": [], "adamw_no_decay": []}
     for name, p in model.named_parameters():  # shared (tied) tensors are listed once
         if not p.requires_grad:
             continue
-        if p.ndim >= 2 and not name.endswith(ADAMW_MATRIX_SUFFIXES):
-            groups["muon"].append((name, p))
-        elif p.ndim >= 2:
+        if p.ndim < 2:
+            groups["adamw_no_decay"].append((name, p))
+        elif mode == "adamw" or (mode == "hybrid" and name.endswith(ADAMW_MATRIX_SUFFIXES)):
             groups["adamw_decay"].append((name, p))
         else:
-            groups["adamw_no_decay"].append((name, p))
+            groups["muon"].append((name, p))
     return groups
 
 
@@ -35,9 +45,12 @@ class HybridOptimizer:
     """Muon + AdamW stepped together. `base_lr` in each param group feeds the schedule."""
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, device: torch.device):
-        g = split_params(model)
+        g = split_params(model, cfg.mode)
+        self.mode = cfg.mode
         self.report = {k: sum(p.numel() for _, p in v) for k, v in g.items()}
+        self.names = {k: [n for n, _ in v] for k, v in g.items()}
         ns_dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.ns_dtype]
+        adamw_lr = cfg.muon_lr if cfg.mode == "muon" else cfg.adamw_lr
         self.optimizers: list[torch.optim.Optimizer] = []
         if g["muon"]:
             self.optimizers.append(Muon(
@@ -48,19 +61,27 @@ class HybridOptimizer:
             {"params": [p for _, p in g["adamw_decay"]], "weight_decay": cfg.weight_decay},
             {"params": [p for _, p in g["adamw_no_decay"]], "weight_decay": 0.0},
         ]
-        adam_groups = [dict(grp, base_lr=cfg.adamw_lr) for grp in adam_groups if grp["params"]]
+        adam_groups = [dict(grp, base_lr=adamw_lr) for grp in adam_groups if grp["params"]]
         if adam_groups:
             self.optimizers.append(torch.optim.AdamW(
-                adam_groups, lr=cfg.adamw_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps))
+                adam_groups, lr=adamw_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps))
+
+    def describe(self) -> str:
+        r = self.report
+        return (f"optimizer {self.mode}: Muon {r['muon']:,} params, AdamW {r['adamw_decay']:,} "
+                f"(decay) + {r['adamw_no_decay']:,} (no decay)")
 
     def set_lr_factor(self, factor: float) -> None:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * factor
 
-    def step(self) -> None:
+    def step(self, scaler=None) -> None:
         for opt in self.optimizers:
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -70,6 +91,10 @@ class HybridOptimizer:
         return [opt.state_dict() for opt in self.optimizers]
 
     def load_state_dict(self, states: list[dict]) -> None:
-        assert len(states) == len(self.optimizers), "optimizer layout changed since the checkpoint"
+        if len(states) != len(self.optimizers):
+            from moelab.errors import UserError
+
+            raise UserError("the optimizer layout (optim.mode) changed since the checkpoint; resume "
+                            "with the mode it was saved with")
         for opt, st in zip(self.optimizers, states):
             opt.load_state_dict(st)

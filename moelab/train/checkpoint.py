@@ -1,6 +1,7 @@
 """Atomic checkpoints and model loading.
 
-Layout: RUN/checkpoints/step_0000200/{model.safetensors, trainer_state.pt, config.yaml, meta.json}.
+Layout: RUN/checkpoints/step_0000200/{model.safetensors, trainer_state.pt, config.yaml, meta.json},
+and RUN/checkpoints/best/ (same files) for the lowest validation loss so far.
 A checkpoint is written to a hidden temporary directory and renamed into place only when
 complete, so a reader never sees half a checkpoint. Weights are safetensors; the trainer state
 (optimizer, loader position, RNG) holds only tensors and plain containers and is read with
@@ -44,25 +45,66 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, config_yaml: str,
-                    meta: dict) -> Path:
+                    meta: dict, name: str | None = None, after_file=None) -> Path:
+    """Write RUN/checkpoints/<name> (default step_NNNNNNN) atomically: every file goes to a hidden
+    temporary directory, is flushed to disk, and the directory is renamed into place last. A kill
+    at any moment leaves either the previous checkpoint set or the new one, never a partial one.
+    `after_file(filename)` is called after each file (fault-injection tests)."""
     from safetensors.torch import save_model
 
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CKPT_PREFIX}{step:07d}"
+    final = root / (name or f"{CKPT_PREFIX}{step:07d}")
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step, time=time.time()), indent=1))
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    writers = [
+        ("model.safetensors", lambda p: save_model(model, str(p))),
+        ("trainer_state.pt", lambda p: torch.save(trainer_state, p)),
+        ("config.yaml", lambda p: p.write_text(config_yaml)),
+        ("meta.json", lambda p: p.write_text(json.dumps(dict(meta, step=step, time=time.time()), indent=1))),
+    ]
+    for filename, write in writers:
+        write(tmp / filename)
+        _fsync(tmp / filename)
+        if after_file is not None:
+            after_file(filename)
+    _fsync(tmp)
+    if final.exists():  # re-saving the same name (best, or a step after a resume): swap, then drop
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync(root)
     return final
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` step checkpoints (0 keeps all); `best` is never
+    touched. Leftover temporary directories of killed writers are removed too."""
+    root = run_dir / "checkpoints"
+    removed = []
+    if keep_last > 0:
+        for p in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(p)
+            removed.append(p)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+    return removed
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -71,6 +113,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX)
+             and p.name[len(CKPT_PREFIX):].isdigit()
              and (p / "meta.json").is_file() and (p / "model.safetensors").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 

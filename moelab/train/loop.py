@@ -1,7 +1,8 @@
 """The training loop: one readable function from config to checkpoints and metrics.
 
-Steps are optimizer updates; each update consumes `grad_accum` micro-batches. Host syncs
-(`.item()`) happen only at the log, eval and save cadence, never every step.
+Steps are optimizer updates; each update consumes `grad_accum` micro-batches. Per update there is
+one host sync, the guard's check of the loss and gradient norm (a NaN must never reach the
+weights); the metrics are summed on the device and read only at the log cadence.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,14 @@ from moelab.data.pipeline import Dataset, build_dataset
 from moelab.errors import UserError
 from moelab.eval.metrics import evaluate
 from moelab.models import MoETransformer
+from moelab.models.accounting import parameter_table
 from moelab.models.router import update_selection_bias
 from moelab.optim.groups import HybridOptimizer
-from moelab.optim.schedules import lr_factor
+from moelab.optim.schedules import lr_factor, schedule_state
 from moelab.train import checkpoint as ck
-from moelab.train.rundir import MetricsLog, new_run_dir, provenance
+from moelab.train.faults import FaultPlan, StopSignals, UpdateGuard
+from moelab.train.monitor import Sinks, flops_per_token, is_rank0, peak_memory_gb, peak_tflops, plot_curves
+from moelab.train.rundir import new_run_dir, provenance
 
 
 @dataclass
@@ -40,7 +44,12 @@ class Run:
     model: MoETransformer
     optimizer: HybridOptimizer
     loader: BatchLoader
-    step: int = 0  # optimizer updates done
+    guard: UpdateGuard
+    scaler: torch.amp.GradScaler | None = None
+    step: int = 0  # optimizer updates done (skipped ones included: their data was consumed)
+    tokens: int = 0  # training tokens consumed
+    expert_counts_LE: torch.Tensor | None = None  # slots routed to each expert, whole run
+    best: dict = field(default_factory=lambda: {"val_loss": math.inf, "step": -1, "bad_evals": 0})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,32 +66,52 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
 def setup(cfg: Config, out: str | None = None, resume: str | None = None,
-          overrides: tuple[str, ...] = ()) -> Run:
+          overrides: tuple[str, ...] = (), smoke: bool = False) -> Run:
     """Build everything a run needs; on resume, restore it from the newest (or given) checkpoint."""
     ckpt = None
     if resume:
         run_dir, ckpt, cfg = _resume_target(resume, out, cfg, overrides)
     else:
-        run_dir = new_run_dir(out, cfg.preset)
+        run_dir = new_run_dir(out, cfg.preset + ("-smoke" if smoke else ""))
+    if smoke:
+        apply_smoke(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
-    seed_all(cfg.train.seed)
-    data = build_dataset(cfg.data, cfg.train.seq_len, run_dir)
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    device = resolve_device(t.device)
+    seed_all(t.seed)
+    data = build_dataset(cfg.data, t.seq_len, run_dir)
     cfg.resolve(vocab_size=data.tokenizer.vocab_size)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     (run_dir / "run.json").write_text(json.dumps(provenance(), indent=1))
-    if data.train_windows.shape[0] < cfg.train.batch_size:
+    if data.train_windows.shape[0] < t.batch_size:
         raise UserError(f"training split has {data.train_windows.shape[0]} windows, fewer than "
-                        f"train.batch_size={cfg.train.batch_size}; use more text or a smaller batch")
+                        f"train.batch_size={t.batch_size}; use more text or a smaller batch")
     model = MoETransformer(cfg.model).to(device)
+    model.activation_checkpointing = t.activation_checkpointing
+    guard = UpdateGuard(t.nonfinite, t.spike_sigma, t.spike_window, min(20, t.spike_window),
+                        t.spike_max_consecutive)
+    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
     run = Run(cfg, run_dir, device, data, model, HybridOptimizer(model, cfg.optim, device),
-              BatchLoader(data.train_windows, cfg.train.batch_size, cfg.train.seed))
+              BatchLoader(data.train_windows, t.batch_size, t.seed), guard, scaler,
+              expert_counts_LE=torch.zeros(len(cfg.model.moe_layers), cfg.model.n_experts, dtype=torch.int64))
     if ckpt is not None:
         _restore(run, ckpt)
     return run
+
+
+def apply_smoke(cfg: Config) -> None:
+    """--smoke: a few updates, tiny evaluations and two checkpoints, to check a config end to end
+    (data, model, forward/backward, optimizer, eval, save and reload) before a long run."""
+    t = cfg.train
+    t.steps, t.eval_every, t.log_every, t.save_every = min(t.steps, 4), 2, 1, 2
+    t.eval_windows = min(t.eval_windows or 8, 8)
+    t.final_eval_windows, t.keep_last, t.patience = 8, 0, 0
 
 
 def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
@@ -103,6 +132,8 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
     else:
         ckpt = ck.resolve_checkpoint(resume)
         run_dir = ckpt.parent.parent
+    if not (ckpt / "trainer_state.pt").is_file():
+        raise UserError(f"{ckpt} holds weights only (no optimizer or data position) and cannot be resumed")
     saved = Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
     from moelab.config import apply_override
 
@@ -110,6 +141,18 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
         apply_override(saved, item)
     saved.validate()
     return run_dir, ckpt, saved
+
+
+def trainer_state(run: Run) -> dict:
+    """Everything besides the weights that an exact resume needs. Plain tensors and containers
+    only, so it loads with torch.load(weights_only=True)."""
+    o, t = run.cfg.optim, run.cfg.train
+    return {"step": run.step, "tokens": run.tokens, "optimizer": run.optimizer.state_dict(),
+            "schedule": schedule_state(run.step, t.steps, o.warmup, o.schedule, o.min_lr_ratio, o.decay_frac),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else {},
+            "loader": run.loader.state_dict(), "rng": ck.rng_state(), "guard": run.guard.state_dict(),
+            "expert_counts": run.expert_counts_LE.clone(), "best": dict(run.best),
+            "fingerprint": run.data.fingerprint}
 
 
 def _restore(run: Run, ckpt: Path) -> None:
@@ -121,16 +164,28 @@ def _restore(run: Run, ckpt: Path) -> None:
                         f" -> {run.data.fingerprint}); resuming would silently train on other data")
     load_model(run.model, str(ckpt / "model.safetensors"), device=str(run.device))
     run.optimizer.load_state_dict(state["optimizer"])
-    run.loader.load_state_dict(state["loader"])
+    try:
+        run.loader.load_state_dict(state["loader"])
+    except ValueError as exc:
+        raise UserError(f"cannot resume from {ckpt.name}: {exc}") from None
     ck.set_rng_state(state["rng"])
-    run.step = int(state["step"])
+    run.step, run.tokens = int(state["step"]), int(state.get("tokens", 0))
+    if "guard" in state:
+        run.guard.load_state_dict(state["guard"])
+        run.expert_counts_LE.copy_(state["expert_counts"])
+        run.best.update(state["best"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
 
 
-def save(run: Run, metrics: dict) -> Path:
-    state = {"step": run.step, "optimizer": run.optimizer.state_dict(),
-             "loader": run.loader.state_dict(), "rng": ck.rng_state(),
-             "fingerprint": run.data.fingerprint}
-    return ck.save_checkpoint(run.run_dir, run.step, run.model, state, run.cfg.to_yaml(), metrics)
+def save(run: Run, metrics: dict, name: str | None = None, faults: FaultPlan | None = None) -> Path:
+    meta = dict(metrics, tokens=run.tokens, skipped=dict(run.guard.skipped), provenance=provenance())
+    hook = faults.save_hook(run.step) if faults else None
+    path = ck.save_checkpoint(run.run_dir, run.step, run.model, trainer_state(run), run.cfg.to_yaml(),
+                              meta, name=name, after_file=hook)
+    if name is None:
+        ck.prune_checkpoints(run.run_dir, run.cfg.train.keep_last)
+    return path
 
 
 def _eval_subset(windows: torch.Tensor, n: int) -> torch.Tensor:
@@ -140,19 +195,22 @@ def _eval_subset(windows: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def run_eval(run: Run, full: bool = False) -> dict:
-    windows = run.data.val_windows if full else _eval_subset(run.data.val_windows,
-                                                             run.cfg.train.eval_windows)
-    dtype = torch.bfloat16 if run.cfg.train.precision == "bf16" else None
-    return evaluate(run.model, windows, run.data.token_bytes, run.cfg.train.batch_size, run.device, dtype)
+    """Validation metrics in the training precision (the same autocast dtype as training)."""
+    t = run.cfg.train
+    windows = _eval_subset(run.data.val_windows, t.final_eval_windows if full else t.eval_windows)
+    return evaluate(run.model, windows, run.data.token_bytes, t.batch_size, run.device,
+                    AUTOCAST_DTYPES[t.precision])
 
 
 def routing_stats(counts_LE: torch.Tensor, dropped_LE: torch.Tensor) -> dict:
-    """Per-MoE-layer max/mean load, dead experts and dropped-slot share over the log interval."""
+    """Per-MoE-layer load balance over the log interval: coefficient of variation and max/mean of
+    the expert loads, dead experts (no token), and the share of slots dropped for capacity."""
     if counts_LE.numel() == 0:
         return {}
     load = counts_LE.double()
     mean = load.mean(dim=1).clamp_min(1e-9)
-    stats = {"load_max_mean": [round(v, 3) for v in (load.max(dim=1).values / mean).tolist()],
+    stats = {"load_cv": [round(v, 4) for v in (load.std(dim=1, unbiased=False) / mean).tolist()],
+             "load_max_mean": [round(v, 3) for v in (load.max(dim=1).values / mean).tolist()],
              "dead_experts": (counts_LE == 0).sum(dim=1).tolist()}
     if bool(dropped_LE.any()):
         total = load.sum(dim=1).clamp_min(1.0)
@@ -167,105 +225,211 @@ def balance_terms(m) -> dict[str, float]:
     return {k: v for k, v in terms.items() if v} if m.n_experts else {}
 
 
+def oom_message(run: Run, step: int) -> str:
+    t = run.cfg.train
+    tips = []
+    if t.batch_size > 1:
+        tips.append(f"train.batch_size={t.batch_size // 2} train.grad_accum={t.grad_accum * 2} "
+                    "(same tokens per update)")
+    if not t.activation_checkpointing:
+        tips.append("train.activation_checkpointing=true")
+    if t.precision == "fp32":
+        tips.append("train.precision=bf16")
+    return (f"out of memory at update {step} with micro-batch train.batch_size={t.batch_size} x "
+            f"train.seq_len={t.seq_len} on {run.device}; try " + ", or ".join(tips or ["a smaller model"]))
+
+
 def train(cfg: Config, out: str | None = None, resume: str | None = None,
-          overrides: tuple[str, ...] = (), progress: bool | None = None) -> dict:
-    run = setup(cfg, out, resume, overrides)
+          overrides: tuple[str, ...] = (), progress: bool | None = None, smoke: bool = False) -> dict:
+    run = setup(cfg, out, resume, overrides, smoke)
     cfg, t = run.cfg, run.cfg.train
-    log = MetricsLog(run.run_dir / "metrics.jsonl", keep_until_step=run.step)
+    sinks = Sinks(run.run_dir, run.step, t.tensorboard, t.wandb, cfg.to_dict())
     say = _printer(progress)
+    faults = FaultPlan()
     n_params = run.model.num_parameters()
     say(f"run {run.run_dir} | {n_params['total'] / 1e6:.2f}M params ({n_params['active'] / 1e6:.2f}M "
-        f"active) | Muon {run.optimizer.report['muon']:,} / AdamW "
-        f"{run.optimizer.report['adamw_decay'] + run.optimizer.report['adamw_no_decay']:,} params | "
+        f"active) | {run.optimizer.describe()} | "
         f"{run.data.train_windows.shape[0]} train / {run.data.val_windows.shape[0]} val windows | "
-        f"{run.device}" + (f" | resumed at step {run.step}" if run.step else ""))
+        f"{run.device} {t.precision}" + (f" | resumed at step {run.step}" if run.step else ""))
     if balance_terms(cfg.model):
         say("balancing: " + ", ".join(f"{k} {v:g}" for k, v in balance_terms(cfg.model).items()))
     if run.step == 0:
         first = run_eval(run)
-        log.write({"step": 0, "split": "val", **first})
+        sinks.write({"step": 0, "split": "val", **first})
         say(f"step 0 val loss {first['loss']:.4f} bpb {first['bpb']:.3f}")
-    autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16) if t.precision == "bf16"
-                else contextlib.nullcontext())
-    tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
+    forward = torch.compile(run.model) if t.compile else run.model
+    autocast_dtype = AUTOCAST_DTYPES[t.precision]
+    autocast = (lambda: torch.autocast(run.device.type, dtype=autocast_dtype)) if autocast_dtype \
+        else contextlib.nullcontext
     bar = _progress_bar(progress, run.step, t.steps)
     run.model.train()
     window = _Window(run)
-    last_saved = run.step
-    while run.step < t.steps:
-        run.optimizer.set_lr_factor(lr_factor(run.step, t.steps, cfg.optim.warmup,
-                                              cfg.optim.schedule, cfg.optim.min_lr_ratio))
-        for _ in range(t.grad_accum):
-            x, y = (b.to(run.device, non_blocking=True) for b in run.loader.next_batch())
-            with autocast:
-                out_ = run.model(x, targets=y)
-            (out_.loss / t.grad_accum).backward()
-            window.add_micro(out_)
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip or math.inf)
-        run.optimizer.step()
-        run.optimizer.zero_grad()
-        if cfg.model.bias_update_rate:  # after the update, on the whole update's counts
-            update_selection_bias(run.model.routers, window.update_counts_LE, cfg.model.bias_update_rate)
-        window.update_counts_LE.zero_()
-        run.step += 1
-        window.add_step(grad_norm, tokens_per_step)
-        bar.update(1)
-        if run.step % t.log_every == 0 or run.step == t.steps:
-            rec = window.flush(run.step, run.optimizer)
-            log.write(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if bar.disable:
-                say(f"step {run.step}/{t.steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
-                    f"gnorm {rec['grad_norm']:.2f} {rec['tokens_per_s']:.0f} tok/s")
-        if run.step % t.eval_every == 0 and run.step < t.steps:
-            ev = run_eval(run)
-            log.write({"step": run.step, "split": "val", **ev})
-            _write(bar, say, f"step {run.step} val loss {ev['loss']:.4f} bpb {ev['bpb']:.3f}")
-            window.reset_clock()
-        if run.step % t.save_every == 0 and run.step < t.steps:
-            save(run, {"train_loss": window.last_loss})
-            last_saved = run.step
-            window.reset_clock()
+    last_saved, stopped, early_stopped = run.step, None, False
+    with StopSignals() as signals:
+        while run.step < t.steps:
+            step_no = run.step + 1
+            try:
+                verdict = _update(run, forward, autocast, window, faults, step_no)
+            except torch.OutOfMemoryError:
+                raise UserError(oom_message(run, step_no)) from None
+            if verdict != "ok":
+                _write(bar, say, f"update {step_no}: {verdict} loss/gradient, update skipped "
+                                 f"(skipped so far: {run.guard.skipped})")
+            bar.update(1)
+            if run.step % t.log_every == 0 or run.step == t.steps:
+                rec = window.flush(run.step, run.optimizer)
+                sinks.write(rec)
+                if rec["loss"] is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                if bar.disable:
+                    say(_train_line(rec, t.steps))
+            if run.step % t.eval_every == 0 and run.step < t.steps:
+                ev = run_eval(run)
+                sinks.write({"step": run.step, "split": "val", **ev})
+                _write(bar, say, f"step {run.step} val loss {ev['loss']:.4f} bpb {ev['bpb']:.3f}")
+                early_stopped = _track_best(run, ev, faults)
+                if early_stopped:
+                    _write(bar, say, f"early stop: no validation improvement in {t.patience} evaluations "
+                                     f"(best {run.best['val_loss']:.4f} at step {run.best['step']})")
+                window.reset_clock()
+            if signals.requested or early_stopped or (run.step % t.save_every == 0 and run.step < t.steps):
+                save(run, {"train_loss": window.last_loss}, faults=faults)
+                last_saved = run.step
+                window.reset_clock()
+            if signals.requested:
+                stopped = signals.requested
+                break
+            if early_stopped:
+                break
     bar.close()
-    final = run_eval(run, full=True)
-    log.write({"step": run.step, "split": "val", "final": True, **final})
-    if last_saved != run.step or not ck.list_checkpoints(run.run_dir):
-        save(run, {"val": final})
-    log.close()
-    summary = _summary(run, final, window)
-    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if stopped:
+        _write(bar, say, f"{stopped}: stopped after update {run.step}, checkpoint saved; continue with "
+                         f"`moelab train --resume auto --out {run.run_dir}`")
+        final = None
+    else:
+        final = run_eval(run, full=True)
+        sinks.write({"step": run.step, "split": "val", "final": True, **final})
+        if last_saved != run.step or not ck.list_checkpoints(run.run_dir):
+            save(run, {"val": final}, faults=faults)
+    sinks.close()
+    if t.plot and is_rank0():
+        plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
+    summary = _summary(run, final, window, stopped, early_stopped)
+    if is_rank0():
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if smoke:
+        summary["smoke"] = smoke_check(run)
     return summary
 
 
+def _update(run: Run, forward, autocast, window: "_Window", faults: FaultPlan, step_no: int) -> str:
+    """One optimizer update: grad_accum micro-batches, unscale, clip, guard, step. Returns the
+    guard's verdict; on anything but 'ok' the weights, optimizer state and balancing biases are
+    left exactly as they were. One host sync (the guard's loss and gradient-norm check)."""
+    cfg, t = run.cfg, run.cfg.train
+    o = cfg.optim
+    run.optimizer.set_lr_factor(lr_factor(run.step, t.steps, o.warmup, o.schedule, o.min_lr_ratio,
+                                          o.decay_frac))
+    sums = torch.zeros(5, dtype=torch.float64, device=run.device)  # lm, aux, seq_aux, z, total
+    L, E = run.expert_counts_LE.shape
+    counts_LE = torch.zeros(L, E, dtype=torch.int64, device=run.device)
+    dropped_LE = torch.zeros_like(counts_LE)
+    for _ in range(t.grad_accum):
+        x, y = (b.to(run.device, non_blocking=True) for b in run.loader.next_batch())
+        with autocast():
+            out = forward(x, targets=y)
+        loss = faults.loss(step_no, out.loss) if faults else out.loss
+        scaled = loss / t.grad_accum
+        (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        sums += torch.stack([out.lm_loss.detach(), out.aux_loss.detach(), out.seq_aux_loss.detach(),
+                             out.z_loss.detach(), loss.detach()]).double()
+        if out.router:
+            counts_LE += torch.stack([r.counts_E for r in out.router])
+            dropped_LE += torch.stack([r.dropped_E for r in out.router])
+    if faults:
+        faults.during_update(step_no)
+    if run.scaler is not None:
+        for opt in run.optimizer.optimizers:
+            run.scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), t.grad_clip or math.inf)
+    loss_value, norm_value = torch.stack([sums[4] / t.grad_accum, grad_norm.double()]).tolist()
+    verdict = run.guard.check(step_no, loss_value, norm_value, run.scaler is not None)
+    if verdict == "ok":
+        run.optimizer.step(run.scaler)
+        if cfg.model.bias_update_rate:  # after the update, on the whole update's counts
+            update_selection_bias(run.model.routers, counts_LE, cfg.model.bias_update_rate)
+        window.add_update(sums[:4] / t.grad_accum, grad_norm, counts_LE, dropped_LE)
+        run.expert_counts_LE += counts_LE.cpu()
+    if run.scaler is not None:
+        run.scaler.update()
+    run.optimizer.zero_grad()
+    run.step += 1
+    tokens = t.batch_size * t.grad_accum * t.seq_len
+    run.tokens += tokens
+    window.tokens += tokens
+    return verdict
+
+
+def _track_best(run: Run, ev: dict, faults: FaultPlan) -> bool:
+    """Record a validation result; save `best` on improvement. True when patience ran out."""
+    t, best = run.cfg.train, run.best
+    if ev["loss"] < best["val_loss"] - t.min_delta:
+        best.update(val_loss=ev["loss"], step=run.step, bad_evals=0)
+        if t.keep_best:
+            save(run, {"val": ev}, name="best", faults=None)
+        return False
+    best["bad_evals"] += 1
+    return t.patience > 0 and best["bad_evals"] >= t.patience
+
+
+def smoke_check(run: Run) -> dict:
+    """After a smoke run: the newest checkpoint must reload to the same logits as the live model."""
+    from moelab.train.checkpoint import load_model as load_ckpt
+
+    ckpt = ck.list_checkpoints(run.run_dir)[-1]
+    loaded = load_ckpt(ckpt, run.device)
+    ids = run.data.val_windows[:2, :-1].to(run.device)
+    run.model.eval()
+    with torch.no_grad():
+        same = torch.equal(loaded(ids).logits, run.model(ids).logits)
+    if not same:
+        raise UserError(f"smoke check failed: {ckpt} does not reload to the trained weights")
+    return {"checkpoint_reloads": True, "checkpoint": str(ckpt)}
+
+
+def _train_line(rec: dict, total: int) -> str:
+    if rec["loss"] is None:
+        return f"step {rec['step']}/{total} every update of this interval was skipped"
+    line = (f"step {rec['step']}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+            f"gnorm {rec['grad_norm']:.2f} {rec['tokens_per_s']:.0f} tok/s")
+    if "mfu" in rec:
+        line += f" mfu {rec['mfu']:.1%}"
+    return line
+
+
 class _Window:
-    """Accumulates on-device sums between log points, so the loop never syncs per step."""
+    """Accumulates on-device sums of accepted updates between log points."""
 
     def __init__(self, run: Run):
         self.run = run
-        L, E = len(run.cfg.model.moe_layers), run.cfg.model.n_experts
+        L, E = run.expert_counts_LE.shape
         self.counts_LE = torch.zeros(L, E, dtype=torch.int64, device=run.device)
         self.dropped_LE = torch.zeros_like(self.counts_LE)
-        self.update_counts_LE = torch.zeros_like(self.counts_LE)  # this optimizer update only
-        # lm, aux, seq_aux, z, gnorm
-        self.sums = torch.zeros(5, dtype=torch.float64, device=run.device)
-        self.micro = self.steps = self.tokens = 0
+        self.sums = torch.zeros(5, dtype=torch.float64, device=run.device)  # lm, aux, seq_aux, z, gnorm
+        self.steps = self.tokens = 0
         self.tokens_total, self.train_time, self.last_loss = 0, 0.0, float("nan")
+        rows = parameter_table(run.model)
+        self.flops_per_token = flops_per_token(run.cfg.model, run.cfg.train.seq_len, rows["total"]["active"],
+                                               rows["embedding"]["total"])
+        self.peak = peak_tflops(run.device, run.cfg.train.precision, run.cfg.train.peak_tflops)
         self.clock = time.perf_counter()
 
-    def add_micro(self, out) -> None:
-        self.sums[:4] += torch.stack([out.lm_loss.detach(), out.aux_loss.detach(),
-                                      out.seq_aux_loss.detach(), out.z_loss.detach()]).double()
-        if out.router:
-            counts = torch.stack([r.counts_E for r in out.router])
-            self.counts_LE += counts
-            self.update_counts_LE += counts
-            self.dropped_LE += torch.stack([r.dropped_E for r in out.router])
-        self.micro += 1
-
-    def add_step(self, grad_norm: torch.Tensor, tokens: int) -> None:
+    def add_update(self, losses_4: torch.Tensor, grad_norm: torch.Tensor, counts_LE, dropped_LE) -> None:
+        self.sums[:4] += losses_4
         self.sums[4] += grad_norm.detach().double()
+        self.counts_LE += counts_LE
+        self.dropped_LE += dropped_LE
         self.steps += 1
-        self.tokens += tokens
 
     def reset_clock(self) -> None:  # exclude eval and checkpoint time from tokens/s
         self.clock = time.perf_counter()
@@ -276,27 +440,42 @@ class _Window:
         self.train_time += elapsed
         self.tokens_total += self.tokens
         lrs = [g["lr"] for opt in optimizer.optimizers for g in opt.param_groups]
-        m = self.run.cfg.model
-        rec = {"step": step, "split": "train", "loss": s[0] / self.micro}
+        m, n = self.run.cfg.model, max(self.steps, 1)
+        rec = {"step": step, "split": "train", "loss": s[0] / n if self.steps else None}
         for i, name in enumerate(("aux_loss", "seq_aux_loss", "z_loss"), start=1):
-            if name == "aux_loss" and m.n_experts or name in balance_terms(m):
-                rec[name] = s[i] / self.micro
-        rec.update({"grad_norm": s[4] / self.steps, "lr": lrs[0], "tokens_per_s": self.tokens / elapsed,
-                    "tokens": self.tokens_total, **routing_stats(self.counts_LE, self.dropped_LE)})
-        self.last_loss = rec["loss"]
+            if self.steps and (name == "aux_loss" and m.n_experts or name in balance_terms(m)):
+                rec[name] = s[i] / n
+        tok_s = self.tokens / elapsed
+        rec.update({"grad_norm": s[4] / n if self.steps else None, "lr": lrs[0], "tokens_per_s": tok_s,
+                    "tokens": self.run.tokens, "tflops": tok_s * self.flops_per_token / 1e12})
+        if self.peak:
+            rec["mfu"] = rec["tflops"] / self.peak
+        rec["peak_mem_gb"] = round(peak_memory_gb(self.run.device), 3)
+        skipped = self.run.guard.skipped
+        rec.update({f"skipped_{k}": v for k, v in skipped.items() if v})
+        rec["skipped_total"] = skipped["nonfinite"] + skipped["spike"]
+        if self.run.scaler is not None:
+            rec["loss_scale"] = self.run.scaler.get_scale()
+        rec.update(routing_stats(self.counts_LE, self.dropped_LE))
+        if rec["loss"] is not None:
+            self.last_loss = rec["loss"]
         self.sums.zero_()
         self.counts_LE.zero_()
         self.dropped_LE.zero_()
-        self.micro = self.steps = self.tokens = 0
+        self.steps = self.tokens = 0
         self.reset_clock()
         return rec
 
 
-def _summary(run: Run, final: dict, window: _Window) -> dict:
-    return {"run_dir": str(run.run_dir), "steps": run.step,
-            "val_loss": final["loss"], "val_ppl": final["ppl"], "val_acc": final["acc"],
-            "val_bpb": final["bpb"], "train_tokens_per_s": window.tokens_total / max(window.train_time, 1e-9),
-            "params": run.model.num_parameters()}
+def _summary(run: Run, final: dict | None, window: _Window, stopped: str | None, early: bool) -> dict:
+    s = {"run_dir": str(run.run_dir), "steps": run.step, "tokens": run.tokens,
+         "train_tokens_per_s": window.tokens_total / max(window.train_time, 1e-9),
+         "skipped": dict(run.guard.skipped), "stopped": stopped, "early_stopped": early,
+         "best": dict(run.best), "expert_counts": run.expert_counts_LE.tolist(),
+         "params": run.model.num_parameters()}
+    if final is not None:
+        s.update(val_loss=final["loss"], val_ppl=final["ppl"], val_acc=final["acc"], val_bpb=final["bpb"])
+    return s
 
 
 def _printer(progress: bool | None):

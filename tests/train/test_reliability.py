@@ -1,0 +1,195 @@
+"""The loop's promises under faults (../shared/guide/reliability.md), each on the real CLI in a
+child process: SIGKILL mid-run and mid-save, SIGTERM, injected NaN, loss spikes, out-of-memory,
+pickled checkpoints. Faults are injected with MOELAB_FAULTS (see moelab/train/faults.py); kills
+and SIGTERM are real signals."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moelab import load_model
+from moelab.train.checkpoint import list_checkpoints, load_trainer_state
+
+# 2 layers, d=64, 4 experts top-2, seq 64, fp32, save every 10 (the reliability guide's model).
+BASE = ["train.steps=40", "train.save_every=10", "train.eval_every=20", "train.log_every=1",
+        "train.threads=1"]
+
+
+def _moelab(*args, faults: str = "", timeout=300):
+    env = dict(os.environ, MOELAB_FAULTS=faults)
+    return subprocess.run([sys.executable, "-m", "moelab", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """One prepared dataset for every run here (tokenised once)."""
+    import random
+
+    root = tmp_path_factory.mktemp("rel")
+    rng = random.Random(0)
+    words = ("expert router token layer gradient batch window split value train model loss attention "
+             "norm rotary vocabulary merge corpus document python code function").split()
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(60):
+        (corpus / f"d{i:03d}.txt").write_text(" ".join(rng.choice(words) for _ in range(400)))
+    res = _moelab("data", "prepare", str(corpus), "--out", str(root / "prep"), "--vocab-size", "300",
+                  "--val-fraction", "0.1")
+    assert res.returncode == 0, res.stderr
+    return root / "prep"
+
+
+def _train(out, prepared, *extra, faults="", resume=False):
+    args = ["train", "--preset", "test", "--out", str(out), f"data.path={prepared}", *BASE, *extra]
+    if resume:
+        args = ["train", "--resume", "auto", "--out", str(out), *extra]
+    return _moelab(*args, faults=faults)
+
+
+def _train_losses(run) -> dict[int, float]:
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r["split"] == "train"}
+
+
+def _assert_same_weights(a, b):
+    for (name, x), y in zip(load_model(a).state_dict().items(), load_model(b).state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    res = _train(out, prepared)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_twice_then_resume_is_bit_identical(prepared, reference, tmp_path):
+    run = tmp_path / "run"
+    res = _train(run, prepared, faults="kill@27")
+    assert res.returncode == -9  # really killed, mid-update 27; the last save was 20
+    assert [c.name for c in list_checkpoints(run)] == ["step_0000010", "step_0000020"]
+    res = _train(run, prepared, faults="kill@33", resume=True)  # resumes at 20, dies again
+    assert res.returncode == -9 and "resumed at step 20" in res.stderr
+    res = _train(run, prepared, resume=True)
+    assert res.returncode == 0 and "resumed at step 30" in res.stderr, res.stderr
+    ref, got = _train_losses(reference), _train_losses(run)
+    assert sorted(got) == list(range(1, 41))
+    assert all(got[s] == ref[s] for s in range(1, 41)), [(s, ref[s], got[s]) for s in got if got[s] != ref[s]]
+    a, b = (json.loads((r / "summary.json").read_text()) for r in (reference, run))
+    assert a["expert_counts"] == b["expert_counts"] and a["val_loss"] == b["val_loss"]
+    _assert_same_weights(reference, run)
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_leaves_the_previous_one(prepared, reference, tmp_path):
+    """SIGKILL after each of the four files of the step-20 save: the step-10 checkpoint stays the
+    newest complete one, the half-written directory is never picked, and resuming ends where the
+    uninterrupted run does."""
+    for n_files in (1, 2, 3, 4):
+        run = tmp_path / f"run{n_files}"
+        res = _train(run, prepared, faults=f"kill_save@20:{n_files}")
+        assert res.returncode == -9
+        assert [c.name for c in list_checkpoints(run)] == ["step_0000010"]
+        assert any(p.name.startswith(".tmp-step_0000020") for p in (run / "checkpoints").iterdir())
+    res = _train(tmp_path / "run2", prepared, resume=True)
+    assert res.returncode == 0 and "resumed at step 10" in res.stderr, res.stderr
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "run2" / "checkpoints").iterdir())
+    _assert_same_weights(reference, tmp_path / "run2")
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_update_saves_and_exits_0(prepared, reference, tmp_path):
+    run = tmp_path / "run"
+    res = _train(run, prepared, faults="term@13")
+    assert res.returncode == 0, res.stderr
+    assert "stopped by SIGTERM after 13 updates" in res.stdout
+    ckpts = list_checkpoints(run)
+    assert ckpts[-1].name == "step_0000013" and load_trainer_state(ckpts[-1])["step"] == 13
+    res = _train(run, prepared, resume=True)
+    assert res.returncode == 0 and "resumed at step 13" in res.stderr, res.stderr
+    ref, got = _train_losses(reference), _train_losses(run)
+    assert all(got[s] == ref[s] for s in range(1, 41))
+    _assert_same_weights(reference, run)
+
+
+def test_nan_update_is_skipped_and_counted(prepared, tmp_path):
+    """NaN in the loss of update 12: the weights after it equal those after update 11."""
+    args = ["train.steps=12", "train.save_every=11"]
+    clean = tmp_path / "clean"
+    assert _train(clean, prepared, *args).returncode == 0
+    bad = tmp_path / "bad"
+    res = _train(bad, prepared, *args, faults="nan@12")
+    assert res.returncode == 0, res.stderr
+    after_11 = load_model(list_checkpoints(clean)[0])
+    assert list_checkpoints(clean)[0].name == "step_0000011"
+    for (name, x), y in zip(after_11.state_dict().items(), load_model(bad).state_dict().values()):
+        assert torch.equal(x, y), name
+    summary = json.loads((bad / "summary.json").read_text())
+    assert summary["skipped"]["nonfinite"] == 1 and summary["steps"] == 12
+    last = [json.loads(ln) for ln in (bad / "metrics.jsonl").read_text().splitlines()][-2]
+    assert last["step"] == 12 and last["skipped_nonfinite"] == 1 and last["loss"] is None
+    assert "update 12: nonfinite" in res.stderr
+
+
+def test_nan_with_raise_stops_without_saving_the_bad_update(prepared, tmp_path):
+    run = tmp_path / "run"
+    res = _train(run, prepared, "train.steps=12", "train.nonfinite=raise", faults="nan@12")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "non-finite loss at update 12" in res.stderr.strip().splitlines()[-1]
+    assert [c.name for c in list_checkpoints(run)] == ["step_0000010"]
+
+
+def test_loss_spike_is_skipped_and_counted(prepared, tmp_path):
+    run = tmp_path / "run"
+    res = _train(run, prepared, "train.steps=25", "train.spike_window=10", faults="spike@18")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["skipped"] == {"nonfinite": 0, "spike": 1, "overflow": 0}
+    assert "update 18: spike" in res.stderr
+
+
+def test_out_of_memory_names_the_micro_batch_to_try(prepared, tmp_path):
+    res = _train(tmp_path / "run", prepared, faults="oom@3")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert "out of memory at update 3" in line and "train.batch_size=4 train.grad_accum=2" in line
+
+
+def test_pickled_checkpoint_is_refused_and_its_code_never_runs(prepared, tmp_path):
+    import pickle
+
+    run = tmp_path / "run"
+    assert _train(run, prepared, "train.steps=10").returncode == 0
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    state = list_checkpoints(run)[-1] / "trainer_state.pt"
+    with open(state, "wb") as fh:
+        pickle.dump({"step": Payload()}, fh)
+    res = _train(run, prepared, "train.steps=20", resume=True)
+    assert res.returncode == 2 and "refusing to load" in res.stderr and "Traceback" not in res.stderr
+    assert not marker.exists()
+
+
+def test_changed_prepared_data_is_refused_on_resume(prepared, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    run = tmp_path / "run"
+    assert _moelab("train", "--preset", "test", "--out", str(run), f"data.path={data}", *BASE,
+                   "train.steps=10").returncode == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["fingerprint"] = "0" * len(manifest["fingerprint"])  # as if re-prepared from edited files
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    res = _train(run, data, "train.steps=20", resume=True)
+    assert res.returncode == 2 and "data changed since checkpoint" in res.stderr, res.stderr
