@@ -12,27 +12,10 @@ device, and the ratio of moelab to the best of them. Not a test: timings are mac
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-
-def bench(fn, iters: int, warmup: int = 3) -> float:
-    """Seconds per call; an implementation slower than 1 s per call gets 2 timed calls only."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    t = time.perf_counter()
-    fn()
-    sync()
-    if time.perf_counter() - t > 1.0:
-        warmup, iters = 0, 2
-    for _ in range(warmup):
-        fn()
-    sync()
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / iters
+from common import bench
 
 
 def main() -> None:

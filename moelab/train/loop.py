@@ -418,9 +418,8 @@ class _Window:
         self.sums = torch.zeros(5, dtype=torch.float64, device=run.device)  # lm, aux, seq_aux, z, gnorm
         self.steps = self.tokens = 0
         self.tokens_total, self.train_time, self.last_loss = 0, 0.0, float("nan")
-        rows = parameter_table(run.model)
-        self.flops_per_token = flops_per_token(run.cfg.model, run.cfg.train.seq_len, rows["total"]["active"],
-                                               rows["embedding"]["total"])
+        self.flops_per_token = flops_per_token(run.cfg.model, run.cfg.train.seq_len,
+                                               parameter_table(run.model))
         self.peak = peak_tflops(run.device, run.cfg.train.precision, run.cfg.train.peak_tflops)
         self.clock = time.perf_counter()
 

@@ -25,17 +25,17 @@ def is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def flops_per_token(cfg, seq_len: int, n_active_params: int, n_embedding_params: int) -> float:
+def flops_per_token(cfg, seq_len: int, rows: dict) -> float:
     """Training FLOPs per token: 6 x active matmul parameters (forward 2, backward 4; the embedding
-    lookup is not a matmul, the output head is) + causal attention scores and values,
-    6 x n_layers x n_heads x (qk_dim + v_dim) x seq_len / 2."""
+    lookup and the norms are not matmuls, the output head is) + causal attention scores and values,
+    6 x n_layers x n_heads x (qk_dim + v_dim) x seq_len / 2. `rows`: accounting.parameter_table."""
     m = cfg
     if m.attention == "mla":
         qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
     else:
         qk = v = m.head_dim
     head_params = 0 if not m.tie_embeddings else m.vocab_size * m.d_model  # tied: counted as embedding
-    matmul = n_active_params - n_embedding_params + head_params
+    matmul = rows["total"]["active"] - rows["embedding"]["active"] - rows["norms"]["active"] + head_params
     return 6.0 * matmul + 6.0 * m.n_layers * m.n_heads * (qk + v) * seq_len / 2
 
 

@@ -83,3 +83,98 @@ def test_param_groups_rule():
     assert "blocks.0.attn.q_proj.weight" in muon and "blocks.0.moe.experts.gate_proj" in muon
     n_all = sum(1 for _ in MoETransformer(cfg.model).parameters())
     assert len(muon) + len(adamw) == n_all
+
+
+def _model(tie=False):
+    from moelab.config import Config
+    from moelab.models import MoETransformer
+
+    cfg = Config()
+    cfg.model.tie_embeddings = tie
+    cfg.model.d_model, cfg.model.n_layers = 32, 2
+    cfg.resolve(vocab_size=300)
+    return cfg, MoETransformer(cfg.model)
+
+
+def test_modes_assign_every_parameter_once():
+    from moelab.optim.groups import split_params
+
+    cfg, model = _model()
+    names = {n for n, _ in model.named_parameters()}
+    for mode in ("hybrid", "muon", "adamw"):
+        g = split_params(model, mode)
+        listed = [n for v in g.values() for n, _ in v]
+        assert sorted(listed) == sorted(names), mode
+        assert all(p.ndim == 1 for _, p in g["adamw_no_decay"])  # norms and biases: no decay
+    muon = {n for n, _ in split_params(model, "muon")["muon"]}
+    assert {"embed.weight", "lm_head.weight", "blocks.0.moe.router.weight"} <= muon
+    assert not split_params(model, "adamw")["muon"]
+
+
+def test_adamw_mode_equals_torch_adamw():
+    """mode=adamw with a schedule: the same trajectory as torch.optim.AdamW driven by hand with
+    the scheduled LR and decoupled decay on matrices only."""
+    import copy
+
+    from moelab.optim.groups import HybridOptimizer
+
+    cfg, model = _model()
+    cfg.optim.mode, cfg.optim.adamw_lr, cfg.optim.weight_decay = "adamw", 1e-2, 0.1
+    ref_model = copy.deepcopy(model)
+    ours = HybridOptimizer(model, cfg.optim, torch.device("cpu"))
+    decay = [p for p in ref_model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in ref_model.parameters() if p.ndim < 2]
+    ref = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-2, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    x = torch.randint(0, 300, (2, 16))
+    for step in range(4):
+        f = lr_factor(step, 4, 1, "linear", 0.1)
+        ours.set_lr_factor(f)
+        for g in ref.param_groups:
+            g["lr"] = 1e-2 * f
+        for m, opt in ((model, ours), (ref_model, ref)):
+            torch.manual_seed(step)
+            m(x, targets=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for (n, a), b in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+def test_bf16_newton_schulz_matches_fp32():
+    G = torch.stack([_ill_conditioned(64, 32), _ill_conditioned(64, 32)])
+    a = newton_schulz(G, dtype=torch.float32)
+    b = newton_schulz(G, dtype=torch.bfloat16)
+    assert b.dtype == torch.float32  # returned in the parameter's dtype
+    cos = (a * b).sum() / (a.norm() * b.norm())
+    assert cos > 0.995
+
+
+def test_muon_weight_decay_is_decoupled():
+    p = torch.nn.Parameter(torch.randn(16, 16))
+    p0 = p.detach().clone()
+    opt = Muon([p], lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.5, ns_dtype=torch.float32)
+    g = torch.randn(16, 16)
+    p.grad = g.clone()
+    opt.step()
+    expected = p0 * (1 - 0.1 * 0.5) - 0.1 * update_scale(p.shape, "match_adamw") * newton_schulz(g, 5, torch.float32)
+    torch.testing.assert_close(p.detach(), expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "wsd", "constant"])
+def test_schedules(kind):
+    total, warmup = 100, 10
+    f = [lr_factor(i, total, warmup, kind, 0.1, decay_frac=0.2) for i in range(total)]
+    assert f[:warmup] == pytest.approx([(i + 1) / warmup for i in range(warmup)])
+    if kind == "constant":
+        assert f[warmup:] == [1.0] * (total - warmup)
+        return
+    assert f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[warmup:], f[warmup + 1:]))
+    if kind == "wsd":  # stable at 1 until the last 20 updates, then a straight line
+        assert f[warmup:80] == [1.0] * (80 - warmup) and f[80] < 1.0
+        diffs = [a - b for a, b in zip(f[80:], f[81:])]
+        assert max(diffs) - min(diffs) < 1e-9
+    else:
+        diffs = [a - b for a, b in zip(f[warmup:], f[warmup + 1:])]
+        assert max(diffs) - min(diffs) < 1e-9

@@ -26,25 +26,6 @@ def _moelab(*args, faults: str = "", timeout=300):
                           env=env, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """One prepared dataset for every run here (tokenised once)."""
-    import random
-
-    root = tmp_path_factory.mktemp("rel")
-    rng = random.Random(0)
-    words = ("expert router token layer gradient batch window split value train model loss attention "
-             "norm rotary vocabulary merge corpus document python code function").split()
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(60):
-        (corpus / f"d{i:03d}.txt").write_text(" ".join(rng.choice(words) for _ in range(400)))
-    res = _moelab("data", "prepare", str(corpus), "--out", str(root / "prep"), "--vocab-size", "300",
-                  "--val-fraction", "0.1")
-    assert res.returncode == 0, res.stderr
-    return root / "prep"
-
-
 def _train(out, prepared, *extra, faults="", resume=False):
     args = ["train", "--preset", "test", "--out", str(out), f"data.path={prepared}", *BASE, *extra]
     if resume:

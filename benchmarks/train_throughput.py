@@ -1,0 +1,131 @@
+"""Training throughput: moelab vs transformers' DeepseekV3ForCausalLM at the same size, same
+weights, same batch, same precision and the same optimizer (AdamW), in one process.
+
+Run: python benchmarks/train_throughput.py [--preset exp3] [--dtype fp32|bf16] [--iters 10]
+                                           [--muon] [--compile]
+A training step is forward + loss + backward + gradient clipping + optimizer update. transformers
+is timed with every attention (eager, sdpa) and experts implementation (eager, batched_mm,
+grouped_mm; see --hf-experts) that runs here, and the best is the reference. moelab uses its DeepSeek-V3 design
+(MLA, sigmoid group-free router with selection bias, one shared expert) at the preset's size.
+Prints tokens/s of each, the ratio moelab / best transformers and, on a GPU, MFU.
+Not a test: timings are machine-dependent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+
+import torch
+
+from common import bench
+
+
+def main() -> None:
+    import transformers
+
+    from moelab.config import build_config
+    from moelab.models import MoETransformer
+    from moelab.models.accounting import parameter_table
+    from moelab.models.hf import hf_config, to_hf_state_dict
+    from moelab.models.presets import FAMILIES
+    from moelab.optim.groups import HybridOptimizer
+    from moelab.train.monitor import flops_per_token, peak_tflops
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="exp3")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--muon", action="store_true", help="also time moelab with its default Muon hybrid")
+    ap.add_argument("--compile", action="store_true", help="also time moelab with train.compile")
+    ap.add_argument("--hf-experts", nargs="+", default=["eager", "grouped_mm"],
+                    help="transformers experts implementations to time (batched_mm copies each "
+                         "token's expert weights: T*K*3*D*F floats per layer, which exhausts host "
+                         "memory at exp3 size)")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = build_config(args.preset)
+    for k, v in {**FAMILIES["deepseek_v3"], "n_group": 1, "topk_group": 1}.items():
+        setattr(cfg.model, k, v)
+    m = cfg.resolve(vocab_size=cfg.data.vocab_size).model
+    B, S = cfg.train.batch_size, cfg.train.seq_len
+    torch.manual_seed(0)
+    model = MoETransformer(m).to(device)
+    x = torch.randint(0, m.vocab_size, (B, S + 1), device=device)
+    inputs, targets = x[:, :-1], x[:, 1:]
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.dtype == "bf16" \
+        else contextlib.nullcontext
+
+    def adamw(mod):
+        return torch.optim.AdamW(mod.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+
+    def moelab_step(mod, opt, fwd):
+        def step():
+            with autocast():
+                loss = fwd(inputs, targets=targets).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(mod.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+        return step
+
+    def hf_step(mod, opt):
+        def step():
+            with autocast():
+                logits = mod(input_ids=inputs).logits
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(mod.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    tokens = B * S
+    results = {}
+    with torch.no_grad():
+        ref_logits = model.eval()(inputs).logits
+    state = {k: v.clone() for k, v in to_hf_state_dict(model).items()}  # before moelab's updates
+    model.train()
+    results["moelab (AdamW)"] = tokens / bench(moelab_step(model, adamw(model), model), args.iters)
+    if args.muon:
+        opt = HybridOptimizer(model, cfg.optim, device)
+        results["moelab (Muon hybrid)"] = tokens / bench(moelab_step(model, opt, model), args.iters)
+    if args.compile:
+        compiled = torch.compile(model)
+        results["moelab compiled (AdamW)"] = tokens / bench(moelab_step(model, adamw(model), compiled),
+                                                            args.iters)
+    for attn, impl in itertools.product(("eager", "sdpa"), args.hf_experts):
+        hf_cfg = hf_config(m, "deepseek_v3")
+        hf_cfg._experts_implementation = impl
+        hf_cfg._attn_implementation = attn
+        hf = transformers.DeepseekV3ForCausalLM(hf_cfg)
+        hf.load_state_dict(state, strict=False)
+        hf.to(device)
+        name = f"transformers attn={attn} experts={impl}"
+        try:
+            with torch.no_grad():  # same weights: the same logits, checked before timing
+                diff = (hf.eval()(input_ids=inputs).logits - ref_logits).abs().max().item()
+            hf.train()
+            results[name] = tokens / bench(hf_step(hf, adamw(hf)), args.iters)
+        except Exception as exc:  # an implementation unavailable on this device
+            print(f"{name}: skipped ({type(exc).__name__}: {str(exc)[:80]})")
+            continue
+        print(f"{name}: max |logits - moelab| = {diff:.2e}")
+    rows = parameter_table(model)
+    fpt = flops_per_token(m, S, rows)
+    peak = peak_tflops(device, "bf16" if args.dtype == "bf16" else "fp32")
+    print(f"\nTraining step (fwd+bwd+clip+AdamW), DeepSeek-V3 design at preset {args.preset} size "
+          f"({rows['total']['total'] / 1e6:.1f}M params, {rows['total']['active'] / 1e6:.1f}M active, "
+          f"D={m.d_model}, L={m.n_layers}, E={m.n_experts} top-{m.top_k}, {B}x{S} tokens), {device}, "
+          f"{args.dtype}, {torch.get_num_threads()} threads")
+    for name, tps in results.items():
+        mfu = f"  MFU {tps * fpt / 1e12 / peak:.1%}" if peak else ""
+        print(f"  {name:<44}{tps:>10,.0f} tokens/s  {tps * fpt / 1e12:6.3f} TFLOP/s{mfu}")
+    best = max((v, k) for k, v in results.items() if k.startswith("transformers"))
+    print(f"  ratio moelab (AdamW) / best transformers ({best[1]}): "
+          f"{results['moelab (AdamW)'] / best[0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

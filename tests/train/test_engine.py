@@ -1,0 +1,137 @@
+"""The loop's options in process: precisions, activation checkpointing, keep-last and best
+checkpoints, early stopping, --smoke, logging (MFU, routing metrics, TensorBoard, curves)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moelab import load_model
+from moelab.config import build_config
+from moelab.train.checkpoint import list_checkpoints, load_trainer_state
+from moelab.train.loop import train
+
+
+def _run(tmp_path, prepared, *extra, name="run", resume=None, overrides=()):
+    cfg = build_config("test", None, [f"data.path={prepared}", *extra])
+    return train(cfg, out=str(tmp_path / name), resume=resume, overrides=overrides, progress=False)
+
+
+def _records(run):
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_low_precision_trains_evaluates_and_resumes_exactly(tmp_path, prepared, precision):
+    """Autocast training with fp32 master weights; the final evaluation runs in the same precision
+    (no Half/Float mismatch); fp16 keeps its loss scale across a resume."""
+    args = (f"train.precision={precision}", "train.steps=20", "train.save_every=10")
+    full = _run(tmp_path, prepared, *args, name="full")
+    first = _records(tmp_path / "full")[0]
+    assert full["val_loss"] < first["loss"] - 0.5
+    model = load_model(tmp_path / "full")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    state = load_trainer_state(list_checkpoints(tmp_path / "full")[-1])
+    if precision == "fp16":
+        assert state["scaler"]["scale"] > 0
+        assert "loss_scale" in _records(tmp_path / "full")[-2]
+    _run(tmp_path, prepared, *args, name="part")
+    import shutil
+
+    shutil.rmtree(list_checkpoints(tmp_path / "part")[-1])
+    _run(tmp_path, prepared, name="part", resume="auto")
+    for (n, a), b in zip(model.state_dict().items(), load_model(tmp_path / "part").state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_activation_checkpointing_trains_like_without(tmp_path, prepared):
+    a = _run(tmp_path, prepared, "train.steps=6", name="plain")
+    b = _run(tmp_path, prepared, "train.steps=6", "train.activation_checkpointing=true", name="ckpt")
+    assert a["expert_counts"] == b["expert_counts"]
+    assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
+
+
+def test_keep_last_three_plus_best(tmp_path, prepared):
+    _run(tmp_path, prepared, "train.steps=40", "train.save_every=5", "train.keep_last=3", "train.eval_every=5")
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["best", "step_0000030", "step_0000035", "step_0000040"]
+    best = json.loads((ckpts / "best" / "meta.json").read_text())
+    vals = {r["step"]: r["loss"] for r in _records(tmp_path / "run") if r["split"] == "val" and not r.get("final")
+            and r["step"] > 0}
+    assert best["step"] == min(vals, key=vals.get) and best["val"]["loss"] == min(vals.values())
+
+
+def test_early_stopping_keeps_the_best(tmp_path, prepared):
+    """min_delta so large that nothing after the first evaluation counts as better: with patience 2
+    the run stops at the third evaluation, and `best` is the first."""
+    s = _run(tmp_path, prepared, "train.steps=30", "train.eval_every=5", "train.patience=2", "train.min_delta=100")
+    assert s["early_stopped"] and s["steps"] == 15
+    best = tmp_path / "run" / "checkpoints" / "best"
+    assert json.loads((best / "meta.json").read_text())["step"] == 5
+    assert load_trainer_state(best)["step"] == 5
+    assert list_checkpoints(tmp_path / "run")[-1].name == "step_0000015"
+
+
+def test_smoke_checks_a_config_end_to_end(tmp_path, prepared):
+    res = subprocess.run([sys.executable, "-m", "moelab", "train", "--preset", "test", "--smoke", "--out",
+                          str(tmp_path / "smoke"), f"data.path={prepared}", "train.steps=500"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "done: 4 updates" in res.stdout and "smoke check passed" in res.stdout
+    assert [c.name for c in list_checkpoints(tmp_path / "smoke")] == ["step_0000002", "step_0000004"]
+
+
+def test_logged_metrics_at_the_cadence(tmp_path, prepared):
+    """Training records every log_every updates with loss, balance terms, LR, gradient norm,
+    tokens/s, FLOPs and MFU (against the given peak), peak memory and per-layer routing metrics;
+    TensorBoard gets the same scalars; the curves PNG is written."""
+    _run(tmp_path, prepared, "train.steps=12", "train.log_every=4", "train.peak_tflops=1.0",
+         "train.tensorboard=true", "train.plot=true", "model.z_loss_coef=0.001")
+    recs = [r for r in _records(tmp_path / "run") if r["split"] == "train"]
+    assert [r["step"] for r in recs] == [4, 8, 12]
+    for r in recs:
+        for key in ("loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu",
+                    "peak_mem_gb", "load_cv", "load_max_mean", "dead_experts"):
+            assert key in r, key
+        assert r["mfu"] == pytest.approx(r["tflops"] / 1.0) and r["peak_mem_gb"] > 0
+        assert len(r["load_cv"]) == 2 and all(v >= 0 for v in r["load_cv"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    tb = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert tb == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in recs]
+    assert "routing/load_cv/moe1" in acc.Tags()["scalars"]
+    png = tmp_path / "run" / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_flops_per_token_counts_active_matmuls():
+    """6 x active matmul parameters (no embedding lookup, no norms) + causal attention, checked
+    against a hand count."""
+    from moelab.config import Config
+    from moelab.models import MoETransformer
+    from moelab.models.accounting import parameter_table
+    from moelab.train.monitor import flops_per_token
+
+    cfg = Config()
+    cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads = 64, 2, 4
+    cfg.model.n_experts, cfg.model.top_k, cfg.model.expert_dim = 4, 2, 32
+    cfg.resolve(vocab_size=100)
+    rows = parameter_table(MoETransformer(cfg.model))
+    D, V, L, F = 64, 100, 2, 32
+    per_layer = 4 * D * D + 2 * 3 * D * F + 4 * D  # attention, 2 of 4 SwiGLU experts, router
+    hand = 6 * (L * per_layer + V * D) + 6 * L * 4 * (16 + 16) * 128 / 2  # tied head is a matmul
+    assert flops_per_token(cfg.model, 128, rows) == pytest.approx(hand)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, prepared):
+    eager = _run(tmp_path, prepared, "train.steps=6", name="eager")
+    compiled = _run(tmp_path, prepared, "train.steps=6", "train.compile=true", name="compiled")
+    a = [r["loss"] for r in _records(tmp_path / "eager") if r["split"] == "train"]
+    b = [r["loss"] for r in _records(tmp_path / "compiled") if r["split"] == "train"]
+    assert b == pytest.approx(a, abs=2e-3)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=2e-3)
