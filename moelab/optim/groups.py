@@ -91,10 +91,14 @@ class HybridOptimizer:
         return [opt.state_dict() for opt in self.optimizers]
 
     def load_state_dict(self, states: list[dict]) -> None:
-        if len(states) != len(self.optimizers):
-            from moelab.errors import UserError
+        from moelab.errors import UserError
 
-            raise UserError("the optimizer layout (optim.mode) changed since the checkpoint; resume "
+        changed = UserError("the optimizer layout (optim.mode) changed since the checkpoint; resume "
                             "with the mode it was saved with")
+        if len(states) != len(self.optimizers):
+            raise changed
         for opt, st in zip(self.optimizers, states):
-            opt.load_state_dict(st)
+            try:
+                opt.load_state_dict(st)
+            except ValueError:  # parameter groups of another size
+                raise changed from None

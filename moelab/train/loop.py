@@ -99,7 +99,8 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
     run = Run(cfg, run_dir, device, data, model, HybridOptimizer(model, cfg.optim, device),
               BatchLoader(data.train_windows, t.batch_size, t.seed), guard, scaler,
-              expert_counts_LE=torch.zeros(len(cfg.model.moe_layers), cfg.model.n_experts, dtype=torch.int64))
+              expert_counts_LE=torch.zeros(len(cfg.model.moe_layers), cfg.model.n_experts, dtype=torch.int64,
+                                           device=device))
     if ckpt is not None:
         _restore(run, ckpt)
     return run
@@ -151,7 +152,7 @@ def trainer_state(run: Run) -> dict:
             "schedule": schedule_state(run.step, t.steps, o.warmup, o.schedule, o.min_lr_ratio, o.decay_frac),
             "scaler": run.scaler.state_dict() if run.scaler is not None else {},
             "loader": run.loader.state_dict(), "rng": ck.rng_state(), "guard": run.guard.state_dict(),
-            "expert_counts": run.expert_counts_LE.clone(), "best": dict(run.best),
+            "expert_counts": run.expert_counts_LE.cpu(), "best": dict(run.best),
             "fingerprint": run.data.fingerprint}
 
 
@@ -272,6 +273,10 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
                 verdict = _update(run, forward, autocast, window, faults, step_no)
             except torch.OutOfMemoryError:
                 raise UserError(oom_message(run, step_no)) from None
+            except RuntimeError as exc:  # the CPU allocator's out-of-memory is a plain RuntimeError
+                if "can't allocate memory" not in str(exc):
+                    raise
+                raise UserError(oom_message(run, step_no)) from None
             if verdict != "ok":
                 _write(bar, say, f"update {step_no}: {verdict} loss/gradient, update skipped "
                                  f"(skipped so far: {run.guard.skipped})")
@@ -359,7 +364,7 @@ def _update(run: Run, forward, autocast, window: "_Window", faults: FaultPlan, s
         if cfg.model.bias_update_rate:  # after the update, on the whole update's counts
             update_selection_bias(run.model.routers, counts_LE, cfg.model.bias_update_rate)
         window.add_update(sums[:4] / t.grad_accum, grad_norm, counts_LE, dropped_LE)
-        run.expert_counts_LE += counts_LE.cpu()
+        run.expert_counts_LE += counts_LE
     if run.scaler is not None:
         run.scaler.update()
     run.optimizer.zero_grad()
