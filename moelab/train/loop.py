@@ -50,6 +50,7 @@ class Run:
     tokens: int = 0  # training tokens consumed
     expert_counts_LE: torch.Tensor | None = None  # slots routed to each expert, whole run
     best: dict = field(default_factory=lambda: {"val_loss": math.inf, "step": -1, "bad_evals": 0})
+    provenance: dict = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,7 +89,8 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
     data = build_dataset(cfg.data, t.seq_len, run_dir)
     cfg.resolve(vocab_size=data.tokenizer.vocab_size)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    (run_dir / "run.json").write_text(json.dumps(provenance(), indent=1))
+    origin = provenance()  # git SHA and versions, recorded once per process and in every checkpoint
+    (run_dir / "run.json").write_text(json.dumps(origin, indent=1))
     if data.train_windows.shape[0] < t.batch_size:
         raise UserError(f"training split has {data.train_windows.shape[0]} windows, fewer than "
                         f"train.batch_size={t.batch_size}; use more text or a smaller batch")
@@ -100,7 +102,7 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
     run = Run(cfg, run_dir, device, data, model, HybridOptimizer(model, cfg.optim, device),
               BatchLoader(data.train_windows, t.batch_size, t.seed), guard, scaler,
               expert_counts_LE=torch.zeros(len(cfg.model.moe_layers), cfg.model.n_experts, dtype=torch.int64,
-                                           device=device))
+                                           device=device), provenance=origin)
     if ckpt is not None:
         _restore(run, ckpt)
     return run
@@ -180,7 +182,7 @@ def _restore(run: Run, ckpt: Path) -> None:
 
 
 def save(run: Run, metrics: dict, name: str | None = None, faults: FaultPlan | None = None) -> Path:
-    meta = dict(metrics, tokens=run.tokens, skipped=dict(run.guard.skipped), provenance=provenance())
+    meta = dict(metrics, tokens=run.tokens, skipped=dict(run.guard.skipped), provenance=run.provenance)
     hook = faults.save_hook(run.step) if faults else None
     path = ck.save_checkpoint(run.run_dir, run.step, run.model, trainer_state(run), run.cfg.to_yaml(),
                               meta, name=name, after_file=hook)
@@ -292,7 +294,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
                 ev = run_eval(run)
                 sinks.write({"step": run.step, "split": "val", **ev})
                 _write(bar, say, f"step {run.step} val loss {ev['loss']:.4f} bpb {ev['bpb']:.3f}")
-                early_stopped = _track_best(run, ev, faults)
+                early_stopped = _track_best(run, ev)
                 if early_stopped:
                     _write(bar, say, f"early stop: no validation improvement in {t.patience} evaluations "
                                      f"(best {run.best['val_loss']:.4f} at step {run.best['step']})")
@@ -375,13 +377,13 @@ def _update(run: Run, forward, autocast, window: "_Window", faults: FaultPlan, s
     return verdict
 
 
-def _track_best(run: Run, ev: dict, faults: FaultPlan) -> bool:
+def _track_best(run: Run, ev: dict) -> bool:
     """Record a validation result; save `best` on improvement. True when patience ran out."""
     t, best = run.cfg.train, run.best
     if ev["loss"] < best["val_loss"] - t.min_delta:
         best.update(val_loss=ev["loss"], step=run.step, bad_evals=0)
         if t.keep_best:
-            save(run, {"val": ev}, name="best", faults=None)
+            save(run, {"val": ev}, name="best")
         return False
     best["bad_evals"] += 1
     return t.patience > 0 and best["bad_evals"] >= t.patience
