@@ -88,6 +88,54 @@ def _cmd_data_prepare(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    import json
+
+    from moelab.eval.target import load_target
+
+    target = load_target(args.target, args.device)
+    results = {"model": target.label}
+    if not (args.choice or args.harness) or args.data or args.source or target.run_dir:
+        from moelab.eval.language import eval_language, format_language
+
+        results["language"] = eval_language(target, args.split, args.data, args.source, args.seq_len,
+                                            args.windows, args.batch_size, args.precision, not args.no_xz)
+        print(format_language(results["language"]))
+    if args.choice:
+        from moelab.eval.choice import eval_choice
+
+        results["choice"] = []
+        for task in args.choice:
+            r = eval_choice(target, task, args.limit, args.batch_size)
+            results["choice"].append(r)
+            print(f"{r['task']}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f} | acc_norm {r['acc_norm']:.4f} "
+                  f"+- {r['acc_norm_stderr']:.4f} | {r['items']} items (chance {r['chance']:.3f})")
+    if args.harness:
+        from moelab.eval.harness import run_harness
+
+        results["harness"] = run_harness(args.target, args.harness, args.include_path, args.limit or None,
+                                         args.batch_size, args.device)
+        for task, metrics in results["harness"].items():
+            print(f"lm_eval {task}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from moelab.eval.generate import Sampler, generate_text
+    from moelab.eval.target import load_target
+
+    target = load_target(args.target, args.device)
+    sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    for prompt in args.prompt:
+        r = generate_text(target.model, target.tokenizer, prompt, args.max_new_tokens, sampler,
+                          tuple(args.stop or ()), not args.no_cache)
+        print(r["prompt"] + r["text"])
+        print(f"-- {r['new_tokens']} tokens, stopped: {r['stop_reason']}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moelab", description="Train, evaluate and diagnose Mixture-of-Experts language models.")
@@ -128,6 +176,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixtral|qwen3_moe|olmoe|deepseek_v3|glm4_moe|llama|qwen3; auto: the one that "
                         "expresses the model exactly")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("eval", help="loss, perplexity, accuracy and bits per byte (with xz -9 as reference), "
+                                    "multiple-choice benchmarks, lm-evaluation-harness tasks")
+    p.add_argument("target", help="run directory (newest checkpoint), checkpoint or Hugging Face directory")
+    p.add_argument("--split", default="val", help="train or val split of the run's / --data's prepared data")
+    p.add_argument("--data", help="a prepared data directory (moelab data prepare)")
+    p.add_argument("--source", help="raw text: a text/JSONL/PDF file or folder, or 'stdlib' (all documents)")
+    p.add_argument("--seq-len", type=int, help="window length (default: the run's train.seq_len)")
+    p.add_argument("--windows", type=int, default=0, help="evaluate this many evenly spaced windows (0: all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--precision", help="fp32, bf16 or fp16 (default: the run's training precision)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--no-xz", action="store_true", help="skip the xz -9 reference")
+    p.add_argument("--choice", nargs="+", metavar="TASK",
+                   help="multiple-choice tasks: JSONL files in HellaSwag/ARC/PIQA format, or a hub name "
+                        "(hellaswag, arc_easy, arc_challenge, piqa) when the hub is reachable")
+    p.add_argument("--limit", type=int, default=0, help="first N items of each task (0: all)")
+    p.add_argument("--harness", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (moelab[eval])")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a run, checkpoint or Hugging Face directory")
+    p.add_argument("target", help="run directory (newest checkpoint), checkpoint or Hugging Face directory")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0: off")
+    p.add_argument("--top-p", type=float, default=0.95, help="1: off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
+    p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (for checks)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.set_defaults(func=_cmd_generate)
 
     data = sub.add_parser("data", help="data tools: prepare a dataset, leakage audit").add_subparsers(
         dest="data_command", metavar="DATA_COMMAND", required=True)

@@ -38,22 +38,25 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode(ids, skip_special_tokens=False)
 
-    def token_byte_lengths(self) -> list[int]:
-        """UTF-8 bytes each token stands for; 0 for special tokens."""
-        from tokenizers.pre_tokenizers import ByteLevel
-
-        alphabet = set(ByteLevel.alphabet())
+    def token_bytes(self) -> list[bytes]:
+        """The UTF-8 bytes each token stands for (a byte-level token may hold part of a character);
+        b"" for special tokens."""
+        symbol_byte = _byte_level_symbols()
         specials = {t.content for t in self.tk.get_added_tokens_decoder().values() if t.special}
-        lengths = []
+        table = []
         for i in range(self.vocab_size):
             s = self.tk.id_to_token(i)
             if s is None or s in specials:
-                lengths.append(0)
-            elif all(ch in alphabet for ch in s):  # byte-level: one symbol per byte
-                lengths.append(len(s))
+                table.append(b"")
+            elif all(ch in symbol_byte for ch in s):  # byte-level: one symbol per byte
+                table.append(bytes(symbol_byte[ch] for ch in s))
             else:
-                lengths.append(len(self.tk.decode([i]).encode("utf-8")))
-        return lengths
+                table.append(self.tk.decode([i]).encode("utf-8"))
+        return table
+
+    def token_byte_lengths(self) -> list[int]:
+        """UTF-8 bytes each token stands for; 0 for special tokens."""
+        return [len(b) for b in self.token_bytes()]
 
     def save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
@@ -61,6 +64,18 @@ class TextTokenizer:
         self.tk.save(str(path))
         (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": self.eos_token}))
         return path
+
+
+def _byte_level_symbols() -> dict[str, int]:
+    """The byte-level (GPT-2) alphabet: printable bytes stand for themselves, the other bytes are
+    shifted to code points from 256 up, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+            *range(ord("\xae"), ord("\xff") + 1)]
+    kept = set(keep)
+    shifted = [b for b in range(256) if b not in kept]
+    table = {chr(b): b for b in keep}
+    table.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    return table
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> TextTokenizer:

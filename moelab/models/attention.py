@@ -8,7 +8,10 @@ a low-rank bottleneck with its own norm. Keys and values come from one compresse
 [no-RoPE part | RoPE part]; the value head dim may differ.
 
 Shapes: B batch, S sequence, H query heads, G key/value heads, Dh head dim, D model dim,
-R rotated dims (cos/sin come in as (S, R)).
+R rotated dims (cos/sin come in as (S, R), already offset to the positions of x).
+
+With a `LayerCache` (incremental decoding) the new keys/values are appended and the queries attend
+to every cached position up to their own; without one, plain causal attention over x.
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import ModelConfig
+from moelab.models.kvcache import LayerCache, attention_mask
 from moelab.models.layers import RMSNorm, apply_rope, yarn_softmax_scale
+
+
+def _attend(q, k, v, cache: LayerCache | None, q_start: int, **kw) -> torch.Tensor:
+    """Causal SDPA; with a cache, queries start at position `q_start` of the cached keys."""
+    if cache is None or q_start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1, **kw)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(q_start, q.shape[-2], q.device), **kw)
 
 
 def rotary_dim(cfg: ModelConfig) -> int:
@@ -45,7 +56,8 @@ class Attention(nn.Module):
     def output_projections(self) -> list[nn.Linear]:
         return [self.o_proj]
 
-    def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q, k, v = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
         if self.qk_norm == "full":
@@ -58,9 +70,10 @@ class Attention(nn.Module):
         v_BGSD = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_BHSD = apply_rope(q_BHSD, cos_SR, sin_SR, self.interleave)
         k_BGSD = apply_rope(k_BGSD, cos_SR, sin_SR, self.interleave)
-        y_BHSD = F.scaled_dot_product_attention(
-            q_BHSD, k_BGSD, v_BGSD, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        start = cache.len if cache is not None else 0
+        if cache is not None:
+            k_BGSD, v_BGSD = cache.append(k_BGSD, v_BGSD, dim=2)
+        y_BHSD = _attend(q_BHSD, k_BGSD, v_BGSD, cache, start, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y_BHSD.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -90,7 +103,8 @@ class LatentAttention(nn.Module):
     def output_projections(self) -> list[nn.Linear]:
         return [self.o_proj]
 
-    def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         H = self.n_heads
         if hasattr(self, "q_proj"):
@@ -99,14 +113,19 @@ class LatentAttention(nn.Module):
             q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BSD)))
         q_BHSQ = q.view(B, S, H, self.nope + self.rope).transpose(1, 2)
         q_nope, q_rot = q_BHSQ.split([self.nope, self.rope], dim=-1)
-        latent, k_rot_BSR = self.kv_a_proj(x_BSD).split([self.kv_rank, self.rope], dim=-1)
-        kv_BHSX = self.kv_b_proj(self.kv_a_norm(latent)).view(B, S, H, self.nope + self.v_dim).transpose(1, 2)
-        k_nope, v_BHSV = kv_BHSX.split([self.nope, self.v_dim], dim=-1)
+        latent_BSC, k_rot_BSR = self.kv_a_proj(x_BSD).split([self.kv_rank, self.rope], dim=-1)
+        latent_BSC = self.kv_a_norm(latent_BSC)
+        k_rot_BSR = apply_rope(k_rot_BSR.unsqueeze(1), cos_SR, sin_SR, self.interleave).squeeze(1)
         q_rot = apply_rope(q_rot, cos_SR, sin_SR, self.interleave)
-        k_rot_B1SR = apply_rope(k_rot_BSR.unsqueeze(1), cos_SR, sin_SR, self.interleave)
+        start = cache.len if cache is not None else 0
+        if cache is not None:  # cache the latent and the shared rotated key, not per-head keys/values
+            latent_BSC, k_rot_BSR = cache.append(latent_BSC, k_rot_BSR, dim=1)
+        Sk = latent_BSC.shape[1]
+        kv_BHSX = self.kv_b_proj(latent_BSC).view(B, Sk, H, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v_BHSV = kv_BHSX.split([self.nope, self.v_dim], dim=-1)
         q_BHSQ = torch.cat([q_nope, q_rot], dim=-1)
-        k_BHSQ = torch.cat([k_nope, k_rot_B1SR.expand(B, H, S, self.rope)], dim=-1)
-        y_BHSV = F.scaled_dot_product_attention(q_BHSQ, k_BHSQ, v_BHSV, is_causal=True, scale=self.scale)
+        k_BHSQ = torch.cat([k_nope, k_rot_BSR.unsqueeze(1).expand(B, H, Sk, self.rope)], dim=-1)
+        y_BHSV = _attend(q_BHSQ, k_BHSQ, v_BHSV, cache, start, scale=self.scale)
         return self.o_proj(y_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
 

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from moelab.config import ModelConfig
 from moelab.models.attention import build_attention, rotary_dim
 from moelab.models.experts import residual_std
+from moelab.models.kvcache import KVCache, LayerCache
 from moelab.models.layers import MLP, RMSNorm, rope_cache
 from moelab.models.moe import MoE
 from moelab.models.router import Router, RouterOutput
@@ -46,8 +47,8 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg.d_model, cfg.dense_dim, cfg.ffn_act, cfg.ffn_glu)
 
-    def forward(self, x_BSD, cos_SR, sin_SR, route_cache: dict | None = None):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR)
+    def forward(self, x_BSD, cos_SR, sin_SR, route_cache: dict | None = None, kv: LayerCache | None = None):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR, kv)
         h_BSD = self.mlp_norm(x_BSD)
         if hasattr(self, "moe"):
             y_BSD, routing = self.moe(h_BSD, route_cache)
@@ -107,19 +108,27 @@ class MoETransformer(nn.Module):
                     nn.init.zeros_(router.selection_bias)
                 blk.moe.experts.reset_parameters(c.init_std, out_std)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for incremental decoding (up to model.max_seq_len positions)."""
+        return KVCache(len(self.blocks), min(max_len or self.rope_cos.shape[0], self.rope_cos.shape[0]))
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> ModelOutput:
+        """`cache`: continue from the positions it holds (input_ids are the next tokens) and append
+        their keys/values to it."""
         S = input_ids.shape[1]
-        if S > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence length {S} exceeds model.max_seq_len {self.rope_cos.shape[0]}")
-        cos_SR, sin_SR = self.rope_cos[:S], self.rope_sin[:S]
+        start = cache.pos if cache is not None else 0
+        if start + S > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence length {start + S} exceeds model.max_seq_len {self.rope_cos.shape[0]}")
+        cos_SR, sin_SR = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         x_BSD = self.embed(input_ids)
         routing = []
         ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for blk in self.blocks:
+        for i, blk in enumerate(self.blocks):
             if ckpt:
                 x_BSD, r = checkpoint(blk, x_BSD, cos_SR, sin_SR, {}, use_reentrant=False)
             else:
-                x_BSD, r = blk(x_BSD, cos_SR, sin_SR)
+                x_BSD, r = blk(x_BSD, cos_SR, sin_SR, kv=cache.layers[i] if cache is not None else None)
             if r is not None:
                 routing.append(r)
         logits_BSV = self.lm_head(self.norm(x_BSD))

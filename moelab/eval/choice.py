@@ -1,0 +1,196 @@
+"""Multiple-choice benchmarks by log-likelihood, defined exactly as lm-evaluation-harness defines them.
+
+Each item is a context and N choices. A choice is scored by the summed log-probability of its
+tokens after the context, where the continuation is " " + choice and the pair is tokenized the
+harness's way (trailing spaces of the context move to the continuation; the context+continuation
+string is encoded whole and the continuation is what follows the context's tokens). Then
+  acc      = 1 if argmax_i ll_i is the gold choice
+  acc_norm = 1 if argmax_i ll_i / len(choice_i) (characters of the choice) is the gold choice
+averaged over items, with the standard error of the mean.
+
+Formats (JSONL, one item per line, detected from the first record's keys):
+  hellaswag  ctx_a, ctx_b, activity_label, endings, label (prompts built as the harness's
+             `hellaswag` task: "<activity>: <ctx_a> <Ctx_b>", bracket artifacts removed)
+  arc        question, choices {text, label}, answerKey ("Question: ...\\nAnswer:")
+  piqa       goal, sol1, sol2, label ("Question: ...\\nAnswer:")
+  generic    context (or query), choices, gold
+A task name (hellaswag, arc_easy, arc_challenge, piqa) loads the dataset through `datasets` when
+the hub (or its local cache) is reachable.
+
+Legend: B batch, S sequence, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moelab.errors import UserError
+
+
+@dataclass
+class Item:
+    context: str
+    choices: list[str]
+    gold: int
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def _item(rec: dict, fmt: str) -> Item:
+    if fmt == "hellaswag":
+        ctx = rec["ctx_a"] + " " + rec["ctx_b"].capitalize()
+        return Item(_hellaswag_clean(rec["activity_label"] + ": " + ctx),
+                    [_hellaswag_clean(e) for e in rec["endings"]], int(rec["label"]))
+    if fmt == "arc":
+        return Item(f"Question: {rec['question']}\nAnswer:", list(rec["choices"]["text"]),
+                    list(rec["choices"]["label"]).index(rec["answerKey"]))
+    if fmt == "piqa":
+        return Item(f"Question: {rec['goal']}\nAnswer:", [rec["sol1"], rec["sol2"]], int(rec["label"]))
+    return Item(rec.get("context", rec.get("query")), list(rec["choices"]), int(rec["gold"]))
+
+
+def detect_format(rec: dict) -> str:
+    keys = set(rec)
+    for fmt, need in (("hellaswag", {"ctx_a", "ctx_b", "activity_label", "endings", "label"}),
+                      ("arc", {"question", "choices", "answerKey"}),
+                      ("piqa", {"goal", "sol1", "sol2", "label"}),
+                      ("generic", {"choices", "gold"})):
+        if need <= keys and (fmt != "generic" or keys & {"context", "query"}):
+            return fmt
+    raise UserError(f"unrecognised multiple-choice record (keys: {', '.join(sorted(keys))}); expected the "
+                    "HellaSwag, ARC or PIQA format, or context/choices/gold")
+
+
+HUB_TASKS = {"hellaswag": ("Rowan/hellaswag", None, "validation"),
+             "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
+             "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"),
+             "piqa": ("baber/piqa", None, "validation")}
+
+
+def _hub_records(name: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"'{name}' is a hub task and needs `datasets` (pip install 'moelab[hf]'); "
+                        "or pass a local JSONL file") from None
+    path, config, split = HUB_TASKS[name]
+    try:
+        return list(datasets.load_dataset(path, config, split=split))
+    except Exception as exc:  # offline, missing from the cache, ...
+        raise UserError(f"cannot load {path} from the Hugging Face hub or its cache "
+                        f"({str(exc).splitlines()[0][:120]}); pass a local JSONL file instead") from None
+
+
+def load_task(spec: str, limit: int = 0) -> tuple[str, list[Item]]:
+    """A JSONL file (any of the formats) or a hub task name -> (task name, items)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        records = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{spec} line {n} is not JSON ({exc.msg})") from None
+        name = path.stem
+    elif spec in HUB_TASKS:
+        records, name = _hub_records(spec), spec
+    else:
+        raise UserError(f"no such task file '{spec}' (and not a hub task: {', '.join(HUB_TASKS)})")
+    if not records:
+        raise UserError(f"{spec} holds no items")
+    fmt = detect_format(records[0])
+    items = []
+    for n, rec in enumerate(records[:limit or None], 1):
+        try:
+            it = _item(rec, fmt)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise UserError(f"{spec} item {n} is not a valid {fmt} record ({type(exc).__name__}: {exc})") from None
+        if not 0 <= it.gold < len(it.choices) or not it.context:
+            raise UserError(f"{spec} item {n}: gold {it.gold} is not one of its {len(it.choices)} choices "
+                            "or its context is empty")
+        items.append(it)
+    return f"{name} ({fmt})", items
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The harness's tokenization of a (context, continuation) pair for a causal LM."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer.encode(context + continuation)
+    context_enc = tokenizer.encode(context)
+    return context_enc, whole[len(context_enc):]
+
+
+@torch.no_grad()
+def score_continuations(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 16,
+                        max_len: int | None = None) -> list[tuple[float, bool]]:
+    """(sum of log-probabilities of the continuation tokens, whether each was the argmax) for each
+    (context ids, continuation ids). Inputs longer than the model's context keep their last
+    max_len + 1 tokens, as the harness does. Batches are right-padded (causal attention and
+    per-token experts make padding invisible to the real positions; capacity is off, see
+    moelab.eval.generate.inference_routing)."""
+    from moelab.eval.generate import inference_routing
+
+    max_len = max_len or model.cfg.max_seq_len
+    device = next(model.parameters()).device
+    seqs = [((ctx + cont)[-(max_len + 1):][:-1], cont) for ctx, cont in requests]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # similar lengths share a batch
+    results: list[tuple[float, bool] | None] = [None] * len(seqs)
+    with inference_routing(model):
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            width = len(seqs[idx[0]][0])
+            x_BS = torch.zeros(len(idx), width, dtype=torch.long)
+            for row, i in enumerate(idx):
+                x_BS[row, :len(seqs[i][0])] = torch.tensor(seqs[i][0])
+            logp_BSV = model(x_BS.to(device)).logits.float().log_softmax(-1)
+            for row, i in enumerate(idx):
+                inp, cont = seqs[i]
+                n = len(cont)
+                lp_NV = logp_BSV[row, len(inp) - n:len(inp)]
+                target = torch.tensor(cont, device=device)
+                ll = lp_NV.gather(1, target[:, None]).sum().item()
+                results[i] = (ll, bool((lp_NV.argmax(-1) == target).all()))
+    return results
+
+
+def eval_choice(target, task: str, limit: int = 0, batch_size: int = 16) -> dict:
+    """acc and acc_norm (with standard errors) of a loaded model on a multiple-choice task."""
+    name, items = load_task(task, limit)
+    tok = target.tokenizer
+    requests = []
+    for n, it in enumerate(items):
+        for choice in it.choices:
+            ctx, cont = encode_pair(tok, it.context, " " + choice)
+            if not cont:
+                raise UserError(f"{task} item {n + 1}: a choice tokenizes to nothing")
+            requests.append((ctx, cont))
+    lls = [ll for ll, _ in score_continuations(target.model, requests, batch_size)]
+    acc, acc_norm, pos = [], [], 0
+    for it in items:
+        ll = lls[pos:pos + len(it.choices)]
+        pos += len(it.choices)
+        acc.append(float(max(range(len(ll)), key=lambda i: (ll[i], -i)) == it.gold))
+        norm = [v / len(c) for v, c in zip(ll, it.choices)]
+        acc_norm.append(float(max(range(len(norm)), key=lambda i: (norm[i], -i)) == it.gold))
+    n = len(items)
+
+    def stderr(v):
+        m = sum(v) / n
+        return math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1) / n) if n > 1 else float("nan")
+
+    return {"task": name, "items": n, "acc": sum(acc) / n, "acc_stderr": stderr(acc),
+            "acc_norm": sum(acc_norm) / n, "acc_norm_stderr": stderr(acc_norm),
+            "chance": sum(1 / len(it.choices) for it in items) / n, "model": target.label}

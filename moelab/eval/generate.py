@@ -1,0 +1,125 @@
+"""Text generation: greedy or sampled (temperature, top-k, top-p), with or without a KV cache.
+
+The cached path feeds the prompt once, then one token per step; the uncached path re-runs the whole
+sequence every step. Both give the same tokens (a test checks every attention type).
+
+Sampling draws from a seeded CPU generator over fp32 probabilities, so a seed gives the same text
+on any device. Capacity-limited routers route without a capacity while generating: which tokens
+an expert drops depends on how many tokens share a forward, which differs between a full forward
+and one-token steps, and dropping a prompt token for lack of room helps no one at inference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from moelab.errors import UserError
+
+
+@contextlib.contextmanager
+def inference_routing(model):
+    """Eval mode (no router noise) and no expert capacity, restored afterwards."""
+    was_training = model.training
+    routers = getattr(model, "routers", [])
+    saved = [r.capacity_factor for r in routers]
+    model.eval()
+    for r in routers:
+        r.capacity_factor = 0.0
+    try:
+        yield model
+    finally:
+        for r, cf in zip(routers, saved):
+            r.capacity_factor = cf
+        model.train(was_training)
+
+
+def next_token_probs(logits_V: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Sampling distribution over the vocabulary after temperature, top-k and top-p (nucleus: the
+    smallest set of most likely tokens whose probability reaches top_p)."""
+    logits_V = logits_V.float() / temperature
+    if 0 < top_k < logits_V.numel():
+        kth = logits_V.topk(top_k).values[-1]
+        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
+    probs_V = logits_V.softmax(-1)
+    if top_p < 1.0:
+        sorted_p, order = probs_V.sort(descending=True)
+        before = sorted_p.cumsum(0) - sorted_p  # mass of the more likely tokens
+        drop = before >= top_p
+        drop[0] = False
+        probs_V = probs_V.clone()
+        probs_V[order[drop]] = 0.0
+        probs_V = probs_V / probs_V.sum()
+    return probs_V
+
+
+@dataclass
+class Sampler:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise UserError(f"bad sampling settings: temperature {self.temperature} (>= 0), top-k "
+                            f"{self.top_k} (>= 0), top-p {self.top_p} (in (0, 1])")
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, logits_V: torch.Tensor) -> int:
+        if self.temperature == 0:
+            return int(logits_V.argmax())
+        probs_V = next_token_probs(logits_V.cpu(), self.temperature, self.top_k, self.top_p)
+        return int(torch.multinomial(probs_V, 1, generator=self.generator))
+
+
+@torch.no_grad()
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler | None = None,
+                 eos_id: int | None = None, use_cache: bool = True, stop=None) -> tuple[list[int], str]:
+    """New token ids after `prompt_ids` and why generation stopped ('eos', 'stop', 'length' or
+    'context' when model.max_seq_len is reached). `stop(new_ids)` -> True ends generation."""
+    sampler = sampler or Sampler()
+    if not prompt_ids:
+        raise UserError("empty prompt: give at least one token of text")
+    max_len = model.rope_cos.shape[0]
+    if len(prompt_ids) >= max_len:
+        raise UserError(f"prompt has {len(prompt_ids)} tokens; the model's context is {max_len}")
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    new: list[int] = []
+    with inference_routing(model):
+        cache = model.new_cache(len(prompt_ids) + max_new_tokens) if use_cache else None
+        logits = model(ids, cache=cache).logits[0, -1]
+        while True:
+            tok = sampler(logits)
+            new.append(tok)
+            if eos_id is not None and tok == eos_id:
+                return new, "eos"
+            if stop is not None and stop(new):
+                return new, "stop"
+            if len(new) >= max_new_tokens:
+                return new, "length"
+            if len(prompt_ids) + len(new) >= max_len:
+                return new, "context"
+            if use_cache:
+                logits = model(torch.tensor([[tok]], device=device), cache=cache).logits[0, -1]
+            else:
+                ids = torch.cat([ids, torch.tensor([[tok]], device=device)], dim=1)
+                logits = model(ids).logits[0, -1]
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
+                  stop_strings: tuple[str, ...] = (), use_cache: bool = True) -> dict:
+    """Continue `prompt`; the text is cut before the first stop string (which ends generation)."""
+    def hit(new_ids):
+        text = tokenizer.decode(new_ids)
+        return any(s in text for s in stop_strings)
+
+    new, reason = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, sampler, tokenizer.eos_id,
+                               use_cache, hit if stop_strings else None)
+    text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+    if reason == "stop":
+        text = text[:min(text.find(s) for s in stop_strings if s in text)]
+    return {"prompt": prompt, "text": text, "new_tokens": len(new), "stop_reason": reason}

@@ -1,0 +1,104 @@
+"""lm-evaluation-harness adapter (optional extra `moelab[eval]`): any moelab run, checkpoint or
+Hugging Face directory as an `lm_eval` model.
+
+    moelab eval RUN --harness hellaswag,arc_easy [--include-path MY_TASKS/]
+    # or, in Python:
+    import lm_eval
+    from moelab.eval.harness import MoelabLM
+    lm_eval.simple_evaluate(model=MoelabLM("runs/tiny"), tasks=["piqa"])
+
+Importing this module registers the model name "moelab" with the harness
+(`--model moelab --model_args pretrained=RUN`). Scoring uses the same function as `moelab eval
+--choice`, so the two agree item for item.
+"""
+
+from __future__ import annotations
+
+from moelab.errors import UserError
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ImportError:  # the class below is only usable with the extra installed
+    TemplateLM, register_model = object, None
+
+
+def _require_lm_eval():
+    if register_model is None:
+        raise UserError("the lm-evaluation-harness adapter needs lm_eval: pip install 'moelab[eval]'")
+
+
+class MoelabLM(TemplateLM):
+    def __init__(self, pretrained: str, device: str = "cpu", batch_size: int | str = 16,
+                 max_gen_toks: int = 256, **_ignored):
+        _require_lm_eval()
+        super().__init__()
+        from moelab.eval.target import load_target
+
+        self.target = load_target(str(pretrained), device)
+        self.model, self.tokenizer = self.target.model, self.target.tokenizer
+        self._batch_size = int(batch_size) if str(batch_size).isdigit() else 16
+        self.max_gen_toks = int(max_gen_toks)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.cfg.max_seq_len
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None, **kwargs):
+        from moelab.eval.choice import score_continuations
+
+        pairs = [(ctx, cont) for _, ctx, cont in requests]
+        return score_continuations(self.model, pairs, override_bs or self._batch_size, self.max_length)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval import utils
+
+        out = []
+        for (string,) in (r.args for r in requests):
+            windows = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
+                self.tok_encode(string), self.prefix_token_id, self.max_length, context_len=1)]
+            scores = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows])
+            out.append(sum(ll for ll, _ in scores))
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from moelab.eval.generate import Sampler, generate_text
+
+        out = []
+        for context, kwargs in (r.args for r in requests):
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
+            r = generate_text(self.model, self.tokenizer, context, int(kwargs.get("max_gen_toks", self.max_gen_toks)),
+                              Sampler(temperature=temperature), tuple(until))
+            out.append(r["text"])
+        return out
+
+
+if register_model is not None:
+    register_model("moelab")(MoelabLM)
+
+
+def run_harness(target_path: str, tasks: str, include_path: str | None = None, limit: int | None = None,
+                batch_size: int = 16, device: str = "cpu") -> dict:
+    """Run lm_eval tasks on a moelab model; returns {task: {metric: value}}."""
+    _require_lm_eval()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    try:
+        res = lm_eval.simple_evaluate(model=MoelabLM(target_path, device, batch_size), tasks=names,
+                                      task_manager=manager, limit=limit, log_samples=False)
+    except (KeyError, ValueError, ConnectionError, OSError) as exc:
+        raise UserError(f"lm_eval could not run {tasks}: {str(exc).splitlines()[0][:200]}") from None
+    return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            for task, metrics in res["results"].items()}

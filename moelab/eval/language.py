@@ -1,0 +1,104 @@
+"""`moelab eval`: language-modelling metrics of a model on a prepared split or a raw source, with
+the bits per byte `xz -9` achieves on the very same bytes as a reference point.
+
+The bytes are those of the evaluated target tokens (each window's tokens after its first), so the
+model's bits per byte and xz's share a denominator. xz compresses them as one stream: it may use
+matches across the whole split, while the model sees only its context window.
+"""
+
+from __future__ import annotations
+
+import lzma
+from pathlib import Path
+
+import torch
+
+from moelab.errors import UserError
+from moelab.eval.metrics import evaluate
+
+
+def xz_bits_per_byte(windows, token_table: list[bytes], batch: int = 4096) -> dict:
+    """Bits per byte of `xz -9` (LZMA2, preset 9, the .xz container included) on the target bytes
+    of `windows`."""
+    chunks = []
+    for i in range(0, len(windows), batch):
+        for tok in windows[i:i + batch][:, 1:].flatten().tolist():
+            chunks.append(token_table[tok])
+    data = b"".join(chunks)
+    if not data:
+        return {"xz_bpb": float("nan"), "bytes": 0}
+    return {"xz_bpb": 8 * len(lzma.compress(data, preset=9)) / len(data), "bytes": len(data)}
+
+
+def _subset(windows, n: int):
+    if n <= 0 or len(windows) <= n:
+        return windows
+    return windows[torch.linspace(0, len(windows) - 1, n).long().unique()]
+
+
+def eval_windows_for(target, split: str, data: str | None, source: str | None, seq_len: int,
+                     text_field: str = "text"):
+    """(windows, description) from --data, --source or the run's own prepared data."""
+    from moelab.data.prepare import is_prepared, load_prepared
+
+    if split not in ("train", "val"):
+        raise UserError(f"--split must be train or val, not '{split}'")
+    if source:
+        from moelab.data.loader import make_windows, pack
+        from moelab.data.sources import load_corpus
+
+        corpus = load_corpus(source, text_field=text_field)
+        ids = target.tokenizer.encode_batch([d.text for d in corpus.documents])
+        windows = make_windows(pack(ids, target.tokenizer.eos_id), seq_len)
+        where = f"{source} ({len(corpus.documents)} documents, all of them)"
+    else:
+        if data is None:
+            if target.run_dir is None:
+                raise UserError("a Hugging Face directory has no data of its own: give --data "
+                                "PREPARED_DIR or --source FILE|DIR")
+            from moelab.data.pipeline import RUN_PREPARED
+
+            data = target.cfg.data.path or str(target.run_dir / RUN_PREPARED)
+            if not is_prepared(data):
+                raise UserError(f"the run's prepared data is missing ({data}); give --data or --source")
+        tok, train_w, val_w, _ = load_prepared(data, seq_len)
+        if tok.tk.to_str() != target.tokenizer.tk.to_str():
+            raise UserError(f"{data} was tokenized with another tokenizer than {target.label}; "
+                            "evaluate raw text with --source instead")
+        windows = train_w if split == "train" else val_w
+        where = f"{data} [{split}]"
+    if len(windows) == 0:
+        raise UserError(f"{where} has fewer tokens than one window of {seq_len + 1}; lower --seq-len")
+    return windows, where
+
+
+def eval_language(target, split: str = "val", data: str | None = None, source: str | None = None,
+                  seq_len: int | None = None, max_windows: int = 0, batch_size: int = 8,
+                  precision: str | None = None, reference: bool = True) -> dict:
+    from moelab.train.loop import AUTOCAST_DTYPES
+
+    run_cfg = target.cfg
+    seq_len = seq_len or (run_cfg.train.seq_len if run_cfg else min(target.model.cfg.max_seq_len, 1024))
+    if seq_len > target.model.cfg.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's context {target.model.cfg.max_seq_len}")
+    precision = precision or (run_cfg.train.precision if run_cfg else "fp32")
+    if precision not in AUTOCAST_DTYPES:
+        raise UserError(f"--precision must be one of {', '.join(AUTOCAST_DTYPES)}")
+    windows, where = eval_windows_for(target, split, data, source, seq_len)
+    windows = _subset(windows, max_windows)
+    table = target.tokenizer.token_bytes()
+    token_bytes = torch.tensor([len(b) for b in table], dtype=torch.float64)
+    device = next(target.model.parameters()).device
+    result = evaluate(target.model, windows, token_bytes, batch_size, device, AUTOCAST_DTYPES[precision])
+    result.update(windows=len(windows), seq_len=seq_len, data=where, model=target.label, precision=precision)
+    if reference:
+        result.update(xz_bits_per_byte(windows, table))
+    return result
+
+
+def format_language(r: dict) -> str:
+    line = (f"{r['model']} on {r['data']}: loss {r['loss']:.4f} | ppl {r['ppl']:.2f} | acc {r['acc']:.3f} | "
+            f"bits/byte {r['bpb']:.3f}")
+    if "xz_bpb" in r:
+        line += f" (xz -9: {r['xz_bpb']:.3f})"
+    return line + f" | {r['tokens']:,} tokens in {r['windows']} windows of {r['seq_len']}"

@@ -1,0 +1,49 @@
+"""What the evaluation commands work on: a run directory (its newest checkpoint), a checkpoint
+directory or a Hugging Face model directory, loaded with its tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from moelab.errors import UserError
+
+
+@dataclass
+class Target:
+    model: object  # MoETransformer, in eval mode
+    tokenizer: object  # TextTokenizer
+    label: str
+    run_dir: Path | None = None  # the run the checkpoint belongs to (None for an HF directory)
+    checkpoint: Path | None = None
+    cfg: object = None  # the run's resolved Config (None for an HF directory)
+
+
+def load_target(path: str, device: str = "cpu") -> Target:
+    import yaml
+
+    from moelab.config import Config
+    from moelab.data.tokenizer import load_tokenizer
+    from moelab.train.checkpoint import is_hf_dir, list_checkpoints, load_model, resolve_checkpoint
+    from moelab.train.loop import resolve_device
+
+    p = Path(path).expanduser()
+    dev = resolve_device(device)
+    if not p.is_dir():
+        raise UserError(f"{path}: no such run, checkpoint or Hugging Face model directory")
+    if is_hf_dir(p):
+        if not (p / "tokenizer.json").is_file():
+            raise UserError(f"{path} has no tokenizer.json; save the tokenizer beside the model "
+                            "(tokenizer.save_pretrained(DIR))")
+        return Target(load_model(p, dev).eval(), load_tokenizer(p), p.name)
+    if (p / "config.yaml").is_file() and not (p / "model.safetensors").is_file() and not list_checkpoints(p):
+        raise UserError(f"run {path} has no checkpoint yet; let training save one "
+                        f"(train.save_every) or continue it with `moelab train --resume auto --out {path}`")
+    ckpt = resolve_checkpoint(p)
+    run_dir = ckpt.parent.parent
+    tok_dir = run_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise UserError(f"{run_dir} has no tokenizer/tokenizer.json; was it moved without it?")
+    cfg = Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())).resolve()
+    label = f"{run_dir.name}/{ckpt.name}"
+    return Target(load_model(ckpt, dev).eval(), load_tokenizer(tok_dir), label, run_dir, ckpt, cfg)

@@ -1,0 +1,104 @@
+"""Multiple choice: moelab's acc and acc_norm equal lm-evaluation-harness's own tasks (hellaswag,
+arc_easy, piqa definitions, pointed at local files) run on the Hugging Face export of the same model,
+and the lm_eval adapter agrees item for item."""
+
+from pathlib import Path
+
+import pytest
+
+from moelab.errors import UserError
+from moelab.eval.choice import encode_pair, eval_choice, load_task, score_continuations
+from moelab.eval.target import load_target
+
+HARNESS_TASKS = {"hellaswag": ("hellaswag/hellaswag.yaml", "validation"),
+                 "arc": ("arc/arc_easy.yaml", "test"),
+                 "piqa": ("piqa/piqa.yaml", "validation")}
+DROP = ("task:", "dataset_path:", "dataset_name:", "training_split:", "validation_split:",
+        "test_split:", "fewshot_split:")
+
+
+def _local_harness_task(lm_tasks_dir: Path, fmt: str, data: Path, out: Path) -> str:
+    """The harness's own task YAML for `fmt`, reading `data` instead of the hub dataset."""
+    rel, split = HARNESS_TASKS[fmt]
+    lines, in_tags = [], False
+    for ln in (lm_tasks_dir / rel).read_text().splitlines():
+        in_tags = ln.startswith("tag:") or (in_tags and ln.startswith("  - "))
+        if not in_tags and not ln.startswith(DROP):
+            lines.append(ln)
+    name = f"local_{fmt}"
+    lines += [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
+              f"    {split}: {data}", f"{split}_split: {split}"]
+    (out / f"{name}.yaml").write_text("\n".join(lines) + "\n")
+    if "utils.process_docs" in "\n".join(lines):
+        (out / "utils.py").write_text(f"from lm_eval.tasks.{fmt}.utils import *  # noqa\n")
+    return name
+
+
+@pytest.mark.slow
+def test_acc_and_acc_norm_equal_lm_eval_harness(trained, choice_tasks, tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from moelab.eval.harness import run_harness
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lm_tasks = Path(lm_eval.__file__).parent / "tasks"
+    names = {fmt: _local_harness_task(lm_tasks, fmt, path, tmp_path) for fmt, path in choice_tasks.items()}
+    hf = HFLM(pretrained=str(trained / "hf"), device="cpu", batch_size=4, dtype="float32")
+    res = lm_eval.simple_evaluate(model=hf, tasks=list(names.values()), task_manager=TaskManager(
+        include_path=str(tmp_path)), log_samples=False)["results"]
+    ours_hf = load_target(str(trained / "hf"))
+    ours_run = load_target(str(trained / "run"))
+    adapter = run_harness(str(trained / "run"), ",".join(names.values()), include_path=str(tmp_path))
+    distinct = set()
+    for fmt, name in names.items():
+        want = res[name]
+        for target in (ours_hf, ours_run):
+            got = eval_choice(target, str(choice_tasks[fmt]))
+            assert got["items"] == 16
+            assert got["acc"] == pytest.approx(want["acc,none"], abs=1e-12), (fmt, got, want)
+            assert got["acc_norm"] == pytest.approx(want["acc_norm,none"], abs=1e-12), (fmt, got, want)
+            assert got["acc_stderr"] == pytest.approx(want["acc_stderr,none"], rel=1e-9)
+        assert adapter[name]["acc"] == want["acc,none"] and adapter[name]["acc_norm"] == want["acc_norm,none"]
+        distinct.add((want["acc,none"], want["acc_norm,none"]))
+    assert len(distinct) > 1  # the fixtures give different results: the comparison is not vacuous
+
+    # item level: the same log-likelihoods as transformers' model through the harness
+    _, items = load_task(str(choice_tasks["arc"]))
+    pairs = [(it.context, " " + c) for it in items[:4] for c in it.choices]
+    theirs = hf.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)])
+    mine = score_continuations(ours_run.model, [encode_pair(ours_run.tokenizer, *p) for p in pairs])
+    for (a, ga), (b, gb) in zip(mine, theirs):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_formats_are_parsed_as_the_harness_builds_prompts(choice_tasks):
+    name, items = load_task(str(choice_tasks["hellaswag"]))
+    assert name == "hellaswag_local (hellaswag)" and len(items) == 16
+    first = items[0]
+    assert "[title]" not in first.context and ". " in first.context and first.context.split(":")[0].istitle()
+    _, arc = load_task(str(choice_tasks["arc"]), limit=3)
+    assert len(arc) == 3 and arc[0].context.startswith("Question: ") and arc[0].context.endswith("\nAnswer:")
+    assert [it.gold for it in arc] == [0, 3, 2]  # answerKey through the labels ("1".."4" or "A".."D")
+    _, piqa = load_task(str(choice_tasks["piqa"]))
+    assert all(len(it.choices) == 2 for it in piqa) and piqa[1].gold == 1
+
+
+def test_encode_pair_moves_trailing_space_to_the_continuation(trained):
+    tok = load_target(str(trained / "run")).tokenizer
+    ctx, cont = encode_pair(tok, "the expert router ", "token")
+    assert ctx == tok.encode("the expert router") and ctx + cont == tok.encode("the expert router token")
+
+
+def test_bad_task_files_are_one_line_errors(tmp_path, trained):
+    target = load_target(str(trained / "run"))
+    bad = tmp_path / "bad.jsonl"
+    for text, msg in (('{"foo": 1}\n', "unrecognised"), ("not json\n", "line 1 is not JSON"),
+                      ('{"context": "a", "choices": ["x"], "gold": 3}\n', "gold 3"), ("", "no items")):
+        bad.write_text(text)
+        with pytest.raises(UserError, match=msg):
+            eval_choice(target, str(bad))
+    with pytest.raises(UserError, match="no such task"):
+        eval_choice(target, str(tmp_path / "missing.jsonl"))

@@ -1,0 +1,82 @@
+"""Generation: the KV cache gives the same logits and tokens as re-running the whole sequence, for
+every attention type (MHA, GQA, QK-norm, MLA with and without query low-rank, yarn); sampling
+settings do what they say."""
+
+import pytest
+import torch
+
+from moelab.eval.generate import Sampler, generate_ids, inference_routing, next_token_probs
+from tests.models.variants import VARIANTS, tiny_model
+
+
+def _model(variant):
+    # a larger init spreads the logits, so greedy choices are not near-ties decided by rounding
+    model = tiny_model(variant, init_std=0.2)
+    model.reset_parameters()
+    return model
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cached_logits_equal_full_forward(variant):
+    model = _model(variant)
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad(), inference_routing(model):  # (no capacity: see moelab.eval.generate)
+        full = model(ids).logits
+        cache = model.new_cache(20)
+        parts = [model(ids[:, :7], cache=cache).logits,  # prefill at position 0
+                 model(ids[:, 7:12], cache=cache).logits]  # a chunk after cached positions (masked)
+        parts += [model(ids[:, t:t + 1], cache=cache).logits for t in range(12, 20)]  # one at a time
+    assert cache.pos == 20
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cached_and_uncached_generation_give_identical_tokens(variant):
+    model = _model(variant)
+    prompt = torch.randint(0, 97, (9,)).tolist()
+    for sampler in (lambda: Sampler(), lambda: Sampler(temperature=1.0, top_k=20, top_p=0.9, seed=3)):
+        cached, why_c = generate_ids(model, prompt, 30, sampler(), use_cache=True)
+        uncached, why_u = generate_ids(model, prompt, 30, sampler(), use_cache=False)
+        assert cached == uncached and why_c == why_u == "length" and len(cached) == 30
+    assert len(set(cached)) > 5  # sampling explored the vocabulary
+
+
+def test_mla_cache_holds_the_latent_not_per_head_keys():
+    model = _model("mla-q-lowrank-interleaved")
+    cache = model.new_cache(16)
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 10)), cache=cache)
+    latent, k_rot = cache.layers[0].buffers
+    assert latent.shape == (1, 16, model.cfg.kv_lora_rank) and k_rot.shape == (1, 16, model.cfg.qk_rope_head_dim)
+
+
+def test_generation_stops_at_eos_stop_and_context():
+    model = _model("gqa")
+    prompt = [1, 2, 3]
+    free, _ = generate_ids(model, prompt, 12)
+    ids, why = generate_ids(model, prompt, 12, eos_id=free[4])
+    assert why == "eos" and ids == free[:free.index(free[4]) + 1]
+    ids, why = generate_ids(model, prompt, 12, stop=lambda new: len(new) == 2)
+    assert why == "stop" and ids == free[:2]
+    ids, why = generate_ids(model, [i % 97 for i in range(120)], 50)
+    assert why == "context" and len(ids) == model.cfg.max_seq_len - 120
+
+
+def test_top_k_top_p_and_temperature():
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
+    p = torch.softmax(logits, 0)
+    torch.testing.assert_close(next_token_probs(logits, 1.0, 0, 1.0), p)
+    k2 = next_token_probs(logits, 1.0, 2, 1.0)
+    torch.testing.assert_close(k2, torch.cat([p[:2] / p[:2].sum(), torch.zeros(3)]))
+    # nucleus: the smallest set of most likely tokens with mass >= top_p
+    need = int((p.cumsum(0) < 0.9).sum()) + 1
+    nuc = next_token_probs(logits, 1.0, 0, 0.9)
+    assert (nuc > 0).sum() == need and abs(float(nuc.sum()) - 1) < 1e-6
+    assert (next_token_probs(logits, 1.0, 0, 0.01) > 0).sum() == 1  # always keeps the top token
+    cold = next_token_probs(logits, 0.1, 0, 1.0)
+    assert cold[0] > 0.99
+    draws = [Sampler(temperature=1.0, seed=s)(logits) for s in range(400)]
+    share0 = draws.count(0) / 400
+    assert abs(share0 - float(p[0])) < 0.08  # sampling follows the distribution
+    with pytest.raises(Exception, match="top-p"):
+        Sampler(top_p=0.0)
