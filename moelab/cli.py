@@ -136,6 +136,25 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_routing(args) -> int:
+    from moelab.analysis.routing import format_analysis
+    from moelab.commands import routing
+
+    analysis, out_dir = routing(args.target, args.out, args.windows, args.batch_size, args.device,
+                                not args.no_plots)
+    print(format_analysis(analysis))
+    print(f"wrote {out_dir / 'routing.json'}" + "".join(f", {out_dir / f}" for f in analysis.get("plots", {}).values()))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from moelab.analysis.report import write_report
+
+    md, page = write_report(args.run, args.windows, args.samples, args.max_new_tokens)
+    print(f"wrote {md} and {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moelab", description="Train, evaluate and diagnose Mixture-of-Experts language models.")
@@ -210,6 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (for checks)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("routing", help="routing analytics: load per expert, CV, entropy, Gini, dead/starved "
+                                       "experts, drops, train/val and checkpoint drift, co-activation, "
+                                       "verdicts and heatmaps")
+    p.add_argument("target", help="run directory (measured on its train and val windows), or a counts "
+                                  "file (.json or .csv, layers x experts) from any system")
+    p.add_argument("--out", help="output folder (default: RUN/routing, or routing-<name> beside the file)")
+    p.add_argument("--windows", type=int, default=64, help="windows of each split to route (default 64)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--no-plots", action="store_true", help="JSON and the table only")
+    p.set_defaults(func=_cmd_routing)
+
+    p = sub.add_parser("report", help="write RUN/report.md and a self-contained RUN/report.html (also done "
+                                      "at the end of training)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--windows", type=int, default=32, help="windows per split for the routing section")
+    p.add_argument("--samples", type=int, default=3, help="sample generations (0: none)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=_cmd_report)
 
     data = sub.add_parser("data", help="data tools: prepare a dataset, leakage audit").add_subparsers(
         dest="data_command", metavar="DATA_COMMAND", required=True)

@@ -138,3 +138,38 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
     if ngram < 2 or seq_len < ngram:  # (prepared directories are checked in audit_ids)
         raise UserError(f"need 2 <= --ngram ({ngram}) <= --seq-len ({seq_len})")
     return audit(train_docs, val_docs, tok, ngram, seq_len, threshold)
+
+
+def _json_safe(obj):
+    """inf/nan (max/min with a dead expert, say) as strings, so the file is strict JSON."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def routing(target: str, out: str | None, windows: int = 64, batch_size: int = 8, device: str = "cpu",
+            plots: bool = True) -> tuple[dict, Path]:
+    """Routing analysis of a run (measured) or a counts file; writes routing.json and heatmaps into
+    `out` (default: RUN/routing, or routing-<file stem> beside a counts file)."""
+    import json
+
+    from moelab.analysis.collect import load_routing
+    from moelab.analysis.plots import plot_all
+    from moelab.analysis.routing import analyze
+
+    data = load_routing(target, windows, batch_size, device)
+    p = Path(target).expanduser()
+    out_dir = Path(out) if out else (p.parent / f"routing-{p.stem}" if p.is_file() else
+                                     (p if (p / "config.yaml").is_file() else p.parent.parent) / "routing")
+    analysis = analyze(data)
+    if plots:
+        analysis["plots"] = plot_all(data, analysis, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "routing.json").write_text(json.dumps(_json_safe(analysis), indent=1))
+    return analysis, out_dir

@@ -140,6 +140,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
     compile: bool = False  # torch.compile the model for training
     final_eval_windows: int = 0  # windows for the final evaluation; 0: the whole validation split
+    choice_tasks: str = ""  # comma-separated multiple-choice JSONL files (or hub names), scored at the end
+    choice_every: int = 0  # also every N updates (0: only at the end)
+    choice_limit: int = 0  # first N items of each task (0: all)
     # ---- checkpoints and stopping ----
     keep_last: int = 0  # keep the newest N step checkpoints (0: all); `best` is kept apart
     keep_best: bool = True  # save checkpoints/best whenever validation loss improves
@@ -155,6 +158,7 @@ class TrainConfig:
     wandb: str = ""  # a Weights & Biases project name to log to (pip install 'moelab[wandb]')
     peak_tflops: float = 0.0  # accelerator peak for MFU; 0: datasheet value of a known GPU
     plot: bool = True  # write RUN/curves.png at each evaluation and at the end
+    report: bool = True  # write RUN/report.md and RUN/report.html at the end (moelab report RUN)
 
 
 @dataclass
@@ -234,6 +238,7 @@ class Config:
             (d.vocab_size >= 260, "data.vocab_size must be at least 260 (256 bytes + specials)"),
             (t.steps >= 1 and t.batch_size >= 1 and t.grad_accum >= 1 and t.seq_len >= 2,
              "train.steps, train.batch_size, train.grad_accum must be >= 1, train.seq_len >= 2"),
+            (t.choice_every >= 0 and t.choice_limit >= 0, "train.choice_every and train.choice_limit must be >= 0"),
             (t.eval_every >= 1 and t.log_every >= 1 and t.save_every >= 1,
              "train.eval_every, train.log_every and train.save_every must be >= 1"),
             (t.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),

@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -25,3 +29,42 @@ def write_corpus(root, n_docs: int = 60, words_per_doc: int = 400):
 @pytest.fixture
 def text_corpus(tmp_path):
     return write_corpus(tmp_path / "corpus")
+
+
+def moelab(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "moelab", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=dict(os.environ, MOELAB_FAULTS=""))
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A 30-update `test` preset run on the marker corpus, with checkpoints and its HF export."""
+    root = tmp_path_factory.mktemp("evalrun")
+    corpus = write_corpus(root / "corpus")
+    import json
+
+    words = "expert router token layer gradient batch".split()
+    items = [{"context": f"marker{i:03d}x {words[i % 6]}", "choices": [words[(i + j) % 6] + " model" for j in range(3)],
+              "gold": i % 3} for i in range(8)]
+    (root / "mc.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    res = moelab("train", "--preset", "test", "--out", root / "run", f"data.source={corpus}",
+                 "data.vocab_size=300", "train.save_every=10", "train.keep_last=0", "train.plot=true",
+                 "train.report=true", f"train.choice_tasks={root / 'mc.jsonl'}", "train.choice_every=10")
+    assert res.returncode == 0, res.stderr
+    res = moelab("export", root / "run", "--out", root / "hf")
+    assert res.returncode == 0, res.stderr
+    return root
+
+
+def run_cli(*args):
+    """The real CLI entry point in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from moelab.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())

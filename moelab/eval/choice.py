@@ -166,9 +166,10 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], batc
     return results
 
 
-def eval_choice(target, task: str, limit: int = 0, batch_size: int = 16) -> dict:
-    """acc and acc_norm (with standard errors) of a loaded model on a multiple-choice task."""
-    name, items = load_task(task, limit)
+def eval_choice(target, task: str, limit: int = 0, batch_size: int = 16, loaded=None) -> dict:
+    """acc and acc_norm (with standard errors) of a loaded model on a multiple-choice task
+    (`loaded`: the task's (name, items) when already read)."""
+    name, items = loaded or load_task(task, limit)
     tok = target.tokenizer
     requests = []
     for n, it in enumerate(items):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from moelab.errors import UserError
-from moelab.eval.metrics import evaluate
+from moelab.eval.metrics import evaluate, spread_windows
 
 
 def xz_bits_per_byte(windows, token_table: list[bytes], batch: int = 4096) -> dict:
@@ -28,12 +28,6 @@ def xz_bits_per_byte(windows, token_table: list[bytes], batch: int = 4096) -> di
     if not data:
         return {"xz_bpb": float("nan"), "bytes": 0}
     return {"xz_bpb": 8 * len(lzma.compress(data, preset=9)) / len(data), "bytes": len(data)}
-
-
-def _subset(windows, n: int):
-    if n <= 0 or len(windows) <= n:
-        return windows
-    return windows[torch.linspace(0, len(windows) - 1, n).long().unique()]
 
 
 def eval_windows_for(target, split: str, data: str | None, source: str | None, seq_len: int,
@@ -85,7 +79,7 @@ def eval_language(target, split: str = "val", data: str | None = None, source: s
     if precision not in AUTOCAST_DTYPES:
         raise UserError(f"--precision must be one of {', '.join(AUTOCAST_DTYPES)}")
     windows, where = eval_windows_for(target, split, data, source, seq_len)
-    windows = _subset(windows, max_windows)
+    windows = spread_windows(windows, max_windows)
     table = target.tokenizer.token_bytes()
     token_bytes = torch.tensor([len(b) for b in table], dtype=torch.float64)
     device = next(target.model.parameters()).device

@@ -14,6 +14,13 @@ import torch
 import torch.nn.functional as F
 
 
+def spread_windows(windows, n: int):
+    """n evenly spaced windows (all when n <= 0 or there are fewer): a fixed, representative subset."""
+    if n <= 0 or len(windows) <= n:
+        return windows
+    return windows[torch.linspace(0, len(windows) - 1, n).long().unique()]
+
+
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, token_bytes: torch.Tensor, batch_size: int,
              device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict:

@@ -47,7 +47,7 @@ def test() -> Config:
         data=DataConfig(vocab_size=512, max_docs=40, tokenizer_train_bytes=400_000),
         optim=OptimConfig(muon_lr=2e-2, adamw_lr=1e-2, warmup=5),
         train=TrainConfig(steps=30, seq_len=64, batch_size=8, eval_every=10, eval_windows=16,
-                          log_every=5, save_every=10, plot=False),
+                          log_every=5, save_every=10, plot=False, report=False),
     )
 
 

@@ -23,7 +23,8 @@ from moelab.config import Config
 from moelab.data.loader import BatchLoader
 from moelab.data.pipeline import Dataset, build_dataset
 from moelab.errors import UserError
-from moelab.eval.metrics import evaluate
+from moelab.eval.language import xz_bits_per_byte
+from moelab.eval.metrics import evaluate, spread_windows
 from moelab.models import MoETransformer
 from moelab.models.accounting import parameter_table
 from moelab.models.router import update_selection_bias
@@ -191,33 +192,29 @@ def save(run: Run, metrics: dict, name: str | None = None, faults: FaultPlan | N
     return path
 
 
-def _eval_subset(windows: torch.Tensor, n: int) -> torch.Tensor:
-    if n <= 0 or windows.shape[0] <= n:
-        return windows
-    return windows[torch.linspace(0, windows.shape[0] - 1, n).long().unique()]
-
-
 def run_eval(run: Run, full: bool = False) -> dict:
     """Validation metrics in the training precision (the same autocast dtype as training)."""
     t = run.cfg.train
-    windows = _eval_subset(run.data.val_windows, t.final_eval_windows if full else t.eval_windows)
+    windows = spread_windows(run.data.val_windows, t.final_eval_windows if full else t.eval_windows)
     return evaluate(run.model, windows, run.data.token_bytes, t.batch_size, run.device,
                     AUTOCAST_DTYPES[t.precision])
 
 
 def routing_stats(counts_LE: torch.Tensor, dropped_LE: torch.Tensor) -> dict:
-    """Per-MoE-layer load balance over the log interval: coefficient of variation and max/mean of
-    the expert loads, dead experts (no token), and the share of slots dropped for capacity."""
+    """Per-MoE-layer load balance over the log interval (see moelab.analysis.routing): coefficient
+    of variation and max/mean of the expert loads, dead experts, the share of slots dropped for
+    capacity, and the counts themselves (for the routing heatmap over training steps)."""
+    from moelab.analysis.routing import layer_stats
+
     if counts_LE.numel() == 0:
         return {}
-    load = counts_LE.double()
-    mean = load.mean(dim=1).clamp_min(1e-9)
-    stats = {"load_cv": [round(v, 4) for v in (load.std(dim=1, unbiased=False) / mean).tolist()],
-             "load_max_mean": [round(v, 3) for v in (load.max(dim=1).values / mean).tolist()],
-             "dead_experts": (counts_LE == 0).sum(dim=1).tolist()}
-    if bool(dropped_LE.any()):
-        total = load.sum(dim=1).clamp_min(1.0)
-        stats["dropped_share"] = [round(v, 4) for v in (dropped_LE.double().sum(dim=1) / total).tolist()]
+    counts, dropped = counts_LE.tolist(), dropped_LE.tolist()
+    layers = [layer_stats(c, d) for c, d in zip(counts, dropped)]
+    stats = {"load_cv": [round(s["cv"], 4) for s in layers],
+             "load_max_mean": [round(s["max_mean"], 3) for s in layers],
+             "dead_experts": [len(s["dead"]) for s in layers], "expert_counts": counts}
+    if any(s["dropped"] for s in layers):
+        stats["dropped_share"] = [round(s["dropped_share"], 4) for s in layers]
     return stats
 
 
@@ -244,6 +241,7 @@ def oom_message(run: Run, step: int) -> str:
 
 def train(cfg: Config, out: str | None = None, resume: str | None = None,
           overrides: tuple[str, ...] = (), progress: bool | None = None, smoke: bool = False) -> dict:
+    _load_choice_tasks(cfg.train)  # a bad task file fails before any data is prepared
     run = setup(cfg, out, resume, overrides, smoke)
     cfg, t = run.cfg, run.cfg.train
     sinks = Sinks(run.run_dir, run.step, t.tensorboard, t.wandb, cfg.to_dict())
@@ -256,6 +254,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
         f"{run.device} {t.precision}" + (f" | resumed at step {run.step}" if run.step else ""))
     if balance_terms(cfg.model):
         say("balancing: " + ", ".join(f"{k} {v:g}" for k, v in balance_terms(cfg.model).items()))
+    choice = _load_choice_tasks(t)
     if run.step == 0:
         first = run_eval(run)
         sinks.write({"step": 0, "split": "val", **first})
@@ -299,6 +298,9 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
                     _write(bar, say, f"early stop: no validation improvement in {t.patience} evaluations "
                                      f"(best {run.best['val_loss']:.4f} at step {run.best['step']})")
                 window.reset_clock()
+            if choice and t.choice_every and run.step % t.choice_every == 0 and run.step < t.steps:
+                _run_choice(run, choice, sinks, lambda m: _write(bar, say, m))
+                window.reset_clock()
             if signals.requested or early_stopped or (run.step % t.save_every == 0 and run.step < t.steps):
                 save(run, {"train_loss": window.last_loss}, faults=faults)
                 last_saved = run.step
@@ -315,7 +317,11 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
         final = None
     else:
         final = run_eval(run, full=True)
+        final.update(xz_bits_per_byte(spread_windows(run.data.val_windows, t.final_eval_windows),
+                                      run.data.tokenizer.token_bytes()))
         sinks.write({"step": run.step, "split": "val", "final": True, **final})
+        if choice:
+            final["choice"] = _run_choice(run, choice, sinks, say)
         if last_saved != run.step or not ck.list_checkpoints(run.run_dir):
             save(run, {"val": final}, faults=faults)
     sinks.close()
@@ -326,7 +332,20 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     if smoke:
         summary["smoke"] = smoke_check(run)
+    elif t.report and not stopped and is_rank0():
+        _write_report(run.run_dir, say)
     return summary
+
+
+def _write_report(run_dir: Path, say) -> None:
+    """The run is complete and saved by now: a failing report must not fail the run."""
+    from moelab.analysis.report import write_report
+
+    try:
+        _, page = write_report(run_dir)
+        say(f"report: {page}")
+    except Exception as exc:  # noqa: BLE001 - reported, and `moelab report RUN` retries
+        say(f"report not written ({type(exc).__name__}: {exc}); retry with `moelab report {run_dir}`")
 
 
 def _update(run: Run, forward, autocast, window: "_Window", faults: FaultPlan, step_no: int) -> str:
@@ -375,6 +394,27 @@ def _update(run: Run, forward, autocast, window: "_Window", faults: FaultPlan, s
     run.tokens += tokens
     window.tokens += tokens
     return verdict
+
+
+def _load_choice_tasks(t) -> list:
+    from moelab.eval.choice import load_task
+
+    return [(spec, load_task(spec, t.choice_limit)) for spec in t.choice_tasks.split(",") if spec.strip()]
+
+
+def _run_choice(run: Run, tasks: list, sinks, say) -> list[dict]:
+    """Multiple-choice scores of the live model, logged as split "choice" records."""
+    from moelab.eval.choice import eval_choice
+    from moelab.eval.target import Target
+
+    target = Target(run.model, run.data.tokenizer, f"step {run.step}")
+    results = []
+    for spec, loaded in tasks:
+        r = eval_choice(target, spec, batch_size=run.cfg.train.batch_size, loaded=loaded)
+        sinks.write({"step": run.step, "split": "choice", **{k: v for k, v in r.items() if k != "model"}})
+        say(f"step {run.step} {r['task']}: acc {r['acc']:.3f} acc_norm {r['acc_norm']:.3f} ({r['items']} items)")
+        results.append(r)
+    return results
 
 
 def _track_best(run: Run, ev: dict) -> bool:
@@ -480,7 +520,8 @@ def _summary(run: Run, final: dict | None, window: _Window, stopped: str | None,
          "best": dict(run.best), "expert_counts": run.expert_counts_LE.tolist(),
          "params": run.model.num_parameters()}
     if final is not None:
-        s.update(val_loss=final["loss"], val_ppl=final["ppl"], val_acc=final["acc"], val_bpb=final["bpb"])
+        s.update(val_loss=final["loss"], val_ppl=final["ppl"], val_acc=final["acc"], val_bpb=final["bpb"],
+                 val_xz_bpb=final["xz_bpb"], choice=final.get("choice", []))
     return s
 
 

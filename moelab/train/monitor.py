@@ -100,7 +100,8 @@ class Sinks:
         self.jsonl.write(record)
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and k != "step"}
-        lists = {k: v for k, v in record.items() if isinstance(v, list)}
+        lists = {k: v for k, v in record.items()  # per-layer scalars (not the per-expert counts)
+                 if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)}
         prefix = record.get("split", "train")
         if self.tb is not None:
             for k, v in scalars.items():

@@ -43,7 +43,9 @@ def provenance() -> dict:
 
     import moelab
 
-    return {"command": sys.argv, "git_sha": git_sha(), "moelab": moelab.__version__,
+    import os
+
+    return {"command": sys.argv, "cwd": os.getcwd(), "git_sha": git_sha(), "moelab": moelab.__version__,
             "python": platform.python_version(), "torch": torch.__version__,
             "tokenizers": tokenizers.__version__, "platform": platform.platform(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}

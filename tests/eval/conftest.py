@@ -1,36 +1,12 @@
-"""Shared by the evaluation tests: one small trained run (and its Hugging Face export), and
-multiple-choice fixtures in the HellaSwag, ARC and PIQA formats built from the corpus's words."""
+"""Multiple-choice fixtures in the HellaSwag, ARC and PIQA formats built from the corpus's words."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import write_corpus
-
 WORDS = ("expert router token layer gradient batch window split value train model loss "
          "attention norm rotary vocabulary merge corpus document python code function").split()
-
-
-def moelab(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "moelab", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=dict(os.environ, MOELAB_FAULTS=""))
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """A 30-update `test` preset run on the marker corpus, with checkpoints and its HF export."""
-    root = tmp_path_factory.mktemp("evalrun")
-    corpus = write_corpus(root / "corpus")
-    res = moelab("train", "--preset", "test", "--out", root / "run", f"data.source={corpus}",
-                 "data.vocab_size=300", "train.save_every=10", "train.keep_last=0")
-    assert res.returncode == 0, res.stderr
-    res = moelab("export", root / "run", "--out", root / "hf")
-    assert res.returncode == 0, res.stderr
-    return root
 
 
 def _phrase(rng, n):

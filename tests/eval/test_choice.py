@@ -102,3 +102,23 @@ def test_bad_task_files_are_one_line_errors(tmp_path, trained):
             eval_choice(target, str(bad))
     with pytest.raises(UserError, match="no such task"):
         eval_choice(target, str(tmp_path / "missing.jsonl"))
+
+
+def test_in_training_multiple_choice_at_a_cadence(trained):
+    import json
+
+    records = [json.loads(ln) for ln in (trained / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r.get("split") == "choice"]
+    assert steps == [10, 20, 30]
+    summary = json.loads((trained / "run" / "summary.json").read_text())
+    final = eval_choice(load_target(str(trained / "run")), str(trained / "mc.jsonl"))
+    assert summary["choice"][0]["acc"] == final["acc"] and summary["choice"][0]["acc_norm"] == final["acc_norm"]
+    assert "Multiple choice" in (trained / "run" / "report.md").read_text()
+
+
+def test_bad_choice_task_fails_before_training(tmp_path):
+    from tests.conftest import run_cli
+
+    res = run_cli("train", "--preset", "test", "--out", tmp_path / "r", "train.choice_tasks=missing.jsonl")
+    assert res.returncode == 2 and "no such task file" in res.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()

@@ -1,0 +1,1 @@
+"""Routing statistics and verdicts, heatmaps, run reports."""

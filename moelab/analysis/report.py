@@ -1,0 +1,217 @@
+"""Run reports: RUN/report.md and a self-contained RUN/report.html (images inlined as base64 PNG,
+no external file, script or stylesheet), written at the end of `moelab train` and by
+`moelab report RUN`.
+
+Sections: how to reproduce (command, working directory, git SHA, versions), configuration summary,
+parameter table (total and active per token), training curves, final validation metrics beside
+xz -9 on the same bytes, routing (table, verdicts, heatmaps), sample generations.
+Both files are rendered from one list of blocks, so they always say the same thing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shlex
+from pathlib import Path
+
+from moelab.errors import UserError
+
+# blocks: ("h2", text) ("p", text) ("table", header, rows) ("img", file name, caption) ("pre", text)
+# ("details", summary, text)
+
+
+def _command(run: dict) -> str:
+    argv = list(run.get("command") or [])
+    if not argv:
+        return "(not recorded)"
+    cmd = "moelab " + shlex.join(argv[1:])
+    return f"cd {shlex.quote(run['cwd'])} && {cmd}" if run.get("cwd") else cmd
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _metrics_blocks(target, summary: dict) -> list:
+    """Final validation metrics with the xz reference (measured now if the run did not finish)."""
+    if "val_loss" in summary and "val_xz_bpb" in summary:
+        m = {k: summary[f"val_{k}"] for k in ("loss", "ppl", "acc", "bpb", "xz_bpb")}
+        where = "final evaluation of the run"
+    else:
+        from moelab.eval.language import eval_language
+
+        m = eval_language(target, max_windows=64)
+        where = f"evaluated for this report on {m['windows']} validation windows (the run has no final evaluation)"
+    rows = [["loss (nats/token)", f"{m['loss']:.4f}"], ["perplexity", f"{m['ppl']:.2f}"],
+            ["token accuracy", f"{m['acc']:.3f}"], ["bits per byte", f"{m['bpb']:.3f}"],
+            ["xz -9 bits per byte, same bytes", f"{m['xz_bpb']:.3f}"]]
+    gain = 1 - m["bpb"] / m["xz_bpb"] if m["xz_bpb"] == m["xz_bpb"] and m["xz_bpb"] else float("nan")
+    return [("h2", "Final metrics"), ("p", f"Validation split, {where}. The model needs "
+            f"{m['bpb']:.3f} bits per byte where xz -9 needs {m['xz_bpb']:.3f} ({gain:+.0%} fewer bits)."),
+            ("table", ["metric", "value"], rows)] + _choice_blocks(summary.get("choice") or [])
+
+
+def _choice_blocks(results: list[dict]) -> list:
+    if not results:
+        return []
+    return [("p", "Multiple choice (log-likelihood, acc and acc_norm as lm-evaluation-harness defines them):"),
+            ("table", ["task", "items", "acc", "acc_norm", "chance"],
+             [[r["task"], str(r["items"]), f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}",
+               f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}", f"{r['chance']:.3f}"] for r in results])]
+
+
+def _routing_blocks(run_dir: Path, windows: int) -> list:
+    from moelab.analysis.routing import THRESHOLDS
+    from moelab.commands import routing
+
+    a, out_dir = routing(str(run_dir), str(run_dir / "routing"), windows)
+    rows = []
+    for split, layers in a["splits"].items():
+        for name, s in zip(a["layers"], layers):
+            mm = "inf" if s["max_min"] == float("inf") else f"{s['max_min']:.2f}"
+            rows.append([split, name, f"{s['cv']:.3f}", mm, f"{s['max_mean']:.2f}", f"{s['entropy']:.3f}",
+                         f"{s['gini']:.3f}", str(len(s["dead"])), str(len(s["starved"])), s["verdict"]])
+    blocks = [("h2", "Routing"),
+              ("p", f"Measured on {windows} training and {windows} validation windows; worst layer: "
+                    f"{a['worst']}. CV is the population standard deviation of the slots per expert over their "
+                    "mean. Verdicts: " + "; ".join(f"{k}: {v}" for k, v in THRESHOLDS.items()) + "."),
+              ("table", ["split", "layer", "CV", "max/min", "max/mean", "entropy", "Gini", "dead", "starved",
+                         "verdict"], rows)]
+    if "train_val_js" in a:
+        blocks.append(("p", "Train vs validation drift (Jensen-Shannon, bits): " + ", ".join(
+            f"layer {n}: {v:.4f}" for n, v in zip(a["layers"], a["train_val_js"]))))
+    captions = {"layers": "Load per layer and expert, relative to a uniform share",
+                "steps": "Training load over steps (per log interval)",
+                "checkpoints": "Validation load at each checkpoint",
+                "coactivation": "Share of tokens sent to both experts"}
+    for kind, name in a.get("plots", {}).items():
+        blocks.append(("img", f"routing/{name}", captions[kind]))
+    return blocks
+
+
+def _sample_blocks(target, n: int, max_new_tokens: int) -> list:
+    """Continuations of the starts of evenly spaced validation windows (seed 0, temperature 0.8)."""
+    from moelab.eval.generate import Sampler, generate_text
+    from moelab.eval.language import eval_windows_for
+    from moelab.eval.metrics import spread_windows
+
+    windows = spread_windows(eval_windows_for(target, "val", None, None, target.cfg.train.seq_len)[0], n)
+    tok, blocks = target.tokenizer, [("h2", "Sample generations")]
+    blocks.append(("p", f"Prompt: the first 16 tokens of {len(windows)} validation windows; {max_new_tokens} new "
+                        "tokens, temperature 0.8, top-k 50, top-p 0.95, seed 0 (`moelab generate` reproduces them)."))
+    for w in windows:
+        ids = [t for t in w[:16].tolist() if t != tok.eos_id] or w[:1].tolist()
+        prompt = tok.decode(ids)
+        r = generate_text(target.model, tok, prompt, max_new_tokens, Sampler(0.8, 50, 0.95, 0))
+        blocks.append(("pre", f"prompt: {prompt}\nmodel:  {r['text']}"))
+    return blocks
+
+
+def build_blocks(run_dir: Path, routing_windows: int = 32, samples: int = 3, max_new_tokens: int = 48) -> list:
+    from moelab.eval.target import load_target
+    from moelab.models.accounting import parameter_table
+    from moelab.train.monitor import plot_curves
+
+    target = load_target(str(run_dir))
+    if target.run_dir is None or target.run_dir.resolve() != run_dir.resolve():
+        raise UserError(f"{run_dir} is not a run directory (give the run, not one of its checkpoints)")
+    run, summary = _read_json(run_dir / "run.json"), _read_json(run_dir / "summary.json")
+    cfg = target.cfg
+    m = cfg.model
+    blocks: list = [("h1", f"moelab run report: {run_dir.name}")]
+    blocks += [("h2", "Reproduce"), ("pre", _command(run)),
+               ("table", ["", ""], [["git SHA", str(run.get("git_sha"))], ["moelab", str(run.get("moelab"))],
+                                    ["torch", str(run.get("torch"))], ["python", str(run.get("python"))],
+                                    ["started", str(run.get("started"))], ["checkpoint", target.label]])]
+    attn = f"MLA (kv rank {m.kv_lora_rank})" if m.attention == "mla" else f"{m.n_heads} heads / {m.n_kv_heads} kv"
+    moe = (f"{m.n_experts} experts top-{m.top_k}, width {m.expert_dim}, {m.router} router"
+           + (f", {m.n_shared_experts} shared" if m.n_shared_experts else "")) if m.n_experts else "dense"
+    t, o = cfg.train, cfg.optim
+    rows = [["model", f"d_model {m.d_model}, {m.n_layers} layers, {attn}, vocab {m.vocab_size}"], ["MoE", moe],
+            ["balancing", f"aux {m.aux_loss_coef:g}, seq aux {m.seq_aux_loss_coef:g}, z {m.z_loss_coef:g}, "
+                          f"bias rate {m.bias_update_rate:g}"],
+            ["data", str(cfg.data.path or cfg.data.source)],
+            ["optimizer", f"{o.mode}, Muon LR {o.muon_lr:g}, AdamW LR {o.adamw_lr:g}, {o.schedule} schedule, "
+                          f"warmup {o.warmup}"],
+            ["training", f"{summary.get('steps', '?')} of {t.steps} updates, batch {t.batch_size} x {t.grad_accum} "
+                         f"x seq {t.seq_len}, {t.precision}, "
+                         f"{summary.get('train_tokens_per_s', float('nan')):.0f} tokens/s"],
+            ["skipped updates", ", ".join(f"{k} {v}" for k, v in summary.get("skipped", {}).items()) or "n/a"]]
+    blocks += [("h2", "Configuration"), ("table", ["", ""], rows),
+               ("details", "Full resolved config (config.yaml)", (run_dir / "config.yaml").read_text())]
+    params = parameter_table(target.model)
+    blocks += [("h2", "Parameters"), ("table", ["component", "total", "active per token"],
+               [[k, f"{v['total']:,}", f"{v['active']:,}"] for k, v in params.items() if v["total"] or k == "total"])]
+    if not (run_dir / "curves.png").is_file() and (run_dir / "metrics.jsonl").is_file():
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    if (run_dir / "curves.png").is_file():
+        blocks += [("h2", "Training curves"), ("img", "curves.png", "Loss, learning rate, gradient norm, tokens/s")]
+    blocks += _metrics_blocks(target, summary)
+    if m.n_experts:
+        blocks += _routing_blocks(run_dir, routing_windows)
+    if samples:
+        blocks += _sample_blocks(target, samples, max_new_tokens)
+    return blocks
+
+
+def render_markdown(blocks: list) -> str:
+    out = []
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2"):
+            out.append(("# " if kind == "h1" else "## ") + b[1])
+        elif kind == "p":
+            out.append(b[1])
+        elif kind == "table":
+            out.append("| " + " | ".join(b[1]) + " |\n|" + "---|" * len(b[1]) + "\n"
+                       + "\n".join("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in b[2]))
+        elif kind == "img":
+            out.append(f"![{b[2]}]({b[1]})")
+        elif kind in ("pre", "details"):
+            text = b[1] if kind == "pre" else b[2]
+            out.append((f"<details><summary>{b[1]}</summary>\n\n" if kind == "details" else "")
+                       + "```\n" + text.rstrip() + "\n```" + ("\n\n</details>" if kind == "details" else ""))
+    return "\n\n".join(out) + "\n"
+
+
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+         "th{background:#f3f3f3}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;white-space:pre-wrap}"
+         "img{max-width:100%;border:1px solid #ddd}figure{margin:1em 0}")
+
+
+def render_html(blocks: list, run_dir: Path) -> str:
+    e = html.escape
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(blocks[0][1])}</title>"
+           f"<style>{STYLE}</style></head><body>"]
+    for b in blocks:
+        kind = b[0]
+        if kind in ("h1", "h2", "p"):
+            out.append(f"<{kind}>{e(b[1])}</{kind}>")
+        elif kind == "table":
+            head = "".join(f"<th>{e(h)}</th>" for h in b[1]) if any(b[1]) else ""
+            body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b[2])
+            out.append(f"<table>{'<tr>' + head + '</tr>' if head else ''}{body}</table>")
+        elif kind == "img":
+            data = base64.b64encode((run_dir / b[1]).read_bytes()).decode()
+            out.append(f"<figure><img alt='{e(b[2])}' src='data:image/png;base64,{data}'>"
+                       f"<figcaption>{e(b[2])}</figcaption></figure>")
+        elif kind == "pre":
+            out.append(f"<pre>{e(b[1])}</pre>")
+        elif kind == "details":
+            out.append(f"<details><summary>{e(b[1])}</summary><pre>{e(b[2])}</pre></details>")
+    return "".join(out) + "</body></html>\n"
+
+
+def write_report(run_dir: str | Path, routing_windows: int = 32, samples: int = 3,
+                 max_new_tokens: int = 48) -> tuple[Path, Path]:
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+    blocks = build_blocks(run_dir, routing_windows, samples, max_new_tokens)
+    md, page = run_dir / "report.md", run_dir / "report.html"
+    md.write_text(render_markdown(blocks), encoding="utf-8")
+    page.write_text(render_html(blocks, run_dir), encoding="utf-8")
+    return md, page

@@ -1,0 +1,76 @@
+"""Run reports: written at the end of training, self-contained HTML whose images decode (and render
+in a headless browser when one is installed), numbers equal to the run's own, bad input refused."""
+
+import base64
+import io
+import json
+import re
+import shutil
+
+import pytest
+
+from tests.conftest import moelab, run_cli
+
+
+def _images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)]
+
+
+def test_report_written_at_the_end_of_training(trained):
+    run = trained / "run"
+    md, page = (run / "report.md").read_text(), (run / "report.html").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    for section in ("Reproduce", "Configuration", "Parameters", "Training curves", "Final metrics", "Routing",
+                    "Sample generations"):
+        assert f"## {section}" in md and f"<h2>{section}</h2>" in page
+    provenance = json.loads((run / "run.json").read_text())
+    assert provenance["git_sha"] is None or provenance["git_sha"] in md
+    assert "moelab train --preset test --out" in md and "train.report=true" in md  # the exact command
+    assert f"{summary['val_loss']:.4f}" in md and f"{summary['val_xz_bpb']:.3f}" in md
+    assert f"{summary['params']['total']:,}" in md and f"{summary['params']['active']:,}" in md
+    for verdict_word in ("balanced", "moderate", "high imbalance", "collapse"):
+        assert verdict_word in md  # the thresholds are printed
+    # self-contained: every image inline, nothing fetched from elsewhere
+    assert not re.search(r"(src|href)=['\"](?!data:)", page)
+    import matplotlib.image
+
+    images = _images(page)
+    assert len(images) >= 4  # curves, layers, checkpoints or steps, co-activation
+    for png in images:
+        arr = matplotlib.image.imread(io.BytesIO(png), format="png")
+        assert arr.shape[0] > 100 and arr.shape[1] > 100 and arr.std() > 0.01  # a real picture, not blank
+    for ref in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (run / ref).is_file()
+
+
+def test_report_images_render_in_a_headless_browser(trained):
+    """Needs `pip install playwright` and Chromium (`apt-get install chromium`); skipped otherwise."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not chromium:
+        pytest.skip("no Chromium installed")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto((trained / "run" / "report.html").resolve().as_uri())
+        page.wait_for_load_state("load")
+        sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        headings = page.eval_on_selector_all("h2", "hs => hs.map(h => h.textContent)")
+        browser.close()
+    assert len(sizes) >= 4 and all(ok and w > 100 and h > 100 for ok, w, h in sizes)
+    assert "Routing" in headings and "Sample generations" in headings
+
+
+def test_report_command_and_bad_inputs(trained, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(trained / "run", run)
+    (run / "report.html").unlink()
+    res = moelab("report", run, "--samples", "1", "--windows", "4")
+    assert res.returncode == 0, res.stderr
+    assert (run / "report.html").is_file() and "Sample generations" in (run / "report.md").read_text()
+    shutil.rmtree(run / "checkpoints")
+    res = run_cli("report", run)
+    assert res.returncode == 2 and "no checkpoint yet" in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0
+    res = run_cli("report", tmp_path / "missing")
+    assert res.returncode == 2 and "not a run directory" in res.stderr
