@@ -165,8 +165,7 @@ def routing(target: str, out: str | None, windows: int = 64, batch_size: int = 8
 
     data = load_routing(target, windows, batch_size, device)
     p = Path(target).expanduser()
-    out_dir = Path(out) if out else (p.parent / f"routing-{p.stem}" if p.is_file() else
-                                     (p if (p / "config.yaml").is_file() else p.parent.parent) / "routing")
+    out_dir = Path(out) if out else (data.run_dir / "routing" if data.run_dir else p.parent / f"routing-{p.stem}")
     analysis = analyze(data)
     if plots:
         analysis["plots"] = plot_all(data, analysis, out_dir)

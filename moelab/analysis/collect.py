@@ -40,6 +40,7 @@ class RoutingData:
     checkpoints: dict[int, np.ndarray] = field(default_factory=dict)  # checkpoint step -> (L, E) on val
     coactivation: dict[str, list[np.ndarray]] = field(default_factory=dict)  # split -> L x (E, E)
     tokens: dict[str, int] = field(default_factory=dict)
+    run_dir: Path | None = None  # the run measured (None for a counts file)
 
 
 def _matrix(rows, what: str) -> np.ndarray:
@@ -182,7 +183,7 @@ def from_run(target, n_windows: int = 64, batch_size: int = 8, max_checkpoints: 
         raise UserError(f"{target.label} is a dense model: there is no routing to analyse")
     seq_len = target.cfg.train.seq_len if target.cfg else min(model.cfg.max_seq_len, 512)
     layers = [str(i) for i in model.cfg.moe_layers]
-    data = RoutingData(target.label, layers, model.cfg.n_experts, model.cfg.top_k)
+    data = RoutingData(target.label, layers, model.cfg.n_experts, model.cfg.top_k, run_dir=target.run_dir)
     if target.run_dir is None:
         raise UserError("routing needs a run directory or a counts file (.json/.csv); for a Hugging Face "
                         "model, convert it first: moelab convert HF_DIR --out RUN")

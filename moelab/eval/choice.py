@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,9 +189,8 @@ def eval_choice(target, task: str, limit: int = 0, batch_size: int = 16, loaded=
         acc_norm.append(float(max(range(len(norm)), key=lambda i: (norm[i], -i)) == it.gold))
     n = len(items)
 
-    def stderr(v):
-        m = sum(v) / n
-        return math.sqrt(sum((x - m) ** 2 for x in v) / (n - 1) / n) if n > 1 else float("nan")
+    def stderr(v):  # standard error of the mean, as the harness reports it
+        return statistics.stdev(v) / math.sqrt(n) if n > 1 else float("nan")
 
     return {"task": name, "items": n, "acc": sum(acc) / n, "acc_stderr": stderr(acc),
             "acc_norm": sum(acc_norm) / n, "acc_norm_stderr": stderr(acc_norm),

@@ -20,11 +20,8 @@ from moelab.eval.metrics import evaluate, spread_windows
 def xz_bits_per_byte(windows, token_table: list[bytes], batch: int = 4096) -> dict:
     """Bits per byte of `xz -9` (LZMA2, preset 9, the .xz container included) on the target bytes
     of `windows`."""
-    chunks = []
-    for i in range(0, len(windows), batch):
-        for tok in windows[i:i + batch][:, 1:].flatten().tolist():
-            chunks.append(token_table[tok])
-    data = b"".join(chunks)
+    data = b"".join(b"".join(map(token_table.__getitem__, windows[i:i + batch][:, 1:].flatten().tolist()))
+                    for i in range(0, len(windows), batch))
     if not data:
         return {"xz_bpb": float("nan"), "bytes": 0}
     return {"xz_bpb": 8 * len(lzma.compress(data, preset=9)) / len(data), "bytes": len(data)}

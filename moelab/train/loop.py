@@ -241,9 +241,12 @@ def oom_message(run: Run, step: int) -> str:
 
 def train(cfg: Config, out: str | None = None, resume: str | None = None,
           overrides: tuple[str, ...] = (), progress: bool | None = None, smoke: bool = False) -> dict:
-    _load_choice_tasks(cfg.train)  # a bad task file fails before any data is prepared
+    asked = (cfg.train.choice_tasks, cfg.train.choice_limit)
+    choice = _load_choice_tasks(cfg.train)  # a bad task file fails before any data is prepared
     run = setup(cfg, out, resume, overrides, smoke)
     cfg, t = run.cfg, run.cfg.train
+    if (t.choice_tasks, t.choice_limit) != asked:  # a resumed run's own saved settings
+        choice = _load_choice_tasks(t)
     sinks = Sinks(run.run_dir, run.step, t.tensorboard, t.wandb, cfg.to_dict())
     say = _printer(progress)
     faults = FaultPlan()
@@ -254,7 +257,6 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
         f"{run.device} {t.precision}" + (f" | resumed at step {run.step}" if run.step else ""))
     if balance_terms(cfg.model):
         say("balancing: " + ", ".join(f"{k} {v:g}" for k, v in balance_terms(cfg.model).items()))
-    choice = _load_choice_tasks(t)
     if run.step == 0:
         first = run_eval(run)
         sinks.write({"step": 0, "split": "val", **first})

@@ -162,5 +162,10 @@ def test_run_analysis_has_both_splits_checkpoints_and_steps(trained, tmp_path):
     assert sorted(int(k) for k in a["checkpoints_js"]) == [20, 30]  # checkpoints at 10, 20, 30
     assert len(a["steps_js"]) >= 4  # training counts logged every 5 updates
     assert set(a["plots"]) == {"layers", "steps", "checkpoints", "coactivation"}
+    ckpt = trained / "run" / "checkpoints" / "step_0000020"
+    res = run_cli("routing", ckpt, "--windows", "2", "--no-plots")  # a checkpoint: output goes to its run
+    assert res.returncode == 0, res.stderr
+    assert not (ckpt / "routing").exists()
+    assert json.loads((trained / "run" / "routing" / "routing.json").read_text())["source"] == "run/step_0000020"
     res = run_cli("routing", tmp_path / "no-such-run")
     assert res.returncode == 2 and "no such run" in res.stderr
