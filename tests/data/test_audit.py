@@ -47,6 +47,43 @@ def test_ngram_hash_equality_matches_tuple_equality():
             assert (h[i] == h[j]) == (grams[i] == grams[j])
 
 
+def test_word_hashes_and_the_jaccard_estimate():
+    """Words hash equal exactly when their text is equal; the one-permutation signature estimates
+    the Jaccard similarity of two documents' 5-word shingle sets within sampling error."""
+    import re
+
+    from moelab.data.neardup import minhash, word_hashes
+
+    text = "def f(x_1):\n    return x_1+ café  # café, x_1\n"
+    words = re.findall(r"[0-9A-Za-z_\x80-\U0010ffff]+|[^\s]", text)
+    h = word_hashes(text)
+    assert len(h) == len(words) == 14
+    assert all((h[i] == h[j]) == (words[i] == words[j]) for i in range(len(words)) for j in range(len(words)))
+    rng = random.Random(1)
+    vocab = [f"w{i}" for i in range(5000)]
+    for share in (0.2, 0.5, 0.8):
+        common = [rng.choice(vocab) for _ in range(int(3000 * share))]
+        a = " ".join(common + [rng.choice(vocab) for _ in range(3000 - len(common))])
+        b = " ".join(common + [rng.choice(vocab) for _ in range(3000 - len(common))])
+        sh = [{tuple(t.split()[i:i + 5]) for i in range(len(t.split()) - 4)} for t in (a, b)]
+        exact = len(sh[0] & sh[1]) / len(sh[0] | sh[1])
+        estimate = float((minhash(a) == minhash(b)).mean())
+        assert abs(estimate - exact) < 0.15, (share, exact, estimate)  # ~3.5 sd of 128 bins
+    assert (minhash("one two three") == minhash("one two three")).all()
+    assert (minhash("one two three") != minhash("four five six")).all()
+
+
+def test_signatures_on_threads_equal_one_thread():
+    """Threads share the power tables, which grow while they run: same signatures as one thread."""
+    from moelab.data import neardup
+
+    texts = [" ".join(f"w{i * j % 997}" for j in range(40 * i + 5)) for i in range(1, 120)]
+    one = neardup.signatures(texts, threads=1)
+    for _ in range(3):
+        neardup._tables = neardup._tables[0][:1], neardup._tables[1][:1]  # start from empty tables
+        assert np.array_equal(neardup.signatures(texts[::-1], threads=4)[::-1], one)
+
+
 def test_audit_flags_stride1_random_split_and_passes_document_split(documents):
     train, val = _stride1_random_split(documents)
     tok = train_bpe((d.text for d in train), 2000)
