@@ -1,53 +1,62 @@
-"""Data preparation throughput: MB of text per second per core, by stage, on the embedded corpus.
+"""Data preparation throughput: MB of text per second per core, end to end and by stage.
 
-Run: python benchmarks/data_prepare.py [--source stdlib|PATH] [--vocab 8192]
-Stages: read (corpus files), split (near-duplicate MinHash + hashing), BPE training on the train
-split, tokenization of both splits (tokenizers' batch encoder, which uses every core), packing.
-Not a test: timings are machine-dependent. Issue 4's target is 2 MB/s per core end to end.
+Run: python benchmarks/data_prepare.py [--source stdlib|PATH ...] [--vocab 8192]
+Runs the real `moelab data prepare` (moelab.data.prepare.prepare) twice on the same source:
+  1. training a BPE tokenizer on the training split (what a first run does), and
+  2. with that tokenizer given (what preparing more data, or a corpus too large to train BPE on
+     whole, does: BPE is trained once on a bounded sample, --tokenizer-train-bytes).
+Stages come from the manifest: read, split (MinHash near-duplicate groups + the hash split),
+tokenizer training, tokenize (every core), write (shards). Then the tokenizers-vs-fast-encoder
+comparison on the same documents, in one process. MB/s/core = text MB / seconds / usable cores.
+Not a test: timings are machine-dependent. Issue 4's target is 2 MB/s per core for plain text.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
+import tempfile
 import time
+from pathlib import Path
 
 
 def main() -> None:
-    from moelab.data.loader import make_windows, pack
+    from moelab.data.prepare import prepare
     from moelab.data.sources import load_corpus
-    from moelab.data.split import split_documents
-    from moelab.data.tokenizer import train_bpe
+    from moelab.data.tokenizer import _cores, load_tokenizer
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--source", default="stdlib")
+    ap.add_argument("--source", nargs="+", default=["stdlib"])
     ap.add_argument("--vocab", type=int, default=8192)
     args = ap.parse_args()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    times = {}
-
-    t = time.perf_counter()
-    corpus = load_corpus(args.source)
-    times["read"] = time.perf_counter() - t
-    mb = sum(len(d.text.encode("utf-8")) for d in corpus.documents) / 1e6
-    t = time.perf_counter()
-    train, val = split_documents(corpus.documents, 0.05, "moelab", near_duplicates=True)
-    times["split (MinHash)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    tok = train_bpe((d.text for d in train), args.vocab)
-    times["BPE training"] = time.perf_counter() - t
-    t = time.perf_counter()
-    ids = tok.encode_batch([d.text for d in train + val])
-    times["tokenize"] = time.perf_counter() - t
-    t = time.perf_counter()
-    make_windows(pack(ids[: len(train)], tok.eos_id), 128)
-    make_windows(pack(ids[len(train):], tok.eos_id), 128)
-    times["pack"] = time.perf_counter() - t
-    total = sum(times.values())
-    print(f"{len(corpus.documents)} documents, {mb:.1f} MB, {cores} cores")
-    for stage, sec in times.items():
-        print(f"  {stage:<18}{sec:7.2f} s  {mb / sec / cores:8.2f} MB/s/core")
-    print(f"  {'end to end':<18}{total:7.2f} s  {mb / total / cores:8.2f} MB/s/core")
+    cores = _cores()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = []
+        for label, tok in (("training BPE", None), ("given tokenizer", str(Path(tmp) / "a" / "tokenizer"))):
+            out = Path(tmp) / ("a" if tok is None else "b")
+            t = time.perf_counter()
+            prepare(args.source, str(out), vocab_size=args.vocab, tokenizer=tok)
+            wall = time.perf_counter() - t
+            m = json.loads((out / "manifest.json").read_text())
+            mb = sum(s["bytes"] for s in m["splits"].values()) / 1e6
+            rows.append((label, mb, wall, m["seconds"], m["encoder"]))
+        print(f"{args.source}: {mb:.1f} MB of text, {cores} cores")
+        for label, mb, wall, stages, encoder in rows:
+            print(f"\nprepare, {label} (encoder: {encoder})")
+            for stage, sec in stages.items():
+                print(f"  {stage:<20}{sec:7.2f} s  {mb / sec / cores:8.2f} MB/s/core")
+            print(f"  {'end to end':<20}{wall:7.2f} s  {mb / wall / cores:8.2f} MB/s/core")
+        texts = [d.text for s in args.source for d in load_corpus(s).documents]
+        tok = load_tokenizer(Path(tmp) / "a" / "tokenizer")
+        t = time.perf_counter()
+        slow = tok.encode_batch_slow(texts)
+        t_slow = time.perf_counter() - t
+        t = time.perf_counter()
+        fast = tok.encode_arrays(texts)
+        t_fast = time.perf_counter() - t
+        same = all(a.tolist() == b for a, b in zip(fast, slow))
+        print(f"\ntokenize only: tokenizers {mb / t_slow / cores:.2f} MB/s/core, fast encoder "
+              f"{mb / t_fast / cores:.2f} MB/s/core ({t_slow / t_fast:.1f}x), identical ids: {same}")
 
 
 if __name__ == "__main__":

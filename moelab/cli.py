@@ -74,17 +74,23 @@ def _cmd_data_check(args) -> int:
 def _cmd_data_prepare(args) -> int:
     import json
 
+    from moelab.data.pdf import PdfFilters
     from moelab.data.prepare import MANIFEST, prepare
 
+    filters = PdfFilters(args.pdf_min_chars, args.pdf_max_chars, args.pdf_min_words, args.pdf_max_words,
+                         args.pdf_ascii_only)
     out = prepare(args.sources, args.out, args.val_fraction, args.salt, args.text_field, args.tokenizer,
                   args.vocab_size, not args.no_near_dup_split, args.dedup, args.overwrite, args.max_docs,
-                  args.weights)
+                  args.weights, filters, args.tokenizer_train_bytes, shard_tokens=args.shard_tokens)
     m = json.loads((out / MANIFEST).read_text())
     s = m["splits"]
-    print(f"prepared {out}: train {s['train']['documents']} docs / {s['train']['tokens']:,} tokens, "
-          f"val {s['val']['documents']} docs / {s['val']['tokens']:,} tokens, vocab {m['vocab_size']}, "
-          f"{len(m['skipped'])} skipped, {len(m['near_duplicates_dropped'])} near-duplicates dropped, "
-          f"fingerprint {m['fingerprint']}")
+    mb = sum(v["bytes"] for v in s.values()) / 1e6
+    took = sum(m["seconds"].values())
+    print(f"prepared {out}: train {s['train']['documents']} docs / {s['train']['tokens']:,} tokens "
+          f"in {len(s['train']['shards'])} shard(s), val {s['val']['documents']} docs / "
+          f"{s['val']['tokens']:,} tokens, vocab {m['vocab_size']}, {len(m['skipped'])} skipped, "
+          f"{len(m['near_duplicates_dropped'])} near-duplicates dropped, fingerprint {m['fingerprint']}")
+    print(f"{mb:.1f} MB in {took:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in m["seconds"].items()) + ")")
     return 0
 
 
@@ -155,7 +161,15 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _pdf_defaults():
+    from moelab.data.pdf import PdfFilters
+
+    return PdfFilters()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from moelab.config import SHARD_TOKENS, TOKENIZER_SAMPLE
+
     parser = argparse.ArgumentParser(
         prog="moelab", description="Train, evaluate and diagnose Mixture-of-Experts language models.")
     parser.add_argument("--version", action="version", version=_version())
@@ -270,6 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one weight per source: its share of the training tokens (documents are "
                         "repeated or subsampled); validation keeps the natural mixture")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--tokenizer-train-bytes", type=int, default=TOKENIZER_SAMPLE,
+                   help="train BPE on a hash-ordered sample of this many characters of the training "
+                        f"split (default {TOKENIZER_SAMPLE:,}; 0: all of it)")
+    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS,
+                   help=f"tokens per shard file, cut at document boundaries (default {SHARD_TOKENS:,})")
+    pdf = _pdf_defaults()
+    p.add_argument("--pdf-min-chars", type=int, default=pdf.min_chars, help="PDF paragraphs shorter are dropped")
+    p.add_argument("--pdf-max-chars", type=int, default=pdf.max_chars, help="PDF paragraphs longer are dropped")
+    p.add_argument("--pdf-min-words", type=int, default=pdf.min_words)
+    p.add_argument("--pdf-max-words", type=int, default=pdf.max_words)
+    p.add_argument("--pdf-ascii-only", action="store_true", help="drop PDF paragraphs with non-ASCII text")
     p.set_defaults(func=_cmd_data_prepare)
     p = data.add_parser("check", help="leakage audit: duplicate documents across splits and validation "
                                       "windows sharing a long n-gram with training data; exit 1 above "

@@ -83,6 +83,10 @@ class ModelConfig:
         return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
 
 
+TOKENIZER_SAMPLE = 64_000_000  # default BPE training sample (characters of the training split)
+SHARD_TOKENS = 1 << 27  # tokens per prepared shard file: 128M, 256 MB of uint16
+
+
 @dataclass
 class DataConfig:
     source: str = "stdlib"  # "stdlib" (embedded default corpus), or a text/JSONL/Parquet file or directory
@@ -100,7 +104,8 @@ class DataConfig:
     max_docs: int = 0  # 0: all documents
     tokenizer: str = ""  # "": train BPE on the training split; else tokenizer.json or HF dir
     vocab_size: int = 8192  # for BPE training
-    tokenizer_train_bytes: int = 0  # 0: train the tokenizer on the whole training split
+    tokenizer_train_bytes: int = TOKENIZER_SAMPLE  # BPE trains on a hash-ordered sample of this many
+    # characters of the training split (0: all of it); bounds BPE time on large corpora
 
 
 @dataclass

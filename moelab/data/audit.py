@@ -139,13 +139,15 @@ def audit_prepared(path, ngram: int = 32, seq_len: int = 128, threshold: float =
     import json
     from pathlib import Path
 
+    from moelab.data.prepare import split_streams
+
     root = Path(path)
     m = json.loads((root / "manifest.json").read_text())
     docs = {}
     for split in ("train", "val"):
-        stream = np.memmap(root / f"{split}.bin", dtype=np.dtype(m["dtype"]).newbyteorder("<"), mode="r")
-        starts = np.load(root / f"{split}_docs.npy")
-        ends = np.append(starts[1:], stream.shape[0]) - 1  # drop each document's end-of-text
-        docs[split] = [np.asarray(stream[a:b], dtype=np.int64) for a, b in zip(starts, ends)]
+        docs[split] = []
+        for stream, starts in split_streams(root, split, m):
+            ends = np.append(starts[1:], stream.shape[0]) - 1  # drop each document's end-of-text
+            docs[split] += [np.asarray(stream[a:b], dtype=np.int64) for a, b in zip(starts, ends)]
     return audit_ids(m["splits"]["train"]["document_names"], docs["train"],
                      m["splits"]["val"]["document_names"], docs["val"], m["eos_id"], ngram, seq_len, threshold)

@@ -1,14 +1,21 @@
-"""`moelab data prepare`: sources -> document split -> tokenizer -> token streams on disk.
+"""`moelab data prepare`: sources -> document split -> tokenizer -> token shards on disk.
 
-Layout of a prepared directory:
-  manifest.json        sources, documents/bytes/tokens per split and per source, skipped inputs with
-                       reasons, near-duplicates dropped, the dataset fingerprint
+Layout of a prepared directory (format 2):
+  manifest.json        sources, documents/bytes/tokens per split and per source, the shards, skipped
+                       inputs with reasons, near-duplicates dropped, the dataset fingerprint, and
+                       how long each stage took
   tokenizer/           tokenizer.json (+ tokenizer_config.json)
-  train.bin, val.bin   each split's documents as one token stream (doc EOS doc EOS ...), raw
-                       little-endian uint16 (vocab <= 65536) or uint32: memory-mapped, never loaded whole
-  train_docs.npy, val_docs.npy   start offset of each document in its stream (int64)
+  train-00000.bin ...  each split's documents as token streams (doc EOS doc EOS ...), raw little-endian
+  val-00000.bin        uint16 (vocab <= 65536) or uint32, cut into shards of about `shard_tokens`
+                       tokens at document boundaries: memory-mapped, never loaded whole
+  train-00000_docs.npy ...   start offset of each document in its shard (int64)
+Format 1 (one `train.bin`/`val.bin` per split, from earlier versions) is still read.
+Documents are tokenized in chunks of `CHUNK_BYTES` of text on every core and each chunk is written
+out before the next is read into tokens, so the token arrays of a whole split are never in memory
+(except with --weights, whose resampling needs every training document's length first).
 `moelab train data.path=DIR` trains on it: windows of seq_len + 1 tokens are views into the
-memory map, cut disjoint exactly as for in-memory data.
+memory-mapped shards, cut disjoint within each shard (a shard's tail shorter than a window is
+dropped, exactly as a single stream's tail is).
 """
 
 from __future__ import annotations
@@ -17,27 +24,34 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from moelab.config import SHARD_TOKENS, TOKENIZER_SAMPLE
 from moelab.data.sources import Document, load_corpus
 from moelab.data.split import hash_unit, split_documents
 from moelab.data.tokenizer import load_tokenizer, train_bpe
 from moelab.errors import UserError
 
 MANIFEST = "manifest.json"
+CHUNK_BYTES = 16 << 20  # text tokenized per batch
 
 
 class TokenWindows:
-    """Disjoint windows of `seq_len + 1` tokens over a (memory-mapped) 1-D token stream.
-    Indexing (slice, index array or tensor) returns an int64 tensor; nothing else is read."""
+    """Disjoint windows of `seq_len + 1` tokens over one or more (memory-mapped) 1-D token streams,
+    numbered shard after shard. Indexing (slice, index array or tensor) returns an int64 tensor;
+    nothing else is read."""
 
-    def __init__(self, stream: np.ndarray, seq_len: int):
+    def __init__(self, streams, seq_len: int):
+        streams = [streams] if isinstance(streams, np.ndarray) else list(streams)
         self.width = seq_len + 1
-        self.n = stream.shape[0] // self.width
-        self._view = stream[: self.n * self.width].reshape(self.n, self.width)
+        counts = [s.shape[0] // self.width for s in streams]
+        self._views = [s[: c * self.width].reshape(c, self.width) for s, c in zip(streams, counts)]
+        self._starts = np.cumsum([0, *counts])  # first window of each shard
+        self.n = int(self._starts[-1])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -49,7 +63,91 @@ class TokenWindows:
     def __getitem__(self, idx) -> torch.Tensor:
         if isinstance(idx, torch.Tensor):
             idx = idx.numpy()
-        return torch.from_numpy(np.asarray(self._view[idx], dtype=np.int64))
+        if len(self._views) == 1:
+            return torch.from_numpy(np.asarray(self._views[0][idx], dtype=np.int64))
+        rows = np.arange(self.n)[idx] if isinstance(idx, slice) else np.asarray(idx, dtype=np.int64)
+        flat = rows.reshape(-1)
+        if flat.size and (flat.min() < -self.n or flat.max() >= self.n):
+            raise IndexError(f"window index out of range for {self.n} windows")
+        flat = flat % max(self.n, 1)
+        shard = np.searchsorted(self._starts, flat, side="right") - 1
+        out = np.empty((flat.shape[0], self.width), dtype=np.int64)
+        for k in np.unique(shard):  # a loop over the shards a batch touches, not over windows
+            sel = shard == k
+            out[sel] = self._views[k][flat[sel] - self._starts[k]]
+        return torch.from_numpy(out.reshape(*rows.shape, self.width))
+
+
+class _ShardWriter:
+    """Appends whole documents to `{split}-NNNNN.bin` files, starting a new shard once the current
+    one holds `shard_tokens` tokens (a document is never cut; one longer than a shard gets its own).
+    Feeds every byte written to `hasher`, in order."""
+
+    def __init__(self, root: Path, split: str, dtype, shard_tokens: int, hasher):
+        self.root, self.split, self.dtype, self.limit, self.h = root, split, dtype, shard_tokens, hasher
+        self.shards: list[dict] = []
+        self._file, self._starts, self._tokens = None, [], 0
+
+    def _close_shard(self) -> None:
+        if self._file is None:
+            return
+        self._file.close()
+        info = self.shards[-1]
+        np.save(self.root / info["docs"], np.asarray(self._starts, dtype=np.int64))
+        info.update(tokens=self._tokens, documents=len(self._starts))
+        self._file, self._starts, self._tokens = None, [], 0
+
+    def add(self, stream: np.ndarray, lengths: np.ndarray) -> None:
+        """`stream`: whole documents, each followed by EOS; `lengths`: their lengths with the EOS."""
+        ends = np.cumsum(lengths)
+        begin = 0
+        while begin < len(lengths):
+            if self._file is not None and self._tokens >= self.limit:
+                self._close_shard()
+            if self._file is None:
+                name = f"{self.split}-{len(self.shards):05d}"
+                self.shards.append({"file": f"{name}.bin", "docs": f"{name}_docs.npy"})
+                self._file = open(self.root / f"{name}.bin", "wb")
+            offset = int(ends[begin - 1]) if begin else 0
+            room = self.limit - self._tokens
+            # documents that fit in this shard (at least one, so a long document gets a shard)
+            stop = max(begin + 1, int(np.searchsorted(ends, offset + room, side="right")))
+            stop = min(stop, len(lengths))
+            piece = stream[offset:int(ends[stop - 1])].astype(self.dtype, copy=False)
+            self._starts += (np.concatenate([[offset], ends[begin:stop - 1]]) - offset + self._tokens).tolist()
+            data = piece.astype(piece.dtype.newbyteorder("<"), copy=False).tobytes()
+            self._file.write(data)
+            self.h.update(data)
+            self._tokens += piece.shape[0]
+            begin = stop
+
+    def close(self) -> list[dict]:
+        self._close_shard()
+        return self.shards
+
+
+def _join(arrays: list[np.ndarray], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(doc0 EOS doc1 EOS ..., lengths with the EOS) without a loop over tokens."""
+    lengths = np.fromiter((a.shape[0] + 1 for a in arrays), dtype=np.int64, count=len(arrays))
+    out = np.empty(int(lengths.sum()), dtype=np.uint32)
+    eos_at = np.cumsum(lengths) - 1
+    body = np.ones(out.shape[0], dtype=bool)
+    body[eos_at] = False
+    out[body] = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
+    out[eos_at] = eos_id
+    return out, lengths
+
+
+def _chunks(docs: list[Document], budget: int = CHUNK_BYTES):
+    """Consecutive runs of documents with about `budget` characters of text each."""
+    start, size = 0, 0
+    for i, d in enumerate(docs):
+        size += len(d.text)
+        if size >= budget:
+            yield docs[start:i + 1]
+            start, size = i + 1, 0
+    if start < len(docs):
+        yield docs[start:]
 
 
 def tokenizer_texts(train, budget: int):
@@ -75,18 +173,18 @@ def _dedup_training(train: list[Document], group_of: dict[str, int]) -> tuple[li
     return kept, dropped
 
 
-def _mix(docs: list[Document], ids: list[list[int]], sources: list[str], weights: dict[str, float],
-         salt: str):
+def _mix(lengths: list[int], sources: list[str], weights: dict[str, float], salt: str):
     """Resample the training documents so each source supplies its weight's share of the tokens:
     every document of a source repeats floor(factor) times, then a seeded random subset of its
-    documents covers the remainder. Validation keeps its natural mixture."""
+    documents covers the remainder. Validation keeps its natural mixture. `lengths`: tokens per
+    document including its EOS. Returns the chosen document indices and a report per source."""
     rng = np.random.default_rng(int(hashlib.sha256(salt.encode()).hexdigest()[:8], 16))
-    total = sum(len(i) + 1 for i in ids)
+    total = sum(lengths)
     wsum = sum(weights[s] for s in set(sources))
-    out_docs, out_ids, report = [], [], {}
+    out, report = [], {}
     for src in dict.fromkeys(sources):  # sources in order of appearance
         members = [k for k, s in enumerate(sources) if s == src]
-        have = sum(len(ids[k]) + 1 for k in members)
+        have = sum(lengths[k] for k in members)
         want = weights[src] / wsum * total
         chosen = members * int(want // have)
         rest = want - have * int(want // have)
@@ -94,22 +192,22 @@ def _mix(docs: list[Document], ids: list[list[int]], sources: list[str], weights
             if rest <= 0:
                 break
             chosen.append(int(k))
-            rest -= len(ids[k]) + 1
-        out_docs += [docs[k] for k in chosen]
-        out_ids += [ids[k] for k in chosen]
+            rest -= lengths[k]
+        out += chosen
         report[src] = {"weight": weights[src], "natural_tokens": have,
-                       "tokens": sum(len(ids[k]) + 1 for k in chosen), "documents": len(chosen)}
+                       "tokens": sum(lengths[k] for k in chosen), "documents": len(chosen)}
     mixed_total = sum(r["tokens"] for r in report.values())
     for r in report.values():
         r["share"] = r["tokens"] / mixed_total
-    return out_docs, out_ids, report
+    return out, report
 
 
 def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str = "moelab",
             text_field: str = "text", tokenizer: str | None = None, vocab_size: int = 8192,
             near_dup_split: bool = True, dedup: bool = False, overwrite: bool = False,
             max_docs: int = 0, weights: list[float] | None = None, pdf_filters=None,
-            tokenizer_train_bytes: int = 0, request: dict | None = None) -> Path:
+            tokenizer_train_bytes: int = TOKENIZER_SAMPLE, request: dict | None = None,
+            shard_tokens: int = SHARD_TOKENS) -> Path:
     """`request`: the settings that produced this directory, stored in the manifest (a run that
     prepares its raw source checks them when it resumes)."""
     out_dir = Path(out).expanduser()
@@ -120,6 +218,16 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
     if weights is not None and (len(weights) != len(sources) or min(weights) <= 0):
         raise UserError(f"--weights needs one positive weight per source ({len(sources)} sources, "
                         f"got {len(weights)})")
+    if shard_tokens < 1:
+        raise UserError("--shard-tokens must be at least 1")
+    timings, clock = {}, time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(timings.get(stage, 0.0) + now - clock, 3)
+        clock = now
+
     docs, skipped, per_source, source_of = [], [], {}, {}
     for src in sources:
         corpus = load_corpus(src, max_docs, text_field, pdf_filters)
@@ -129,6 +237,7 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         skipped += [{"name": prefix + n, "reason": r} for n, r in corpus.skipped]
         per_source[src] = {"documents": len(corpus.documents), "skipped": len(corpus.skipped),
                            "bytes": sum(len(d.text.encode("utf-8")) for d in corpus.documents)}
+    lap("read")
     groups = None
     if near_dup_split or dedup:  # MinHash once, for the split and for --dedup
         from moelab.data.neardup import near_duplicate_groups
@@ -140,48 +249,81 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
     dropped = []
     if dedup:
         train, dropped = _dedup_training(train, {d.name: g for d, g in zip(docs, groups)})
+    lap("split")
     if tokenizer:
         tok = load_tokenizer(tokenizer)
     else:
         tok = train_bpe(tokenizer_texts(train, tokenizer_train_bytes), vocab_size)
+        lap("tokenizer training")
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    tok.verify_fast([d.text for d in train[:64]])  # the fast encoder must agree here too, else it is off
 
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    tok.save(tmp / "tokenizer")
-    splits, h = {}, hashlib.sha256(tok.tk.to_str().encode())
-    mixing = None
-    for name, split_docs in (("train", train), ("val", val)):
-        ids = tok.encode_batch([d.text for d in split_docs])
-        if name == "train" and weights is not None:
-            split_docs, ids, mixing = _mix(split_docs, ids, [source_of[d.name] for d in split_docs],
-                                           dict(zip(sources, weights)), salt)
-        lengths = np.array([len(i) + 1 for i in ids], dtype=np.int64)
-        stream = np.empty(int(lengths.sum()), dtype=dtype)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        for s, i in zip(starts, ids):
-            stream[s:s + len(i)] = i
-        stream[starts + lengths - 1] = tok.eos_id
-        stream.astype(stream.dtype.newbyteorder("<"), copy=False).tofile(tmp / f"{name}.bin")
-        np.save(tmp / f"{name}_docs.npy", starts)
-        h.update(name.encode())
-        h.update(stream.tobytes())
-        splits[name] = {"documents": len(split_docs), "bytes": sum(len(d.text.encode("utf-8")) for d in split_docs),
-                        "tokens": int(stream.shape[0]), "document_names": [d.name for d in split_docs]}
-    manifest = {
-        "format": 1, "sources": per_source, "text_field": text_field, "val_fraction": val_fraction,
-        "salt": salt, "near_dup_split": near_dup_split, "dtype": np.dtype(dtype).name,
-        "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "fingerprint": h.hexdigest()[:16],
-        "splits": splits, "skipped": skipped, "near_duplicates_dropped": dropped, "mixing": mixing,
-        "request": request,
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    try:
+        tok.save(tmp / "tokenizer")
+        splits, h = {}, hashlib.sha256(tok.tk.to_str().encode())
+        mixing = None
+        for name, split_docs in (("train", train), ("val", val)):
+            h.update(name.encode())
+            writer = _ShardWriter(tmp, name, dtype, shard_tokens, h)
+            if name == "train" and weights is not None:
+                # resampling needs every document's length first: keep this split's tokens (compact)
+                arrays = [a.astype(dtype) for c in _chunks(split_docs) for a in tok.encode_arrays([d.text for d in c])]
+                lap("tokenize")
+                chosen, mixing = _mix([a.shape[0] + 1 for a in arrays], [source_of[d.name] for d in split_docs],
+                                      dict(zip(sources, weights)), salt)
+                split_docs = [split_docs[k] for k in chosen]
+                for start in range(0, len(chosen), 4096):
+                    writer.add(*_join([arrays[k] for k in chosen[start:start + 4096]], tok.eos_id))
+                del arrays
+                lap("write")
+            else:
+                for chunk in _chunks(split_docs):
+                    arrays = tok.encode_arrays([d.text for d in chunk])
+                    lap("tokenize")
+                    writer.add(*_join(arrays, tok.eos_id))
+                    lap("write")
+            shards = writer.close()
+            splits[name] = {"documents": len(split_docs),
+                            "bytes": sum(len(d.text.encode("utf-8")) for d in split_docs),
+                            "tokens": sum(s["tokens"] for s in shards), "shards": shards,
+                            "document_names": [d.name for d in split_docs]}
+        manifest = {
+            "format": 2, "sources": per_source, "text_field": text_field, "val_fraction": val_fraction,
+            "salt": salt, "near_dup_split": near_dup_split, "dtype": np.dtype(dtype).name,
+            "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "fingerprint": h.hexdigest()[:16],
+            "encoder": "tiktoken" if tok.fast is not None else "tokenizers",
+            "splits": splits, "skipped": skipped, "near_duplicates_dropped": dropped, "mixing": mixing,
+            "request": request, "seconds": timings,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)  # only reached with --overwrite, after the new data is complete
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def split_streams(root: str | Path, split: str, manifest: dict | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(memory-mapped token stream, document start offsets) of each shard of a prepared split."""
+    root = Path(root).expanduser()
+    manifest = manifest or json.loads((root / MANIFEST).read_text())
+    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
+    shards = manifest["splits"][split].get("shards") or [{"file": f"{split}.bin", "docs": f"{split}_docs.npy"}]
+    out = []
+    for info in shards:
+        file = root / info["file"]
+        if not file.is_file():
+            raise UserError(f"{file} is missing; prepare the data again (moelab data prepare)")
+        size = file.stat().st_size
+        stream = np.memmap(file, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
+        out.append((stream, np.load(root / info["docs"])))
+    return out
 
 
 def is_prepared(path: str | Path) -> bool:
@@ -196,11 +338,10 @@ def load_prepared(path: str | Path, seq_len: int):
                         "create one with: moelab data prepare SOURCE --out DIR")
     manifest = json.loads((root / MANIFEST).read_text())
     tok = load_tokenizer(root / "tokenizer")
-    dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
     windows = {}
     for name in ("train", "val"):
-        file = root / f"{name}.bin"
-        if file.stat().st_size == 0:
-            raise UserError(f"{file} is empty")
-        windows[name] = TokenWindows(np.memmap(file, dtype=dtype, mode="r"), seq_len)
+        streams = [s for s, _ in split_streams(root, name, manifest)]
+        if sum(s.shape[0] for s in streams) == 0:
+            raise UserError(f"the {name} split of {root} holds no tokens")
+        windows[name] = TokenWindows(streams, seq_len)
     return tok, windows["train"], windows["val"], manifest

@@ -87,3 +87,36 @@ def test_bad_pdfs_are_skipped_with_reasons(tmp_path):
     assert reasons["empty.pdf"] == "no pages"
     assert reasons["truncated.pdf"].startswith("unreadable PDF") or reasons["truncated.pdf"] == "no text"
     assert reasons["zero.pdf"].startswith("unreadable PDF")
+
+
+def test_data_prepare_pdf_filter_flags(tmp_path):
+    """`data prepare --pdf-*` reach the PDF filters: the known paragraphs pass the defaults, a word
+    floor above their length drops them all (the paper is then skipped with the reason)."""
+    import json
+    import subprocess
+    import sys
+
+    d = tmp_path / "papers"
+    d.mkdir()
+    for i in range(3):
+        _paper(d / f"p{i}.pdf")
+    (d / "notes.txt").write_text("plain notes about experts and routers, kept whatever the PDF filters say " * 5)
+
+    def run(*flags):
+        out = tmp_path / f"prep{len(flags)}"
+        res = subprocess.run([sys.executable, "-m", "moelab", "data", "prepare", str(d), "--out", str(out),
+                              "--vocab-size", "300", "--val-fraction", "0.3", *flags], capture_output=True, text=True)
+        return res, out
+
+    res, out = run()
+    assert res.returncode == 0, res.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert sum(s["documents"] for s in m["splits"].values()) == 4 and not m["skipped"]
+    res, out = run("--pdf-min-words", "40", "--pdf-max-words", "400")
+    assert res.returncode == 2 and "need at least 2" in res.stderr  # only notes.txt is left
+    res, out = run("--pdf-min-words", "20", "--pdf-max-words", "30", "--pdf-ascii-only")
+    assert res.returncode == 0, res.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert sum(s["documents"] for s in m["splits"].values()) == 4  # 21-26 words: every paragraph kept
+    res, out = run("--pdf-max-chars", "100")
+    assert res.returncode == 2

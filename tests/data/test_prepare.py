@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from moelab.data.loader import BatchLoader, make_windows, pack
-from moelab.data.prepare import load_prepared, prepare
+from moelab.data.prepare import load_prepared, prepare, split_streams
 from moelab.data.tokenizer import load_tokenizer
 
 
@@ -35,9 +35,8 @@ def test_prepared_streams_equal_in_memory_packing(tmp_path, text_corpus):
         texts[f"extra.jsonl/extra.jsonl#{i + 1}"] = f"record {i} " * 50
     for split in ("train", "val"):
         ref = pack(tok.encode_batch([texts[n] for n in m["splits"][split]["document_names"]]), tok.eos_id)
-        stream = np.fromfile(out / f"{split}.bin", dtype=np.uint16)
-        assert np.array_equal(stream.astype(np.int64), ref.numpy())
-        starts = np.load(out / f"{split}_docs.npy")
+        (stream, starts), = split_streams(out, split)  # one shard at this size
+        assert stream.dtype == np.uint16 and np.array_equal(stream.astype(np.int64), ref.numpy())
         assert (stream[starts[1:] - 1] == tok.eos_id).all()
     _, train_w, val_w, _ = load_prepared(out, 16)
     assert torch.equal(val_w[torch.arange(val_w.shape[0])], make_windows(ref, 16))
@@ -51,6 +50,47 @@ def test_prepared_streams_equal_in_memory_packing(tmp_path, text_corpus):
         x1, y1 = a.next_batch()
         x2, y2 = b.next_batch()
         assert torch.equal(x1, x2) and torch.equal(y1, y2) and x1.dtype == torch.int64
+
+
+def test_shards_hold_the_same_stream_and_windows_span_them(tmp_path, text_corpus):
+    """Cut into many shards at document boundaries, a split holds exactly the single-shard tokens
+    (same fingerprint), each shard starts with a whole document, windows are cut within shards,
+    and the loader over sharded windows resumes exactly."""
+    one = prepare([str(text_corpus)], str(tmp_path / "one"), val_fraction=0.2, vocab_size=300)
+    res = _cli("data", "prepare", str(text_corpus), "--out", str(tmp_path / "many"), "--val-fraction", "0.2",
+               "--tokenizer", str(one / "tokenizer"), "--shard-tokens", "2000")
+    assert res.returncode == 0 and "shard(s)" in res.stdout, res.stderr
+    many = tmp_path / "many"
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, many))
+    assert m1["fingerprint"] == m2["fingerprint"] and m2["format"] == 2
+    shards = m2["splits"]["train"]["shards"]
+    assert len(shards) >= 4 and sum(s["documents"] for s in shards) == m2["splits"]["train"]["documents"]
+    eos = m2["eos_id"]
+    (ref, ref_starts), = split_streams(one, "train")
+    parts = split_streams(many, "train")
+    assert np.array_equal(np.concatenate([s for s, _ in parts]), ref)
+    offset, starts = 0, []
+    for (stream, doc_starts), info in zip(parts, shards):
+        assert stream[-1] == eos and doc_starts[0] == 0 and info["tokens"] == stream.shape[0]
+        assert all(s["tokens"] >= 2000 for s in shards[:-1])  # a shard closes once it is full
+        starts.append(doc_starts + offset)
+        offset += stream.shape[0]
+    assert np.array_equal(np.concatenate(starts), ref_starts)
+    seq = 16
+    _, train_w, _, _ = load_prepared(many, seq)
+    expect = torch.cat([make_windows(torch.from_numpy(s.astype(np.int64)), seq) for s, _ in parts])
+    assert train_w.shape == tuple(expect.shape)
+    rows = torch.randperm(train_w.shape[0])[:50]
+    assert torch.equal(train_w[rows], expect[rows]) and torch.equal(train_w[3:9], expect[3:9])
+    a = BatchLoader(train_w, 4, seed=1)
+    for _ in range(7):
+        a.next_batch()
+    b = BatchLoader(load_prepared(many, seq)[1], 4, seed=1)
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+    res = _cli("data", "check", str(many), "--seq-len", "32")  # the audit reads every shard
+    assert res.returncode == 0 and "clean" in res.stdout.lower(), res.stdout + res.stderr
 
 
 def test_train_on_prepared_data_and_resume(tmp_path, text_corpus):
