@@ -1,13 +1,15 @@
 """Data preparation throughput: MB of text per second per core, end to end and by stage.
 
-Run: python benchmarks/data_prepare.py [--source stdlib|PATH ...] [--vocab 8192]
+Run: python benchmarks/data_prepare.py [--source stdlib|site-packages|PATH ...] [--vocab 8192]
+(`site-packages`: this interpreter's site-packages directory, a few hundred MB of code and text
+already on disk: the corpus where the default 64M-character BPE sample is smaller than the data.)
 Runs the real `moelab data prepare` (moelab.data.prepare.prepare) twice on the same source:
   1. training a BPE tokenizer on the training split (what a first run does), and
   2. with that tokenizer given (what preparing more data, or a corpus too large to train BPE on
      whole, does: BPE is trained once on a bounded sample, --tokenizer-train-bytes).
 Stages come from the manifest: read, split (MinHash near-duplicate groups + the hash split),
 tokenizer training, tokenize (every core), write (shards). Then the tokenizers-vs-fast-encoder
-comparison on the same documents, in one process. MB/s/core = text MB / seconds / usable cores.
+comparison on the same documents (at most 32 MB of them), in one process. MB/s/core = text MB / seconds / usable cores.
 Not a test: timings are machine-dependent. Issue 4's target is 2 MB/s per core for plain text.
 """
 
@@ -29,6 +31,10 @@ def main() -> None:
     ap.add_argument("--source", nargs="+", default=["stdlib"])
     ap.add_argument("--vocab", type=int, default=8192)
     args = ap.parse_args()
+    if "site-packages" in args.source:
+        import sysconfig
+
+        args.source = [sysconfig.get_paths()["purelib"] if s == "site-packages" else s for s in args.source]
     cores = _cores()
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
@@ -46,7 +52,13 @@ def main() -> None:
             for stage, sec in stages.items():
                 print(f"  {stage:<20}{sec:7.2f} s  {mb / sec / cores:8.2f} MB/s/core")
             print(f"  {'end to end':<20}{wall:7.2f} s  {mb / wall / cores:8.2f} MB/s/core")
-        texts = [d.text for s in args.source for d in load_corpus(s).documents]
+        texts, size = [], 0
+        for d in (d for s in args.source for d in load_corpus(s).documents):
+            if size > 32e6:
+                break
+            texts.append(d.text)
+            size += len(d.text.encode("utf-8"))
+        mb = size / 1e6
         tok = load_tokenizer(Path(tmp) / "a" / "tokenizer")
         t = time.perf_counter()
         slow = tok.encode_batch_slow(texts)
@@ -55,7 +67,7 @@ def main() -> None:
         fast = tok.encode_arrays(texts)
         t_fast = time.perf_counter() - t
         same = all(a.tolist() == b for a, b in zip(fast, slow))
-        print(f"\ntokenize only: tokenizers {mb / t_slow / cores:.2f} MB/s/core, fast encoder "
+        print(f"\ntokenize only ({mb:.1f} MB): tokenizers {mb / t_slow / cores:.2f} MB/s/core, fast encoder "
               f"{mb / t_fast / cores:.2f} MB/s/core ({t_slow / t_fast:.1f}x), identical ids: {same}")
 
 

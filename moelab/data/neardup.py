@@ -65,12 +65,11 @@ def _mix(h: np.ndarray) -> np.ndarray:
         return h ^ (h >> np.uint64(31))
 
 
-def word_hashes(text: str) -> np.ndarray:
-    """One uint64 per word (see the module docstring), in text order."""
-    b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+def _word_hashes(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(hash, first byte position) of every word of the UTF-8 bytes `b`, in text order."""
     keep = np.flatnonzero(~_SPACE[b])  # positions of non-space bytes
     if keep.shape[0] == 0:
-        return np.zeros(0, dtype=np.uint64)
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
     word = _WORD[b]
     # a word starts at a kept byte unless it continues a run of word bytes
     cont = np.zeros(b.shape[0], dtype=bool)
@@ -80,38 +79,74 @@ def word_hashes(text: str) -> np.ndarray:
     with np.errstate(over="ignore"):
         terms = (b[keep].astype(np.uint64) + np.uint64(1)) * pw[keep]
         sums = np.add.reduceat(terms, first)
-        return _mix(sums * inv[keep[first]])  # shift each word's polynomial to start at P^0
+        return _mix(sums * inv[keep[first]]), keep[first]  # each word's polynomial shifted to P^0
+
+
+def word_hashes(text: str) -> np.ndarray:
+    """One uint64 per word (see the module docstring), in text order."""
+    return _word_hashes(np.frombuffer(text.encode("utf-8"), dtype=np.uint8))[0]
+
+
+def _batch_signatures(texts: list[str], shingle: int = 5) -> np.ndarray:
+    """Signatures of several documents in one pass of array work (no per-document numpy calls, which
+    dominate for many small documents). A document with fewer words than `shingle` has a single
+    shingle of all its words; one with none gets an all-empty signature."""
+    raws = [t.encode("utf-8") for t in texts]
+    starts = np.cumsum([0] + [len(r) + 1 for r in raws])[:-1]  # one space between documents
+    words, pos = _word_hashes(np.frombuffer(b" ".join(raws), dtype=np.uint8))
+    D = len(texts)
+    doc = np.searchsorted(starts, pos, side="right") - 1
+    n_words = np.bincount(doc, minlength=D)
+    first_word = np.cumsum(n_words) - n_words
+    sh = ngram_hashes(words, shingle)
+    inside = doc[:sh.shape[0]] == doc[shingle - 1:]  # shingles that do not cross a document end
+    sh, sh_doc = sh[inside], doc[:sh.shape[0]][inside]
+    short = np.flatnonzero((n_words > 0) & (n_words < shingle))
+    if short.shape[0]:  # the audit's hash of all their words: n_words steps, masked per document
+        h = np.zeros(short.shape[0], dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(shingle - 1):
+                m = j < n_words[short]
+                h[m] = h[m] * np.uint64(0x100000001B3) + words[first_word[short[m]] + j] + np.uint64(1)
+        sh, sh_doc = np.concatenate([sh, h]), np.concatenate([sh_doc, short])
+    sh = _mix(sh)
+    sig = np.full(D * NUM_PERM, _EMPTY, dtype=np.uint64)
+    np.minimum.at(sig, sh_doc * NUM_PERM + (sh >> _BIN_SHIFT).astype(np.int64), sh & _LOW)
+    sig = sig.reshape(D, NUM_PERM)
+    # rotation: an empty bin takes the next filled bin to its right (cyclically), plus its distance
+    cols = np.arange(NUM_PERM)
+    at = np.where(sig != _EMPTY, cols, 4 * NUM_PERM)
+    nxt = np.minimum.accumulate(np.concatenate([at, at + NUM_PERM], axis=1)[:, ::-1], axis=1)[:, ::-1][:, :NUM_PERM]
+    found = nxt < 2 * NUM_PERM
+    src = np.where(found, nxt % NUM_PERM, 0)
+    out = np.take_along_axis(sig, src, axis=1) | ((nxt - cols) % NUM_PERM).astype(np.uint64) << _BIN_SHIFT
+    return np.where(found, out, _EMPTY)
 
 
 def minhash(text: str, shingle: int = 5) -> np.ndarray:
-    ids = word_hashes(text)
-    sh = np.sort(_mix(ngram_hashes(ids, min(shingle, max(len(ids), 1)))))  # repeats leave each bin's min as is
-    sig = np.full(NUM_PERM, _EMPTY, dtype=np.uint64)
-    if sh.shape[0] == 0:
-        return sig
-    bins = np.arange(NUM_PERM, dtype=np.uint64)
-    pos = np.searchsorted(sh, bins << _BIN_SHIFT)
-    cand = sh[np.minimum(pos, sh.shape[0] - 1)]
-    filled = (pos < sh.shape[0]) & ((cand >> _BIN_SHIFT) == bins)
-    full = np.flatnonzero(filled)
-    # rotation: an empty bin takes the next filled bin to its right (cyclically), plus its distance
-    nxt = full[np.searchsorted(full, np.arange(NUM_PERM)) % full.shape[0]]
-    dist = (nxt - np.arange(NUM_PERM)) % NUM_PERM
-    sig = (cand[nxt] & _LOW) | (dist.astype(np.uint64) << _BIN_SHIFT)
-    return sig
+    return _batch_signatures([text], shingle)[0]
 
 
-def signatures(texts: list[str], threads: int = 0) -> np.ndarray:
-    """(len(texts), NUM_PERM) MinHash signatures, computed on `threads` threads (0: every core)."""
+def signatures(texts: list[str], threads: int = 0, batch_chars: int = 1 << 21) -> np.ndarray:
+    """(len(texts), NUM_PERM) MinHash signatures, in batches of about `batch_chars` characters on
+    `threads` threads (0: every core)."""
     if not texts:
         return np.zeros((0, NUM_PERM), np.uint64)
     from moelab.data.tokenizer import _cores
 
+    batches, start, size = [], 0, 0
+    for i, t in enumerate(texts):
+        size += len(t)
+        if size >= batch_chars:
+            batches.append(texts[start:i + 1])
+            start, size = i + 1, 0
+    if start < len(texts):
+        batches.append(texts[start:])
     threads = threads or _cores()
-    if threads == 1:
-        return np.stack([minhash(t) for t in texts])
+    if threads == 1 or len(batches) == 1:
+        return np.concatenate([_batch_signatures(b) for b in batches])
     with ThreadPoolExecutor(threads) as pool:  # numpy releases the GIL in the array work
-        return np.stack(list(pool.map(minhash, texts, chunksize=8)))
+        return np.concatenate(list(pool.map(_batch_signatures, batches)))
 
 
 def near_duplicate_groups(texts: list[str], threshold: float = 0.5) -> list[int]:

@@ -86,8 +86,12 @@ class TextTokenizer:
         threads = threads or _cores()
         if threads == 1 or len(texts) < 2:
             return [one(t) for t in texts]
-        with ThreadPoolExecutor(threads) as pool:  # tiktoken releases the GIL while encoding
-            return list(pool.map(one, texts, chunksize=max(1, len(texts) // (8 * threads))))
+        # a few texts per task (Executor.map takes no chunksize for threads: one future per text
+        # would cost more in locking than encoding a short text); tiktoken releases the GIL
+        step = max(1, len(texts) // (16 * threads))
+        groups = [texts[i:i + step] for i in range(0, len(texts), step)]
+        with ThreadPoolExecutor(threads) as pool:
+            return [a for part in pool.map(lambda g: [one(t) for t in g], groups) for a in part]
 
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode(ids, skip_special_tokens=False)

@@ -74,14 +74,18 @@ def test_word_hashes_and_the_jaccard_estimate():
 
 
 def test_signatures_on_threads_equal_one_thread():
-    """Threads share the power tables, which grow while they run: same signatures as one thread."""
+    """Threads share the power tables, which grow while they run, and documents are hashed in
+    batches: the same signatures as one document at a time on one thread, short documents
+    (fewer than 5 words, none) included."""
     from moelab.data import neardup
 
     texts = [" ".join(f"w{i * j % 997}" for j in range(40 * i + 5)) for i in range(1, 120)]
-    one = neardup.signatures(texts, threads=1)
+    texts[::17] = ["", "one", "two words", "x, y", "  \n ", "a b c d e", "é ü"][:len(texts[::17])]
+    one = np.stack([neardup.minhash(t) for t in texts])
+    assert np.array_equal(neardup.signatures(texts, threads=1, batch_chars=1 << 30), one)
     for _ in range(3):
         neardup._tables = neardup._tables[0][:1], neardup._tables[1][:1]  # start from empty tables
-        assert np.array_equal(neardup.signatures(texts[::-1], threads=4)[::-1], one)
+        assert np.array_equal(neardup.signatures(texts[::-1], threads=4, batch_chars=2000)[::-1], one)
 
 
 def test_audit_flags_stride1_random_split_and_passes_document_split(documents):

@@ -85,3 +85,34 @@ def test_glob_sources(tmp_path):
     assert sorted(d.text for d in corpus.documents) == ["another markdown", "markdown text"]
     with pytest.raises(UserError, match="no file matches"):
         load_corpus(str(tmp_path / "*.pdf"))
+
+
+def test_directory_walk_order_hidden_links_and_special_files(tmp_path):
+    """A directory source lists regular files with known suffixes in path order (as pathlib sorts
+    them), skips hidden files and folders, does not follow directory symlinks (no cycles), and
+    never opens a FIFO (which would block); 40 files go through the threaded reader."""
+    import os
+
+    root = tmp_path / "src"
+    (root / "a-b").mkdir(parents=True)
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    for i in range(40):
+        (root / "a" / "deep" / f"f{i:02d}.py").write_text(f"print({i})\n")
+    (root / "a-b" / "x.txt").write_text("dash folder")
+    (root / "a" / "y.md").write_text("in a")
+    (root / "a" / "noext").write_text("no suffix is text")
+    (root / "a" / "file.").write_text("a trailing dot is no suffix")
+    (root / "a" / "skip.bin").write_bytes(b"\x00\x01")
+    (root / ".hidden" / "secret.txt").write_text("hidden")
+    (root / "a" / ".dot.txt").write_text("hidden file")
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    os.mkfifo(root / "a" / "pipe.txt")
+    corpus = load_corpus(str(root))
+    names = [d.name for d in corpus.documents]
+    from pathlib import Path
+
+    expected = sorted(["a-b/x.txt", "a/y.md", "a/noext", "a/file.", *(f"a/deep/f{i:02d}.py" for i in range(40))],
+                      key=lambda n: Path(n).parts)
+    assert names == expected
+    assert corpus.documents[names.index("a/deep/f07.py")].text == "print(7)\n"
