@@ -212,7 +212,10 @@ def hf_corpus(source: str, max_docs: int = 0, text_field: str = "text") -> Corpu
         else:
             spec, _, split = source[3:].partition("@")
             name, _, config = spec.partition(":")
-            ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=bool(max_docs))
+            # streaming reads the hub's files; offline, only the prepared cache can answer
+            offline = datasets.config.HF_DATASETS_OFFLINE or datasets.config.HF_HUB_OFFLINE
+            ds = datasets.load_dataset(name, config or None, split=split or "train",
+                                       streaming=bool(max_docs) and not offline)
             label = name
     except Exception as exc:  # network, missing cache, unknown name: one clear line
         first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__

@@ -1,6 +1,7 @@
 """JSONL and Parquet sources: one document per record's text field, bad records skipped with reasons."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +75,43 @@ def test_hugging_face_dataset_from_disk_and_clear_error_offline(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "cannot load Hugging Face dataset 'hf:nobody/no-such-dataset'" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "p").exists()
+
+
+def test_hugging_face_dataset_by_name_from_the_offline_cache(tmp_path):
+    """`hf:OWNER/NAME` with the network off reads the datasets cache that an earlier online
+    `load_dataset` leaves (OWNER___NAME/CONFIG/VERSION/REVISION/, Arrow files + dataset_info.json).
+    The cache is built here by datasets' own JSON builder, then placed under the hub name."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("datasets")
+    from datasets.packaged_modules.json.json import Json
+
+    src = tmp_path / "train.jsonl"
+    src.write_text("".join(json.dumps({"text": f"cached record {i} about experts and routers"}) + "\n"
+                           for i in range(12)))
+    cache = tmp_path / "datasets_cache"
+    builder = Json(cache_dir=str(cache), dataset_name="tiny", hash="0123456789abcdef", config_name="default",
+                   data_files={"train": str(src)})
+    builder.download_and_prepare()
+    built = Path(builder.cache_dir)  # CACHE/tiny/default-<data files hash>/0.0.0/0123456789abcdef
+    target = cache / "moelab___tiny" / "default" / built.parent.name / built.name
+    target.parent.mkdir(parents=True)
+    shutil.move(str(built), str(target))
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(cache),
+               HF_HOME=str(tmp_path / "hf_home"))
+    for extra, n_docs in (([], 12), (["--max-docs", "5"], 5)):  # --max-docs would stream when online
+        out = tmp_path / f"prep{n_docs}"
+        res = subprocess.run([sys.executable, "-m", "moelab", "data", "prepare", "hf:moelab/tiny", "--out",
+                              str(out), "--vocab-size", "300", *extra], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr
+        m = json.loads((out / "manifest.json").read_text())
+        names = m["splits"]["train"]["document_names"] + m["splits"]["val"]["document_names"]
+        assert sorted(names) == sorted(f"moelab/tiny#{i + 1}" for i in range(n_docs))
 
 
 def test_glob_sources(tmp_path):
