@@ -1,9 +1,9 @@
 """`moelab data prepare`: sources -> document split -> tokenizer -> token shards on disk.
 
 Layout of a prepared directory (format 2):
-  manifest.json        sources, documents/bytes/tokens per split and per source, the shards, skipped
-                       inputs with reasons, near-duplicates dropped, the dataset fingerprint, and
-                       how long each stage took
+  manifest.json        sources, documents/bytes/tokens per split and per source within each split,
+                       the shards, skipped inputs with reasons, near-duplicates dropped, the
+                       dataset fingerprint, and how long each stage took
   tokenizer/           tokenizer.json (+ tokenizer_config.json)
   train-00000.bin ...  each split's documents as token streams (doc EOS doc EOS ...), raw little-endian
   val-00000.bin        uint16 (vocab <= 65536) or uint32, cut into shards of about `shard_tokens`
@@ -269,6 +269,14 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         for name, split_docs in (("train", train), ("val", val)):
             h.update(name.encode())
             writer = _ShardWriter(tmp, name, dtype, shard_tokens, h)
+            by_source: dict[str, dict] = {}
+
+            def count(docs: list[Document], lengths: np.ndarray) -> None:
+                for d, n in zip(docs, lengths.tolist()):
+                    r = by_source.setdefault(source_of[d.name], {"documents": 0, "bytes": 0, "tokens": 0})
+                    r["documents"] += 1
+                    r["bytes"] += len(d.text.encode("utf-8"))
+                    r["tokens"] += n
             if name == "train" and weights is not None:
                 # resampling needs every document's length first: keep this split's tokens (compact)
                 arrays = [a.astype(dtype) for c in _chunks(split_docs) for a in tok.encode_arrays([d.text for d in c])]
@@ -277,19 +285,24 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
                                       dict(zip(sources, weights)), salt)
                 split_docs = [split_docs[k] for k in chosen]
                 for start in range(0, len(chosen), 4096):
-                    writer.add(*_join([arrays[k] for k in chosen[start:start + 4096]], tok.eos_id))
+                    stream, lengths = _join([arrays[k] for k in chosen[start:start + 4096]], tok.eos_id)
+                    writer.add(stream, lengths)
+                    count(split_docs[start:start + 4096], lengths)
                 del arrays
                 lap("write")
             else:
                 for chunk in _chunks(split_docs):
                     arrays = tok.encode_arrays([d.text for d in chunk])
                     lap("tokenize")
-                    writer.add(*_join(arrays, tok.eos_id))
+                    stream, lengths = _join(arrays, tok.eos_id)
+                    writer.add(stream, lengths)
+                    count(chunk, lengths)
                     lap("write")
             shards = writer.close()
             splits[name] = {"documents": len(split_docs),
                             "bytes": sum(len(d.text.encode("utf-8")) for d in split_docs),
                             "tokens": sum(s["tokens"] for s in shards), "shards": shards,
+                            "sources": by_source,  # documents, bytes, tokens (with EOS) per source
                             "document_names": [d.name for d in split_docs]}
         manifest = {
             "format": 2, "sources": per_source, "text_field": text_field, "val_fraction": val_fraction,

@@ -27,6 +27,11 @@ def test_prepared_streams_equal_in_memory_packing(tmp_path, text_corpus):
     assert {"name": "extra.jsonl/extra.jsonl#11", "reason": "invalid JSON"} in m["skipped"]
     names = m["splits"]["train"]["document_names"] + m["splits"]["val"]["document_names"]
     assert len(names) == len(set(names)) == 70
+    for split in m["splits"].values():  # per source within each split: they add up to the split
+        per = split["sources"]
+        assert set(per) == {str(text_corpus), str(extra)}
+        for key in ("documents", "bytes", "tokens"):
+            assert sum(r[key] for r in per.values()) == split[key]
     tok = load_tokenizer(out / "tokenizer")
     texts = {}
     for p in sorted(text_corpus.iterdir()):
