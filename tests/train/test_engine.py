@@ -108,6 +108,67 @@ def test_logged_metrics_at_the_cadence(tmp_path, prepared):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def _wandb_history(run_dir):
+    """(run id, history rows) of each offline W&B run under `run_dir`, read from the .wandb files
+    (a LevelDB-style log of protobuf records: 7-byte header, 32 KiB blocks, records that are whole
+    or split FIRST/MIDDLE/LAST); wandb itself no longer ships a reader."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    runs = []
+    for f in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        data, pos, buf, rows, run_id = f.read_bytes(), 7, b"", [], None
+        assert data[:4] == b":W&B"
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            if left < 7:
+                pos += left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if length == 0 and kind == 0:  # block padding
+                pos += left
+                continue
+            payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            buf = payload if kind in (1, 2) else buf + payload
+            if kind not in (1, 4):
+                continue
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            if rec.WhichOneof("record_type") == "run":
+                run_id = rec.run.run_id
+            elif rec.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+        runs.append((run_id, rows))
+    return runs
+
+
+def test_wandb_gets_the_logged_scalars_and_a_resume_continues_its_run(tmp_path, prepared, monkeypatch):
+    """W&B (offline mode, the real client): the run gets train and validation scalars and the
+    per-layer routing metrics at the logged steps; a resumed run logs under the same W&B run id."""
+    pytest.importorskip("wandb")
+    import shutil
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = ("train.steps=8", "train.log_every=2", "train.save_every=4", "train.eval_every=4",
+            "train.wandb=moelab-test")
+    _run(tmp_path, prepared, *args)
+    run = tmp_path / "run"
+    shutil.rmtree(list_checkpoints(run)[-1])  # lose steps 5-8, then resume from step 4
+    _run(tmp_path, prepared, *args, resume="auto")
+    (first_id, first), (second_id, second) = _wandb_history(run)
+    assert first_id == second_id == (run / "wandb_id.txt").read_text().strip()
+    logged = {r["_step"]: r for r in first + second if "train/loss" in r}
+    recs = [r for r in _records(run) if r["split"] == "train"]
+    assert [r["step"] for r in recs] == [2, 4, 6, 8] and sorted(logged) == [2, 4, 6, 8]
+    for r in recs:  # the resumed steps overwrite nothing: same values as metrics.jsonl
+        assert logged[r["step"]]["train/loss"] == pytest.approx(r["loss"], rel=1e-6)
+        assert logged[r["step"]]["routing/load_cv/moe1"] == pytest.approx(r["load_cv"][1], rel=1e-6)
+    val = [r for r in first + second if "val/loss" in r]
+    assert {r["_step"] for r in val} >= {4, 8}
+
+
 def test_flops_per_token_counts_active_matmuls():
     """6 x active matmul parameters (no embedding lookup, no norms) + causal attention, checked
     against a hand count."""
