@@ -25,7 +25,8 @@ from pathlib import Path
 def main() -> None:
     from moelab.data.prepare import prepare
     from moelab.data.sources import load_corpus
-    from moelab.data.tokenizer import _cores, load_tokenizer
+    from moelab.data.parallel import cores as usable_cores
+    from moelab.data.tokenizer import load_tokenizer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--source", nargs="+", default=["stdlib"])
@@ -35,7 +36,7 @@ def main() -> None:
         import sysconfig
 
         args.source = [sysconfig.get_paths()["purelib"] if s == "site-packages" else s for s in args.source]
-    cores = _cores()
+    cores = usable_cores()
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for label, tok in (("training BPE", None), ("given tokenizer", str(Path(tmp) / "a" / "tokenizer"))):

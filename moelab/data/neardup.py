@@ -20,17 +20,17 @@ Everything is deterministic and independent of the rest of the corpus.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from moelab.data.audit import ngram_hashes
+from moelab.data.audit import _P as _P64, ngram_hashes
+from moelab.data.parallel import batches, thread_map
 
 NUM_PERM, BANDS = 128, 32  # 32 bands of 4 bins: a pair with Jaccard 0.5 shares a band with p=0.87
 _BIN_SHIFT = np.uint64(57)  # top 7 bits pick one of the 128 bins
 _LOW = np.uint64((1 << 57) - 1)
 _EMPTY = np.iinfo(np.uint64).max
-_P = 0x100000001B3
+_P = int(_P64)  # the audit's rolling-hash multiplier
 _WORD = np.zeros(256, dtype=bool)
 _WORD[[*b"0123456789_", *range(ord("A"), ord("Z") + 1), *range(ord("a"), ord("z") + 1), *range(128, 256)]] = True
 _SPACE = np.zeros(256, dtype=bool)
@@ -107,7 +107,7 @@ def _batch_signatures(texts: list[str], shingle: int = 5) -> np.ndarray:
         with np.errstate(over="ignore"):
             for j in range(shingle - 1):
                 m = j < n_words[short]
-                h[m] = h[m] * np.uint64(0x100000001B3) + words[first_word[short[m]] + j] + np.uint64(1)
+                h[m] = h[m] * _P64 + words[first_word[short[m]] + j] + np.uint64(1)
         sh, sh_doc = np.concatenate([sh, h]), np.concatenate([sh_doc, short])
     sh = _mix(sh)
     sig = np.full(D * NUM_PERM, _EMPTY, dtype=np.uint64)
@@ -132,21 +132,7 @@ def signatures(texts: list[str], threads: int = 0, batch_chars: int = 1 << 21) -
     `threads` threads (0: every core)."""
     if not texts:
         return np.zeros((0, NUM_PERM), np.uint64)
-    from moelab.data.tokenizer import _cores
-
-    batches, start, size = [], 0, 0
-    for i, t in enumerate(texts):
-        size += len(t)
-        if size >= batch_chars:
-            batches.append(texts[start:i + 1])
-            start, size = i + 1, 0
-    if start < len(texts):
-        batches.append(texts[start:])
-    threads = threads or _cores()
-    if threads == 1 or len(batches) == 1:
-        return np.concatenate([_batch_signatures(b) for b in batches])
-    with ThreadPoolExecutor(threads) as pool:  # numpy releases the GIL in the array work
-        return np.concatenate(list(pool.map(_batch_signatures, batches)))
+    return np.concatenate(thread_map(_batch_signatures, list(batches(texts, batch_chars)), threads))
 
 
 def near_duplicate_groups(texts: list[str], threshold: float = 0.5) -> list[int]:

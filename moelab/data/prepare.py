@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from moelab.config import SHARD_TOKENS, TOKENIZER_SAMPLE
+from moelab.data.parallel import batches
 from moelab.data.sources import Document, load_corpus
 from moelab.data.split import hash_unit, split_documents
 from moelab.data.tokenizer import load_tokenizer, train_bpe
@@ -138,16 +139,8 @@ def _join(arrays: list[np.ndarray], eos_id: int) -> tuple[np.ndarray, np.ndarray
     return out, lengths
 
 
-def _chunks(docs: list[Document], budget: int = CHUNK_BYTES):
-    """Consecutive runs of documents with about `budget` characters of text each."""
-    start, size = 0, 0
-    for i, d in enumerate(docs):
-        size += len(d.text)
-        if size >= budget:
-            yield docs[start:i + 1]
-            start, size = i + 1, 0
-    if start < len(docs):
-        yield docs[start:]
+def _text_len(d: Document) -> int:
+    return len(d.text)
 
 
 def tokenizer_texts(train, budget: int):
@@ -228,15 +221,16 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         timings[stage] = round(timings.get(stage, 0.0) + now - clock, 3)
         clock = now
 
-    docs, skipped, per_source, source_of = [], [], {}, {}
+    docs, skipped, per_source, source_of, size_of = [], [], {}, {}, {}
     for src in sources:
         corpus = load_corpus(src, max_docs, text_field, pdf_filters)
         prefix = f"{Path(src).name or src}/" if len(sources) > 1 else ""
         docs += [Document(prefix + d.name, d.text) for d in corpus.documents]
         source_of.update({prefix + d.name: src for d in corpus.documents})
+        size_of.update({prefix + d.name: len(d.text.encode("utf-8")) for d in corpus.documents})
         skipped += [{"name": prefix + n, "reason": r} for n, r in corpus.skipped]
         per_source[src] = {"documents": len(corpus.documents), "skipped": len(corpus.skipped),
-                           "bytes": sum(len(d.text.encode("utf-8")) for d in corpus.documents)}
+                           "bytes": sum(size_of[prefix + d.name] for d in corpus.documents)}
     lap("read")
     groups = None
     if near_dup_split or dedup:  # MinHash once, for the split and for --dedup
@@ -275,11 +269,11 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
                 for d, n in zip(docs, lengths.tolist()):
                     r = by_source.setdefault(source_of[d.name], {"documents": 0, "bytes": 0, "tokens": 0})
                     r["documents"] += 1
-                    r["bytes"] += len(d.text.encode("utf-8"))
+                    r["bytes"] += size_of[d.name]
                     r["tokens"] += n
             if name == "train" and weights is not None:
                 # resampling needs every document's length first: keep this split's tokens (compact)
-                arrays = [a.astype(dtype) for c in _chunks(split_docs) for a in tok.encode_arrays([d.text for d in c])]
+                arrays = [a.astype(dtype) for c in batches(split_docs, CHUNK_BYTES, _text_len) for a in tok.encode_arrays([d.text for d in c])]
                 lap("tokenize")
                 chosen, mixing = _mix([a.shape[0] + 1 for a in arrays], [source_of[d.name] for d in split_docs],
                                       dict(zip(sources, weights)), salt)
@@ -291,7 +285,7 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
                 del arrays
                 lap("write")
             else:
-                for chunk in _chunks(split_docs):
+                for chunk in batches(split_docs, CHUNK_BYTES, _text_len):
                     arrays = tok.encode_arrays([d.text for d in chunk])
                     lap("tokenize")
                     stream, lengths = _join(arrays, tok.eos_id)
@@ -300,7 +294,7 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
                     lap("write")
             shards = writer.close()
             splits[name] = {"documents": len(split_docs),
-                            "bytes": sum(len(d.text.encode("utf-8")) for d in split_docs),
+                            "bytes": sum(size_of[d.name] for d in split_docs),
                             "tokens": sum(s["tokens"] for s in shards), "shards": shards,
                             "sources": by_source,  # documents, bytes, tokens (with EOS) per source
                             "document_names": [d.name for d in split_docs]}

@@ -99,14 +99,10 @@ def _collect(root: Path, files: list[Path], max_docs: int, source: str, text_fie
     files = sorted(files, key=lambda f: f.parts)  # Path order, without Path comparisons
     prefetched = {}
     if not max_docs:  # plain text files are read on threads (file reads release the GIL)
-        from concurrent.futures import ThreadPoolExecutor
+        from moelab.data.parallel import thread_map
 
         plain = [f for f in files if _suffix(f.name) in TEXT_SUFFIXES]
-        if len(plain) > 16:
-            groups = [plain[i:i + 256] for i in range(0, len(plain), 256)]  # few futures, little locking
-            with ThreadPoolExecutor(8) as pool:
-                for group, results in zip(groups, pool.map(lambda g: [_read_text(f) for f in g], groups)):
-                    prefetched.update(zip(group, results))
+        prefetched = dict(zip(plain, thread_map(_read_text, plain, threads=8)))
     prefix = str(root) + os.sep
     for path in files:
         full = str(path)

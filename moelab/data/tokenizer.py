@@ -15,7 +15,6 @@ every token's own text); `data prepare` also compares both on a sample of its do
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -81,17 +80,10 @@ class TextTokenizer:
         """One uint32 array per text, encoded on `threads` threads (default: every usable core)."""
         if self.fast is None:
             return [np.asarray(ids, dtype=np.uint32) for ids in self.encode_batch_slow(texts)]
+        from moelab.data.parallel import thread_map
+
         enc = self.fast
-        one = lambda t: enc.encode_to_numpy(t, allowed_special="all")  # noqa: E731
-        threads = threads or _cores()
-        if threads == 1 or len(texts) < 2:
-            return [one(t) for t in texts]
-        # a few texts per task (Executor.map takes no chunksize for threads: one future per text
-        # would cost more in locking than encoding a short text); tiktoken releases the GIL
-        step = max(1, len(texts) // (16 * threads))
-        groups = [texts[i:i + step] for i in range(0, len(texts), step)]
-        with ThreadPoolExecutor(threads) as pool:
-            return [a for part in pool.map(lambda g: [one(t) for t in g], groups) for a in part]
+        return thread_map(lambda t: enc.encode_to_numpy(t, allowed_special="all"), texts, threads or 0)
 
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode(ids, skip_special_tokens=False)
@@ -134,12 +126,6 @@ def _byte_level_symbols() -> dict[str, int]:
     table = {chr(b): b for b in keep}
     table.update({chr(256 + n): b for n, b in enumerate(shifted)})
     return table
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # tokenizers' ByteLevel pre-tokenizer (use_regex=True): the GPT-2 pattern.
