@@ -1,13 +1,15 @@
 """Training throughput: moelab vs transformers' DeepseekV3ForCausalLM at the same size, same
 weights, same batch, same precision and the same optimizer (AdamW), in one process.
 
-Run: python benchmarks/train_throughput.py [--preset exp3] [--dtype fp32|bf16] [--iters 10]
-                                           [--muon] [--compile]
+Run: python benchmarks/train_throughput.py [--preset exp3] [--dtype fp32|bf16] [--iters 10] [--rounds 3]
+                                           [--muon] [--compile] [--profile]
 A training step is forward + loss + backward + gradient clipping + optimizer update. transformers
 is timed with every attention (eager, sdpa) and experts implementation (eager, batched_mm,
 grouped_mm; see --hf-experts) that runs here, and the best is the reference. moelab uses its DeepSeek-V3 design
 (MLA, sigmoid group-free router with selection bias, one shared expert) at the preset's size.
-Prints tokens/s of each, the ratio moelab / best transformers and, on a GPU, MFU.
+Contenders are timed in interleaved rounds and each keeps its best, so a slow spell on a shared
+machine does not land on one side only. Prints tokens/s of each, the ratio moelab / best
+transformers and, on a GPU, MFU; --profile adds each side's matmul/other time split (CPU).
 Not a test: timings are machine-dependent.
 """
 
@@ -19,7 +21,7 @@ import itertools
 
 import torch
 
-from common import bench
+from common import compare, matmul_time
 
 
 def main() -> None:
@@ -37,6 +39,10 @@ def main() -> None:
     ap.add_argument("--preset", default="exp3")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best counts")
+    ap.add_argument("--profile", action="store_true",
+                    help="also split a step into matmul and other time (CPU), and print the "
+                         "ratio's ceiling at equal matmul speed")
     ap.add_argument("--muon", action="store_true", help="also time moelab with its default Muon hybrid")
     ap.add_argument("--compile", action="store_true", help="also time moelab with train.compile")
     ap.add_argument("--hf-experts", nargs="+", default=["eager", "grouped_mm"],
@@ -82,19 +88,15 @@ def main() -> None:
         return step
 
     tokens = B * S
-    results = {}
     with torch.no_grad():
         ref_logits = model.eval()(inputs).logits
     state = {k: v.clone() for k, v in to_hf_state_dict(model).items()}  # before moelab's updates
     model.train()
-    results["moelab (AdamW)"] = tokens / bench(moelab_step(model, adamw(model), model), args.iters)
+    steps = {"moelab (AdamW)": moelab_step(model, adamw(model), model)}
     if args.muon:
-        opt = HybridOptimizer(model, cfg.optim, device)
-        results["moelab (Muon hybrid)"] = tokens / bench(moelab_step(model, opt, model), args.iters)
+        steps["moelab (Muon hybrid)"] = moelab_step(model, HybridOptimizer(model, cfg.optim, device), model)
     if args.compile:
-        compiled = torch.compile(model)
-        results["moelab compiled (AdamW)"] = tokens / bench(moelab_step(model, adamw(model), compiled),
-                                                            args.iters)
+        steps["moelab compiled (AdamW)"] = moelab_step(model, adamw(model), torch.compile(model))
     for attn, impl in itertools.product(("eager", "sdpa"), args.hf_experts):
         hf_cfg = hf_config(m, "deepseek_v3")
         hf_cfg._experts_implementation = impl
@@ -107,15 +109,19 @@ def main() -> None:
             with torch.no_grad():  # same weights: the same logits, checked before timing
                 diff = (hf.eval()(input_ids=inputs).logits - ref_logits).abs().max().item()
             hf.train()
-            results[name] = tokens / bench(hf_step(hf, adamw(hf)), args.iters)
+            steps[name] = hf_step(hf, adamw(hf))
+            steps[name]()
         except Exception as exc:  # an implementation unavailable on this device
             print(f"{name}: skipped ({type(exc).__name__}: {str(exc)[:80]})")
+            steps.pop(name, None)
             continue
         print(f"{name}: max |logits - moelab| = {diff:.2e}")
+    results = {name: tokens / sec for name, sec in compare(steps, args.iters, args.rounds).items()}
     rows = parameter_table(model)
     fpt = flops_per_token(m, S, rows)
     peak = peak_tflops(device, "bf16" if args.dtype == "bf16" else "fp32")
-    print(f"\nTraining step (fwd+bwd+clip+AdamW), DeepSeek-V3 design at preset {args.preset} size "
+    print(f"\nTraining step (fwd+bwd+clip+AdamW, best of {args.rounds} interleaved rounds), "
+          f"DeepSeek-V3 design at preset {args.preset} size "
           f"({rows['total']['total'] / 1e6:.1f}M params, {rows['total']['active'] / 1e6:.1f}M active, "
           f"D={m.d_model}, L={m.n_layers}, E={m.n_experts} top-{m.top_k}, {B}x{S} tokens), {device}, "
           f"{args.dtype}, {torch.get_num_threads()} threads")
@@ -125,6 +131,17 @@ def main() -> None:
     best = max((v, k) for k, v in results.items() if k.startswith("transformers"))
     print(f"  ratio moelab (AdamW) / best transformers ({best[1]}): "
           f"{results['moelab (AdamW)'] / best[0]:.2f}x")
+
+    if args.profile and device.type == "cpu":
+        # The same GEMMs on both sides: a ratio above best_total / moelab_matmul would need
+        # faster matrix multiplications, not less overhead.
+        print("\n  profiled (torch.profiler, CPU self time per step):")
+        split = {name: matmul_time(steps[name], 3) for name in ("moelab (AdamW)", best[1])}
+        for name, (total, mm) in split.items():
+            print(f"  {name:<44}{total * 1e3:8.0f} ms, matmuls {mm * 1e3:6.0f} ms, "
+                  f"rest {(total - mm) * 1e3:6.0f} ms")
+        ceiling = split[best[1]][0] / split["moelab (AdamW)"][1]
+        print(f"  ceiling of the ratio at equal matmul speed: {ceiling:.2f}x")
 
 
 if __name__ == "__main__":

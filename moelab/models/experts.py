@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from moelab.models.layers import activation
+from moelab.models.layers import activation, gated
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -139,20 +139,60 @@ class Experts(nn.Module):
             lin = lambda x, w: _padded_linear(x, w, expert_N, pos_N, cap)  # noqa: E731
         if self.glu:
             # gate and up in one GEMM over the concatenated (E, 2F, D) weight: one larger matmul
-            # beats two, and the concatenation copies weights, not activations.
-            # chunk, not slicing: its backward is one cat instead of zero-filled slice grads.
-            gate_NF, up_NF = lin(x_ND, torch.cat([weights[0], weights[1]], dim=1)).chunk(2, dim=1)
-            h_NF = self.act(gate_NF) * up_NF
+            # beats two, and the concatenation copies weights, not activations. `gated` splits
+            # the (N, 2F) result and writes its gradient back into one buffer.
+            h_NF = gated(lin(x_ND, torch.cat([weights[0], weights[1]], dim=1)), act=self.act_name)
         else:
             h_NF = self.act(lin(x_ND, weights[0]))
         y_ND = lin(h_NF, weights[-1])
-        # Un-sort with a gather by the inverse permutation (deterministic, unlike scatter-add's
-        # atomics on GPU), then weight and sum each token's K outputs in one batched matmul:
-        # (T, 1, K) @ (T, K, D).
+        return combine(y_ND, weights_TK, order_N)
+
+
+class _Combine(torch.autograd.Function):
+    """out[t] = sum_k w[t, k] * y[slot of (t, k)], y holding the N = T*K slot outputs in
+    expert-sorted order (order_N[n] = t*K + k of sorted slot n).
+
+    Forward: K gathers by the inverse permutation (deterministic, unlike a scatter-add's atomics
+    on GPU), each accumulated with its weight. Backward: one gather of the output gradient per
+    slot gives both dy (scaled by the slot's weight) and dw (its dot product with y). A batched
+    (T,1,K) @ (T,K,D) matmul does the same work but runs as T tiny matmuls on CPU."""
+
+    @staticmethod
+    def forward(ctx, y_ND: torch.Tensor, w_TK: torch.Tensor, order_N: torch.Tensor) -> torch.Tensor:
+        T, K = w_TK.shape
+        inverse_TK = torch.empty_like(order_N)
+        inverse_TK[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+        inverse_TK = inverse_TK.view(T, K)
+        wy_TK = w_TK.to(y_ND.dtype)
+        out_TD = y_ND.index_select(0, inverse_TK[:, 0]).mul_(wy_TK[:, :1])
+        for k in range(1, K):  # K experts per token: a handful
+            out_TD.addcmul_(y_ND.index_select(0, inverse_TK[:, k]), wy_TK[:, k:k + 1])
+        ctx.save_for_backward(y_ND, w_TK, order_N)
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, dout_TD: torch.Tensor):
+        y_ND, w_TK, order_N = ctx.saved_tensors
+        K = w_TK.shape[1]
+        dy_ND = dout_TD.index_select(0, order_N // K)
+        dw_TK = None
+        if ctx.needs_input_grad[1]:
+            acc = torch.promote_types(y_ND.dtype, torch.float32)  # bf16 products, fp32 sums
+            dw_N = (dy_ND * y_ND).sum(-1, dtype=acc).to(w_TK.dtype)
+            dw_TK = dw_N.new_empty(dw_N.shape).index_copy_(0, order_N, dw_N).view(w_TK.shape)
+        w_N = w_TK.reshape(-1).index_select(0, order_N).to(dy_ND.dtype)
+        return dy_ND.mul_(w_N.unsqueeze(1)), dw_TK, None
+
+
+def combine(y_ND: torch.Tensor, w_TK: torch.Tensor, order_N: torch.Tensor) -> torch.Tensor:
+    """Un-sort the expert outputs and sum each token's K of them, weighted (see _Combine)."""
+    if torch.compiler.is_compiling():
+        T, K = w_TK.shape
         inverse_N = torch.empty_like(order_N)
         inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
         y_TKD = y_ND.index_select(0, inverse_N).view(T, K, -1)
-        return torch.bmm(weights_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+        return (y_TKD * w_TK.to(y_TKD.dtype).unsqueeze(-1)).sum(1)
+    return _Combine.apply(y_ND, w_TK, order_N)
 
 
 def experts_reference(x_TD, idx_TK, weights_TK, *weights, act: str = "silu", glu: bool = True):

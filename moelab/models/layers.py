@@ -102,19 +102,78 @@ def activation(name: str):
     return F.silu if name == "silu" else (lambda x: F.gelu(x, approximate="tanh"))
 
 
+def _swiglu_backward(dh, gate, up, s, d_gate, d_up) -> None:
+    """d_up = dh * silu(gate); d_gate = silu'(gate) * dh * up (aten's fused silu_backward),
+    written into the given buffers: three elementwise passes."""
+    torch.mul(dh, s, out=d_up)
+    torch.ops.aten.silu_backward.grad_input(dh * up, gate, grad_input=d_gate)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up with a hand-written backward. Autograd's silu + mul saves the same tensors
+    (gate, up, silu(gate)) but takes one more elementwise pass in the backward."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        s = F.silu(gate)
+        ctx.save_for_backward(gate, up, s)
+        return s * up
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        gate, up, s = ctx.saved_tensors
+        d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+        _swiglu_backward(dh, gate, up, s, d_gate, d_up)
+        return d_gate, d_up
+
+
+class _FusedSwiGLU(torch.autograd.Function):
+    """The same from one (N, 2F) [gate | up] GEMM output: the backward writes both halves of the
+    gradient into one (N, 2F) buffer, so no concatenation (autograd's chunk backward is a cat)."""
+
+    @staticmethod
+    def forward(ctx, gu: torch.Tensor) -> torch.Tensor:
+        gate, up = gu.chunk(2, dim=-1)
+        s = F.silu(gate)
+        ctx.save_for_backward(gate, up, s)
+        return s * up
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor) -> torch.Tensor:
+        gate, up, s = ctx.saved_tensors
+        n = gate.shape[-1]
+        dgu = dh.new_empty(*dh.shape[:-1], 2 * n)
+        _swiglu_backward(dh, gate, up, s, dgu[..., :n], dgu[..., n:])
+        return dgu
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor | None = None, act: str = "silu") -> torch.Tensor:
+    """act(gate) * up; with up=None, gate is one fused GEMM output [gate | up] on the last axis.
+    Under torch.compile the plain ops are traced instead: inductor fuses them itself."""
+    compiling = torch.compiler.is_compiling()
+    if up is None:
+        if act == "silu" and not compiling:
+            return _FusedSwiGLU.apply(gate)
+        gate, up = gate.chunk(2, dim=-1)
+    if act == "silu" and not compiling:
+        return _SwiGLU.apply(gate, up)
+    return activation(act)(gate) * up
+
+
 class MLP(nn.Module):
     """Dense feed-forward: down(act(gate(x)) * up(x)) when gated (SwiGLU), else down(act(up(x)))."""
 
     def __init__(self, d_model: int, hidden: int, act: str = "silu", glu: bool = True):
         super().__init__()
-        self.act, self.glu = activation(act), glu
+        self.act, self.act_name, self.glu = activation(act), act, glu
         if glu:
             self.gate_proj = nn.Linear(d_model, hidden, bias=False)
         self.up_proj = nn.Linear(d_model, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.glu else self.act(self.up_proj(x))
-        return self.down_proj(h)
+        if self.glu:  # the projections stay modules, so hooks and adapters (LoRA) still apply
+            return self.down_proj(gated(self.gate_proj(x), self.up_proj(x), self.act_name))
+        return self.down_proj(self.act(self.up_proj(x)))
 
 

@@ -89,3 +89,25 @@ def test_auto_backend_takes_the_grouped_path_on_cpu():
     assert pick_backend("auto", cpu, torch.float32, (32, 30)) == "padded"
     assert pick_backend("auto", cpu, torch.bfloat16, (32, 12)) == "padded"
     assert pick_backend("auto", cpu, torch.bfloat16, (32, 16)) == "grouped"
+
+
+def test_hand_written_backwards_pass_gradcheck():
+    """The SwiGLU and combine autograd Functions against finite differences in float64."""
+    from moelab.models.experts import combine
+    from moelab.models.layers import gated
+
+    torch.manual_seed(0)
+    gu = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    gate, up = (torch.randn(6, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda t: gated(t), (gu,))
+    assert torch.autograd.gradcheck(lambda a, b: gated(a, b), (gate, up))
+    torch.testing.assert_close(gated(gu), torch.nn.functional.silu(gu[:, :4]) * gu[:, 4:])
+    T, K, D = 5, 3, 4
+    order = torch.randperm(T * K)
+    y = torch.randn(T * K, D, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(T, K, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda y, w: combine(y, w, order), (y, w))
+    # slot n of y belongs to token order[n] // K, with weight w.flatten()[order[n]]
+    expected = torch.zeros(T, D, dtype=torch.float64).index_add(
+        0, order // K, y * w.flatten()[order].unsqueeze(1))
+    torch.testing.assert_close(combine(y, w, order), expected)
