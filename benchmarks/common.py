@@ -68,3 +68,19 @@ def matmul_time(fn, iters: int = 5) -> tuple[float, float]:
     total = sum(e.self_cpu_time_total for e in events)
     mm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))
     return total / iters / 1e6, mm / iters / 1e6
+
+
+def print_matmul_split(steps: dict, seconds: dict, ours: str, theirs: str, iters: int = 5) -> None:
+    """Print each side's matmul share of a step (profiled) applied to its best timed step, and the
+    ceiling of the ratio: both sides run the same GEMMs (same shapes, same BLAS), so a ratio above
+    theirs_total / ours_matmul would need faster matrix multiplications, not less overhead."""
+    print("\n  profiled (torch.profiler, CPU self time), scaled to the best timed step:")
+    share = {}
+    for name in (ours, theirs):
+        total, mm = matmul_time(steps[name], iters)
+        share[name] = mm / total
+        print(f"  {name:<44}matmuls {share[name]:6.1%}: {seconds[name] * share[name] * 1e3:8.1f} ms, "
+              f"rest {seconds[name] * (1 - share[name]) * 1e3:8.1f} ms")
+    ceiling = seconds[theirs] / (seconds[ours] * share[ours])
+    print(f"  ceiling of the ratio at equal matmul speed: {ceiling:.2f}x ({ours} doing nothing but "
+          f"its matmuls)")

@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from common import compare, matmul_time
+from common import compare, print_matmul_split
 
 
 def main() -> None:
@@ -83,15 +83,8 @@ def main() -> None:
     best = min((v, k) for k, v in seconds.items() if k != "moelab")
     print(f"  ratio moelab / best transformers ({best[1]}): {best[0] / seconds['moelab']:.2f}x")
     if args.profile and device.type == "cpu":
-        # Both sides run the same GEMMs (same shapes, same BLAS): a ratio above
-        # best_total / moelab_matmul would need faster matrix multiplications, not less overhead.
-        print("\n  profiled (torch.profiler, CPU self time per step):")
-        split = {name: matmul_time(steps[name]) for name in ("moelab", best[1])}
-        for name, (total, mm) in split.items():
-            print(f"  {name:<26}{total * 1e3:8.1f} ms, matmuls {mm * 1e3:6.1f} ms, "
-                  f"rest {(total - mm) * 1e3:6.1f} ms")
-        print(f"  ceiling of the ratio at equal matmul speed: {split[best[1]][0] / split['moelab'][1]:.2f}x "
-              f"(moelab doing nothing but its matmuls)")
+        print_matmul_split(steps, seconds, "moelab", best[1], iters=5)
+
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ import itertools
 
 import torch
 
-from common import compare, matmul_time
+from common import compare, print_matmul_split
 
 
 def main() -> None:
@@ -116,7 +116,8 @@ def main() -> None:
             steps.pop(name, None)
             continue
         print(f"{name}: max |logits - moelab| = {diff:.2e}")
-    results = {name: tokens / sec for name, sec in compare(steps, args.iters, args.rounds).items()}
+    seconds = compare(steps, args.iters, args.rounds)
+    results = {name: tokens / sec for name, sec in seconds.items()}
     rows = parameter_table(model)
     fpt = flops_per_token(m, S, rows)
     peak = peak_tflops(device, "bf16" if args.dtype == "bf16" else "fp32")
@@ -131,17 +132,8 @@ def main() -> None:
     best = max((v, k) for k, v in results.items() if k.startswith("transformers"))
     print(f"  ratio moelab (AdamW) / best transformers ({best[1]}): "
           f"{results['moelab (AdamW)'] / best[0]:.2f}x")
-
     if args.profile and device.type == "cpu":
-        # The same GEMMs on both sides: a ratio above best_total / moelab_matmul would need
-        # faster matrix multiplications, not less overhead.
-        print("\n  profiled (torch.profiler, CPU self time per step):")
-        split = {name: matmul_time(steps[name], 3) for name in ("moelab (AdamW)", best[1])}
-        for name, (total, mm) in split.items():
-            print(f"  {name:<44}{total * 1e3:8.0f} ms, matmuls {mm * 1e3:6.0f} ms, "
-                  f"rest {(total - mm) * 1e3:6.0f} ms")
-        ceiling = split[best[1]][0] / split["moelab (AdamW)"][1]
-        print(f"  ceiling of the ratio at equal matmul speed: {ceiling:.2f}x")
+        print_matmul_split(steps, seconds, "moelab (AdamW)", best[1], iters=3)
 
 
 if __name__ == "__main__":
