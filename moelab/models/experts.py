@@ -148,6 +148,13 @@ class Experts(nn.Module):
         return combine(y_ND, weights_TK, order_N)
 
 
+def _inverse(order_N: torch.Tensor) -> torch.Tensor:
+    """The inverse permutation: position of original slot t*K + k in the expert-sorted order."""
+    inverse_N = torch.empty_like(order_N)
+    inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
+    return inverse_N
+
+
 class _Combine(torch.autograd.Function):
     """out[t] = sum_k w[t, k] * y[slot of (t, k)], y holding the N = T*K slot outputs in
     expert-sorted order (order_N[n] = t*K + k of sorted slot n).
@@ -159,13 +166,10 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y_ND: torch.Tensor, w_TK: torch.Tensor, order_N: torch.Tensor) -> torch.Tensor:
-        T, K = w_TK.shape
-        inverse_TK = torch.empty_like(order_N)
-        inverse_TK[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        inverse_TK = inverse_TK.view(T, K)
+        inverse_TK = _inverse(order_N).view(w_TK.shape)
         wy_TK = w_TK.to(y_ND.dtype)
         out_TD = y_ND.index_select(0, inverse_TK[:, 0]).mul_(wy_TK[:, :1])
-        for k in range(1, K):  # K experts per token: a handful
+        for k in range(1, w_TK.shape[1]):  # K experts per token: a handful
             out_TD.addcmul_(y_ND.index_select(0, inverse_TK[:, k]), wy_TK[:, k:k + 1])
         ctx.save_for_backward(y_ND, w_TK, order_N)
         return out_TD
@@ -187,10 +191,7 @@ class _Combine(torch.autograd.Function):
 def combine(y_ND: torch.Tensor, w_TK: torch.Tensor, order_N: torch.Tensor) -> torch.Tensor:
     """Un-sort the expert outputs and sum each token's K of them, weighted (see _Combine)."""
     if torch.compiler.is_compiling():
-        T, K = w_TK.shape
-        inverse_N = torch.empty_like(order_N)
-        inverse_N[order_N] = torch.arange(order_N.numel(), device=order_N.device)
-        y_TKD = y_ND.index_select(0, inverse_N).view(T, K, -1)
+        y_TKD = y_ND.index_select(0, _inverse(order_N)).view(*w_TK.shape, -1)
         return (y_TKD * w_TK.to(y_TKD.dtype).unsqueeze(-1)).sum(1)
     return _Combine.apply(y_ND, w_TK, order_N)
 

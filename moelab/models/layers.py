@@ -109,15 +109,19 @@ def _swiglu_backward(dh, gate, up, s, d_gate, d_up) -> None:
     torch.ops.aten.silu_backward.grad_input(dh * up, gate, grad_input=d_gate)
 
 
+def _swiglu_forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    s = F.silu(gate)
+    ctx.save_for_backward(gate, up, s)
+    return s * up
+
+
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up with a hand-written backward. Autograd's silu + mul saves the same tensors
     (gate, up, silu(gate)) but takes one more elementwise pass in the backward."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        s = F.silu(gate)
-        ctx.save_for_backward(gate, up, s)
-        return s * up
+        return _swiglu_forward(ctx, gate, up)
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
@@ -133,10 +137,7 @@ class _FusedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gu: torch.Tensor) -> torch.Tensor:
-        gate, up = gu.chunk(2, dim=-1)
-        s = F.silu(gate)
-        ctx.save_for_backward(gate, up, s)
-        return s * up
+        return _swiglu_forward(ctx, *gu.chunk(2, dim=-1))
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor) -> torch.Tensor:
