@@ -5,7 +5,8 @@ GLM4, or over all heads as in OLMoE), q/k/v and output biases, and partial rotar
 `LatentAttention`: DeepSeek multi-head latent attention (MLA). The query is full-rank or goes through
 a low-rank bottleneck with its own norm. Keys and values come from one compressed latent
 (kv_lora_rank, normed) plus a single RoPE key shared by all heads. Each head's query/key is
-[no-RoPE part | RoPE part]; the value head dim may differ.
+[no-RoPE part | RoPE part]; the value head dim may differ (on CPU it is zero-padded to match
+so that SDPA runs its fused kernel; see `pad_for_flash`).
 
 Shapes: B batch, S sequence, H query heads, G key/value heads, Dh head dim, D model dim,
 R rotated dims (cos/sin come in as (S, R), already offset to the positions of x).
@@ -30,6 +31,22 @@ def _attend(q, k, v, cache: LayerCache | None, q_start: int, **kw) -> torch.Tens
     if cache is None or q_start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1, **kw)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(q_start, q.shape[-2], q.device), **kw)
+
+
+# In bf16/fp16 torch's CPU flash kernel is slower than the math path on short sequences (measured,
+# torch 2.13, 2 cores: 52 vs 18 ms at S=64, equal near 256, 63 vs 96 ms at 512); in fp32 it is
+# faster at every length tried (64 to 2048).
+FLASH_MIN_KEYS_CPU_HALF = 256
+
+
+def pad_for_flash(q: torch.Tensor, v: torch.Tensor, n_keys: int, causal_only: bool) -> bool:
+    """Whether to pad MLA's value (or query/key) head dim so the two match. Only on CPU, where
+    SDPA has no kernel for unequal head dims but the math path (O(S^2) memory, 3-4x slower at
+    S=1024-2048); CUDA's memory-efficient kernel takes unequal dims already. Only for plain
+    causal attention (training, prefill): decoding with a mask keeps the unpadded path."""
+    if q.device.type != "cpu" or q.shape[-1] == v.shape[-1] or not causal_only:
+        return False
+    return q.dtype == torch.float32 or n_keys >= FLASH_MIN_KEYS_CPU_HALF
 
 
 def rotary_dim(cfg: ModelConfig) -> int:
@@ -125,7 +142,14 @@ class LatentAttention(nn.Module):
         k_nope, v_BHSV = kv_BHSX.split([self.nope, self.v_dim], dim=-1)
         q_BHSQ = torch.cat([q_nope, q_rot], dim=-1)
         k_BHSQ = torch.cat([k_nope, k_rot_BSR.unsqueeze(1).expand(B, H, Sk, self.rope)], dim=-1)
-        y_BHSV = _attend(q_BHSQ, k_BHSQ, v_BHSV, cache, start, scale=self.scale)
+        if pad_for_flash(q_BHSQ, v_BHSV, Sk, cache is None or start == 0):
+            # Equal head dims let SDPA take its fused kernel instead of the math path, which
+            # materialises (B, H, S, S) scores and probabilities. The padding is zeros, so with the
+            # explicit scale q.k and the first v_dim output dims are unchanged.
+            W = max(q_BHSQ.shape[-1], self.v_dim)
+            q_BHSQ, k_BHSQ, v_BHSV = (t if t.shape[-1] == W else F.pad(t, (0, W - t.shape[-1]))
+                                      for t in (q_BHSQ, k_BHSQ, v_BHSV))
+        y_BHSV = _attend(q_BHSQ, k_BHSQ, v_BHSV, cache, start, scale=self.scale)[..., :self.v_dim]
         return self.o_proj(y_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
 
