@@ -21,19 +21,32 @@ from moelab.models.attention import build_attention, rotary_dim
 from moelab.models.experts import residual_std
 from moelab.models.kvcache import KVCache, LayerCache
 from moelab.models.layers import MLP, RMSNorm, rope_cache
+from moelab.models.loss import IGNORE_INDEX, linear_cross_entropy
 from moelab.models.moe import MoE
 from moelab.models.router import Router, RouterOutput
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    """`logits` (B, S, V) are computed from `hidden` (the final norm's output) on first access
+    when the loss was computed without them (the fused projection + cross-entropy, see
+    `moelab.models.loss`); otherwise they were computed by the forward."""
+
+    hidden: torch.Tensor
     loss: torch.Tensor | None = None  # lm_loss + each balance term times its coefficient
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # mean over MoE layers
     seq_aux_loss: torch.Tensor | None = None  # mean over MoE layers
     z_loss: torch.Tensor | None = None  # mean over MoE layers
     router: list[RouterOutput] = field(default_factory=list)  # one per MoE layer, in layer order
+    _head: nn.Module | None = field(default=None, repr=False)
+    _logits: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self._head(self.hidden)
+        return self._logits
 
 
 class Block(nn.Module):
@@ -131,11 +144,18 @@ class MoETransformer(nn.Module):
                 x_BSD, r = blk(x_BSD, cos_SR, sin_SR, kv=cache.layers[i] if cache is not None else None)
             if r is not None:
                 routing.append(r)
-        logits_BSV = self.lm_head(self.norm(x_BSD))
-        out = ModelOutput(logits=logits_BSV, router=routing)
+        h_BSD = self.norm(x_BSD)
+        out = ModelOutput(hidden=h_BSD, router=routing, _head=self.lm_head)
+        plain_head = type(self.lm_head) is nn.Linear and self.lm_head.bias is None  # not adapted (LoRA)
+        if targets is not None and plain_head and not torch.compiler.is_compiling():
+            # projection and loss fused in row chunks: no (B, S, V) logits (moelab.models.loss)
+            out.lm_loss = linear_cross_entropy(h_BSD.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        else:  # under torch.compile inductor fuses the plain ops itself
+            out._logits = self.lm_head(h_BSD)
+            if targets is not None:
+                out.lm_loss = F.cross_entropy(out._logits.float().flatten(0, 1), targets.flatten(),
+                                              ignore_index=IGNORE_INDEX)
         if targets is not None:
-            out.lm_loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets.flatten(),
-                                          ignore_index=-100)
             zero = out.lm_loss.new_zeros(())
             terms = {"aux_loss": self.cfg.aux_loss_coef, "seq_aux_loss": self.cfg.seq_aux_loss_coef,
                      "z_loss": self.cfg.z_loss_coef}

@@ -1,0 +1,68 @@
+"""The fused projection + cross-entropy equals the unfused one, loss and gradients, without ever
+keeping the (N, V) logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moelab.models.loss import linear_cross_entropy
+from tests.models.variants import tiny_model
+
+
+def _inputs(N=50, D=16, V=37, dtype=torch.float64):
+    h = torch.randn(N, D, dtype=dtype, requires_grad=True)
+    w = torch.randn(V, D, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    t[::6] = -100
+    return h, w, t
+
+
+def _grads(loss, *xs, keep=False):
+    return torch.autograd.grad(loss, xs, retain_graph=keep)
+
+
+@pytest.mark.parametrize("chunk", [7, 50, None])  # uneven last chunk, one chunk, the default
+def test_fused_loss_and_gradients_equal_cross_entropy(chunk):
+    h, w, t = _inputs()
+    ref = F.cross_entropy(h @ w.t(), t, ignore_index=-100)
+    loss = linear_cross_entropy(h, w, t, chunk=chunk)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-12)
+    # a non-unit upstream gradient must scale both gradients
+    for g, r in zip(_grads(3 * loss, h, w), _grads(3 * ref, h, w)):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+
+
+def test_fused_loss_under_bf16_autocast_matches_the_unfused_head():
+    h, w, t = _inputs(N=64, D=32, V=300, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy((h @ w.t()).float(), t, ignore_index=-100)
+        loss = linear_cross_entropy(h, w, t, chunk=16)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-5)
+    for g, r in zip(_grads(loss, h, w), _grads(ref, h, w)):
+        assert g.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(g, r, rtol=0.02, atol=2e-3)
+
+
+def test_all_targets_ignored_gives_nan_like_cross_entropy():
+    h, w, t = _inputs()
+    t[:] = -100
+    assert F.cross_entropy(h @ w.t(), t, ignore_index=-100).isnan()
+    assert linear_cross_entropy(h, w, t).isnan()
+
+
+def test_model_loss_is_fused_equal_and_keeps_no_logits():
+    model = tiny_model("mla-yarn-dense-first", tie_embeddings=True).train()
+    x, y = torch.randint(0, 97, (3, 20)), torch.randint(0, 97, (3, 20))
+    y[0, :5] = -100
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = model(x, targets=y)
+    assert out._logits is None
+    assert not [s for s in saved if 97 in s and s.numel() >= x.numel() * 97]  # no (B*S, V) tensor kept
+    grads = _grads(out.lm_loss, *model.parameters(), keep=True)
+    # the unfused reference from the same forward's logits (computed on access)
+    ref = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.lm_loss, ref, rtol=0, atol=1e-6)
+    for g, r in zip(grads, _grads(ref, *model.parameters())):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
