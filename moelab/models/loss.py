@@ -22,15 +22,19 @@ CHUNK_ELEMENTS = 1 << 21  # logits per chunk (fp32: 8 MiB)
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_ND: torch.Tensor, w_VD: torch.Tensor, t_N: torch.Tensor, chunk: int,
+    def forward(ctx, h_ND: torch.Tensor, weight_VD: torch.Tensor, t_N: torch.Tensor, chunk: int,
                 need_grad: bool) -> torch.Tensor:
+        # the weight is cast here, not before: its gradient is summed and returned in its own
+        # (fp32 master) dtype, with no bf16 rounding and no cast back by autograd
+        w_VD = weight_VD.to(h_ND.dtype)
         N, V = h_ND.shape[0], w_VD.shape[0]
         acc = torch.promote_types(h_ND.dtype, torch.float32)  # half-precision logits upcast
         total = torch.zeros((), dtype=acc, device=h_ND.device)
         valid_N = t_N != IGNORE_INDEX
         if need_grad:
             dh_ND = torch.empty_like(h_ND)
-            dw_VD = torch.zeros(w_VD.shape, dtype=acc, device=w_VD.device)  # fp32 sums of chunks
+            dw_VD = torch.zeros(w_VD.shape, dtype=torch.promote_types(acc, weight_VD.dtype),
+                                device=w_VD.device)  # fp32 sums of the chunks
         buf_cV = torch.empty(min(chunk, N), V, dtype=acc, device=h_ND.device)  # reused per chunk
         for s in range(0, N, chunk):
             h_cD, t_c, valid_c = h_ND[s:s + chunk], t_N[s:s + chunk], valid_N[s:s + chunk]
@@ -58,7 +62,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_valid = valid_N.sum().to(acc)
         if need_grad:
             ctx.save_for_backward(dh_ND, dw_VD, n_valid)
-            ctx.w_dtype = w_VD.dtype
+            ctx.w_dtype = weight_VD.dtype
         return total / n_valid
 
     @staticmethod
@@ -74,10 +78,7 @@ def linear_cross_entropy(h_ND: torch.Tensor, w_VD: torch.Tensor, targets_N: torc
     Under autocast the matmuls run in the autocast dtype, as an `nn.Linear` head would."""
     device = h_ND.device.type
     if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        h_ND, w_VD = h_ND.to(dtype), w_VD.to(dtype)
-    elif w_VD.dtype != h_ND.dtype:
-        w_VD = w_VD.to(h_ND.dtype)
+        h_ND = h_ND.to(torch.get_autocast_dtype(device))
     chunk = chunk or max(1, CHUNK_ELEMENTS // w_VD.shape[0])
     need_grad = torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad)
     with torch.autocast(device, enabled=False):
