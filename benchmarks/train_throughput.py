@@ -2,6 +2,7 @@
 weights, same batch, same precision and the same optimizer (AdamW), in one process.
 
 Run: python benchmarks/train_throughput.py [--preset exp3] [--dtype fp32|bf16] [--iters 10] [--rounds 3]
+                                           [--seq-len S] [--batch-size B]
                                            [--muon] [--compile] [--profile]
 A training step is forward + loss + backward + gradient clipping + optimizer update. transformers
 is timed with every attention (eager, sdpa) and experts implementation (eager, batched_mm,
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--preset", default="exp3")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--seq-len", type=int, help="sequence length (default: the preset's)")
+    ap.add_argument("--batch-size", type=int, help="sequences per step (default: the preset's)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best counts")
     ap.add_argument("--profile", action="store_true",
                     help="also split a step into matmul and other time (CPU), and print the "
@@ -54,6 +57,8 @@ def main() -> None:
     cfg = build_config(args.preset)
     for k, v in {**FAMILIES["deepseek_v3"], "n_group": 1, "topk_group": 1}.items():
         setattr(cfg.model, k, v)
+    cfg.train.seq_len = args.seq_len or cfg.train.seq_len
+    cfg.train.batch_size = args.batch_size or cfg.train.batch_size
     m = cfg.resolve(vocab_size=cfg.data.vocab_size).model
     B, S = cfg.train.batch_size, cfg.train.seq_len
     torch.manual_seed(0)
