@@ -146,7 +146,10 @@ class MoETransformer(nn.Module):
                 routing.append(r)
         h_BSD = self.norm(x_BSD)
         out = ModelOutput(hidden=h_BSD, router=routing, _head=self.lm_head)
-        plain_head = type(self.lm_head) is nn.Linear and self.lm_head.bias is None  # not adapted (LoRA)
+        # The fused loss reads lm_head.weight directly, so only for a plain Linear head: not one
+        # wrapped by an adapter (LoRA) or sharded by FSDP2 (fully_shard swaps the class, and its
+        # unshard runs on the module's own forward).
+        plain_head = type(self.lm_head) is nn.Linear and self.lm_head.bias is None
         if targets is not None and plain_head and not torch.compiler.is_compiling():
             # projection and loss fused in row chunks: no (B, S, V) logits (moelab.models.loss)
             out.lm_loss = linear_cross_entropy(h_BSD.flatten(0, 1), self.lm_head.weight, targets.flatten())
