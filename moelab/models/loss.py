@@ -72,10 +72,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.mm(g_c, w_VD, out=dh_ND[s:s + chunk]).mul_(mask_c1)
             hm_cD = h_cD * mask_c1
             if dw_VD.dtype == h_cD.dtype:  # summed in place by the GEMM
-                torch.mm(g_c.t(), hm_cD, out=dw_VD) if s == 0 else dw_VD.addmm_(g_c.t(), hm_cD)
-            elif s == 0:
+                if s == 0:
+                    torch.mm(g_c.t(), hm_cD, out=dw_VD)
+                else:
+                    dw_VD.addmm_(g_c.t(), hm_cD)
+            elif s == 0:  # half-precision products, summed over the chunks in fp32
                 dw_VD.copy_(g_c.t() @ hm_cD)
-            else:  # half-precision products, their sum over the chunks in fp32
+            else:
                 dw_VD += g_c.t() @ hm_cD
         n_valid = valid_N.sum().to(acc)
         if need_grad:
