@@ -3,7 +3,7 @@ weights, same batch, same precision and the same optimizer (AdamW), in one proce
 
 Run: python benchmarks/train_throughput.py [--preset exp3] [--dtype fp32|bf16] [--iters 10] [--rounds 3]
                                            [--seq-len S] [--batch-size B]
-                                           [--muon] [--compile] [--profile]
+                                           [--muon] [--compile] [--profile] [--keep-freed-memory]
 A training step is forward + loss + backward + gradient clipping + optimizer update. transformers
 is timed with every attention (eager, sdpa) and experts implementation (eager, batched_mm,
 grouped_mm; see --hf-experts) that runs here, and the best is the reference. moelab uses its DeepSeek-V3 design
@@ -48,12 +48,19 @@ def main() -> None:
                          "ratio's ceiling at equal matmul speed")
     ap.add_argument("--muon", action="store_true", help="also time moelab with its default Muon hybrid")
     ap.add_argument("--compile", action="store_true", help="also time moelab with train.compile")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="apply moelab train's CPU malloc settings (train.keep_freed_memory) to this "
+                         "process, so both sides run with them")
     ap.add_argument("--hf-experts", nargs="+", default=["eager", "grouped_mm"],
                     help="transformers experts implementations to time (batched_mm copies each "
                          "token's expert weights: T*K*3*D*F floats per layer, which exhausts host "
                          "memory at exp3 size)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.keep_freed_memory:
+        from moelab.train.host import keep_freed_memory
+
+        print(f"malloc settings of moelab train: {'applied' if keep_freed_memory() else 'not applicable here'}")
     cfg = build_config(args.preset)
     for k, v in {**FAMILIES["deepseek_v3"], "n_group": 1, "topk_group": 1}.items():
         setattr(cfg.model, k, v)

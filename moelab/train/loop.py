@@ -32,6 +32,7 @@ from moelab.optim.groups import HybridOptimizer
 from moelab.optim.schedules import lr_factor, schedule_state
 from moelab.train import checkpoint as ck
 from moelab.train.faults import FaultPlan, StopSignals, UpdateGuard
+from moelab.train.host import keep_freed_memory
 from moelab.train.monitor import Sinks, flops_per_token, is_rank0, peak_memory_gb, peak_tflops, plot_curves
 from moelab.train.rundir import new_run_dir, provenance
 
@@ -86,6 +87,8 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
     if t.threads:
         torch.set_num_threads(t.threads)
     device = resolve_device(t.device)
+    if device.type == "cpu" and t.keep_freed_memory:
+        keep_freed_memory()
     seed_all(t.seed)
     data = build_dataset(cfg.data, t.seq_len, run_dir)
     cfg.resolve(vocab_size=data.tokenizer.vocab_size)

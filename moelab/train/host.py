@@ -1,0 +1,59 @@
+"""Host-process settings for CPU training: glibc malloc tuned so a step's tensors reuse memory.
+
+A training step allocates and frees the same large activation and gradient buffers every step.
+glibc's defaults hand some of that memory back to the kernel between steps (heap trimming, and
+mmap for chunks above a threshold that adapts only after the first frees), so the next step
+touches fresh pages and pays a page fault per 4 KiB. On the exp3 preset in bf16 on a 2-core CPU
+that was 30-35K faults and 65-95 ms of kernel time per ~1 s step; with the settings below, under
+500 faults and 2-10 ms (peak resident memory 1.21-1.22 -> 1.30-1.32 GB). They only keep freed
+memory in the process for reuse: results are bit-identical.
+
+Nothing happens off glibc (macOS, musl), when the user chose an allocator (LD_PRELOAD of jemalloc,
+tcmalloc or mimalloc) or set malloc's own knobs in the environment, which win.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+# mallopt parameter numbers from glibc's <malloc.h>
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit: chunks below it come from the heap
+TRIM_THRESHOLD = 1 << 30  # free memory at the heap's top is returned to the kernel only above this
+TOP_PAD = 64 << 20  # grow the heap in steps of at least this (untouched pages cost no memory)
+
+_USER_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+_OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+_applied: bool | None = None
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # present in glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc malloc for a training process (see the module docstring); True when applied.
+    Process-wide and idempotent."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    preload = os.environ.get("LD_PRELOAD", "")
+    if any(k in os.environ for k in _USER_ENV) or any(a in preload for a in _OTHER_ALLOCATORS):
+        return False
+    libc = _glibc()
+    if libc is None:
+        return False
+    _applied = all(libc.mallopt(param, value) == 1 for param, value in (
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
+    return _applied
