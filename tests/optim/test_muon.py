@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moelab.optim.muon import Muon, newton_schulz, update_scale
+from moelab.optim.muon import NS_COEFFS, Muon, newton_schulz, update_scale
 from moelab.optim.schedules import lr_factor
 
 
@@ -31,6 +31,25 @@ def test_newton_schulz_is_near_orthogonal(shape):
     polar = u @ vh
     cos = (X * polar).sum() / (X.norm() * polar.norm())
     assert cos > 0.97
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (3, 40, 24)])
+def test_newton_schulz_equals_the_textbook_iteration_in_float64(shape):
+    """The fused GEMM form (scaled sums in baddbmm's beta/alpha) is the same polynomial as the
+    plain quintic step X <- aX + bAX + cA^2X, A = XX^T, on the wide orientation."""
+    torch.manual_seed(0)
+    G = torch.randn(shape, dtype=torch.float64)
+    a, b, c = NS_COEFFS
+    X = G.mT if shape[-2] > shape[-1] else G
+    X = X / X.norm(dim=(-2, -1), keepdim=True)
+    for _ in range(5):
+        A = X @ X.mT
+        X = a * X + b * (A @ X) + c * (A @ A @ X)
+    ref = X.mT if shape[-2] > shape[-1] else X
+    torch.testing.assert_close(newton_schulz(G, 5, torch.float64, eps=0.0), ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(newton_schulz(G.float(), 5, torch.float32), ref.float(), rtol=1e-4, atol=1e-5)
+    bf16_err = (newton_schulz(G.float(), 5, torch.bfloat16) - ref.float()).abs().max()
+    assert bf16_err < 0.02, bf16_err
 
 
 def test_batched_experts_are_orthogonalised_each():
