@@ -144,7 +144,7 @@ def test_adamw_mode_equals_torch_adamw():
     decay = [p for p in ref_model.parameters() if p.ndim >= 2]
     no_decay = [p for p in ref_model.parameters() if p.ndim < 2]
     ref = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-2, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+                            lr=1e-2, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, fused=True)
     x = torch.randint(0, 300, (2, 16))
     for step in range(4):
         f = lr_factor(step, 4, 1, "linear", 0.1)
@@ -158,6 +158,7 @@ def test_adamw_mode_equals_torch_adamw():
             opt.zero_grad()
     for (n, a), b in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    assert all(g["fused"] for o in ours.optimizers for g in o.param_groups)
 
 
 def test_bf16_newton_schulz_matches_fp32():
