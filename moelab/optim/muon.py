@@ -64,18 +64,43 @@ class Muon(torch.optim.Optimizer):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - mu)
-                g = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                dtype = self.ns_dtype or (torch.bfloat16 if p.is_cuda else torch.float32)
-                u = newton_schulz(g, group["ns_steps"], dtype)
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(u, alpha=-lr * update_scale(p.shape, group["scale"]))
+            for batch in _same_shape_batches([p for p in group["params"] if p.grad is not None]):
+                gs = []
+                for p in batch:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    buf = state["momentum_buffer"]
+                    buf.lerp_(p.grad, 1 - mu)
+                    gs.append(p.grad.lerp(buf, mu) if group["nesterov"] else buf)
+                dtype = self.ns_dtype or (torch.bfloat16 if batch[0].is_cuda else torch.float32)
+                us = newton_schulz(torch.stack(gs) if len(gs) > 1 else gs[0], group["ns_steps"], dtype)
+                for p, u in zip(batch, us if len(gs) > 1 else [us]):
+                    if wd:
+                        p.mul_(1 - lr * wd)
+                    p.add_(u, alpha=-lr * update_scale(p.shape, group["scale"]))
         return loss
+
+
+# Same-shape matrices are orthogonalised in one batched call: 24 of exp3's (256, 256) attention
+# matrices take 31 ms together against 81 ms one by one on 2 CPU cores (a small GEMM does not keep
+# every core busy; on a GPU, fewer launches). A batch stops at this many elements so the stacked
+# copy stays small next to large matrices, which run alone as before.
+BATCH_NUMEL = 1 << 22
+
+
+def _same_shape_batches(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """2-D parameters grouped by shape (and device, dtype) into batches of at most BATCH_NUMEL
+    elements, in first-seen order; 3-D expert stacks are already one batched call each."""
+    batches, open_batch = [], {}
+    for p in params:
+        if p.ndim != 2:
+            batches.append([p])
+            continue
+        key = (tuple(p.shape), p.device, p.dtype)
+        batch = open_batch.get(key)
+        if batch is None or (len(batch) + 1) * p.numel() > BATCH_NUMEL:
+            batch = open_batch[key] = []
+            batches.append(batch)
+        batch.append(p)
+    return batches

@@ -77,6 +77,34 @@ def test_muon_step_is_scaled_orthogonalised_nesterov_momentum():
     assert 0.12 < rms < 0.28  # Moonlight scaling: update RMS ~ 0.2, like AdamW's
 
 
+def test_same_shape_matrices_batched_equal_each_stepped_alone(monkeypatch):
+    """One batched Newton-Schulz over same-shape matrices gives each the update it gets alone,
+    including batches split at BATCH_NUMEL, a 3-D expert stack and matrices of another shape."""
+    import moelab.optim.muon as muon
+
+    torch.manual_seed(0)
+    shapes = [(24, 16)] * 5 + [(16, 24), (3, 24, 16), (24, 16)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    start = [p.detach().clone() for p in params]
+    monkeypatch.setattr(muon, "BATCH_NUMEL", 3 * 24 * 16)  # the six (24, 16): batches of 3
+    batches = muon._same_shape_batches(params)
+    assert [len(b) for b in batches] == [3, 3, 1, 1]
+    assert batches[1][-1] is params[-1]
+    together = Muon(params, lr=0.05, momentum=0.9, weight_decay=0.1, ns_dtype=torch.float32)
+    singles = [Muon([p], lr=0.05, momentum=0.9, weight_decay=0.1, ns_dtype=torch.float32) for p in alone]
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(params, alone, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        together.step()
+        for opt in singles:
+            opt.step()
+    for p, q, p0 in zip(params, alone, start):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        assert (p.detach() - p0).abs().max() > 0.01  # the updates were real
+
+
 def test_schedule_counts_optimizer_updates():
     total, warmup = 100, 10
     f = [lr_factor(i, total, warmup, "cosine", 0.1) for i in range(total)]
