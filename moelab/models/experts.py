@@ -112,12 +112,17 @@ class Experts(nn.Module):
         return [self.gate_proj, self.up_proj] if self.glu else [self.up_proj]
 
     def _weights(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        # Under autocast x arrives in bf16 while the master weights stay fp32.
+        # Under autocast (or with a bf16 x) the master weights stay fp32 and are cast per step.
         return [w.to(dtype) for w in (*self._in_weights(), self.down_proj)]
 
     def forward(self, x_TD: torch.Tensor, idx_TK: torch.Tensor, weights_TK: torch.Tensor,
                 counts_E: torch.Tensor) -> torch.Tensor:
         backend = self.backend
+        device = x_TD.device.type
+        if torch.is_autocast_enabled(device):
+            # Autocast does not cover _grouped_mm, and x arrives in fp32 (the norm's output):
+            # cast here, as an autocast nn.Linear would, so the experts' matmuls run in bf16/fp16.
+            x_TD = x_TD.to(torch.get_autocast_dtype(device))
         if backend == "loop":
             return experts_reference(x_TD, idx_TK, weights_TK, *self._weights(x_TD.dtype),
                                      act=self.act_name, glu=self.glu)

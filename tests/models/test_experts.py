@@ -111,3 +111,20 @@ def test_hand_written_backwards_pass_gradcheck():
     expected = torch.zeros(T, D, dtype=torch.float64).index_add(
         0, order // K, y * w.flatten()[order].unsqueeze(1))
     torch.testing.assert_close(combine(y, w, order), expected)
+
+
+@pytest.mark.parametrize("backend", ["grouped", "padded", "loop"])
+def test_experts_under_autocast_run_in_the_autocast_dtype(backend):
+    """x arrives in fp32 (a norm's output) under bf16 autocast: the experts' matmuls must run in
+    bf16 as an autocast nn.Linear would, not silently in fp32 (autocast does not cover _grouped_mm)."""
+    E, D, F = 4, 16, 32
+    x, idx, w, counts = _inputs(D=D, E=E)
+    experts = Experts(E, D, F, backend=backend)
+    experts.reset_parameters(0.2, 0.2)
+    x, w = x.float(), w.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x, idx, w, counts)
+    assert y.dtype == torch.bfloat16
+    bf16 = Experts(E, D, F, backend=backend).to(torch.bfloat16)
+    bf16.load_state_dict(experts.state_dict())
+    assert torch.equal(y, bf16(x.bfloat16(), idx, w, counts))
