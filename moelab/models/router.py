@@ -120,7 +120,9 @@ class Router(nn.Module):
                 weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + eps)
         if self.scaling != 1.0:
             weights_TK = weights_TK * self.scaling
-        counts_E = torch.bincount(idx_TK.flatten(), minlength=E)
+        # Not bincount: on CUDA it reads the largest index back to the host (a sync per layer).
+        flat_N = idx_TK.flatten()
+        counts_E = flat_N.new_zeros(E).scatter_add_(0, flat_N, torch.ones_like(flat_N))
         if self.capacity_factor > 0:
             cap = expert_capacity(self.capacity_factor, T, K, E)
             weights_TK = torch.where(capacity_keep(idx_TK, counts_E, cap), weights_TK, 0.0)
