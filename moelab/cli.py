@@ -19,6 +19,8 @@ def _cmd_train(args) -> int:
     if args.resume and (args.preset or args.config):
         raise UserError("--resume continues a run with its own saved config; drop --preset/--config "
                         "(key=value overrides such as train.steps=2000 still apply)")
+    if args.device:
+        args.overrides.append(f"train.device={args.device}")
     cfg = build_config(args.preset, args.config, args.overrides)
     s = train(cfg, out=args.out, resume=args.resume, overrides=tuple(args.overrides), smoke=args.smoke)
     if s["stopped"]:  # SIGTERM/SIGINT: the step finished and was saved; not an error
@@ -187,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true",
                    help="check the config end to end first: 4 updates, tiny evaluations, save and "
                         "reload a checkpoint (run directory runs/<preset>-smoke by default)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (the same as train.device=...; "
+                                    "default: the config's, auto)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=_cmd_train)
 

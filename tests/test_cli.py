@@ -56,6 +56,15 @@ def test_existing_run_dir_is_never_overwritten(tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
+def test_train_device_flag_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the error on a machine without a GPU")
+    res = moelab("train", "--preset", "test", "--device", "cuda", "--out", str(tmp_path / "r"))
+    _assert_user_error(res, "train.device=cuda", "no CUDA device", "train.device=cpu")
+
+
 @pytest.mark.slow
 def test_cli_train_end_to_end(tmp_path):
     res = moelab("train", "--preset", "test", "--out", str(tmp_path / "run"), "train.steps=6",
