@@ -3,6 +3,7 @@ same size and weights.
 
 Run: python benchmarks/moe_layer.py [--preset exp3] [--arch mixtral|qwen3_moe|olmoe|deepseek_v3|glm4_moe]
                                     [--iters 20] [--rounds 3] [--dtype fp32|bf16] [--profile]
+                                    [--set model.d_model=1024 model.n_experts=64 train.seq_len=1024 ...]
 The preset gives the size (exp3: D=256, E=4 top-2, F=512, 16x128 tokens); --arch the design (router,
 shared experts) taken from that family's tiny preset.
 Prints tokens/s for moelab and for every transformers experts implementation that runs on this
@@ -36,10 +37,12 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also split each step into matmul and other time (CPU), and print the "
                          "ratio's ceiling at equal matmul speed")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="size overrides of the preset, e.g. model.expert_dim=1024 train.batch_size=8")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    cfg = build_config(args.preset)
+    cfg = build_config(args.preset, overrides=args.set)
     size = {k: getattr(cfg.model, k) for k in ("d_model", "n_heads", "n_experts", "top_k", "expert_dim")}
     for k, v in {**FAMILIES[args.arch], **size, "n_layers": 1, "first_k_dense": 0, "n_group": 1,
                  "topk_group": 1}.items():

@@ -4,6 +4,7 @@ weights, same batch, same precision and the same optimizer (AdamW), in one proce
 Run: python benchmarks/train_throughput.py [--preset exp3] [--dtype fp32|bf16] [--iters 10] [--rounds 3]
                                            [--seq-len S] [--batch-size B]
                                            [--muon] [--compile] [--profile] [--keep-freed-memory]
+                                           [--set model.d_model=1024 train.seq_len=1024 ...]
 A training step is forward + loss + backward + gradient clipping + optimizer update. transformers
 is timed with every attention (eager, sdpa) and experts implementation (eager, batched_mm,
 grouped_mm; see --hf-experts) that runs here, and the best is the reference. moelab uses its DeepSeek-V3 design
@@ -28,7 +29,7 @@ from common import compare, print_matmul_split
 def main() -> None:
     import transformers
 
-    from moelab.config import build_config
+    from moelab.config import apply_override, build_config
     from moelab.models import MoETransformer
     from moelab.models.accounting import parameter_table
     from moelab.models.hf import hf_config, to_hf_state_dict
@@ -55,6 +56,11 @@ def main() -> None:
                     help="transformers experts implementations to time (batched_mm copies each "
                          "token's expert weights: T*K*3*D*F floats per layer, which exhausts host "
                          "memory at exp3 size)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="config overrides after the DeepSeek-V3 design is applied, e.g. to fill a GPU: "
+                         "model.d_model=1024 model.n_experts=16 train.seq_len=1024 data.vocab_size=32000")
+    ap.add_argument("--hf-attn", nargs="+", default=["eager", "sdpa"],
+                    help="transformers attention implementations to time")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.keep_freed_memory:
@@ -64,6 +70,9 @@ def main() -> None:
     cfg = build_config(args.preset)
     for k, v in {**FAMILIES["deepseek_v3"], "n_group": 1, "topk_group": 1}.items():
         setattr(cfg.model, k, v)
+    for item in args.set:
+        apply_override(cfg, item)
+    cfg.validate()
     cfg.train.seq_len = args.seq_len or cfg.train.seq_len
     cfg.train.batch_size = args.batch_size or cfg.train.batch_size
     m = cfg.resolve(vocab_size=cfg.data.vocab_size).model
@@ -109,7 +118,7 @@ def main() -> None:
         steps["moelab (Muon hybrid)"] = moelab_step(model, HybridOptimizer(model, cfg.optim, device), model)
     if args.compile:
         steps["moelab compiled (AdamW)"] = moelab_step(model, adamw(model), torch.compile(model))
-    for attn, impl in itertools.product(("eager", "sdpa"), args.hf_experts):
+    for attn, impl in itertools.product(args.hf_attn, args.hf_experts):
         hf_cfg = hf_config(m, "deepseek_v3")
         hf_cfg._experts_implementation = impl
         hf_cfg._attn_implementation = attn
@@ -134,7 +143,7 @@ def main() -> None:
     fpt = flops_per_token(m, S, rows)
     peak = peak_tflops(device, "bf16" if args.dtype == "bf16" else "fp32")
     print(f"\nTraining step (fwd+bwd+clip+AdamW, best of {args.rounds} interleaved rounds), "
-          f"DeepSeek-V3 design at preset {args.preset} size "
+          f"DeepSeek-V3 design at preset {args.preset}{' + ' + ' '.join(args.set) if args.set else ''} size "
           f"({rows['total']['total'] / 1e6:.1f}M params, {rows['total']['active'] / 1e6:.1f}M active, "
           f"D={m.d_model}, L={m.n_layers}, E={m.n_experts} top-{m.top_k}, {B}x{S} tokens), {device}, "
           f"{args.dtype}, {torch.get_num_threads()} threads")

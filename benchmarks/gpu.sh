@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU checks and figures in one go, on a machine with a CUDA GPU (CI has none).
+# Usage: bash benchmarks/gpu.sh [STAGES] [LOG_DIR]   STAGES: all (default) or a comma list of:
+#   tests  the CUDA tests (expert paths in fp32/bf16/fp16 vs float64, compile, checkpointing, CLI)
+#   layer  benchmarks/moe_layer.py in bf16 at exp3 size and at a GPU-filling size
+#   train  benchmarks/train_throughput.py in bf16 at exp3 size, also compiled (tokens/s, ratio, MFU)
+#   big    the same at a GPU-filling size (677M parameters, 192M active; 16x1024 tokens)
+#   loop   `moelab train` on the embedded corpus for 300 updates (the real loop's tokens/s and MFU)
+# Each stage's output is also written to LOG_DIR (default gpu-logs).
+set -uo pipefail
+stage=${1:-all}
+log=${2:-gpu-logs}
+mkdir -p "$log"
+cd "$(dirname "$0")/.." || exit 2
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# A GPU-filling DeepSeek-V3-style size (MLA, sigmoid router, one shared expert).
+BIG=(model.d_model=1024 model.n_layers=8 model.n_heads=16 model.q_lora_rank=384 model.kv_lora_rank=256
+     model.qk_nope_head_dim=64 model.qk_rope_head_dim=32 model.v_head_dim=64 model.n_experts=16
+     model.top_k=2 model.expert_dim=1408 model.max_seq_len=2048 train.seq_len=1024 train.batch_size=16
+     data.vocab_size=32000)
+
+run() { echo "+ $*"; "$@"; }
+want() { [[ $stage == all || ",$stage," == *",$1,"* ]]; }
+
+python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, torch.cuda.get_device_name())" | tee "$log/versions.txt"
+if want tests; then
+  python - <<'EOF' 2>&1 | tee "$log/grouped_mm.txt"
+import torch
+for dt in (torch.float32, torch.bfloat16, torch.float16):
+    x, w = torch.randn(64, 32, device="cuda", dtype=dt), torch.randn(4, 32, 48, device="cuda", dtype=dt)
+    offs = torch.tensor([16, 16, 40, 64], device="cuda", dtype=torch.int32)
+    try:
+        y = torch._grouped_mm(x, w, offs=offs)
+        ref = torch.cat([x[a:b].double() @ w[e].double() for e, (a, b) in enumerate(zip([0, 16, 16, 40], offs.tolist()))])
+        print(f"torch._grouped_mm on CUDA {dt}: runs, rel err {float((y.double() - ref).norm() / ref.norm()):.1e}")
+    except Exception as exc:
+        print(f"torch._grouped_mm on CUDA {dt}: {type(exc).__name__}: {str(exc)[:100]}")
+EOF
+  run python -m pytest -q -x tests/models/test_cuda.py 2>&1 | tee "$log/tests.txt"
+fi
+if want layer; then
+  for arch in mixtral deepseek_v3; do
+    run python benchmarks/moe_layer.py --dtype bf16 --arch $arch 2>&1 | tee -a "$log/moe_layer.txt"
+  done
+  run python benchmarks/moe_layer.py --dtype bf16 --arch qwen3_moe --set model.d_model=1024 \
+    model.n_experts=64 model.top_k=8 model.expert_dim=512 train.seq_len=1024 2>&1 | tee -a "$log/moe_layer.txt"
+fi
+if want train; then
+  run python benchmarks/train_throughput.py --dtype bf16 --compile 2>&1 | tee "$log/train_throughput.txt"
+fi
+if want big; then
+  run python benchmarks/train_throughput.py --dtype bf16 --iters 5 --hf-attn sdpa --set "${BIG[@]}" \
+    2>&1 | tee "$log/train_big.txt"
+fi
+if want loop; then
+  rm -rf /tmp/moelab-gpu-run
+  run python -m moelab train --preset exp3 --device cuda --out /tmp/moelab-gpu-run train.precision=bf16 \
+    train.steps=300 train.eval_every=100 train.log_every=50 train.save_every=300 train.report=false \
+    2>&1 | tee "$log/loop.txt"
+  cp /tmp/moelab-gpu-run/metrics.jsonl "$log/loop_metrics.jsonl"
+fi
