@@ -4,7 +4,7 @@
 #   tests  the CUDA tests (expert paths in fp32/bf16/fp16 vs float64, compile, checkpointing, CLI)
 #   layer  benchmarks/moe_layer.py in bf16 at exp3 size and at a GPU-filling size
 #   train  benchmarks/train_throughput.py in bf16 at exp3 size, also compiled (tokens/s, ratio, MFU)
-#   big    the same at a GPU-filling size (677M parameters, 192M active; 16x1024 tokens)
+#   big    the same (sdpa only) at a GPU-filling size (677M parameters, 192M active; 16x1024 tokens)
 #   loop   `moelab train` on the embedded corpus for 300 updates (the real loop's tokens/s and MFU)
 # Each stage's output is also written to LOG_DIR (default gpu-logs).
 set -uo pipefail
@@ -51,7 +51,7 @@ if want train; then
   run python benchmarks/train_throughput.py --dtype bf16 --compile 2>&1 | tee "$log/train_throughput.txt"
 fi
 if want big; then
-  run python benchmarks/train_throughput.py --dtype bf16 --iters 5 --hf-attn sdpa --set "${BIG[@]}" \
+  run python benchmarks/train_throughput.py --dtype bf16 --iters 5 --compile --hf-attn sdpa --set "${BIG[@]}" \
     2>&1 | tee "$log/train_big.txt"
 fi
 if want loop; then
