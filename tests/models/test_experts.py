@@ -128,3 +128,55 @@ def test_experts_under_autocast_run_in_the_autocast_dtype(backend):
     bf16 = Experts(E, D, F, backend=backend).to(torch.bfloat16)
     bf16.load_state_dict(experts.state_dict())
     assert torch.equal(y, bf16(x.bfloat16(), idx, w, counts))
+
+
+def test_bucket_rows_bounds_padding_and_distinct_sizes():
+    from moelab.models.experts import bucket_rows
+
+    n = torch.arange(0, 20001)
+    b = bucket_rows(n)
+    assert torch.equal(b[:17], n[:17])  # small counts stay exact
+    assert (b >= n).all() and (b[17:] <= n[17:] * 1.125).all()  # at most 12.5% padding
+    assert torch.equal(bucket_rows(b), b)  # a bucket is its own bucket
+    assert len(torch.unique(b[1:4097])) == 80  # few sizes recur, so their kernels are reused
+
+
+def test_bucketed_layout_places_every_slot_once_in_its_experts_block():
+    from moelab.models.experts import bucketed_layout, bucket_rows
+
+    x, idx, w, counts = _inputs(T=300, E=4, K=2, starve=1)
+    order = idx.flatten().argsort(stable=True)
+    slot_R, offs = bucketed_layout(order, counts)
+    N = idx.numel()
+    assert torch.equal(offs.long(), bucket_rows(counts).cumsum(0))
+    real = slot_R[slot_R < N]
+    assert torch.equal(real, order)  # expert-sorted order kept, each slot exactly once
+    expert_R = torch.repeat_interleave(torch.arange(4), bucket_rows(counts))
+    assert torch.equal(expert_R[slot_R < N], idx.flatten()[order])  # each row in its expert's block
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bucketed_grouped_path_matches_float64_reference(dtype):
+    """bf16/fp16 on CPU pad each expert's rows to a bucket: same outputs and gradients."""
+    from moelab.models import experts as ex
+
+    E, D, F = 4, 16, 24
+    x, idx, w, counts = _inputs(T=203, D=D, E=E, starve=2)
+    assert ex.bucket_rows_here(x.to(dtype)) and not torch.equal(ex.bucket_rows(counts), counts)
+    ref_ex = Experts(E, D, F, backend="loop").double()
+    ref_ex.reset_parameters(0.2, 0.2)
+    fast = Experts(E, D, F, backend="grouped").to(dtype)
+    fast.load_state_dict(ref_ex.state_dict())
+    g = torch.randn(x.shape, dtype=torch.float64)
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = experts_reference(x1, idx, w1, ref_ex.gate_proj, ref_ex.up_proj, ref_ex.down_proj)
+    ref_grads = torch.autograd.grad((ref * g).sum(), [x1, w1, *ref_ex.parameters()])
+    x2, w2 = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+    out = fast(x2, idx, w2, counts)
+    grads = torch.autograd.grad((out * g.to(dtype)).sum(), [x2, w2, *fast.parameters()])
+    rel = lambda a, b: float((a.double() - b).norm() / b.norm())  # noqa: E731
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    assert rel(out, ref) < tol
+    for name, a, b in zip(["x", "w", "gate", "up", "down"], grads, ref_grads):
+        assert rel(a, b) < tol, name
+    assert grads[2][2].abs().max() == 0  # the starved expert: no rows, no gradient
