@@ -44,6 +44,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, help="sequence length (default: the preset's)")
     ap.add_argument("--batch-size", type=int, help="sequences per step (default: the preset's)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best counts")
+    ap.add_argument("--warmup", type=int, default=10,
+                    help="untimed steps of each contender first: the steady state of a long run (on CPU, "
+                         "bf16 kernels compiled for recurring shapes are reused from then on)")
     ap.add_argument("--profile", action="store_true",
                     help="also split a step into matmul and other time (CPU), and print the "
                          "ratio's ceiling at equal matmul speed")
@@ -137,7 +140,7 @@ def main() -> None:
             steps.pop(name, None)
             continue
         print(f"{name}: max |logits - moelab| = {diff:.2e}")
-    seconds = compare(steps, args.iters, args.rounds)
+    seconds = compare(steps, args.iters, args.rounds, warmup=args.warmup)
     results = {name: tokens / sec for name, sec in seconds.items()}
     rows = parameter_table(model)
     fpt = flops_per_token(m, S, rows)
