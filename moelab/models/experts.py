@@ -133,22 +133,19 @@ class Experts(nn.Module):
         weights = self._weights(x_TD.dtype)
         backend = pick_backend(backend, x_TD.device, x_TD.dtype, tuple(self.down_proj.shape[1:]))
         slot_R = order_N  # the slot (t*K + k) each row of the expert matmuls computes
-        if backend == "grouped" and bucket_rows_here(x_TD):
+        if backend != "grouped":
+            expert_N, rank_N = _rank_in_expert(counts_E, T * K)
+            cap = int(counts_E.max())  # host sync; fallback path only
+            lin = lambda x, w: _padded_linear(x, w, expert_N, rank_N, cap)  # noqa: E731
+        elif bucket_rows_here(x_TD):
             slot_R, offs_E = bucketed_layout(order_N, counts_E)
             x_TD = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])  # row T: the padding's zeros
-        elif backend == "grouped":
+        else:
             offs_E = counts_E.cumsum(0).to(torch.int32)
-        # index_select rather than x[idx]: its backward is index_add, not a slow index_put
-        x_ND = x_TD.index_select(0, slot_R // K)
         if backend == "grouped":
             lin = lambda x, w: _grouped_linear(x, w, offs_E)  # noqa: E731
-        else:
-            expert_N = torch.repeat_interleave(torch.arange(self.n_experts, device=x_TD.device),
-                                               counts_E, output_size=T * K)
-            starts_E = counts_E.cumsum(0) - counts_E
-            pos_N = torch.arange(T * K, device=x_TD.device) - starts_E[expert_N]
-            cap = int(counts_E.max())  # host sync; fallback path only
-            lin = lambda x, w: _padded_linear(x, w, expert_N, pos_N, cap)  # noqa: E731
+        # index_select rather than x[idx]: its backward is index_add, not a slow index_put
+        x_ND = x_TD.index_select(0, slot_R // K)
         if self.glu:
             # gate and up in one GEMM over the concatenated (E, 2F, D) weight: one larger matmul
             # beats two, and the concatenation copies weights, not activations. `gated` splits
@@ -186,12 +183,18 @@ def bucketed_layout(order_N: torch.Tensor, counts_E: torch.Tensor) -> tuple[torc
     N = order_N.numel()
     padded_E = bucket_rows(counts_E)
     pend_E = padded_E.cumsum(0)
-    shift_E = (pend_E - padded_E) - (counts_E.cumsum(0) - counts_E)  # padded start - packed start
-    expert_N = torch.repeat_interleave(torch.arange(counts_E.numel(), device=order_N.device), counts_E,
-                                       output_size=N)
-    pos_N = torch.arange(N, device=order_N.device) + shift_E[expert_N]
+    expert_N, rank_N = _rank_in_expert(counts_E, N)
+    pos_N = rank_N + (pend_E - padded_E)[expert_N]  # padded block start + rank
     slot_R = order_N.new_full((int(pend_E[-1]),), N).index_copy_(0, pos_N, order_N)  # CPU: no sync
     return slot_R, pend_E.to(torch.int32)
+
+
+def _rank_in_expert(counts_E: torch.Tensor, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of the N expert-sorted slots: its expert, and its rank within that expert's block."""
+    expert_N = torch.repeat_interleave(torch.arange(counts_E.numel(), device=counts_E.device), counts_E,
+                                       output_size=N)
+    starts_E = counts_E.cumsum(0) - counts_E
+    return expert_N, torch.arange(N, device=counts_E.device) - starts_E[expert_N]
 
 
 def _inverse(slot_R: torch.Tensor, n_slots: int) -> torch.Tensor:
