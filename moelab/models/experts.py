@@ -51,9 +51,18 @@ def _grouped_linear(x_ND: torch.Tensor, w_EOD: torch.Tensor, offs_E: torch.Tenso
     return torch._grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs=offs_E)
 
 
+def _zero_tail(out_ND: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Zero the rows after the last group, which `_grouped_mm` leaves unwritten (the static row
+    count of the bucketed layout under torch.compile, CPU only): no uninitialised memory, NaN
+    included, flows on from them. Reading offs on host is free on CPU; elsewhere no rows trail."""
+    if out_ND.device.type == "cpu":
+        out_ND[int(offs_E[-1]):].zero_()
+    return out_ND
+
+
 @torch.library.custom_op("moelab::grouped_linear", mutates_args=())
 def grouped_linear_op(x_ND: torch.Tensor, w_EOD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    return torch._grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs=offs_E)
+    return _zero_tail(torch._grouped_mm(x_ND, w_EOD.transpose(-2, -1), offs=offs_E), offs_E)
 
 
 @grouped_linear_op.register_fake
@@ -65,7 +74,7 @@ def _(x_ND, w_EOD, offs_E):
 def grouped_linear_backward_op(grad_NO: torch.Tensor, x_ND: torch.Tensor, w_EOD: torch.Tensor,
                                offs_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # dx = grad @ W_e per group; dW_e = grad_e^T x_e (grouped along the token dimension)
-    return (torch._grouped_mm(grad_NO, w_EOD, offs=offs_E),
+    return (_zero_tail(torch._grouped_mm(grad_NO, w_EOD, offs=offs_E), offs_E),
             torch._grouped_mm(grad_NO.t(), x_ND, offs=offs_E))
 
 
@@ -138,7 +147,7 @@ class Experts(nn.Module):
             cap = int(counts_E.max())  # host sync; fallback path only
             lin = lambda x, w: _padded_linear(x, w, expert_N, rank_N, cap)  # noqa: E731
         elif bucket_rows_here(x_TD):
-            slot_R, offs_E = bucketed_layout(order_N, counts_E)
+            slot_R, offs_E = bucketed_layout(order_N, counts_E, static_rows=torch.compiler.is_compiling())
             x_TD = torch.cat([x_TD, x_TD.new_zeros(1, x_TD.shape[1])])  # row T: the padding's zeros
         else:
             offs_E = counts_E.cumsum(0).to(torch.int32)
@@ -162,9 +171,8 @@ def bucket_rows_here(x_TD: torch.Tensor) -> bool:
     and fp16 matmuls go through oneDNN, which builds (JIT-compiles) a kernel for every new row
     count: with routing, every expert's count is new at every step, and each matmul cost 4-5x
     its cached time (exp3: ~20 ms instead of ~4.5 ms per grouped call). fp32 (MKL) and CUDA do not
-    compile per shape. Not under torch.compile, where the layout would need the counts on host."""
-    return (x_TD.device.type == "cpu" and x_TD.dtype in (torch.bfloat16, torch.float16)
-            and not torch.compiler.is_compiling())
+    compile per shape. Under torch.compile too, with a static number of rows (`bucketed_layout`)."""
+    return x_TD.device.type == "cpu" and x_TD.dtype in (torch.bfloat16, torch.float16)
 
 
 def bucket_rows(counts_E: torch.Tensor) -> torch.Tensor:
@@ -176,16 +184,22 @@ def bucket_rows(counts_E: torch.Tensor) -> torch.Tensor:
     return torch.where(n <= 16, n, (n + step - 1) // step * step)
 
 
-def bucketed_layout(order_N: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def bucketed_layout(order_N: torch.Tensor, counts_E: torch.Tensor,
+                    static_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows for the grouped matmuls with each expert's block padded to `bucket_rows`: (slot_R,
     offs_E). slot_R[r] is the slot t*K + k that row r computes, or N (= T*K, the padding
-    sentinel) for a padding row, which reads a zero input row and carries a zero weight."""
+    sentinel) for a padding row, which reads a zero input row and carries a zero weight.
+
+    static_rows: R = N + N // 8 rows whatever the counts (torch.compile needs shapes that do not
+    depend on data); each expert pads fewer than n/8 rows, so the groups always fit, and the rows
+    after the last group belong to none (`_zero_tail`)."""
     N = order_N.numel()
     padded_E = bucket_rows(counts_E)
     pend_E = padded_E.cumsum(0)
     expert_N, rank_N = _rank_in_expert(counts_E, N)
     pos_N = rank_N + (pend_E - padded_E)[expert_N]  # padded block start + rank
-    slot_R = order_N.new_full((int(pend_E[-1]),), N).index_copy_(0, pos_N, order_N)  # CPU: no sync
+    R = N + N // 8 if static_rows else int(pend_E[-1])  # CPU: no device sync
+    slot_R = order_N.new_full((R,), N).index_copy_(0, pos_N, order_N)
     return slot_R, pend_E.to(torch.int32)
 
 

@@ -155,6 +155,25 @@ def test_bucketed_layout_places_every_slot_once_in_its_experts_block():
     assert torch.equal(expert_R[slot_R < N], idx.flatten()[order])  # each row in its expert's block
 
 
+def test_bucketed_layout_with_static_rows_always_fits_its_groups():
+    """Under torch.compile the layout has N + N // 8 rows whatever the counts: the padded groups
+    must fit, even when every count sits just above a power of two (the most padding), and the
+    rows after them are padding, read from the zero row."""
+    from moelab.models.experts import bucket_rows, bucketed_layout
+
+    worst = torch.tensor([17, 33, 65, 129, 257, 513, 1025, 2049, 4097])  # pad ~1/8 each
+    for counts in (worst, torch.tensor([0, 3, 16, 9000, 17]), torch.tensor([4000])):
+        N = int(counts.sum())
+        order = torch.repeat_interleave(torch.arange(counts.numel()), counts).argsort(stable=True)
+        exact_R, offs = bucketed_layout(order, counts)
+        slot_R, offs_static = bucketed_layout(order, counts, static_rows=True)
+        assert slot_R.numel() == N + N // 8 >= int(offs[-1]) and torch.equal(offs, offs_static)
+        assert torch.equal(slot_R[:exact_R.numel()], exact_R)
+        assert (slot_R[exact_R.numel():] == N).all()
+    N = int(worst.sum())  # and the bound is nearly reached there: it cannot be any smaller
+    assert int(bucket_rows(worst).sum()) - N > 0.95 * (N // 8)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_bucketed_grouped_path_matches_float64_reference(dtype):
     """bf16/fp16 on CPU pad each expert's rows to a bucket: same outputs and gradients."""
@@ -180,3 +199,22 @@ def test_bucketed_grouped_path_matches_float64_reference(dtype):
     for name, a, b in zip(["x", "w", "gate", "up", "down"], grads, ref_grads):
         assert rel(a, b) < tol, name
     assert grads[2][2].abs().max() == 0  # the starved expert: no rows, no gradient
+
+
+def test_grouped_linear_op_zeroes_the_rows_after_the_last_group():
+    """The op torch.compile runs: rows past the last offset (the static layout's tail) come out
+    zero in the output and in dx, never uninitialised memory; the groups match per-group matmuls."""
+    from moelab.models.experts import grouped_linear_op
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(3, 32, 16, dtype=torch.bfloat16, requires_grad=True)
+    offs = torch.tensor([5, 20, 29], dtype=torch.int32)
+    y = grouped_linear_op(x, w, offs)
+    for _ in range(3):  # reuse freed memory that held non-zeros
+        y = grouped_linear_op(x, w, offs)
+    assert (y[29:] == 0).all()
+    for e, (a, b) in enumerate([(0, 5), (5, 20), (20, 29)]):
+        torch.testing.assert_close(y[a:b], x[a:b] @ w[e].T)
+    y.backward(torch.randn_like(y))
+    assert (x.grad[29:] == 0).all() and torch.isfinite(x.grad).all()
