@@ -54,3 +54,40 @@ def test_pad_for_flash_policy():
     short, long_ = 8, attention.FLASH_MIN_KEYS_CPU_HALF
     assert not attention.pad_for_flash(q.bfloat16(), v.bfloat16(), short, True)
     assert attention.pad_for_flash(q.bfloat16(), v.bfloat16(), long_, True)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_short_half_cpu_attention_keeps_fp32_scores(heads, kv_heads):
+    """bf16 on CPU below FLASH_MIN_KEYS_CPU_HALF keys: explicit scores, not SDPA, and within bf16
+    error of float64 in outputs and gradients: no worse than 1.6x SDPA's own bf16 error (scores
+    rounded to bf16 before the softmax err ~4x more on these logits)."""
+    torch.manual_seed(0)
+    B, S, D, V = 2, 48, 16, 12
+    q = (3 * torch.randn(B, heads, S, D)).bfloat16()  # large logits, where rounding them shows
+    k = (3 * torch.randn(B, kv_heads, S, D)).bfloat16()
+    v = torch.randn(B, kv_heads, S, V).bfloat16()
+    g = torch.randn(B, heads, S, V)
+
+    def run(fn, dtype):
+        ins = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        y = fn(*ins)
+        y.backward(g.to(dtype))
+        return [y.detach()] + [t.grad for t in ins]
+
+    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=True, enable_gqa=heads != kv_heads)
+    with profile() as prof:
+        ours = run(lambda q, k, v: attention._attend(q, k, v, None, 0), torch.bfloat16)
+    assert not any("scaled_dot_product" in e.key for e in prof.key_averages())
+    ref, theirs = run(sdpa, torch.float64), run(sdpa, torch.bfloat16)
+    rel = lambda a, b: float((a.double() - b).norm() / b.norm())  # noqa: E731
+    for name, a, b, r in zip(["out", "dq", "dk", "dv"], ours, theirs, ref):
+        assert a.dtype == torch.bfloat16
+        assert rel(a, r) < 1.6 * rel(b, r) + 1e-4, name
+
+    def bf16_scores(q, k, v):  # what the bound rules out: scores rounded to bf16 first
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+        mask = torch.full((S, S), float("-inf")).triu(1).bfloat16()
+        return ((q @ k.transpose(-1, -2)) * D ** -0.5 + mask).softmax(-1) @ v
+
+    assert rel(run(bf16_scores, torch.bfloat16)[0], ref[0]) > 1.6 * rel(theirs[0], ref[0])
