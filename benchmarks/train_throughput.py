@@ -3,7 +3,8 @@ weights, same batch, same precision and the same optimizer (AdamW), in one proce
 
 Run: python benchmarks/train_throughput.py [--preset exp3] [--dtype fp32|bf16] [--iters 10] [--rounds 3]
                                            [--seq-len S] [--batch-size B]
-                                           [--muon] [--compile] [--profile] [--keep-freed-memory]
+                                           [--muon] [--compile] [--hf-compile] [--profile]
+                                           [--keep-freed-memory]
                                            [--set model.d_model=1024 train.seq_len=1024 ...]
 A training step is forward + loss + backward + gradient clipping + optimizer update. transformers
 is timed with every attention (eager, sdpa) and experts implementation (eager, batched_mm,
@@ -52,6 +53,9 @@ def main() -> None:
                          "ratio's ceiling at equal matmul speed")
     ap.add_argument("--muon", action="store_true", help="also time moelab with its default Muon hybrid")
     ap.add_argument("--compile", action="store_true", help="also time moelab with train.compile")
+    ap.add_argument("--hf-compile", action="store_true",
+                    help="also time each transformers contender under torch.compile (the fair "
+                         "reference for moelab compiled; minutes of compiling on CPU)")
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="apply moelab train's CPU malloc settings (train.keep_freed_memory) to this "
                          "process, so both sides run with them")
@@ -100,10 +104,12 @@ def main() -> None:
             opt.zero_grad()
         return step
 
-    def hf_step(mod, opt):
+    def hf_step(mod, opt, fwd=None):
+        fwd = mod if fwd is None else fwd
+
         def step():
             with autocast():
-                logits = mod(input_ids=inputs).logits
+                logits = fwd(input_ids=inputs).logits
                 loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(mod.parameters(), 1.0)
@@ -135,9 +141,13 @@ def main() -> None:
             hf.train()
             steps[name] = hf_step(hf, adamw(hf))
             steps[name]()
+            if args.hf_compile:
+                steps[name + " compiled"] = hf_step(hf, adamw(hf), torch.compile(hf))
+                steps[name + " compiled"]()
         except Exception as exc:  # an implementation unavailable on this device
             print(f"{name}: skipped ({type(exc).__name__}: {str(exc)[:80]})")
             steps.pop(name, None)
+            steps.pop(name + " compiled", None)
             continue
         print(f"{name}: max |logits - moelab| = {diff:.2e}")
     seconds = compare(steps, args.iters, args.rounds, warmup=args.warmup)
@@ -150,12 +160,15 @@ def main() -> None:
           f"({rows['total']['total'] / 1e6:.1f}M params, {rows['total']['active'] / 1e6:.1f}M active, "
           f"D={m.d_model}, L={m.n_layers}, E={m.n_experts} top-{m.top_k}, {B}x{S} tokens), {device}, "
           f"{args.dtype}, {torch.get_num_threads()} threads")
+    width = max(44, *(len(n) + 2 for n in results))
     for name, tps in results.items():
         mfu = f"  MFU {tps * fpt / 1e12 / peak:.1%}" if peak else ""
-        print(f"  {name:<44}{tps:>10,.0f} tokens/s  {tps * fpt / 1e12:6.3f} TFLOP/s{mfu}")
+        print(f"  {name:<{width}}{tps:>10,.0f} tokens/s  {tps * fpt / 1e12:6.3f} TFLOP/s{mfu}")
     best = max((v, k) for k, v in results.items() if k.startswith("transformers"))
     print(f"  ratio moelab (AdamW) / best transformers ({best[1]}): "
           f"{results['moelab (AdamW)'] / best[0]:.2f}x")
+    if "moelab compiled (AdamW)" in results:
+        print(f"  ratio moelab compiled / best transformers: {results['moelab compiled (AdamW)'] / best[0]:.2f}x")
     if args.profile and device.type == "cpu":
         print_matmul_split(steps, seconds, "moelab (AdamW)", best[1], iters=3)
 
