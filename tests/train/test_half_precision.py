@@ -1,0 +1,21 @@
+"""The start of a CPU run says when the chosen half precision has no fast matmuls on this CPU."""
+
+import math
+
+import torch
+
+from moelab.train.host import SLOW_HALF_FACTOR, half_precision_note, matmul_slowdown
+
+
+def test_the_note_names_the_precision_the_slowdown_and_the_fix():
+    note = half_precision_note("bf16", 61.2)
+    assert note is not None and note.count("\n") == 0
+    assert "bf16" in note and "61x slower than fp32" in note and "train.precision=fp32" in note
+    assert half_precision_note("fp16", SLOW_HALF_FACTOR * 0.99) is None  # native or near it: quiet
+    assert half_precision_note("bf16", 0.4) is None  # AMX: faster than fp32
+
+
+def test_the_slowdown_is_measured_with_real_products():
+    for dtype in (torch.bfloat16, torch.float16):
+        s = matmul_slowdown(dtype, n=64, reps=2)
+        assert math.isfinite(s) and s > 0
