@@ -116,7 +116,7 @@ class OptimConfig:
     weight_decay: float = 0.01  # decoupled; matrices only (not norms or biases)
     momentum: float = 0.95  # Muon momentum (Nesterov)
     ns_steps: int = 5  # Newton-Schulz iterations
-    ns_dtype: str = "bf16"  # bf16 | fp32 | auto (bf16 on CUDA, fp32 on CPU)
+    ns_dtype: str = "auto"  # auto (bf16 where bf16 matmuls beat fp32: CUDA, AMX CPUs; else fp32) | bf16 | fp32
     muon_scale: str = "match_adamw"  # match_adamw (Moonlight: 0.2*sqrt(max dim)) | spectral
     beta1: float = 0.9
     beta2: float = 0.95

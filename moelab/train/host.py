@@ -1,5 +1,6 @@
 """Host-process settings for CPU training: glibc malloc tuned so a step's tensors reuse memory,
-and a check that the chosen half precision has fast matrix multiplications on this CPU.
+and the note shown when the chosen half precision has no fast matrix multiplications on this CPU
+(measured in `moelab.hardware`).
 
 A training step allocates and frees the same large activation and gradient buffers every step.
 glibc's defaults hand some of that memory back to the kernel between steps (heap trimming, and
@@ -19,9 +20,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
-import time
 
-import torch
+from moelab.hardware import SLOW_HALF_FACTOR
 
 # mallopt parameter numbers from glibc's <malloc.h>
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -61,29 +61,6 @@ def keep_freed_memory() -> bool:
     _applied = all(libc.mallopt(param, value) == 1 for param, value in (
         (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD)))
     return _applied
-
-
-# A CPU without native bf16/fp16 matrix units (no AVX512-BF16/AMX/AVX512-FP16, e.g. AVX2-only
-# x86) runs half-precision GEMMs on a scalar fallback: measured 0.9 GFLOP/s in bf16 against
-# 160 GFLOP/s in fp32 (torch 2.13, AMD EPYC Zen 3, 2 cores). A run asked for bf16 there is
-# ~100x slower than fp32 without saying why, so the start of a CPU run measures it once.
-SLOW_HALF_FACTOR = 3.0
-
-
-def matmul_slowdown(dtype: torch.dtype, n: int = 256, reps: int = 3) -> float:
-    """How many times longer an (n x n) @ (n x n) product takes in `dtype` than in fp32 on this
-    CPU, best of `reps` each (a few ms where half precision is native, ~0.1 s where it is not)."""
-    def best(dt: torch.dtype) -> float:
-        a, b = torch.ones(n, n, dtype=dt), torch.ones(n, n, dtype=dt)
-        a @ b  # first call: kernel selection, page faults
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    return best(dtype) / max(best(torch.float32), 1e-9)
 
 
 def half_precision_note(precision: str, slowdown: float) -> str | None:

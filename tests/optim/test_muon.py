@@ -77,6 +77,29 @@ def test_muon_step_is_scaled_orthogonalised_nesterov_momentum():
     assert 0.12 < rms < 0.28  # Moonlight scaling: update RMS ~ 0.2, like AdamW's
 
 
+def test_auto_iteration_dtype_is_bf16_only_where_bf16_products_are_faster():
+    """The default (ns_dtype None, config "auto") iterates in bf16 on CUDA and on CPUs whose bf16
+    products beat fp32, else in fp32: the update is the one newton_schulz gives in that dtype."""
+    from moelab.config import OptimConfig
+    from moelab.hardware import cpu_matmul_slowdown
+    from moelab.optim.muon import auto_ns_dtype
+
+    assert OptimConfig().ns_dtype == "auto"
+    cpu = torch.device("cpu")
+    assert auto_ns_dtype(cpu) == (torch.bfloat16 if cpu_matmul_slowdown(torch.bfloat16) < 1 else torch.float32)
+    assert auto_ns_dtype(torch.device("cuda")) == torch.bfloat16
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(32, 16))
+    p0, g = p.detach().clone(), torch.randn(32, 16)
+    p.grad = g.clone()
+    Muon([p], lr=0.1, momentum=0.0, nesterov=False).step()
+    expected = p0 - 0.1 * update_scale(p.shape, "match_adamw") * newton_schulz(g, 5, auto_ns_dtype(cpu))
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+    other = torch.float32 if auto_ns_dtype(cpu) == torch.bfloat16 else torch.bfloat16
+    alt = p0 - 0.1 * update_scale(p.shape, "match_adamw") * newton_schulz(g, 5, other)
+    assert (p.detach() - alt).abs().max() > 1e-4  # the other dtype gives a visibly different update
+
+
 def test_same_shape_matrices_batched_equal_each_stepped_alone(monkeypatch):
     """One batched Newton-Schulz over same-shape matrices gives each the update it gets alone,
     including batches split at BATCH_NUMEL, a 3-D expert stack and matrices of another shape."""

@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from moelab.train.host import SLOW_HALF_FACTOR, half_precision_note, matmul_slowdown
+from moelab.hardware import SLOW_HALF_FACTOR, cpu_matmul_slowdown
+from moelab.train.host import half_precision_note
 
 
 def test_the_note_names_the_precision_the_slowdown_and_the_fix():
@@ -17,5 +18,5 @@ def test_the_note_names_the_precision_the_slowdown_and_the_fix():
 
 def test_the_slowdown_is_measured_with_real_products():
     for dtype in (torch.bfloat16, torch.float16):
-        s = matmul_slowdown(dtype, n=64, reps=2)
+        s = cpu_matmul_slowdown(dtype, n=64, reps=2)
         assert math.isfinite(s) and s > 0
