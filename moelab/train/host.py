@@ -63,10 +63,10 @@ def keep_freed_memory() -> bool:
     return _applied
 
 
-def half_precision_note(precision: str, slowdown: float) -> str | None:
+def half_precision_note(precision: str, slowdown: float, fix: str = "train.precision=fp32") -> str | None:
     """The line to show when `precision` (bf16/fp16) runs its matmuls `slowdown` times slower
-    than fp32 on this CPU, or None when it is not markedly slower."""
+    than fp32 on this CPU, or None when it is not markedly slower; `fix` is the setting to use."""
     if slowdown < SLOW_HALF_FACTOR:
         return None
     return (f"note: {precision} matrix multiplications run {slowdown:.0f}x slower than fp32 on this CPU "
-            f"(no native {precision} support); train.precision=fp32 will train faster here")
+            f"(no native {precision} support); {fix} will run faster here")

@@ -11,9 +11,10 @@ from moelab.train.host import half_precision_note
 def test_the_note_names_the_precision_the_slowdown_and_the_fix():
     note = half_precision_note("bf16", 61.2)
     assert note is not None and note.count("\n") == 0
-    assert "bf16" in note and "61x slower than fp32" in note and "train.precision=fp32" in note
+    assert "bf16" in note and "61x slower than fp32" in note and "train.precision=fp32 will run faster here" in note
     assert half_precision_note("fp16", SLOW_HALF_FACTOR * 0.99) is None  # native or near it: quiet
     assert half_precision_note("bf16", 0.4) is None  # AMX: faster than fp32
+    assert "--precision fp32 will run faster" in half_precision_note("bf16", 50, "--precision fp32")
 
 
 def test_the_slowdown_is_measured_with_real_products():
