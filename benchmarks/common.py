@@ -54,33 +54,72 @@ def compare(fns: dict, iters: int, rounds: int = 3, warmup: int = 2) -> dict[str
     return best
 
 
-def matmul_time(fn, iters: int = 5) -> tuple[float, float]:
-    """(seconds per call, of which in matrix multiplications) from torch.profiler's CPU self
-    times: what a contender spends outside its GEMMs is what a faster implementation can save."""
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm")
+
+
+def matmul_time(fn, iters: int = 5) -> tuple[float, float, float]:
+    """(seconds per call, of which in matrix multiplications, their FLOPs per call) from
+    torch.profiler's CPU self times: what a contender spends outside its GEMMs is what a faster
+    implementation can save. FLOPs count mm/bmm/addmm only (not attention kernels): a lower bound."""
     from torch.profiler import profile
 
     fn()
-    with profile() as prof:
+    with profile(with_flops=True) as prof:
         for _ in range(iters):
             fn()
         _sync()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    mm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::bmm", "aten::addmm"))
-    return total / iters / 1e6, mm / iters / 1e6
+    mm = [e for e in events if e.key in MATMUL_OPS]
+    return (total / iters / 1e6, sum(e.self_cpu_time_total for e in mm) / iters / 1e6,
+            sum(e.flops or 0 for e in mm) / iters)
 
 
-def print_matmul_split(steps: dict, seconds: dict, ours: str, theirs: str, iters: int = 5) -> None:
-    """Print each side's matmul share of a step (profiled) applied to its best timed step, and the
-    ceiling of the ratio: both sides run the same GEMMs (same shapes, same BLAS), so a ratio above
-    theirs_total / ours_matmul would need faster matrix multiplications, not less overhead."""
+def peak_matmul_rate(dtype: torch.dtype) -> tuple[float, int]:
+    """(FLOP/s, n) of this machine's fastest square (n x n) product in `dtype`, n doubled from 256
+    while a product takes under 0.2 s, up to 4096; best of five: about the GEMM speed that no
+    implementation's matrix multiplications beat on this machine with these threads."""
+    best, n = (0.0, 0), 256
+    while n <= 4096:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        t_best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ b
+            t_best = min(t_best, time.perf_counter() - t)
+        best = max(best, (2 * n ** 3 / t_best, n))
+        if t_best > 0.2:
+            break
+        n *= 2
+    return best
+
+
+def print_matmul_split(steps: dict, seconds: dict, ours: str, theirs: str, iters: int = 5,
+                       dtype: torch.dtype = torch.float32) -> None:
+    """Print each side's matmul share of a step (profiled) applied to its best timed step, and two
+    ceilings of the ratio: at equal matmul speed (both sides run the same GEMMs: same shapes, same
+    BLAS, so a ratio above theirs_total / ours_matmul would need faster matrix multiplications,
+    not less overhead), and at the fastest GEMM rate seen on this machine (a large square product's,
+    or either side's own): moelab's matmul FLOPs at that speed and nothing else, which no
+    implementation doing the same products beats."""
     print("\n  profiled (torch.profiler, CPU self time), scaled to the best timed step:")
-    share = {}
+    share, flops, rates = {}, {}, {}
     for name in (ours, theirs):
-        total, mm = matmul_time(steps[name], iters)
+        total, mm, flops[name] = matmul_time(steps[name], iters)
         share[name] = mm / total
+        rate = flops[name] / (seconds[name] * share[name]) / 1e9 if mm else 0.0
+        rates[name] = rate * 1e9
         print(f"  {name:<44}matmuls {share[name]:6.1%}: {seconds[name] * share[name] * 1e3:8.1f} ms, "
-              f"rest {seconds[name] * (1 - share[name]) * 1e3:8.1f} ms")
+              f"rest {seconds[name] * (1 - share[name]) * 1e3:8.1f} ms, {flops[name] / 1e9:6.2f} GFLOP "
+              f"at {rate:5.1f} GFLOP/s")
     ceiling = seconds[theirs] / (seconds[ours] * share[ours])
     print(f"  ceiling of the ratio at equal matmul speed: {ceiling:.2f}x ({ours} doing nothing but "
           f"its matmuls)")
+    peak, n = peak_matmul_rate(dtype)
+    print(f"  fastest GEMM rate seen: {max(peak, *rates.values()) / 1e9:.1f} GFLOP/s (a {n}x{n} {dtype} product: "
+          f"{peak / 1e9:.1f}; {torch.get_num_threads()} threads)")
+    peak = max(peak, *rates.values())
+    print(f"  ceiling at that rate: {seconds[theirs] / (flops[ours] / peak):.2f}x ({ours}'s "
+          f"{flops[ours] / 1e9:.2f} GFLOP of matmuls at that rate and nothing else: no implementation "
+          f"doing these products beats it)")

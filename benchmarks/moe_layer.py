@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best counts")
     ap.add_argument("--profile", action="store_true",
                     help="also split each step into matmul and other time (CPU), and print the "
-                         "ratio's ceiling at equal matmul speed")
+                         "ratio's ceilings: at equal matmul speed and at this machine's peak GEMM rate")
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="size overrides of the preset, e.g. model.expert_dim=1024 train.batch_size=8")
     args = ap.parse_args()
@@ -86,7 +86,7 @@ def main() -> None:
     best = min((v, k) for k, v in seconds.items() if k != "moelab")
     print(f"  ratio moelab / best transformers ({best[1]}): {best[0] / seconds['moelab']:.2f}x")
     if args.profile and device.type == "cpu":
-        print_matmul_split(steps, seconds, "moelab", best[1], iters=5)
+        print_matmul_split(steps, seconds, "moelab", best[1], iters=5, dtype=dtype)
 
 
 if __name__ == "__main__":

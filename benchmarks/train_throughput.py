@@ -50,7 +50,7 @@ def main() -> None:
                          "bf16 kernels compiled for recurring shapes are reused from then on)")
     ap.add_argument("--profile", action="store_true",
                     help="also split a step into matmul and other time (CPU), and print the "
-                         "ratio's ceiling at equal matmul speed")
+                         "ratio's ceilings: at equal matmul speed and at this machine's peak GEMM rate")
     ap.add_argument("--muon", action="store_true", help="also time moelab with its default Muon hybrid")
     ap.add_argument("--compile", action="store_true", help="also time moelab with train.compile")
     ap.add_argument("--hf-compile", action="store_true",
@@ -170,7 +170,8 @@ def main() -> None:
     if "moelab compiled (AdamW)" in results:
         print(f"  ratio moelab compiled / best transformers: {results['moelab compiled (AdamW)'] / best[0]:.2f}x")
     if args.profile and device.type == "cpu":
-        print_matmul_split(steps, seconds, "moelab (AdamW)", best[1], iters=3)
+        print_matmul_split(steps, seconds, "moelab (AdamW)", best[1], iters=3,
+                           dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
 
 
 if __name__ == "__main__":
