@@ -54,6 +54,19 @@ def compare(fns: dict, iters: int, rounds: int = 3, warmup: int = 2) -> dict[str
     return best
 
 
+def add_keep_freed_memory(ap) -> None:
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="apply moelab train's CPU malloc settings (train.keep_freed_memory) to this "
+                         "process, so both sides run with them")
+
+
+def apply_keep_freed_memory(args) -> None:
+    if args.keep_freed_memory:
+        from moelab.train.host import keep_freed_memory
+
+        print(f"malloc settings of moelab train: {'applied' if keep_freed_memory() else 'not applicable here'}")
+
+
 MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm")
 
 

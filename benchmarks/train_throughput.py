@@ -24,7 +24,7 @@ import itertools
 
 import torch
 
-from common import compare, print_matmul_split
+from common import add_keep_freed_memory, apply_keep_freed_memory, compare, print_matmul_split
 
 
 def main() -> None:
@@ -56,9 +56,7 @@ def main() -> None:
     ap.add_argument("--hf-compile", action="store_true",
                     help="also time each transformers contender under torch.compile (the fair "
                          "reference for moelab compiled; minutes of compiling on CPU)")
-    ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="apply moelab train's CPU malloc settings (train.keep_freed_memory) to this "
-                         "process, so both sides run with them")
+    add_keep_freed_memory(ap)
     ap.add_argument("--hf-experts", nargs="+", default=["eager", "grouped_mm"],
                     help="transformers experts implementations to time (batched_mm copies each "
                          "token's expert weights: T*K*3*D*F floats per layer, which exhausts host "
@@ -70,10 +68,7 @@ def main() -> None:
                     help="transformers attention implementations to time")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.keep_freed_memory:
-        from moelab.train.host import keep_freed_memory
-
-        print(f"malloc settings of moelab train: {'applied' if keep_freed_memory() else 'not applicable here'}")
+    apply_keep_freed_memory(args)
     cfg = build_config(args.preset)
     for k, v in {**FAMILIES["deepseek_v3"], "n_group": 1, "topk_group": 1}.items():
         setattr(cfg.model, k, v)
