@@ -21,7 +21,9 @@ import ctypes.util
 import os
 import sys
 
-from moelab.hardware import SLOW_HALF_FACTOR
+import torch
+
+from moelab.hardware import SLOW_HALF_FACTOR, cpu_matmul_slowdown
 
 # mallopt parameter numbers from glibc's <malloc.h>
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -70,3 +72,12 @@ def half_precision_note(precision: str, slowdown: float, fix: str = "train.preci
         return None
     return (f"note: {precision} matrix multiplications run {slowdown:.0f}x slower than fp32 on this CPU "
             f"(no native {precision} support); {fix} will run faster here")
+
+
+def cpu_precision_note(device: torch.device, precision: str, dtype: torch.dtype | None,
+                       fix: str = "train.precision=fp32") -> str | None:
+    """`half_precision_note` for a run on `device` in `precision` (autocast `dtype`, None for
+    fp32): measured only for half precision on CPU, None everywhere else."""
+    if device.type != "cpu" or dtype is None:
+        return None
+    return half_precision_note(precision, cpu_matmul_slowdown(dtype), fix)

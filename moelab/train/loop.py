@@ -23,7 +23,6 @@ from moelab.config import Config
 from moelab.data.loader import BatchLoader
 from moelab.data.pipeline import Dataset, build_dataset
 from moelab.errors import UserError
-from moelab.hardware import cpu_matmul_slowdown
 from moelab.eval.language import xz_bits_per_byte
 from moelab.eval.metrics import evaluate, spread_windows
 from moelab.models import MoETransformer
@@ -33,7 +32,7 @@ from moelab.optim.groups import HybridOptimizer
 from moelab.optim.schedules import lr_factor, schedule_state
 from moelab.train import checkpoint as ck
 from moelab.train.faults import FaultPlan, StopSignals, UpdateGuard
-from moelab.train.host import half_precision_note, keep_freed_memory
+from moelab.train.host import cpu_precision_note, keep_freed_memory
 from moelab.train.monitor import Sinks, flops_per_token, is_rank0, peak_memory_gb, peak_tflops, plot_curves
 from moelab.train.rundir import new_run_dir, provenance
 
@@ -259,10 +258,9 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
         f"active) | {run.optimizer.describe()} | "
         f"{run.data.train_windows.shape[0]} train / {run.data.val_windows.shape[0]} val windows | "
         f"{run.device} {t.precision}" + (f" | resumed at step {run.step}" if run.step else ""))
-    if run.device.type == "cpu" and AUTOCAST_DTYPES[t.precision]:
-        note = half_precision_note(t.precision, cpu_matmul_slowdown(AUTOCAST_DTYPES[t.precision]))
-        if note:
-            say(note)
+    note = cpu_precision_note(run.device, t.precision, AUTOCAST_DTYPES[t.precision])
+    if note:
+        say(note)
     if balance_terms(cfg.model):
         say("balancing: " + ", ".join(f"{k} {v:g}" for k, v in balance_terms(cfg.model).items()))
     if run.step == 0:

@@ -5,7 +5,7 @@ import math
 import torch
 
 from moelab.hardware import SLOW_HALF_FACTOR, cpu_matmul_slowdown
-from moelab.train.host import half_precision_note
+from moelab.train.host import cpu_precision_note, half_precision_note
 
 
 def test_the_note_names_the_precision_the_slowdown_and_the_fix():
@@ -21,3 +21,12 @@ def test_the_slowdown_is_measured_with_real_products():
     for dtype in (torch.bfloat16, torch.float16):
         s = cpu_matmul_slowdown(dtype, n=64, reps=2)
         assert math.isfinite(s) and s > 0
+
+
+def test_only_half_precision_on_cpu_is_measured_and_noted():
+    cpu = torch.device("cpu")
+    assert cpu_precision_note(cpu, "fp32", None) is None
+    assert cpu_precision_note(torch.device("cuda"), "bf16", torch.bfloat16) is None  # GPUs: native
+    slowdown = cpu_matmul_slowdown(torch.bfloat16)  # cached: the same reading the note uses
+    assert cpu_precision_note(cpu, "bf16", torch.bfloat16, "--precision fp32") == \
+        half_precision_note("bf16", slowdown, "--precision fp32")
