@@ -121,18 +121,17 @@ def print_matmul_split(steps: dict, seconds: dict, ours: str, theirs: str, iters
     for name in (ours, theirs):
         total, mm, flops[name] = matmul_time(steps[name], iters)
         share[name] = mm / total
-        rate = flops[name] / (seconds[name] * share[name]) / 1e9 if mm else 0.0
-        rates[name] = rate * 1e9
+        rates[name] = flops[name] / (seconds[name] * share[name]) if mm else 0.0
         print(f"  {name:<44}matmuls {share[name]:6.1%}: {seconds[name] * share[name] * 1e3:8.1f} ms, "
               f"rest {seconds[name] * (1 - share[name]) * 1e3:8.1f} ms, {flops[name] / 1e9:6.2f} GFLOP "
-              f"at {rate:5.1f} GFLOP/s")
+              f"at {rates[name] / 1e9:5.1f} GFLOP/s")
     ceiling = seconds[theirs] / (seconds[ours] * share[ours])
     print(f"  ceiling of the ratio at equal matmul speed: {ceiling:.2f}x ({ours} doing nothing but "
           f"its matmuls)")
-    peak, n = peak_matmul_rate(dtype)
-    print(f"  fastest GEMM rate seen: {max(peak, *rates.values()) / 1e9:.1f} GFLOP/s (a {n}x{n} {dtype} product: "
-          f"{peak / 1e9:.1f}; {torch.get_num_threads()} threads)")
-    peak = max(peak, *rates.values())
+    square, n = peak_matmul_rate(dtype)
+    peak = max(square, *rates.values())
+    print(f"  fastest GEMM rate seen: {peak / 1e9:.1f} GFLOP/s (a {n}x{n} {dtype} product: "
+          f"{square / 1e9:.1f}; {torch.get_num_threads()} threads)")
     print(f"  ceiling at that rate: {seconds[theirs] / (flops[ours] / peak):.2f}x ({ours}'s "
           f"{flops[ours] / 1e9:.2f} GFLOP of matmuls at that rate and nothing else: no implementation "
           f"doing these products beats it)")
