@@ -70,7 +70,9 @@ class HybridOptimizer:
 
     def describe(self) -> str:
         r = self.report
-        return (f"optimizer {self.mode}: Muon {r['muon']:,} params, AdamW {r['adamw_decay']:,} "
+        ns = [f" (Newton-Schulz in {str(o.ns_dtype).removeprefix('torch.')})"
+              for o in self.optimizers if isinstance(o, Muon)]
+        return (f"optimizer {self.mode}: Muon {r['muon']:,} params{''.join(ns)}, AdamW {r['adamw_decay']:,} "
                 f"(decay) + {r['adamw_no_decay']:,} (no decay)")
 
     def set_lr_factor(self, factor: float) -> None:

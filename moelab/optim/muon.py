@@ -61,11 +61,15 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         ns_steps=ns_steps, scale=scale)
         super().__init__(params, defaults)
-        self.ns_dtype = ns_dtype
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim < 2:
                     raise ValueError(f"Muon needs matrices; got a parameter of shape {tuple(p.shape)}")
+        # None ("auto") is decided once, here, and saved with the state: the choice is timed, so
+        # another process (a resume) could measure the other way and iterate in another dtype.
+        self.ns_dtype_asked = ns_dtype
+        self.device_type = self.param_groups[0]["params"][0].device.type
+        self.ns_dtype = ns_dtype or auto_ns_dtype(torch.device(self.device_type))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -81,13 +85,25 @@ class Muon(torch.optim.Optimizer):
                     buf = state["momentum_buffer"]
                     buf.lerp_(p.grad, 1 - mu)
                     gs.append(p.grad.lerp(buf, mu) if group["nesterov"] else buf)
-                dtype = self.ns_dtype or auto_ns_dtype(batch[0].device)
-                us = newton_schulz(torch.stack(gs) if len(gs) > 1 else gs[0], group["ns_steps"], dtype)
+                us = newton_schulz(torch.stack(gs) if len(gs) > 1 else gs[0], group["ns_steps"], self.ns_dtype)
                 for p, u in zip(batch, us if len(gs) > 1 else [us]):
                     if wd:
                         p.mul_(1 - lr * wd)
                     p.add_(u, alpha=-lr * update_scale(p.shape, group["scale"]))
         return loss
+
+    def state_dict(self) -> dict:
+        name = str(self.ns_dtype).removeprefix("torch.")  # a plain string: loads with weights_only
+        return dict(super().state_dict(), ns_dtype=name, device_type=self.device_type)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """An "auto" Muon resumed on the same kind of device iterates in the dtype the saved run
+        chose, so the resumed updates are bit-identical; an explicit ns_dtype always wins."""
+        super().load_state_dict(state_dict)
+        saved = getattr(torch, str(state_dict.get("ns_dtype")), None)
+        if (self.ns_dtype_asked is None and isinstance(saved, torch.dtype)
+                and state_dict.get("device_type") == self.device_type):
+            self.ns_dtype = saved
 
 
 # Same-shape matrices are orthogonalised in one batched call: 24 of exp3's (256, 256) attention

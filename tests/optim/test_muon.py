@@ -100,6 +100,43 @@ def test_auto_iteration_dtype_is_bf16_only_where_bf16_products_are_faster():
     assert (p.detach() - alt).abs().max() > 1e-4  # the other dtype gives a visibly different update
 
 
+def test_auto_dtype_is_decided_once_and_kept_by_a_resume(tmp_path):
+    """"auto" is timed, so a resumed process could measure the other way. The saved state names the
+    dtype the run iterated in; an auto Muon loading it (same device type) continues in that dtype,
+    bit-identically. An explicit ns_dtype, or a state saved on another device type, keeps its own."""
+    from moelab.optim.muon import auto_ns_dtype
+
+    here = auto_ns_dtype(torch.device("cpu"))
+    other = torch.float32 if here == torch.bfloat16 else torch.bfloat16  # what another process chose
+    torch.manual_seed(0)
+    grads = [torch.randn(24, 16) for _ in range(3)]
+    p = torch.nn.Parameter(torch.randn(24, 16))
+    run = Muon([p], lr=0.1, momentum=0.9, ns_dtype=other)
+    p.grad = grads[0].clone()
+    run.step()
+    torch.save(run.state_dict(), tmp_path / "opt.pt")
+    saved = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert saved["ns_dtype"] == str(other).removeprefix("torch.")
+
+    def resumed(ns_dtype=None, state=saved):
+        q = torch.nn.Parameter(p.detach().clone())
+        opt = Muon([q], lr=0.1, momentum=0.9, ns_dtype=ns_dtype)
+        assert opt.ns_dtype == (ns_dtype or here)  # decided at construction
+        opt.load_state_dict(state)
+        return q, opt
+
+    q, auto = resumed()
+    assert auto.ns_dtype == other
+    _, explicit = resumed(here)
+    _, moved = resumed(state=dict(saved, device_type="cuda"))
+    assert explicit.ns_dtype == here and moved.ns_dtype == here
+    for g in grads[1:]:
+        p.grad, q.grad = g.clone(), g.clone()
+        run.step()
+        auto.step()
+    assert torch.equal(p.detach(), q.detach())
+
+
 def test_same_shape_matrices_batched_equal_each_stepped_alone(monkeypatch):
     """One batched Newton-Schulz over same-shape matrices gives each the update it gets alone,
     including batches split at BATCH_NUMEL, a 3-D expert stack and matrices of another shape."""
