@@ -70,7 +70,7 @@ class HybridOptimizer:
 
     def describe(self) -> str:
         r = self.report
-        ns = [f" (Newton-Schulz in {str(o.ns_dtype).removeprefix('torch.')})"
+        ns = [f" (Newton-Schulz in {o.ns_dtype_name})"
               for o in self.optimizers if isinstance(o, Muon)]
         return (f"optimizer {self.mode}: Muon {r['muon']:,} params{''.join(ns)}, AdamW {r['adamw_decay']:,} "
                 f"(decay) + {r['adamw_no_decay']:,} (no decay)")

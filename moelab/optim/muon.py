@@ -92,9 +92,13 @@ class Muon(torch.optim.Optimizer):
                     p.add_(u, alpha=-lr * update_scale(p.shape, group["scale"]))
         return loss
 
+    @property
+    def ns_dtype_name(self) -> str:
+        """"bfloat16" or "float32": a plain string (loads with weights_only), also for messages."""
+        return str(self.ns_dtype).removeprefix("torch.")
+
     def state_dict(self) -> dict:
-        name = str(self.ns_dtype).removeprefix("torch.")  # a plain string: loads with weights_only
-        return dict(super().state_dict(), ns_dtype=name, device_type=self.device_type)
+        return dict(super().state_dict(), ns_dtype=self.ns_dtype_name, device_type=self.device_type)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """An "auto" Muon resumed on the same kind of device iterates in the dtype the saved run
