@@ -1,6 +1,7 @@
 """Host-process settings for CPU training: glibc malloc tuned so a step's tensors reuse memory,
-and the note shown when the chosen half precision has no fast matrix multiplications on this CPU
-(measured in `moelab.hardware`).
+and the notes shown when the chosen precision is the slow one on this CPU: half precision without
+fast matrix multiplications, or fp32 where bf16 ones are markedly faster (measured in
+`moelab.hardware`).
 
 A training step allocates and frees the same large activation and gradient buffers every step.
 glibc's defaults hand some of that memory back to the kernel between steps (heap trimming, and
@@ -23,7 +24,7 @@ import sys
 
 import torch
 
-from moelab.hardware import SLOW_HALF_FACTOR, cpu_matmul_slowdown
+from moelab.hardware import FAST_HALF_FACTOR, SLOW_HALF_FACTOR, cpu_matmul_slowdown
 
 # mallopt parameter numbers from glibc's <malloc.h>
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -74,10 +75,22 @@ def half_precision_note(precision: str, slowdown: float, fix: str = "train.preci
             f"(no native {precision} support); {fix} will run faster here")
 
 
-def cpu_precision_note(device: torch.device, precision: str, dtype: torch.dtype | None,
-                       fix: str = "train.precision=fp32") -> str | None:
-    """`half_precision_note` for a run on `device` in `precision` (autocast `dtype`, None for
-    fp32): measured only for half precision on CPU, None everywhere else."""
-    if device.type != "cpu" or dtype is None:
+def bf16_speedup_note(slowdown: float, fix: str = "train.precision=bf16") -> str | None:
+    """The line to show an fp32 run when bf16 matmuls take `slowdown` (< 1) times as long as fp32
+    ones on this CPU, or None when bf16 is not markedly faster; `fix` is the setting to use."""
+    if slowdown * FAST_HALF_FACTOR > 1:
         return None
+    return (f"note: bf16 matrix multiplications run {1 / slowdown:.1f}x faster than fp32 on this CPU "
+            f"(native bf16); {fix} (autocast, weights stay fp32) will run faster here")
+
+
+def cpu_precision_note(device: torch.device, precision: str, dtype: torch.dtype | None,
+                       fix: str = "train.precision=fp32", faster: str | None = None) -> str | None:
+    """The note for a run on `device` in `precision` (autocast `dtype`, None for fp32), measured
+    on CPU only (None everywhere else): `half_precision_note` for half precision; for fp32, with
+    `faster` (the bf16 setting to suggest) given, `bf16_speedup_note`."""
+    if device.type != "cpu":
+        return None
+    if dtype is None:
+        return bf16_speedup_note(cpu_matmul_slowdown(torch.bfloat16), faster) if faster else None
     return half_precision_note(precision, cpu_matmul_slowdown(dtype), fix)

@@ -258,7 +258,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
         f"active) | {run.optimizer.describe()} | "
         f"{run.data.train_windows.shape[0]} train / {run.data.val_windows.shape[0]} val windows | "
         f"{run.device} {t.precision}" + (f" | resumed at step {run.step}" if run.step else ""))
-    note = cpu_precision_note(run.device, t.precision, AUTOCAST_DTYPES[t.precision])
+    note = cpu_precision_note(run.device, t.precision, AUTOCAST_DTYPES[t.precision], faster="train.precision=bf16")
     if note:
         say(note)
     if balance_terms(cfg.model):

@@ -1,11 +1,12 @@
-"""The start of a CPU run says when the chosen half precision has no fast matmuls on this CPU."""
+"""The start of a CPU run says when its precision is the slow one on this CPU: half precision
+without fast matmuls, or fp32 where bf16 matmuls are markedly faster."""
 
 import math
 
 import torch
 
-from moelab.hardware import SLOW_HALF_FACTOR, cpu_matmul_slowdown
-from moelab.train.host import cpu_precision_note, half_precision_note
+from moelab.hardware import FAST_HALF_FACTOR, SLOW_HALF_FACTOR, cpu_matmul_slowdown
+from moelab.train.host import bf16_speedup_note, cpu_precision_note, half_precision_note
 
 
 def test_the_note_names_the_precision_the_slowdown_and_the_fix():
@@ -30,3 +31,17 @@ def test_only_half_precision_on_cpu_is_measured_and_noted():
     slowdown = cpu_matmul_slowdown(torch.bfloat16)  # cached: the same reading the note uses
     assert cpu_precision_note(cpu, "bf16", torch.bfloat16, "--precision fp32") == \
         half_precision_note("bf16", slowdown, "--precision fp32")
+
+
+def test_an_fp32_run_is_told_when_bf16_is_markedly_faster():
+    note = bf16_speedup_note(0.4)  # AVX512-BF16 / AMX: bf16 products in 40% of fp32's time
+    assert note is not None and note.count("\n") == 0
+    assert "2.5x faster than fp32" in note and "train.precision=bf16" in note
+    assert bf16_speedup_note(1.01 / FAST_HALF_FACTOR) is None  # a little faster: quiet
+    assert bf16_speedup_note(61.2) is None  # no native bf16 (AVX2): certainly quiet
+    cpu = torch.device("cpu")
+    assert cpu_precision_note(torch.device("cuda"), "fp32", None, faster="train.precision=bf16") is None
+    slowdown = cpu_matmul_slowdown(torch.bfloat16)  # cached: the same reading the note uses
+    assert cpu_precision_note(cpu, "fp32", None, faster="train.precision=bf16") == \
+        bf16_speedup_note(slowdown, "train.precision=bf16")
+    assert cpu_precision_note(cpu, "fp32", None) is None  # not asked to suggest (moelab eval)
