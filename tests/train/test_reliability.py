@@ -101,6 +101,22 @@ def test_sigterm_finishes_the_update_saves_and_exits_0(prepared, reference, tmp_
     _assert_same_weights(reference, run)
 
 
+@pytest.mark.slow
+def test_bf16_cpu_run_resumes_bit_identically(prepared, tmp_path):
+    """fp32 runs on a CPU with fast bf16 are told to try train.precision=bf16, so its resume must
+    be exact too: autocast, the bucketed expert row blocks and Muon's Newton-Schulz dtype all come
+    back the same after a SIGKILL."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    res = _train(ref, prepared, "train.precision=bf16")
+    assert res.returncode == 0 and "cpu bf16" in res.stdout + res.stderr, res.stderr
+    assert _train(run, prepared, "train.precision=bf16", faults="kill@27").returncode == -9
+    res = _train(run, prepared, resume=True)
+    assert res.returncode == 0 and "resumed at step 20" in res.stderr, res.stderr
+    a, b = _train_losses(ref), _train_losses(run)
+    assert sorted(b) == list(range(1, 41)) and all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
+    _assert_same_weights(ref, run)
+
+
 def test_nan_update_is_skipped_and_counted(prepared, tmp_path):
     """NaN in the loss of update 12: the weights after it equal those after update 11."""
     args = ["train.steps=12", "train.save_every=11"]
