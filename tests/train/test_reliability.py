@@ -43,6 +43,14 @@ def _assert_same_weights(a, b):
         assert torch.equal(x, y), name
 
 
+def _assert_same_run(ref, run):
+    """Every one of the 40 updates' losses bit-equal, and the final weights equal."""
+    a, b = _train_losses(ref), _train_losses(run)
+    assert sorted(b) == list(range(1, 41))
+    assert all(b[s] == a[s] for s in b), [(s, a[s], b[s]) for s in b if b[s] != a[s]]
+    _assert_same_weights(ref, run)
+
+
 @pytest.fixture(scope="module")
 def reference(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
@@ -61,12 +69,9 @@ def test_sigkill_twice_then_resume_is_bit_identical(prepared, reference, tmp_pat
     assert res.returncode == -9 and "resumed at step 20" in res.stderr
     res = _train(run, prepared, resume=True)
     assert res.returncode == 0 and "resumed at step 30" in res.stderr, res.stderr
-    ref, got = _train_losses(reference), _train_losses(run)
-    assert sorted(got) == list(range(1, 41))
-    assert all(got[s] == ref[s] for s in range(1, 41)), [(s, ref[s], got[s]) for s in got if got[s] != ref[s]]
+    _assert_same_run(reference, run)
     a, b = (json.loads((r / "summary.json").read_text()) for r in (reference, run))
     assert a["expert_counts"] == b["expert_counts"] and a["val_loss"] == b["val_loss"]
-    _assert_same_weights(reference, run)
 
 
 @pytest.mark.slow
@@ -96,9 +101,7 @@ def test_sigterm_finishes_the_update_saves_and_exits_0(prepared, reference, tmp_
     assert ckpts[-1].name == "step_0000013" and load_trainer_state(ckpts[-1])["step"] == 13
     res = _train(run, prepared, resume=True)
     assert res.returncode == 0 and "resumed at step 13" in res.stderr, res.stderr
-    ref, got = _train_losses(reference), _train_losses(run)
-    assert all(got[s] == ref[s] for s in range(1, 41))
-    _assert_same_weights(reference, run)
+    _assert_same_run(reference, run)
 
 
 @pytest.mark.slow
@@ -112,9 +115,7 @@ def test_bf16_cpu_run_resumes_bit_identically(prepared, tmp_path):
     assert _train(run, prepared, "train.precision=bf16", faults="kill@27").returncode == -9
     res = _train(run, prepared, resume=True)
     assert res.returncode == 0 and "resumed at step 20" in res.stderr, res.stderr
-    a, b = _train_losses(ref), _train_losses(run)
-    assert sorted(b) == list(range(1, 41)) and all(a[s] == b[s] for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
-    _assert_same_weights(ref, run)
+    _assert_same_run(ref, run)
 
 
 def test_nan_update_is_skipped_and_counted(prepared, tmp_path):
