@@ -150,10 +150,11 @@ class MoETransformer(nn.Module):
         # wrapped by an adapter (LoRA) or sharded by FSDP2 (fully_shard swaps the class, and its
         # unshard runs on the module's own forward).
         plain_head = type(self.lm_head) is nn.Linear and self.lm_head.bias is None
-        if targets is not None and plain_head and not torch.compiler.is_compiling():
-            # projection and loss fused in row chunks: no (B, S, V) logits (moelab.models.loss)
+        if targets is not None and plain_head:
+            # projection and loss fused in row chunks: no (B, S, V) logits (moelab.models.loss),
+            # under torch.compile too (a custom op: inductor would materialise the logits)
             out.lm_loss = linear_cross_entropy(h_BSD.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        else:  # under torch.compile inductor fuses the plain ops itself
+        else:
             out._logits = self.lm_head(h_BSD)
             if targets is not None:
                 out.lm_loss = F.cross_entropy(out._logits.float().flatten(0, 1), targets.flatten(),

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moelab.models.loss import linear_cross_entropy
+from moelab.models.loss import _linear_cross_entropy_op, linear_cross_entropy
 from tests.models.variants import tiny_model
 
 
@@ -66,3 +66,36 @@ def test_model_loss_is_fused_equal_and_keeps_no_logits():
     torch.testing.assert_close(out.lm_loss, ref, rtol=0, atol=1e-6)
     for g, r in zip(grads, _grads(ref, *model.parameters())):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype,need_grad", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)])
+def test_fused_loss_custom_op_passes_torch_opcheck(dtype, need_grad):
+    """The op torch.compile calls: its fake (meta) kernel, autograd registration and schema agree
+    with the real kernel (torch.library.opcheck runs it eagerly, on fake tensors and through
+    AOTAutograd)."""
+    h, w, t = _inputs(N=40, D=16, V=24, dtype=torch.float32)
+    h = h.detach().to(dtype).requires_grad_(need_grad)
+    torch.library.opcheck(_linear_cross_entropy_op, (h, w.detach().requires_grad_(need_grad), t, 16, need_grad))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_compiled_model_keeps_the_fused_loss_and_equals_eager(dtype):
+    """Under torch.compile (one graph, fullgraph) the loss still goes through the fused op: no
+    (B, S, V) logits are built, and loss and gradients equal eager's."""
+    model = tiny_model("mla-yarn-dense-first").train()
+    x, y = torch.randint(0, 97, (3, 20)), torch.randint(0, 97, (3, 20))
+    y[0, :5] = -100
+    runs = []
+    for fn in (model, torch.compile(model, fullgraph=True)):
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = fn(x, targets=y)
+        assert out._logits is None
+        runs.append((out.lm_loss.detach(), _grads(out.loss, *model.parameters())))
+    (ref, ref_grads), (loss, grads) = runs
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-6 if dtype is None else 1e-3)
+    for g, r in zip(grads, ref_grads):
+        if dtype is None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
+        else:  # bf16: inductor rounds its fused elementwise ops differently
+            assert float((g - r).norm()) <= 0.02 * float(r.norm()) + 1e-6
