@@ -42,10 +42,7 @@ def _linear_cross_entropy_op(h_ND: torch.Tensor, weight_VD: torch.Tensor, t_N: t
     acc = torch.promote_types(h_ND.dtype, torch.float32)  # half-precision logits upcast
     total = torch.zeros((), dtype=acc, device=h_ND.device)
     valid_N = t_N != IGNORE_INDEX
-    if need_grad:
-        dh_ND = torch.empty_like(h_ND)
-        dw_VD = torch.empty(w_VD.shape, dtype=torch.promote_types(acc, weight_VD.dtype),
-                            device=w_VD.device)  # fp32 sum of the chunks' products
+    dh_ND, dw_VD = _gradient_buffers(h_ND, weight_VD, need_grad)
     half = h_ND.dtype != acc
     rows = min(chunk, N)
     x_cV = torch.empty(rows, V, dtype=acc, device=h_ND.device)  # logits, reused per chunk
@@ -87,19 +84,24 @@ def _linear_cross_entropy_op(h_ND: torch.Tensor, weight_VD: torch.Tensor, t_N: t
             dw_VD.copy_(g_c.t() @ hm_cD)
         else:
             dw_VD += g_c.t() @ hm_cD
-    n_valid = valid_N.sum().to(acc)
+    return total, valid_N.sum().to(acc), dh_ND, dw_VD
+
+
+def _gradient_buffers(h_ND: torch.Tensor, weight_VD: torch.Tensor, need_grad: bool):
+    """dh (h's shape and dtype) and dw (the weight's shape, summed in fp32 or wider); both empty
+    without need_grad. Shared by the kernel and its fake, so their outputs always agree."""
+    acc = torch.promote_types(h_ND.dtype, torch.float32)
     if not need_grad:
-        dh_ND, dw_VD = h_ND.new_empty(0), h_ND.new_empty(0, dtype=acc)
-    return total, n_valid, dh_ND, dw_VD
+        return h_ND.new_empty(0), h_ND.new_empty(0, dtype=acc)
+    dw_dtype = torch.promote_types(acc, weight_VD.dtype)
+    return torch.empty_like(h_ND), weight_VD.new_empty(weight_VD.shape, dtype=dw_dtype)
 
 
 @_linear_cross_entropy_op.register_fake
 def _(h_ND, weight_VD, t_N, chunk, need_grad):
     acc = torch.promote_types(h_ND.dtype, torch.float32)
-    dh_ND = torch.empty_like(h_ND) if need_grad else h_ND.new_empty(0)
-    dw_VD = (weight_VD.new_empty(weight_VD.shape, dtype=torch.promote_types(acc, weight_VD.dtype))
-             if need_grad else h_ND.new_empty(0, dtype=acc))
-    return h_ND.new_empty((), dtype=acc), h_ND.new_empty((), dtype=acc), dh_ND, dw_VD
+    return (h_ND.new_empty((), dtype=acc), h_ND.new_empty((), dtype=acc),
+            *_gradient_buffers(h_ND, weight_VD, need_grad))
 
 
 def _lce_setup_context(ctx, inputs, output):
