@@ -29,29 +29,51 @@ def bench(fn, iters: int, warmup: int = 3) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def compare(fns: dict, iters: int, rounds: int = 3, warmup: int = 2) -> dict[str, float]:
+ROUND_BUDGET_S = 10.0  # per contender and round: enough calls to average out, few for slow ones
+
+
+class Timings(dict):
+    """Best seconds per call of each contender (the dict), and each round's seconds per call
+    (`rounds`), from which `ratio_range` gives the spread of a ratio over the rounds."""
+
+    rounds: dict[str, list[float]]
+
+    def ratio_range(self, ours: str, theirs: str) -> tuple[float, float]:
+        """Lowest and highest of theirs / ours over the rounds, each round's two timings taken
+        back to back: how far the host's noise moves the ratio."""
+        per_round = [t / o for o, t in zip(self.rounds[ours], self.rounds[theirs])]
+        return min(per_round), max(per_round)
+
+
+def compare(fns: dict, iters: int, rounds: int = 3, warmup: int = 2) -> Timings:
     """Best seconds per call of each function, timed in interleaved rounds (a, b, c, a, b, c, ...)
     so that a slow spell on a shared machine hits every contender alike instead of whichever ran
-    during it. A function slower than 1 s per call is timed once per round."""
-    slow = {}
+    during it. Each round times `iters` calls of a function, or as many as fit in ROUND_BUDGET_S
+    (at least one) when its second call (the first may compile) says that `iters` would take
+    longer: a 1 s training step is still averaged over ~10 calls, a 15 s one is timed once per
+    round and not warmed up further."""
+    calls = {}
     for name, fn in fns.items():
+        fn()  # the first call may compile (torch.compile, oneDNN kernels): not a call's cost
+        _sync()
         t = time.perf_counter()
         fn()
         _sync()
-        slow[name] = time.perf_counter() - t > 1.0
-        for _ in range(0 if slow[name] else warmup):
+        calls[name] = max(1, min(iters, int(ROUND_BUDGET_S / (time.perf_counter() - t))))
+        for _ in range(warmup - 1 if calls[name] > 1 else 0):  # not for those timed once a round
             fn()
         _sync()
-    best = {name: float("inf") for name in fns}
+    out = Timings({name: float("inf") for name in fns})
+    out.rounds = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            n = 1 if slow[name] else iters
             t = time.perf_counter()
-            for _ in range(n):
+            for _ in range(calls[name]):
                 fn()
             _sync()
-            best[name] = min(best[name], (time.perf_counter() - t) / n)
-    return best
+            out.rounds[name].append((time.perf_counter() - t) / calls[name])
+            out[name] = min(out[name], out.rounds[name][-1])
+    return out
 
 
 def add_keep_freed_memory(ap) -> None:

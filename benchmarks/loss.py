@@ -71,7 +71,9 @@ def main() -> None:
           f"{device}, {args.dtype}, best of {args.rounds} interleaved rounds")
     for name, sec in seconds.items():
         print(f"  {name:<14}{sec * 1e3:9.1f} ms   keeps {sum(kept[name]) / 2**20:8.1f} MiB for backward")
-    print(f"  speed ratio fused / unfused: {seconds['unfused'] / seconds['moelab fused']:.2f}x")
+    lo, hi = seconds.ratio_range("moelab fused", "unfused")
+    print(f"  speed ratio fused / unfused: {seconds['unfused'] / seconds['moelab fused']:.2f}x "
+          f"(single rounds: {lo:.2f}-{hi:.2f}x)")
 
 
 if __name__ == "__main__":

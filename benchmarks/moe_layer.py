@@ -87,7 +87,9 @@ def main() -> None:
     for name, sec in seconds.items():
         print(f"  {name:<26}{tokens / sec:>12,.0f} tokens/s")
     best = min((v, k) for k, v in seconds.items() if k != "moelab")
-    print(f"  ratio moelab / best transformers ({best[1]}): {best[0] / seconds['moelab']:.2f}x")
+    lo, hi = seconds.ratio_range("moelab", best[1])
+    print(f"  ratio moelab / best transformers ({best[1]}): {best[0] / seconds['moelab']:.2f}x "
+          f"(single rounds: {lo:.2f}-{hi:.2f}x)")
     if args.profile and device.type == "cpu":
         print_matmul_split(steps, seconds, "moelab", best[1], iters=5, dtype=dtype)
 

@@ -12,7 +12,8 @@ grouped_mm; see --hf-experts) that runs here, and the best is the reference. moe
 (MLA, sigmoid group-free router with selection bias, one shared expert) at the preset's size.
 Contenders are timed in interleaved rounds and each keeps its best, so a slow spell on a shared
 machine does not land on one side only. Prints tokens/s of each, the ratio moelab / best
-transformers and, on a GPU, MFU; --profile adds each side's matmul/other time split (CPU).
+transformers with its range over single rounds (how much the host's noise moves it) and, on a
+GPU, MFU; --profile adds each side's matmul/other time split (CPU).
 Not a test: timings are machine-dependent.
 """
 
@@ -163,10 +164,11 @@ def main() -> None:
         mfu = f"  MFU {tps * fpt / 1e12 / peak:.1%}" if peak else ""
         print(f"  {name:<{width}}{tps:>10,.0f} tokens/s  {tps * fpt / 1e12:6.3f} TFLOP/s{mfu}")
     best = max((v, k) for k, v in results.items() if k.startswith("transformers"))
-    print(f"  ratio moelab (AdamW) / best transformers ({best[1]}): "
-          f"{results['moelab (AdamW)'] / best[0]:.2f}x")
-    if "moelab compiled (AdamW)" in results:
-        print(f"  ratio moelab compiled / best transformers: {results['moelab compiled (AdamW)'] / best[0]:.2f}x")
+    for ours in ("moelab (AdamW)", "moelab compiled (AdamW)"):
+        if ours in results:
+            lo, hi = seconds.ratio_range(ours, best[1])
+            print(f"  ratio {ours} / best transformers ({best[1]}): {results[ours] / best[0]:.2f}x "
+                  f"(single rounds: {lo:.2f}-{hi:.2f}x)")
     if args.profile and device.type == "cpu":
         print_matmul_split(steps, seconds, "moelab (AdamW)", best[1], iters=3,
                            dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
