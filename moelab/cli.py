@@ -15,6 +15,7 @@ from moelab.errors import UserError
 def _cmd_train(args) -> int:
     from moelab.config import build_config
     from moelab.train.loop import train
+    from moelab.train.monitor import throughput_text
 
     if args.resume and (args.preset or args.config):
         raise UserError("--resume continues a run with its own saved config; drop --preset/--config "
@@ -29,7 +30,7 @@ def _cmd_train(args) -> int:
     skipped = sum(s["skipped"][k] for k in ("nonfinite", "spike"))
     print(f"done: {s['steps']} updates{' (early stop)' if s['early_stopped'] else ''} | val loss "
           f"{s['val_loss']:.4f} | ppl {s['val_ppl']:.2f} | acc {s['val_acc']:.3f} | bits/byte "
-          f"{s['val_bpb']:.3f} | {s['train_tokens_per_s']:.0f} train tok/s"
+          f"{s['val_bpb']:.3f} | {throughput_text(s)}"
           + (f" | {skipped} updates skipped" if skipped else "") + f" | run {s['run_dir']}")
     if args.smoke:
         print(f"smoke check passed: data, model, {s['steps']} updates, evaluation, checkpoint save and "

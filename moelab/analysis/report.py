@@ -112,7 +112,7 @@ def _sample_blocks(target, n: int, max_new_tokens: int) -> list:
 def build_blocks(run_dir: Path, routing_windows: int = 32, samples: int = 3, max_new_tokens: int = 48) -> list:
     from moelab.eval.target import load_target
     from moelab.models.accounting import parameter_table
-    from moelab.train.monitor import plot_curves
+    from moelab.train.monitor import plot_curves, throughput_text
 
     target = load_target(str(run_dir))
     if target.run_dir is None or target.run_dir.resolve() != run_dir.resolve():
@@ -137,7 +137,7 @@ def build_blocks(run_dir: Path, routing_windows: int = 32, samples: int = 3, max
                           f"warmup {o.warmup}"],
             ["training", f"{summary.get('steps', '?')} of {t.steps} updates, batch {t.batch_size} x {t.grad_accum} "
                          f"x seq {t.seq_len}, {t.precision}, "
-                         f"{summary.get('train_tokens_per_s', float('nan')):.0f} tokens/s"],
+                         f"{throughput_text(summary)}"],
             ["skipped updates", ", ".join(f"{k} {v}" for k, v in summary.get("skipped", {}).items()) or "n/a"]]
     blocks += [("h2", "Configuration"), ("table", ["", ""], rows),
                ("details", "Full resolved config (config.yaml)", (run_dir / "config.yaml").read_text())]

@@ -39,6 +39,19 @@ def flops_per_token(cfg, seq_len: int, rows: dict) -> float:
     return 6.0 * matmul + 6.0 * m.n_layers * m.n_heads * (qk + v) * seq_len / 2
 
 
+def throughput_text(summary: dict) -> str:
+    """'N train tok/s', plus the first update's time where it stands out (compile, warm-up), as
+    the rate leaves it out."""
+    rate, first = summary.get("train_tokens_per_s", float("nan")), summary.get("first_update_s")
+    text = f"{rate:.0f} train tok/s"
+    steps = summary.get("steps") or 0
+    if first and steps > 1 and rate > 0:
+        update_s = summary["tokens"] / steps / rate
+        if first > 3 * update_s:
+            text += f" after a {first:.1f} s first update (warm-up, not in the rate)"
+    return text
+
+
 def peak_tflops(device: torch.device, precision: str, override: float = 0.0) -> float | None:
     """Peak TFLOP/s for MFU: train.peak_tflops if set, else the datasheet figure of a known GPU
     (fp32 without tensor cores is not tabulated). None when unknown (CPU)."""

@@ -108,6 +108,31 @@ def test_logged_metrics_at_the_cadence(tmp_path, prepared):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_throughput_leaves_out_the_first_update(tmp_path, prepared, monkeypatch):
+    """The first update of a process carries compile and warm-up: the summary's tokens/s is the
+    rate of the later ones, and the first update's time is reported on its own."""
+    import time
+
+    from moelab.train import loop
+    from moelab.train.monitor import throughput_text
+
+    real, calls = loop._update, []
+
+    def slow_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(2.0)  # what a compile would add
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "_update", slow_first)
+    s = _run(tmp_path, prepared, "train.steps=4", "train.log_every=2")
+    assert s["first_update_s"] >= 2.0
+    # counting the first update, 4 updates' tokens took over 2 s; the 3 later ones take ~0.1 s
+    assert s["train_tokens_per_s"] > s["tokens"] / 2.0
+    assert f"after a {s['first_update_s']:.1f} s first update" in throughput_text(s)
+    assert "first update" not in throughput_text({**s, "first_update_s": 1e-6})
+
+
 def _wandb_history(run_dir):
     """(run id, history rows) of each offline W&B run under `run_dir`, read from the .wandb files
     (a LevelDB-style log of protobuf records: 7-byte header, 32 KiB blocks, records that are whole
