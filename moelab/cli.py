@@ -6,6 +6,7 @@ User errors (bad config, missing files, unusable data) print one line and exit w
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -170,6 +171,15 @@ def _pdf_defaults():
     return PdfFilters()
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def shell_escapes(text: str) -> str:
+    """`\\n`, `\\t`, `\\r` and `\\\\` as typed in a shell ("\\n\\n" reaches Python as backslash, n,
+    backslash, n) read as newline, tab, return and backslash; any other backslash stays as typed."""
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moelab.config import SHARD_TOKENS, TOKENIZER_SAMPLE
 
@@ -244,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="0: off")
     p.add_argument("--top-p", type=float, default=0.95, help="1: off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", help="stop string (repeatable); the text ends before it")
+    p.add_argument("--stop", action="append", type=shell_escapes,
+                   help=r"stop string (repeatable); the text ends before it; \n, \t, \r, \\ read as "
+                        r"newline, tab, return, backslash (--stop '\n\n': a blank line)")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (for checks)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.set_defaults(func=_cmd_generate)

@@ -72,3 +72,15 @@ def test_cli_train_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "done: 6 updates" in res.stdout
     assert (tmp_path / "run" / "checkpoints" / "step_0000006" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("typed, meant", [
+    (r"\n\n", "\n\n"), (r"a\tb", "a\tb"), (r"\r\n", "\r\n"), (r"C:\\x", "C:\\x"),
+    (r"\d+ \x \u00e9", r"\d+ \x \u00e9"), (r"end\\n", "end\\n"), ("é\n", "é\n"), ("\\", "\\")])
+def test_generate_reads_shell_escapes_in_stop_strings(typed, meant):
+    """`--stop "\\n\\n"` in a shell passes backslash-n twice: it must stop at a blank line, not at
+    a literal backslash the model never writes. Other backslashes are kept as typed."""
+    from moelab.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "run", "--prompt", "p", "--stop", typed, "--stop", "x"])
+    assert args.stop == [meant, "x"]
