@@ -69,7 +69,7 @@ class AuditResult:
         dup = len(self.duplicate_documents)
         lines = [f"{self.verdict.upper()}: {self.leaked_windows}/{self.val_windows} validation windows "
                  f"({self.leaked_share:.1%}) share a {self.ngram}-token sequence with training data "
-                 f"(leakage above {self.threshold:.1%}); {dup} validation document(s) duplicate a "
+                 f"(a share above {self.threshold:.1%} is leakage); {dup} validation document(s) duplicate a "
                  f"training document ({self.train_documents} train / {self.val_documents} val "
                  f"documents, windows of {self.seq_len} tokens)"]
         for d in self.overlapping_documents[:5]:
