@@ -103,6 +103,11 @@ def _cmd_eval(args) -> int:
 
     from moelab.eval.target import load_target
 
+    tasks = []
+    if args.choice:  # read (and check) every task file before any evaluation runs
+        from moelab.eval.choice import load_task
+
+        tasks = [load_task(task, args.limit) for task in args.choice]
     target = load_target(args.target, args.device)
     results = {"model": target.label}
     if not (args.choice or args.harness) or args.data or args.source or target.run_dir:
@@ -115,8 +120,8 @@ def _cmd_eval(args) -> int:
         from moelab.eval.choice import eval_choice
 
         results["choice"] = []
-        for task in args.choice:
-            r = eval_choice(target, task, args.limit, args.batch_size)
+        for task, loaded in zip(args.choice, tasks):
+            r = eval_choice(target, task, args.limit, args.batch_size, loaded=loaded)
             results["choice"].append(r)
             print(f"{r['task']}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f} | acc_norm {r['acc_norm']:.4f} "
                   f"+- {r['acc_norm_stderr']:.4f} | {r['items']} items (chance {r['chance']:.3f})")

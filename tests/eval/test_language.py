@@ -85,10 +85,13 @@ def test_cli_eval_matches_the_runs_final_evaluation(trained, tmp_path):
     (["run", "--split", "test"], "--split must be train or val"),
     (["run", "--seq-len", "4096"], "exceeds the model's context"),
     (["nowhere"], "no such run"),
+    (["run", "--choice", "mc.jsonl", "missing.jsonl"], "no such task file"),
 ])
 def test_bad_eval_input_is_one_line(trained, args, msg):
+    args = [str(trained / a) if a.endswith(".jsonl") else a for a in args]
     res = run_cli("eval", trained / args[0], *args[1:])
     assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr
+    assert res.stdout == ""  # found before any evaluation ran, none of it printed
 
 
 def test_cli_generate_is_reproducible_and_stops(trained):
