@@ -25,6 +25,10 @@ def _cmd_train(args) -> int:
         args.overrides.append(f"train.device={args.device}")
     cfg = build_config(args.preset, args.config, args.overrides)
     s = train(cfg, out=args.out, resume=args.resume, overrides=tuple(args.overrides), smoke=args.smoke)
+    if s.get("already_complete"):
+        print(f"{s['run_dir']} is already complete ({s['steps']} updates, val loss {s['val_loss']:.4f}); "
+              f"nothing changed. To train further, raise train.steps (e.g. train.steps={2 * s['steps']})")
+        return 0
     if s["stopped"]:  # SIGTERM/SIGINT: the step finished and was saved; not an error
         print(f"stopped by {s['stopped']} after {s['steps']} updates; checkpoint saved | run {s['run_dir']}")
         return 0

@@ -150,6 +150,23 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
     return run_dir, ckpt, saved
 
 
+def _already_complete(resume: str, out: str | None, cfg: Config, overrides) -> dict | None:
+    """The saved summary, marked `already_complete`, when the checkpoint to resume is the end of a
+    finished run (train.steps reached, final evaluation written): there is nothing to train, and
+    running the final evaluation again would only rewrite the run's summary, metrics and report."""
+    run_dir, ckpt, saved = _resume_target(resume, out, cfg, overrides)
+    if ckpt is None:
+        return None
+    try:
+        step = json.loads((ckpt / "meta.json").read_text())["step"]
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    if step < saved.train.steps or summary.get("steps") != step or summary.get("stopped"):
+        return None
+    return {**summary, "already_complete": True}
+
+
 def trainer_state(run: Run) -> dict:
     """Everything besides the weights that an exact resume needs. Plain tensors and containers
     only, so it loads with torch.load(weights_only=True)."""
@@ -246,6 +263,9 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
           overrides: tuple[str, ...] = (), progress: bool | None = None, smoke: bool = False) -> dict:
     asked = (cfg.train.choice_tasks, cfg.train.choice_limit)
     choice = _load_choice_tasks(cfg.train)  # a bad task file fails before any data is prepared
+    done = _already_complete(resume, out, cfg, overrides) if resume and not smoke else None
+    if done is not None:
+        return done
     run = setup(cfg, out, resume, overrides, smoke)
     cfg, t = run.cfg, run.cfg.train
     if (t.choice_tasks, t.choice_limit) != asked:  # a resumed run's own saved settings
@@ -495,9 +515,11 @@ class _Window:
             self.first_update_s = time.perf_counter() - self.clock
             self.first_tokens = self.tokens
 
-    def steady_tokens_per_s(self) -> float:
+    def steady_tokens_per_s(self) -> float | None:
         """Training tokens/s of the logged updates after the first (of all of them if none follows)."""
         tokens, seconds = self.tokens_total, self.train_time
+        if not tokens:
+            return None  # no update ran in this process (a resumed run's final evaluation only)
         if self.first_update_s is not None and tokens > self.first_tokens and seconds > self.first_update_s:
             tokens, seconds = tokens - self.first_tokens, seconds - self.first_update_s
         return tokens / max(seconds, 1e-9)

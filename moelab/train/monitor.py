@@ -43,6 +43,8 @@ def throughput_text(summary: dict) -> str:
     """'N train tok/s', plus the first update's time where it stands out (compile, warm-up), as
     the rate leaves it out."""
     rate, first = summary.get("train_tokens_per_s", float("nan")), summary.get("first_update_s")
+    if rate is None:
+        return "no training updates in this process"
     text = f"{rate:.0f} train tok/s"
     steps = summary.get("steps") or 0
     if first and steps > 1 and rate > 0:

@@ -133,6 +133,29 @@ def test_throughput_leaves_out_the_first_update(tmp_path, prepared, monkeypatch)
     assert "first update" not in throughput_text({**s, "first_update_s": 1e-6})
 
 
+def test_resuming_a_finished_run_changes_nothing(tmp_path, prepared):
+    """--resume auto on a run that reached train.steps: nothing to train, so its summary, metrics
+    and checkpoints stay as they were (no second final evaluation, no 0 tokens/s summary);
+    raising train.steps continues it."""
+    run = tmp_path / "run"
+    first = _run(tmp_path, prepared, "train.steps=4", "train.save_every=2")
+    files = sorted(p for p in run.rglob("*") if p.is_file())
+    before = {p: p.read_bytes() for p in files}
+    again = _run(tmp_path, prepared, resume="auto")
+    assert again["already_complete"] and again["val_loss"] == first["val_loss"]
+    assert sorted(p for p in run.rglob("*") if p.is_file()) == files
+    assert all(p.read_bytes() == before[p] for p in files)
+    # killed during the final evaluation (no summary yet): the evaluation runs again, no update
+    (run / "summary.json").unlink()
+    redo = _run(tmp_path, prepared, resume="auto")
+    assert redo["val_loss"] == pytest.approx(first["val_loss"], abs=1e-6) and redo["train_tokens_per_s"] is None
+    from moelab.train.monitor import throughput_text
+
+    assert throughput_text(redo) == "no training updates in this process"
+    more = _run(tmp_path, prepared, resume="auto", overrides=("train.steps=6",))
+    assert more["steps"] == 6 and not more.get("already_complete") and more["train_tokens_per_s"] > 0
+
+
 def _wandb_history(run_dir):
     """(run id, history rows) of each offline W&B run under `run_dir`, read from the .wandb files
     (a LevelDB-style log of protobuf records: 7-byte header, 32 KiB blocks, records that are whole
