@@ -45,6 +45,11 @@ def test_corpus_without_usable_text(tmp_path):
     (corpus / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     res = moelab("train", "--preset", "test", f"data.source={corpus}", "--out", str(tmp_path / "r"))
     _assert_user_error(res, "no usable text", "skipped 3")
+    other = tmp_path / "other"  # files, but none of a kind moelab reads: say which kinds it reads
+    other.mkdir()
+    (other / "weights.bin").write_bytes(b"\x00" * 64)
+    res = moelab("train", "--preset", "test", f"data.source={other}", "--out", str(tmp_path / "r2"))
+    _assert_user_error(res, "no usable text", ".txt", ".jsonl", ".pdf")
 
 
 def test_existing_run_dir_is_never_overwritten(tmp_path):

@@ -185,6 +185,10 @@ def _walk_files(root: Path) -> list[Path]:
     return [Path(f) for f in found]
 
 
+def _known_suffixes() -> list[str]:
+    return sorted(x for x in TEXT_SUFFIXES | RECORD_SUFFIXES | PDF_SUFFIXES if x) + ["suffix-less"]
+
+
 def _suffix(name: str) -> str:
     """pathlib's Path.suffix, lower-cased, without building a Path."""
     i = name.rfind(".")
@@ -246,5 +250,6 @@ def load_corpus(source: str, max_docs: int = 0, text_field: str = "text", pdf_fi
     if not corpus.documents:
         why = "; ".join(f"{n}: {r}" for n, r in corpus.skipped[:3])
         raise UserError(f"no usable text in data source '{source}'"
-                        + (f" (skipped {len(corpus.skipped)}: {why})" if why else " (no files)"))
+                        + (f" (skipped {len(corpus.skipped)}: {why})" if why else
+                           f" (no file read: moelab reads {', '.join(_known_suffixes())} files)"))
     return corpus
