@@ -69,7 +69,7 @@ def convert(hf_dir: str, out: str) -> Path:
 
     if not Path(hf_dir, "config.json").is_file():
         raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
-    run_dir = new_run_dir(out, "converted")
+    run_dir = new_run_dir(out, "converted", resumable=False)
     model = load_hf(hf_dir)
     cfg = Config(preset="converted", model=model.cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,14 @@ from pathlib import Path
 from moelab.errors import UserError
 
 
-def new_run_dir(out: str | None, preset: str) -> Path:
-    """`out` must be new or empty; without `out`, runs/<preset>, runs/<preset>-2, ..."""
+def new_run_dir(out: str | None, preset: str, resumable: bool = True) -> Path:
+    """`out` must be new or empty; without `out`, runs/<preset>, runs/<preset>-2, ...
+    `resumable`: the command has --resume (train), so the error can point to it."""
     if out:
         p = Path(out).expanduser()
         if p.exists() and (not p.is_dir() or any(p.iterdir())):
-            raise UserError(f"run directory {p} is not empty; pass --resume auto to continue it, "
-                            "or choose another --out")
+            hint = "pass --resume auto to continue it, or choose" if resumable else "choose"
+            raise UserError(f"run directory {p} is not empty; {hint} another --out")
         return p
     base = Path("runs") / preset
     p, i = base, 2

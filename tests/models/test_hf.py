@@ -168,3 +168,5 @@ def test_trained_run_exports_and_converts_via_cli(tmp_path):
         assert torch.equal(a, b), name
     res = cli("export", str(run), "--out", str(tmp_path / "hf"))  # never overwrite
     assert res.returncode == 2 and "not empty" in res.stderr
+    res = cli("convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))  # convert has no --resume
+    assert res.returncode == 2 and "not empty" in res.stderr and "--resume" not in res.stderr
