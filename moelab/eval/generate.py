@@ -86,6 +86,10 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
     max_len = model.rope_cos.shape[0]
     if len(prompt_ids) >= max_len:
         raise UserError(f"prompt has {len(prompt_ids)} tokens; the model's context is {max_len}")
+    if max_new_tokens < 0:
+        raise UserError(f"max new tokens is {max_new_tokens}; give 0 or more")
+    if max_new_tokens == 0:
+        return [], "length"
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
     new: list[int] = []

@@ -60,6 +60,11 @@ def test_generation_stops_at_eos_stop_and_context():
     assert why == "stop" and ids == free[:2]
     ids, why = generate_ids(model, [i % 97 for i in range(120)], 50)
     assert why == "context" and len(ids) == model.cfg.max_seq_len - 120
+    assert generate_ids(model, prompt, 0) == ([], "length")  # not one token past the limit
+    from moelab.errors import UserError
+
+    with pytest.raises(UserError, match="give 0 or more"):
+        generate_ids(model, prompt, -1)
 
 
 def test_top_k_top_p_and_temperature():
