@@ -267,6 +267,41 @@ class Config:
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"invalid config: {msg}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Each remaining number within the range where it means something: a negative size, std,
+        clip or sample would otherwise crash deep in torch, or silently train something else
+        (train.grad_clip=-1 flips every gradient's sign)."""
+        m, t, o, d = self.model, self.train, self.optim, self.data
+        at_least = [  # (key, value, lowest valid value); 0 is 'auto' or 'off' where the key allows
+            ("model.max_seq_len", m.max_seq_len, 0), ("model.n_kv_heads", m.n_kv_heads, 0),
+            ("model.head_dim", m.head_dim, 0), ("model.dense_dim", m.dense_dim, 0),
+            ("model.shared_expert_dim", m.shared_expert_dim, 0), ("model.init_std", m.init_std, 0),
+            ("model.router_init_std", m.router_init_std, 0), ("model.norm_eps", m.norm_eps, 0),
+            ("optim.warmup", o.warmup, 0), ("optim.weight_decay", o.weight_decay, 0),
+            ("optim.ns_steps", o.ns_steps, 0), ("optim.eps", o.eps, 0),
+            ("train.grad_clip", t.grad_clip, 0), ("train.eval_windows", t.eval_windows, 0),
+            ("train.final_eval_windows", t.final_eval_windows, 0), ("train.threads", t.threads, 0),
+            ("train.spike_sigma", t.spike_sigma, 0), ("train.min_delta", t.min_delta, 0),
+            ("train.peak_tflops", t.peak_tflops, 0), ("data.max_docs", d.max_docs, 0),
+            ("data.tokenizer_train_bytes", d.tokenizer_train_bytes, 0),
+            ("data.pdf_min_chars", d.pdf_min_chars, 0), ("data.pdf_min_words", d.pdf_min_words, 0),
+        ]
+        if m.n_experts:
+            at_least.append(("model.expert_dim", m.expert_dim, 1))
+        for key, value, low in at_least:
+            if value < low:
+                raise UserError(f"invalid config: {key} must be >= {low} (got {value})")
+        below_one = [("optim.momentum", o.momentum), ("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]
+        for key, value in below_one:
+            if not 0 <= value < 1:
+                raise UserError(f"invalid config: {key} must be in [0, 1) (got {value})")
+        if m.routed_scaling <= 0 or m.rope_theta <= 0:
+            raise UserError("invalid config: model.routed_scaling and model.rope_theta must be > 0")
+        if d.pdf_min_chars > d.pdf_max_chars or d.pdf_min_words > d.pdf_max_words:
+            raise UserError("invalid config: data.pdf_min_chars/pdf_min_words must not exceed "
+                            "data.pdf_max_chars/pdf_max_words")
 
     # ---- dict / YAML ----
     def to_dict(self) -> dict:

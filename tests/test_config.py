@@ -1,5 +1,7 @@
 """Presets, YAML files and dotted overrides; unknown keys fail naming the closest valid key."""
 
+import re
+
 import pytest
 
 from moelab.config import build_config
@@ -39,6 +41,33 @@ def test_bad_values_and_invalid_configs():
         build_config("tiny", None, ["model.top_k=9"])
     with pytest.raises(UserError, match="key=value"):
         build_config("tiny", None, ["train.steps"])
+
+
+@pytest.mark.parametrize("item, expect", [
+    ("train.grad_clip=-1", "train.grad_clip must be >= 0"),  # would flip every gradient's sign
+    ("model.n_kv_heads=-1", "model.n_kv_heads must be >= 0"),
+    ("model.head_dim=-2", "model.head_dim must be >= 0"),
+    ("model.expert_dim=0", "model.expert_dim must be >= 1"),
+    ("model.shared_expert_dim=-3", "model.shared_expert_dim must be >= 0"),
+    ("model.init_std=-1", "model.init_std must be >= 0"),
+    ("optim.warmup=-5", "optim.warmup must be >= 0"),
+    ("optim.beta1=1.5", "optim.beta1 must be in [0, 1)"),
+    ("optim.momentum=1", "optim.momentum must be in [0, 1)"),
+    ("train.threads=-1", "train.threads must be >= 0"),
+    ("data.tokenizer_train_bytes=-1", "data.tokenizer_train_bytes must be >= 0"),
+    ("model.routed_scaling=0", "model.routed_scaling"),
+    ("data.pdf_min_words=500", "pdf_min_words must not exceed"),
+])
+def test_out_of_range_numbers_are_refused_by_key(item, expect):
+    """Each crashed deep in torch with a traceback, or trained something else without a word."""
+    with pytest.raises(UserError, match=re.escape(expect)):
+        build_config("tiny", None, [item])
+
+
+def test_zero_means_auto_or_off_where_documented():
+    cfg = build_config("tiny", None, ["model.n_experts=0", "model.expert_dim=0", "train.grad_clip=0",
+                                      "optim.warmup=0", "model.max_seq_len=0", "train.threads=0"])
+    assert cfg.resolve(vocab_size=300).model.max_seq_len == cfg.train.seq_len
 
 
 def test_yaml_file(tmp_path):
