@@ -189,10 +189,41 @@ def shell_escapes(text: str) -> str:
     return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
+def _at_least(low: int):
+    """An argparse type: a whole number >= low, else one line naming the option and the bound."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low} (got {value})")
+        return value
+    return parse
+
+
+def _share(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {value})")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line (not argparse's usage block), exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moelab.config import SHARD_TOKENS, TOKENIZER_SAMPLE
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moelab", description="Train, evaluate and diagnose Mixture-of-Experts language models.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -240,16 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="train or val split of the run's / --data's prepared data")
     p.add_argument("--data", help="a prepared data directory (moelab data prepare)")
     p.add_argument("--source", help="raw text: a text/JSONL/PDF file or folder, or 'stdlib' (all documents)")
-    p.add_argument("--seq-len", type=int, help="window length (default: the run's train.seq_len)")
-    p.add_argument("--windows", type=int, default=0, help="evaluate this many evenly spaced windows (0: all)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=_at_least(1), help="window length (default: the run's train.seq_len)")
+    p.add_argument("--windows", type=_at_least(0), default=0,
+                   help="evaluate this many evenly spaced windows (0: all)")
+    p.add_argument("--batch-size", type=_at_least(1), default=8)
     p.add_argument("--precision", help="fp32, bf16 or fp16 (default: the run's training precision)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--no-xz", action="store_true", help="skip the xz -9 reference")
     p.add_argument("--choice", nargs="+", metavar="TASK",
                    help="multiple-choice tasks: JSONL files in HellaSwag/ARC/PIQA format, or a hub name "
                         "(hellaswag, arc_easy, arc_challenge, piqa) when the hub is reachable")
-    p.add_argument("--limit", type=int, default=0, help="first N items of each task (0: all)")
+    p.add_argument("--limit", type=_at_least(0), default=0, help="first N items of each task (0: all)")
     p.add_argument("--harness", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (moelab[eval])")
     p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -258,9 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a run, checkpoint or Hugging Face directory")
     p.add_argument("target", help="run directory (newest checkpoint), checkpoint or Hugging Face directory")
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=_at_least(0), default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=50, help="0: off")
+    p.add_argument("--top-k", type=_at_least(0), default=50, help="0: off")
     p.add_argument("--top-p", type=float, default=0.95, help="1: off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", type=shell_escapes,
@@ -276,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="run directory (measured on its train and val windows), or a counts "
                                   "file (.json or .csv, layers x experts) from any system")
     p.add_argument("--out", help="output folder (default: RUN/routing, or routing-<name> beside the file)")
-    p.add_argument("--windows", type=int, default=64, help="windows of each split to route (default 64)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--windows", type=_at_least(0), default=64,
+                   help="windows of each split to route (default 64; 0: all)")
+    p.add_argument("--batch-size", type=_at_least(1), default=8)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--no-plots", action="store_true", help="JSON and the table only")
     p.set_defaults(func=_cmd_routing)
@@ -285,9 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write RUN/report.md and a self-contained RUN/report.html (also done "
                                       "at the end of training)")
     p.add_argument("run", help="run directory")
-    p.add_argument("--windows", type=int, default=32, help="windows per split for the routing section")
-    p.add_argument("--samples", type=int, default=3, help="sample generations (0: none)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--windows", type=_at_least(1), default=32, help="windows per split for the routing section")
+    p.add_argument("--samples", type=_at_least(0), default=3, help="sample generations (0: none)")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=48)
     p.set_defaults(func=_cmd_report)
 
     data = sub.add_parser("data", help="data tools: prepare a dataset, leakage audit").add_subparsers(
@@ -300,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--salt", default="moelab", help="changes which documents land in validation")
     p.add_argument("--text-field", default="text", help="text field of JSONL/Parquet records")
     p.add_argument("--tokenizer", help="tokenizer.json or directory (default: train BPE on the train split)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="for BPE training")
-    p.add_argument("--max-docs", type=int, default=0, help="0: all documents")
+    p.add_argument("--vocab-size", type=_at_least(260), default=8192,
+                   help="for BPE training (>= 260: bytes + specials)")
+    p.add_argument("--max-docs", type=_at_least(0), default=0, help="0: all documents")
     p.add_argument("--dedup", action="store_true",
                    help="drop near-duplicate documents (MinHash) within the training split")
     p.add_argument("--no-near-dup-split", action="store_true",
@@ -310,16 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one weight per source: its share of the training tokens (documents are "
                         "repeated or subsampled); validation keeps the natural mixture")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--tokenizer-train-bytes", type=int, default=TOKENIZER_SAMPLE,
+    p.add_argument("--tokenizer-train-bytes", type=_at_least(0), default=TOKENIZER_SAMPLE,
                    help="train BPE on a hash-ordered sample of this many characters of the training "
                         f"split (default {TOKENIZER_SAMPLE:,}; 0: all of it)")
     p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS,
                    help=f"tokens per shard file, cut at document boundaries (default {SHARD_TOKENS:,})")
     pdf = _pdf_defaults()
-    p.add_argument("--pdf-min-chars", type=int, default=pdf.min_chars, help="PDF paragraphs shorter are dropped")
-    p.add_argument("--pdf-max-chars", type=int, default=pdf.max_chars, help="PDF paragraphs longer are dropped")
-    p.add_argument("--pdf-min-words", type=int, default=pdf.min_words)
-    p.add_argument("--pdf-max-words", type=int, default=pdf.max_words)
+    p.add_argument("--pdf-min-chars", type=_at_least(0), default=pdf.min_chars,
+                   help="PDF paragraphs shorter are dropped")
+    p.add_argument("--pdf-max-chars", type=_at_least(0), default=pdf.max_chars,
+                   help="PDF paragraphs longer are dropped")
+    p.add_argument("--pdf-min-words", type=_at_least(0), default=pdf.min_words)
+    p.add_argument("--pdf-max-words", type=_at_least(0), default=pdf.max_words)
     p.add_argument("--pdf-ascii-only", action="store_true", help="drop PDF paragraphs with non-ASCII text")
     p.set_defaults(func=_cmd_data_prepare)
     p = data.add_parser("check", help="leakage audit: duplicate documents across splits and validation "
@@ -329,10 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "directory made by `moelab data prepare`")
     p.add_argument("--train", help="training text: a file or folder (each file one document)")
     p.add_argument("--val", help="validation text: a file or folder")
-    p.add_argument("--ngram", type=int, default=32, help="n-gram length in tokens (default 32)")
-    p.add_argument("--seq-len", type=int, default=None, help="validation window length (default: the "
+    p.add_argument("--ngram", type=_at_least(1), default=32, help="n-gram length in tokens (default 32)")
+    p.add_argument("--seq-len", type=_at_least(2), default=None, help="validation window length (default: the "
                                                               "run's train.seq_len, else 128)")
-    p.add_argument("--threshold", type=float, default=0.05,
+    p.add_argument("--threshold", type=_share, default=0.05,
                    help="largest acceptable share of leaked validation windows (default 0.05)")
     p.add_argument("--tokenizer", help="tokenizer.json or directory (default: the run's, or a BPE "
                                        "trained on --train)")

@@ -89,3 +89,26 @@ def test_generate_reads_shell_escapes_in_stop_strings(typed, meant):
 
     args = build_parser().parse_args(["generate", "run", "--prompt", "p", "--stop", typed, "--stop", "x"])
     assert args.stop == [meant, "x"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "run", "--batch-size", "0"], "argument --batch-size: must be >= 1 (got 0)"),
+    (["eval", "run", "--limit", "-1"], "argument --limit: must be >= 0 (got -1)"),
+    (["eval", "run", "--windows", "lots"], "argument --windows: expects a whole number, got 'lots'"),
+    (["routing", "run", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    (["generate", "run", "--prompt", "x", "--max-new-tokens", "-2"], "argument --max-new-tokens: must be >= 0"),
+    (["data", "check", "run", "--ngram", "0"], "argument --ngram: must be >= 1"),
+    (["data", "check", "run", "--threshold", "2"], "argument --threshold: must be between 0 and 1"),
+    (["data", "prepare", "stdlib", "--out", "d", "--vocab-size", "100"], "argument --vocab-size: must be >= 260"),
+    (["eval"], "required: target"),
+])
+def test_bad_options_are_one_line_before_anything_runs(argv, needle, capsys):
+    """Each of these crashed with a traceback (range() arg 3 must not be zero, ZeroDivisionError,
+    negative dimensions) or wrote a 257-token vocabulary; argparse's own errors printed a usage block."""
+    from moelab.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("moelab") and "usage:" not in err
