@@ -105,13 +105,17 @@ def _cmd_data_prepare(args) -> int:
 def _cmd_eval(args) -> int:
     import json
 
+    from moelab.eval.language import no_hf_data
     from moelab.eval.target import load_target
+    from moelab.train.checkpoint import is_hf_dir
 
     tasks = []
     if args.choice:  # read (and check) every task file before any evaluation runs
         from moelab.eval.choice import load_task
 
         tasks = [load_task(task, args.limit) for task in args.choice]
+    if not (args.choice or args.harness or args.data or args.source) and is_hf_dir(args.target):
+        no_hf_data()  # before loading what may be gigabytes of weights
     target = load_target(args.target, args.device)
     results = {"model": target.label}
     if not (args.choice or args.harness) or args.data or args.source or target.run_dir:

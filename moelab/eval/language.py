@@ -28,6 +28,10 @@ def xz_bits_per_byte(windows, token_table: list[bytes], batch: int = 4096) -> di
     return {"xz_bpb": 8 * len(lzma.compress(data, preset=9)) / len(data), "bytes": len(data)}
 
 
+def no_hf_data():
+    raise UserError("a Hugging Face directory has no data of its own: give --data PREPARED_DIR or --source FILE|DIR")
+
+
 def eval_windows_for(target, split: str, data: str | None, source: str | None, seq_len: int,
                      text_field: str = "text"):
     """(windows, description) from --data, --source or the run's own prepared data."""
@@ -46,8 +50,7 @@ def eval_windows_for(target, split: str, data: str | None, source: str | None, s
     else:
         if data is None:
             if target.run_dir is None:
-                raise UserError("a Hugging Face directory has no data of its own: give --data "
-                                "PREPARED_DIR or --source FILE|DIR")
+                no_hf_data()
             from moelab.data.pipeline import RUN_PREPARED
 
             data = target.cfg.data.path or str(target.run_dir / RUN_PREPARED)

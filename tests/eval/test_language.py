@@ -92,6 +92,7 @@ def test_bad_eval_input_is_one_line(trained, args, msg):
     res = run_cli("eval", trained / args[0], *args[1:])
     assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr
     assert res.stdout == ""  # found before any evaluation ran, none of it printed
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # nor any model loaded (no progress bar)
 
 
 def test_cli_generate_is_reproducible_and_stops(trained):
