@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "experts, drops, train/val and checkpoint drift, co-activation, "
                                        "verdicts and heatmaps")
     p.add_argument("target", help="run directory (measured on its train and val windows), or a counts "
-                                  "file (.json or .csv, layers x experts) from any system")
+                                  "file (.json, .csv or .tsv; layers x experts) from any system")
     p.add_argument("--out", help="output folder (default: RUN/routing, or routing-<name> beside the file)")
     p.add_argument("--windows", type=_at_least(0), default=64,
                    help="windows of each split to route (default 64; 0: all)")

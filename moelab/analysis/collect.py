@@ -62,7 +62,7 @@ def _matrix(rows, what: str) -> np.ndarray:
 
 def _from_json(path: Path) -> RoutingData:
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc})") from None
     if isinstance(obj, list):
@@ -87,8 +87,9 @@ def _from_json(path: Path) -> RoutingData:
 
 
 def _from_csv(path: Path) -> RoutingData:
-    with path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
+    # utf-8-sig: a spreadsheet's byte-order mark would otherwise turn the first header into an expert column
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        rows = list(csv.reader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
     rows = [r for r in rows if any(c.strip() for c in r)]
     if len(rows) < 2:
         raise UserError(f"{path}: need a header row and at least one row of counts")
@@ -136,7 +137,7 @@ def read_counts(path: str) -> RoutingData:
         return _from_json(p)
     if p.suffix.lower() in (".csv", ".tsv"):
         return _from_csv(p)
-    raise UserError(f"{path}: a counts file must be .json or .csv")
+    raise UserError(f"{path}: a counts file must be .json, .csv or .tsv")
 
 
 @torch.no_grad()
@@ -185,7 +186,7 @@ def from_run(target, n_windows: int = 64, batch_size: int = 8, max_checkpoints: 
     layers = [str(i) for i in model.cfg.moe_layers]
     data = RoutingData(target.label, layers, model.cfg.n_experts, model.cfg.top_k, run_dir=target.run_dir)
     if target.run_dir is None:
-        raise UserError("routing needs a run directory or a counts file (.json/.csv); for a Hugging Face "
+        raise UserError("routing needs a run directory or a counts file (.json/.csv/.tsv); for a Hugging Face "
                         "model, convert it first: moelab convert HF_DIR --out RUN")
     val = None
     for split in ("train", "val"):

@@ -62,11 +62,12 @@ def test_jensen_shannon():
     assert js_divergence([1, 1], [1, 0]) == pytest.approx((kl_pm + kl_qm) / 2)
 
 
-def test_json_counts_file_with_splits_steps_and_drift(tmp_path):
+@pytest.mark.parametrize("bom", ["", "\ufeff"])
+def test_json_counts_file_with_splits_steps_and_drift(tmp_path, bom):
     f = tmp_path / "counts.json"
-    f.write_text(json.dumps({"train": [[25, 25, 25, 25], [40, 0, 0, 0]], "val": [[25, 25, 25, 25], [0, 40, 0, 0]],
-                             "steps": {"10": [[1, 1, 1, 1], [4, 0, 0, 0]], "20": [[1, 1, 1, 1], [0, 4, 0, 0]]},
-                             "top_k": 1}))
+    counts = {"train": [[25, 25, 25, 25], [40, 0, 0, 0]], "val": [[25, 25, 25, 25], [0, 40, 0, 0]],
+              "steps": {"10": [[1, 1, 1, 1], [4, 0, 0, 0]], "20": [[1, 1, 1, 1], [0, 4, 0, 0]]}, "top_k": 1}
+    f.write_text(bom + json.dumps(counts), encoding="utf-8")  # also as a spreadsheet or editor saves it
     a = analyze(read_counts(str(f)))
     assert [s["verdict"] for s in a["splits"]["train"]] == ["balanced", "collapse"]
     assert a["train_val_js"] == [pytest.approx(0.0), pytest.approx(1.0)]
@@ -74,15 +75,17 @@ def test_json_counts_file_with_splits_steps_and_drift(tmp_path):
     assert a["worst"] == "collapse"
 
 
-def test_csv_counts_file_per_step_as_the_background_system_logged_them(tmp_path):
-    # 6 experts, 2 layers, train and validation, two steps (the routing-balance study's layout)
+@pytest.mark.parametrize("suffix,sep,bom", [(".csv", ",", ""), (".tsv", "\t", ""), (".csv", ",", "\ufeff")])
+def test_csv_counts_file_per_step_as_the_background_system_logged_them(tmp_path, suffix, sep, bom):
+    # 6 experts, 2 layers, train and validation, two steps (the routing-balance study's layout); also
+    # tab-separated, and with the byte-order mark a spreadsheet puts before the header
     rows = ["step,split,layer,e0,e1,e2,e3,e4,e5"]
     for step in (100, 200):
         for split in ("train", "val"):
             rows.append(f"{step},{split},0,10,10,10,10,10,10")
             rows.append(f"{step},{split},1,30,10,5,5,5,5")
-    f = tmp_path / "counts.csv"
-    f.write_text("\n".join(rows) + "\n")
+    f = tmp_path / f"counts{suffix}"
+    f.write_text(bom + "\n".join(r.replace(",", sep) for r in rows) + "\n", encoding="utf-8")
     data = read_counts(str(f))
     assert data.n_experts == 6 and data.layers == ["0", "1"] and sorted(data.steps) == [100, 200]
     np.testing.assert_array_equal(data.splits["val"][1], [60, 20, 10, 10, 10, 10])
