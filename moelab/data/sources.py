@@ -45,9 +45,16 @@ def _read_text(path: Path) -> tuple[str | None, str]:
     if b"\x00" in raw[:8192]:
         return None, "binary"
     try:
-        return raw.decode("utf-8"), ""
+        return raw.decode("utf-8-sig"), ""  # a byte-order mark is no part of the text
     except UnicodeDecodeError:
         return None, "not UTF-8"
+
+
+def jsonl_lines(path: Path) -> list[str]:
+    """The lines of a JSONL file: split on newlines only (str.splitlines also splits at U+2028, U+0085
+    and others, which JSON strings may hold unescaped), without a leading byte-order mark.
+    Raises OSError or UnicodeDecodeError."""
+    return path.read_bytes().decode("utf-8-sig").split("\n")
 
 
 def _records(path: Path, name: str, text_field: str):
@@ -68,12 +75,12 @@ def _records(path: Path, name: str, text_field: str):
         values = table.column(text_field).to_pylist()
     else:
         try:
-            lines = path.read_bytes().decode("utf-8").splitlines()
+            lines = jsonl_lines(path)
         except (OSError, UnicodeDecodeError) as exc:
             yield name, None, f"unreadable JSONL: {getattr(exc, 'strerror', None) or exc}"
             return
         values = []
-        for line in lines:
+        for line in lines[:-1] if lines and not lines[-1].strip() else lines:  # no record after the last newline
             try:
                 rec = json.loads(line) if line.strip() else None
             except json.JSONDecodeError:

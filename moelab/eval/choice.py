@@ -95,8 +95,14 @@ def load_task(spec: str, limit: int = 0) -> tuple[str, list[Item]]:
     """A JSONL file (any of the formats) or a hub task name -> (task name, items)."""
     path = Path(spec).expanduser()
     if path.is_file():
+        from moelab.data.sources import jsonl_lines
+
+        try:
+            lines = jsonl_lines(path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read {spec} as UTF-8 JSONL ({exc}); save it as UTF-8") from None
         records = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(lines, 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))

@@ -27,6 +27,20 @@ def test_jsonl_records_become_documents_and_bad_ones_are_skipped(tmp_path):
     assert [d.text for d in other.documents] == ["wrong field"]
 
 
+def test_jsonl_as_editors_write_it_keeps_every_record_whole(tmp_path):
+    # unescaped U+2028 / U+0085 inside strings are valid JSON (json.dumps(ensure_ascii=False) writes them), and
+    # a byte-order mark may lead the file: neither may split or drop a record
+    texts = ["line one\u2028line two", "next\x85line and\u2029more", "plain"]
+    f = tmp_path / "data.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": t}, ensure_ascii=False) + "\r\n"
+                                             for t in texts).encode())
+    corpus = load_corpus(str(f))
+    assert [d.text for d in corpus.documents] == texts and corpus.skipped == []
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_bytes(b"\xef\xbb\xbfdef f():\n    return 1\n")
+    assert load_corpus(str(tmp_path / "txt")).documents[0].text == "def f():\n    return 1\n"
+
+
 def test_parquet_column_and_mixed_directory(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

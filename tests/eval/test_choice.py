@@ -2,6 +2,7 @@
 arc_easy, piqa definitions, pointed at local files) run on the Hugging Face export of the same model,
 and the lm_eval adapter agrees item for item."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,17 @@ def test_bad_task_files_are_one_line_errors(tmp_path, trained):
             eval_choice(target, str(bad))
     with pytest.raises(UserError, match="no such task"):
         eval_choice(target, str(tmp_path / "missing.jsonl"))
+    bad.write_bytes(b'{"context": "caf\xe9", "choices": ["x", "y"], "gold": 0}\n')  # Latin-1, not UTF-8
+    with pytest.raises(UserError, match="save it as UTF-8"):
+        eval_choice(target, str(bad))
+
+
+def test_task_file_with_byte_order_mark_and_line_separators_in_strings(tmp_path):
+    rows = [{"context": f"first\u2028second {i}", "choices": ["a\x85b", "c"], "gold": i % 2} for i in range(3)]
+    f = tmp_path / "t.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    _, items = load_task(str(f))
+    assert [(it.context, it.choices, it.gold) for it in items] == [tuple(r.values()) for r in rows]
 
 
 def test_in_training_multiple_choice_at_a_cadence(trained):
