@@ -427,12 +427,18 @@ def load_yaml(path: str | Path) -> dict:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"config file {p} is a directory; give the YAML file inside it")
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        if mark is not None and problem:  # where and what, not the parser's state ("while parsing a ...")
+            first = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+        else:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"config file {p} is not valid YAML: {first}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {p} must contain a mapping of sections")

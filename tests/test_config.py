@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from moelab.config import build_config
+from moelab.config import build_config, load_yaml
 from moelab.errors import UserError
 
 
@@ -85,3 +85,17 @@ def test_yaml_file(tmp_path):
 def test_unknown_preset():
     with pytest.raises(UserError, match="did you mean 'tiny'"):
         build_config("tinny")
+
+
+def test_config_file_errors_say_where_and_a_byte_order_mark_is_fine(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  n_layers: 3\n  d_model: [1\n")
+    with pytest.raises(UserError, match=r"c.yaml is not valid YAML: line 4, column 1: expected ',' or '\]'"):
+        load_yaml(f)
+    f.write_text("model:\n\tn_layers: 1\n")
+    with pytest.raises(UserError, match=r"line 2, column 1: found character '\\t'"):
+        load_yaml(f)
+    f.write_bytes(b"\xef\xbb\xbfmodel:\n  n_layers: 1\n")
+    assert load_yaml(f) == {"model": {"n_layers": 1}}
+    with pytest.raises(UserError, match="is a directory"):
+        load_yaml(tmp_path)
