@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +243,8 @@ class Config:
              "loss coefficients and model.bias_update_rate must be >= 0"),
             (m.expert_backend in ("auto", "grouped", "padded", "loop"),
              "model.expert_backend must be auto, grouped, padded or loop"),
+            (bool(d.source.strip() or d.path), "data.source is empty: give stdlib, a file, a folder, a glob "
+                                                "or hf:NAME (an empty path would read the current folder)"),
             (0.0 < d.val_fraction < 1.0, "data.val_fraction must be between 0 and 1"),
             (d.vocab_size >= 260, "data.vocab_size must be at least 260 (256 bytes + specials)"),
             (t.steps >= 1 and t.batch_size >= 1 and t.grad_accum >= 1 and t.seq_len >= 2,
@@ -361,16 +364,24 @@ def _coerce(value, tp, path: str):
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str):  # train.steps=1e4 (YAML reads it as a string)
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = value
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if not math.isfinite(number):  # nan slips past every range check; inf trains into nan
+                raise UserError(f"config key '{path}' expects a finite number, got {value!r}")
+            return float(number)
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

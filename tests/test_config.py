@@ -41,6 +41,9 @@ def test_bad_values_and_invalid_configs():
         build_config("tiny", None, ["model.top_k=9"])
     with pytest.raises(UserError, match="key=value"):
         build_config("tiny", None, ["train.steps"])
+    assert build_config("tiny", None, ["train.steps=1e4"]).train.steps == 10_000  # YAML reads 1e4 as text
+    with pytest.raises(UserError, match="expects int, got 2.5"):
+        build_config("tiny", None, ["train.steps=2.5e0"])
 
 
 @pytest.mark.parametrize("item, expect", [
@@ -57,6 +60,11 @@ def test_bad_values_and_invalid_configs():
     ("data.tokenizer_train_bytes=-1", "data.tokenizer_train_bytes must be >= 0"),
     ("model.routed_scaling=0", "model.routed_scaling"),
     ("data.pdf_min_words=500", "pdf_min_words must not exceed"),
+    ("optim.muon_lr=inf", "optim.muon_lr' expects a finite number"),  # trained straight into nan
+    ("train.grad_clip=nan", "train.grad_clip' expects a finite number"),  # nan passes every comparison
+    ("optim.adamw_lr=.nan", "optim.adamw_lr' expects a finite number"),
+    ("data.source=", "data.source is empty"),  # Path('') is the current folder: it trained on that
+    ("data.source=  ", "data.source is empty"),
 ])
 def test_out_of_range_numbers_are_refused_by_key(item, expect):
     """Each crashed deep in torch with a traceback, or trained something else without a word."""

@@ -248,6 +248,8 @@ def _is_saved_dataset(path: str) -> bool:
 
 def load_corpus(source: str, max_docs: int = 0, text_field: str = "text", pdf_filters=None) -> Corpus:
     """`pdf_filters`: a moelab.data.pdf.PdfFilters for PDF segments (None: its defaults)."""
+    if not source.strip():  # Path("") is the current folder: never read it by accident
+        raise UserError("the data source is empty: give stdlib, a file, a folder, a glob or hf:NAME")
     if source == "stdlib":
         corpus = stdlib_corpus(max_docs)
     elif source.startswith("hf:") or _is_saved_dataset(source):

@@ -39,7 +39,7 @@ def eval_windows_for(target, split: str, data: str | None, source: str | None, s
 
     if split not in ("train", "val"):
         raise UserError(f"--split must be train or val, not '{split}'")
-    if source:
+    if source is not None:
         from moelab.data.loader import make_windows, pack
         from moelab.data.sources import load_corpus
 

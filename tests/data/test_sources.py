@@ -41,6 +41,14 @@ def test_jsonl_as_editors_write_it_keeps_every_record_whole(tmp_path):
     assert load_corpus(str(tmp_path / "txt")).documents[0].text == "def f():\n    return 1\n"
 
 
+def test_an_empty_source_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("private notes in the working folder\n")
+    monkeypatch.chdir(tmp_path)
+    for source in ("", "  "):
+        with pytest.raises(UserError, match="data source is empty"):
+            load_corpus(source)
+
+
 def test_parquet_column_and_mixed_directory(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
