@@ -85,6 +85,7 @@ def test_cli_eval_matches_the_runs_final_evaluation(trained, tmp_path):
     (["run", "--split", "test"], "--split must be train or val"),
     (["run", "--seq-len", "4096"], "exceeds the model's context"),
     (["nowhere"], "no such run"),
+    (["run", "--source", ""], "data source is empty"),  # not silently the run's own data
     (["run", "--choice", "mc.jsonl", "missing.jsonl"], "no such task file"),
 ])
 def test_bad_eval_input_is_one_line(trained, args, msg):
