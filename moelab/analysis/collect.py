@@ -172,6 +172,11 @@ def _spread(items: list, n: int) -> list:
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
+def _no_hf_routing():
+    raise UserError("routing needs a run directory or a counts file (.json/.csv/.tsv); for a Hugging Face "
+                    "model, convert it first: moelab convert HF_DIR --out RUN")
+
+
 def from_run(target, n_windows: int = 64, batch_size: int = 8, max_checkpoints: int = 8) -> RoutingData:
     """Measure a run's model on evenly spaced train and validation windows; its checkpoints on the same
     validation windows; and the training counts logged in metrics.jsonl (over steps)."""
@@ -186,8 +191,7 @@ def from_run(target, n_windows: int = 64, batch_size: int = 8, max_checkpoints: 
     layers = [str(i) for i in model.cfg.moe_layers]
     data = RoutingData(target.label, layers, model.cfg.n_experts, model.cfg.top_k, run_dir=target.run_dir)
     if target.run_dir is None:
-        raise UserError("routing needs a run directory or a counts file (.json/.csv/.tsv); for a Hugging Face "
-                        "model, convert it first: moelab convert HF_DIR --out RUN")
+        _no_hf_routing()
     val = None
     for split in ("train", "val"):
         windows = spread_windows(eval_windows_for(target, split, None, None, seq_len)[0], n_windows)
@@ -223,6 +227,9 @@ def load_routing(target_path: str, n_windows: int = 64, batch_size: int = 8, dev
     if p.is_file():
         return read_counts(str(p))
     from moelab.eval.target import load_target
+    from moelab.train.checkpoint import is_hf_dir
 
+    if is_hf_dir(p):  # said before loading what may be gigabytes of weights
+        _no_hf_routing()
     return from_run(load_target(target_path, device), n_windows, batch_size)
 

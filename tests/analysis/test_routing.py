@@ -172,3 +172,9 @@ def test_run_analysis_has_both_splits_checkpoints_and_steps(trained, tmp_path):
     assert json.loads((trained / "run" / "routing" / "routing.json").read_text())["source"] == "run/step_0000020"
     res = run_cli("routing", tmp_path / "no-such-run")
     assert res.returncode == 2 and "no such run" in res.stderr
+
+
+def test_cli_hf_directory_is_refused_before_its_weights_load(trained):
+    res = run_cli("routing", trained / "hf")
+    assert res.returncode == 2 and "convert it first" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # no weight-loading progress bar before it
