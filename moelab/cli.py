@@ -46,7 +46,7 @@ def _cmd_train(args) -> int:
 def _cmd_info(args) -> int:
     from moelab.commands import info
 
-    print(info(args.target))
+    print(info(args.target, args.overrides))
     return 0
 
 
@@ -249,9 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("info", help="parameter table (total and active per token) of a preset, run "
-                                    "or Hugging Face directory")
-    p.add_argument("target", help="preset name, run/checkpoint directory, or HF model directory")
+    p = sub.add_parser("info", help="parameter table (total and active per token) of a preset, config "
+                                    "file, run or Hugging Face directory")
+    p.add_argument("target", help="preset name or config file (.yaml), run/checkpoint directory, or HF model "
+                                  "directory")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="with a preset or config file: overrides as `moelab train` takes them "
+                        "(moelab info exp3 model.n_experts=16)")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("convert", help="convert a Hugging Face model directory (Mixtral, Qwen3-MoE, "

@@ -10,20 +10,24 @@ from moelab.errors import UserError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def model_config_for(target: str):
-    """A resolved ModelConfig for a preset name, a run/checkpoint directory or an HF directory."""
+def model_config_for(target: str, overrides: list[str] | tuple[str, ...] = ()):
+    """A resolved ModelConfig for a preset name or a train config file (YAML), either with `key=value`
+    overrides as `moelab train` takes them, or for a run/checkpoint directory or an HF directory."""
     import yaml
 
-    from moelab.config import Config
-    from moelab.models.presets import PRESETS, get_preset
+    from moelab.config import Config, build_config
+    from moelab.models.presets import PRESETS
     from moelab.train.checkpoint import is_hf_dir, resolve_checkpoint
 
-    if not Path(target).exists():
-        if target not in PRESETS:
-            raise UserError(f"'{target}' is neither a preset ({', '.join(PRESETS)}) nor an existing "
-                            "run, checkpoint or Hugging Face directory")
-        cfg = get_preset(target)
-        return cfg.resolve(vocab_size=cfg.data.vocab_size).model
+    path = Path(target).expanduser()
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml") or not path.exists() and target in PRESETS:
+        cfg = build_config(None, str(path), overrides) if path.is_file() else build_config(target, None, overrides)
+        return cfg.resolve(vocab_size=cfg.data.vocab_size).model  # the vocabulary data prepare will train
+    if not path.exists():
+        raise UserError(f"'{target}' is neither a preset ({', '.join(PRESETS)}), a config file (.yaml) nor an "
+                        "existing run, checkpoint or Hugging Face directory")
+    if overrides:
+        raise UserError(f"{target} is a trained model; key=value overrides apply to a preset or a config file")
     if is_hf_dir(target):
         from moelab.models.hf import _require_transformers, model_config_from_hf
 
@@ -35,10 +39,10 @@ def model_config_for(target: str):
     return Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())).resolve().model
 
 
-def info(target: str) -> str:
+def info(target: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
     from moelab.models.accounting import build_meta_model, format_table, parameter_table
 
-    m = model_config_for(target)
+    m = model_config_for(target, overrides)
     attn = (f"MLA {m.n_heads} heads (q rank {m.q_lora_rank or 'full'}, kv rank {m.kv_lora_rank})"
             if m.attention == "mla" else f"{m.n_heads} heads ({m.n_kv_heads} kv)")
     if m.n_experts:

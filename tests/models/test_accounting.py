@@ -31,3 +31,19 @@ def test_info_cli():
     res = subprocess.run([sys.executable, "-m", "moelab", "info", "exp3"], capture_output=True, text=True)
     assert res.returncode == 0
     assert "13,116,672" in res.stdout and "8,398,080" in res.stdout  # total / active at vocab 8192
+
+
+def test_info_on_a_config_file_and_with_overrides(tmp_path):
+    from tests.conftest import run_cli
+
+    cfg = build_config("exp3", None, ["model.n_experts=16", "model.n_layers=3"]).resolve(vocab_size=8192)
+    rows = parameter_table(build_meta_model(cfg.model))
+    total, active = f"{rows['total']['total']:,}", f"{rows['total']['active']:,}"
+    res = run_cli("info", "exp3", "model.n_experts=16", "model.n_layers=3")
+    assert res.returncode == 0 and total in res.stdout and active in res.stdout and "16 experts" in res.stdout
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("preset: exp3\nmodel:\n  n_experts: 16\n")
+    res = run_cli("info", plan, "model.n_layers=3")  # the file, then overrides: as moelab train reads them
+    assert res.returncode == 0 and total in res.stdout and "3 layers" in res.stdout
+    res = run_cli("info", "exp3", "model.n_expert=16")
+    assert res.returncode == 2 and "did you mean 'model.n_experts'" in res.stderr
