@@ -164,7 +164,7 @@ def _already_complete(resume: str, out: str | None, cfg: Config, overrides) -> d
         return None
     if step < saved.train.steps or summary.get("steps") != step or summary.get("stopped"):
         return None
-    return {**summary, "already_complete": True}
+    return {**summary, "run_dir": str(run_dir), "already_complete": True}  # where it is now, if moved
 
 
 def trainer_state(run: Run) -> dict:

@@ -145,6 +145,9 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, prepared):
     assert again["already_complete"] and again["val_loss"] == first["val_loss"]
     assert sorted(p for p in run.rglob("*") if p.is_file()) == files
     assert all(p.read_bytes() == before[p] for p in files)
+    run.rename(tmp_path / "moved")  # a moved (or copied) run is named where it is now
+    assert _run(tmp_path, prepared, name="moved", resume="auto")["run_dir"] == str(tmp_path / "moved")
+    (tmp_path / "moved").rename(run)
     # killed during the final evaluation (no summary yet): the evaluation runs again, no update
     (run / "summary.json").unlink()
     redo = _run(tmp_path, prepared, resume="auto")
