@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -204,8 +205,13 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
     """`request`: the settings that produced this directory, stored in the manifest (a run that
     prepares its raw source checks them when it resumes)."""
     out_dir = Path(out).expanduser()
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise UserError(f"output directory {out_dir} is not empty; choose another --out or pass --overwrite")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not overwrite:
+            raise UserError(f"output directory {out_dir} is not empty; choose another --out or pass --overwrite")
+        others = _not_prepared_data(out_dir)
+        if others:  # --out ~ --overwrite must never delete a home directory
+            raise UserError(f"--overwrite replaces earlier prepared data only, and {out_dir} also holds "
+                            f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}; choose another --out")
     if not 0.0 < val_fraction < 1.0:
         raise UserError("--val-fraction must be between 0 and 1")
     if weights is not None and (len(weights) != len(sources) or min(weights) <= 0):
@@ -331,6 +337,20 @@ def split_streams(root: str | Path, split: str, manifest: dict | None = None) ->
         stream = np.memmap(file, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
         out.append((stream, np.load(root / info["docs"])))
     return out
+
+
+_PREPARED_FILE = re.compile(r"(train|val)(-\d+)?(\.bin|_docs\.npy)")
+
+
+def _not_prepared_data(out_dir: Path) -> list[str]:
+    """The names in `out_dir` that `prepare` would not have written (all of them when it is not a
+    prepared directory at all)."""
+    if not out_dir.is_dir():
+        return [out_dir.name]
+    names = sorted(p.name for p in out_dir.iterdir())
+    if MANIFEST not in names:
+        return names
+    return [n for n in names if n not in (MANIFEST, "tokenizer") and not _PREPARED_FILE.fullmatch(n)]
 
 
 def is_prepared(path: str | Path) -> bool:

@@ -130,9 +130,18 @@ def test_prepare_never_clobbers_without_overwrite(tmp_path, text_corpus):
     res = _cli("data", "prepare", str(text_corpus), "--out", str(out), "--vocab-size", "300")
     assert res.returncode == 2 and "--overwrite" in res.stderr and "Traceback" not in res.stderr
     assert (out / "precious.txt").read_text() == "keep me"
+    # --overwrite replaces earlier prepared data, never a folder of other files (--out ~ --overwrite)
     res = _cli("data", "prepare", str(text_corpus), "--out", str(out), "--vocab-size", "300", "--overwrite")
-    assert res.returncode == 0, res.stderr
-    assert not (out / "precious.txt").exists() and (out / "manifest.json").is_file()
+    assert res.returncode == 2 and "also holds precious.txt" in res.stderr
+    assert (out / "precious.txt").read_text() == "keep me" and not (out / "manifest.json").exists()
+    (out / "precious.txt").unlink()
+    for vocab in ("300", "280"):
+        res = _cli("data", "prepare", str(text_corpus), "--out", str(out), "--vocab-size", vocab, "--overwrite")
+        assert res.returncode == 0, res.stderr
+    assert json.loads((out / "manifest.json").read_text())["vocab_size"] == 280  # replaced
+    (out / "notes.md").write_text("mine")  # beside prepared data: refused too
+    res = _cli("data", "prepare", str(text_corpus), "--out", str(out), "--vocab-size", "300", "--overwrite")
+    assert res.returncode == 2 and "also holds notes.md" in res.stderr and (out / "notes.md").is_file()
     res = _cli("train", "--preset", "test", f"data.path={tmp_path / 'nothing'}", "--out", str(tmp_path / "r"))
     assert res.returncode == 2 and "not a prepared data directory" in res.stderr
 
