@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=float, nargs="+",
                    help="one weight per source: its share of the training tokens (documents are "
                         "repeated or subsampled); validation keeps the natural mixture")
-    p.add_argument("--overwrite", action="store_true", help="replace earlier prepared data at --out (a folder holding anything else is refused)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace earlier prepared data at --out (a folder holding anything else is refused)")
     p.add_argument("--tokenizer-train-bytes", type=_at_least(0), default=TOKENIZER_SAMPLE,
                    help="train BPE on a hash-ordered sample of this many characters of the training "
                         f"split (default {TOKENIZER_SAMPLE:,}; 0: all of it)")

@@ -279,7 +279,8 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
                     r["tokens"] += n
             if name == "train" and weights is not None:
                 # resampling needs every document's length first: keep this split's tokens (compact)
-                arrays = [a.astype(dtype) for c in batches(split_docs, CHUNK_BYTES, _text_len) for a in tok.encode_arrays([d.text for d in c])]
+                arrays = [a.astype(dtype) for c in batches(split_docs, CHUNK_BYTES, _text_len)
+                          for a in tok.encode_arrays([d.text for d in c])]
                 lap("tokenize")
                 chosen, mixing = _mix([a.shape[0] + 1 for a in arrays], [source_of[d.name] for d in split_docs],
                                       dict(zip(sources, weights)), salt)
