@@ -1,8 +1,9 @@
 """Parameter accounting: total and active-per-token parameters by component.
 
 Active = every parameter a token's forward pass uses: all non-expert parameters (dense MLP layers and
-shared experts included) plus top_k of the n_experts routed experts per MoE layer. The embedding table counts in full (the usual convention,
-as in the Mixtral and DeepSeek reports). Tied embedding/head weights count once, as embedding.
+shared experts included) plus top_k of the n_experts routed experts per MoE layer. The embedding table
+counts in full (the usual convention, as in the Mixtral and DeepSeek reports). Tied embedding/head
+weights count once, as embedding.
 """
 
 from __future__ import annotations

@@ -273,7 +273,8 @@ _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.
 
 
 def _rename(name: str, to_hf: bool) -> str | None:
-    src_block, dst_block = (r"blocks\.(\d+)\.", "model.layers.{}.") if to_hf else (r"model\.layers\.(\d+)\.", "blocks.{}.")
+    src_block, dst_block = ((r"blocks\.(\d+)\.", "model.layers.{}.") if to_hf
+                            else (r"model\.layers\.(\d+)\.", "blocks.{}."))
     top = _TOP if to_hf else {v: k for k, v in _TOP.items()}
     if name in top:
         return top[name]

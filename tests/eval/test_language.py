@@ -75,7 +75,8 @@ def test_cli_eval_matches_the_runs_final_evaluation(trained, tmp_path):
     assert r["xz_bpb"] == pytest.approx(summary["val_xz_bpb"], abs=1e-12)
     assert "xz -9" in res.stdout
     # an HF export needs data given explicitly, and then agrees with the run on the same windows
-    res = run_cli("eval", trained / "hf", "--data", trained / "run" / "data" / "prepared", "--json", tmp_path / "h.json")
+    res = run_cli("eval", trained / "hf", "--data", trained / "run" / "data" / "prepared",
+                  "--json", tmp_path / "h.json")
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "h.json").read_text())["language"]["loss"] == pytest.approx(r["loss"], abs=1e-4)
 
