@@ -211,6 +211,9 @@ def hf_corpus(source: str, max_docs: int = 0, text_field: str = "text") -> Corpu
     except ImportError:
         raise UserError("Hugging Face datasets need the datasets library: pip install 'moelab[hf]'") from None
     disk = Path(source).expanduser()
+    if source.startswith("hf:") and not source[3:].partition("@")[0].partition(":")[0].strip():
+        raise UserError(f"'{source}' names no dataset: write hf:NAME[:CONFIG][@SPLIT], "
+                        "e.g. hf:wikitext:wikitext-2-raw-v1@train")
     try:
         if not source.startswith("hf:"):
             ds, label = datasets.load_from_disk(str(disk)), disk.name

@@ -47,6 +47,9 @@ def test_an_empty_source_is_refused_not_read_as_the_current_folder(tmp_path, mon
     for source in ("", "  "):
         with pytest.raises(UserError, match="data source is empty"):
             load_corpus(source)
+    for source in ("hf:", "hf::cfg@train", "hf:@val"):  # said as such, not "list index out of range"
+        with pytest.raises(UserError, match="names no dataset: write hf:NAME"):
+            load_corpus(source)
 
 
 def test_parquet_column_and_mixed_directory(tmp_path):
