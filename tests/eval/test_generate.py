@@ -85,3 +85,23 @@ def test_top_k_top_p_and_temperature():
     assert abs(share0 - float(p[0])) < 0.08  # sampling follows the distribution
     with pytest.raises(Exception, match="top-p"):
         Sampler(top_p=0.0)
+
+
+def test_sampling_distribution_equals_transformers_warpers():
+    """temperature -> top-k -> top-p as transformers' generate applies them, on random cases."""
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        V = int(torch.randint(2, 300, (1,), generator=g))
+        logits = torch.randn(V, generator=g) * 3
+        temperature = float(torch.rand(1, generator=g)) * 1.5 + 0.1
+        top_k = int(torch.randint(0, V + 3, (1,), generator=g))
+        top_p = float(torch.rand(1, generator=g)) * 0.98 + 0.02
+        x = TemperatureLogitsWarper(temperature)(None, logits[None].clone())
+        x = TopKLogitsWarper(top_k)(None, x) if top_k else x
+        ref = TopPLogitsWarper(top_p)(None, x).softmax(-1)[0]
+        ours = next_token_probs(logits, temperature, top_k, top_p)
+        assert torch.equal(ours > 0, ref > 0), (V, temperature, top_k, top_p)
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
