@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import shlex
 from pathlib import Path
 
@@ -20,6 +21,16 @@ from moelab.errors import UserError
 
 # blocks: ("h2", text) ("p", text) ("table", header, rows) ("img", file name, caption) ("pre", text)
 # ("details", summary, text)
+
+
+def versus_xz(bpb: float, xz_bpb: float) -> str:
+    """' (23% fewer bits than xz)', ' (73% more bits than xz)', or '' when either is unknown."""
+    if not (math.isfinite(bpb) and math.isfinite(xz_bpb) and xz_bpb > 0):
+        return ""
+    change = bpb / xz_bpb - 1
+    if round(change, 2) == 0:
+        return " (as many bits as xz)"
+    return f" ({abs(change):.0%} {'fewer' if change < 0 else 'more'} bits than xz)"
 
 
 def _command(run: dict) -> str:
@@ -47,9 +58,8 @@ def _metrics_blocks(target, summary: dict) -> list:
     rows = [["loss (nats/token)", f"{m['loss']:.4f}"], ["perplexity", f"{m['ppl']:.2f}"],
             ["token accuracy", f"{m['acc']:.3f}"], ["bits per byte", f"{m['bpb']:.3f}"],
             ["xz -9 bits per byte, same bytes", f"{m['xz_bpb']:.3f}"]]
-    gain = 1 - m["bpb"] / m["xz_bpb"] if m["xz_bpb"] == m["xz_bpb"] and m["xz_bpb"] else float("nan")
     return [("h2", "Final metrics"), ("p", f"Validation split, {where}. The model needs "
-            f"{m['bpb']:.3f} bits per byte where xz -9 needs {m['xz_bpb']:.3f} ({gain:+.0%} fewer bits)."),
+            f"{m['bpb']:.3f} bits per byte where xz -9 needs {m['xz_bpb']:.3f}{versus_xz(m['bpb'], m['xz_bpb'])}."),
             ("table", ["metric", "value"], rows)] + _choice_blocks(summary.get("choice") or [])
 
 

@@ -74,3 +74,12 @@ def test_report_command_and_bad_inputs(trained, tmp_path):
     assert res.stderr.strip().count("\n") == 0
     res = run_cli("report", tmp_path / "missing")
     assert res.returncode == 2 and "not a run directory" in res.stderr
+
+
+def test_model_versus_xz_wording_has_the_right_direction():
+    from moelab.analysis.report import versus_xz
+
+    assert versus_xz(3.036, 1.750) == " (73% more bits than xz)"  # said '-73% fewer bits' before
+    assert versus_xz(1.0, 2.0) == " (50% fewer bits than xz)"
+    assert versus_xz(1.75, 1.751) == " (as many bits as xz)"
+    assert versus_xz(1.0, float("nan")) == ""
