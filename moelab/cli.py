@@ -24,6 +24,13 @@ def _cmd_train(args) -> int:
     if args.device:
         args.overrides.append(f"train.device={args.device}")
     cfg = build_config(args.preset, args.config, args.overrides)
+    if args.print_config:
+        if args.resume:
+            raise UserError("--print-config shows a new run's settings; a run's own are in RUN/config.yaml")
+        print("# moelab train --config FILE reads this back. 0 is 'derive' where a key allows it (model.head_dim,\n"
+              "# n_kv_heads, dense_dim, max_seq_len ...); model.vocab_size becomes the trained tokenizer's.\n"
+              + cfg.to_yaml(), end="")
+        return 0
     s = train(cfg, out=args.out, resume=args.resume, overrides=tuple(args.overrides), smoke=args.smoke)
     if s.get("already_complete"):
         print(f"{s['run_dir']} is already complete ({s['steps']} updates, val loss {s['val_loss']:.4f}); "
@@ -246,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "reload a checkpoint (run directory runs/<preset>-smoke by default)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 or auto (the same as train.device=...; "
                                     "default: the config's, auto)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print every setting of the run these arguments describe (YAML), then exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.set_defaults(func=_cmd_train)
 

@@ -107,3 +107,18 @@ def test_config_file_errors_say_where_and_a_byte_order_mark_is_fine(tmp_path):
     assert load_yaml(f) == {"model": {"n_layers": 1}}
     with pytest.raises(UserError, match="is a directory"):
         load_yaml(tmp_path)
+
+
+def test_print_config_reads_back_and_trains_nothing(tmp_path, monkeypatch):
+    from tests.conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    res = run_cli("train", "--preset", "exp3", "train.steps=7", "model.n_experts=8", "--print-config")
+    assert res.returncode == 0, res.stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory, no data prepared
+    (tmp_path / "plan.yaml").write_text(res.stdout)
+    back = build_config(None, str(tmp_path / "plan.yaml"))
+    assert back.to_dict() == build_config("exp3", None, ["train.steps=7", "model.n_experts=8"]).to_dict()
+    assert back.train.steps == 7 and back.model.n_experts == 8 and back.model.d_model == 256
+    res = run_cli("train", "--out", tmp_path / "r", "--resume", "auto", "--print-config")
+    assert res.returncode == 2 and "RUN/config.yaml" in res.stderr
