@@ -72,8 +72,6 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_data_check(args) -> int:
-    import json
-
     from moelab.commands import data_check
 
     result = data_check(args.run, args.train, args.val, args.ngram, args.seq_len, args.threshold,
@@ -82,7 +80,7 @@ def _cmd_data_check(args) -> int:
     for d in result.duplicate_documents[:10]:
         print(f"  duplicate: val {d['val']} == train {d['train']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1))
+        write_json(args.json, result.to_dict())
     return 1 if result.leaked else 0
 
 
@@ -110,8 +108,6 @@ def _cmd_data_prepare(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import json
-
     from moelab.eval.language import no_hf_data
     from moelab.eval.target import load_target
     from moelab.train.checkpoint import is_hf_dir
@@ -148,7 +144,7 @@ def _cmd_eval(args) -> int:
         for task, metrics in results["harness"].items():
             print(f"lm_eval {task}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json(args.json, results)
     return 0
 
 
@@ -198,6 +194,25 @@ def shell_escapes(text: str) -> str:
     """`\\n`, `\\t`, `\\r` and `\\\\` as typed in a shell ("\\n\\n" reaches Python as backslash, n,
     backslash, n) read as newline, tab, return and backslash; any other backslash stays as typed."""
     return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
+def _output_file(text: str) -> str:
+    """An argparse type for a file the command writes at its end: refused at once if it cannot be one,
+    rather than as a traceback after the work is done."""
+    p = Path(text).expanduser()
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
+    parent = next((q for q in p.parents if q.exists()), Path("."))
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{parent} is a file, so {text} cannot be written")
+    return str(p)
+
+
+def write_json(path: str, obj) -> None:
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1))
 
 
 def _at_least(low: int):
@@ -301,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_at_least(0), default=0, help="first N items of each task (0: all)")
     p.add_argument("--harness", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (moelab[eval])")
     p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--json", type=_output_file, help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("generate", help="sample text from a run, checkpoint or Hugging Face directory")
@@ -383,14 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
                                           "directory made by `moelab data prepare`")
     p.add_argument("--train", help="training text: a file or folder (each file one document)")
     p.add_argument("--val", help="validation text: a file or folder")
-    p.add_argument("--ngram", type=_at_least(1), default=32, help="n-gram length in tokens (default 32)")
+    p.add_argument("--ngram", type=_at_least(2), default=32, help="n-gram length in tokens (default 32)")
     p.add_argument("--seq-len", type=_at_least(2), default=None, help="validation window length (default: the "
                                                               "run's train.seq_len, else 128)")
     p.add_argument("--threshold", type=_share, default=0.05,
                    help="largest acceptable share of leaked validation windows (default 0.05)")
     p.add_argument("--tokenizer", help="tokenizer.json or directory (default: the run's, or a BPE "
                                        "trained on --train)")
-    p.add_argument("--json", help="also write the full result to this JSON file")
+    p.add_argument("--json", type=_output_file, help="also write the full result to this JSON file")
     p.set_defaults(func=_cmd_data_check)
     return parser
 

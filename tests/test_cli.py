@@ -97,7 +97,7 @@ def test_generate_reads_shell_escapes_in_stop_strings(typed, meant):
     (["eval", "run", "--windows", "lots"], "argument --windows: expects a whole number, got 'lots'"),
     (["routing", "run", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
     (["generate", "run", "--prompt", "x", "--max-new-tokens", "-2"], "argument --max-new-tokens: must be >= 0"),
-    (["data", "check", "run", "--ngram", "0"], "argument --ngram: must be >= 1"),
+    (["data", "check", "run", "--ngram", "1"], "argument --ngram: must be >= 2"),
     (["data", "check", "run", "--threshold", "2"], "argument --threshold: must be between 0 and 1"),
     (["data", "prepare", "stdlib", "--out", "d", "--vocab-size", "100"], "argument --vocab-size: must be >= 260"),
     (["eval"], "required: target"),
@@ -112,3 +112,17 @@ def test_bad_options_are_one_line_before_anything_runs(argv, needle, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("moelab") and "usage:" not in err
+
+
+def test_json_output_path_is_checked_before_the_work_and_its_folder_made(tmp_path):
+    from tests.conftest import run_cli
+
+    (tmp_path / "a.txt").write_text("the router sends each token to two experts " * 20)
+    (tmp_path / "b.txt").write_text("a validation document about load balancing losses " * 20)
+    check = ("data", "check", "--train", tmp_path / "a.txt", "--val", tmp_path / "b.txt", "--seq-len", "16",
+             "--ngram", "4")
+    for bad, msg in ((tmp_path, "is a directory"), (tmp_path / "a.txt" / "r.json", "is a file")):
+        res = moelab(*map(str, check), "--json", str(bad))
+        assert res.returncode == 2 and msg in res.stderr and res.stdout == ""  # refused before the audit ran
+    res = run_cli(*check, "--json", tmp_path / "new" / "r.json")
+    assert res.returncode in (0, 1) and "val_windows" in (tmp_path / "new" / "r.json").read_text()
