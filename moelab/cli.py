@@ -196,15 +196,29 @@ def shell_escapes(text: str) -> str:
     return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
+def _writable_parent(p: Path, text: str) -> None:
+    parent = next((q for q in p.parents if q.exists()), Path("."))
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{parent} is a file, so {text} cannot be written")
+
+
+def _output_dir(text: str) -> str:
+    """An argparse type for a folder the command writes into: an existing file (or a path below one)
+    is refused at once, not as a traceback once the work is done."""
+    p = Path(text).expanduser()
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder")
+    _writable_parent(p, text)
+    return text
+
+
 def _output_file(text: str) -> str:
     """An argparse type for a file the command writes at its end: refused at once if it cannot be one,
     rather than as a traceback after the work is done."""
     p = Path(text).expanduser()
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
-    parent = next((q for q in p.parents if q.exists()), Path("."))
-    if not parent.is_dir():
-        raise argparse.ArgumentTypeError(f"{parent} is a file, so {text} cannot be written")
+    _writable_parent(p, text)
     return str(p)
 
 
@@ -261,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="named preset: tiny (default), exp3, test, <family>-tiny, or a "
                                     "published size such as deepseek-v3 (see README)")
     p.add_argument("--config", help="YAML config file (sections model, data, optim, train)")
-    p.add_argument("--out", help="run directory (default: runs/<preset>[-N])")
+    p.add_argument("--out", type=_output_dir, help="run directory (default: runs/<preset>[-N])")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in --out) or a checkpoint/run path")
     p.add_argument("--smoke", action="store_true",
                    help="check the config end to end first: 4 updates, tiny evaluations, save and "
@@ -285,13 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a Hugging Face model directory (Mixtral, Qwen3-MoE, "
                        "OLMoE, DeepSeek-V3, GLM4-MoE, Llama, Qwen3) to a moelab run")
     p.add_argument("hf_dir")
-    p.add_argument("--out", required=True, help="new run directory")
+    p.add_argument("--out", type=_output_dir, required=True, help="new run directory")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="export a run to a Hugging Face directory (save_pretrained layout)")
     p.add_argument("run", help="run or checkpoint directory")
     p.add_argument("--to", default="hf", help="target format (hf)")
-    p.add_argument("--out", required=True, help="new output directory")
+    p.add_argument("--out", type=_output_dir, required=True, help="new output directory")
     p.add_argument("--arch", default="auto",
                    help="mixtral|qwen3_moe|olmoe|deepseek_v3|glm4_moe|llama|qwen3; auto: the one that "
                         "expresses the model exactly")
@@ -339,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "verdicts and heatmaps")
     p.add_argument("target", help="run directory (measured on its train and val windows), or a counts "
                                   "file (.json, .csv or .tsv; layers x experts) from any system")
-    p.add_argument("--out", help="output folder (default: RUN/routing, or routing-<name> beside the file)")
+    p.add_argument("--out", type=_output_dir,
+                   help="output folder (default: RUN/routing, or routing-<name> beside the file)")
     p.add_argument("--windows", type=_at_least(0), default=64,
                    help="windows of each split to route (default 64; 0: all)")
     p.add_argument("--batch-size", type=_at_least(1), default=8)
@@ -360,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("prepare", help="split by document, train/load a tokenizer, write memory-mapped "
                                         "token streams and a manifest; train on it with data.path=DIR")
     p.add_argument("sources", nargs="+", help="'stdlib', text/JSONL/Parquet files or directories")
-    p.add_argument("--out", required=True, help="new output directory")
+    p.add_argument("--out", type=_output_dir, required=True, help="new output directory")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out")
     p.add_argument("--salt", default="moelab", help="changes which documents land in validation")
     p.add_argument("--text-field", default="text", help="text field of JSONL/Parquet records")

@@ -126,3 +126,15 @@ def test_json_output_path_is_checked_before_the_work_and_its_folder_made(tmp_pat
         assert res.returncode == 2 and msg in res.stderr and res.stdout == ""  # refused before the audit ran
     res = run_cli(*check, "--json", tmp_path / "new" / "r.json")
     assert res.returncode in (0, 1) and "val_windows" in (tmp_path / "new" / "r.json").read_text()
+
+
+@pytest.mark.parametrize("command", [["train", "--preset", "test"], ["convert", "hf"], ["export", "run"],
+                                     ["routing", "c.csv"], ["data", "prepare", "stdlib"]])
+def test_out_that_is_a_file_is_refused_at_once(tmp_path, command):
+    """Each was a FileExistsError/NotADirectoryError traceback, some after the work was done."""
+    (tmp_path / "notes.txt").write_text("mine")
+    for out, msg in (("notes.txt", "notes.txt is a file; give a folder"),
+                     ("notes.txt/sub", "notes.txt is a file, so")):
+        res = moelab(*command, "--out", str(tmp_path / out), cwd=tmp_path)
+        assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
