@@ -239,6 +239,8 @@ class Config:
              "model.top_k exceeds the experts reachable in model.topk_group groups"),
             (m.capacity_factor >= 0, "model.capacity_factor must be >= 0"),
             (m.n_shared_experts >= 0, "model.n_shared_experts must be >= 0"),
+            (m.n_experts > 0 or m.n_shared_experts == 0, "model.n_shared_experts needs routed experts "
+             "(model.n_experts > 0); a dense model's MLP width is model.dense_dim"),
             (min(m.aux_loss_coef, m.seq_aux_loss_coef, m.z_loss_coef, m.bias_update_rate) >= 0,
              "loss coefficients and model.bias_update_rate must be >= 0"),
             (m.expert_backend in ("auto", "grouped", "padded", "loop"),

@@ -63,13 +63,14 @@ def test_bad_values_and_invalid_configs():
     ("optim.muon_lr=inf", "optim.muon_lr' expects a finite number"),  # trained straight into nan
     ("train.grad_clip=nan", "train.grad_clip' expects a finite number"),  # nan passes every comparison
     ("optim.adamw_lr=.nan", "optim.adamw_lr' expects a finite number"),
+    (("model.n_shared_experts=2", "model.n_experts=0"), "n_shared_experts needs routed experts"),  # ignored
     ("data.source=", "data.source is empty"),  # Path('') is the current folder: it trained on that
     ("data.source=  ", "data.source is empty"),
 ])
 def test_out_of_range_numbers_are_refused_by_key(item, expect):
     """Each crashed deep in torch with a traceback, or trained something else without a word."""
     with pytest.raises(UserError, match=re.escape(expect)):
-        build_config("tiny", None, [item])
+        build_config("tiny", None, [item] if isinstance(item, str) else list(item))
 
 
 def test_zero_means_auto_or_off_where_documented():
