@@ -239,8 +239,6 @@ class Config:
              "model.top_k exceeds the experts reachable in model.topk_group groups"),
             (m.capacity_factor >= 0, "model.capacity_factor must be >= 0"),
             (m.n_shared_experts >= 0, "model.n_shared_experts must be >= 0"),
-            (m.n_experts > 0 or m.n_shared_experts == 0, "model.n_shared_experts needs routed experts "
-             "(model.n_experts > 0); a dense model's MLP width is model.dense_dim"),
             (min(m.aux_loss_coef, m.seq_aux_loss_coef, m.z_loss_coef, m.bias_update_rate) >= 0,
              "loss coefficients and model.bias_update_rate must be >= 0"),
             (m.expert_backend in ("auto", "grouped", "padded", "loop"),
@@ -307,6 +305,17 @@ class Config:
         if d.pdf_min_chars > d.pdf_max_chars or d.pdf_min_words > d.pdf_max_words:
             raise UserError("invalid config: data.pdf_min_chars/pdf_min_words must not exceed "
                             "data.pdf_max_chars/pdf_max_words")
+
+    def check_new_run(self) -> None:
+        """Settings a new run may not have, though a saved run's config with them still loads: each
+        leaves part of the model config without effect."""
+        m = self.model
+        if m.n_experts == 0 and m.n_shared_experts:
+            raise UserError("invalid config: model.n_shared_experts needs routed experts (model.n_experts > 0); "
+                            "a dense model's MLP width is model.dense_dim")
+        if m.n_experts and m.first_k_dense >= m.n_layers:
+            raise UserError("invalid config: model.first_k_dense leaves no MoE layer; for a dense model set "
+                            "model.n_experts=0")
 
     # ---- dict / YAML ----
     def to_dict(self) -> dict:
@@ -471,4 +480,5 @@ def build_config(preset: str | None = None, config_file: str | None = None,
     for item in overrides:
         apply_override(cfg, item)
     cfg.validate()
+    cfg.check_new_run()
     return cfg

@@ -185,7 +185,7 @@ def from_run(target, n_windows: int = 64, batch_size: int = 8, max_checkpoints: 
     from moelab.train.checkpoint import list_checkpoints, load_model
 
     model = target.model
-    if not model.cfg.n_experts:
+    if not model.cfg.moe_layers:  # n_experts=0, or every layer dense (first_k_dense)
         raise UserError(f"{target.label} is a dense model: there is no routing to analyse")
     seq_len = target.cfg.train.seq_len if target.cfg else min(model.cfg.max_seq_len, 512)
     layers = [str(i) for i in model.cfg.moe_layers]

@@ -178,3 +178,16 @@ def test_cli_hf_directory_is_refused_before_its_weights_load(trained):
     res = run_cli("routing", trained / "hf")
     assert res.returncode == 2 and "convert it first" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # no weight-loading progress bar before it
+
+
+def test_a_model_whose_layers_are_all_dense_has_no_routing_to_analyse():
+    """first_k_dense == n_layers with experts configured (a saved run may hold it): a one-line error,
+    not 'stack expects a non-empty TensorList'."""
+    from moelab.analysis.collect import from_run
+    from moelab.eval.target import Target
+    from tests.models.variants import tiny_model
+
+    model = tiny_model("mha", first_k_dense=2)
+    assert model.cfg.n_experts and not model.cfg.moe_layers
+    with pytest.raises(UserError, match="dense model"):
+        from_run(Target(model, None, "all-dense"))
