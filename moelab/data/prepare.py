@@ -214,7 +214,7 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
                             f"{', '.join(others[:3])}{' ...' if len(others) > 3 else ''}; choose another --out")
     if not 0.0 < val_fraction < 1.0:
         raise UserError("--val-fraction must be between 0 and 1")
-    if weights is not None and (len(weights) != len(sources) or min(weights) <= 0):
+    if weights is not None and (len(weights) != len(sources) or not all(0 < w < float("inf") for w in weights)):
         raise UserError(f"--weights needs one positive weight per source ({len(sources)} sources, "
                         f"got {len(weights)})")
     if shard_tokens < 1:

@@ -182,8 +182,9 @@ def test_source_weights_set_the_training_token_shares(tmp_path, text_corpus):
         assert abs(mix[src]["tokens"] / total - want) < 0.03
     assert mm["splits"]["train"]["tokens"] == total
     assert mm["splits"]["val"] == mp["splits"]["val"]  # validation keeps its natural mixture
-    res = _cli("data", "prepare", str(text_corpus), str(other), "--out", str(tmp_path / "bad"), "--weights", "1")
-    assert res.returncode == 2 and "--weights" in res.stderr
+    for bad in (["1"], ["0", "1"], ["nan", "1"], ["inf", "1"]):  # nan and inf were tracebacks
+        res = _cli("data", "prepare", str(text_corpus), str(other), "--out", str(tmp_path / "bad"), "--weights", *bad)
+        assert res.returncode == 2 and "--weights needs one positive weight" in res.stderr, res.stderr
 
 
 def test_dedup_drops_near_duplicates_within_training(tmp_path, text_corpus):
