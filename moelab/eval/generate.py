@@ -63,7 +63,7 @@ class Sampler:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+        if not self.temperature >= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:  # nan fails both
             raise UserError(f"bad sampling settings: temperature {self.temperature} (>= 0), top-k "
                             f"{self.top_k} (>= 0), top-p {self.top_p} (in (0, 1])")
         self.generator = torch.Generator().manual_seed(self.seed)

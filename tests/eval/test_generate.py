@@ -85,6 +85,8 @@ def test_top_k_top_p_and_temperature():
     assert abs(share0 - float(p[0])) < 0.08  # sampling follows the distribution
     with pytest.raises(Exception, match="top-p"):
         Sampler(top_p=0.0)
+    with pytest.raises(Exception, match="temperature nan"):  # sampled from nan probabilities: a traceback
+        Sampler(temperature=float("nan"))
 
 
 def test_sampling_distribution_equals_transformers_warpers():
