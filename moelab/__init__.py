@@ -4,10 +4,14 @@ Imports are lazy so that `moelab --help` does not pay for importing torch.
 """
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "Config", "__version__"]
+__all__ = ["load", "load_model", "Config", "__version__"]
 
 
 def __getattr__(name):
+    if name == "load":  # load(path, device="cpu") -> .model (eval mode), .tokenizer, .run_dir, .cfg
+        from moelab.eval.target import load_target
+
+        return load_target
     if name == "load_model":
         from moelab.train.checkpoint import load_model
 

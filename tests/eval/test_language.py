@@ -110,3 +110,20 @@ def test_cli_generate_is_reproducible_and_stops(trained):
     stopped = run_cli("generate", run, "--prompt", "marker001x", "--temperature", "0", "--max-new-tokens", "20",
                      "--stop", word)
     assert word not in stopped.stdout[len("marker001x"):] and "stopped: stop" in stopped.stderr
+
+
+def test_python_load_gives_model_and_tokenizer_of_a_run_and_an_hf_export(trained):
+    """The README's Python snippet: moelab.load(run).model/.tokenizer, the same model as load_model."""
+    import moelab
+
+    run = moelab.load(str(trained / "run"))
+    text = "marker003x expert router"
+    ids = run.tokenizer.encode(text)
+    assert run.tokenizer.decode(ids) == text and not run.model.training
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = run.model(x).logits
+        assert torch.equal(logits, moelab.load_model(str(trained / "run")).eval()(x).logits)
+        hf = moelab.load(str(trained / "hf"))
+        torch.testing.assert_close(hf.model(x).logits, logits, atol=1e-4, rtol=1e-4)
+    assert hf.tokenizer.encode(text) == ids and hf.run_dir is None and run.run_dir == trained / "run"
