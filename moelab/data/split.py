@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 
 from moelab.data.sources import Document
+from moelab.errors import UserError
 
 
 def hash_unit(name: str, salt: str) -> float:
@@ -34,10 +35,16 @@ def split_documents(docs: list[Document], val_fraction: float, salt: str = "moel
         for g, name in zip(groups, keys):
             first_name[g] = min(first_name.get(g, name), name)
         keys = [first_name[g] for g in groups]
-    units = [hash_unit(k, salt) for k in keys]
-    train = [d for d, u in zip(docs, units) if u >= val_fraction]
-    val = [d for d, u in zip(docs, units) if u < val_fraction]
-    if not val and len(docs) > 1:  # tiny corpora: hold out the lowest-hash document
-        i = min(range(len(docs)), key=units.__getitem__)
-        val, train = [docs[i]], docs[:i] + docs[i + 1:]
+    unit = {k: hash_unit(k, salt) for k in keys}
+    if len(docs) > 1 and len(unit) == 1:
+        raise UserError(f"all {len(docs)} documents are near-copies of each other, so any validation split "
+                        "would repeat training text; add distinct documents (or split them anyway: "
+                        "data.near_dup_split=false, data prepare --no-near-dup-split)")
+    val_keys = {k for k, u in unit.items() if u < val_fraction}
+    if len(unit) > 1 and not val_keys:  # tiny corpora: hold out the lowest-hash unit, near-copies and all
+        val_keys = {min(unit, key=unit.__getitem__)}
+    elif len(unit) > 1 and len(val_keys) == len(unit):  # ... and keep the highest-hash one for training
+        val_keys.discard(max(unit, key=unit.__getitem__))
+    train = [d for d, k in zip(docs, keys) if k not in val_keys]
+    val = [d for d, k in zip(docs, keys) if k in val_keys]
     return train, val

@@ -56,3 +56,22 @@ def test_stdlib_corpus_skips_tests_and_site_packages():
     names = [d.name for d in corpus.documents]
     assert len(names) > 100 and all(n.endswith(".py") for n in names)
     assert not any(n.startswith(("test/", "site-packages/")) or "/tests/" in n for n in names)
+
+
+def test_tiny_corpora_hold_out_whole_near_duplicate_groups():
+    """With too few documents for val_fraction, one unit is held out: a document together with its
+    near-copies (holding out one copy of three put 100% leaked windows into validation)."""
+    import pytest
+
+    from moelab.errors import UserError
+
+    text = " ".join(f"line {i} of the services table maps a port to a name" for i in range(300))
+    copies = [Document(f"copy{i}.txt", text + f" copy {i}") for i in range(3)]
+    other = [Document(f"other{i}.txt", " ".join(f"word{j * (i + 2)} text" for j in range(400))) for i in range(2)]
+    for val_fraction in (0.01, 0.99):  # nothing below the fraction, or everything
+        train, val = split_documents(copies + other, val_fraction, near_duplicates=True)
+        assert train and val and len({d in val for d in copies}) == 1  # every copy on one side
+    with pytest.raises(UserError, match="near-copies of each other"):
+        split_documents(copies, 0.05, near_duplicates=True)
+    train, val = split_documents(copies, 0.05)  # without near-duplicate grouping: documents as they are
+    assert len(train) == 2 and len(val) == 1
