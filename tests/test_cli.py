@@ -68,6 +68,11 @@ def test_train_device_flag_without_a_gpu(tmp_path):
         pytest.skip("checks the error on a machine without a GPU")
     res = moelab("train", "--preset", "test", "--device", "cuda", "--out", str(tmp_path / "r"))
     _assert_user_error(res, "train.device=cuda", "no CUDA device", "train.device=cpu")
+    from tests.conftest import run_cli
+
+    for device, msg in (("tpu", "tpu is not a device"), ("cuda:1", "no CUDA device"), ("xpu", "no xpu device")):
+        res = run_cli("eval", tmp_path, "--device", device)  # a torch RuntimeError traceback for tpu and xpu
+        assert res.returncode == 2 and msg in res.stderr and "--device" in res.stderr, res.stderr
 
 
 @pytest.mark.slow

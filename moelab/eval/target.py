@@ -28,7 +28,7 @@ def load_target(path: str, device: str = "cpu") -> Target:
     from moelab.train.loop import resolve_device
 
     p = Path(path).expanduser()
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     if not p.is_dir():
         raise UserError(f"{path}: no such run, checkpoint or Hugging Face model directory")
     if is_hf_dir(p):

@@ -55,12 +55,28 @@ class Run:
     provenance: dict = field(default_factory=dict)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """`auto`, `cpu`, `cuda`, `cuda:N` or another torch device type, checked to exist on this machine;
+    `key`: the setting's name as the user gave it, for the error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"{key}={name} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UserError(f"{key}={name} but no CUDA device is available; use {key}=cpu")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"{key}={name} but this machine has {count} CUDA device(s) "
+                            f"(cuda:0 to cuda:{count - 1})")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None) or getattr(torch.backends, device.type, None)
+        if not (backend is not None and getattr(backend, "is_available", lambda: False)()):
+            raise UserError(f"{key}={name} but this torch build or machine has no {device.type} device; "
+                            f"use {key}=cpu")
+    return device
 
 
 def seed_all(seed: int) -> None:
