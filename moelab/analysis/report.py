@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import math
+import re
 import shlex
 from pathlib import Path
 
@@ -181,8 +182,10 @@ def render_markdown(blocks: list) -> str:
             out.append(f"![{b[2]}]({b[1]})")
         elif kind in ("pre", "details"):
             text = b[1] if kind == "pre" else b[2]
+            # a fence longer than any backtick run inside: generated text may hold ``` itself
+            fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
             out.append((f"<details><summary>{b[1]}</summary>\n\n" if kind == "details" else "")
-                       + "```\n" + text.rstrip() + "\n```" + ("\n\n</details>" if kind == "details" else ""))
+                       + f"{fence}\n{text.rstrip()}\n{fence}" + ("\n\n</details>" if kind == "details" else ""))
     return "\n\n".join(out) + "\n"
 
 

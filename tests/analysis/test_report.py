@@ -83,3 +83,14 @@ def test_model_versus_xz_wording_has_the_right_direction():
     assert versus_xz(1.0, 2.0) == " (50% fewer bits than xz)"
     assert versus_xz(1.75, 1.751) == " (as many bits as xz)"
     assert versus_xz(1.0, float("nan")) == ""
+
+
+def test_markdown_code_blocks_hold_generated_backtick_fences():
+    from moelab.analysis.report import render_markdown
+
+    text = 'model: """doc\n```python\nx = 1\n```\nend'
+    md = render_markdown([("h2", "Sample generations"), ("pre", text), ("h2", "After")])
+    fence = "````"
+    assert f"{fence}\n{text}\n{fence}" in md  # the sample's own ``` cannot close the block early
+    assert md.rstrip().endswith("## After")
+    assert "```\nplain\n```" in render_markdown([("pre", "plain")])
