@@ -12,23 +12,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def bench(fn, iters: int, warmup: int = 3) -> float:
-    """Seconds per call; an implementation slower than 1 s per call gets 2 timed calls only."""
-    t = time.perf_counter()
-    fn()
-    _sync()
-    if time.perf_counter() - t > 1.0:
-        warmup, iters = 0, 2
-    for _ in range(warmup):
-        fn()
-    _sync()
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync()
-    return (time.perf_counter() - t) / iters
-
-
 ROUND_BUDGET_S = 10.0  # per contender and round: enough calls to average out, few for slow ones
 
 

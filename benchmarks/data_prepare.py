@@ -50,8 +50,9 @@ def main() -> None:
         print(f"{args.source}: {mb:.1f} MB of text, {cores} cores")
         for label, mb, wall, stages, encoder in rows:
             print(f"\nprepare, {label} (encoder: {encoder})")
-            for stage, sec in stages.items():
-                print(f"  {stage:<20}{sec:7.2f} s  {mb / sec / cores:8.2f} MB/s/core")
+            for stage, sec in stages.items():  # the manifest keeps milliseconds: a tiny stage may read 0
+                rate = f"{mb / sec / cores:8.2f}" if sec > 0 else f"{'-':>8}"
+                print(f"  {stage:<20}{sec:7.2f} s  {rate} MB/s/core")
             print(f"  {'end to end':<20}{wall:7.2f} s  {mb / wall / cores:8.2f} MB/s/core")
         texts, size = [], 0
         for d in (d for s in args.source for d in load_corpus(s).documents):
