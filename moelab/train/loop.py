@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -94,6 +96,8 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
     ckpt = None
     if resume:
         run_dir, ckpt, cfg = _resume_target(resume, out, cfg, overrides)
+        if ckpt is not None and run_dir != ckpt.parent.parent:
+            _fork(ckpt, run_dir)
     else:
         run_dir = new_run_dir(out, cfg.preset + ("-smoke" if smoke else ""))
     if smoke:
@@ -155,6 +159,8 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
     else:
         ckpt = ck.resolve_checkpoint(resume)
         run_dir = ckpt.parent.parent
+        if out and Path(out).expanduser().resolve() != run_dir.resolve():
+            run_dir = new_run_dir(out, "", resumable=False)  # a fork: new or empty, the source untouched
     if not (ckpt / "trainer_state.pt").is_file():
         raise UserError(f"{ckpt} holds weights only (no optimizer or data position) and cannot be resumed")
     saved = Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
@@ -164,6 +170,35 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
         apply_override(saved, item)
     saved.validate()
     return run_dir, ckpt, saved
+
+
+def _fork(ckpt: Path, run_dir: Path) -> None:
+    """`--resume CKPT --out NEW`: NEW continues from CKPT and the run CKPT belongs to stays as it was.
+    NEW gets that run's tokenizer, its prepared data (token shards hard-linked where the file system
+    allows) and its metrics up to CKPT's step; checkpoints and the rest are NEW's own."""
+    source = ckpt.parent.parent
+    step = json.loads((ckpt / "meta.json").read_text())["step"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer", "data"):
+        if (source / name).is_dir():
+            shutil.copytree(source / name, run_dir / name, copy_function=_link_or_copy)
+    if (source / "metrics.jsonl").is_file():
+        kept = [ln for ln in (source / "metrics.jsonl").read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        (run_dir / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Token shards (.bin, .npy: written once, never rewritten) are hard-linked where possible; any
+    other file (split.json, the manifest: rewritten in place) is copied, so a link cannot carry a
+    write from one run into the other."""
+    if src.endswith((".bin", ".npy")):
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another file system, or no hard links here
+            pass
+    shutil.copy2(src, dst)
 
 
 def _already_complete(resume: str, out: str | None, cfg: Config, overrides) -> dict | None:

@@ -10,6 +10,7 @@ import torch
 
 from moelab import load_model
 from moelab.config import build_config
+from moelab.errors import UserError
 from moelab.train.checkpoint import list_checkpoints, load_trainer_state
 from moelab.train.loop import train
 
@@ -157,6 +158,35 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, prepared):
     assert throughput_text(redo) == "no training updates in this process"
     more = _run(tmp_path, prepared, resume="auto", overrides=("train.steps=6",))
     assert more["steps"] == 6 and not more.get("already_complete") and more["train_tokens_per_s"] > 0
+
+
+def test_resume_from_a_checkpoint_into_a_new_folder_forks_the_run(tmp_path, text_corpus):
+    """--resume CKPT --out NEW trained in CKPT's own run (rewinding its metrics and summary) and
+    ignored --out. Now NEW continues from CKPT, bit-identical to continuing in place, and the source
+    run keeps every byte."""
+    def run(name, resume=None, steps=6):
+        cfg = build_config("test", None, [f"data.source={text_corpus}", "data.vocab_size=300",
+                                          f"train.steps={steps}", "train.save_every=2", "train.eval_every=2"])
+        return train(cfg, out=str(tmp_path / name), resume=resume, overrides=(f"train.steps={steps}",),
+                     progress=False)
+
+    src = tmp_path / "src"
+    first = run("src")
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    fork = run("fork", resume=str(src / "checkpoints" / "step_0000002"))
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before  # the source untouched
+    assert fork["run_dir"] == str(tmp_path / "fork") and fork["val_loss"] == first["val_loss"]
+    for (name, a), b in zip(load_model(src).state_dict().items(), load_model(tmp_path / "fork").state_dict().values()):
+        assert torch.equal(a, b), name
+    upto2 = [r for r in _records(src) if r["step"] <= 2]
+    assert upto2 and _records(tmp_path / "fork")[:len(upto2)] == upto2  # the curve up to the fork point
+    assert (tmp_path / "fork" / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (src / "tokenizer" / "tokenizer.json").read_bytes()
+    assert [p.name for p in list_checkpoints(tmp_path / "fork")][-1] == "step_0000006"
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):  # a fork needs a new (or empty) folder
+        run("taken", resume=str(src))
 
 
 def _wandb_history(run_dir):
