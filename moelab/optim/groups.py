@@ -95,6 +95,10 @@ class HybridOptimizer:
         return [opt.state_dict() for opt in self.optimizers]
 
     def load_state_dict(self, states: list[dict]) -> None:
+        """The checkpoint's state (moments, momentum buffers, step counts); the hyperparameters stay
+        those this optimizer was built with. torch's load_state_dict would also restore the saved
+        LRs, weight decay, betas and eps, so `--resume ... optim.muon_lr=1e-3` would change nothing.
+        Unchanged settings give the saved values back exactly."""
         from moelab.errors import UserError
 
         changed = UserError("the optimizer layout (optim.mode) changed since the checkpoint; resume "
@@ -102,7 +106,11 @@ class HybridOptimizer:
         if len(states) != len(self.optimizers):
             raise changed
         for opt, st in zip(self.optimizers, states):
+            # all but "lr", which the schedule sets from base_lr before every step
+            configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
             try:
                 opt.load_state_dict(st)
             except ValueError:  # parameter groups of another size
                 raise changed from None
+            for group, settings in zip(opt.param_groups, configured):
+                group.update(settings)

@@ -249,6 +249,37 @@ def test_adamw_mode_equals_torch_adamw():
     assert all(g["fused"] for o in ours.optimizers for g in o.param_groups)
 
 
+def test_resumed_optimizer_keeps_its_state_and_takes_the_configured_hyperparameters():
+    """torch's load_state_dict restores saved LRs and decay too: `--resume ... optim.muon_lr=...`
+    changed nothing. The checkpoint gives the state; the config gives the settings."""
+    import copy
+
+    from moelab.optim.groups import HybridOptimizer
+
+    cfg, model = _model()
+    saved = HybridOptimizer(model, cfg.optim, torch.device("cpu"))
+    x = torch.randint(0, 300, (2, 16))
+    model(x, targets=x).loss.backward()
+    saved.set_lr_factor(0.5)
+    saved.step()
+    state = copy.deepcopy(saved.state_dict())
+    same = HybridOptimizer(model, cfg.optim, torch.device("cpu"))
+    same.load_state_dict(copy.deepcopy(state))
+    assert [o.param_groups for o in same.optimizers] == [o.param_groups for o in saved.optimizers]
+    changed = copy.deepcopy(cfg.optim)
+    changed.muon_lr, changed.adamw_lr, changed.weight_decay, changed.beta2 = 1e-3, 2e-3, 0.2, 0.99
+    resumed = HybridOptimizer(model, changed, torch.device("cpu"))
+    resumed.load_state_dict(copy.deepcopy(state))
+    muon, adamw = resumed.optimizers
+    assert muon.param_groups[0]["base_lr"] == 1e-3 and muon.param_groups[0]["weight_decay"] == 0.2
+    assert all(g["base_lr"] == 2e-3 and g["betas"][1] == 0.99 for g in adamw.param_groups)
+    assert adamw.param_groups[0]["weight_decay"] == 0.2 and adamw.param_groups[1]["weight_decay"] == 0.0
+    for opt, ref in zip(resumed.optimizers, saved.optimizers):  # the moments and buffers are the checkpoint's
+        for p in ref.state:
+            for k, v in ref.state[p].items():
+                assert torch.equal(opt.state[p][k], v), k
+
+
 def test_bf16_newton_schulz_matches_fp32():
     G = torch.stack([_ill_conditioned(64, 32), _ill_conditioned(64, 32)])
     a = newton_schulz(G, dtype=torch.float32)
