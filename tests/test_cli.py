@@ -143,3 +143,17 @@ def test_out_that_is_a_file_is_refused_at_once(tmp_path, command):
         res = moelab(*command, "--out", str(tmp_path / out), cwd=tmp_path)
         assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_fork_from_a_checkpoint_says_what_changed(trained, tmp_path):
+    from tests.conftest import run_cli
+
+    src = trained / "run"
+    before = (src / "metrics.jsonl").read_bytes()
+    res = run_cli("train", "--resume", src / "checkpoints" / "step_0000010", "--out", tmp_path / "fork",
+                  "train.steps=12", "optim.muon_lr=0.005", "train.report=false")
+    assert res.returncode == 0, res.stderr
+    line = next(ln for ln in res.stderr.splitlines() if ln.startswith("resumed from "))
+    assert "step_0000010" in line and "optim.muon_lr 0.02 -> 0.005" in line and "train.steps 30 -> 12" in line
+    assert "train.report True -> False" in line and line.count(" -> ") == 3
+    assert f"run {tmp_path / 'fork'}" in res.stdout and (src / "metrics.jsonl").read_bytes() == before

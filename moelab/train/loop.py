@@ -55,6 +55,20 @@ class Run:
     expert_counts_LE: torch.Tensor | None = None  # slots routed to each expert, whole run
     best: dict = field(default_factory=lambda: {"val_loss": math.inf, "step": -1, "bad_evals": 0})
     provenance: dict = field(default_factory=dict)
+    resumed_from: Path | None = None
+    changed_on_resume: list[str] = field(default_factory=list)  # "key old -> new" against the checkpoint
+
+
+def config_changes(before: Config, after: Config) -> list[str]:
+    """`key old -> new` for every setting that differs, dotted keys in config order."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(before.to_dict()), flat(after.to_dict())
+    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
 
 
 def resolve_device(name: str, key: str = "train.device") -> torch.device:
@@ -129,6 +143,11 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
                                            device=device), provenance=origin)
     if ckpt is not None:
         _restore(run, ckpt)
+        import yaml
+
+        run.resumed_from = ckpt
+        run.changed_on_resume = config_changes(Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())),
+                                               cfg)
     return run
 
 
@@ -329,6 +348,9 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
         f"active) | {run.optimizer.describe()} | "
         f"{run.data.train_windows.shape[0]} train / {run.data.val_windows.shape[0]} val windows | "
         f"{run.device} {t.precision}" + (f" | resumed at step {run.step}" if run.step else ""))
+    if run.resumed_from is not None:
+        say(f"resumed from {run.resumed_from}; settings changed since: "
+            + (", ".join(run.changed_on_resume) or "none"))
     note = cpu_precision_note(run.device, t.precision, AUTOCAST_DTYPES[t.precision], faster="train.precision=bf16")
     if note:
         say(note)
