@@ -196,6 +196,19 @@ def _mix(lengths: list[int], sources: list[str], weights: dict[str, float], salt
     return out, report
 
 
+def _source_labels(sources: list[str]) -> list[str]:
+    """What each source's document names start with when there are several: its last path part
+    (`stdlib`, `notes`), or the whole path as given where two last parts are alike (a/docs and
+    b/docs), so that no two documents share a name (names decide the split, the mixing and the audit)."""
+    labels = [Path(src).name or src for src in sources]
+    if len(set(labels)) < len(labels):
+        labels = [src.rstrip("/") or src for src in sources]
+    twice = sorted({lb for lb in labels if labels.count(lb) > 1})
+    if twice:
+        raise UserError(f"data source {twice[0]} is given twice; give each source once")
+    return labels
+
+
 def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str = "moelab",
             text_field: str = "text", tokenizer: str | None = None, vocab_size: int = 8192,
             near_dup_split: bool = True, dedup: bool = False, overwrite: bool = False,
@@ -228,9 +241,9 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         clock = now
 
     docs, skipped, per_source, source_of, size_of = [], [], {}, {}, {}
-    for src in sources:
+    for src, label in zip(sources, _source_labels(sources)):
         corpus = load_corpus(src, max_docs, text_field, pdf_filters)
-        prefix = f"{Path(src).name or src}/" if len(sources) > 1 else ""
+        prefix = f"{label}/" if len(sources) > 1 else ""
         docs += [Document(prefix + d.name, d.text) for d in corpus.documents]
         source_of.update({prefix + d.name: src for d in corpus.documents})
         size_of.update({prefix + d.name: len(d.text.encode("utf-8")) for d in corpus.documents})

@@ -6,11 +6,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from moelab.data.loader import BatchLoader, make_windows, pack
 from moelab.data.prepare import load_prepared, prepare, split_streams
 from moelab.data.tokenizer import load_tokenizer
+from moelab.errors import UserError
 
 
 def _cli(*args):
@@ -164,6 +166,26 @@ def test_data_check_on_prepared_directories(tmp_path, text_corpus):
                     near_dup_split=False)
     res = _cli("data", "check", str(leaky), "--seq-len", "64")
     assert res.returncode == 1 and "duplicate" in res.stdout, res.stdout + res.stderr
+
+
+def test_sources_with_the_same_folder_name_keep_apart(tmp_path):
+    """a/docs and b/docs both named their documents docs/f1.txt...: the names collided, so the
+    per-source bytes, the mixing and the near-duplicate map mixed the two sources up."""
+    sizes = {}
+    for side, words in (("a", "alpha beta gamma delta"), ("b", "one two three four five")):
+        (tmp_path / side / "docs").mkdir(parents=True)
+        for i in range(6):
+            text = f"{side} document {i} " + " ".join(words.split()[(i + j) % 4] for j in range(300 + 40 * i))
+            (tmp_path / side / "docs" / f"f{i}.txt").write_text(text)
+            sizes[side] = sizes.get(side, 0) + len(text.encode())
+    a, b = str(tmp_path / "a" / "docs"), str(tmp_path / "b" / "docs")
+    m = json.loads((prepare([a, b], str(tmp_path / "p"), val_fraction=0.2, vocab_size=300) / "manifest.json")
+                   .read_text())
+    names = m["splits"]["train"]["document_names"] + m["splits"]["val"]["document_names"]
+    assert len(names) == len(set(names)) == 12
+    assert m["sources"][a]["bytes"] == sizes["a"] and m["sources"][b]["bytes"] == sizes["b"]
+    with pytest.raises(UserError, match="given twice"):
+        prepare([a, a + "/"], str(tmp_path / "q"), vocab_size=300)
 
 
 def test_source_weights_set_the_training_token_shares(tmp_path, text_corpus):
