@@ -6,6 +6,7 @@ User errors (bad config, missing files, unusable data) print one line and exit w
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -445,6 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moelab: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the machine said no: permissions, a full disk, a path that cannot exist
+        if os.environ.get("MOELAB_DEBUG"):
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"moelab: error: {exc.strerror or exc}{where} (MOELAB_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -157,3 +158,14 @@ def test_fork_from_a_checkpoint_says_what_changed(trained, tmp_path):
     assert "step_0000010" in line and "optim.muon_lr 0.02 -> 0.005" in line and "train.steps 30 -> 12" in line
     assert "train.report True -> False" in line and line.count(" -> ") == 3
     assert f"run {tmp_path / 'fork'}" in res.stdout and (src / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nothing can be created")
+def test_a_path_the_system_refuses_is_one_line(tmp_path):
+    (tmp_path / "a.txt").write_text("the router sends each token to two experts " * 20)
+    (tmp_path / "b.txt").write_text("a validation document about load balancing losses " * 20)
+    res = moelab("data", "check", "--train", str(tmp_path / "a.txt"), "--val", str(tmp_path / "b.txt"),
+                 "--seq-len", "16", "--ngram", "4", "--json", "/proc/moelab-nowhere/r.json")
+    _assert_user_error(res, "/proc/moelab-nowhere", "MOELAB_DEBUG=1")
+    res = moelab("train", "--preset", "test", "--out", "/proc/moelab-nowhere")
+    _assert_user_error(res, "No such file or directory: /proc/moelab-nowhere")
