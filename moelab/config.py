@@ -421,7 +421,10 @@ def apply_override(cfg: Config, item: str) -> None:
     import yaml
 
     if "=" not in item:
-        raise UserError(f"override '{item}' must look like key=value, e.g. train.steps=40")
+        hint = ""
+        if Path(item).expanduser().exists():  # data.source=*.pdf unquoted: the shell expanded the glob
+            hint = "; it is a path: if the shell expanded a glob, quote it (\"data.source=papers/*.pdf\")"
+        raise UserError(f"override '{item}' must look like key=value, e.g. train.steps=40{hint}")
     path, raw = item.split("=", 1)
     path = path.strip()
     try:

@@ -41,6 +41,8 @@ def test_bad_values_and_invalid_configs():
         build_config("tiny", None, ["model.top_k=9"])
     with pytest.raises(UserError, match="key=value"):
         build_config("tiny", None, ["train.steps"])
+    with pytest.raises(UserError, match="if the shell expanded a glob, quote it"):  # data.source=*.txt unquoted
+        build_config("tiny", None, ["data.source=pyproject.toml", __file__])
     assert build_config("tiny", None, ["train.steps=1e4"]).train.steps == 10_000  # YAML reads 1e4 as text
     with pytest.raises(UserError, match="expects int, got 2.5"):
         build_config("tiny", None, ["train.steps=2.5e0"])
