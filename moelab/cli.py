@@ -168,7 +168,7 @@ def _cmd_routing(args) -> int:
     from moelab.commands import routing
 
     analysis, out_dir = routing(args.target, args.out, args.windows, args.batch_size, args.device,
-                                not args.no_plots)
+                                not args.no_plots, args.data, args.source)
     print(format_analysis(analysis))
     print(f"wrote {out_dir / 'routing.json'}" + "".join(f", {out_dir / f}" for f in analysis.get("plots", {}).values()))
     return 0
@@ -352,10 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("routing", help="routing analytics: load per expert, CV, entropy, Gini, dead/starved "
                                        "experts, drops, train/val and checkpoint drift, co-activation, "
                                        "verdicts and heatmaps")
-    p.add_argument("target", help="run directory (measured on its train and val windows), or a counts "
-                                  "file (.json, .csv or .tsv; layers x experts) from any system")
+    p.add_argument("target", help="run directory (measured on its train and val windows), Hugging Face MoE "
+                                  "directory (with --source or --data), or a counts file (.json, .csv or .tsv; "
+                                  "layers x experts) from any system")
+    p.add_argument("--source", help="measure on raw text instead: a text/JSONL/PDF file or folder, or 'stdlib'")
+    p.add_argument("--data", help="measure on the train and val splits of this prepared directory instead")
     p.add_argument("--out", type=_output_dir,
-                   help="output folder (default: RUN/routing, or routing-<name> beside the file)")
+                   help="output folder (default: RUN/routing, or routing-<name> beside the target)")
     p.add_argument("--windows", type=_at_least(0), default=64,
                    help="windows of each split to route (default 64; 0: all)")
     p.add_argument("--batch-size", type=_at_least(1), default=8)

@@ -158,21 +158,21 @@ def _json_safe(obj):
 
 
 def routing(target: str, out: str | None, windows: int = 64, batch_size: int = 8, device: str = "cpu",
-            plots: bool = True) -> tuple[dict, Path]:
-    """Routing analysis of a run (measured) or a counts file; writes routing.json and heatmaps into
-    `out` (default: RUN/routing, or routing-<file stem> beside a counts file)."""
+            plots: bool = True, data: str | None = None, source: str | None = None) -> tuple[dict, Path]:
+    """Routing analysis of a run or HF model (measured; on `data` or `source` if given) or a counts file;
+    writes routing.json and heatmaps into `out` (default: RUN/routing, or routing-<name> beside it)."""
     import json
 
     from moelab.analysis.collect import load_routing
     from moelab.analysis.plots import plot_all
     from moelab.analysis.routing import analyze
 
-    data = load_routing(target, windows, batch_size, device)
+    counts = load_routing(target, windows, batch_size, device, data, source)
     p = Path(target).expanduser()
-    out_dir = Path(out) if out else (data.run_dir / "routing" if data.run_dir else p.parent / f"routing-{p.stem}")
-    analysis = analyze(data)
+    out_dir = Path(out) if out else (counts.run_dir / "routing" if counts.run_dir else p.parent / f"routing-{p.stem}")
+    analysis = analyze(counts)
     if plots:
-        analysis["plots"] = plot_all(data, analysis, out_dir)
+        analysis["plots"] = plot_all(counts, analysis, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "routing.json").write_text(json.dumps(_json_safe(analysis), indent=1))
     return analysis, out_dir

@@ -173,13 +173,16 @@ def _spread(items: list, n: int) -> list:
 
 
 def _no_hf_routing():
-    raise UserError("routing needs a run directory or a counts file (.json/.csv/.tsv); for a Hugging Face "
-                    "model, convert it first: moelab convert HF_DIR --out RUN")
+    raise UserError("a Hugging Face directory has no data of its own: give --source FILE|DIR (raw text) or "
+                    "--data PREPARED_DIR to route")
 
 
-def from_run(target, n_windows: int = 64, batch_size: int = 8, max_checkpoints: int = 8) -> RoutingData:
-    """Measure a run's model on evenly spaced train and validation windows; its checkpoints on the same
-    validation windows; and the training counts logged in metrics.jsonl (over steps)."""
+def from_run(target, n_windows: int = 64, batch_size: int = 8, max_checkpoints: int = 8,
+             data: str | None = None, source: str | None = None) -> RoutingData:
+    """Measure a run's model on evenly spaced train and validation windows (of the run's data, or of
+    prepared `data`), or on the windows of raw text `source` (one split, "source"); a run's
+    checkpoints on the same windows; and the training counts logged in its metrics.jsonl (over steps).
+    A Hugging Face model has no data, checkpoints or metrics of its own: it needs `data` or `source`."""
     from moelab.eval.language import eval_windows_for
     from moelab.eval.metrics import spread_windows
     from moelab.train.checkpoint import list_checkpoints, load_model
@@ -189,25 +192,27 @@ def from_run(target, n_windows: int = 64, batch_size: int = 8, max_checkpoints: 
         raise UserError(f"{target.label} is a dense model: there is no routing to analyse")
     seq_len = target.cfg.train.seq_len if target.cfg else min(model.cfg.max_seq_len, 512)
     layers = [str(i) for i in model.cfg.moe_layers]
-    data = RoutingData(target.label, layers, model.cfg.n_experts, model.cfg.top_k, run_dir=target.run_dir)
-    if target.run_dir is None:
+    out = RoutingData(target.label, layers, model.cfg.n_experts, model.cfg.top_k, run_dir=target.run_dir)
+    if target.run_dir is None and not (data or source):
         _no_hf_routing()
     val = None
-    for split in ("train", "val"):
-        windows = spread_windows(eval_windows_for(target, split, None, None, seq_len)[0], n_windows)
+    for split in ("source",) if source is not None else ("train", "val"):
+        windows = spread_windows(eval_windows_for(target, split if split != "source" else "val", data, source,
+                                                  seq_len)[0], n_windows)
         m = measure(model, windows, batch_size)
-        data.splits[split], data.tokens[split] = m["counts"], m["tokens"]
+        out.splits[split], out.tokens[split] = m["counts"], m["tokens"]
         if m["dropped"].any():
-            data.dropped[split] = m["dropped"]
+            out.dropped[split] = m["dropped"]
         if model.cfg.top_k > 1:
-            data.coactivation[split] = list(m["pairs"])
+            out.coactivation[split] = list(m["pairs"])
         val = windows
-    device = next(model.parameters()).device
-    for ckpt in _spread(list_checkpoints(target.run_dir), max_checkpoints):
-        step = int(ckpt.name.split("_")[-1])
-        data.checkpoints[step] = measure(load_model(ckpt, device), val, batch_size)["counts"]
-    data.steps = logged_counts(target.run_dir / "metrics.jsonl", len(layers), data.n_experts)
-    return data
+    if target.run_dir is not None:
+        device = next(model.parameters()).device
+        for ckpt in _spread(list_checkpoints(target.run_dir), max_checkpoints):
+            step = int(ckpt.name.split("_")[-1])
+            out.checkpoints[step] = measure(load_model(ckpt, device), val, batch_size)["counts"]
+        out.steps = logged_counts(target.run_dir / "metrics.jsonl", len(layers), out.n_experts)
+    return out
 
 
 def logged_counts(metrics: Path, L: int, E: int) -> dict[int, np.ndarray]:
@@ -222,14 +227,17 @@ def logged_counts(metrics: Path, L: int, E: int) -> dict[int, np.ndarray]:
     return out
 
 
-def load_routing(target_path: str, n_windows: int = 64, batch_size: int = 8, device: str = "cpu") -> RoutingData:
+def load_routing(target_path: str, n_windows: int = 64, batch_size: int = 8, device: str = "cpu",
+                 data: str | None = None, source: str | None = None) -> RoutingData:
     p = Path(target_path).expanduser()
     if p.is_file():
+        if data or source is not None:
+            raise UserError("--data/--source measure a model; a counts file is read as it is")
         return read_counts(str(p))
     from moelab.eval.target import load_target
     from moelab.train.checkpoint import is_hf_dir
 
-    if is_hf_dir(p):  # said before loading what may be gigabytes of weights
+    if is_hf_dir(p) and not (data or source):  # said before loading what may be gigabytes of weights
         _no_hf_routing()
-    return from_run(load_target(target_path, device), n_windows, batch_size)
+    return from_run(load_target(target_path, device), n_windows, batch_size, data=data, source=source)
 

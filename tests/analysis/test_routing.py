@@ -174,10 +174,29 @@ def test_run_analysis_has_both_splits_checkpoints_and_steps(trained, tmp_path):
     assert res.returncode == 2 and "no such run" in res.stderr
 
 
-def test_cli_hf_directory_is_refused_before_its_weights_load(trained):
+def test_cli_hf_directory_without_data_is_refused_before_its_weights_load(trained):
     res = run_cli("routing", trained / "hf")
-    assert res.returncode == 2 and "convert it first" in res.stderr
+    assert res.returncode == 2 and "give --source" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # no weight-loading progress bar before it
+
+
+def test_hf_model_routed_on_raw_text_as_its_run_is(trained, tmp_path):
+    """`moelab routing HF_DIR --source TEXT`: a pretrained model's routing on one's own text, with no
+    conversion; the counts equal those of the run it was exported from on the same text (but for
+    the odd near-tie flipped by the export's rounding)."""
+    corpus = trained / "corpus"
+    res = run_cli("routing", trained / "hf", "--source", corpus, "--windows", "16", "--out", tmp_path / "hf",
+                  "--no-plots")
+    assert res.returncode == 0, res.stderr
+    hf = json.loads((tmp_path / "hf" / "routing.json").read_text())
+    res = run_cli("routing", trained / "run", "--source", corpus, "--windows", "16", "--out", tmp_path / "run",
+                  "--no-plots")
+    assert res.returncode == 0, res.stderr
+    run = json.loads((tmp_path / "run" / "routing.json").read_text())
+    assert list(hf["splits"]) == list(run["splits"]) == ["source"]
+    for a, b in zip(hf["splits"]["source"], run["splits"]["source"]):
+        ca, cb = np.array(a["counts"]), np.array(b["counts"])
+        assert ca.sum() == cb.sum() == 16 * 64 * 2 and np.abs(ca - cb).sum() <= 0.02 * ca.sum()
 
 
 def test_a_model_whose_layers_are_all_dense_has_no_routing_to_analyse():
