@@ -74,6 +74,10 @@ def test_report_command_and_bad_inputs(trained, tmp_path):
     assert res.stderr.strip().count("\n") == 0
     res = run_cli("report", tmp_path / "missing")
     assert res.returncode == 2 and "not a run directory" in res.stderr
+    res = run_cli("convert", trained / "hf", "--out", tmp_path / "converted")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("report", tmp_path / "converted")  # said "give --data or --source", which report has not
+    assert res.returncode == 2 and "converted model: there is no training to report" in res.stderr
 
 
 def test_model_versus_xz_wording_has_the_right_direction():
