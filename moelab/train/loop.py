@@ -106,14 +106,29 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 def setup(cfg: Config, out: str | None = None, resume: str | None = None,
           overrides: tuple[str, ...] = (), smoke: bool = False) -> Run:
-    """Build everything a run needs; on resume, restore it from the newest (or given) checkpoint."""
+    """Build everything a run needs; on resume, restore it from the newest (or given) checkpoint.
+    A run directory this call starts (new, or a fork) is removed again if setting up fails, so the
+    corrected command can use the same --out."""
     ckpt = None
     if resume:
         run_dir, ckpt, cfg = _resume_target(resume, out, cfg, overrides)
-        if ckpt is not None and run_dir != ckpt.parent.parent:
-            _fork(ckpt, run_dir)
     else:
         run_dir = new_run_dir(out, cfg.preset + ("-smoke" if smoke else ""))
+    fresh = not (run_dir.exists() and any(run_dir.iterdir()))  # new_run_dir: absent or empty
+    existed = run_dir.exists()
+    try:
+        return _setup(cfg, run_dir, ckpt, smoke)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            if existed:
+                run_dir.mkdir()
+        raise
+
+
+def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
+    if ckpt is not None and run_dir != ckpt.parent.parent:
+        _fork(ckpt, run_dir)
     if smoke:
         apply_smoke(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

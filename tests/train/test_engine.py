@@ -189,6 +189,25 @@ def test_resume_from_a_checkpoint_into_a_new_folder_forks_the_run(tmp_path, text
         run("taken", resume=str(src))
 
 
+def test_a_run_that_fails_to_start_leaves_no_directory(tmp_path, prepared):
+    """A failed start left config.yaml, data/ and tokenizer/ behind, so the corrected command was
+    refused: 'run directory ... is not empty; pass --resume auto'."""
+    with pytest.raises(UserError, match="fewer than train.batch_size"):
+        _run(tmp_path, prepared, "train.batch_size=100000", name="new")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()  # one the user made stays, empty
+    with pytest.raises(UserError, match="fewer than train.batch_size"):
+        _run(tmp_path, prepared, "train.batch_size=100000", name="empty")
+    assert list((tmp_path / "empty").iterdir()) == []
+    src = tmp_path / "src"
+    _run(tmp_path, prepared, "train.steps=2", "train.save_every=2", name="src")
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    with pytest.raises(UserError, match="batch_size changed"):  # a fork that cannot resume
+        _run(tmp_path, prepared, name="fork", resume=str(src), overrides=("train.batch_size=4",))
+    assert not (tmp_path / "fork").exists() and sorted(p.relative_to(src) for p in src.rglob("*")) == before
+    assert _run(tmp_path, prepared, "train.steps=2", name="new")["steps"] == 2  # the same --out now works
+
+
 def _wandb_history(run_dir):
     """(run id, history rows) of each offline W&B run under `run_dir`, read from the .wandb files
     (a LevelDB-style log of protobuf records: 7-byte header, 32 KiB blocks, records that are whole
