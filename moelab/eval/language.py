@@ -38,6 +38,8 @@ def eval_windows_for(target, split: str, data: str | None, source: str | None, s
 
     if split not in ("train", "val"):
         raise UserError(f"--split must be train or val, not '{split}'")
+    if data and source is not None:
+        raise UserError("give --data (prepared) or --source (raw text), not both")
     if source is not None:
         from moelab.data.loader import make_windows, pack
         from moelab.data.sources import load_corpus

@@ -87,6 +87,7 @@ def test_cli_eval_matches_the_runs_final_evaluation(trained, tmp_path):
     (["run", "--seq-len", "4096"], "exceeds the model's context"),
     (["nowhere"], "no such run"),
     (["run", "--source", ""], "data source is empty"),  # not silently the run's own data
+    (["run", "--source", "stdlib", "--data", "run"], "not both"),  # --data was silently ignored
     (["run", "--choice", "mc.jsonl", "missing.jsonl"], "no such task file"),
 ])
 def test_bad_eval_input_is_one_line(trained, args, msg):
