@@ -112,6 +112,8 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
         raise UserError("give both --train and --val (files or folders), or a run directory")
     if run_dir is None and train is None:
         raise UserError("nothing to check: give a run directory, or --train A --val B")
+    if run_dir is not None and train is not None:
+        raise UserError("give a run (or prepared) directory, or --train A --val B, not both")
     if run_dir is not None:
         from moelab.data.audit import audit_prepared
         from moelab.data.prepare import is_prepared

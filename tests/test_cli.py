@@ -169,3 +169,11 @@ def test_a_path_the_system_refuses_is_one_line(tmp_path):
     _assert_user_error(res, "/proc/moelab-nowhere", "MOELAB_DEBUG=1")
     res = moelab("train", "--preset", "test", "--out", "/proc/moelab-nowhere")
     _assert_user_error(res, "No such file or directory: /proc/moelab-nowhere")
+
+
+def test_data_check_takes_a_run_or_two_sources_not_both(tmp_path):
+    from tests.conftest import run_cli
+
+    (tmp_path / "a.txt").write_text("x " * 50)
+    res = run_cli("data", "check", tmp_path, "--train", tmp_path / "a.txt", "--val", tmp_path / "a.txt")
+    assert res.returncode == 2 and "not both" in res.stderr  # --train/--val were silently ignored
