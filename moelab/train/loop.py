@@ -346,9 +346,11 @@ def oom_message(run: Run, step: int) -> str:
 
 def train(cfg: Config, out: str | None = None, resume: str | None = None,
           overrides: tuple[str, ...] = (), progress: bool | None = None, smoke: bool = False) -> dict:
+    if smoke and resume:  # a smoke run's 4 updates and tiny evaluations would rewrite the run's config and summary
+        raise UserError("--smoke checks a config in a new run directory of its own; it does not combine with --resume")
     asked = (cfg.train.choice_tasks, cfg.train.choice_limit)
     choice = _load_choice_tasks(cfg.train)  # a bad task file fails before any data is prepared
-    done = _already_complete(resume, out, cfg, overrides) if resume and not smoke else None
+    done = _already_complete(resume, out, cfg, overrides) if resume else None
     if done is not None:
         return done
     run = setup(cfg, out, resume, overrides, smoke)

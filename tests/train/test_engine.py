@@ -82,6 +82,12 @@ def test_smoke_checks_a_config_end_to_end(tmp_path, prepared):
     assert res.returncode == 0, res.stderr
     assert "done: 4 updates" in res.stdout and "smoke check passed" in res.stdout
     assert [c.name for c in list_checkpoints(tmp_path / "smoke")] == ["step_0000002", "step_0000004"]
+    # on an existing run it rewrote the run's config (train.steps: 4) and summary: refused, nothing touched
+    before = {p: p.read_bytes() for p in (tmp_path / "smoke").rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="does not combine with --resume"):
+        train(build_config("test", None, [f"data.path={prepared}"]), out=str(tmp_path / "smoke"), resume="auto",
+              progress=False, smoke=True)
+    assert {p: p.read_bytes() for p in (tmp_path / "smoke").rglob("*") if p.is_file()} == before
 
 
 def test_logged_metrics_at_the_cadence(tmp_path, prepared):
