@@ -61,7 +61,11 @@ def _cmd_info(args) -> int:
 def _cmd_convert(args) -> int:
     from moelab.commands import convert
 
-    print(f"converted {args.hf_dir} -> {convert(args.hf_dir, args.out)}")
+    run_dir = convert(args.hf_dir, args.out)
+    print(f"converted {args.hf_dir} -> {run_dir}")
+    if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
+        print(f"note: {args.hf_dir} has no tokenizer.json, so {run_dir} has none: eval, generate and routing "
+              f"need one in {run_dir / 'tokenizer'}", file=sys.stderr)
     return 0
 
 

@@ -43,7 +43,8 @@ def load_target(path: str, device: str = "cpu") -> Target:
     run_dir = ckpt.parent.parent
     tok_dir = run_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
-        raise UserError(f"{run_dir} has no tokenizer/tokenizer.json; was it moved without it?")
+        raise UserError(f"{run_dir} has no tokenizer/tokenizer.json; put the model's tokenizer.json there (a "
+                        "converted model has one only if its Hugging Face directory had it)")
     cfg = Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())).resolve()
     label = f"{run_dir.name}/{ckpt.name}"
     return Target(load_model(ckpt, dev).eval(), load_tokenizer(tok_dir), label, run_dir, ckpt, cfg)

@@ -128,3 +128,14 @@ def test_python_load_gives_model_and_tokenizer_of_a_run_and_an_hf_export(trained
         hf = moelab.load(str(trained / "hf"))
         torch.testing.assert_close(hf.model(x).logits, logits, atol=1e-4, rtol=1e-4)
     assert hf.tokenizer.encode(text) == ids and hf.run_dir is None and run.run_dir == trained / "run"
+
+
+def test_converting_a_model_without_a_tokenizer_says_what_is_missing(trained, tmp_path):
+    hf = tmp_path / "hf"
+    shutil.copytree(trained / "hf", hf)
+    for f in hf.glob("tokenizer*"):
+        f.unlink()
+    res = run_cli("convert", hf, "--out", tmp_path / "run")
+    assert res.returncode == 0 and "has no tokenizer.json" in res.stderr, res.stderr
+    res = run_cli("eval", tmp_path / "run")  # said "was it moved without it?"
+    assert res.returncode == 2 and "put the model's tokenizer.json there" in res.stderr
