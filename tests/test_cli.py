@@ -60,6 +60,9 @@ def test_existing_run_dir_is_never_overwritten(tmp_path):
     res = moelab("train", "--preset", "test", "--out", str(out))
     _assert_user_error(res, "not empty", "--resume")
     assert (out / "precious.txt").read_text() == "keep me"
+    res = moelab("train", "--resume", "auto", "--out", str(out), "train.steps=2")  # it trained among the files
+    _assert_user_error(res, "is not a run and not empty", "choose another --out")
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
 
 
 def test_train_device_flag_without_a_gpu(tmp_path):

@@ -186,8 +186,11 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
         run_dir = Path(out)
         ckpts = ck.list_checkpoints(run_dir)
         if not ckpts:
-            if run_dir.exists() and any(run_dir.iterdir()) and (run_dir / "config.yaml").is_file():
-                raise UserError(f"{run_dir} has no complete checkpoint to resume from")
+            if run_dir.exists() and any(run_dir.iterdir()):
+                if (run_dir / "config.yaml").is_file():
+                    raise UserError(f"{run_dir} has no complete checkpoint to resume from")
+                raise UserError(f"{run_dir} is not a run and not empty: there is nothing to resume, and a new run "
+                                "would write among its files; choose another --out")
             return run_dir, None, cfg  # nothing to resume: a fresh run in that directory
         ckpt = ckpts[-1]
     else:
