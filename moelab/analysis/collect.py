@@ -172,18 +172,13 @@ def _spread(items: list, n: int) -> list:
     return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
 
 
-def _no_hf_routing():
-    raise UserError("a Hugging Face directory has no data of its own: give --source FILE|DIR (raw text) or "
-                    "--data PREPARED_DIR to route")
-
-
 def from_run(target, n_windows: int = 64, batch_size: int = 8, max_checkpoints: int = 8,
              data: str | None = None, source: str | None = None) -> RoutingData:
     """Measure a run's model on evenly spaced train and validation windows (of the run's data, or of
     prepared `data`), or on the windows of raw text `source` (one split, "source"); a run's
     checkpoints on the same windows; and the training counts logged in its metrics.jsonl (over steps).
     A Hugging Face model has no data, checkpoints or metrics of its own: it needs `data` or `source`."""
-    from moelab.eval.language import eval_windows_for
+    from moelab.eval.language import eval_windows_for, no_hf_data
     from moelab.eval.metrics import spread_windows
     from moelab.train.checkpoint import list_checkpoints, load_model
 
@@ -194,7 +189,7 @@ def from_run(target, n_windows: int = 64, batch_size: int = 8, max_checkpoints: 
     layers = [str(i) for i in model.cfg.moe_layers]
     out = RoutingData(target.label, layers, model.cfg.n_experts, model.cfg.top_k, run_dir=target.run_dir)
     if target.run_dir is None and not (data or source):
-        _no_hf_routing()
+        no_hf_data()
     val = None
     for split in ("source",) if source is not None else ("train", "val"):
         windows = spread_windows(eval_windows_for(target, split if split != "source" else "val", data, source,
@@ -234,10 +229,11 @@ def load_routing(target_path: str, n_windows: int = 64, batch_size: int = 8, dev
         if data or source is not None:
             raise UserError("--data/--source measure a model; a counts file is read as it is")
         return read_counts(str(p))
+    from moelab.eval.language import no_hf_data
     from moelab.eval.target import load_target
     from moelab.train.checkpoint import is_hf_dir
 
     if is_hf_dir(p) and not (data or source):  # said before loading what may be gigabytes of weights
-        _no_hf_routing()
+        no_hf_data()
     return from_run(load_target(target_path, device), n_windows, batch_size, data=data, source=source)
 

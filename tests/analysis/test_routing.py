@@ -176,7 +176,7 @@ def test_run_analysis_has_both_splits_checkpoints_and_steps(trained, tmp_path):
 
 def test_cli_hf_directory_without_data_is_refused_before_its_weights_load(trained):
     res = run_cli("routing", trained / "hf")
-    assert res.returncode == 2 and "give --source" in res.stderr
+    assert res.returncode == 2 and "has no data of its own: give --data PREPARED_DIR or --source" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # no weight-loading progress bar before it
 
 
