@@ -36,7 +36,7 @@ from moelab.train import checkpoint as ck
 from moelab.train.faults import FaultPlan, StopSignals, UpdateGuard
 from moelab.train.host import cpu_precision_note, keep_freed_memory
 from moelab.train.monitor import Sinks, flops_per_token, is_rank0, peak_memory_gb, peak_tflops, plot_curves
-from moelab.train.rundir import new_run_dir, provenance
+from moelab.train.rundir import metrics_until, new_run_dir, provenance
 
 
 @dataclass
@@ -220,9 +220,7 @@ def _fork(ckpt: Path, run_dir: Path) -> None:
         if (source / name).is_dir():
             shutil.copytree(source / name, run_dir / name, copy_function=_link_or_copy)
     if (source / "metrics.jsonl").is_file():
-        kept = [ln for ln in (source / "metrics.jsonl").read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        (run_dir / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+        (run_dir / "metrics.jsonl").write_text(metrics_until(source / "metrics.jsonl", step))
 
 
 def _link_or_copy(src: str, dst: str) -> None:

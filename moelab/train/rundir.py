@@ -52,6 +52,12 @@ def provenance() -> dict:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def metrics_until(path: Path, step: int) -> str:
+    """The records of a metrics.jsonl up to and including `step`, as the file's text."""
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    return "".join(ln + "\n" for ln in kept)
+
+
 class MetricsLog:
     """Append-only JSON lines. On resume, records after the resumed step are dropped first, so
     the file reads as one uninterrupted run."""
@@ -59,9 +65,7 @@ class MetricsLog:
     def __init__(self, path: Path, keep_until_step: int | None = None):
         self.path = path
         if keep_until_step is not None and path.is_file():
-            kept = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            path.write_text(metrics_until(path, keep_until_step))
         self._fh = path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
