@@ -54,7 +54,8 @@ def jsonl_lines(path: Path) -> list[str]:
     """The lines of a JSONL file: split on newlines only (str.splitlines also splits at U+2028, U+0085
     and others, which JSON strings may hold unescaped), without a leading byte-order mark.
     Raises OSError or UnicodeDecodeError."""
-    return path.read_bytes().decode("utf-8-sig").split("\n")
+    lines = path.read_bytes().decode("utf-8-sig").split("\n")
+    return lines[:-1] if lines and not lines[-1].strip() else lines  # nothing after the last newline
 
 
 def _records(path: Path, name: str, text_field: str):
@@ -80,7 +81,7 @@ def _records(path: Path, name: str, text_field: str):
             yield name, None, f"unreadable JSONL: {getattr(exc, 'strerror', None) or exc}"
             return
         values = []
-        for line in lines[:-1] if lines and not lines[-1].strip() else lines:  # no record after the last newline
+        for line in lines:
             try:
                 rec = json.loads(line) if line.strip() else None
             except json.JSONDecodeError:
