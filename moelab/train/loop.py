@@ -57,6 +57,7 @@ class Run:
     provenance: dict = field(default_factory=dict)
     resumed_from: Path | None = None
     changed_on_resume: list[str] = field(default_factory=list)  # "key old -> new" against the checkpoint
+    set_aside: Path | None = None  # where a rewind in place moved the abandoned later checkpoints
 
 
 def config_changes(before: Config, after: Config) -> list[str]:
@@ -163,7 +164,36 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
         run.resumed_from = ckpt
         run.changed_on_resume = config_changes(Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())),
                                                cfg)
+        if run_dir == ckpt.parent.parent:
+            run.set_aside = _set_aside_later(run_dir, run.step)
     return run
+
+
+def _set_aside_later(run_dir: Path, step: int) -> Path | None:
+    """A rewind in place (`--resume CKPT` with a later checkpoint in the run) abandons the updates
+    after CKPT. Their checkpoints (and `best`, if it came later) move to `rewound-from-step_N/`
+    with the metrics log as it was: nothing is deleted, and neither `--resume auto` nor
+    `train.keep_last` pruning can mix them into the new updates. The folder, or None."""
+    later = [p for p in ck.list_checkpoints(run_dir) if int(p.name[len(ck.CKPT_PREFIX):]) > step]
+    best = run_dir / "checkpoints" / "best"
+    try:
+        if (best / "meta.json").is_file() and json.loads((best / "meta.json").read_text())["step"] > step:
+            later.append(best)
+    except (OSError, ValueError, KeyError):
+        pass
+    if not later:
+        return None
+    base = run_dir / f"rewound-from-{ck.CKPT_PREFIX}{step:07d}"
+    aside, n = base, 1
+    while aside.exists():
+        n += 1
+        aside = base.with_name(f"{base.name}-{n}")
+    aside.mkdir()
+    if (run_dir / "metrics.jsonl").is_file():
+        shutil.copy2(run_dir / "metrics.jsonl", aside / "metrics.jsonl")
+    for p in later:
+        p.rename(aside / p.name)
+    return aside
 
 
 def apply_smoke(cfg: Config) -> None:
@@ -206,6 +236,10 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
     for item in overrides:
         apply_override(saved, item)
     saved.validate()
+    step = json.loads((ckpt / "meta.json").read_text())["step"]
+    if step > saved.train.steps:
+        raise UserError(f"{ckpt} is at update {step}, past train.steps={saved.train.steps}; give train.steps={step} "
+                        "or more, or resume an earlier checkpoint")
     return run_dir, ckpt, saved
 
 
@@ -369,6 +403,8 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
     if run.resumed_from is not None:
         say(f"resumed from {run.resumed_from}; settings changed since: "
             + (", ".join(run.changed_on_resume) or "none"))
+    if run.set_aside is not None:
+        say(f"rewound: the checkpoints after update {run.step} and the metrics log as it was are in {run.set_aside}")
     note = cpu_precision_note(run.device, t.precision, AUTOCAST_DTYPES[t.precision], faster="train.precision=bf16")
     if note:
         say(note)

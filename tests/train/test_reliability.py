@@ -191,3 +191,41 @@ def test_changed_prepared_data_is_refused_on_resume(prepared, tmp_path):
     (data / "manifest.json").write_text(json.dumps(manifest))
     res = _train(run, data, "train.steps=20", resume=True)
     assert res.returncode == 2 and "data changed since checkpoint" in res.stderr, res.stderr
+
+
+def _file_bytes(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_rewind_in_place_sets_the_later_checkpoints_aside(prepared, reference, tmp_path):
+    """`--resume run/checkpoints/step_0000020` in a run that went on to 40 abandons updates 21-40.
+    Their checkpoints must not stay among the new ones: with train.keep_last=1 pruning kept the
+    old step 40 and deleted each new save, and after a kill `--resume auto` picked the abandoned
+    step 40. They move, unchanged, to rewound-from-step_0000020/; the new updates then end where
+    the uninterrupted run did."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    old = {name: _file_bytes(run / "checkpoints" / name) for name in ("step_0000030", "step_0000040")}
+    old_metrics = (run / "metrics.jsonl").read_bytes()
+    res = _moelab("train", "--resume", str(run / "checkpoints" / "step_0000020"), "train.keep_last=1",
+                  faults="kill@33")
+    assert res.returncode == -9 and "rewound: the checkpoints after update 20" in res.stderr, res.stderr
+    aside = run / "rewound-from-step_0000020"
+    assert {name: _file_bytes(aside / name) for name in old} == old
+    assert (aside / "metrics.jsonl").read_bytes() == old_metrics
+    assert [c.name for c in list_checkpoints(run)] == ["step_0000030"]
+    res = _train(run, prepared, resume=True)
+    assert res.returncode == 0 and "resumed at step 30" in res.stderr, res.stderr
+    _assert_same_run(reference, run)
+
+
+def test_resuming_a_checkpoint_past_train_steps_is_refused(reference, tmp_path):
+    """step_0000020 with train.steps=10 used to rewind the run to 20 and write a summary of a
+    finished 10-update run over it."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = _file_bytes(run)
+    res = _moelab("train", "--resume", str(run / "checkpoints" / "step_0000020"), "train.steps=10")
+    assert res.returncode == 2 and "is at update 20, past train.steps=10" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and _file_bytes(run) == before
