@@ -170,19 +170,20 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
 
 
 def _set_aside_later(run_dir: Path, step: int) -> Path | None:
-    """A rewind in place (`--resume CKPT` with a later checkpoint in the run) abandons the updates
-    after CKPT. Their checkpoints (and `best`, if it came later) move to `rewound-from-step_N/`
-    with the metrics log as it was: nothing is deleted, and neither `--resume auto` nor
-    `train.keep_last` pruning can mix them into the new updates. The folder, or None."""
+    """A rewind in place (`--resume CKPT` with a later step checkpoint in the run) abandons the
+    updates after CKPT. Their checkpoints (and `best`, if it came later) move to
+    `rewound-from-step_N/` with the metrics log as it was: nothing is deleted, and neither
+    `--resume auto` nor `train.keep_last` pruning can mix them into the new updates. The folder,
+    or None."""
     later = [p for p in ck.list_checkpoints(run_dir) if int(p.name[len(ck.CKPT_PREFIX):]) > step]
+    if not later:  # resuming the newest checkpoint (after a kill): a later `best` is simply redone
+        return None
     best = run_dir / "checkpoints" / "best"
     try:
         if (best / "meta.json").is_file() and json.loads((best / "meta.json").read_text())["step"] > step:
             later.append(best)
     except (OSError, ValueError, KeyError):
         pass
-    if not later:
-        return None
     base = run_dir / f"rewound-from-{ck.CKPT_PREFIX}{step:07d}"
     aside, n = base, 1
     while aside.exists():
