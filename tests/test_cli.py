@@ -163,6 +163,16 @@ def test_fork_from_a_checkpoint_says_what_changed(trained, tmp_path):
     assert f"run {tmp_path / 'fork'}" in res.stdout and (src / "metrics.jsonl").read_bytes() == before
 
 
+def test_resume_with_another_model_shape_is_one_line(trained, tmp_path):
+    """model.d_model or model.n_experts on a resume was a state_dict size-mismatch traceback."""
+    src = trained / "run" / "checkpoints" / "step_0000010"
+    for override, changed in (("model.d_model=48", "model.d_model 64 -> 48"),
+                              ("model.n_experts=8", "model.n_experts 4 -> 8")):
+        res = moelab("train", "--resume", str(src), "--out", str(tmp_path / "fork"), override)
+        _assert_user_error(res, f"its weights do not fit the model as configured now ({changed})")
+        assert not (tmp_path / "fork").exists()
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nothing can be created")
 def test_a_path_the_system_refuses_is_one_line(tmp_path):
     (tmp_path / "a.txt").write_text("the router sends each token to two experts " * 20)

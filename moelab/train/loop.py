@@ -158,12 +158,12 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
               expert_counts_LE=torch.zeros(len(cfg.model.moe_layers), cfg.model.n_experts, dtype=torch.int64,
                                            device=device), provenance=origin)
     if ckpt is not None:
-        _restore(run, ckpt)
         import yaml
 
         run.resumed_from = ckpt
         run.changed_on_resume = config_changes(Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())),
                                                cfg)
+        _restore(run, ckpt)
         if run_dir == ckpt.parent.parent:
             run.set_aside = _set_aside_later(run_dir, run.step)
     return run
@@ -307,7 +307,13 @@ def _restore(run: Run, ckpt: Path) -> None:
     if state["fingerprint"] != run.data.fingerprint:
         raise UserError(f"data changed since checkpoint {ckpt.name} (fingerprint {state['fingerprint']}"
                         f" -> {run.data.fingerprint}); resuming would silently train on other data")
-    load_model(run.model, str(ckpt / "model.safetensors"), device=str(run.device))
+    try:
+        load_model(run.model, str(ckpt / "model.safetensors"), device=str(run.device))
+    except RuntimeError:  # missing, unexpected or differently shaped tensors
+        changed = [c for c in run.changed_on_resume if c.startswith("model.")]
+        raise UserError(f"cannot resume from {ckpt.name}: its weights do not fit the model as configured now ("
+                        + (", ".join(changed) or "the saved config differs from the weights")
+                        + "); a resume keeps the model's shape: drop those overrides, or start a new run") from None
     run.optimizer.load_state_dict(state["optimizer"])
     try:
         run.loader.load_state_dict(state["loader"])
