@@ -164,13 +164,16 @@ def test_fork_from_a_checkpoint_says_what_changed(trained, tmp_path):
 
 
 def test_resume_with_another_model_shape_is_one_line(trained, tmp_path):
-    """model.d_model or model.n_experts on a resume was a state_dict size-mismatch traceback."""
+    """model.d_model or model.n_experts on a resume was a state_dict size-mismatch traceback; a new
+    train.seq_len was reported as a changed data fingerprint only."""
     src = trained / "run" / "checkpoints" / "step_0000010"
     for override, changed in (("model.d_model=48", "model.d_model 64 -> 48"),
                               ("model.n_experts=8", "model.n_experts 4 -> 8")):
         res = moelab("train", "--resume", str(src), "--out", str(tmp_path / "fork"), override)
         _assert_user_error(res, f"its weights do not fit the model as configured now ({changed})")
         assert not (tmp_path / "fork").exists()
+    res = moelab("train", "--resume", str(src), "--out", str(tmp_path / "fork"), "train.seq_len=24")
+    _assert_user_error(res, "data changed since checkpoint step_0000010 (train.seq_len 64 -> 24)")
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nothing can be created")

@@ -305,8 +305,10 @@ def _restore(run: Run, ckpt: Path) -> None:
 
     state = ck.load_trainer_state(ckpt)
     if state["fingerprint"] != run.data.fingerprint:
-        raise UserError(f"data changed since checkpoint {ckpt.name} (fingerprint {state['fingerprint']}"
-                        f" -> {run.data.fingerprint}); resuming would silently train on other data")
+        why = [c for c in run.changed_on_resume if c.startswith(("data.", "train.seq_len "))]
+        raise UserError(f"data changed since checkpoint {ckpt.name} ("
+                        + (", ".join(why) if why else f"fingerprint {state['fingerprint']} -> {run.data.fingerprint}")
+                        + "); resuming would silently train on other data")
     try:
         load_model(run.model, str(ckpt / "model.safetensors"), device=str(run.device))
     except RuntimeError:  # missing, unexpected or differently shaped tensors
