@@ -86,7 +86,8 @@ def _records(path: Path, name: str, text_field: str):
                 rec = json.loads(line) if line.strip() else None
             except json.JSONDecodeError:
                 rec = ValueError("invalid JSON")
-            values.append(rec.get(text_field, KeyError()) if isinstance(rec, dict) else rec)
+            values.append(rec.get(text_field, KeyError(", ".join(list(rec)[:8])))
+                          if isinstance(rec, dict) else rec)
     for i, v in enumerate(values):
         rec_name = f"{name}#{i + 1}"
         if isinstance(v, str) and v.strip():
@@ -96,7 +97,7 @@ def _records(path: Path, name: str, text_field: str):
         elif isinstance(v, ValueError):
             yield rec_name, None, "invalid JSON"
         elif isinstance(v, KeyError):
-            yield rec_name, None, f"no field '{text_field}'"
+            yield rec_name, None, f"no field '{text_field}'" + (f" (has {v.args[0]})" if v.args[0] else "")
         else:
             yield rec_name, None, f"field '{text_field}' is not text"
 
@@ -237,7 +238,9 @@ def hf_corpus(source: str, max_docs: int = 0, text_field: str = "text") -> Corpu
         value = rec.get(text_field) if isinstance(rec, dict) else None
         name = f"{label}#{i + 1}"
         if not isinstance(value, str) or not value.strip():
-            corpus.skipped.append((name, f"no text in field '{text_field}'" if value is None else "empty"))
+            fields = ", ".join(list(rec)[:8]) if isinstance(rec, dict) else ""
+            corpus.skipped.append((name, "empty" if value is not None else f"no text in field '{text_field}'"
+                                   + (f" (has {fields})" if fields and text_field not in rec else "")))
             continue
         corpus.documents.append(Document(name, value))
         if max_docs and len(corpus.documents) >= max_docs:
@@ -262,7 +265,10 @@ def load_corpus(source: str, max_docs: int = 0, text_field: str = "text", pdf_fi
         corpus = files_corpus(source, max_docs, text_field, pdf_filters)
     if not corpus.documents:
         why = "; ".join(f"{n}: {r}" for n, r in corpus.skipped[:3])
+        field = any(r.startswith(("no field", "no column", "no text in field")) for _, r in corpus.skipped[:3])
         raise UserError(f"no usable text in data source '{source}'"
                         + (f" (skipped {len(corpus.skipped)}: {why})" if why else
-                           f" (no file read: moelab reads {', '.join(_known_suffixes())} files)"))
+                           f" (no file read: moelab reads {', '.join(_known_suffixes())} files)")
+                        + ("; name the text field with data.text_field=NAME (data prepare: --text-field NAME)"
+                           if field else ""))
     return corpus

@@ -21,7 +21,7 @@ def test_jsonl_records_become_documents_and_bad_ones_are_skipped(tmp_path):
     corpus = load_corpus(str(f))
     assert [(d.name, d.text) for d in corpus.documents] == [("data.jsonl#1", "first document"),
                                                             ("data.jsonl#6", "second document")]
-    assert dict(corpus.skipped) == {"data.jsonl#2": "no field 'text'", "data.jsonl#3": "invalid JSON",
+    assert dict(corpus.skipped) == {"data.jsonl#2": "no field 'text' (has body)", "data.jsonl#3": "invalid JSON",
                                     "data.jsonl#4": "empty", "data.jsonl#5": "field 'text' is not text"}
     other = load_corpus(str(f), text_field="body")
     assert [d.text for d in other.documents] == ["wrong field"]
@@ -65,8 +65,10 @@ def test_parquet_column_and_mixed_directory(tmp_path):
     assert sorted(doc.text for doc in corpus.documents) == ["alpha text", "beta text", "gamma text",
                                                             "plain file"]
     assert corpus.skipped == [("part.parquet#2", "empty")]
-    with pytest.raises(UserError, match="no usable text"):
+    with pytest.raises(UserError, match=r"no column 'missing' \(has content\).*data.text_field=NAME"):
         load_corpus(str(d / "part.parquet"), text_field="missing")
+    with pytest.raises(UserError, match=r"no field 'missing' \(has content\).*data.text_field=NAME"):
+        load_corpus(str(d / "more.jsonl"), text_field="missing")
 
 
 def test_train_on_a_jsonl_source(tmp_path, text_corpus):
@@ -94,6 +96,8 @@ def test_hugging_face_dataset_from_disk_and_clear_error_offline(tmp_path):
     corpus = load_corpus(str(tmp_path / "saved"))
     assert [d.text for d in corpus.documents] == ["one paper body", "another paper"]
     assert corpus.skipped == [("saved#2", "empty")]
+    with pytest.raises(UserError, match=r"no text in field 'body' \(has text, id\).*data.text_field=NAME"):
+        load_corpus(str(tmp_path / "saved"), text_field="body")  # which field to name, and where
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
     res = subprocess.run([sys.executable, "-m", "moelab", "data", "prepare", "hf:nobody/no-such-dataset",
                           "--out", str(tmp_path / "p")], capture_output=True, text=True, env=env, timeout=120)
