@@ -88,7 +88,10 @@ def export(run: str, to: str, out: str, arch: str = "auto") -> Path:
     from moelab.train.checkpoint import load_model, resolve_checkpoint
 
     if to != "hf":
-        raise UserError(f"unknown export format '{to}' (supported: hf)")
+        from moelab.models.hf import ARCHS
+
+        hint = f"; for that architecture: --to hf --arch {to}" if to in ARCHS else ""
+        raise UserError(f"unknown export format '{to}' (supported: hf){hint}")
     model = load_model(run)
     path = export_hf(model, out, arch)
     ckpt = resolve_checkpoint(run)

@@ -170,3 +170,5 @@ def test_trained_run_exports_and_converts_via_cli(tmp_path):
     assert res.returncode == 2 and "not empty" in res.stderr
     res = cli("convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))  # convert has no --resume
     assert res.returncode == 2 and "not empty" in res.stderr and "--resume" not in res.stderr
+    res = cli("export", str(run), "--to", "mixtral", "--out", str(tmp_path / "hf2"))  # the arch is --arch
+    assert res.returncode == 2 and "--to hf --arch mixtral" in res.stderr and not (tmp_path / "hf2").exists()
