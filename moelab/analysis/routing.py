@@ -157,8 +157,10 @@ def format_analysis(a: dict) -> str:
         lines.append("train vs val drift (Jensen-Shannon, bits): "
                      + ", ".join(f"layer {n} {_fmt(v, 4)}" for n, v in zip(a["layers"], a["train_val_js"])))
     if "checkpoints_js" in a:
+        steps = list(a["checkpoints_verdicts"])  # every checkpoint's step; the JS keys are the later ones
         lines.append("drift between checkpoints (JS bits, per layer): " + "; ".join(
-            f"->{k}: " + " ".join(_fmt(v, 4) for v in vals) for k, vals in a["checkpoints_js"].items()))
+            f"step {before}->{k}: " + " ".join(_fmt(v, 4) for v in vals)
+            for before, (k, vals) in zip(steps, a["checkpoints_js"].items())))
     for split, layers in a.get("coactivation", {}).items():
         for name, c in zip(a["layers"], layers):
             pairs = ", ".join(f"{p['experts'][0]}+{p['experts'][1]} {p['share']:.1%} (lift {p['lift']:.2f})"

@@ -163,6 +163,8 @@ def test_run_analysis_has_both_splits_checkpoints_and_steps(trained, tmp_path):
     a = json.loads((tmp_path / "r" / "routing.json").read_text())
     assert set(a["splits"]) == {"train", "val"} and len(a["train_val_js"]) == 2
     assert sorted(int(k) for k in a["checkpoints_js"]) == [20, 30]  # checkpoints at 10, 20, 30
+    assert "drift between checkpoints (JS bits, per layer): step 10->20: " in res.stdout  # not "->20"
+    assert "; step 20->30: " in res.stdout
     assert len(a["steps_js"]) >= 4  # training counts logged every 5 updates
     assert set(a["plots"]) == {"layers", "steps", "checkpoints", "coactivation"}
     ckpt = trained / "run" / "checkpoints" / "step_0000020"
