@@ -36,7 +36,7 @@ from moelab.train import checkpoint as ck
 from moelab.train.faults import FaultPlan, StopSignals, UpdateGuard
 from moelab.train.host import cpu_precision_note, keep_freed_memory
 from moelab.train.monitor import Sinks, flops_per_token, is_rank0, peak_memory_gb, peak_tflops, plot_curves
-from moelab.train.rundir import metrics_until, new_run_dir, provenance
+from moelab.train.rundir import RunLock, metrics_until, new_run_dir, provenance
 
 
 @dataclass
@@ -58,6 +58,7 @@ class Run:
     resumed_from: Path | None = None
     changed_on_resume: list[str] = field(default_factory=list)  # "key old -> new" against the checkpoint
     set_aside: Path | None = None  # where a rewind in place moved the abandoned later checkpoints
+    lock: RunLock | None = None  # held from setup to the end of train()
 
 
 def config_changes(before: Config, after: Config) -> list[str]:
@@ -117,14 +118,20 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
         run_dir = new_run_dir(out, cfg.preset + ("-smoke" if smoke else ""))
     fresh = not (run_dir.exists() and any(run_dir.iterdir()))  # new_run_dir: absent or empty
     existed = run_dir.exists()
+    lock = RunLock(run_dir)
+    if is_rank0():
+        lock.acquire()  # before anything is written; a failure here removes nothing
     try:
-        return _setup(cfg, run_dir, ckpt, smoke)
+        run = _setup(cfg, run_dir, ckpt, smoke)
     except BaseException:
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
             if existed:
                 run_dir.mkdir()
+        lock.release()
         raise
+    run.lock = lock
+    return run
 
 
 def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
@@ -398,6 +405,13 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
     if done is not None:
         return done
     run = setup(cfg, out, resume, overrides, smoke)
+    try:
+        return _train(run, choice, asked, progress, smoke)
+    finally:
+        run.lock.release()
+
+
+def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -> dict:
     cfg, t = run.cfg, run.cfg.train
     if (t.choice_tasks, t.choice_limit) != asked:  # a resumed run's own saved settings
         choice = _load_choice_tasks(t)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -28,6 +29,47 @@ def new_run_dir(out: str | None, preset: str, resumable: bool = True) -> Path:
     return p
 
 
+class RunLock:
+    """An advisory lock on a run directory, held by the one process that trains it, so that a
+    second `moelab train --resume auto` (a requeued job, another terminal) cannot interleave its
+    checkpoints and metrics with the first. `flock` on RUN/.moelab.lock: the kernel releases it when
+    the holder exits, however it dies, so no stale lock survives a kill. POSIX only (elsewhere: no
+    lock)."""
+
+    NAME = ".moelab.lock"
+
+    def __init__(self, run_dir: Path):
+        self.path, self._fh = run_dir / self.NAME, None
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = self.path.open("a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip()
+            fh.close()
+            raise UserError(f"{self.path.parent} is being trained by another process"
+                            + (f" (pid {holder})" if holder.isdigit() else "")
+                            + "; wait for it to finish or stop it, or choose another --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the descriptor drops the lock
+            self._fh = None
+
+
 def git_sha() -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]
@@ -43,8 +85,6 @@ def provenance() -> dict:
     import torch
 
     import moelab
-
-    import os
 
     return {"command": sys.argv, "cwd": os.getcwd(), "git_sha": git_sha(), "moelab": moelab.__version__,
             "python": platform.python_version(), "torch": torch.__version__,

@@ -229,3 +229,31 @@ def test_resuming_a_checkpoint_past_train_steps_is_refused(reference, tmp_path):
     res = _moelab("train", "--resume", str(run / "checkpoints" / "step_0000020"), "train.steps=10")
     assert res.returncode == 2 and "is at update 20, past train.steps=10" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr and _file_bytes(run) == before
+
+
+def test_a_run_being_trained_is_refused_to_a_second_process(prepared, tmp_path):
+    """A second `--resume auto` on a run that another process is training (a requeued job, a second
+    terminal) interleaved both processes' checkpoints and metrics. It is refused, naming the holder,
+    and removes nothing; once the holder has exited (SIGTERM here), the run resumes."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "moelab", "train", "--preset", "test", "--out", str(run),
+                              f"data.path={prepared}", "train.steps=100000", "train.save_every=5",
+                              "train.threads=1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(run) and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert list_checkpoints(run), first.stderr.read() if first.poll() is not None else "no checkpoint in 120 s"
+        res = _train(run, prepared, resume=True)
+        assert res.returncode == 2 and f"is being trained by another process (pid {first.pid})" in res.stderr, \
+            res.stderr
+        assert first.poll() is None and (run / "config.yaml").is_file() and list_checkpoints(run)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 0
+    step = load_trainer_state(list_checkpoints(run)[-1])["step"]
+    res = _train(run, prepared, f"train.steps={step + 2}", resume=True)
+    assert res.returncode == 0 and f"resumed at step {step}" in res.stderr, res.stderr
