@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 
-def moelab(*args, cwd=None):
+def moelab(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "moelab", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+                          cwd=cwd, timeout=300, env=env)
 
 
 def _assert_user_error(res, *needles):
@@ -174,6 +174,19 @@ def test_resume_with_another_model_shape_is_one_line(trained, tmp_path):
         assert not (tmp_path / "fork").exists()
     res = moelab("train", "--resume", str(src), "--out", str(tmp_path / "fork"), "train.seq_len=24")
     _assert_user_error(res, "data changed since checkpoint step_0000010 (train.seq_len 64 -> 24)")
+
+
+def test_compile_without_a_cpp_compiler_is_one_line_before_any_work(tmp_path):
+    """torch.compile on CPU builds C++ kernels; with no compiler the run prepared its data and then
+    died in the first update with an inductor traceback."""
+    import os
+
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"))  # inductor's compiler setting
+    res = moelab("train", "--preset", "test", "--out", str(tmp_path / "run"), "train.compile=true",
+                 "train.device=cpu", env=env)
+    _assert_user_error(res, "train.compile=true: torch.compile on CPU needs a working C++ compiler",
+                       "train.compile=false")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nothing can be created")

@@ -94,3 +94,25 @@ def cpu_precision_note(device: torch.device, precision: str, dtype: torch.dtype 
     if dtype is None:
         return bf16_speedup_note(cpu_matmul_slowdown(torch.bfloat16), faster) if faster else None
     return half_precision_note(precision, cpu_matmul_slowdown(dtype), fix)
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile's default backend (inductor) cannot build kernels for `device` on this
+    machine, or None. Checked when the run is set up: otherwise the first update fails after data
+    preparation with an inductor traceback. A torch without these helpers is not second-guessed."""
+    try:
+        if device.type == "cpu":
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        elif device.type == "cuda":
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "torch.compile on CUDA needs triton (pip install triton)"
+    except (ImportError, AttributeError):
+        return None
+    except Exception as exc:  # noqa: BLE001 - InvalidCxxCompiler and the like
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        return f"torch.compile on CPU needs a working C++ compiler such as g++ or clang ({detail})"
+    return None

@@ -34,7 +34,7 @@ from moelab.optim.groups import HybridOptimizer
 from moelab.optim.schedules import lr_factor, schedule_state
 from moelab.train import checkpoint as ck
 from moelab.train.faults import FaultPlan, StopSignals, UpdateGuard
-from moelab.train.host import cpu_precision_note, keep_freed_memory
+from moelab.train.host import compile_unavailable, cpu_precision_note, keep_freed_memory
 from moelab.train.monitor import Sinks, flops_per_token, is_rank0, peak_memory_gb, peak_tflops, plot_curves
 from moelab.train.rundir import RunLock, metrics_until, new_run_dir, provenance
 
@@ -144,6 +144,8 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
     if t.threads:
         torch.set_num_threads(t.threads)
     device = resolve_device(t.device)
+    if t.compile and (why := compile_unavailable(device)):
+        raise UserError(f"train.compile=true: {why}; install it or set train.compile=false")
     if device.type == "cpu" and t.keep_freed_memory:
         keep_freed_memory()
     seed_all(t.seed)
