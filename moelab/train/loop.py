@@ -59,6 +59,7 @@ class Run:
     changed_on_resume: list[str] = field(default_factory=list)  # "key old -> new" against the checkpoint
     set_aside: Path | None = None  # where a rewind in place moved the abandoned later checkpoints
     lock: RunLock | None = None  # held from setup to the end of train()
+    sinks: Sinks | None = None  # metrics.jsonl, TensorBoard, W&B: opened last in setup
 
 
 def config_changes(before: Config, after: Config) -> list[str]:
@@ -175,6 +176,8 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
         _restore(run, ckpt)
         if run_dir == ckpt.parent.parent:
             run.set_aside = _set_aside_later(run_dir, run.step)
+    # within set-up, so that a failing W&B start removes the new run directory like any other failure
+    run.sinks = Sinks(run_dir, run.step, t.tensorboard, t.wandb, cfg.to_dict())
     return run
 
 
@@ -417,7 +420,7 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
     cfg, t = run.cfg, run.cfg.train
     if (t.choice_tasks, t.choice_limit) != asked:  # a resumed run's own saved settings
         choice = _load_choice_tasks(t)
-    sinks = Sinks(run.run_dir, run.step, t.tensorboard, t.wandb, cfg.to_dict())
+    sinks = run.sinks
     say = _printer(progress)
     faults = FaultPlan()
     n_params = run.model.num_parameters()

@@ -90,8 +90,7 @@ class Sinks:
         from moelab.train.rundir import MetricsLog
 
         self.rank0 = is_rank0()
-        self.jsonl = MetricsLog(run_dir / "metrics.jsonl", keep_until_step) if self.rank0 else None
-        self.tb = self.wandb = None
+        self.jsonl = self.tb = self.wandb = None
         if not self.rank0:
             return
         if tensorboard:
@@ -106,8 +105,18 @@ class Sinks:
                 import wandb
             except ImportError:
                 raise UserError("train.wandb=PROJECT needs the wandb package: pip install 'moelab[wandb]'") from None
-            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config,
-                                    name=run_dir.name, resume="allow", id=_wandb_id(run_dir))
+            try:
+                self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config,
+                                        name=run_dir.name, resume="allow", id=_wandb_id(run_dir))
+            except Exception as exc:  # noqa: BLE001 - no API key, no network, a bad project name, ...
+                if self.tb is not None:
+                    self.tb.close()
+                detail = str(exc).splitlines()[0][:160] if str(exc) else ""
+                raise UserError(f"train.wandb={wandb_project}: W&B could not start ({type(exc).__name__}: "
+                                f"{detail}); run `wandb login`, set WANDB_MODE=offline to log locally, "
+                                "or leave train.wandb empty") from None
+        # last: on resume this drops the records after the resumed update, once nothing else can fail
+        self.jsonl = MetricsLog(run_dir / "metrics.jsonl", keep_until_step)
 
     def write(self, record: dict) -> None:
         if self.jsonl is None:

@@ -275,6 +275,25 @@ def test_wandb_gets_the_logged_scalars_and_a_resume_continues_its_run(tmp_path, 
     assert {r["_step"] for r in val} >= {4, 8}
 
 
+def test_wandb_that_cannot_start_is_one_line_and_leaves_no_run(tmp_path, prepared):
+    """With no W&B login (and no offline mode) wandb.init raised a traceback after set-up, leaving a
+    run directory without a checkpoint that blocked the corrected command. The real client, refused."""
+    pytest.importorskip("wandb")
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"), NETRC=str(tmp_path / "no-netrc"))
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "moelab", "train", "--preset", "test", "--out", str(run),
+                          f"data.path={prepared}", "train.steps=2", "train.wandb=moelab-test"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "train.wandb=moelab-test: W&B could not start" in res.stderr and "WANDB_MODE=offline" in res.stderr
+    assert not run.exists()
+
+
 def test_flops_per_token_counts_active_matmuls():
     """6 x active matmul parameters (no embedding lookup, no norms) + causal attention, checked
     against a hand count."""
