@@ -231,7 +231,9 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
         if not ckpts:
             if run_dir.exists() and any(run_dir.iterdir()):
                 if (run_dir / "config.yaml").is_file():
-                    raise UserError(f"{run_dir} has no complete checkpoint to resume from")
+                    raise UserError(f"{run_dir} has no complete checkpoint to resume from: it stopped before its "
+                                    "first save (its metrics.jsonl shows how far it got); remove that folder and "
+                                    "start again, or choose another --out")
                 raise UserError(f"{run_dir} is not a run and not empty: there is nothing to resume, and a new run "
                                 "would write among its files; choose another --out")
             return run_dir, None, cfg  # nothing to resume: a fresh run in that directory

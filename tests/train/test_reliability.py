@@ -143,6 +143,12 @@ def test_nan_with_raise_stops_without_saving_the_bad_update(prepared, tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "non-finite loss at update 12" in res.stderr.strip().splitlines()[-1]
     assert [c.name for c in list_checkpoints(run)] == ["step_0000010"]
+    early = tmp_path / "early"  # stopped before its first save: say how to start again
+    res = _train(early, prepared, "train.nonfinite=raise", faults="nan@3")
+    assert res.returncode == 2 and not list_checkpoints(early) and (early / "config.yaml").is_file()
+    res = _train(early, prepared, resume=True)
+    assert res.returncode == 2 and "stopped before its first save" in res.stderr, res.stderr
+    assert "remove that folder and start again" in res.stderr
 
 
 def test_loss_spike_is_skipped_and_counted(prepared, tmp_path):
