@@ -91,6 +91,15 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, config
     return final
 
 
+def add_to_meta(ckpt: Path, extra: dict) -> None:
+    """Merge `extra` into a checkpoint's meta.json, atomically (a new file renamed over the old)."""
+    meta = json.loads((ckpt / "meta.json").read_text())
+    tmp = ckpt / f".meta-{os.getpid()}.json"
+    tmp.write_text(json.dumps({**meta, **extra}, indent=1))
+    _fsync(tmp)
+    os.replace(tmp, ckpt / "meta.json")
+
+
 def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
     """Delete all but the newest `keep_last` step checkpoints (0 keeps all); `best` is never
     touched. Leftover temporary directories of killed writers are removed too."""

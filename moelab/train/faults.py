@@ -17,6 +17,7 @@ uninterrupted one would.
   kill@K       SIGKILL to this process during update K   term@K       SIGTERM during update K
   kill_save@K:N  SIGKILL after N files of the checkpoint of update K are written
   oom@K        raise torch.OutOfMemoryError in update K
+  kill_eval@K, term_eval@K  SIGKILL / SIGTERM as the final evaluation after update K starts
 """
 
 from __future__ import annotations
@@ -151,6 +152,14 @@ class FaultPlan:
         if ("term", step) in self.faults:
             os.kill(os.getpid(), signal.SIGTERM)
         if ("kill", step) in self.faults:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def final_eval(self, step: int) -> None:
+        """Called as the final evaluation after update `step` starts: `kill_eval@K` SIGKILLs it,
+        `term_eval@K` sends SIGTERM."""
+        if ("term_eval", step) in self.faults:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if ("kill_eval", step) in self.faults:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def save_hook(self, step: int):

@@ -502,14 +502,23 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
                          f"`moelab train --resume auto --out {run.run_dir}`")
         final = None
     else:
-        final = run_eval(run, full=True)
-        final.update(xz_bits_per_byte(spread_windows(run.data.val_windows, t.final_eval_windows),
-                                      run.data.tokenizer.token_bytes()))
-        sinks.write({"step": run.step, "split": "val", "final": True, **final})
-        if choice:
-            final["choice"] = _run_choice(run, choice, sinks, say)
-        if last_saved != run.step or not ck.list_checkpoints(run.run_dir):
-            save(run, {"val": final}, faults=faults)
+        # the last updates are saved before the final evaluation (minutes on a large validation
+        # split), so a kill during it loses none; a SIGTERM or Ctrl-C meanwhile waits for it to end
+        # (a second Ctrl-C stops at once)
+        saved = (save(run, {"train_loss": window.last_loss}, faults=faults)
+                 if last_saved != run.step or not ck.list_checkpoints(run.run_dir) else None)
+        with StopSignals():
+            if faults:
+                faults.final_eval(run.step)
+            final = run_eval(run, full=True)
+            final.update(xz_bits_per_byte(spread_windows(run.data.val_windows, t.final_eval_windows),
+                                          run.data.tokenizer.token_bytes()))
+            sinks.write({"step": run.step, "split": "val", "final": True, **final})
+            if choice:
+                final["choice"] = _run_choice(run, choice, sinks, say)
+        last = saved or run.run_dir / "checkpoints" / f"{ck.CKPT_PREFIX}{run.step:07d}"
+        if (last / "meta.json").is_file():  # the final metrics, with the weights they measured
+            ck.add_to_meta(last, {"val": final})
     sinks.close()
     if t.plot and is_rank0():
         plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")

@@ -263,3 +263,24 @@ def test_a_run_being_trained_is_refused_to_a_second_process(prepared, tmp_path):
     step = load_trainer_state(list_checkpoints(run)[-1])["step"]
     res = _train(run, prepared, f"train.steps={step + 2}", resume=True)
     assert res.returncode == 0 and f"resumed at step {step}" in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_a_kill_or_sigterm_during_the_final_evaluation_loses_no_update(prepared, reference, tmp_path):
+    """The last updates (31-40) were saved only after the final evaluation, so a kill during that
+    evaluation lost them and a resume redid them from step 30. Now they are saved first: SIGKILL
+    leaves step 40 to resume from (only the evaluation is redone), and SIGTERM lets the evaluation
+    finish and the run complete, exit 0."""
+    run = tmp_path / "run"
+    assert _train(run, prepared, faults="kill_eval@40").returncode == -9
+    assert list_checkpoints(run)[-1].name == "step_0000040" and not (run / "summary.json").exists()
+    res = _train(run, prepared, resume=True)
+    assert res.returncode == 0 and "resumed at step 40" in res.stderr, res.stderr
+    _assert_same_run(reference, run)
+    ref = json.loads((reference / "summary.json").read_text())
+    assert json.loads((run / "summary.json").read_text())["val_loss"] == ref["val_loss"]
+    meta = json.loads((list_checkpoints(run)[-1] / "meta.json").read_text())
+    assert meta["val"]["loss"] == ref["val_loss"] and meta["step"] == 40
+    termed = tmp_path / "termed"
+    res = _train(termed, prepared, faults="term_eval@40")
+    assert res.returncode == 0 and json.loads((termed / "summary.json").read_text())["val_loss"] == ref["val_loss"]
