@@ -89,17 +89,30 @@ class TextTokenizer:
         return self.tk.decode(ids, skip_special_tokens=False)
 
     def token_bytes(self) -> list[bytes]:
-        """The UTF-8 bytes each token stands for (a byte-level token may hold part of a character);
-        b"" for special tokens."""
-        symbol_byte = _byte_level_symbols()
+        """The UTF-8 bytes each token stands for (a byte-level or byte-fallback token may hold part
+        of a character); b"" for special tokens. Three vocabularies are read token by token:
+        byte-level BPE (GPT-2's alphabet, one symbol per byte); SentencePiece-style pieces (Llama,
+        Mistral, Mixtral: "▁" stands for a space, `<0xNN>` for one byte), where decoding a
+        piece alone would drop its leading space and turn a partial character into U+FFFD; any
+        other token is decoded. SentencePiece also writes a space before each document's first
+        word that the text does not have: at most one byte per document is counted in excess."""
+        import re
+
         specials = {t.content for t in self.tk.get_added_tokens_decoder().values() if t.special}
+        byte_level, space, fallback = _vocabulary_kind(self.tk)
+        symbol_byte = _byte_level_symbols() if byte_level or not space else {}
+        byte_piece = re.compile(r"<0x([0-9A-Fa-f]{2})>")
         table = []
         for i in range(self.vocab_size):
             s = self.tk.id_to_token(i)
-            if s is None or s in specials:
+            if s is not None and fallback and (m := byte_piece.fullmatch(s)):
+                table.append(bytes([int(m[1], 16)]))
+            elif s is None or s in specials:
                 table.append(b"")
-            elif all(ch in symbol_byte for ch in s):  # byte-level: one symbol per byte
+            elif symbol_byte and all(ch in symbol_byte for ch in s):  # byte-level: one symbol per byte
                 table.append(bytes(symbol_byte[ch] for ch in s))
+            elif space:
+                table.append(s.replace(space, " ").encode("utf-8"))
             else:
                 table.append(self.tk.decode([i]).encode("utf-8"))
         return table
@@ -114,6 +127,27 @@ class TextTokenizer:
         self.tk.save(str(path))
         (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": self.eos_token}))
         return path
+
+
+def _vocabulary_kind(tk) -> tuple[bool, str | None, bool]:
+    """(byte-level: a ByteLevel pre-tokenizer or decoder; the symbol that stands for a space in
+    SentencePiece-style token strings, or None: a Metaspace pre-tokenizer or decoder, or a decoder
+    that replaces a symbol by a space, as in Llama's and Mistral's tokenizer.json; whether
+    `<0xNN>` tokens are single bytes: BPE byte fallback), read from the tokenizer's JSON."""
+    spec = json.loads(tk.to_str())
+    byte_level, space = False, None
+    parts = []
+    for key in ("pre_tokenizer", "decoder"):
+        node = spec.get(key) or {}
+        parts += node.get("pretokenizers") or node.get("decoders") or [node]
+    for part in parts:
+        if part.get("type") == "ByteLevel":
+            byte_level = True
+        elif part.get("type") == "Metaspace":
+            space = part.get("replacement") or "\u2581"
+        elif part.get("type") == "Replace" and part.get("content") == " ":
+            space = (part.get("pattern") or {}).get("String") or space
+    return byte_level, None if byte_level else space, bool((spec.get("model") or {}).get("byte_fallback"))
 
 
 def _byte_level_symbols() -> dict[str, int]:

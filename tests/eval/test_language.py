@@ -51,6 +51,47 @@ def test_token_bytes_are_the_text_bytes(trained):
     assert b"".join(table[t] for t in tok.encode(text)) == text.encode("utf-8")
 
 
+def _sentencepiece_style_tokenizer(texts):
+    """A tokenizer.json shaped as Llama's and Mistral's are: BPE with byte fallback (<0x00>..<0xFF>
+    in the model's vocabulary), a Metaspace pre-tokenizer, and the Replace/ByteFallback/Fuse/Strip
+    decoder. Built with `tokenizers`: trained, then rebuilt with the byte pieces added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    def shaped(model):
+        tk = Tokenizer(model)
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                        decoders.Strip(" ", 1, 0)])
+        return tk
+
+    trained = shaped(models.BPE(unk_token="<unk>"))
+    trained.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    spec = json.loads(trained.to_str())["model"]
+    vocab = dict(spec["vocab"])
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    return shaped(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+
+
+def test_token_bytes_of_a_sentencepiece_style_vocabulary_are_the_text_bytes():
+    """Mixtral's and Llama's tokenizers: decoding a piece alone dropped the space its "\u2581" stands
+    for and turned each <0xNN> byte of a character outside the vocabulary into U+FFFD, so bits per
+    byte counted 25% too few bytes of Python source. Now the bytes are the text's, plus the one
+    space SentencePiece writes before the first word."""
+    from moelab.data.tokenizer import TextTokenizer
+
+    texts = ["def route(tokens, k):\n    return topk(tokens, k)  # the router\n" * 3,
+             "load balancing loss for the experts of each layer\n" * 3]
+    tok = TextTokenizer(_sentencepiece_style_tokenizer(texts), "</s>")
+    table = tok.token_bytes()
+    for text in ("def f(x):\n    return x   # caf\u00e9 na\u00efve \u2713 \u6f22\u5b57 \U0001f600\n\tend",
+                 "experts  of\n\n the router"):
+        ids = tok.encode(text)
+        assert any(tok.tk.id_to_token(i).startswith("<0x") for i in ids) or "experts" in text  # bytes used
+        assert b"".join(table[i] for i in ids) == (" " + text).encode("utf-8"), [tok.tk.id_to_token(i) for i in ids]
+
+
 def test_xz_reference_equals_the_xz_program(trained, tmp_path):
     target = load_target(str(trained / "run"))
     windows, _ = eval_windows_for(target, "val", None, None, 64)
