@@ -270,19 +270,29 @@ def _fork(ckpt: Path, run_dir: Path) -> None:
             shutil.copytree(source / name, run_dir / name, copy_function=_link_or_copy)
     if (source / "metrics.jsonl").is_file():
         (run_dir / "metrics.jsonl").write_text(metrics_until(source / "metrics.jsonl", step))
+    best = source / "checkpoints" / "best"
+    try:  # the best evaluation up to CKPT is the fork's best too (its trainer state says so)
+        best_step = json.loads((best / "meta.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        best_step = None
+    if best_step is not None and best_step <= step and (best / "model.safetensors").is_file():
+        # checkpoint files are never rewritten in place (a save renames a new directory over the
+        # old one), so links cannot carry a write from one run into the other
+        shutil.copytree(best, run_dir / "checkpoints" / "best", copy_function=_link_or_copy_any)
+
+
+def _link_or_copy_any(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or no hard links here
+        shutil.copy2(src, dst)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
     """Token shards (.bin, .npy: written once, never rewritten) are hard-linked where possible; any
     other file (split.json, the manifest: rewritten in place) is copied, so a link cannot carry a
     write from one run into the other."""
-    if src.endswith((".bin", ".npy")):
-        try:
-            os.link(src, dst)
-            return
-        except OSError:  # another file system, or no hard links here
-            pass
-    shutil.copy2(src, dst)
+    (_link_or_copy_any if src.endswith((".bin", ".npy")) else shutil.copy2)(src, dst)
 
 
 def _already_complete(resume: str, out: str | None, cfg: Config, overrides) -> dict | None:

@@ -189,6 +189,13 @@ def test_resume_from_a_checkpoint_into_a_new_folder_forks_the_run(tmp_path, text
     assert (tmp_path / "fork" / "tokenizer" / "tokenizer.json").read_bytes() == \
         (src / "tokenizer" / "tokenizer.json").read_bytes()
     assert [p.name for p in list_checkpoints(tmp_path / "fork")][-1] == "step_0000006"
+    best = src / "checkpoints" / "best"
+    assert json.loads((best / "meta.json").read_text())["step"] == 4
+    run("fork4", resume=str(src / "checkpoints" / "step_0000004"))  # the source's best is the fork's too
+    fork_best = tmp_path / "fork4" / "checkpoints" / "best"
+    assert json.loads((fork_best / "meta.json").read_text())["step"] == 4
+    assert (fork_best / "model.safetensors").read_bytes() == (best / "model.safetensors").read_bytes()
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):  # a fork needs a new (or empty) folder
