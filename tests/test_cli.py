@@ -1,5 +1,6 @@
 """User errors: one clear line on stderr, exit code 2, no traceback, nothing overwritten."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,13 @@ def test_resume_with_another_model_shape_is_one_line(trained, tmp_path):
         assert not (tmp_path / "fork").exists()
     res = moelab("train", "--resume", str(src), "--out", str(tmp_path / "fork"), "train.seq_len=24")
     _assert_user_error(res, "data changed since checkpoint step_0000010 (train.seq_len 64 -> 24)")
+    run = tmp_path / "run"  # in place: the refused resume rewrote the run's config.yaml and run.json
+    shutil.copytree(trained / "run", run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".moelab.lock"}
+    for override in ("model.d_model=48", "train.seq_len=24"):
+        res = moelab("train", "--resume", str(run / "checkpoints" / "step_0000010"), override)
+        assert res.returncode == 2, res.stderr
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".moelab.lock"} == before
 
 
 def test_compile_without_a_cpp_compiler_is_one_line_before_any_work(tmp_path):

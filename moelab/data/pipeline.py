@@ -38,7 +38,7 @@ def pdf_filters(cfg: DataConfig):
                       cfg.pdf_ascii_only)
 
 
-def _from_prepared(cfg: DataConfig, seq_len: int, run_dir: Path) -> Dataset:
+def _from_prepared(cfg: DataConfig, seq_len: int, run_dir: Path, write_report: bool = True) -> Dataset:
     from moelab.data.prepare import load_prepared
 
     tokenizer, train_w, val_w, manifest = load_prepared(cfg.path, seq_len)
@@ -57,10 +57,15 @@ def _from_prepared(cfg: DataConfig, seq_len: int, run_dir: Path) -> Dataset:
               "skipped": manifest["skipped"],
               "val_documents": manifest["splits"]["val"]["document_names"],
               "train_documents": manifest["splits"]["train"]["document_names"]}
-    (run_dir / "data").mkdir(parents=True, exist_ok=True)
-    (run_dir / "data" / "split.json").write_text(json.dumps(report, indent=1))
+    if write_report:
+        write_split_report(run_dir, report)
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.float64)
     return Dataset(tokenizer, train_w, val_w, token_bytes, report["fingerprint"], report)
+
+
+def write_split_report(run_dir: Path, report: dict) -> None:
+    (run_dir / "data").mkdir(parents=True, exist_ok=True)
+    (run_dir / "data" / "split.json").write_text(json.dumps(report, indent=1))
 
 
 RUN_PREPARED = Path("data") / "prepared"
@@ -95,9 +100,11 @@ def _prepare_into_run(cfg: DataConfig, run_dir: Path) -> Path:
                    tokenizer_train_bytes=cfg.tokenizer_train_bytes, request=want)
 
 
-def build_dataset(cfg: DataConfig, seq_len: int, run_dir: Path) -> Dataset:
-    """Prepared data (`data.path`) as is; a raw source is first prepared into the run directory."""
+def build_dataset(cfg: DataConfig, seq_len: int, run_dir: Path, write_report: bool = True) -> Dataset:
+    """Prepared data (`data.path`) as is; a raw source is first prepared into the run directory.
+    `write_report`: write RUN/data/split.json now (else the caller writes `Dataset.report` once the
+    run is set up, so a resume that fails leaves the run's files as they were)."""
     if cfg.path:
-        return _from_prepared(cfg, seq_len, run_dir)
+        return _from_prepared(cfg, seq_len, run_dir, write_report)
     prepared = _prepare_into_run(cfg, run_dir)
-    return _from_prepared(DataConfig(**{**cfg.__dict__, "path": str(prepared)}), seq_len, run_dir)
+    return _from_prepared(DataConfig(**{**cfg.__dict__, "path": str(prepared)}), seq_len, run_dir, write_report)

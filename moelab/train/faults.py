@@ -18,6 +18,7 @@ uninterrupted one would.
   kill_save@K:N  SIGKILL after N files of the checkpoint of update K are written
   oom@K        raise torch.OutOfMemoryError in update K
   kill_eval@K, term_eval@K  SIGKILL / SIGTERM as the final evaluation after update K starts
+  kill_data@0  SIGKILL as a new run starts preparing its data
 """
 
 from __future__ import annotations
@@ -152,6 +153,11 @@ class FaultPlan:
         if ("term", step) in self.faults:
             os.kill(os.getpid(), signal.SIGTERM)
         if ("kill", step) in self.faults:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def data_preparation(self) -> None:
+        """Called as a new run starts preparing its data: `kill_data@0` SIGKILLs it there."""
+        if ("kill_data", 0) in self.faults:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def final_eval(self, step: int) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from moelab.config import Config
 from moelab.data.loader import BatchLoader
-from moelab.data.pipeline import Dataset, build_dataset
+from moelab.data.pipeline import Dataset, build_dataset, write_split_report
 from moelab.errors import UserError
 from moelab.eval.language import xz_bits_per_byte
 from moelab.eval.metrics import evaluate, spread_windows
@@ -36,7 +36,7 @@ from moelab.train import checkpoint as ck
 from moelab.train.faults import FaultPlan, StopSignals, UpdateGuard
 from moelab.train.host import compile_unavailable, cpu_precision_note, keep_freed_memory
 from moelab.train.monitor import Sinks, flops_per_token, is_rank0, peak_memory_gb, peak_tflops, plot_curves
-from moelab.train.rundir import RunLock, metrics_until, new_run_dir, provenance
+from moelab.train.rundir import RunLock, has_entries, metrics_until, new_run_dir, provenance
 
 
 @dataclass
@@ -59,6 +59,7 @@ class Run:
     changed_on_resume: list[str] = field(default_factory=list)  # "key old -> new" against the checkpoint
     set_aside: Path | None = None  # where a rewind in place moved the abandoned later checkpoints
     lock: RunLock | None = None  # held from setup to the end of train()
+    restarted: bool = False  # --resume auto on a run that had stopped before its first checkpoint
     sinks: Sinks | None = None  # metrics.jsonl, TensorBoard, W&B: opened last in setup
 
 
@@ -117,13 +118,21 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
         run_dir, ckpt, cfg = _resume_target(resume, out, cfg, overrides)
     else:
         run_dir = new_run_dir(out, cfg.preset + ("-smoke" if smoke else ""))
-    fresh = not (run_dir.exists() and any(run_dir.iterdir()))  # new_run_dir: absent or empty
+    fresh = not (run_dir.exists() and has_entries(run_dir))  # new_run_dir: absent or empty
     existed = run_dir.exists()
+    restart = bool(resume) and ckpt is None and (run_dir / "config.yaml").is_file()
     lock = RunLock(run_dir)
     if is_rank0():
         lock.acquire()  # before anything is written; a failure here removes nothing
     try:
+        if restart:  # the earlier attempt's records would precede the new ones at the same steps
+            for name in ("metrics.jsonl", "summary.json"):
+                (run_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+            for tmp in (run_dir / "data").glob(".tmp-*"):  # a data preparation it was killed in
+                shutil.rmtree(tmp, ignore_errors=True)
         run = _setup(cfg, run_dir, ckpt, smoke)
+        run.restarted = restart
     except BaseException:
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -141,6 +150,8 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
     if smoke:
         apply_smoke(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt is None:  # marks the folder as a run at once: one killed while preparing data is restartable
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -150,11 +161,11 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
     if device.type == "cpu" and t.keep_freed_memory:
         keep_freed_memory()
     seed_all(t.seed)
-    data = build_dataset(cfg.data, t.seq_len, run_dir)
+    if ckpt is None:
+        FaultPlan().data_preparation()
+    data = build_dataset(cfg.data, t.seq_len, run_dir, write_report=False)
     cfg.resolve(vocab_size=data.tokenizer.vocab_size)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
     origin = provenance()  # git SHA and versions, recorded once per process and in every checkpoint
-    (run_dir / "run.json").write_text(json.dumps(origin, indent=1))
     if data.train_windows.shape[0] < t.batch_size:
         raise UserError(f"training split has {data.train_windows.shape[0]} windows, fewer than "
                         f"train.batch_size={t.batch_size}; use more text or a smaller batch")
@@ -178,6 +189,10 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
             run.set_aside = _set_aside_later(run_dir, run.step)
     # within set-up, so that a failing W&B start removes the new run directory like any other failure
     run.sinks = Sinks(run_dir, run.step, t.tensorboard, t.wandb, cfg.to_dict())
+    # last: a resume refused above (another model shape, other data) leaves the run's files as they were
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    (run_dir / "run.json").write_text(json.dumps(origin, indent=1))
+    write_split_report(run_dir, data.report)
     return run
 
 
@@ -220,20 +235,19 @@ def apply_smoke(cfg: Config) -> None:
 
 def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
     """`--resume auto` continues --out (or the newest run of the preset); `--resume PATH` a
-    checkpoint or run directory. The run's own resolved config is the base; overrides apply."""
-    import yaml
-
+    checkpoint or run directory. The run's own resolved config is the base; overrides apply. A run
+    that stopped before its first checkpoint (killed or preempted while preparing data or in its
+    first updates) has nothing to resume: `--resume auto` starts it again from its saved config,
+    so a requeued job that always passes --resume auto goes on."""
     if resume == "auto":
         if not out:
             raise UserError("--resume auto needs --out RUN_DIR (the run to continue)")
         run_dir = Path(out)
         ckpts = ck.list_checkpoints(run_dir)
         if not ckpts:
-            if run_dir.exists() and any(run_dir.iterdir()):
-                if (run_dir / "config.yaml").is_file():
-                    raise UserError(f"{run_dir} has no complete checkpoint to resume from: it stopped before its "
-                                    "first save (its metrics.jsonl shows how far it got); remove that folder and "
-                                    "start again, or choose another --out")
+            if run_dir.exists() and has_entries(run_dir):
+                if (run_dir / "config.yaml").is_file():  # stopped before its first save: start it again
+                    return run_dir, None, _with_overrides(run_dir / "config.yaml", overrides)
                 raise UserError(f"{run_dir} is not a run and not empty: there is nothing to resume, and a new run "
                                 "would write among its files; choose another --out")
             return run_dir, None, cfg  # nothing to resume: a fresh run in that directory
@@ -245,17 +259,25 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
             run_dir = new_run_dir(out, "", resumable=False)  # a fork: new or empty, the source untouched
     if not (ckpt / "trainer_state.pt").is_file():
         raise UserError(f"{ckpt} holds weights only (no optimizer or data position) and cannot be resumed")
-    saved = Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
-    from moelab.config import apply_override
-
-    for item in overrides:
-        apply_override(saved, item)
-    saved.validate()
+    saved = _with_overrides(ckpt / "config.yaml", overrides)
     step = json.loads((ckpt / "meta.json").read_text())["step"]
     if step > saved.train.steps:
         raise UserError(f"{ckpt} is at update {step}, past train.steps={saved.train.steps}; give train.steps={step} "
                         "or more, or resume an earlier checkpoint")
     return run_dir, ckpt, saved
+
+
+def _with_overrides(config_yaml: Path, overrides) -> Config:
+    """A run's saved (resolved) config with the command line's overrides applied, validated."""
+    import yaml
+
+    from moelab.config import apply_override
+
+    saved = Config.from_dict(yaml.safe_load(config_yaml.read_text()))
+    for item in overrides:
+        apply_override(saved, item)
+    saved.validate()
+    return saved
 
 
 def _fork(ckpt: Path, run_dir: Path) -> None:
@@ -443,6 +465,9 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
     if run.resumed_from is not None:
         say(f"resumed from {run.resumed_from}; settings changed since: "
             + (", ".join(run.changed_on_resume) or "none"))
+    if run.restarted:
+        say(f"{run.run_dir} stopped before its first checkpoint: starting it again from update 0 with its saved "
+            "config (and prepared data)")
     if run.set_aside is not None:
         say(f"rewound: the checkpoints after update {run.step} and the metrics log as it was are in {run.set_aside}")
     note = cpu_precision_note(run.device, t.precision, AUTOCAST_DTYPES[t.precision], faster="train.precision=bf16")

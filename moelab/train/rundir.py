@@ -18,7 +18,7 @@ def new_run_dir(out: str | None, preset: str, resumable: bool = True) -> Path:
     `resumable`: the command has --resume (train), so the error can point to it."""
     if out:
         p = Path(out).expanduser()
-        if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        if p.exists() and (not p.is_dir() or has_entries(p)):
             hint = "pass --resume auto to continue it, or choose" if resumable else "choose"
             raise UserError(f"run directory {p} is not empty; {hint} another --out")
         return p
@@ -68,6 +68,11 @@ class RunLock:
         if self._fh is not None:
             self._fh.close()  # closing the descriptor drops the lock
             self._fh = None
+
+
+def has_entries(folder: Path) -> bool:
+    """Whether `folder` holds anything besides a run lock (all a run killed at its start may leave)."""
+    return any(p.name != RunLock.NAME for p in folder.iterdir())
 
 
 def git_sha() -> str | None:

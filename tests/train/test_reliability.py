@@ -137,18 +137,31 @@ def test_nan_update_is_skipped_and_counted(prepared, tmp_path):
     assert "update 12: nonfinite" in res.stderr
 
 
-def test_nan_with_raise_stops_without_saving_the_bad_update(prepared, tmp_path):
+def test_nan_with_raise_stops_without_saving_the_bad_update(prepared, reference, tmp_path):
     run = tmp_path / "run"
     res = _train(run, prepared, "train.steps=12", "train.nonfinite=raise", faults="nan@12")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "non-finite loss at update 12" in res.stderr.strip().splitlines()[-1]
     assert [c.name for c in list_checkpoints(run)] == ["step_0000010"]
-    early = tmp_path / "early"  # stopped before its first save: say how to start again
+    early = tmp_path / "early"  # stopped before its first save: --resume auto starts it again
     res = _train(early, prepared, "train.nonfinite=raise", faults="nan@3")
     assert res.returncode == 2 and not list_checkpoints(early) and (early / "config.yaml").is_file()
     res = _train(early, prepared, resume=True)
-    assert res.returncode == 2 and "stopped before its first save" in res.stderr, res.stderr
-    assert "remove that folder and start again" in res.stderr
+    assert res.returncode == 0 and "stopped before its first checkpoint: starting it again" in res.stderr
+    _assert_same_run(reference, early)  # and the 3 records of the first attempt are gone
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_preparing_its_data_starts_again_on_resume_auto(prepared, reference, tmp_path):
+    """A job preempted before its first checkpoint, then requeued with the same `--resume auto`
+    command, was refused ('not a run and not empty' or 'no complete checkpoint') and needed a hand
+    to delete the folder. Now it starts again, and ends as an uninterrupted run does."""
+    run = tmp_path / "run"
+    assert _train(run, prepared, faults="kill_data@0").returncode == -9
+    assert (run / "config.yaml").is_file() and not list_checkpoints(run)
+    res = _train(run, prepared, resume=True)
+    assert res.returncode == 0 and "starting it again from update 0" in res.stderr, res.stderr
+    _assert_same_run(reference, run)
 
 
 def test_loss_spike_is_skipped_and_counted(prepared, tmp_path):
