@@ -50,13 +50,16 @@ class RunLock:
         fh = self.path.open("a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # EWOULDBLOCK: another process holds it
             fh.seek(0)
             holder = fh.read().strip()
             fh.close()
             raise UserError(f"{self.path.parent} is being trained by another process"
                             + (f" (pid {holder})" if holder.isdigit() else "")
                             + "; wait for it to finish or stop it, or choose another --out") from None
+        except OSError:  # a file system without locks (ENOLCK on some network mounts): train unlocked
+            fh.close()
+            return self
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))
