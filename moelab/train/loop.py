@@ -255,8 +255,12 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
     else:
         ckpt = ck.resolve_checkpoint(resume)
         run_dir = ckpt.parent.parent
-        if out and Path(out).expanduser().resolve() != run_dir.resolve():
+        in_run = ckpt.parent.name == "checkpoints" and _home_run(ckpt) is not None
+        if out and (not in_run or Path(out).expanduser().resolve() != run_dir.resolve()):
             run_dir = new_run_dir(out, "", resumable=False)  # a fork: new or empty, the source untouched
+        elif not in_run:  # its grandparent is no run: resuming "in place" would write a run there
+            raise UserError(f"{ckpt} is not in a run's checkpoints/ folder (set aside by a rewind, or kept "
+                            f"elsewhere); continue it in a new run: --resume {ckpt} --out NEW_DIR")
     if not (ckpt / "trainer_state.pt").is_file():
         raise UserError(f"{ckpt} holds weights only (no optimizer or data position) and cannot be resumed")
     saved = _with_overrides(ckpt / "config.yaml", overrides)
@@ -280,19 +284,32 @@ def _with_overrides(config_yaml: Path, overrides) -> Config:
     return saved
 
 
+def _home_run(ckpt: Path) -> Path | None:
+    """The run a checkpoint belongs to: RUN for RUN/checkpoints/X and for X set aside by a rewind
+    (RUN/rewound-from-step_N/X); None for a checkpoint folder kept anywhere else."""
+    if ckpt.parent.name == "checkpoints" or ckpt.parent.name.startswith("rewound-from-"):
+        if (ckpt.parent.parent / "config.yaml").is_file():
+            return ckpt.parent.parent
+    return None
+
+
 def _fork(ckpt: Path, run_dir: Path) -> None:
     """`--resume CKPT --out NEW`: NEW continues from CKPT and the run CKPT belongs to stays as it was.
     NEW gets that run's tokenizer, its prepared data (token shards hard-linked where the file system
-    allows) and its metrics up to CKPT's step; checkpoints and the rest are NEW's own."""
-    source = ckpt.parent.parent
+    allows) and its metrics up to CKPT's step (from the rewound log for a checkpoint a rewind set
+    aside); checkpoints and the rest are NEW's own. A checkpoint kept outside any run brings only
+    itself: the data is prepared again from its config and must match its fingerprint."""
+    source = _home_run(ckpt)
     step = json.loads((ckpt / "meta.json").read_text())["step"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer", "data"):
-        if (source / name).is_dir():
-            shutil.copytree(source / name, run_dir / name, copy_function=_link_or_copy)
-    if (source / "metrics.jsonl").is_file():
-        (run_dir / "metrics.jsonl").write_text(metrics_until(source / "metrics.jsonl", step))
-    best = source / "checkpoints" / "best"
+    if source is not None:
+        for name in ("tokenizer", "data"):
+            if (source / name).is_dir():
+                shutil.copytree(source / name, run_dir / name, copy_function=_link_or_copy)
+        log = (ckpt.parent if ckpt.parent.name != "checkpoints" else source) / "metrics.jsonl"
+        if log.is_file():
+            (run_dir / "metrics.jsonl").write_text(metrics_until(log, step))
+    best = ckpt.parent / "best"  # RUN/checkpoints/best, or the one a rewind set aside with CKPT
     try:  # the best evaluation up to CKPT is the fork's best too (its trainer state says so)
         best_step = json.loads((best / "meta.json").read_text())["step"]
     except (OSError, ValueError, KeyError):

@@ -237,6 +237,28 @@ def test_rewind_in_place_sets_the_later_checkpoints_aside(prepared, reference, t
     res = _train(run, prepared, resume=True)
     assert res.returncode == 0 and "resumed at step 30" in res.stderr, res.stderr
     _assert_same_run(reference, run)
+    # a set-aside checkpoint is continued in a new folder, with the log it was set aside with
+    before = _file_bytes(run)
+    res = _moelab("train", "--resume", str(aside / "step_0000030"))
+    assert res.returncode == 2 and "--out NEW_DIR" in res.stderr and _file_bytes(run) == before, res.stderr
+    res = _moelab("train", "--resume", str(aside / "step_0000030"), "--out", str(tmp_path / "old"))
+    assert res.returncode == 0, res.stderr
+    _assert_same_run(reference, tmp_path / "old")
+    assert _file_bytes(run) == before
+
+
+def test_a_checkpoint_kept_outside_a_run_is_resumed_only_into_a_new_folder(prepared, reference, tmp_path):
+    """A checkpoint folder copied elsewhere (backup/step_0000020): its grandparent was taken for the
+    run, and a whole run (config, data, metrics, checkpoints, report) was written into tmp_path."""
+    (tmp_path / "backup").mkdir()
+    shutil.copytree(reference / "checkpoints" / "step_0000020", tmp_path / "backup" / "step_0000020")
+    res = _moelab("train", "--resume", str(tmp_path / "backup" / "step_0000020"))
+    assert res.returncode == 2 and "is not in a run's checkpoints/ folder" in res.stderr, res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup"]
+    res = _moelab("train", "--resume", str(tmp_path / "backup" / "step_0000020"), "--out", str(tmp_path / "run"))
+    assert res.returncode == 0 and "resumed at step 20" in res.stderr, res.stderr
+    _assert_same_weights(reference, tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backup", "run"]
 
 
 def test_resuming_a_checkpoint_past_train_steps_is_refused(reference, tmp_path):
