@@ -13,8 +13,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def model_config_for(target: str, overrides: list[str] | tuple[str, ...] = ()):
     """A resolved ModelConfig for a preset name or a train config file (YAML), either with `key=value`
     overrides as `moelab train` takes them, or for a run/checkpoint directory or an HF directory."""
-    import yaml
-
     from moelab.config import Config, build_config
     from moelab.models.presets import PRESETS
     from moelab.train.checkpoint import is_hf_dir, resolve_checkpoint
@@ -36,7 +34,7 @@ def model_config_for(target: str, overrides: list[str] | tuple[str, ...] = ()):
         cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
         return cfg.resolve().model
     ckpt = resolve_checkpoint(target)
-    return Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())).resolve().model
+    return Config.from_yaml_file(ckpt / "config.yaml").resolve().model
 
 
 def info(target: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
@@ -103,8 +101,6 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
                threshold: float, tokenizer: str | None):
     """Leakage audit of a run's own split (re-derived from its config) or of any two text sources.
     Returns the AuditResult."""
-    import yaml
-
     from moelab.config import Config
     from moelab.data.audit import audit
     from moelab.data.sources import load_corpus
@@ -127,7 +123,7 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
         if not cfg_file.is_file():
             raise UserError(f"{run_dir} is neither a run directory (no config.yaml) nor a prepared "
                             "data directory (no manifest.json)")
-        cfg = Config.from_dict(yaml.safe_load(cfg_file.read_text()))
+        cfg = Config.from_yaml_file(cfg_file)
         from moelab.data.pipeline import RUN_PREPARED
 
         frozen = Path(run_dir) / RUN_PREPARED  # the copy a raw-source run trained on

@@ -332,6 +332,13 @@ class Config:
         apply_mapping(cfg, data, "")
         return cfg
 
+    @classmethod
+    def from_yaml_file(cls, path: "str | Path") -> "Config":
+        """A config a run saved (RUN/config.yaml, or a checkpoint's), as written by `to_yaml`."""
+        import yaml
+
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
 
 def _field_types(obj) -> dict[str, type]:
     hints = typing.get_type_hints(type(obj))

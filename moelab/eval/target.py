@@ -20,8 +20,6 @@ class Target:
 
 
 def load_target(path: str, device: str = "cpu") -> Target:
-    import yaml
-
     from moelab.config import Config
     from moelab.data.tokenizer import load_tokenizer
     from moelab.train.checkpoint import is_hf_dir, list_checkpoints, load_model, resolve_checkpoint
@@ -45,6 +43,6 @@ def load_target(path: str, device: str = "cpu") -> Target:
     if not (tok_dir / "tokenizer.json").is_file():
         raise UserError(f"{run_dir} has no tokenizer/tokenizer.json; put the model's tokenizer.json there (a "
                         "converted model has one only if its Hugging Face directory had it)")
-    cfg = Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())).resolve()
+    cfg = Config.from_yaml_file(ckpt / "config.yaml").resolve()
     label = f"{run_dir.name}/{ckpt.name}"
     return Target(load_model(ckpt, dev).eval(), load_tokenizer(tok_dir), label, run_dir, ckpt, cfg)

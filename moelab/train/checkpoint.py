@@ -91,6 +91,14 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, config
     return final
 
 
+def checkpoint_step(ckpt: Path) -> int | None:
+    """The update a checkpoint holds (its meta.json), or None where there is no readable one."""
+    try:
+        return int(json.loads((ckpt / "meta.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def add_to_meta(ckpt: Path, extra: dict) -> None:
     """Merge `extra` into a checkpoint's meta.json, atomically (a new file renamed over the old)."""
     meta = json.loads((ckpt / "meta.json").read_text())
@@ -168,7 +176,6 @@ def save_weights_only(run_dir: Path, model, config_yaml: str, meta: dict) -> Pat
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Load a model, in eval mode, from a run directory (its newest checkpoint), a checkpoint
     directory, or a Hugging Face directory of a supported architecture."""
-    import yaml
     from safetensors.torch import load_model as st_load_model
 
     from moelab.config import Config
@@ -179,7 +186,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
         return load_hf(path).to(device)
     ckpt = resolve_checkpoint(path)
-    cfg = Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())).resolve()
+    cfg = Config.from_yaml_file(ckpt / "config.yaml").resolve()
     model = MoETransformer(cfg.model)
     st_load_model(model, str(ckpt / "model.safetensors"), device="cpu")
     return model.to(device).eval()

@@ -179,11 +179,8 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
               expert_counts_LE=torch.zeros(len(cfg.model.moe_layers), cfg.model.n_experts, dtype=torch.int64,
                                            device=device), provenance=origin)
     if ckpt is not None:
-        import yaml
-
         run.resumed_from = ckpt
-        run.changed_on_resume = config_changes(Config.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text())),
-                                               cfg)
+        run.changed_on_resume = config_changes(Config.from_yaml_file(ckpt / "config.yaml"), cfg)
         _restore(run, ckpt)
         if run_dir == ckpt.parent.parent:
             run.set_aside = _set_aside_later(run_dir, run.step)
@@ -206,11 +203,8 @@ def _set_aside_later(run_dir: Path, step: int) -> Path | None:
     if not later:  # resuming the newest checkpoint (after a kill): a later `best` is simply redone
         return None
     best = run_dir / "checkpoints" / "best"
-    try:
-        if (best / "meta.json").is_file() and json.loads((best / "meta.json").read_text())["step"] > step:
-            later.append(best)
-    except (OSError, ValueError, KeyError):
-        pass
+    if (ck.checkpoint_step(best) or -1) > step:
+        later.append(best)
     base = run_dir / f"rewound-from-{ck.CKPT_PREFIX}{step:07d}"
     aside, n = base, 1
     while aside.exists():
@@ -264,8 +258,8 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
     if not (ckpt / "trainer_state.pt").is_file():
         raise UserError(f"{ckpt} holds weights only (no optimizer or data position) and cannot be resumed")
     saved = _with_overrides(ckpt / "config.yaml", overrides)
-    step = json.loads((ckpt / "meta.json").read_text())["step"]
-    if step > saved.train.steps:
+    step = ck.checkpoint_step(ckpt)
+    if step is not None and step > saved.train.steps:
         raise UserError(f"{ckpt} is at update {step}, past train.steps={saved.train.steps}; give train.steps={step} "
                         "or more, or resume an earlier checkpoint")
     return run_dir, ckpt, saved
@@ -273,11 +267,9 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
 
 def _with_overrides(config_yaml: Path, overrides) -> Config:
     """A run's saved (resolved) config with the command line's overrides applied, validated."""
-    import yaml
-
     from moelab.config import apply_override
 
-    saved = Config.from_dict(yaml.safe_load(config_yaml.read_text()))
+    saved = Config.from_yaml_file(config_yaml)
     for item in overrides:
         apply_override(saved, item)
     saved.validate()
@@ -300,7 +292,7 @@ def _fork(ckpt: Path, run_dir: Path) -> None:
     aside); checkpoints and the rest are NEW's own. A checkpoint kept outside any run brings only
     itself: the data is prepared again from its config and must match its fingerprint."""
     source = _home_run(ckpt)
-    step = json.loads((ckpt / "meta.json").read_text())["step"]
+    step = ck.checkpoint_step(ckpt)
     run_dir.mkdir(parents=True, exist_ok=True)
     if source is not None:
         for name in ("tokenizer", "data"):
@@ -310,11 +302,8 @@ def _fork(ckpt: Path, run_dir: Path) -> None:
         if log.is_file():
             (run_dir / "metrics.jsonl").write_text(metrics_until(log, step))
     best = ckpt.parent / "best"  # RUN/checkpoints/best, or the one a rewind set aside with CKPT
-    try:  # the best evaluation up to CKPT is the fork's best too (its trainer state says so)
-        best_step = json.loads((best / "meta.json").read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        best_step = None
-    if best_step is not None and best_step <= step and (best / "model.safetensors").is_file():
+    best_step = ck.checkpoint_step(best)  # the best evaluation up to CKPT is the fork's best too
+    if best_step is not None and step is not None and best_step <= step and (best / "model.safetensors").is_file():
         # checkpoint files are never rewritten in place (a save renames a new directory over the
         # old one), so links cannot carry a write from one run into the other
         shutil.copytree(best, run_dir / "checkpoints" / "best", copy_function=_link_or_copy_any)
@@ -341,12 +330,12 @@ def _already_complete(resume: str, out: str | None, cfg: Config, overrides) -> d
     run_dir, ckpt, saved = _resume_target(resume, out, cfg, overrides)
     if ckpt is None:
         return None
+    step = ck.checkpoint_step(ckpt)
     try:
-        step = json.loads((ckpt / "meta.json").read_text())["step"]
         summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return None
-    if step < saved.train.steps or summary.get("steps") != step or summary.get("stopped"):
+    if step is None or step < saved.train.steps or summary.get("steps") != step or summary.get("stopped"):
         return None
     return {**summary, "run_dir": str(run_dir), "already_complete": True}  # where it is now, if moved
 
