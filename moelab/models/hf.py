@@ -306,12 +306,21 @@ def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(sd: dict[str, torch.Tensor], consume: bool = False,
+                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """moelab names and layout for a transformers state dict, optionally cast to `dtype`. The
+    fused gate_up_proj is split into two contiguous tensors; `consume` pops each tensor from `sd`
+    as it is mapped, so a caller that holds no other reference frees it at once (peak memory:
+    the result, plus the source tensors not yet mapped)."""
     out = {}
-    for name, t in sd.items():
+    for name in list(sd):
+        t = sd.pop(name) if consume else sd[name]
+        t = t if dtype is None else t.to(dtype)
         if name.endswith("mlp.experts.gate_up_proj"):
             base = _rename(name.replace("gate_up_proj", "down_proj"), False)[: -len("down_proj")]
-            out[base + "gate_proj"], out[base + "up_proj"] = t.chunk(2, dim=1)
+            gate, up = t.chunk(2, dim=1)
+            out[base + "gate_proj"], out[base + "up_proj"] = gate.contiguous(), up.contiguous()
+            del t, gate, up
             continue
         ours = _rename(name, False)
         if ours is None:
@@ -336,16 +345,20 @@ def to_hf(model, arch: str = "auto"):
     return hf.eval()
 
 
-def from_hf(hf_model):
+def _moelab_config(hf_config):
     from moelab.config import Config
+
+    cfg = Config(model=model_config_from_hf(hf_config))
+    cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
+    return cfg.resolve().model
+
+
+def from_hf(hf_model):
+    """A moelab model (fp32) with a copy of this transformers model's weights (the two share nothing)."""
     from moelab.models import MoETransformer
 
-    cfg = Config(model=model_config_from_hf(hf_model.config))
-    cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
-    cfg.resolve()
-    model = MoETransformer(cfg.model)
-    model.load_state_dict(from_hf_state_dict(hf_model.state_dict()))
-    return model.eval()
+    sd = {k: v.detach().to(torch.float32, copy=True) for k, v in hf_model.state_dict().items()}
+    return MoETransformer.from_weights(_moelab_config(hf_model.config), from_hf_state_dict(sd, consume=True))
 
 
 def export_hf(model, out_dir: str | Path, arch: str = "auto") -> Path:
@@ -360,4 +373,12 @@ def load_hf(path: str | Path):
     _require_transformers()
     from transformers import AutoModelForCausalLM
 
-    return from_hf(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32))
+    from moelab.models import MoETransformer
+
+    # Loaded in the checkpoint's own dtype and widened to fp32 one tensor at a time (exact for
+    # bf16/fp16), each freed as it is converted: transformers widening the whole model at load
+    # time peaks at about 2.5x the fp32 size.
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+    cfg, sd = _moelab_config(hf.config), {k: v.detach() for k, v in hf.state_dict().items()}
+    del hf  # the moelab model takes over the loaded tensors instead of copying them
+    return MoETransformer.from_weights(cfg, from_hf_state_dict(sd, consume=True, dtype=torch.float32))

@@ -80,13 +80,35 @@ class MoETransformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_cache(cfg, cfg.max_seq_len, rotary_dim(cfg))
+        cos, sin = self._rope_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # Activation checkpointing per block: activations are recomputed in backward instead of
         # stored. Expert choices of the first forward are reused by the recomputation.
         self.activation_checkpointing = False
         self.reset_parameters()
+
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cache(self.cfg, self.cfg.max_seq_len, rotary_dim(self.cfg))
+
+    @classmethod
+    def from_weights(cls, cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> "MoETransformer":
+        """The model holding these tensors (assigned, not copied), in eval mode. Built on the meta
+        device, so no memory is allocated and no time spent on a random init that the weights would
+        replace: loading needs the weights' memory once, not twice. With tied embeddings either
+        of the two names may be given (safetensors keeps one of a shared pair)."""
+        sd = dict(state_dict)
+        if cfg.tie_embeddings:
+            for a, b in (("embed.weight", "lm_head.weight"), ("lm_head.weight", "embed.weight")):
+                if a not in sd and b in sd:
+                    sd[a] = sd[b]
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(sd, assign=True)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.embed.weight
+        model.rope_cos, model.rope_sin = (t.to(model.embed.weight.device) for t in model._rope_tables())
+        return model.eval()
 
     @property
     def routers(self) -> list[Router]:

@@ -176,7 +176,7 @@ def save_weights_only(run_dir: Path, model, config_yaml: str, meta: dict) -> Pat
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Load a model, in eval mode, from a run directory (its newest checkpoint), a checkpoint
     directory, or a Hugging Face directory of a supported architecture."""
-    from safetensors.torch import load_model as st_load_model
+    from safetensors.torch import load_file
 
     from moelab.config import Config
     from moelab.models import MoETransformer
@@ -187,6 +187,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         return load_hf(path).to(device)
     ckpt = resolve_checkpoint(path)
     cfg = Config.from_yaml_file(ckpt / "config.yaml").resolve()
-    model = MoETransformer(cfg.model)
-    st_load_model(model, str(ckpt / "model.safetensors"), device="cpu")
-    return model.to(device).eval()
+    model = MoETransformer.from_weights(cfg.model, load_file(ckpt / "model.safetensors", device="cpu"))
+    return model.to(device)

@@ -101,6 +101,41 @@ def test_hf_to_moelab_to_hf_is_bit_exact(case):
     assert _max_diff(hf, ours, ids) <= 1e-4
 
 
+@pytest.mark.parametrize("case", ["mixtral", "mixtral-tied-mha", "deepseek_v3"])
+def test_model_built_from_weights_holds_them_without_a_copy(case):
+    ours = _model(*CASES[case])
+    sd = {k: v.clone() for k, v in ours.state_dict().items()}
+    if ours.cfg.tie_embeddings:
+        del sd["lm_head.weight"]  # safetensors keeps one name of a tied pair
+    built = MoETransformer.from_weights(ours.cfg, sd)
+    assert not built.training
+    for name, t in built.state_dict().items():
+        assert t.device.type == "cpu" and torch.equal(t, ours.state_dict()[name]), name
+    w = "blocks.1.moe.experts.gate_proj"
+    assert built.state_dict()[w].data_ptr() == sd[w].data_ptr()  # assigned, not copied
+    assert (built.lm_head.weight is built.embed.weight) == ours.cfg.tie_embeddings
+    assert all(p.requires_grad for p in built.parameters())  # trainable, as a fresh model is
+    assert torch.equal(built.rope_cos, ours.rope_cos) and torch.equal(built.rope_sin, ours.rope_sin)
+    assert _max_diff(built, ours, torch.randint(0, V, (2, 48))) == 0
+
+
+def test_bf16_checkpoint_converts_exactly_to_fp32_and_shares_nothing(tmp_path):
+    ours = _model(*CASES["qwen3_moe"])
+    hf = to_hf(ours).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf")
+    back = load_hf(tmp_path / "hf")  # read in bf16, widened tensor by tensor
+    assert {t.dtype for t in back.state_dict().values()} == {torch.float32}
+    for name, t in back.state_dict().items():
+        assert torch.equal(t, ours.state_dict()[name].to(torch.bfloat16).float()), name
+    wide = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    assert _max_diff(wide, back, torch.randint(0, V, (2, 48))) <= 1e-4
+    copy = from_hf(hf)  # from a live model: an fp32 copy, independent of it
+    assert {t.dtype for t in copy.state_dict().values()} == {torch.float32}
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.zero_()
+    assert torch.equal(copy.embed.weight, back.embed.weight)
+
+
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_published_presets_count_parameters_like_transformers(name):
     """moelab's accounting of a published-size preset equals transformers' own model of it, built
