@@ -118,13 +118,17 @@ def _collect(root: Path, files: list[Path], max_docs: int, source: str, text_fie
         name = (full[len(prefix):].replace(os.sep, "/") if full.startswith(prefix)
                 else path.relative_to(root).as_posix() if path != root else path.name)
         if path.suffix.lower() in RECORD_SUFFIXES:
+            records = 0
             for rec_name, text, reason in _records(path, name, text_field):
+                records += 1
                 if text is None:
                     corpus.skipped.append((rec_name, reason))
                     continue
                 corpus.documents.append(Document(rec_name, text))
                 if max_docs and len(corpus.documents) >= max_docs:
                     return corpus
+            if not records:
+                corpus.skipped.append((name, "no records"))
             continue
         if path.suffix.lower() in PDF_SUFFIXES:
             from moelab.data.pdf import pdf_document

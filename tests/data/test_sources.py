@@ -27,6 +27,15 @@ def test_jsonl_records_become_documents_and_bad_ones_are_skipped(tmp_path):
     assert [d.text for d in other.documents] == ["wrong field"]
 
 
+def test_a_record_file_without_records_is_named_not_blamed_on_its_suffix(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")  # e.g. a failed export: the suffix is fine, the file is empty
+    with pytest.raises(UserError, match=r"skipped 1: empty.jsonl: no records\)$"):
+        load_corpus(str(tmp_path / "empty.jsonl"))
+    _jsonl(tmp_path / "full.jsonl", [{"text": "a document"}])
+    corpus = load_corpus(str(tmp_path))
+    assert [d.text for d in corpus.documents] == ["a document"] and corpus.skipped == [("empty.jsonl", "no records")]
+
+
 def test_jsonl_as_editors_write_it_keeps_every_record_whole(tmp_path):
     # unescaped U+2028 / U+0085 inside strings are valid JSON (json.dumps(ensure_ascii=False) writes them), and
     # a byte-order mark may lead the file: neither may split or drop a record
