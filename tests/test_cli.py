@@ -124,6 +124,24 @@ def test_bad_options_are_one_line_before_anything_runs(argv, needle, capsys):
     assert err.startswith("moelab") and "usage:" not in err
 
 
+def test_overrides_on_both_sides_of_an_option_all_apply(capsys):
+    """`train a=1 --out R b=2` was refused ("unrecognized arguments: b=2"): argparse ends a positional
+    list at the first option."""
+    import yaml
+
+    from moelab.cli import main
+
+    assert main(["train", "--preset", "test", "train.steps=7", "--out", "r", "train.seq_len=32", "--print-config",
+                 "model.top_k=1"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert (cfg["train"]["steps"], cfg["train"]["seq_len"], cfg["model"]["top_k"]) == (7, 32, 1)
+    with pytest.raises(SystemExit) as exc:  # what is not key=value is still refused
+        main(["train", "train.steps=7", "--out", "r", "--bogus"])
+    assert exc.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # and commands without overrides take none
+        main(["eval", "run", "--limit", "1", "train.steps=7"])
+
+
 def test_json_output_path_is_checked_before_the_work_and_its_folder_made(tmp_path):
     from tests.conftest import run_cli
 
