@@ -140,6 +140,9 @@ class TrainConfig:
     log_every: int = 20
     save_every: int = 200
     seed: int = 1234
+    # start from these weights (a run, a checkpoint or a Hugging Face directory): its model settings and
+    # tokenizer are the base that model.* and data.tokenizer change; optimizer, schedule and data start fresh
+    init_from: str = ""
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaler); weights stay fp32
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
@@ -485,10 +488,23 @@ def build_config(preset: str | None = None, config_file: str | None = None,
     data = load_yaml(config_file) if config_file else {}
     name = preset or data.pop("preset", None) or "tiny"
     data.pop("preset", None)
-    cfg = get_preset(name)
-    apply_mapping(cfg, data, "")
-    for item in overrides:
-        apply_override(cfg, item)
+
+    def assemble(cfg: Config) -> Config:
+        apply_mapping(cfg, data, "")
+        for item in overrides:
+            apply_override(cfg, item)
+        return cfg
+
+    cfg = assemble(get_preset(name))
+    if cfg.train.init_from:  # the source's model and tokenizer replace the preset's, under the same changes
+        from moelab.train.checkpoint import init_source
+
+        base = get_preset(name)
+        base.model, tokenizer = init_source(cfg.train.init_from)
+        base.data.tokenizer = str(tokenizer or "")
+        # within the context it was trained for, unless train.seq_len says otherwise
+        base.train.seq_len = min(base.train.seq_len, base.model.max_seq_len)
+        cfg = assemble(base)
     cfg.validate()
     cfg.check_new_run()
     return cfg

@@ -353,6 +353,12 @@ def _moelab_config(hf_config):
     return cfg.resolve().model
 
 
+def read_hf_model_config(path: str | Path) -> ModelConfig:
+    """The moelab model config of a Hugging Face directory, from its config.json alone."""
+    transformers = _require_transformers()
+    return _moelab_config(transformers.AutoConfig.from_pretrained(str(path)))
+
+
 def from_hf(hf_model):
     """A moelab model (fp32) with a copy of this transformers model's weights (the two share nothing)."""
     from moelab.models import MoETransformer

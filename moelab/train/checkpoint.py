@@ -159,6 +159,33 @@ def is_hf_dir(path: str | Path) -> bool:
     return (p / "config.json").is_file() and not (p / "config.yaml").is_file()
 
 
+def init_source(path: str | Path):
+    """What `train.init_from` names (a run: its newest checkpoint; a checkpoint; a Hugging Face
+    directory): (its ModelConfig, the directory of its tokenizer.json or None). Reads configs only."""
+    from moelab.config import Config
+
+    p = Path(path).expanduser()
+    if is_hf_dir(p):
+        from moelab.models.hf import read_hf_model_config
+
+        return read_hf_model_config(p), (p if (p / "tokenizer.json").is_file() else None)
+    ckpt = resolve_checkpoint(p)
+    tok = ckpt.parent.parent / "tokenizer"
+    return Config.from_yaml_file(ckpt / "config.yaml").model, (tok if (tok / "tokenizer.json").is_file() else None)
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict (moelab names, fp32) of a run's newest checkpoint, a checkpoint, or a Hugging
+    Face directory."""
+    from safetensors.torch import load_file
+
+    if is_hf_dir(path):
+        from moelab.models.hf import load_hf
+
+        return load_hf(path).state_dict()
+    return load_file(resolve_checkpoint(path) / "model.safetensors", device="cpu")
+
+
 def save_weights_only(run_dir: Path, model, config_yaml: str, meta: dict) -> Path:
     """A checkpoint with weights and config but no trainer state (converted models)."""
     from safetensors.torch import save_model
@@ -176,8 +203,6 @@ def save_weights_only(run_dir: Path, model, config_yaml: str, meta: dict) -> Pat
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Load a model, in eval mode, from a run directory (its newest checkpoint), a checkpoint
     directory, or a Hugging Face directory of a supported architecture."""
-    from safetensors.torch import load_file
-
     from moelab.config import Config
     from moelab.models import MoETransformer
 
@@ -187,5 +212,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         return load_hf(path).to(device)
     ckpt = resolve_checkpoint(path)
     cfg = Config.from_yaml_file(ckpt / "config.yaml").resolve()
-    model = MoETransformer.from_weights(cfg.model, load_file(ckpt / "model.safetensors", device="cpu"))
-    return model.to(device)
+    return MoETransformer.from_weights(cfg.model, load_weights(ckpt)).to(device)

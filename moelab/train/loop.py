@@ -117,7 +117,8 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
     if resume:
         run_dir, ckpt, cfg = _resume_target(resume, out, cfg, overrides)
     else:
-        run_dir = new_run_dir(out, cfg.preset + ("-smoke" if smoke else ""))
+        label = f"from-{Path(cfg.train.init_from).expanduser().resolve().name}" if cfg.train.init_from else cfg.preset
+        run_dir = new_run_dir(out, label + ("-smoke" if smoke else ""))
     fresh = not (run_dir.exists() and has_entries(run_dir))  # new_run_dir: absent or empty
     existed = run_dir.exists()
     restart = bool(resume) and ckpt is None and (run_dir / "config.yaml").is_file()
@@ -164,12 +165,17 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
     if ckpt is None:
         FaultPlan().data_preparation()
     data = build_dataset(cfg.data, t.seq_len, run_dir, write_report=False)
-    cfg.resolve(vocab_size=data.tokenizer.vocab_size)
+    if t.init_from:  # the vocabulary is the source model's (often padded past its tokenizer's)
+        if ckpt is None:  # (a resume has its own weights: the source may be gone by then)
+            _check_init_tokenizer(cfg, data.tokenizer)
+        cfg.resolve()
+    else:
+        cfg.resolve(vocab_size=data.tokenizer.vocab_size)
     origin = provenance()  # git SHA and versions, recorded once per process and in every checkpoint
     if data.train_windows.shape[0] < t.batch_size:
         raise UserError(f"training split has {data.train_windows.shape[0]} windows, fewer than "
                         f"train.batch_size={t.batch_size}; use more text or a smaller batch")
-    model = MoETransformer(cfg.model).to(device)
+    model = (_initial_model(cfg) if ckpt is None and t.init_from else MoETransformer(cfg.model)).to(device)
     model.activation_checkpointing = t.activation_checkpointing
     guard = UpdateGuard(t.nonfinite, t.spike_sigma, t.spike_window, min(20, t.spike_window),
                         t.spike_max_consecutive)
@@ -191,6 +197,40 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
     (run_dir / "run.json").write_text(json.dumps(origin, indent=1))
     write_split_report(run_dir, data.report)
     return run
+
+
+def _check_init_tokenizer(cfg: Config, tokenizer) -> None:
+    """The run's data must be tokenised as the `train.init_from` model was trained: with the
+    source's own tokenizer where it has one, and within its vocabulary."""
+    from moelab.data.tokenizer import load_tokenizer
+
+    src = cfg.train.init_from
+    _, own = ck.init_source(src)
+    if own is not None and load_tokenizer(own).tk.get_vocab(True) != tokenizer.tk.get_vocab(True):
+        where = f"data.path={cfg.data.path}" if cfg.data.path else f"data.tokenizer={cfg.data.tokenizer}"
+        raise UserError(f"the data ({where}) is tokenised with another vocabulary than the model of train.init_from="
+                        f"{src}; use its tokenizer ({own}): drop data.tokenizer, or prepare the data with "
+                        f"--tokenizer {own}")
+    if own is None and not (cfg.data.tokenizer or cfg.data.path):
+        raise UserError(f"train.init_from={src} has no tokenizer.json, and a new one would number tokens "
+                        "differently from its model: give data.tokenizer=PATH (the tokenizer it was trained with)")
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model of train.init_from={src} "
+                        f"only {cfg.model.vocab_size}; give the tokenizer it was trained with")
+
+
+def _initial_model(cfg: Config) -> MoETransformer:
+    """The model of a new run started from `train.init_from`'s weights; the model settings may
+    differ from the source's only where the weights' shapes allow."""
+    src = cfg.train.init_from
+    try:
+        return MoETransformer.from_weights(cfg.model, ck.load_weights(src)).train()
+    except RuntimeError:  # missing, unexpected or differently shaped tensors
+        before = Config(model=ck.init_source(src)[0])
+        changed = [c for c in config_changes(before, Config(model=cfg.model)) if c.startswith("model.")]
+        raise UserError(f"the weights of train.init_from={src} do not fit the model as configured ("
+                        + (", ".join(changed) or "its saved config differs from its weights")
+                        + "); drop those model.* overrides") from None
 
 
 def _set_aside_later(run_dir: Path, step: int) -> Path | None:
@@ -467,7 +507,8 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
     say(f"run {run.run_dir} | {n_params['total'] / 1e6:.2f}M params ({n_params['active'] / 1e6:.2f}M "
         f"active) | {run.optimizer.describe()} | "
         f"{run.data.train_windows.shape[0]} train / {run.data.val_windows.shape[0]} val windows | "
-        f"{run.device} {t.precision}" + (f" | resumed at step {run.step}" if run.step else ""))
+        f"{run.device} {t.precision}" + (f" | resumed at step {run.step}" if run.step else "")
+        + (f" | weights from {t.init_from}" if t.init_from and not run.step else ""))
     if run.resumed_from is not None:
         say(f"resumed from {run.resumed_from}; settings changed since: "
             + (", ".join(run.changed_on_resume) or "none"))

@@ -1,0 +1,113 @@
+"""`train.init_from`: a new run starts from another run's, a checkpoint's or a Hugging Face directory's
+weights, with its model settings and tokenizer, and a fresh optimizer, schedule and data position."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from moelab import load_model
+from moelab.data.tokenizer import load_tokenizer
+from tests.conftest import write_corpus
+from tests.train.test_reliability import _moelab
+
+# An LR so small that no update moves a weight in fp32: the run's weights stay the ones it started from.
+FROZEN = ["optim.muon_lr=1e-30", "optim.adamw_lr=1e-30", "train.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def source(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("src") / "run"
+    res = _moelab("train", "--preset", "test", "--out", str(out), f"data.path={prepared}", "train.steps=4",
+                  "train.eval_every=4", "train.threads=1")
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def _assert_weights_close(a, b):
+    sa, sb = load_model(a).state_dict(), load_model(b).state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:  # a fresh init differs by ~0.02; the tiny LR moves nothing but exact zeros
+        torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=1e-12, msg=name)
+
+
+def _model_section(run) -> dict:
+    return yaml.safe_load((run / "config.yaml").read_text())["model"]
+
+
+def test_a_run_starts_from_another_runs_weights_model_and_tokenizer(source, tmp_path):
+    other = write_corpus(tmp_path / "other", n_docs=30)
+    run = tmp_path / "ft"
+    res = _moelab("train", "--out", str(run), f"train.init_from={source}", f"data.source={other}",
+                  "train.steps=2", "train.eval_every=2", "model.aux_loss_coef=0.05", *FROZEN)
+    assert res.returncode == 0, res.stderr
+    assert f"weights from {source}" in res.stderr
+    want = _model_section(source) | {"aux_loss_coef": 0.05}  # the source's model, with the override
+    assert _model_section(run) == want
+    # the new data is tokenised with the source's tokenizer, not a BPE trained on it
+    vocab = lambda d: load_tokenizer(d / "tokenizer").tk.get_vocab(True)  # noqa: E731
+    assert vocab(run) == vocab(source)
+    _assert_weights_close(source, run)
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["split"] == "val"
+    # resuming needs only the run itself: the source may be gone
+    shutil.move(source, tmp_path / "moved")
+    try:
+        res = _moelab("train", "--resume", "auto", "--out", str(run), "train.steps=3")
+        assert res.returncode == 0, res.stderr
+        assert "resumed at step 2" in res.stderr and "weights from" not in res.stderr
+    finally:
+        shutil.move(tmp_path / "moved", source)
+
+
+def test_a_hugging_face_model_with_a_padded_vocabulary_is_a_source(source, tmp_path, prepared):
+    """Released models pad the embedding past the tokenizer (Qwen3: 151,936 rows for 151,669 tokens):
+    the run keeps the model's vocabulary, not the tokenizer's."""
+    pytest.importorskip("transformers")
+    from moelab.models import MoETransformer
+    from moelab.models.hf import export_hf
+
+    ours = load_model(source)
+    cfg = ours.cfg
+    cfg.vocab_size += 16
+    padded = MoETransformer(cfg)
+    sd = ours.state_dict()
+    for name in ("embed.weight", "lm_head.weight"):
+        sd[name] = torch.cat([sd[name], torch.randn(16, cfg.d_model) * 0.02])
+    padded.load_state_dict(sd)
+    hf = export_hf(padded, tmp_path / "hf")
+    shutil.copy(source / "tokenizer" / "tokenizer.json", hf)
+    run = tmp_path / "ft"
+    res = _moelab("train", "--out", str(run), f"train.init_from={hf}", f"data.path={prepared}", "train.steps=1",
+                  "train.eval_every=1", *FROZEN)
+    assert res.returncode == 0, res.stderr
+    assert _model_section(run)["vocab_size"] == cfg.vocab_size > load_tokenizer(hf).vocab_size
+    got = load_model(run).state_dict()
+    for name, t in padded.state_dict().items():
+        torch.testing.assert_close(got[name], t, rtol=0, atol=1e-12, msg=name)
+
+
+def test_what_cannot_start_from_the_weights_is_one_line(source, tmp_path, prepared):
+    def refused(*args):
+        out = tmp_path / "new"
+        res = _moelab("train", "--out", str(out), f"data.path={prepared}", "train.steps=1", *args)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert not out.exists()  # nothing left behind: the corrected command can use the same --out
+        return res.stderr
+
+    err = refused(f"train.init_from={source}", "model.d_model=32")
+    assert "do not fit" in err and "model.d_model 64 -> 32" in err
+    # data tokenised with another vocabulary: its token ids would mean other strings to the model
+    corpus = write_corpus(tmp_path / "c2", n_docs=20)
+    prep2 = tmp_path / "prep2"
+    assert _moelab("data", "prepare", str(corpus), "--out", str(prep2), "--vocab-size", "280").returncode == 0
+    err = refused(f"train.init_from={source}", f"data.path={prep2}")
+    assert "another vocabulary" in err and str(source / "tokenizer") in err
+    # a checkpoint kept outside a run has no tokenizer with it: say which one to give
+    loose = tmp_path / "loose"
+    shutil.copytree(source / "checkpoints" / "step_0000004", loose)
+    err = refused(f"train.init_from={loose}", "data.path=")
+    assert "has no tokenizer.json" in err and "data.tokenizer=PATH" in err
+    assert "no checkpoint found" in refused(f"train.init_from={tmp_path / 'absent'}")
