@@ -89,20 +89,24 @@ def test_a_hugging_face_model_with_a_padded_vocabulary_is_a_source(source, tmp_p
         torch.testing.assert_close(got[name], t, rtol=0, atol=1e-12, msg=name)
 
 
-def test_what_cannot_start_from_the_weights_is_one_line(source, tmp_path, prepared):
+def test_what_cannot_start_from_the_weights_is_one_line(source, tmp_path, prepared, capsys):
+    from moelab.cli import main
+
     def refused(*args):
         out = tmp_path / "new"
-        res = _moelab("train", "--out", str(out), f"data.path={prepared}", "train.steps=1", *args)
-        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        capsys.readouterr()
+        assert main(["train", "--out", str(out), f"data.path={prepared}", "train.steps=1", *args]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("moelab: error:"), err
         assert not out.exists()  # nothing left behind: the corrected command can use the same --out
-        return res.stderr
+        return err
 
     err = refused(f"train.init_from={source}", "model.d_model=32")
     assert "do not fit" in err and "model.d_model 64 -> 32" in err
     # data tokenised with another vocabulary: its token ids would mean other strings to the model
     corpus = write_corpus(tmp_path / "c2", n_docs=20)
     prep2 = tmp_path / "prep2"
-    assert _moelab("data", "prepare", str(corpus), "--out", str(prep2), "--vocab-size", "280").returncode == 0
+    assert main(["data", "prepare", str(corpus), "--out", str(prep2), "--vocab-size", "280"]) == 0
     err = refused(f"train.init_from={source}", f"data.path={prep2}")
     assert "another vocabulary" in err and str(source / "tokenizer") in err
     # a checkpoint kept outside a run has no tokenizer with it: say which one to give
