@@ -331,17 +331,33 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], consume: bool = False,
     return out
 
 
-def to_hf(model, arch: str = "auto"):
+def _without_init(cls, config):
+    """cls(config) without its random init (the weights are assigned next): transformers spends
+    longer initialising a model than moelab takes to fill it. Buffers are made as usual."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # a transformers without it: initialise, then overwrite
+        return cls(config)
+    with no_init_weights():
+        return cls(config)
+
+
+def to_hf(model, arch: str = "auto", share: bool = False):
     """A transformers model of the chosen (or only fitting) architecture holding exactly this
-    model's weights."""
+    model's weights: a copy, or with `share` the same tensors (no memory of its own but the
+    fused gate_up_proj experts)."""
     transformers = _require_transformers()
     config = hf_config(model.cfg, arch)
     cls = getattr(transformers, ARCHS[config.model_type] + "ForCausalLM")
-    hf = cls(config).to(next(model.parameters()).dtype)
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    hf = _without_init(cls, config).to(next(model.parameters()).dtype)
+    sd = {k: v.detach() if share else v.detach().clone() for k, v in to_hf_state_dict(model).items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False, assign=True)
     missing = [k for k in missing if not (model.cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise AssertionError(f"weight map incomplete: missing {missing}, unexpected {unexpected}")
+    if model.cfg.tie_embeddings:
+        hf.tie_weights()  # assign replaced the embedding the head was tied to
+        assert hf.lm_head.weight is hf.get_input_embeddings().weight
     return hf.eval()
 
 
@@ -371,7 +387,7 @@ def export_hf(model, out_dir: str | Path, arch: str = "auto") -> Path:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory {out} is not empty; choose another --out")
-    to_hf(model, arch).save_pretrained(out)
+    to_hf(model, arch, share=True).save_pretrained(out)
     return out
 
 

@@ -119,6 +119,19 @@ def test_model_built_from_weights_holds_them_without_a_copy(case):
     assert _max_diff(built, ours, torch.randint(0, V, (2, 48))) == 0
 
 
+def test_to_hf_copies_unless_asked_to_share():
+    ours = _model(*CASES["mixtral-tied-mha"])
+    q = ours.blocks[0].attn.q_proj.weight
+    copy, shared = to_hf(ours), to_hf(ours, share=True)  # export writes from the shared one
+    for hf in (copy, shared):
+        assert hf.lm_head.weight is hf.model.embed_tokens.weight  # still tied after the weights went in
+    assert shared.model.layers[0].self_attn.q_proj.weight.data_ptr() == q.data_ptr()
+    with torch.no_grad():
+        copy.model.layers[0].self_attn.q_proj.weight.zero_()
+        copy.model.embed_tokens.weight.zero_()
+    assert q.abs().sum() > 0 and ours.embed.weight.abs().sum() > 0
+
+
 def test_bf16_checkpoint_converts_exactly_to_fp32_and_shares_nothing(tmp_path):
     ours = _model(*CASES["qwen3_moe"])
     hf = to_hf(ours).to(torch.bfloat16)
