@@ -43,7 +43,7 @@ def test_a_run_starts_from_another_runs_weights_model_and_tokenizer(source, tmp_
     res = _moelab("train", "--out", str(run), f"train.init_from={source}", f"data.source={other}",
                   "train.steps=2", "train.eval_every=2", "model.aux_loss_coef=0.05", *FROZEN)
     assert res.returncode == 0, res.stderr
-    assert f"weights from {source}" in res.stderr
+    assert f"weights from {source}" in res.stderr and f"weights from {source}" in (run / "report.md").read_text()
     want = _model_section(source) | {"aux_loss_coef": 0.05}  # the source's model, with the override
     assert _model_section(run) == want
     # the new data is tokenised with the source's tokenizer, not a BPE trained on it
