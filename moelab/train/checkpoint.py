@@ -168,7 +168,13 @@ def init_source(path: str | Path):
     if is_hf_dir(p):
         from moelab.models.hf import read_hf_model_config
 
-        return read_hf_model_config(p), (p if (p / "tokenizer.json").is_file() else None)
+        try:
+            return read_hf_model_config(p), (p if (p / "tokenizer.json").is_file() else None)
+        except UserError as exc:
+            raise UserError(f"train.init_from={path}: {exc}") from None
+    if not p.is_dir():
+        raise UserError(f"train.init_from={path} is not a directory: give a run, a checkpoint or a Hugging Face "
+                        "model directory")
     ckpt = resolve_checkpoint(p)
     tok = ckpt.parent.parent / "tokenizer"
     return Config.from_yaml_file(ckpt / "config.yaml").model, (tok if (tok / "tokenizer.json").is_file() else None)
