@@ -383,11 +383,14 @@ def from_hf(hf_model):
     return MoETransformer.from_weights(_moelab_config(hf_model.config), from_hf_state_dict(sd, consume=True))
 
 
-def export_hf(model, out_dir: str | Path, arch: str = "auto") -> Path:
+def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: str | int = "5GB") -> Path:
+    """A save_pretrained directory. Shards of at most 5 GB, the Hub's usual size: transformers
+    builds each shard's tensors in memory before writing it (its default, 50 GB, made a model
+    under 50 GB one shard, and its export peak about the model's size higher)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory {out} is not empty; choose another --out")
-    to_hf(model, arch, share=True).save_pretrained(out)
+    to_hf(model, arch, share=True).save_pretrained(out, max_shard_size=max_shard_size)
     return out
 
 

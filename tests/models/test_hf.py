@@ -132,6 +132,19 @@ def test_to_hf_copies_unless_asked_to_share():
     assert q.abs().sum() > 0 and ours.embed.weight.abs().sum() > 0
 
 
+def test_a_sharded_export_loads_in_transformers_and_back(tmp_path):
+    ours = _model(*CASES["deepseek_v3"])
+    export_hf(ours, tmp_path / "hf", max_shard_size="200KB")
+    assert len(list((tmp_path / "hf").glob("model-*-of-*.safetensors"))) > 2
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, V, (2, 48))
+    assert _max_diff(reloaded, ours, ids) <= 1e-4
+    back = load_hf(tmp_path / "hf")
+    for name, t in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+
+
 def test_bf16_checkpoint_converts_exactly_to_fp32_and_shares_nothing(tmp_path):
     ours = _model(*CASES["qwen3_moe"])
     hf = to_hf(ours).to(torch.bfloat16)
