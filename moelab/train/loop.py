@@ -296,7 +296,8 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
             raise UserError(f"{ckpt} is not in a run's checkpoints/ folder (set aside by a rewind, or kept "
                             f"elsewhere); continue it in a new run: --resume {ckpt} --out NEW_DIR")
     if not (ckpt / "trainer_state.pt").is_file():
-        raise UserError(f"{ckpt} holds weights only (no optimizer or data position) and cannot be resumed")
+        raise UserError(f"{ckpt} holds weights only (no optimizer or data position) and cannot be resumed; "
+                        f"to train from its weights start a new run: train.init_from={ckpt}")
     saved = _with_overrides(ckpt / "config.yaml", overrides)
     step = ck.checkpoint_step(ckpt)
     if step is not None and step > saved.train.steps:

@@ -114,6 +114,10 @@ def test_what_cannot_start_from_the_weights_is_one_line(source, tmp_path, prepar
     shutil.copytree(source / "checkpoints" / "step_0000004", loose)
     err = refused(f"train.init_from={loose}", "data.path=")
     assert "has no tokenizer.json" in err and "data.tokenizer=PATH" in err
+    # weights without trainer state (a converted model's) cannot be resumed: the refusal says what starts from them
+    (loose / "trainer_state.pt").unlink()
+    err = refused("--resume", str(loose))
+    assert "cannot be resumed" in err and f"train.init_from={loose}" in err
     assert "is not a directory: give a run" in refused(f"train.init_from={loose / 'model.safetensors'}")
     (tmp_path / "empty").mkdir()
     assert "no checkpoint found" in refused(f"train.init_from={tmp_path / 'empty'}")
