@@ -350,7 +350,9 @@ def to_hf(model, arch: str = "auto", share: bool = False):
     config = hf_config(model.cfg, arch)
     cls = getattr(transformers, ARCHS[config.model_type] + "ForCausalLM")
     hf = _without_init(cls, config).to(next(model.parameters()).dtype)
-    sd = {k: v.detach() if share else v.detach().clone() for k, v in to_hf_state_dict(model).items()}
+    # the fused gate_up_proj is a new tensor already (a concatenation): only the others need a copy
+    sd = {k: v.detach() if share or k.endswith("gate_up_proj") else v.detach().clone()
+          for k, v in to_hf_state_dict(model).items()}
     missing, unexpected = hf.load_state_dict(sd, strict=False, assign=True)
     missing = [k for k in missing if not (model.cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
