@@ -50,115 +50,164 @@ def _read_text(path: Path) -> tuple[str | None, str]:
         return None, "not UTF-8"
 
 
+def _jsonl_raw_lines(path: Path):
+    """The lines of a JSONL file as bytes, read as they come: split on b"\\n" only (str.splitlines also
+    splits at U+2028, U+0085 and others, which JSON strings may hold unescaped), without a leading
+    byte-order mark or a blank tail after the last newline. Raises OSError."""
+    with open(path, "rb") as f:
+        for k, line in enumerate(f):
+            if k == 0 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            if line.endswith(b"\n"):
+                yield line[:-1]
+            elif line.strip():  # text after the last newline
+                yield line
+
+
 def jsonl_lines(path: Path) -> list[str]:
-    """The lines of a JSONL file: split on newlines only (str.splitlines also splits at U+2028, U+0085
-    and others, which JSON strings may hold unescaped), without a leading byte-order mark.
-    Raises OSError or UnicodeDecodeError."""
-    lines = path.read_bytes().decode("utf-8-sig").split("\n")
-    return lines[:-1] if lines and not lines[-1].strip() else lines  # nothing after the last newline
+    """The lines of a JSONL file (see _jsonl_raw_lines). Raises OSError or UnicodeDecodeError."""
+    return [line.decode("utf-8") for line in _jsonl_raw_lines(path)]
+
+
+def _jsonl_values(path: Path, text_field: str):
+    """Each line's value of `text_field` (or the line's own value when it is not an object), or an
+    exception standing for what is wrong with the line."""
+    for raw in _jsonl_raw_lines(path):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            yield ValueError("not UTF-8")
+            continue
+        try:
+            rec = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            yield ValueError("invalid JSON")
+            continue
+        yield rec.get(text_field, KeyError(", ".join(list(rec)[:8]))) if isinstance(rec, dict) else rec
+
+
+def _parquet_values(path: Path, text_field: str):
+    """The column `text_field` of a Parquet file, a batch of rows at a time; a KeyError naming the
+    columns when there is no such column."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("reading Parquet needs pyarrow: pip install 'moelab[data]'") from None
+    pf = pq.ParquetFile(path)
+    columns = pf.schema_arrow.names
+    if text_field not in columns:
+        yield KeyError(", ".join(columns[:8]))
+        return
+    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
+        yield from batch.column(0).to_pylist()
 
 
 def _records(path: Path, name: str, text_field: str):
-    """(record name, text or None, reason) for each record of a JSONL or Parquet file."""
-    if path.suffix.lower() == ".parquet":
+    """(record name, text or None, reason) for each record of a JSONL or Parquet file, read as they
+    come (a file larger than memory streams); a file that cannot be read (any further) is one
+    skipped entry with its reason."""
+    parquet = path.suffix.lower() == ".parquet"
+    values = _parquet_values(path, text_field) if parquet else _jsonl_values(path, text_field)
+    i = 0
+    while True:
         try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise UserError("reading Parquet needs pyarrow: pip install 'moelab[data]'") from None
-        try:
-            table = pq.read_table(path)
-        except Exception as exc:  # pyarrow raises several types for corrupt files
-            yield name, None, f"unreadable Parquet: {str(exc).splitlines()[0][:80]}"
+            v = next(values)
+        except StopIteration:
             return
-        if text_field not in table.column_names:
-            yield name, None, f"no column '{text_field}' (has {', '.join(table.column_names[:8])})"
+        except UserError:
+            raise
+        except Exception as exc:  # OSError, or one of the several types pyarrow raises for a corrupt file
+            why = getattr(exc, "strerror", None) or (str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__)
+            yield f"{name}#{i + 1}" if i else name, None, f"unreadable {'Parquet' if parquet else 'JSONL'}: {why}"
             return
-        values = table.column(text_field).to_pylist()
-    else:
-        try:
-            lines = jsonl_lines(path)
-        except (OSError, UnicodeDecodeError) as exc:
-            yield name, None, f"unreadable JSONL: {getattr(exc, 'strerror', None) or exc}"
-            return
-        values = []
-        for line in lines:
-            try:
-                rec = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                rec = ValueError("invalid JSON")
-            values.append(rec.get(text_field, KeyError(", ".join(list(rec)[:8])))
-                          if isinstance(rec, dict) else rec)
-    for i, v in enumerate(values):
-        rec_name = f"{name}#{i + 1}"
+        i += 1
         if isinstance(v, str) and v.strip():
-            yield rec_name, v, ""
+            yield f"{name}#{i}", v, ""
         elif v is None or isinstance(v, str):
-            yield rec_name, None, "empty"
+            yield f"{name}#{i}", None, "empty"
         elif isinstance(v, ValueError):
-            yield rec_name, None, "invalid JSON"
-        elif isinstance(v, KeyError):
-            yield rec_name, None, f"no field '{text_field}'" + (f" (has {v.args[0]})" if v.args[0] else "")
+            yield f"{name}#{i}", None, str(v)
+        elif isinstance(v, KeyError):  # a Parquet file's missing column is the file's, not a record's
+            yield (name, None, f"no column '{text_field}' (has {v.args[0]})") if parquet else (
+                f"{name}#{i}", None, f"no field '{text_field}'" + (f" (has {v.args[0]})" if v.args[0] else ""))
         else:
-            yield rec_name, None, f"field '{text_field}' is not text"
+            yield f"{name}#{i}", None, f"field '{text_field}' is not text"
 
 
-def _collect(root: Path, files: list[Path], max_docs: int, source: str, text_field: str = "text",
-             pdf_filters=None) -> Corpus:
-    corpus = Corpus(source=source, documents=[])
+PREFETCH_FILES = 256  # plain files read ahead on threads, a group at a time
+
+
+def _file_items(root: Path, files: list[Path], text_field: str = "text", pdf_filters=None):
+    """(name, text or None, reason) for each document of `files` (names relative to `root`), in path
+    order. Plain text files are read ahead on threads (file reads release the GIL), a group of
+    PREFETCH_FILES at a time, so only that group is ever held."""
+    from moelab.data.parallel import thread_map
+
     files = sorted(files, key=lambda f: f.parts)  # Path order, without Path comparisons
-    prefetched = {}
-    if not max_docs:  # plain text files are read on threads (file reads release the GIL)
-        from moelab.data.parallel import thread_map
-
-        plain = [f for f in files if _suffix(f.name) in TEXT_SUFFIXES]
-        prefetched = dict(zip(plain, thread_map(_read_text, plain, threads=8)))
     prefix = str(root) + os.sep
-    for path in files:
-        full = str(path)
-        name = (full[len(prefix):].replace(os.sep, "/") if full.startswith(prefix)
-                else path.relative_to(root).as_posix() if path != root else path.name)
-        if path.suffix.lower() in RECORD_SUFFIXES:
-            records = 0
-            for rec_name, text, reason in _records(path, name, text_field):
-                records += 1
-                if text is None:
-                    corpus.skipped.append((rec_name, reason))
-                    continue
-                corpus.documents.append(Document(rec_name, text))
-                if max_docs and len(corpus.documents) >= max_docs:
-                    return corpus
-            if not records:
-                corpus.skipped.append((name, "no records"))
-            continue
-        if path.suffix.lower() in PDF_SUFFIXES:
-            from moelab.data.pdf import pdf_document
+    for g in range(0, len(files), PREFETCH_FILES):
+        group = files[g:g + PREFETCH_FILES]
+        plain = [f for f in group if _suffix(f.name) in TEXT_SUFFIXES]
+        prefetched = dict(zip(plain, thread_map(_read_text, plain, threads=8)))
+        for path in group:
+            full = str(path)
+            name = (full[len(prefix):].replace(os.sep, "/") if full.startswith(prefix)
+                    else path.relative_to(root).as_posix() if path != root else path.name)
+            if path.suffix.lower() in RECORD_SUFFIXES:
+                records = 0
+                for item in _records(path, name, text_field):
+                    records += 1
+                    yield item
+                if not records:
+                    yield name, None, "no records"
+                continue
+            if path.suffix.lower() in PDF_SUFFIXES:
+                from moelab.data.pdf import pdf_document
 
-            text, reason = pdf_document(path, pdf_filters)
-        else:
-            text, reason = prefetched.pop(path, None) or _read_text(path)
+                text, reason = pdf_document(path, pdf_filters)
+            else:
+                text, reason = prefetched.pop(path, None) or _read_text(path)
+            yield name, text, reason
+
+
+def _gather(source: str, items, max_docs: int = 0) -> Corpus:
+    corpus = Corpus(source=source, documents=[])
+    for name, text, reason in _take(items, max_docs):
         if text is None:
             corpus.skipped.append((name, reason))
-            continue
-        corpus.documents.append(Document(name, text))
-        if max_docs and len(corpus.documents) >= max_docs:
-            break
+        else:
+            corpus.documents.append(Document(name, text))
     return corpus
+
+
+def _take(items, max_docs: int):
+    """`items` up to and including the `max_docs`-th document (all of them for 0)."""
+    n = 0
+    for item in items:
+        yield item
+        n += item[1] is not None
+        if max_docs and n >= max_docs:
+            return
 
 
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_corpus(max_docs: int = 0) -> Corpus:
+def _stdlib_items():
     root = stdlib_root()
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
         files += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
-    return _collect(root, files, max_docs, f"stdlib:{root}")
+    return _file_items(root, files)
 
 
-def files_corpus(path: str, max_docs: int = 0, text_field: str = "text", pdf_filters=None) -> Corpus:
+def stdlib_corpus(max_docs: int = 0) -> Corpus:
+    return _gather(f"stdlib:{stdlib_root()}", _stdlib_items(), max_docs)
+
+
+def _path_items(path: str, text_field: str = "text", pdf_filters=None):
     if any(c in path for c in "*?["):  # a glob such as papers/**/*.pdf
         import glob
 
@@ -167,14 +216,18 @@ def files_corpus(path: str, max_docs: int = 0, text_field: str = "text", pdf_fil
         if not files:
             raise UserError(f"no file matches {path}")
         root = Path(os.path.commonpath([str(f.parent) for f in files]))
-        return _collect(root, files, max_docs, path, text_field, pdf_filters)
+        return _file_items(root, files, text_field, pdf_filters)
     p = Path(path).expanduser()
     if p.is_file():
-        return _collect(p.parent, [p], max_docs, str(p), text_field, pdf_filters)
+        return _file_items(p.parent, [p], text_field, pdf_filters)
     if not p.is_dir():
         raise UserError(f"data source not found: {path} (give a text, JSONL or Parquet file, a "
                         "directory, or 'stdlib')")
-    return _collect(p, _walk_files(p), max_docs, str(p), text_field, pdf_filters)
+    return _file_items(p, _walk_files(p), text_field, pdf_filters)
+
+
+def files_corpus(path: str, max_docs: int = 0, text_field: str = "text", pdf_filters=None) -> Corpus:
+    return _gather(path, _path_items(path, text_field, pdf_filters), max_docs)
 
 
 def _walk_files(root: Path) -> list[Path]:
@@ -208,10 +261,11 @@ def _suffix(name: str) -> str:
     return name[i:].lower() if 0 < i < len(name) - 1 else ""
 
 
-def hf_corpus(source: str, max_docs: int = 0, text_field: str = "text") -> Corpus:
-    """A Hugging Face dataset: `hf:NAME[:CONFIG][@SPLIT]` (hub or local cache; HF_DATASETS_OFFLINE=1
-    uses the cache only), or a directory written by `Dataset.save_to_disk`. Each record is one
-    document (its `text_field`), named NAME#i."""
+def _hf_items(source: str, text_field: str = "text", streaming: bool = False):
+    """(name, text or None, reason) for each record of a Hugging Face dataset: `hf:NAME[:CONFIG][@SPLIT]`
+    (hub or local cache; HF_DATASETS_OFFLINE=1 uses the cache only), or a directory written by
+    `Dataset.save_to_disk`. Each record is one document (its `text_field`), named NAME#i. The
+    dataset is opened before the first record is asked for (memory-mapped Arrow: records stream)."""
     try:
         import datasets
     except ImportError:
@@ -231,25 +285,29 @@ def hf_corpus(source: str, max_docs: int = 0, text_field: str = "text") -> Corpu
             # streaming reads the hub's files; offline, only the prepared cache can answer
             offline = datasets.config.HF_DATASETS_OFFLINE or datasets.config.HF_HUB_OFFLINE
             ds = datasets.load_dataset(name, config or None, split=split or "train",
-                                       streaming=bool(max_docs) and not offline)
+                                       streaming=streaming and not offline)
             label = name
     except Exception as exc:  # network, missing cache, unknown name: one clear line
         first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise UserError(f"cannot load Hugging Face dataset '{source}': {first} (no network and not in "
                         "the local cache? set HF_DATASETS_OFFLINE=1 to use the cache only)") from None
-    corpus = Corpus(source=source, documents=[])
+    return _hf_records(ds, label, text_field)
+
+
+def _hf_records(ds, label: str, text_field: str):
     for i, rec in enumerate(ds):
         value = rec.get(text_field) if isinstance(rec, dict) else None
         name = f"{label}#{i + 1}"
         if not isinstance(value, str) or not value.strip():
             fields = ", ".join(list(rec)[:8]) if isinstance(rec, dict) else ""
-            corpus.skipped.append((name, "empty" if value is not None else f"no text in field '{text_field}'"
-                                   + (f" (has {fields})" if fields and text_field not in rec else "")))
-            continue
-        corpus.documents.append(Document(name, value))
-        if max_docs and len(corpus.documents) >= max_docs:
-            break
-    return corpus
+            yield name, None, ("empty" if value is not None else f"no text in field '{text_field}'"
+                               + (f" (has {fields})" if fields and text_field not in rec else ""))
+        else:
+            yield name, value, ""
+
+
+def hf_corpus(source: str, max_docs: int = 0, text_field: str = "text") -> Corpus:
+    return _gather(source, _hf_items(source, text_field, streaming=bool(max_docs)), max_docs)
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -257,22 +315,39 @@ def _is_saved_dataset(path: str) -> bool:
     return p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file())
 
 
-def load_corpus(source: str, max_docs: int = 0, text_field: str = "text", pdf_filters=None) -> Corpus:
-    """`pdf_filters`: a moelab.data.pdf.PdfFilters for PDF segments (None: its defaults)."""
+def iter_corpus(source: str, max_docs: int = 0, text_field: str = "text", pdf_filters=None):
+    """(name, text, "") for each document of a data source and (name, None, reason) for each input
+    skipped, in a stable order, read as they come: only a group of files (or one batch of records)
+    is held at a time, so a source larger than memory streams. Stops after `max_docs` documents
+    (0: all). Raises UserError for a source that cannot be read, and, once read, one that gave no
+    document. `pdf_filters`: a moelab.data.pdf.PdfFilters for PDF segments (None: its defaults)."""
     if not source.strip():  # Path("") is the current folder: never read it by accident
         raise UserError("the data source is empty: give stdlib, a file, a folder, a glob or hf:NAME")
     if source == "stdlib":
-        corpus = stdlib_corpus(max_docs)
+        items = _stdlib_items()
     elif source.startswith("hf:") or _is_saved_dataset(source):
-        corpus = hf_corpus(source, max_docs, text_field)
+        items = _hf_items(source, text_field, streaming=bool(max_docs))
     else:
-        corpus = files_corpus(source, max_docs, text_field, pdf_filters)
-    if not corpus.documents:
-        why = "; ".join(f"{n}: {r}" for n, r in corpus.skipped[:3])
-        field = any(r.startswith(("no field", "no column", "no text in field")) for _, r in corpus.skipped[:3])
+        items = _path_items(source, text_field, pdf_filters)
+    documents, skipped, first_skipped = 0, 0, []
+    for item in _take(items, max_docs):
+        if item[1] is None:
+            skipped += 1
+            if len(first_skipped) < 3:
+                first_skipped.append(item)
+        else:
+            documents += 1
+        yield item
+    if not documents:
+        why = "; ".join(f"{n}: {r}" for n, _, r in first_skipped)
+        field = any(r.startswith(("no field", "no column", "no text in field")) for _, _, r in first_skipped)
         raise UserError(f"no usable text in data source '{source}'"
-                        + (f" (skipped {len(corpus.skipped)}: {why})" if why else
+                        + (f" (skipped {skipped}: {why})" if why else
                            f" (no file read: moelab reads {', '.join(_known_suffixes())} files)")
                         + ("; name the text field with data.text_field=NAME (data prepare: --text-field NAME)"
                            if field else ""))
-    return corpus
+
+
+def load_corpus(source: str, max_docs: int = 0, text_field: str = "text", pdf_filters=None) -> Corpus:
+    """The whole source in memory (see iter_corpus; `moelab data prepare` streams it instead)."""
+    return _gather(source, iter_corpus(source, max_docs, text_field, pdf_filters))

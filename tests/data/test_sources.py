@@ -50,6 +50,24 @@ def test_jsonl_as_editors_write_it_keeps_every_record_whole(tmp_path):
     assert load_corpus(str(tmp_path / "txt")).documents[0].text == "def f():\n    return 1\n"
 
 
+def test_a_jsonl_line_that_is_not_utf8_costs_that_record_only(tmp_path):
+    f = tmp_path / "data.jsonl"
+    f.write_bytes(b'{"text": "first"}\n{"text": "caf\xe9"}\n{"text": "third"}\n')  # line 2: Latin-1
+    corpus = load_corpus(str(f))
+    assert [d.text for d in corpus.documents] == ["first", "third"]
+    assert corpus.skipped == [("data.jsonl#2", "not UTF-8")]
+
+
+def test_a_corrupt_parquet_file_is_skipped_with_its_reason(tmp_path):
+    pytest.importorskip("pyarrow")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file PAR1")
+    (tmp_path / "notes.txt").write_text("plain file")
+    corpus = load_corpus(str(tmp_path))
+    assert [d.text for d in corpus.documents] == ["plain file"]
+    assert [n for n, _ in corpus.skipped] == ["broken.parquet"]
+    assert corpus.skipped[0][1].startswith("unreadable Parquet: ")
+
+
 def test_an_empty_source_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("private notes in the working folder\n")
     monkeypatch.chdir(tmp_path)
