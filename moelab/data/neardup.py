@@ -87,11 +87,11 @@ def word_hashes(text: str) -> np.ndarray:
     return _word_hashes(np.frombuffer(text.encode("utf-8"), dtype=np.uint8))[0]
 
 
-def _batch_signatures(texts: list[str], shingle: int = 5) -> np.ndarray:
-    """Signatures of several documents in one pass of array work (no per-document numpy calls, which
-    dominate for many small documents). A document with fewer words than `shingle` has a single
-    shingle of all its words; one with none gets an all-empty signature."""
-    raws = [t.encode("utf-8") for t in texts]
+def _batch_signatures(texts: list[str | bytes], shingle: int = 5) -> np.ndarray:
+    """Signatures of several documents (str, or their UTF-8 bytes) in one pass of array work (no
+    per-document numpy calls, which dominate for many small documents). A document with fewer words
+    than `shingle` has a single shingle of all its words; one with none gets an all-empty signature."""
+    raws = [t if isinstance(t, bytes) else t.encode("utf-8") for t in texts]
     starts = np.cumsum([0] + [len(r) + 1 for r in raws])[:-1]  # one space between documents
     words, pos = _word_hashes(np.frombuffer(b" ".join(raws), dtype=np.uint8))
     D = len(texts)
@@ -127,9 +127,9 @@ def minhash(text: str, shingle: int = 5) -> np.ndarray:
     return _batch_signatures([text], shingle)[0]
 
 
-def signatures(texts: list[str], threads: int = 0, batch_chars: int = 1 << 21) -> np.ndarray:
-    """(len(texts), NUM_PERM) MinHash signatures, in batches of about `batch_chars` characters on
-    `threads` threads (0: every core)."""
+def signatures(texts: list[str | bytes], threads: int = 0, batch_chars: int = 1 << 21) -> np.ndarray:
+    """(len(texts), NUM_PERM) MinHash signatures of texts (str, or their UTF-8 bytes), in batches of
+    about `batch_chars` characters (bytes) on `threads` threads (0: every core)."""
     if not texts:
         return np.zeros((0, NUM_PERM), np.uint64)
     return np.concatenate(thread_map(_batch_signatures, list(batches(texts, batch_chars)), threads))
@@ -137,8 +137,12 @@ def signatures(texts: list[str], threads: int = 0, batch_chars: int = 1 << 21) -
 
 def near_duplicate_groups(texts: list[str], threshold: float = 0.5) -> list[int]:
     """Group id (index of the group's first member) for each text."""
-    sigs = signatures(texts)
-    parent = list(range(len(texts)))
+    return signature_groups(signatures(texts), threshold)
+
+
+def signature_groups(sigs: np.ndarray, threshold: float = 0.5) -> list[int]:
+    """Group id (index of the group's first member) for each row of `sigs` (MinHash signatures)."""
+    parent = list(range(sigs.shape[0]))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -152,10 +156,10 @@ def near_duplicate_groups(texts: list[str], threshold: float = 0.5) -> list[int]
         band = np.ascontiguousarray(sigs[:, b * rows:(b + 1) * rows]).view(f"V{8 * rows}").ravel()
         _, first, inverse = np.unique(band, return_index=True, return_inverse=True)
         first_N = first[inverse.ravel()]
-        cand = np.flatnonzero(first_N != np.arange(len(texts)))
+        cand = np.flatnonzero(first_N != np.arange(sigs.shape[0]))
         close = (sigs[first_N[cand]] == sigs[cand]).mean(axis=1) >= threshold
         for i, j in zip(cand[close].tolist(), first_N[cand[close]].tolist()):
             ri, rj = find(i), find(j)
             if ri != rj:
                 parent[max(ri, rj)] = min(ri, rj)
-    return [find(i) for i in range(len(texts))]
+    return [find(i) for i in range(sigs.shape[0])]

@@ -10,9 +10,13 @@ Layout of a prepared directory (format 2):
                        tokens at document boundaries: memory-mapped, never loaded whole
   train-00000_docs.npy ...   start offset of each document in its shard (int64)
 Format 1 (one `train.bin`/`val.bin` per split, from earlier versions) is still read.
-Documents are tokenized in chunks of `CHUNK_BYTES` of text on every core and each chunk is written
-out before the next is read into tokens, so the token arrays of a whole split are never in memory
-(except with --weights, whose resampling needs every training document's length first).
+Sources are read as they come and each document's text goes to a spill file beside the output
+(`.tmp-NAME-PID/.text`, on the output's disk: /tmp may be memory), so memory holds each document's
+name, size and offset, never the corpus; MinHash, the split, BPE training and tokenization read the
+texts back from it (deleted once the shards are written). Documents are tokenized in
+chunks of `CHUNK_BYTES` of text on every core and each chunk is written out before the next is read
+into tokens, so the token arrays of a whole split are never in memory either (except with --weights,
+whose resampling needs every training document's length first).
 `moelab train data.path=DIR` trains on it: windows of seq_len + 1 tokens are views into the
 memory-mapped shards, cut disjoint within each shard (a shard's tail shorter than a window is
 dropped, exactly as a single stream's tail is).
@@ -33,7 +37,7 @@ import torch
 
 from moelab.config import SHARD_TOKENS, TOKENIZER_SAMPLE
 from moelab.data.parallel import batches
-from moelab.data.sources import Document, load_corpus
+from moelab.data.sources import iter_corpus
 from moelab.data.split import hash_unit, split_documents
 from moelab.data.tokenizer import load_tokenizer, train_bpe
 from moelab.errors import UserError
@@ -140,8 +144,74 @@ def _join(arrays: list[np.ndarray], eos_id: int) -> tuple[np.ndarray, np.ndarray
     return out, lengths
 
 
-def _text_len(d: Document) -> int:
-    return len(d.text)
+class _TextSpill:
+    """Document texts appended to one file as they are read, then read back with pread (the page
+    cache holds what fits; no memory map, whose pages would count as the process's own)."""
+
+    def __init__(self, path: Path):
+        self.path, self._file, self._size, self._fd = path, open(path, "wb"), 0, None
+
+    def add(self, text: str) -> tuple[int, int]:
+        """(offset, UTF-8 size) of `text` in the file."""
+        data = text.encode("utf-8")
+        self._file.write(data)
+        self._size += len(data)
+        return self._size - len(data), len(data)
+
+    def seal(self) -> None:
+        """Done adding: open the file for reading."""
+        self._file.close()
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def read(self, at: int, size: int) -> bytes:
+        data = os.pread(self._fd, size, at)
+        if len(data) != size:
+            raise OSError(f"{self.path} was cut short while in use")
+        return data
+
+    def read_many(self, docs: list["_Doc"]) -> list[bytes]:
+        """The UTF-8 bytes of several documents: one read of the stretch that holds them when they lie
+        close together (a chunk of the corpus, of a split), else one read each."""
+        if not docs:
+            return []
+        lo, hi = min(d._at for d in docs), max(d._at + d.nbytes for d in docs)
+        if hi - lo > 2 * sum(d.nbytes for d in docs):
+            return [d.data for d in docs]
+        block = self.read(lo, hi - lo)
+        return [block[d._at - lo:d._at - lo + d.nbytes] for d in docs]
+
+    def texts(self, docs: list["_Doc"]) -> list[str]:
+        return [b.decode("utf-8") for b in self.read_many(docs)]
+
+    def close(self) -> None:
+        self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.path.unlink(missing_ok=True)
+
+
+class _Doc:
+    """A document of a source being prepared: its name, UTF-8 size and source, and its text, read
+    back from the spill file on each access (a document is read a few times, never held)."""
+    __slots__ = ("name", "nbytes", "source", "_spill", "_at")
+
+    def __init__(self, name: str, source: str, spill: _TextSpill, text: str):
+        self.name, self.source, self._spill = name, source, spill
+        self._at, self.nbytes = spill.add(text)
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8")
+
+    @property
+    def data(self) -> bytes:
+        """The text's UTF-8 bytes."""
+        return self._spill.read(self._at, self.nbytes)
+
+
+def _nbytes(d: _Doc) -> int:
+    return d.nbytes
 
 
 def tokenizer_texts(train, budget: int):
@@ -150,11 +220,12 @@ def tokenizer_texts(train, budget: int):
     for d in sorted(train, key=lambda d: hash_unit(d.name, "tokenizer")):
         if budget and used >= budget:
             return
-        used += len(d.text)
-        yield d.text
+        text = d.text
+        used += len(text)
+        yield text
 
 
-def _dedup_training(train: list[Document], group_of: dict[str, int]) -> tuple[list[Document], list[dict]]:
+def _dedup_training(train: list[_Doc], group_of: dict[str, int]) -> tuple[list[_Doc], list[dict]]:
     """Keep one document of each near-duplicate group (MinHash) in the training split."""
     kept, dropped, first = [], [], {}
     for d in train:
@@ -240,42 +311,48 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         timings[stage] = round(timings.get(stage, 0.0) + now - clock, 3)
         clock = now
 
-    docs, skipped, per_source, source_of, size_of = [], [], {}, {}, {}
-    for src, label in zip(sources, _source_labels(sources)):
-        corpus = load_corpus(src, max_docs, text_field, pdf_filters)
-        prefix = f"{label}/" if len(sources) > 1 else ""
-        docs += [Document(prefix + d.name, d.text) for d in corpus.documents]
-        source_of.update({prefix + d.name: src for d in corpus.documents})
-        size_of.update({prefix + d.name: len(d.text.encode("utf-8")) for d in corpus.documents})
-        skipped += [{"name": prefix + n, "reason": r} for n, r in corpus.skipped]
-        per_source[src] = {"documents": len(corpus.documents), "skipped": len(corpus.skipped),
-                           "bytes": sum(size_of[prefix + d.name] for d in corpus.documents)}
-    lap("read")
-    groups = None
-    if near_dup_split or dedup:  # MinHash once, for the split and for --dedup
-        from moelab.data.neardup import near_duplicate_groups
-
-        groups = near_duplicate_groups([d.text for d in docs])
-    train, val = split_documents(docs, val_fraction, salt, groups=groups if near_dup_split else None)
-    if not train or not val:
-        raise UserError(f"{len(docs)} usable document(s); need at least 2 (one for training, one for validation)")
-    dropped = []
-    if dedup:
-        train, dropped = _dedup_training(train, {d.name: g for d, g in zip(docs, groups)})
-    lap("split")
-    if tokenizer:
-        tok = load_tokenizer(tokenizer)
-    else:
-        tok = train_bpe(tokenizer_texts(train, tokenizer_train_bytes), vocab_size)
-        lap("tokenizer training")
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    tok.verify_fast([d.text for d in train[:64]])  # the fast encoder must agree here too, else it is off
-
     tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    made = [p for p in out_dir.parents if not p.exists()]  # folders this call creates, deepest first
     tmp.mkdir(parents=True)
+    spill = _TextSpill(tmp / ".text")
     try:
+        docs, skipped, per_source = [], [], {}
+        for src, label in zip(sources, _source_labels(sources)):
+            prefix = f"{label}/" if len(sources) > 1 else ""
+            n_docs, n_skipped, n_bytes = 0, 0, 0
+            for name, text, reason in iter_corpus(src, max_docs, text_field, pdf_filters):
+                if text is None:
+                    skipped.append({"name": prefix + name, "reason": reason})
+                    n_skipped += 1
+                    continue
+                docs.append(_Doc(prefix + name, src, spill, text))
+                n_docs, n_bytes = n_docs + 1, n_bytes + docs[-1].nbytes
+            per_source[src] = {"documents": n_docs, "skipped": n_skipped, "bytes": n_bytes}
+        spill.seal()
+        lap("read")
+        groups = None
+        if near_dup_split or dedup:  # MinHash once, for the split and for --dedup
+            from moelab.data.neardup import signature_groups, signatures
+
+            groups = signature_groups(np.concatenate([signatures(spill.read_many(chunk))
+                                                      for chunk in batches(docs, CHUNK_BYTES, _nbytes)]))
+        train, val = split_documents(docs, val_fraction, salt, groups=groups if near_dup_split else None)
+        if not train or not val:
+            raise UserError(f"{len(docs)} usable document(s); need at least 2 (one for training, one for validation)")
+        dropped = []
+        if dedup:
+            train, dropped = _dedup_training(train, {d.name: g for d, g in zip(docs, groups)})
+        lap("split")
+        if tokenizer:
+            tok = load_tokenizer(tokenizer)
+        else:
+            tok = train_bpe(tokenizer_texts(train, tokenizer_train_bytes), vocab_size)
+            lap("tokenizer training")
+        dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+        tok.verify_fast([d.text for d in train[:64]])  # the fast encoder must agree here too, else it is off
+
         tok.save(tmp / "tokenizer")
         splits, h = {}, hashlib.sha256(tok.tk.to_str().encode())
         mixing = None
@@ -284,18 +361,18 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
             writer = _ShardWriter(tmp, name, dtype, shard_tokens, h)
             by_source: dict[str, dict] = {}
 
-            def count(docs: list[Document], lengths: np.ndarray) -> None:
+            def count(docs: list[_Doc], lengths: np.ndarray) -> None:
                 for d, n in zip(docs, lengths.tolist()):
-                    r = by_source.setdefault(source_of[d.name], {"documents": 0, "bytes": 0, "tokens": 0})
+                    r = by_source.setdefault(d.source, {"documents": 0, "bytes": 0, "tokens": 0})
                     r["documents"] += 1
-                    r["bytes"] += size_of[d.name]
+                    r["bytes"] += d.nbytes
                     r["tokens"] += n
             if name == "train" and weights is not None:
                 # resampling needs every document's length first: keep this split's tokens (compact)
-                arrays = [a.astype(dtype) for c in batches(split_docs, CHUNK_BYTES, _text_len)
-                          for a in tok.encode_arrays([d.text for d in c])]
+                arrays = [a.astype(dtype) for c in batches(split_docs, CHUNK_BYTES, _nbytes)
+                          for a in tok.encode_arrays(spill.texts(c))]
                 lap("tokenize")
-                chosen, mixing = _mix([a.shape[0] + 1 for a in arrays], [source_of[d.name] for d in split_docs],
+                chosen, mixing = _mix([a.shape[0] + 1 for a in arrays], [d.source for d in split_docs],
                                       dict(zip(sources, weights)), salt)
                 split_docs = [split_docs[k] for k in chosen]
                 for start in range(0, len(chosen), 4096):
@@ -305,8 +382,8 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
                 del arrays
                 lap("write")
             else:
-                for chunk in batches(split_docs, CHUNK_BYTES, _text_len):
-                    arrays = tok.encode_arrays([d.text for d in chunk])
+                for chunk in batches(split_docs, CHUNK_BYTES, _nbytes):
+                    arrays = tok.encode_arrays(spill.texts(chunk))
                     lap("tokenize")
                     stream, lengths = _join(arrays, tok.eos_id)
                     writer.add(stream, lengths)
@@ -314,10 +391,11 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
                     lap("write")
             shards = writer.close()
             splits[name] = {"documents": len(split_docs),
-                            "bytes": sum(size_of[d.name] for d in split_docs),
+                            "bytes": sum(d.nbytes for d in split_docs),
                             "tokens": sum(s["tokens"] for s in shards), "shards": shards,
                             "sources": by_source,  # documents, bytes, tokens (with EOS) per source
                             "document_names": [d.name for d in split_docs]}
+        spill.close()
         manifest = {
             "format": 2, "sources": per_source, "text_field": text_field, "val_fraction": val_fraction,
             "salt": salt, "near_dup_split": near_dup_split, "dtype": np.dtype(dtype).name,
@@ -328,7 +406,13 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     except BaseException:
+        spill.close()
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # a failed prepare leaves no trace (rmdir: only while still empty)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise
     if out_dir.exists():
         shutil.rmtree(out_dir)  # only reached with --overwrite, after the new data is complete

@@ -257,3 +257,51 @@ def test_raw_source_is_prepared_into_the_run_once_and_reused(tmp_path, text_corp
         assert "data.val_fraction" in str(exc)
     else:
         raise AssertionError("resuming with other data settings must be refused")
+
+
+def test_prepare_streams_the_corpus_instead_of_holding_it(tmp_path, monkeypatch):
+    """Memory while preparing must not grow with the corpus: four times the text (one JSONL file, as
+    large corpora come) may add only the per-document bookkeeping (name, offsets, MinHash signature),
+    not the text. Measured with tracemalloc, which sees Python objects and numpy arrays."""
+    import tracemalloc
+
+    import moelab.data.prepare as prep
+
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 1 << 20)  # work in 1 MB pieces, so the text dwarfs them
+    rng = np.random.default_rng(0)
+    words = np.array([f"w{i}x{i * 7919 % 997}" for i in range(5000)])
+
+    def corpus(n_docs: int):
+        f = tmp_path / f"c{n_docs}.jsonl"
+        with open(f, "w") as out:
+            for i in range(n_docs):  # distinct documents of about 32 KB
+                out.write(json.dumps({"text": " ".join(words[rng.integers(0, 5000, 3200)])}) + "\n")
+        return f
+
+    small, large = corpus(100), corpus(400)
+    prepare([str(large)], str(tmp_path / "warm"), vocab_size=512)  # MinHash's tables grow to their size once
+    tok = str(tmp_path / "warm" / "tokenizer")
+
+    def peak(source, out):
+        tracemalloc.start()
+        try:
+            prepare([str(source)], str(tmp_path / out), tokenizer=tok)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    grown = peak(large, "large") - peak(small, "small")
+    more_text = large.stat().st_size - small.stat().st_size  # about 9.6 MB
+    assert grown < 0.2 * more_text, f"peak grew by {grown / 1e6:.1f} MB for {more_text / 1e6:.1f} MB more text"
+    manifest = json.loads((tmp_path / "large" / "manifest.json").read_text())
+    assert sum(s["documents"] for s in manifest["splits"].values()) == 400
+    assert not list(tmp_path.glob(".tmp-*")) and sorted(p.name for p in (tmp_path / "large").iterdir())[0] != ".text"
+
+
+def test_a_failed_prepare_leaves_nothing_behind(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "blank.txt").write_text("   \n")
+    out = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(UserError, match="no usable text"):
+        prepare([str(tmp_path / "src")], str(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no out, no .tmp-*, no parent folders
