@@ -140,6 +140,23 @@ def near_duplicate_groups(texts: list[str], threshold: float = 0.5) -> list[int]
     return signature_groups(signatures(texts), threshold)
 
 
+def _first_alike(band: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """For each row of `band`, the index of the first row equal to it, found by sorting `key`, one
+    64-bit hash of each row (sorting whole rows as byte strings is several times slower); should
+    two different rows share a key, the exact sort decides."""
+    order = np.argsort(key, kind="stable")  # stable: each run of equal keys starts at its first row
+    ks = key[order]
+    starts = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))
+    first_N = np.empty_like(order)
+    first_N[order] = np.repeat(order[starts], np.diff(np.append(starts, order.shape[0])))
+    moved = np.flatnonzero(first_N != np.arange(first_N.shape[0]))
+    if (band[first_N[moved]] != band[moved]).any():  # a hash collision: about never, but never wrong
+        rows = np.ascontiguousarray(band).view(f"V{8 * band.shape[1]}").ravel()
+        _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+        first_N = first[inverse.ravel()]
+    return first_N
+
+
 def signature_groups(sigs: np.ndarray, threshold: float = 0.5) -> list[int]:
     """Group id (index of the group's first member) for each row of `sigs` (MinHash signatures)."""
     parent = list(range(sigs.shape[0]))
@@ -151,11 +168,14 @@ def signature_groups(sigs: np.ndarray, threshold: float = 0.5) -> list[int]:
         return i
 
     rows = NUM_PERM // BANDS
+    keys = np.zeros((sigs.shape[0], BANDS), dtype=np.uint64)  # one hash per band of each signature
+    with np.errstate(over="ignore"):
+        for c in range(rows):
+            keys = keys * np.uint64(_P) + sigs[:, c::rows]
+    keys = np.ascontiguousarray(_mix(keys).T)  # (BANDS, documents): each band's keys contiguous
     for b in range(BANDS):
-        # documents with the same band key are candidates; each is checked against the band's first
-        band = np.ascontiguousarray(sigs[:, b * rows:(b + 1) * rows]).view(f"V{8 * rows}").ravel()
-        _, first, inverse = np.unique(band, return_index=True, return_inverse=True)
-        first_N = first[inverse.ravel()]
+        # documents with the same band are candidates; each is checked against the band's first
+        first_N = _first_alike(sigs[:, b * rows:(b + 1) * rows], keys[b])
         cand = np.flatnonzero(first_N != np.arange(sigs.shape[0]))
         close = (sigs[first_N[cand]] == sigs[cand]).mean(axis=1) >= threshold
         for i, j in zip(cand[close].tolist(), first_N[cand[close]].tolist()):

@@ -88,6 +88,47 @@ def test_signatures_on_threads_equal_one_thread():
         assert np.array_equal(neardup.signatures(texts[::-1], threads=4, batch_chars=2000)[::-1], one)
 
 
+def _groups_by_dicts(sigs, threshold=0.5):
+    """signature_groups' rule, written plainly: in each band, a document joins the band's first
+    document with the same band values when their signatures agree in at least `threshold` bins."""
+    from moelab.data.neardup import BANDS, NUM_PERM
+
+    parent = list(range(len(sigs)))
+
+    def find(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    rows = NUM_PERM // BANDS
+    for b in range(BANDS):
+        first = {}
+        for i, row in enumerate(sigs):
+            j = first.setdefault(tuple(row[b * rows:(b + 1) * rows]), i)
+            if j != i and (sigs[i] == sigs[j]).mean() >= threshold:
+                ri, rj = find(i), find(j)
+                parent[max(ri, rj)] = min(ri, rj)
+    return [find(i) for i in range(len(sigs))]
+
+
+def test_signature_groups_follow_the_rule_even_when_band_keys_collide(monkeypatch):
+    from moelab.data import neardup
+
+    rng = np.random.default_rng(0)
+    sigs = rng.integers(0, 3, (300, neardup.NUM_PERM)).astype(np.uint64)  # 81 values a band: many alike
+    for i in range(200, 300):  # near-copies of earlier rows: 40% of bins redrawn
+        redraw = rng.random(neardup.NUM_PERM) < 0.4
+        sigs[i] = np.where(redraw, rng.integers(0, 3, neardup.NUM_PERM), sigs[rng.integers(0, 200)])
+    want = _groups_by_dicts(sigs)
+    assert len(set(want)) < 250  # the near-copies did join
+    assert neardup.signature_groups(sigs) == want
+    monkeypatch.setattr(neardup, "_mix", lambda h: h & np.uint64(0))  # every band key alike
+    assert neardup.signature_groups(sigs) == want
+    monkeypatch.undo()
+    texts = ["café au lait " * 20, "plain words only here and there", "x"]
+    assert np.array_equal(neardup.signatures([t.encode() for t in texts]), neardup.signatures(texts))
+
+
 def test_audit_flags_stride1_random_split_and_passes_document_split(documents):
     train, val = _stride1_random_split(documents)
     tok = train_bpe((d.text for d in train), 2000)
