@@ -168,14 +168,14 @@ def signature_groups(sigs: np.ndarray, threshold: float = 0.5) -> list[int]:
         return i
 
     rows = NUM_PERM // BANDS
-    keys = np.zeros((sigs.shape[0], BANDS), dtype=np.uint64)  # one hash per band of each signature
-    with np.errstate(over="ignore"):
-        for c in range(rows):
-            keys = keys * np.uint64(_P) + sigs[:, c::rows]
-    keys = np.ascontiguousarray(_mix(keys).T)  # (BANDS, documents): each band's keys contiguous
     for b in range(BANDS):
         # documents with the same band are candidates; each is checked against the band's first
-        first_N = _first_alike(sigs[:, b * rows:(b + 1) * rows], keys[b])
+        band = sigs[:, b * rows:(b + 1) * rows]
+        key = np.zeros(sigs.shape[0], dtype=np.uint64)  # one hash of each document's band
+        with np.errstate(over="ignore"):
+            for c in range(rows):
+                key = key * np.uint64(_P) + band[:, c]
+        first_N = _first_alike(band, _mix(key))
         cand = np.flatnonzero(first_N != np.arange(sigs.shape[0]))
         close = (sigs[first_N[cand]] == sigs[cand]).mean(axis=1) >= threshold
         for i, j in zip(cand[close].tolist(), first_N[cand[close]].tolist()):

@@ -334,10 +334,14 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         lap("read")
         groups = None
         if near_dup_split or dedup:  # MinHash once, for the split and for --dedup
-            from moelab.data.neardup import signature_groups, signatures
+            from moelab.data.neardup import NUM_PERM, signature_groups, signatures
 
-            groups = signature_groups(np.concatenate([signatures(spill.read_many(chunk))
-                                                      for chunk in batches(docs, CHUNK_BYTES, _nbytes)]))
+            sigs, at = np.empty((len(docs), NUM_PERM), dtype=np.uint64), 0  # filled in place: no second copy
+            for chunk in batches(docs, CHUNK_BYTES, _nbytes):
+                sigs[at:at + len(chunk)] = signatures(spill.read_many(chunk))
+                at += len(chunk)
+            groups = signature_groups(sigs)
+            del sigs
         train, val = split_documents(docs, val_fraction, salt, groups=groups if near_dup_split else None)
         if not train or not val:
             raise UserError(f"{len(docs)} usable document(s); need at least 2 (one for training, one for validation)")
