@@ -87,14 +87,16 @@ def word_hashes(text: str) -> np.ndarray:
     return _word_hashes(np.frombuffer(text.encode("utf-8"), dtype=np.uint8))[0]
 
 
-def _batch_signatures(texts: list[str | bytes], shingle: int = 5) -> np.ndarray:
-    """Signatures of several documents (str, or their UTF-8 bytes) in one pass of array work (no
-    per-document numpy calls, which dominate for many small documents). A document with fewer words
-    than `shingle` has a single shingle of all its words; one with none gets an all-empty signature."""
-    raws = [t if isinstance(t, bytes) else t.encode("utf-8") for t in texts]
+SEGMENT = 1 << 21  # a document longer than this (bytes) is hashed a segment at a time
+
+
+def _bins(raws: list[bytes], shingle: int) -> np.ndarray:
+    """(len(raws), NUM_PERM) smallest shingle hash in each bin (_EMPTY where none), of several
+    documents in one pass of array work (no per-document numpy calls, which dominate for many small
+    documents). A document with fewer words than `shingle` has a single shingle of all its words."""
     starts = np.cumsum([0] + [len(r) + 1 for r in raws])[:-1]  # one space between documents
     words, pos = _word_hashes(np.frombuffer(b" ".join(raws), dtype=np.uint8))
-    D = len(texts)
+    D = len(raws)
     doc = np.searchsorted(starts, pos, side="right") - 1
     n_words = np.bincount(doc, minlength=D)
     first_word = np.cumsum(n_words) - n_words
@@ -112,7 +114,53 @@ def _batch_signatures(texts: list[str | bytes], shingle: int = 5) -> np.ndarray:
     sh = _mix(sh)
     sig = np.full(D * NUM_PERM, _EMPTY, dtype=np.uint64)
     np.minimum.at(sig, sh_doc * NUM_PERM + (sh >> _BIN_SHIFT).astype(np.int64), sh & _LOW)
-    sig = sig.reshape(D, NUM_PERM)
+    return sig.reshape(D, NUM_PERM)
+
+
+def _cut(b: np.ndarray, at: int) -> int:
+    """The first position from `at` on where `b` may be cut without cutting a word (the byte there
+    or the one before is no word byte; a UTF-8 character's bytes are all word bytes), or len(b)."""
+    step = 1 << 16
+    while at < b.shape[0]:
+        w = _WORD[b[at - 1:at + step]]
+        ok = np.flatnonzero(~(w[1:] & w[:-1]))
+        if ok.shape[0]:
+            return at + int(ok[0])
+        at += step
+    return b.shape[0]
+
+
+def _long_bins(raw: bytes, shingle: int) -> np.ndarray:
+    """_bins of one long document, SEGMENT bytes at a time, so that memory is bounded by the segment,
+    not the document: segments are cut between words and each carries the last shingle - 1 words of
+    the one before, so the shingles are exactly the whole document's."""
+    b = np.frombuffer(raw, dtype=np.uint8)
+    bins = np.full(NUM_PERM, _EMPTY, dtype=np.uint64)
+    tail, start, n_words = np.zeros(0, dtype=np.uint64), 0, 0
+    while start < b.shape[0]:
+        end = _cut(b, start + SEGMENT)
+        words = np.concatenate([tail, _word_hashes(b[start:end])[0]])
+        n_words += words.shape[0] - tail.shape[0]
+        sh = _mix(ngram_hashes(words, shingle))
+        np.minimum.at(bins, (sh >> _BIN_SHIFT).astype(np.int64), sh & _LOW)
+        tail, start = words[words.shape[0] - (shingle - 1):] if shingle > 1 else words[:0], end
+    return bins if n_words >= shingle else _bins([raw], shingle)[0]  # a few huge words: whole
+
+
+def _batch_signatures(texts: list[str | bytes], shingle: int = 5) -> np.ndarray:
+    """Signatures of several documents (str, or their UTF-8 bytes). A document with fewer words
+    than `shingle` has a single shingle of all its words; one with none gets an all-empty signature."""
+    raws = [t if isinstance(t, bytes) else t.encode("utf-8") for t in texts]
+    long = [i for i, r in enumerate(raws) if len(r) > SEGMENT]
+    if long:
+        sig = np.full((len(raws), NUM_PERM), _EMPTY, dtype=np.uint64)
+        rest = [i for i, r in enumerate(raws) if len(r) <= SEGMENT]
+        if rest:
+            sig[rest] = _bins([raws[i] for i in rest], shingle)
+        for i in long:
+            sig[i] = _long_bins(raws[i], shingle)
+    else:
+        sig = _bins(raws, shingle)
     # rotation: an empty bin takes the next filled bin to its right (cyclically), plus its distance
     cols = np.arange(NUM_PERM)
     at = np.where(sig != _EMPTY, cols, 4 * NUM_PERM)

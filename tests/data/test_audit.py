@@ -88,6 +88,23 @@ def test_signatures_on_threads_equal_one_thread():
         assert np.array_equal(neardup.signatures(texts[::-1], threads=4, batch_chars=2000)[::-1], one)
 
 
+def test_long_documents_hashed_in_segments_get_the_whole_documents_signature(monkeypatch):
+    """A document longer than SEGMENT is hashed a piece at a time (bounded memory); cut between words
+    with the previous piece's last words carried over, it must give exactly the signature of the
+    whole text hashed at once: cuts next to punctuation, inside runs of spaces, beside multi-byte
+    characters, in a word too long for one piece, and documents of a few huge words."""
+    from moelab.data import neardup
+
+    rng = np.random.default_rng(1)
+    vocab = ["alpha", "beta_2", "γάμμα", "naïve", "x", "(", ")", ",", "==", "\n", "   ", "\t", "日本語", "9"]
+    texts = ["".join(rng.choice(vocab, 3000)) + " " + " ".join(rng.choice(vocab, 2000)) for _ in range(6)]
+    texts += ["w" * 500 + " tail words here", "a" * 300, "one " + "b" * 400 + " two", "short text"]
+    whole = neardup.signatures(texts, threads=1)
+    for segment in (17, 64, 301):
+        monkeypatch.setattr(neardup, "SEGMENT", segment)
+        assert np.array_equal(neardup.signatures(texts, threads=2, batch_chars=5000), whole), segment
+
+
 def _groups_by_dicts(sigs, threshold=0.5):
     """signature_groups' rule, written plainly: in each band, a document joins the band's first
     document with the same band values when their signatures agree in at least `threshold` bins."""
