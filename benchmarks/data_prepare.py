@@ -8,7 +8,8 @@ Runs the real `moelab data prepare` (moelab.data.prepare.prepare) twice on the s
   2. with that tokenizer given (what preparing more data, or a corpus too large to train BPE on
      whole, does: BPE is trained once on a bounded sample, --tokenizer-train-bytes).
 Stages come from the manifest: read, split (MinHash near-duplicate groups + the hash split),
-tokenizer training, tokenize (every core), write (shards). Then the tokenizers-vs-fast-encoder
+tokenizer training, tokenize (every core), write (shards); each run is a child process, whose peak
+RSS is printed beside the text's size. Then the tokenizers-vs-fast-encoder
 comparison on the same documents (at most 32 MB of them), in one process. MB/s/core = text MB / seconds / usable cores.
 Not a test: timings are machine-dependent. Issue 4's target is 2 MB/s per core for plain text.
 """
@@ -17,14 +18,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 
+_CHILD = """
+import json, resource, sys, time
+from moelab.data.prepare import prepare
+a = json.loads(sys.argv[1])
+t = time.perf_counter()
+prepare(a["sources"], a["out"], vocab_size=a["vocab"], tokenizer=a["tok"])
+print(json.dumps([time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
+"""
+_BASE_RSS = 0
+
+
+def _prepare_in_child(sources, out, vocab, tok) -> tuple[float, int]:
+    """(seconds, peak RSS in bytes) of one `prepare` in a fresh process, so each run's peak is its own."""
+    global _BASE_RSS
+    if not _BASE_RSS:  # what importing moelab and its libraries costs before any data
+        base = "import resource, moelab.data.prepare; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        _BASE_RSS = int(subprocess.run([sys.executable, "-c", base], capture_output=True, text=True,
+                                       check=True).stdout) * 1024
+    arg = json.dumps({"sources": sources, "out": str(out), "vocab": vocab, "tok": tok})
+    done = subprocess.run([sys.executable, "-c", _CHILD, arg], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "prepare failed")
+    wall, peak = json.loads(done.stdout.strip().splitlines()[-1])
+    return wall, peak
+
+
 def main() -> None:
-    from moelab.data.prepare import prepare
-    from moelab.data.sources import load_corpus
+    from moelab.data.sources import iter_corpus
     from moelab.data.parallel import cores as usable_cores
     from moelab.data.tokenizer import load_tokenizer
 
@@ -41,25 +69,27 @@ def main() -> None:
         rows = []
         for label, tok in (("training BPE", None), ("given tokenizer", str(Path(tmp) / "a" / "tokenizer"))):
             out = Path(tmp) / ("a" if tok is None else "b")
-            t = time.perf_counter()
-            prepare(args.source, str(out), vocab_size=args.vocab, tokenizer=tok)
-            wall = time.perf_counter() - t
+            wall, peak = _prepare_in_child(args.source, out, args.vocab, tok)
             m = json.loads((out / "manifest.json").read_text())
             mb = sum(s["bytes"] for s in m["splits"].values()) / 1e6
-            rows.append((label, mb, wall, m["seconds"], m["encoder"]))
+            rows.append((label, mb, wall, peak, m["seconds"], m["encoder"]))
         print(f"{args.source}: {mb:.1f} MB of text, {cores} cores")
-        for label, mb, wall, stages, encoder in rows:
+        for label, mb, wall, peak, stages, encoder in rows:
             print(f"\nprepare, {label} (encoder: {encoder})")
             for stage, sec in stages.items():  # the manifest keeps milliseconds: a tiny stage may read 0
                 rate = f"{mb / sec / cores:8.2f}" if sec > 0 else f"{'-':>8}"
                 print(f"  {stage:<20}{sec:7.2f} s  {rate} MB/s/core")
             print(f"  {'end to end':<20}{wall:7.2f} s  {mb / wall / cores:8.2f} MB/s/core")
+            print(f"  peak RSS {peak / 1e6:.0f} MB ({peak / 1e6 / mb:.2f}x the text; the process alone "
+                  f"takes {_BASE_RSS / 1e6:.0f} MB)")
         texts, size = [], 0
-        for d in (d for s in args.source for d in load_corpus(s).documents):
-            if size > 32e6:
-                break
-            texts.append(d.text)
-            size += len(d.text.encode("utf-8"))
+        for s in args.source:
+            for _, text, _ in iter_corpus(s):
+                if size > 32e6:
+                    break
+                if text is not None:
+                    texts.append(text)
+                    size += len(text.encode("utf-8"))
         mb = size / 1e6
         tok = load_tokenizer(Path(tmp) / "a" / "tokenizer")
         t = time.perf_counter()

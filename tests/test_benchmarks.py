@@ -47,6 +47,7 @@ def test_data_and_optimizer_benchmarks_run(tmp_path):
     out = _run("data_prepare.py", "--source", corpus, "--vocab", "300", cwd=tmp_path)
     assert re.search(r"end to end\s+\d+\.\d+ s\s+\d+\.\d+ MB/s/core", out), out
     assert "identical ids: True" in out  # the fast encoder gives tokenizers' ids
+    assert len(re.findall(r"peak RSS [1-9]\d* MB \(\d+\.\d+x the text", out)) == 2, out  # each run's own peak
     out = _run("optimizers.py", "--preset", "test", "--steps", "2", "--lrs", "1e-2", "--out", tmp_path / "opt",
                cwd=tmp_path)
     assert "hybrid-lr0.01" in out and "adamw-lr0.01" in out, out
