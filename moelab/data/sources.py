@@ -83,7 +83,12 @@ def _jsonl_values(path: Path, text_field: str):
         except json.JSONDecodeError:
             yield ValueError("invalid JSON")
             continue
-        yield rec.get(text_field, KeyError(", ".join(list(rec)[:8]))) if isinstance(rec, dict) else rec
+        if not isinstance(rec, dict):
+            yield rec
+        elif text_field in rec:
+            yield rec[text_field]
+        else:  # the fields it has, named only when needed (not for every record)
+            yield KeyError(", ".join(list(rec)[:8]))
 
 
 def _parquet_values(path: Path, text_field: str):
