@@ -31,7 +31,7 @@ def main() -> None:
         cfg.model.max_seq_len = max(cfg.model.max_seq_len, args.prompt + args.new)
         cfg.resolve(vocab_size=8192)
         torch.manual_seed(0)
-        model = MoETransformer(cfg.model).to(device).eval()
+        model = MoETransformer(cfg.model, device=device).eval()
         prompt = torch.randint(0, 8192, (args.prompt,)).tolist()
         same = generate_ids(model, prompt, args.new, use_cache=True)[0] == \
             generate_ids(model, prompt, args.new, use_cache=False)[0]

@@ -81,7 +81,7 @@ def main() -> None:
     m = cfg.resolve(vocab_size=cfg.data.vocab_size).model
     B, S = cfg.train.batch_size, cfg.train.seq_len
     torch.manual_seed(0)
-    model = MoETransformer(m).to(device)
+    model = MoETransformer(m, device=device)
     x = torch.randint(0, m.vocab_size, (B, S + 1), device=device)
     inputs, targets = x[:, :-1], x[:, 1:]
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.dtype == "bf16" \

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from moelab.models.layers import activation, gated
+from moelab.models.layers import activation, gated, init_normal_
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -116,8 +116,8 @@ class Experts(nn.Module):
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         for w in self._in_weights():
-            nn.init.normal_(w, std=std)
-        nn.init.normal_(self.down_proj, std=out_std)
+            init_normal_(w, std=std)
+        init_normal_(self.down_proj, std=out_std)
 
     def _in_weights(self) -> list[torch.Tensor]:
         return [self.gate_proj, self.up_proj] if self.glu else [self.up_proj]

@@ -20,7 +20,7 @@ from moelab.config import ModelConfig
 from moelab.models.attention import build_attention, rotary_dim
 from moelab.models.experts import residual_std
 from moelab.models.kvcache import KVCache, LayerCache
-from moelab.models.layers import MLP, RMSNorm, rope_cache
+from moelab.models.layers import MLP, RMSNorm, init_normal_, rope_cache
 from moelab.models.loss import IGNORE_INDEX, linear_cross_entropy
 from moelab.models.moe import MoE
 from moelab.models.router import Router, RouterOutput
@@ -69,27 +69,54 @@ class Block(nn.Module):
         return x_BSD + self.mlp(h_BSD), None
 
 
+def _allocate(module: nn.Module, device: torch.device) -> None:
+    """Uninitialised storage on `device` for every parameter and buffer of a model built on the
+    meta device, keeping shared parameters shared (`Module.to_empty` unties them, and its meta
+    `empty_like` imports sympy: a second on the first call)."""
+    new: dict[int, torch.Tensor] = {}
+    for m in module.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            if id(p) not in new:
+                new[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device), p.requires_grad)
+            setattr(m, name, new[id(p)])
+        for name, b in list(m.named_buffers(recurse=False)):
+            m._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+
+
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None, init: bool = True):
+        """The model on `device` (default: torch's current default device) with moelab's random
+        init, drawn from the CPU generator whatever the device (`reset_parameters`). The modules
+        are laid out on the meta device first, so no time goes on torch's own per-layer init that
+        ours replaces (two thirds of the build time), and a GPU model is never whole in host memory.
+        `init=False` leaves the weights uninitialised, for a caller that loads them next."""
         super().__init__()
         assert cfg.vocab_size > 0 and cfg.head_dim > 0, "resolve the config before building"
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        target = torch.device(device) if device is not None else torch.get_default_device()
+        with torch.device("meta"):
+            # given its weight, Embedding skips its own init (normal_ on meta costs a 1 s import)
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model, _weight=torch.empty(cfg.vocab_size, cfg.d_model))
+            self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+            self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = self._rope_tables()
+        _allocate(self, target)
+        cos, sin = self._rope_tables(target)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # Activation checkpointing per block: activations are recomputed in backward instead of
         # stored. Expert choices of the first forward are reused by the recomputation.
         self.activation_checkpointing = False
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
-    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_cache(self.cfg, self.cfg.max_seq_len, rotary_dim(self.cfg))
+    def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Computed on the CPU (the same values on every device), then moved to `device`."""
+        with torch.device("meta" if device.type == "meta" else "cpu"):
+            tables = rope_cache(self.cfg, self.cfg.max_seq_len, rotary_dim(self.cfg))
+        return tuple(t.to(device) for t in tables)
 
     @classmethod
     def from_weights(cls, cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> "MoETransformer":
@@ -102,12 +129,11 @@ class MoETransformer(nn.Module):
             for a, b in (("embed.weight", "lm_head.weight"), ("lm_head.weight", "embed.weight")):
                 if a not in sd and b in sd:
                     sd[a] = sd[b]
-        with torch.device("meta"):
-            model = cls(cfg)
+        model = cls(cfg, device="meta", init=False)
         model.load_state_dict(sd, assign=True)
         if cfg.tie_embeddings:
             model.lm_head.weight = model.embed.weight
-        model.rope_cos, model.rope_sin = (t.to(model.embed.weight.device) for t in model._rope_tables())
+        model.rope_cos, model.rope_sin = model._rope_tables(model.embed.weight.device)
         return model.eval()
 
     @property
@@ -116,12 +142,16 @@ class MoETransformer(nn.Module):
 
     def reset_parameters(self) -> None:
         """Normal(init_std) for every matrix, residual-scaled std for the projections that write
-        into the residual stream, zeros for biases and the selection bias, ones for norms."""
+        into the residual stream, zeros for biases and the selection bias, ones for norms: every
+        parameter and buffer (the model is built with uninitialised storage)."""
         c = self.cfg
         out_std = residual_std(c.init_std, c.n_layers)
-        nn.init.normal_(self.embed.weight, std=c.init_std)
+        init_normal_(self.embed.weight, std=c.init_std)
         if not c.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, std=c.init_std)
+            init_normal_(self.lm_head.weight, std=c.init_std)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
         for blk in self.blocks:
             out_proj = {id(m) for m in blk.attn.output_projections()}
             ffns = [blk.mlp] if hasattr(blk, "mlp") else ([blk.moe.shared] if hasattr(blk.moe, "shared") else [])
@@ -129,14 +159,12 @@ class MoETransformer(nn.Module):
             for mod in (blk.attn, *ffns):
                 for m in mod.modules():
                     if isinstance(m, nn.Linear):
-                        nn.init.normal_(m.weight, std=out_std if id(m) in out_proj else c.init_std)
+                        init_normal_(m.weight, std=out_std if id(m) in out_proj else c.init_std)
                         if m.bias is not None:
                             nn.init.zeros_(m.bias)
-                    elif isinstance(m, RMSNorm):
-                        nn.init.ones_(m.weight)
             if hasattr(blk, "moe"):
                 router = blk.moe.router
-                nn.init.normal_(router.weight, std=c.router_init_std)
+                init_normal_(router.weight, std=c.router_init_std)
                 if hasattr(router, "noise_weight"):
                     nn.init.zeros_(router.noise_weight)
                 if hasattr(router, "selection_bias"):

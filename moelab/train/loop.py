@@ -175,7 +175,10 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
     if data.train_windows.shape[0] < t.batch_size:
         raise UserError(f"training split has {data.train_windows.shape[0]} windows, fewer than "
                         f"train.batch_size={t.batch_size}; use more text or a smaller batch")
-    model = (_initial_model(cfg) if ckpt is None and t.init_from else MoETransformer(cfg.model)).to(device)
+    if ckpt is None and t.init_from:
+        model = _initial_model(cfg).to(device)
+    else:  # built on its device; a resume's weights come from the checkpoint, so no random init
+        model = MoETransformer(cfg.model, device=device, init=ckpt is None)
     model.activation_checkpointing = t.activation_checkpointing
     guard = UpdateGuard(t.nonfinite, t.spike_sigma, t.spike_window, min(20, t.spike_window),
                         t.spike_max_consecutive)

@@ -106,6 +106,25 @@ def test_cuda_activation_checkpointing_routes_identically():
         assert _rel(a, b) < 1e-2
 
 
+def test_cuda_model_built_on_gpu_has_the_cpu_models_weights():
+    """Initialised on its GPU a tensor at a time, from the CPU generator: a seed gives the same model
+    on every device, and the CUDA generator is left alone."""
+    from moelab.models import MoETransformer
+    from tests.models.test_init import _config
+
+    cfg = _config("mla-yarn-dense-first")
+    cuda_rng = torch.cuda.get_rng_state()
+    torch.manual_seed(3)
+    on_gpu = MoETransformer(cfg, device="cuda")
+    torch.manual_seed(3)
+    on_cpu = MoETransformer(cfg)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+    assert all(t.is_cuda for t in [*on_gpu.parameters(), *on_gpu.buffers()])
+    for (name, a), b in zip(on_gpu.state_dict().items(), on_cpu.state_dict().values()):
+        assert torch.equal(a.cpu(), b), name
+    assert torch.equal(on_gpu.rope_cos.cpu(), on_cpu.rope_cos)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cuda_cli_train_eval_and_resume(tmp_path, precision):
