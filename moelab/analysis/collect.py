@@ -212,10 +212,11 @@ def from_run(target, n_windows: int = 64, batch_size: int = 8, max_checkpoints: 
 
 def logged_counts(metrics: Path, L: int, E: int) -> dict[int, np.ndarray]:
     """Training expert counts per log interval, from metrics.jsonl (`expert_counts`)."""
+    from moelab.train.rundir import read_metrics
+
     out = {}
     if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            rec = json.loads(line) if line.strip() else {}
+        for rec in read_metrics(metrics):
             c = rec.get("expert_counts")
             if rec.get("split") == "train" and c and len(c) == L and all(len(r) == E for r in c):
                 out[int(rec["step"])] = np.array(c, dtype=np.float64)

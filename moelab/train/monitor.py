@@ -6,7 +6,6 @@ Only rank 0 writes (RANK from torchrun; a single process is rank 0).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 
 from moelab.errors import UserError
+from moelab.train.rundir import MetricsLog, read_metrics
 
 # Dense bf16 peak TFLOP/s of common accelerators (vendor datasheets, without sparsity).
 PEAK_TFLOPS_BF16 = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
@@ -87,8 +87,6 @@ class Sinks:
 
     def __init__(self, run_dir: Path, keep_until_step: int, tensorboard: bool, wandb_project: str,
                  config: dict):
-        from moelab.train.rundir import MetricsLog
-
         self.rank0 = is_rank0()
         self.jsonl = self.tb = self.wandb = None
         if not self.rank0:
@@ -160,7 +158,7 @@ def _wandb_id(run_dir: Path) -> str:
 def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     """Training curves from metrics.jsonl: train and validation loss, LR, gradient norm, tokens/s
     and skipped updates, written as one PNG. Returns None when there is nothing to plot."""
-    records = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
+    records = read_metrics(metrics_path)
     train = [r for r in records if r.get("split") == "train"]
     val = [r for r in records if r.get("split") == "val"]
     if not train and not val:

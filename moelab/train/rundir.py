@@ -100,10 +100,28 @@ def provenance() -> dict:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def _metric_lines(path: Path):
+    """(line, record) for each record of a metrics.jsonl. A line that is not a JSON object is
+    passed over: the last one while the run is writing it (`moelab report` or `routing` during
+    training), or one cut short when a run was killed mid-write."""
+    for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            yield ln, rec
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, in order (see `_metric_lines`)."""
+    return [rec for _, rec in _metric_lines(path)]
+
+
 def metrics_until(path: Path, step: int) -> str:
-    """The records of a metrics.jsonl up to and including `step`, as the file's text."""
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    return "".join(ln + "\n" for ln in kept)
+    """The records of a metrics.jsonl up to and including `step`, as the file's text; a line cut
+    short by a kill is dropped, so the resumed run does not append to it."""
+    return "".join(ln + "\n" for ln, rec in _metric_lines(path) if rec.get("step", 0) <= step)
 
 
 class MetricsLog:

@@ -98,3 +98,23 @@ def test_markdown_code_blocks_hold_generated_backtick_fences():
     assert f"{fence}\n{text}\n{fence}" in md  # the sample's own ``` cannot close the block early
     assert md.rstrip().endswith("## After")
     assert "```\nplain\n```" in render_markdown([("pre", "plain")])
+
+
+def test_report_and_routing_read_a_run_while_it_writes_its_metrics(trained, tmp_path):
+    """During training the last line of metrics.jsonl may be half written (or cut by a kill):
+    report and routing read the complete records and leave that line out."""
+    run = tmp_path / "copy"
+    shutil.copytree(trained / "run", run)
+    (run / "curves.png").unlink()
+    whole = (run / "metrics.jsonl").read_text()
+    last = whole.splitlines()[-1]
+    (run / "metrics.jsonl").write_text(whole + last[: len(last) // 2])
+    res = run_cli("report", run, "--samples", "0", "--windows", "2")
+    assert res.returncode == 0, res.stderr
+    assert (run / "curves.png").is_file()
+    res = run_cli("routing", run, "--windows", "2")
+    assert res.returncode == 0, res.stderr
+    verdicts = json.loads((run / "routing" / "routing.json").read_text())["steps_verdicts"]
+    logged = [json.loads(ln)["step"] for ln in whole.splitlines() if '"expert_counts"' in ln]
+    assert [int(s) for s in verdicts] == logged  # every complete record, the cut one left out
+

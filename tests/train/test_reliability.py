@@ -65,6 +65,8 @@ def test_sigkill_twice_then_resume_is_bit_identical(prepared, reference, tmp_pat
     res = _train(run, prepared, faults="kill@27")
     assert res.returncode == -9  # really killed, mid-update 27; the last save was 20
     assert [c.name for c in list_checkpoints(run)] == ["step_0000010", "step_0000020"]
+    with (run / "metrics.jsonl").open("a") as fh:  # as if killed while writing a record
+        fh.write('{"step": 27, "split": "train", "lo')
     res = _train(run, prepared, faults="kill@33", resume=True)  # resumes at 20, dies again
     assert res.returncode == -9 and "resumed at step 20" in res.stderr
     res = _train(run, prepared, resume=True)
