@@ -230,8 +230,10 @@ def _output_file(text: str) -> str:
 def write_json(path: str, obj) -> None:
     import json
 
+    from moelab.train.rundir import write_atomic
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(obj, indent=1))
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def _at_least(low: int):

@@ -167,6 +167,7 @@ def routing(target: str, out: str | None, windows: int = 64, batch_size: int = 8
     from moelab.analysis.collect import load_routing
     from moelab.analysis.plots import plot_all
     from moelab.analysis.routing import analyze
+    from moelab.train.rundir import write_atomic
 
     counts = load_routing(target, windows, batch_size, device, data, source)
     p = Path(target).expanduser()
@@ -175,5 +176,5 @@ def routing(target: str, out: str | None, windows: int = 64, batch_size: int = 8
     if plots:
         analysis["plots"] = plot_all(counts, analysis, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "routing.json").write_text(json.dumps(_json_safe(analysis), indent=1))
+    write_atomic(out_dir / "routing.json", json.dumps(_json_safe(analysis), indent=1))
     return analysis, out_dir

@@ -226,12 +226,14 @@ def write_report(run_dir: str | Path, routing_windows: int = 32, samples: int = 
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
     import yaml
 
+    from moelab.train.rundir import write_atomic
+
     converted = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("preset") == "converted"
     if converted and not (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"{run_dir} is a converted model: there is no training to report; measure it with "
                         f"`moelab eval {run_dir} --source TEXT` and `moelab routing {run_dir} --source TEXT`")
     blocks = build_blocks(run_dir, routing_windows, samples, max_new_tokens)
     md, page = run_dir / "report.md", run_dir / "report.html"
-    md.write_text(render_markdown(blocks), encoding="utf-8")
-    page.write_text(render_html(blocks, run_dir), encoding="utf-8")
+    write_atomic(md, render_markdown(blocks))
+    write_atomic(page, render_html(blocks, run_dir))
     return md, page

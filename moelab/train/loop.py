@@ -36,7 +36,7 @@ from moelab.train import checkpoint as ck
 from moelab.train.faults import FaultPlan, StopSignals, UpdateGuard
 from moelab.train.host import compile_unavailable, cpu_precision_note, keep_freed_memory
 from moelab.train.monitor import Sinks, flops_per_token, is_rank0, peak_memory_gb, peak_tflops, plot_curves
-from moelab.train.rundir import RunLock, has_entries, metrics_until, new_run_dir, provenance
+from moelab.train.rundir import RunLock, has_entries, metrics_until, new_run_dir, provenance, write_atomic
 
 
 @dataclass
@@ -152,7 +152,7 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
         apply_smoke(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if ckpt is None:  # marks the folder as a run at once: one killed while preparing data is restartable
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -196,8 +196,8 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
     # within set-up, so that a failing W&B start removes the new run directory like any other failure
     run.sinks = Sinks(run_dir, run.step, t.tensorboard, t.wandb, cfg.to_dict())
     # last: a resume refused above (another model shape, other data) leaves the run's files as they were
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    (run_dir / "run.json").write_text(json.dumps(origin, indent=1))
+    write_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    write_atomic(run_dir / "run.json", json.dumps(origin, indent=1))
     write_split_report(run_dir, data.report)
     return run
 
@@ -344,7 +344,7 @@ def _fork(ckpt: Path, run_dir: Path) -> None:
                 shutil.copytree(source / name, run_dir / name, copy_function=_link_or_copy)
         log = (ckpt.parent if ckpt.parent.name != "checkpoints" else source) / "metrics.jsonl"
         if log.is_file():
-            (run_dir / "metrics.jsonl").write_text(metrics_until(log, step))
+            write_atomic(run_dir / "metrics.jsonl", metrics_until(log, step))
     best = ckpt.parent / "best"  # RUN/checkpoints/best, or the one a rewind set aside with CKPT
     best_step = ck.checkpoint_step(best)  # the best evaluation up to CKPT is the fork's best too
     if best_step is not None and step is not None and best_step <= step and (best / "model.safetensors").is_file():
@@ -610,7 +610,7 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
         plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
     summary = _summary(run, final, window, stopped, early_stopped)
     if is_rank0():
-        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_atomic(run.run_dir / "summary.json", json.dumps(summary, indent=1))
     if smoke:
         summary["smoke"] = smoke_check(run)
     elif t.report and not stopped and is_rank0():

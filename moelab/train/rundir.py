@@ -73,6 +73,23 @@ class RunLock:
             self._fh = None
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all: a kill, a full disk or an unencodable character
+    mid-write leaves the previous file (or none), never a cut one that the next resume, report or
+    reader would fail on. A temporary file beside it, synced, then renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def has_entries(folder: Path) -> bool:
     """Whether `folder` holds anything besides a run lock (all a run killed at its start may leave)."""
     return any(p.name != RunLock.NAME for p in folder.iterdir())
@@ -131,7 +148,7 @@ class MetricsLog:
     def __init__(self, path: Path, keep_until_step: int | None = None):
         self.path = path
         if keep_until_step is not None and path.is_file():
-            path.write_text(metrics_until(path, keep_until_step))
+            write_atomic(path, metrics_until(path, keep_until_step))  # a kill here must not cut the history
         self._fh = path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
