@@ -180,16 +180,17 @@ def init_source(path: str | Path):
     return Config.from_yaml_file(ckpt / "config.yaml").model, (tok if (tok / "tokenizer.json").is_file() else None)
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The state dict (moelab names, fp32) of a run's newest checkpoint, a checkpoint, or a Hugging
-    Face directory."""
+    Face directory; a checkpoint's tensors are read straight onto `device`, one at a time (a GPU
+    model is never whole in host memory)."""
     from safetensors.torch import load_file
 
     if is_hf_dir(path):
         from moelab.models.hf import load_hf
 
-        return load_hf(path).state_dict()
-    return load_file(resolve_checkpoint(path) / "model.safetensors", device="cpu")
+        return load_hf(path).to(device).state_dict()
+    return load_file(resolve_checkpoint(path) / "model.safetensors", device=str(torch.device(device)))
 
 
 def save_weights_only(run_dir: Path, model, config_yaml: str, meta: dict) -> Path:
@@ -218,4 +219,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         return load_hf(path).to(device)
     ckpt = resolve_checkpoint(path)
     cfg = Config.from_yaml_file(ckpt / "config.yaml").resolve()
-    return MoETransformer.from_weights(cfg.model, load_weights(ckpt)).to(device)
+    return MoETransformer.from_weights(cfg.model, load_weights(ckpt, device))

@@ -125,6 +125,22 @@ def test_cuda_model_built_on_gpu_has_the_cpu_models_weights():
     assert torch.equal(on_gpu.rope_cos.cpu(), on_cpu.rope_cos)
 
 
+def test_cuda_load_model_reads_a_checkpoint_straight_onto_the_gpu(tmp_path):
+    from moelab import load_model
+    from moelab.config import Config
+    from moelab.models import MoETransformer
+    from moelab.train.checkpoint import save_weights_only
+    from tests.models.test_init import _config
+
+    cfg = Config(model=_config("mla-yarn-dense-first"))
+    model = MoETransformer(cfg.model)
+    save_weights_only(tmp_path, model, cfg.to_yaml(), {})
+    on_gpu = load_model(tmp_path, "cuda")
+    assert all(t.is_cuda for t in [*on_gpu.parameters(), *on_gpu.buffers()])
+    for (name, a), b in zip(on_gpu.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a.cpu(), b), name
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cuda_cli_train_eval_and_resume(tmp_path, precision):
