@@ -59,6 +59,7 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, config
     temporary directory, is flushed to disk, and the directory is renamed into place last. A kill
     at any moment leaves either the previous checkpoint set or the new one, never a partial one.
     `after_file(filename)` is called after each file (fault-injection tests)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     root = run_dir / "checkpoints"
@@ -74,12 +75,18 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, config
         ("config.yaml", lambda p: p.write_text(config_yaml)),
         ("meta.json", lambda p: p.write_text(json.dumps(dict(meta, step=step, time=time.time()), indent=1))),
     ]
-    for filename, write in writers:
-        write(tmp / filename)
-        _fsync(tmp / filename)
-        if after_file is not None:
-            after_file(filename)
-    _fsync(tmp)
+    try:
+        for filename, write in writers:
+            write(tmp / filename)
+            _fsync(tmp / filename)
+            if after_file is not None:
+                after_file(filename)
+        _fsync(tmp)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # a full disk, a quota: torch.save and
+        shutil.rmtree(tmp, ignore_errors=True)  # safetensors say so in their own exception types
+        why = (exc.strerror if isinstance(exc, OSError) else None) or str(exc).strip().splitlines()[-1]
+        raise OSError(f"cannot write checkpoint {final.name} in {root} ({why}); earlier checkpoints "
+                      "are untouched: make room, then continue with --resume auto") from exc
     if final.exists():  # re-saving the same name (best, or a step after a resume): swap, then drop
         old = root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)

@@ -5,7 +5,9 @@ and SIGTERM are real signals."""
 
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -91,6 +93,27 @@ def test_kill_during_checkpoint_write_leaves_the_previous_one(prepared, referenc
     assert res.returncode == 0 and "resumed at step 10" in res.stderr, res.stderr
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "run2" / "checkpoints").iterdir())
     _assert_same_weights(reference, tmp_path / "run2")
+
+
+def test_a_full_disk_at_a_save_is_one_line_and_the_run_resumes(prepared, reference, tmp_path):
+    """RLIMIT_FSIZE fails every write past 256 KB (EFBIG), as a full disk or quota would; the model file
+    is bigger. Before, safetensors' own exception type escaped as a traceback and the half-written
+    checkpoint stayed on the full disk."""
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, 1 << 18))
+
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "moelab", "train", "--preset", "test", "--out", str(run),
+                          f"data.path={prepared}", *BASE], capture_output=True, text=True, timeout=300,
+                         preexec_fn=small_files)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("moelab: error: cannot write checkpoint step_0000010") and "too large" in last, last
+    assert list((run / "checkpoints").iterdir()) == []  # nothing half-written left taking the space
+    res = _train(run, prepared, resume=True)
+    assert res.returncode == 0, res.stderr
+    _assert_same_run(reference, run)
 
 
 @pytest.mark.slow
