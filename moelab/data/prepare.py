@@ -184,7 +184,11 @@ class _TextSpill:
         return [b.decode("utf-8") for b in self.read_many(docs)]
 
     def close(self) -> None:
-        self._file.close()
+        """Discard the file (its texts are no longer needed, or the prepare failed)."""
+        try:
+            self._file.close()
+        except OSError:  # a full disk: flushing the last texts fails too; the file goes anyway
+            pass
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

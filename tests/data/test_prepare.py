@@ -2,6 +2,8 @@
 prepared directory; the output directory is never clobbered without --overwrite."""
 
 import json
+import resource
+import signal
 import subprocess
 import sys
 
@@ -296,6 +298,24 @@ def test_prepare_streams_the_corpus_instead_of_holding_it(tmp_path, monkeypatch)
     manifest = json.loads((tmp_path / "large" / "manifest.json").read_text())
     assert sum(s["documents"] for s in manifest["splits"].values()) == 400
     assert not list(tmp_path.glob(".tmp-*")) and sorted(p.name for p in (tmp_path / "large").iterdir())[0] != ".text"
+
+
+def test_a_full_disk_during_prepare_is_one_line_and_leaves_nothing_behind(tmp_path):
+    """RLIMIT_FSIZE fails every write past 256 KB (EFBIG), as a full disk would; the texts spilled
+    to disk are 600 KB. Before, discarding the spill file flushed it, failed again, and left it."""
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, 1 << 18))
+
+    (tmp_path / "src").mkdir()
+    for i in range(600):  # 1 KB each: written through the spill file's buffer
+        (tmp_path / "src" / f"doc{i}.txt").write_text(f"document {i} " + "lorem ipsum dolor " * 55)
+    res = subprocess.run([sys.executable, "-m", "moelab", "data", "prepare", str(tmp_path / "src"),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                         preexec_fn=small_files)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("moelab: error: File too large")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no out, no .tmp-* holding the space
 
 
 def test_a_failed_prepare_leaves_nothing_behind(tmp_path):
