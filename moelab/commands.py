@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from moelab.errors import UserError
+from moelab.errors import UserError, cannot_write, write_errors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -74,10 +74,20 @@ def convert(hf_dir: str, out: str) -> Path:
     run_dir = new_run_dir(out, "converted", resumable=False)
     model = load_hf(hf_dir)
     cfg = Config(preset="converted", model=model.cfg)
+    existed = run_dir.exists()  # (empty)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    save_weights_only(run_dir, model, cfg.to_yaml(), {"converted_from": str(hf_dir)})
-    _copy_tokenizer(Path(hf_dir), run_dir / "tokenizer")
+    try:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        save_weights_only(run_dir, model, cfg.to_yaml(), {"converted_from": str(hf_dir)})
+        _copy_tokenizer(Path(hf_dir), run_dir / "tokenizer")
+    except BaseException as exc:  # a full disk: no run directory without weights left behind
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if existed:
+            run_dir.mkdir()
+        if isinstance(exc, write_errors()):
+            raise cannot_write(f"the converted model to {run_dir}", exc, "nothing was left there: make room "
+                               "and convert again") from exc
+        raise
     return run_dir
 
 
@@ -91,10 +101,8 @@ def export(run: str, to: str, out: str, arch: str = "auto") -> Path:
         hint = f"; for that architecture: --to hf --arch {to}" if to in ARCHS else ""
         raise UserError(f"unknown export format '{to}' (supported: hf){hint}")
     model = load_model(run)
-    path = export_hf(model, out, arch)
-    ckpt = resolve_checkpoint(run)
-    _copy_tokenizer(ckpt.parent.parent / "tokenizer", path)
-    return path
+    tok = resolve_checkpoint(run).parent.parent / "tokenizer"
+    return export_hf(model, out, arch, extra_files=tuple(tok / f for f in TOKENIZER_FILES if (tok / f).is_file()))
 
 
 def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: int, seq_len: int | None,

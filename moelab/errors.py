@@ -3,3 +3,18 @@
 
 class UserError(Exception):
     """Bad input from the user (config, paths, data). Message says what is wrong and what to do."""
+
+
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write of model files raises: OSError from Python, RuntimeError from
+    torch.save, SafetensorError from safetensors (a full disk or a quota reaches us as either)."""
+    from safetensors import SafetensorError
+
+    return OSError, RuntimeError, SafetensorError
+
+
+def cannot_write(what: str, exc: BaseException, then: str) -> OSError:
+    """One-line OSError for a failed write of `what`: the reason (the last line of the library's
+    message), then what the user can do. The CLI prints it without a traceback."""
+    why = (exc.strerror if isinstance(exc, OSError) else None) or str(exc).strip().splitlines()[-1]
+    return OSError(f"cannot write {what} ({why}); {then}")

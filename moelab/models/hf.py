@@ -18,13 +18,15 @@ bias update rate) do not change the forward pass and are not refused.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
 from moelab.config import ModelConfig
-from moelab.errors import UserError
+from moelab.errors import UserError, cannot_write, write_errors
 
 ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
          "glm4_moe": "Glm4Moe", "llama": "Llama", "qwen3": "Qwen3"}
@@ -385,14 +387,36 @@ def from_hf(hf_model):
     return MoETransformer.from_weights(_moelab_config(hf_model.config), from_hf_state_dict(sd, consume=True))
 
 
-def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: str | int = "5GB") -> Path:
-    """A save_pretrained directory. Shards of at most 5 GB, the Hub's usual size: transformers
-    builds each shard's tensors in memory before writing it (its default, 50 GB, made a model
-    under 50 GB one shard, and its export peak about the model's size higher)."""
+def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: str | int = "5GB",
+              extra_files: tuple[Path, ...] = ()) -> Path:
+    """A save_pretrained directory, with `extra_files` (the tokenizer) copied in. Shards of at
+    most 5 GB, the Hub's usual size: transformers builds each shard's tensors in memory before
+    writing it (its default, 50 GB, made a model under 50 GB one shard, and its export peak about
+    the model's size higher). Written into a temporary folder beside `out_dir`, renamed into place
+    when complete: a failure (a full disk) leaves nothing, not a directory that loads half a model."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"output directory {out} is not empty; choose another --out")
-    to_hf(model, arch, share=True).save_pretrained(out, max_shard_size=max_shard_size)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output {'directory' if out.is_dir() else 'path'} {out} is not empty; choose another --out")
+    hf = to_hf(model, arch, share=True)  # an architecture that cannot hold the model is refused first
+    made = [p for p in (out, *out.parents) if not p.exists()]  # folders this call creates, deepest first
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    tmp.mkdir(parents=True)
+    try:
+        hf.save_pretrained(tmp, max_shard_size=max_shard_size)
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
+        os.replace(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made[1:]:  # rmdir: only while still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        if isinstance(exc, write_errors()):
+            raise cannot_write(f"the export to {out}", exc, "nothing was left there: make room and "
+                               "export again") from exc
+        raise
     return out
 
 

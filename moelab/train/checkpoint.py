@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moelab.errors import UserError
+from moelab.errors import UserError, cannot_write, write_errors
 
 CKPT_PREFIX = "step_"
 
@@ -59,7 +59,6 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, config
     temporary directory, is flushed to disk, and the directory is renamed into place last. A kill
     at any moment leaves either the previous checkpoint set or the new one, never a partial one.
     `after_file(filename)` is called after each file (fault-injection tests)."""
-    from safetensors import SafetensorError
     from safetensors.torch import save_model
 
     root = run_dir / "checkpoints"
@@ -82,11 +81,10 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, config
             if after_file is not None:
                 after_file(filename)
         _fsync(tmp)
-    except (OSError, RuntimeError, SafetensorError) as exc:  # a full disk, a quota: torch.save and
-        shutil.rmtree(tmp, ignore_errors=True)  # safetensors say so in their own exception types
-        why = (exc.strerror if isinstance(exc, OSError) else None) or str(exc).strip().splitlines()[-1]
-        raise OSError(f"cannot write checkpoint {final.name} in {root} ({why}); earlier checkpoints "
-                      "are untouched: make room, then continue with --resume auto") from exc
+    except write_errors() as exc:  # a full disk, a quota
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise cannot_write(f"checkpoint {final.name} in {root}", exc, "earlier checkpoints are untouched: "
+                           "make room, then continue with --resume auto") from exc
     if final.exists():  # re-saving the same name (best, or a step after a resume): swap, then drop
         old = root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)

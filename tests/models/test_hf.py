@@ -233,3 +233,21 @@ def test_trained_run_exports_and_converts_via_cli(tmp_path):
     assert res.returncode == 2 and "not empty" in res.stderr and "--resume" not in res.stderr
     res = cli("export", str(run), "--to", "mixtral", "--out", str(tmp_path / "hf2"))  # the arch is --arch
     assert res.returncode == 2 and "--to hf --arch mixtral" in res.stderr and not (tmp_path / "hf2").exists()
+
+    def small_files():  # every write past 256 KB fails (EFBIG), as on a full disk; the weights are bigger
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 18, 1 << 18))
+
+    res = subprocess.run([sys.executable, "-m", "moelab", "export", str(run), "--out", str(tmp_path / "new" / "hf")],
+                         capture_output=True, text=True, preexec_fn=small_files)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith(f"moelab: error: cannot write the export to {tmp_path}")
+    assert not (tmp_path / "new").exists()  # no half model that would load as garbage, no .tmp-*
+    res = subprocess.run([sys.executable, "-m", "moelab", "convert", str(tmp_path / "hf"), "--out",
+                          str(tmp_path / "conv")], capture_output=True, text=True, preexec_fn=small_files)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("moelab: error: cannot write the converted model")
+    assert not (tmp_path / "conv").exists()
