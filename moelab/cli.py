@@ -230,7 +230,7 @@ def _output_file(text: str) -> str:
 def write_json(path: str, obj) -> None:
     import json
 
-    from moelab.train.rundir import write_atomic
+    from moelab.files import write_atomic
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(obj, indent=1))

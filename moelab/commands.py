@@ -175,7 +175,7 @@ def routing(target: str, out: str | None, windows: int = 64, batch_size: int = 8
     from moelab.analysis.collect import load_routing
     from moelab.analysis.plots import plot_all
     from moelab.analysis.routing import analyze
-    from moelab.train.rundir import write_atomic
+    from moelab.files import write_atomic
 
     counts = load_routing(target, windows, batch_size, device, data, source)
     p = Path(target).expanduser()

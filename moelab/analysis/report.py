@@ -226,7 +226,7 @@ def write_report(run_dir: str | Path, routing_windows: int = 32, samples: int = 
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
     import yaml
 
-    from moelab.train.rundir import write_atomic
+    from moelab.files import write_atomic
 
     converted = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("preset") == "converted"
     if converted and not (run_dir / "metrics.jsonl").is_file():

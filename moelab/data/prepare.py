@@ -11,7 +11,8 @@ Layout of a prepared directory (format 2):
   train-00000_docs.npy ...   start offset of each document in its shard (int64)
 Format 1 (one `train.bin`/`val.bin` per split, from earlier versions) is still read.
 Sources are read as they come and each document's text goes to a spill file beside the output
-(`.tmp-NAME-PID/.text`, on the output's disk: /tmp may be memory), so memory holds each document's
+(`.tmp-NAME-HOST-PID/.text`, on the output's disk: /tmp may be memory; a killed prepare's is
+removed by the next prepare to the same output), so memory holds each document's
 name, size and offset, never the corpus; MinHash, the split, BPE training and tokenization read the
 texts back from it (deleted once the shards are written). Documents are tokenized in
 chunks of `CHUNK_BYTES` of text on every core and each chunk is written out before the next is read
@@ -41,6 +42,7 @@ from moelab.data.sources import iter_corpus
 from moelab.data.split import hash_unit, split_documents
 from moelab.data.tokenizer import load_tokenizer, train_bpe
 from moelab.errors import UserError
+from moelab.files import remove_stale_temps, temp_beside
 
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 16 << 20  # text tokenized per batch
@@ -315,9 +317,8 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         timings[stage] = round(timings.get(stage, 0.0) + now - clock, 3)
         clock = now
 
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    remove_stale_temps(out_dir)  # a killed prepare's spill file is as large as its corpus
+    tmp = temp_beside(out_dir)
     made = [p for p in out_dir.parents if not p.exists()]  # folders this call creates, deepest first
     tmp.mkdir(parents=True)
     spill = _TextSpill(tmp / ".text")

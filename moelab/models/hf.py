@@ -27,6 +27,7 @@ import torch
 
 from moelab.config import ModelConfig
 from moelab.errors import UserError, cannot_write, write_errors
+from moelab.files import remove_stale_temps, temp_beside
 
 ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
          "glm4_moe": "Glm4Moe", "llama": "Llama", "qwen3": "Qwen3"}
@@ -399,7 +400,8 @@ def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: st
         raise UserError(f"output {'directory' if out.is_dir() else 'path'} {out} is not empty; choose another --out")
     hf = to_hf(model, arch, share=True)  # an architecture that cannot hold the model is refused first
     made = [p for p in (out, *out.parents) if not p.exists()]  # folders this call creates, deepest first
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    remove_stale_temps(out)
+    tmp = temp_beside(out)
     tmp.mkdir(parents=True)
     try:
         hf.save_pretrained(tmp, max_shard_size=max_shard_size)

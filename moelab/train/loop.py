@@ -27,6 +27,7 @@ from moelab.data.pipeline import Dataset, build_dataset, write_split_report
 from moelab.errors import UserError
 from moelab.eval.language import xz_bits_per_byte
 from moelab.eval.metrics import evaluate, spread_windows
+from moelab.files import write_atomic
 from moelab.models import MoETransformer
 from moelab.models.accounting import parameter_table
 from moelab.models.router import update_selection_bias
@@ -36,7 +37,7 @@ from moelab.train import checkpoint as ck
 from moelab.train.faults import FaultPlan, StopSignals, UpdateGuard
 from moelab.train.host import compile_unavailable, cpu_precision_note, keep_freed_memory
 from moelab.train.monitor import Sinks, flops_per_token, is_rank0, peak_memory_gb, peak_tflops, plot_curves
-from moelab.train.rundir import RunLock, has_entries, metrics_until, new_run_dir, provenance, write_atomic
+from moelab.train.rundir import RunLock, has_entries, metrics_until, new_run_dir, provenance
 
 
 @dataclass

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from moelab.errors import UserError
+from moelab.files import write_atomic
 
 
 def new_run_dir(out: str | None, preset: str, resumable: bool = True) -> Path:
@@ -71,23 +72,6 @@ class RunLock:
         if self._fh is not None:
             self._fh.close()  # closing the descriptor drops the lock
             self._fh = None
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` whole or not at all: a kill, a full disk or an unencodable character
-    mid-write leaves the previous file (or none), never a cut one that the next resume, report or
-    reader would fail on. A temporary file beside it, synced, then renamed over it."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def has_entries(folder: Path) -> bool:

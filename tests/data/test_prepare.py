@@ -318,6 +318,34 @@ def test_a_full_disk_during_prepare_is_one_line_and_leaves_nothing_behind(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no out, no .tmp-* holding the space
 
 
+def test_the_next_prepare_removes_what_a_killed_one_left(tmp_path):
+    """SIGKILL leaves the temporary folder with its spill file (a copy of the corpus's text); the next
+    prepare to that output removes it. One of a process still running, or another machine's, stays."""
+    import os
+    import time
+
+    (tmp_path / "src").mkdir()
+    for i in range(600):
+        (tmp_path / "src" / f"doc{i}.txt").write_text(f"document {i} " + "lorem ipsum dolor " * 55)
+    proc = subprocess.Popen([sys.executable, "-m", "moelab", "data", "prepare", str(tmp_path / "src"),
+                             "--out", str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".tmp-out-*/.text")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    left = list(tmp_path.glob(".tmp-out-*"))
+    assert len(left) == 1 and not (tmp_path / "out").exists()
+    host = left[0].name[len(".tmp-out-"):].rsplit("-", 1)[0]
+    running = tmp_path / f".tmp-out-{host}-{os.getppid()}"  # pytest's parent: alive
+    elsewhere = tmp_path / f".tmp-out-otherhost-{proc.pid}"
+    running.mkdir()
+    elsewhere.mkdir()
+    prepare([str(tmp_path / "src")], str(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.glob(".tmp-*")) == sorted([running.name, elsewhere.name])
+    assert load_prepared(tmp_path / "out", 16)[1].shape[0] > 0  # and the new one is complete
+
+
 def test_a_failed_prepare_leaves_nothing_behind(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "blank.txt").write_text("   \n")

@@ -3,7 +3,8 @@ whole or not at all."""
 
 import pytest
 
-from moelab.train.rundir import MetricsLog, read_metrics, write_atomic
+from moelab.files import write_atomic
+from moelab.train.rundir import MetricsLog, read_metrics
 
 
 def test_a_write_that_fails_midway_leaves_the_previous_file_whole(tmp_path):
