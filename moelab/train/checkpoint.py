@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -142,10 +143,35 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def load_trainer_state(ckpt: Path) -> dict:
     try:
-        return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of pickle protocols before refusing a foreign file
+            warnings.simplefilter("ignore")
+            return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses arbitrary pickles with UnpicklingError
-        raise UserError(f"refusing to load {ckpt / 'trainer_state.pt'}: "
-                        f"{str(exc).splitlines()[0]}") from None
+        # torch's first line suggests weights_only=False (running the file's code): never ours to give
+        text = str(exc)
+        detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+        detail = next((ln.strip() for ln in detail.splitlines() if ln.strip()), type(exc).__name__)
+        raise damaged(ckpt, "trainer_state.pt", f"not a trainer state moelab wrote: {detail}; moelab loads "
+                      "tensors and plain values only, never other pickled objects", verb="refusing to load")
+
+
+def damaged(ckpt: Path, file: str, why: str, verb: str = "cannot load") -> UserError:
+    """The error for a checkpoint file that cannot be read (cut short by a copy, a disk error, or
+    not moelab's), pointing to the run's checkpoint before it when there is one."""
+    step = checkpoint_step(ckpt) or 0
+    older = [c for c in list_checkpoints(ckpt.parent.parent) if (checkpoint_step(c) or 0) < step]
+    hint = f"; the checkpoint before it: {older[-1]}" if older else ""
+    return UserError(f"{verb} {ckpt / file}: {why}{hint}")
+
+
+def read_model_file(ckpt: Path, load):
+    """`load(path)` of a checkpoint's model.safetensors, a damaged file reported as one line."""
+    from safetensors import SafetensorError
+
+    try:
+        return load(str(ckpt / "model.safetensors"))
+    except SafetensorError as exc:  # a cut or corrupt file: its header does not match its size
+        raise damaged(ckpt, "model.safetensors", f"the file is damaged ({exc})") from None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -195,7 +221,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
         from moelab.models.hf import load_hf
 
         return load_hf(path).to(device).state_dict()
-    return load_file(resolve_checkpoint(path) / "model.safetensors", device=str(torch.device(device)))
+    return read_model_file(resolve_checkpoint(path), lambda f: load_file(f, device=str(torch.device(device))))
 
 
 def save_weights_only(run_dir: Path, model, config_yaml: str, meta: dict) -> Path:

@@ -407,7 +407,7 @@ def _restore(run: Run, ckpt: Path) -> None:
                         + (", ".join(why) if why else f"fingerprint {state['fingerprint']} -> {run.data.fingerprint}")
                         + "); resuming would silently train on other data")
     try:
-        load_model(run.model, str(ckpt / "model.safetensors"), device=str(run.device))
+        ck.read_model_file(ckpt, lambda f: load_model(run.model, f, device=str(run.device)))
     except RuntimeError:  # missing, unexpected or differently shaped tensors
         changed = [c for c in run.changed_on_resume if c.startswith("model.")]
         raise UserError(f"cannot resume from {ckpt.name}: its weights do not fit the model as configured now ("

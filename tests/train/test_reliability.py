@@ -221,7 +221,32 @@ def test_pickled_checkpoint_is_refused_and_its_code_never_runs(prepared, tmp_pat
         pickle.dump({"step": Payload()}, fh)
     res = _train(run, prepared, "train.steps=20", resume=True)
     assert res.returncode == 2 and "refusing to load" in res.stderr and "Traceback" not in res.stderr
+    assert "weights_only" not in res.stderr  # torch's advice to load it unsafely is not passed on
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_named_with_the_one_before_it_which_resumes(prepared, reference, tmp_path):
+    """A model file cut short (a partial copy, a disk error) after a kill: one line naming the file and
+    the checkpoint before it; resuming from that one ends where the uninterrupted run does."""
+    run = tmp_path / "run"
+    assert _train(run, prepared, faults="kill@27").returncode == -9
+    newest, before = list_checkpoints(run)[-1], list_checkpoints(run)[-2]
+    model_file = newest / "model.safetensors"
+    os.truncate(model_file, model_file.stat().st_size // 2)
+    res = _train(run, prepared, resume=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"moelab: error: cannot load {model_file}: the file is damaged (Error while deserializing header: "
+        f"incomplete metadata, file not fully covered); the checkpoint before it: {before}")
+    res = _moelab("eval", str(run), "--windows", "2")  # every reader of the weights says the same
+    assert res.returncode == 2 and f"cannot load {model_file}: the file is damaged" in res.stderr, res.stderr
+    (newest / "trainer_state.pt").write_bytes(b"not a torch file")
+    res = _train(run, prepared, resume=True)
+    assert res.returncode == 2 and f"refusing to load {newest / 'trainer_state.pt'}" in res.stderr
+    res = _moelab("train", "--resume", str(before))  # rewinds the run to it, the damaged one set aside
+    assert res.returncode == 0 and "resumed at step 10" in res.stderr, res.stderr
+    _assert_same_run(reference, run)
 
 
 def test_changed_prepared_data_is_refused_on_resume(prepared, tmp_path):
