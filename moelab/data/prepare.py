@@ -434,15 +434,32 @@ def split_streams(root: str | Path, split: str, manifest: dict | None = None) ->
     root = Path(root).expanduser()
     manifest = manifest or json.loads((root / MANIFEST).read_text())
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-    shards = manifest["splits"][split].get("shards") or [{"file": f"{split}.bin", "docs": f"{split}_docs.npy"}]
+    info_split = manifest["splits"][split]
+    shards = info_split.get("shards") or [{"file": f"{split}.bin", "docs": f"{split}_docs.npy",
+                                           "tokens": info_split.get("tokens")}]
+    again = "prepare the data again (moelab data prepare)"
     out = []
     for info in shards:
-        file = root / info["file"]
+        file, docs_file = root / info["file"], root / info["docs"]
         if not file.is_file():
-            raise UserError(f"{file} is missing; prepare the data again (moelab data prepare)")
-        size = file.stat().st_size
+            raise UserError(f"{file} is missing; {again}")
+        # A shard cut short (a partial copy) would otherwise train on part of the data without a word.
+        size, want = file.stat().st_size, info.get("tokens")
+        if (size != want * dtype.itemsize) if want is not None else size % dtype.itemsize:
+            expected = f"the {want * dtype.itemsize:,} of its {want:,} tokens" if want is not None else "whole tokens"
+            raise UserError(f"{file} holds {size:,} bytes, not {expected} (cut short, or changed since it was "
+                            f"prepared); {again}")
+        try:
+            starts = np.load(docs_file)  # no pickles (allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:  # numpy's pickle advice is not ours to pass on
+            why = "not a NumPy array file" if "pickle" in str(exc) else str(exc).splitlines()[0]
+            raise UserError(f"{docs_file} is damaged ({why}); {again}") from None
+        n_docs, n_tokens = info.get("documents"), size // dtype.itemsize
+        if starts.ndim != 1 or (n_docs is not None and starts.shape[0] != n_docs) or (
+                starts.size and not 0 <= starts[-1] < n_tokens):
+            raise UserError(f"{docs_file} does not match {file.name} (changed since it was prepared); {again}")
         stream = np.memmap(file, dtype=dtype, mode="r") if size else np.zeros(0, dtype)
-        out.append((stream, np.load(root / info["docs"])))
+        out.append((stream, starts))
     return out
 
 

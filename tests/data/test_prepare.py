@@ -300,6 +300,41 @@ def test_prepare_streams_the_corpus_instead_of_holding_it(tmp_path, monkeypatch)
     assert not list(tmp_path.glob(".tmp-*")) and sorted(p.name for p in (tmp_path / "large").iterdir())[0] != ".text"
 
 
+def test_a_damaged_shard_is_refused_instead_of_training_on_part_of_it(tmp_path):
+    """A token shard cut short (a partial copy) was read as a shorter stream: training went on with
+    part of the data and the same fingerprint. Each shard's size is checked against its manifest."""
+    import os
+    import shutil
+
+    from tests.conftest import write_corpus
+
+    prepare([str(write_corpus(tmp_path / "corpus"))], str(tmp_path / "good"), vocab_size=300)
+    assert load_prepared(tmp_path / "good", 16)[1].shape[0] > 0
+
+    def damaged(how):
+        bad = tmp_path / how
+        shutil.copytree(tmp_path / "good", bad)
+        stream, starts = bad / "train-00000.bin", bad / "train-00000_docs.npy"
+        if how == "half":
+            os.truncate(stream, stream.stat().st_size // 2)
+        elif how == "odd":
+            os.truncate(stream, stream.stat().st_size - 1)
+        elif how == "garbage":
+            starts.write_bytes(b"garbage")
+        else:
+            np.save(starts, np.load(starts)[:-1])
+        with pytest.raises(UserError) as info:
+            load_prepared(bad, 16)
+        return str(info.value)
+
+    size = (tmp_path / "good" / "train-00000.bin").stat().st_size
+    half = tmp_path / "half" / "train-00000.bin"
+    assert damaged("half").startswith(f"{half} holds {size // 2:,} bytes, not the {size:,}")
+    assert "cut short" in damaged("odd")
+    assert "train-00000_docs.npy is damaged (not a NumPy array file)" in damaged("garbage")
+    assert "train-00000_docs.npy does not match train-00000.bin" in damaged("fewer")
+
+
 def test_a_full_disk_during_prepare_is_one_line_and_leaves_nothing_behind(tmp_path):
     """RLIMIT_FSIZE fails every write past 256 KB (EFBIG), as a full disk would; the texts spilled
     to disk are 600 KB. Before, discarding the spill file flushed it, failed again, and left it."""
