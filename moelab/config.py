@@ -337,10 +337,9 @@ class Config:
 
     @classmethod
     def from_yaml_file(cls, path: "str | Path") -> "Config":
-        """A config a run saved (RUN/config.yaml, or a checkpoint's), as written by `to_yaml`."""
-        import yaml
-
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        """A config a run saved (RUN/config.yaml, or a checkpoint's), as written by `to_yaml`; a
+        damaged one is a one-line error naming the file."""
+        return cls.from_dict(load_yaml(path))
 
 
 def _field_types(obj) -> dict[str, type]:

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from moelab.config import build_config, load_yaml
+from moelab.config import Config, build_config, load_yaml
 from moelab.errors import UserError
 
 
@@ -126,3 +126,15 @@ def test_print_config_reads_back_and_trains_nothing(tmp_path, monkeypatch):
     assert back.train.steps == 7 and back.model.n_experts == 8 and back.model.d_model == 256
     res = run_cli("train", "--out", tmp_path / "r", "--resume", "auto", "--print-config")
     assert res.returncode == 2 and "RUN/config.yaml" in res.stderr
+
+
+def test_a_damaged_saved_config_is_one_line_naming_the_file(tmp_path):
+    """A run's or checkpoint's config.yaml cut or edited into invalid YAML: eval, resume and report
+    read it with Config.from_yaml_file, which ended in a yaml traceback."""
+    good = tmp_path / "config.yaml"
+    good.write_text(Config().to_yaml())
+    assert Config.from_yaml_file(good).to_yaml() == Config().to_yaml()
+    bad = tmp_path / "cut.yaml"
+    bad.write_text(Config().to_yaml()[:40] + "\n  [")
+    with pytest.raises(UserError, match=rf"config file {re.escape(str(bad))} is not valid YAML: line \d+"):
+        Config.from_yaml_file(bad)

@@ -224,11 +224,10 @@ def write_report(run_dir: str | Path, routing_windows: int = 32, samples: int = 
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-    import yaml
-
+    from moelab.config import load_yaml
     from moelab.files import write_atomic
 
-    converted = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("preset") == "converted"
+    converted = load_yaml(run_dir / "config.yaml").get("preset") == "converted"
     if converted and not (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"{run_dir} is a converted model: there is no training to report; measure it with "
                         f"`moelab eval {run_dir} --source TEXT` and `moelab routing {run_dir} --source TEXT`")

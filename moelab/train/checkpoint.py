@@ -106,8 +106,12 @@ def checkpoint_step(ckpt: Path) -> int | None:
 
 
 def add_to_meta(ckpt: Path, extra: dict) -> None:
-    """Merge `extra` into a checkpoint's meta.json, atomically (a new file renamed over the old)."""
-    meta = json.loads((ckpt / "meta.json").read_text())
+    """Merge `extra` into a checkpoint's meta.json, atomically (a new file renamed over the old).
+    A meta.json that cannot be read (damaged outside moelab) is left as it is: `extra` is a note."""
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+    except (OSError, ValueError):
+        return
     tmp = ckpt / f".meta-{os.getpid()}.json"
     tmp.write_text(json.dumps({**meta, **extra}, indent=1))
     _fsync(tmp)
