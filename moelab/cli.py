@@ -90,17 +90,15 @@ def _cmd_data_check(args) -> int:
 
 
 def _cmd_data_prepare(args) -> int:
-    import json
-
     from moelab.data.pdf import PdfFilters
-    from moelab.data.prepare import MANIFEST, prepare
+    from moelab.data.prepare import prepare, read_manifest
 
     filters = PdfFilters(args.pdf_min_chars, args.pdf_max_chars, args.pdf_min_words, args.pdf_max_words,
                          args.pdf_ascii_only)
     out = prepare(args.sources, args.out, args.val_fraction, args.salt, args.text_field, args.tokenizer,
                   args.vocab_size, not args.no_near_dup_split, args.dedup, args.overwrite, args.max_docs,
                   args.weights, filters, args.tokenizer_train_bytes, shard_tokens=args.shard_tokens)
-    m = json.loads((out / MANIFEST).read_text())
+    m = read_manifest(out)
     s = m["splits"]
     mb = sum(v["bytes"] for v in s.values()) / 1e6
     took = sum(m["seconds"].values())

@@ -136,13 +136,12 @@ def audit_ids(train_names, train_ids, val_names, val_ids, eos_id: int, ngram: in
 
 def audit_prepared(path, ngram: int = 32, seq_len: int = 128, threshold: float = 0.05) -> AuditResult:
     """Audit a directory made by `moelab data prepare`, from its token streams."""
-    import json
     from pathlib import Path
 
-    from moelab.data.prepare import split_streams
+    from moelab.data.prepare import read_manifest, split_streams
 
     root = Path(path)
-    m = json.loads((root / "manifest.json").read_text())
+    m = read_manifest(root)
     docs = {}
     for split in ("train", "val"):
         docs[split] = []

@@ -82,12 +82,12 @@ def _request(cfg: DataConfig) -> dict:
 def _prepare_into_run(cfg: DataConfig, run_dir: Path) -> Path:
     """A raw source is prepared into the run directory once; a resume reuses that copy, so the run's
     data can neither drift nor be re-tokenised. Changed data settings on resume are an error."""
-    from moelab.data.prepare import MANIFEST, prepare
+    from moelab.data.prepare import MANIFEST, prepare, read_manifest
 
     target = run_dir / RUN_PREPARED
     want = _request(cfg)
     if (target / MANIFEST).is_file():
-        have = json.loads((target / MANIFEST).read_text()).get("request") or {}
+        have = read_manifest(target).get("request") or {}
         changed = [f"data.{k} ({have.get(k)!r} -> {v!r})" for k, v in want.items() if have.get(k) != v]
         if changed:
             raise UserError("this run's data was prepared with other settings: " + ", ".join(changed)

@@ -429,10 +429,30 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
     return out_dir
 
 
+def read_manifest(root: str | Path) -> dict:
+    """A prepared directory's manifest, checked for the fields its readers use: a damaged or
+    hand-broken one is a one-line error, not a traceback from deep in the loader."""
+    path = Path(root).expanduser() / MANIFEST
+    again = "prepare the data again (moelab data prepare)"
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UserError(f"{path} is damaged ({why}); {again}") from None
+    try:
+        ok = (np.dtype(m["dtype"]) in (np.uint16, np.uint32) and isinstance(m["fingerprint"], str)
+              and all(isinstance(m["splits"][s], dict) for s in ("train", "val")))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path} is not a manifest moelab wrote (a field is missing or changed); {again}")
+    return m
+
+
 def split_streams(root: str | Path, split: str, manifest: dict | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(memory-mapped token stream, document start offsets) of each shard of a prepared split."""
     root = Path(root).expanduser()
-    manifest = manifest or json.loads((root / MANIFEST).read_text())
+    manifest = manifest or read_manifest(root)
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
     info_split = manifest["splits"][split]
     shards = info_split.get("shards") or [{"file": f"{split}.bin", "docs": f"{split}_docs.npy",
@@ -487,7 +507,7 @@ def load_prepared(path: str | Path, seq_len: int):
     if not is_prepared(root):
         raise UserError(f"{path} is not a prepared data directory (no {MANIFEST}); "
                         "create one with: moelab data prepare SOURCE --out DIR")
-    manifest = json.loads((root / MANIFEST).read_text())
+    manifest = read_manifest(root)
     tok = load_tokenizer(root / "tokenizer")
     windows = {}
     for name in ("train", "val"):

@@ -302,7 +302,8 @@ def test_prepare_streams_the_corpus_instead_of_holding_it(tmp_path, monkeypatch)
 
 def test_a_damaged_shard_is_refused_instead_of_training_on_part_of_it(tmp_path):
     """A token shard cut short (a partial copy) was read as a shorter stream: training went on with
-    part of the data and the same fingerprint. Each shard's size is checked against its manifest."""
+    part of the data and the same fingerprint. Each shard's size is checked against its manifest,
+    and a damaged manifest or offsets file is one line (it was a traceback)."""
     import os
     import shutil
 
@@ -321,6 +322,12 @@ def test_a_damaged_shard_is_refused_instead_of_training_on_part_of_it(tmp_path):
             os.truncate(stream, stream.stat().st_size - 1)
         elif how == "garbage":
             starts.write_bytes(b"garbage")
+        elif how == "cut-manifest":
+            manifest = bad / "manifest.json"
+            manifest.write_text(manifest.read_text()[:50])
+        elif how == "edited-manifest":
+            manifest = bad / "manifest.json"
+            manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "dtype": "utf8"}))
         else:
             np.save(starts, np.load(starts)[:-1])
         with pytest.raises(UserError) as info:
@@ -333,6 +340,8 @@ def test_a_damaged_shard_is_refused_instead_of_training_on_part_of_it(tmp_path):
     assert "cut short" in damaged("odd")
     assert "train-00000_docs.npy is damaged (not a NumPy array file)" in damaged("garbage")
     assert "train-00000_docs.npy does not match train-00000.bin" in damaged("fewer")
+    assert damaged("cut-manifest").startswith(f"{tmp_path / 'cut-manifest' / 'manifest.json'} is damaged (")
+    assert "manifest.json is not a manifest moelab wrote" in damaged("edited-manifest")
 
 
 def test_a_full_disk_during_prepare_is_one_line_and_leaves_nothing_behind(tmp_path):
