@@ -431,7 +431,12 @@ def load_hf(path: str | Path):
     # Loaded in the checkpoint's own dtype and widened to fp32 one tensor at a time (exact for
     # bf16/fp16), each freed as it is converted: transformers widening the whole model at load
     # time peaks at about 2.5x the fp32 size.
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+    from safetensors import SafetensorError
+
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+    except SafetensorError as exc:  # a weights file cut short by a download or a copy
+        raise UserError(f"cannot load {path}: a weights file is damaged ({exc}); copy or download it again") from None
     cfg, sd = _moelab_config(hf.config), {k: v.detach() for k, v in hf.state_dict().items()}
     del hf  # the moelab model takes over the loaded tensors instead of copying them
     return MoETransformer.from_weights(cfg, from_hf_state_dict(sd, consume=True, dtype=torch.float32))

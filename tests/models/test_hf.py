@@ -251,3 +251,18 @@ def test_trained_run_exports_and_converts_via_cli(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("moelab: error: cannot write the converted model")
     assert not (tmp_path / "conv").exists()
+
+
+def test_a_damaged_hf_weights_file_is_one_line(tmp_path):
+    """A weights file cut short by an interrupted download or copy: eval and convert ended in a
+    SafetensorError traceback from inside transformers."""
+    import shutil
+
+    ours = _model(*CASES["mixtral"])
+    export_hf(ours, tmp_path / "hf")
+    shutil.copytree(tmp_path / "hf", tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match=rf"cannot load {tmp_path / 'cut'}: a weights file is damaged \("):
+        load_hf(tmp_path / "cut")
+    assert torch.equal(load_hf(tmp_path / "hf").embed.weight, ours.embed.weight)
