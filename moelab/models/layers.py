@@ -16,7 +16,9 @@ def init_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
     """`nn.init.normal_(t, std=std)` drawn from the CPU generator whatever `t`'s device, so that a
     seed gives the same initial weights on every device (and a model can be initialised on its
     GPU a tensor at a time, without first being whole in host memory)."""
-    if t.device.type in ("cpu", "meta"):
+    if t.device.type == "meta":  # no values to draw
+        return t
+    if t.device.type == "cpu":
         return nn.init.normal_(t, std=std)
     with torch.no_grad():
         return t.copy_(torch.empty(t.shape, dtype=t.dtype).normal_(0.0, std))

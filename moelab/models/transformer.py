@@ -109,12 +109,16 @@ class MoETransformer(nn.Module):
         # Activation checkpointing per block: activations are recomputed in backward instead of
         # stored. Expert choices of the first forward are reused by the recomputation.
         self.activation_checkpointing = False
-        if init:
+        if init and target.type != "meta":  # (a meta tensor has no values; its normal_ imports sympy)
             self.reset_parameters()
 
     def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Computed on the CPU (the same values on every device), then moved to `device`."""
-        with torch.device("meta" if device.type == "meta" else "cpu"):
+        """Computed on the CPU (the same values on every device), then moved to `device`; on the
+        meta device only their shape (its trigonometry imports sympy: a second)."""
+        if device.type == "meta":
+            shape = (self.cfg.max_seq_len, rotary_dim(self.cfg))
+            return torch.empty(shape, device=device), torch.empty(shape, device=device)
+        with torch.device("cpu"):
             tables = rope_cache(self.cfg, self.cfg.max_seq_len, rotary_dim(self.cfg))
         return tuple(t.to(device) for t in tables)
 

@@ -72,3 +72,24 @@ def test_init_false_draws_nothing_and_loads_into_an_equal_model():
     ids = torch.randint(0, cfg.vocab_size, (2, 9))
     assert torch.equal(empty(ids).logits, source(ids).logits)
     assert empty.lm_head.weight is empty.embed.weight
+
+
+def test_a_meta_model_draws_nothing_and_imports_no_compiler():
+    """`moelab info` and every checkpoint load build on the meta device: drawing an init there runs
+    torch's Python reference ops, which import torch._dynamo and sympy (1-2 s on each command)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from moelab.models import MoETransformer\n"
+        "from moelab.models.presets import get_preset\n"
+        "cfg = get_preset('deepseek-v3'); cfg.resolve()\n"
+        "before = 'torch._dynamo' in sys.modules\n"
+        "state = torch.get_rng_state()\n"
+        "m = MoETransformer(cfg.model, device='meta')\n"
+        "assert m.rope_cos.shape == (cfg.model.max_seq_len, cfg.model.qk_rope_head_dim), m.rope_cos.shape\n"
+        "assert torch.equal(torch.get_rng_state(), state)\n"
+        "print(before or 'torch._dynamo' not in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip() == "True", res.stderr + res.stdout
