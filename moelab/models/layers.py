@@ -21,7 +21,7 @@ def init_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
     if t.device.type == "cpu":
         return nn.init.normal_(t, std=std)
     with torch.no_grad():
-        return t.copy_(torch.empty(t.shape, dtype=t.dtype).normal_(0.0, std))
+        return t.copy_(torch.empty(t.shape, dtype=t.dtype, device="cpu").normal_(0.0, std))
 
 
 class RMSNorm(nn.Module):
