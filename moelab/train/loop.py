@@ -177,7 +177,7 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
         raise UserError(f"training split has {data.train_windows.shape[0]} windows, fewer than "
                         f"train.batch_size={t.batch_size}; use more text or a smaller batch")
     if ckpt is None and t.init_from:
-        model = _initial_model(cfg).to(device)
+        model = _initial_model(cfg, device)
     else:  # built on its device; a resume's weights come from the checkpoint, so no random init
         model = MoETransformer(cfg.model, device=device, init=ckpt is None)
     model.activation_checkpointing = t.activation_checkpointing
@@ -223,12 +223,13 @@ def _check_init_tokenizer(cfg: Config, tokenizer) -> None:
                         f"only {cfg.model.vocab_size}; give the tokenizer it was trained with")
 
 
-def _initial_model(cfg: Config) -> MoETransformer:
-    """The model of a new run started from `train.init_from`'s weights; the model settings may
-    differ from the source's only where the weights' shapes allow."""
+def _initial_model(cfg: Config, device: torch.device) -> MoETransformer:
+    """The model of a new run started from `train.init_from`'s weights, read onto `device`; the
+    model settings may differ from the source's only where the weights' shapes allow."""
     src = cfg.train.init_from
+    weights = ck.load_weights(src, device)
     try:
-        return MoETransformer.from_weights(cfg.model, ck.load_weights(src)).train()
+        return MoETransformer.from_weights(cfg.model, weights).train()
     except RuntimeError:  # missing, unexpected or differently shaped tensors
         before = Config(model=ck.init_source(src)[0])
         changed = [c for c in config_changes(before, Config(model=cfg.model)) if c.startswith("model.")]
