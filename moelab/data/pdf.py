@@ -16,6 +16,7 @@ blank lines in the document text.
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 from collections import Counter
@@ -65,6 +66,9 @@ def extract_pages(path: Path) -> tuple[list[str] | None, str]:
         from pypdf.errors import PdfReadError
     except ImportError:  # pragma: no cover - pypdf is a dependency
         return None, "pypdf is not installed"
+    # pypdf logs what it recovers from (or fails on) as warnings; each PDF's fate is already in
+    # the manifest ("skipped" with its reason), and a corpus of damaged PDFs flooded stderr.
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
     try:
         reader = PdfReader(str(path))
         if reader.is_encrypted and not reader.decrypt(""):

@@ -120,3 +120,23 @@ def test_data_prepare_pdf_filter_flags(tmp_path):
     assert sum(s["documents"] for s in m["splits"].values()) == 4  # 21-26 words: every paragraph kept
     res, out = run("--pdf-max-chars", "100")
     assert res.returncode == 2
+
+
+def test_damaged_pdfs_are_reported_in_the_manifest_not_as_pypdf_log_lines(tmp_path):
+    """pypdf logged its own warning for each damaged PDF ("EOF marker not found") to stderr, beside
+    moelab's progress lines: a folder of thousands of PDFs buried them."""
+    import json
+    import subprocess
+    import sys
+
+    d = tmp_path / "papers"
+    d.mkdir()
+    _paper(d / "good.pdf")
+    (d / "cut.pdf").write_bytes(b"%PDF-1.4 and then nothing")
+    (d / "notes.txt").write_text("plain notes about experts and routers " * 5)
+    res = subprocess.run([sys.executable, "-m", "moelab", "data", "prepare", str(d), "--out", str(tmp_path / "out"),
+                          "--vocab-size", "300", "--val-fraction", "0.3"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "EOF marker" not in res.stderr and "pypdf" not in res.stderr, res.stderr
+    skipped = json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped"]
+    assert [s["name"] for s in skipped] == ["cut.pdf"] and skipped[0]["reason"].startswith("unreadable PDF")
