@@ -65,6 +65,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 def convert(hf_dir: str, out: str) -> Path:
     """HF directory -> moelab run directory (config.yaml, tokenizer/, checkpoints/step_0000000)."""
     from moelab.config import Config
+    from moelab.files import staged_folder
     from moelab.models.hf import load_hf
     from moelab.train.checkpoint import save_weights_only
     from moelab.train.rundir import new_run_dir
@@ -74,20 +75,14 @@ def convert(hf_dir: str, out: str) -> Path:
     run_dir = new_run_dir(out, "converted", resumable=False)
     model = load_hf(hf_dir)
     cfg = Config(preset="converted", model=model.cfg)
-    existed = run_dir.exists()  # (empty)
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        save_weights_only(run_dir, model, cfg.to_yaml(), {"converted_from": str(hf_dir)})
-        _copy_tokenizer(Path(hf_dir), run_dir / "tokenizer")
-    except BaseException as exc:  # a full disk: no run directory without weights left behind
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if existed:
-            run_dir.mkdir()
-        if isinstance(exc, write_errors()):
-            raise cannot_write(f"the converted model to {run_dir}", exc, "nothing was left there: make room "
-                               "and convert again") from exc
-        raise
+        with staged_folder(run_dir) as tmp:  # a full disk leaves no run directory without weights
+            (tmp / "config.yaml").write_text(cfg.to_yaml())
+            save_weights_only(tmp, model, cfg.to_yaml(), {"converted_from": str(hf_dir)})
+            _copy_tokenizer(Path(hf_dir), tmp / "tokenizer")
+    except write_errors() as exc:
+        raise cannot_write(f"the converted model to {run_dir}", exc, "nothing was left there: make room "
+                           "and convert again") from exc
     return run_dir
 
 

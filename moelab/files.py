@@ -8,6 +8,7 @@ import glob
 import os
 import shutil
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -33,6 +34,32 @@ def remove_stale_temps(target: Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+@contextmanager
+def staged_folder(target: str | Path, replace: bool = False):
+    """Build the folder `target` in a temporary folder beside it (yielded), renamed into place when
+    the block ends without error: `target` must then be absent or empty, or, with `replace`, it is
+    removed first (the caller has checked that it may be). On an error the temporary folder goes,
+    with the parent folders this call created: nothing is left behind, not a folder half written."""
+    target = Path(target)
+    remove_stale_temps(target)
+    made = [p for p in target.parents if not p.exists()]  # deepest first
+    tmp = temp_beside(target)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if replace and target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:
+            try:
+                folder.rmdir()  # only while still empty
+            except OSError:
+                break
+        raise
 
 
 def write_atomic(path: str | Path, text: str) -> None:

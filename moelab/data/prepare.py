@@ -12,7 +12,7 @@ Layout of a prepared directory (format 2):
 Format 1 (one `train.bin`/`val.bin` per split, from earlier versions) is still read.
 Sources are read as they come and each document's text goes to a spill file beside the output
 (`.tmp-NAME-HOST-PID/.text`, on the output's disk: /tmp may be memory; a killed prepare's is
-removed by the next prepare to the same output), so memory holds each document's
+removed by the next prepare to the same output, see moelab.files.staged_folder), so memory holds each document's
 name, size and offset, never the corpus; MinHash, the split, BPE training and tokenization read the
 texts back from it (deleted once the shards are written). Documents are tokenized in
 chunks of `CHUNK_BYTES` of text on every core and each chunk is written out before the next is read
@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from moelab.data.sources import iter_corpus
 from moelab.data.split import hash_unit, split_documents
 from moelab.data.tokenizer import load_tokenizer, train_bpe
 from moelab.errors import UserError
-from moelab.files import remove_stale_temps, temp_beside
+from moelab.files import staged_folder
 
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 16 << 20  # text tokenized per batch
@@ -185,8 +184,14 @@ class _TextSpill:
     def texts(self, docs: list["_Doc"]) -> list[str]:
         return [b.decode("utf-8") for b in self.read_many(docs)]
 
+    def __enter__(self) -> "_TextSpill":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Discard the file (its texts are no longer needed, or the prepare failed)."""
+        """Discard the file (its texts are no longer needed, or the prepare failed); closing twice is harmless."""
         try:
             self._file.close()
         except OSError:  # a full disk: flushing the last texts fails too; the file goes anyway
@@ -317,12 +322,9 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         timings[stage] = round(timings.get(stage, 0.0) + now - clock, 3)
         clock = now
 
-    remove_stale_temps(out_dir)  # a killed prepare's spill file is as large as its corpus
-    tmp = temp_beside(out_dir)
-    made = [p for p in out_dir.parents if not p.exists()]  # folders this call creates, deepest first
-    tmp.mkdir(parents=True)
-    spill = _TextSpill(tmp / ".text")
-    try:
+    # Built beside the output and renamed into place when complete; out_dir is absent, empty, or
+    # (checked above) earlier prepared data that --overwrite replaces.
+    with staged_folder(out_dir, replace=True) as tmp, _TextSpill(tmp / ".text") as spill:
         docs, skipped, per_source = [], [], {}
         for src, label in zip(sources, _source_labels(sources)):
             prefix = f"{label}/" if len(sources) > 1 else ""
@@ -414,18 +416,6 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
             "request": request, "seconds": timings,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    except BaseException:
-        spill.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in made:  # a failed prepare leaves no trace (rmdir: only while still empty)
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # only reached with --overwrite, after the new data is complete
-    os.replace(tmp, out_dir)
     return out_dir
 
 

@@ -18,7 +18,6 @@ bias update rate) do not change the forward pass and are not refused.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 
 from moelab.config import ModelConfig
 from moelab.errors import UserError, cannot_write, write_errors
-from moelab.files import remove_stale_temps, temp_beside
+from moelab.files import staged_folder
 
 ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
          "glm4_moe": "Glm4Moe", "llama": "Llama", "qwen3": "Qwen3"}
@@ -399,26 +398,13 @@ def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: st
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {'directory' if out.is_dir() else 'path'} {out} is not empty; choose another --out")
     hf = to_hf(model, arch, share=True)  # an architecture that cannot hold the model is refused first
-    made = [p for p in (out, *out.parents) if not p.exists()]  # folders this call creates, deepest first
-    remove_stale_temps(out)
-    tmp = temp_beside(out)
-    tmp.mkdir(parents=True)
     try:
-        hf.save_pretrained(tmp, max_shard_size=max_shard_size)
-        for f in extra_files:
-            shutil.copy2(f, tmp / Path(f).name)
-        os.replace(tmp, out)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in made[1:]:  # rmdir: only while still empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        if isinstance(exc, write_errors()):
-            raise cannot_write(f"the export to {out}", exc, "nothing was left there: make room and "
-                               "export again") from exc
-        raise
+        with staged_folder(out) as tmp:
+            hf.save_pretrained(tmp, max_shard_size=max_shard_size)
+            for f in extra_files:
+                shutil.copy2(f, tmp / Path(f).name)
+    except write_errors() as exc:
+        raise cannot_write(f"the export to {out}", exc, "nothing was left there: make room and export again") from exc
     return out
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from moelab.errors import UserError, cannot_write, write_errors
+from moelab.files import write_atomic
 
 CKPT_PREFIX = "step_"
 
@@ -112,10 +113,7 @@ def add_to_meta(ckpt: Path, extra: dict) -> None:
         meta = json.loads((ckpt / "meta.json").read_text())
     except (OSError, ValueError):
         return
-    tmp = ckpt / f".meta-{os.getpid()}.json"
-    tmp.write_text(json.dumps({**meta, **extra}, indent=1))
-    _fsync(tmp)
-    os.replace(tmp, ckpt / "meta.json")
+    write_atomic(ckpt / "meta.json", json.dumps({**meta, **extra}, indent=1))
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
