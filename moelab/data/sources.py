@@ -175,9 +175,9 @@ def _file_items(root: Path, files: list[Path], text_field: str = "text", pdf_fil
             yield name, text, reason
 
 
-def _gather(source: str, items, max_docs: int = 0) -> Corpus:
+def _gather(source: str, items) -> Corpus:
     corpus = Corpus(source=source, documents=[])
-    for name, text, reason in _take(items, max_docs):
+    for name, text, reason in items:
         if text is None:
             corpus.skipped.append((name, reason))
         else:
@@ -208,10 +208,6 @@ def _stdlib_items():
     return _file_items(root, files)
 
 
-def stdlib_corpus(max_docs: int = 0) -> Corpus:
-    return _gather(f"stdlib:{stdlib_root()}", _stdlib_items(), max_docs)
-
-
 def _path_items(path: str, text_field: str = "text", pdf_filters=None):
     if any(c in path for c in "*?["):  # a glob such as papers/**/*.pdf
         import glob
@@ -229,10 +225,6 @@ def _path_items(path: str, text_field: str = "text", pdf_filters=None):
         raise UserError(f"data source not found: {path} (give a text, JSONL or Parquet file, a "
                         "directory, or 'stdlib')")
     return _file_items(p, _walk_files(p), text_field, pdf_filters)
-
-
-def files_corpus(path: str, max_docs: int = 0, text_field: str = "text", pdf_filters=None) -> Corpus:
-    return _gather(path, _path_items(path, text_field, pdf_filters), max_docs)
 
 
 def _walk_files(root: Path) -> list[Path]:
@@ -309,10 +301,6 @@ def _hf_records(ds, label: str, text_field: str):
                                + (f" (has {fields})" if fields and text_field not in rec else ""))
         else:
             yield name, value, ""
-
-
-def hf_corpus(source: str, max_docs: int = 0, text_field: str = "text") -> Corpus:
-    return _gather(source, _hf_items(source, text_field, streaming=bool(max_docs)), max_docs)
 
 
 def _is_saved_dataset(path: str) -> bool:

@@ -10,7 +10,7 @@ import pytest
 
 from moelab.data.audit import audit, ngram_hashes
 from moelab.data.neardup import near_duplicate_groups
-from moelab.data.sources import Document, stdlib_corpus
+from moelab.data.sources import Document, load_corpus
 from moelab.data.split import split_documents
 from moelab.data.tokenizer import train_bpe
 
@@ -20,7 +20,7 @@ def documents():
     """40 real, distinct documents: mid-sized stdlib modules outside the template-generated codec
     tables (the stdlib also holds byte-identical files, e.g. __phello__/__init__.py and spam.py)."""
     docs, seen = [], set()
-    for d in stdlib_corpus().documents:
+    for d in load_corpus("stdlib").documents:
         if 1500 < len(d.text) < 6000 and not d.name.startswith(("encodings/", "distutils/")) \
                 and d.text not in seen:
             seen.add(d.text)

@@ -7,7 +7,7 @@ import torch
 from moelab.config import DataConfig
 from moelab.data.loader import BatchLoader, make_windows, pack
 from moelab.data.pipeline import build_dataset
-from moelab.data.sources import Document, stdlib_corpus
+from moelab.data.sources import Document, load_corpus
 from moelab.data.split import split_documents
 
 
@@ -52,7 +52,7 @@ def test_windows_are_disjoint_and_loader_resumes_exactly():
 
 
 def test_stdlib_corpus_skips_tests_and_site_packages():
-    corpus = stdlib_corpus(max_docs=0)
+    corpus = load_corpus("stdlib")
     names = [d.name for d in corpus.documents]
     assert len(names) > 100 and all(n.endswith(".py") for n in names)
     assert not any(n.startswith(("test/", "site-packages/")) or "/tests/" in n for n in names)

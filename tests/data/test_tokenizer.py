@@ -25,9 +25,9 @@ def test_tokenizer_sees_only_training_documents(text_corpus, tmp_path):
     from moelab.config import DataConfig
     from moelab.data.pipeline import build_dataset
     from moelab.data.split import split_documents
-    from moelab.data.sources import files_corpus
+    from moelab.data.sources import load_corpus
 
-    docs = files_corpus(str(text_corpus)).documents
+    docs = load_corpus(str(text_corpus)).documents
     _, val = split_documents(docs, 0.2)
     for d in val:  # plant a long, frequent word in validation documents only
         (text_corpus / d.name).write_text(d.text + " zyzzyvaquux" * 300)
