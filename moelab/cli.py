@@ -120,6 +120,10 @@ def _cmd_eval(args) -> int:
         from moelab.eval.choice import load_task
 
         tasks = [load_task(task, args.limit) for task in args.choice]
+    if args.harness:  # the same for lm_eval task names
+        from moelab.eval.harness import harness_tasks
+
+        harness = harness_tasks(args.harness, args.include_path)
     if not (args.choice or args.harness or args.data or args.source) and is_hf_dir(args.target):
         no_hf_data()  # before loading what may be gigabytes of weights
     target = load_target(args.target, args.device)
@@ -142,8 +146,8 @@ def _cmd_eval(args) -> int:
     if args.harness:
         from moelab.eval.harness import run_harness
 
-        results["harness"] = run_harness(args.target, args.harness, args.include_path, args.limit or None,
-                                         args.batch_size, args.device)
+        results["harness"] = run_harness(target, args.harness, limit=args.limit or None,
+                                         batch_size=args.batch_size, checked=harness)
         for task, metrics in results["harness"].items():
             print(f"lm_eval {task}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.json:

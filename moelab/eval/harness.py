@@ -14,6 +14,9 @@ Importing this module registers the model name "moelab" with the harness
 
 from __future__ import annotations
 
+import difflib
+from pathlib import Path
+
 from moelab.errors import UserError
 
 try:
@@ -29,13 +32,18 @@ def _require_lm_eval():
 
 
 class MoelabLM(TemplateLM):
-    def __init__(self, pretrained: str, device: str = "cpu", batch_size: int | str = 16,
-                 max_gen_toks: int = 256, **_ignored):
+    """`pretrained`: a run, checkpoint or Hugging Face directory, loaded here; or `target`: one
+    already loaded by `moelab.eval.target.load_target` (not loaded twice)."""
+
+    def __init__(self, pretrained: str | None = None, device: str = "cpu", batch_size: int | str = 16,
+                 max_gen_toks: int = 256, target=None, **_ignored):
         _require_lm_eval()
         super().__init__()
-        from moelab.eval.target import load_target
+        if target is None:
+            from moelab.eval.target import load_target
 
-        self.target = load_target(str(pretrained), device)
+            target = load_target(str(pretrained), device)
+        self.target = target
         self.model, self.tokenizer = self.target.model, self.target.tokenizer
         self._batch_size = int(batch_size) if str(batch_size).isdigit() else 16
         self.max_gen_toks = int(max_gen_toks)
@@ -86,18 +94,39 @@ if register_model is not None:
     register_model("moelab")(MoelabLM)
 
 
-def run_harness(target_path: str, tasks: str, include_path: str | None = None, limit: int | None = None,
-                batch_size: int = 16, device: str = "cpu") -> dict:
-    """Run lm_eval tasks on a moelab model; returns {task: {metric: value}}."""
+def harness_tasks(tasks: str, include_path: str | None = None):
+    """(task names, lm_eval TaskManager) for a comma-separated task list, every name checked, so
+    that a typo fails in one line before a model is loaded or evaluated."""
     _require_lm_eval()
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    if not names:
+        raise UserError("--harness needs task names, e.g. --harness hellaswag,arc_easy")
+    if include_path and not Path(include_path).expanduser().is_dir():
+        raise UserError(f"--include-path {include_path} is not a folder (give a folder of lm_eval task YAMLs)")
+    manager = TaskManager(include_path=str(Path(include_path).expanduser())) if include_path else TaskManager()
+    known = set(manager.all_tasks)
+    unknown = [n for n in names if n not in known and not Path(n).is_file()]
+    if unknown:
+        hints = {n: difflib.get_close_matches(n, known, n=3) for n in unknown}
+        said = ", ".join(f"'{n}'" + (f" (did you mean {' or '.join(h)}?)" if h else "") for n, h in hints.items())
+        raise UserError(f"unknown lm_eval task {said}: give task, group or tag names from lm_eval's task list, "
+                        "a task YAML file, or --include-path FOLDER for your own tasks")
+    return names, manager
+
+
+def run_harness(target, tasks: str, include_path: str | None = None, limit: int | None = None,
+                batch_size: int = 16, device: str = "cpu", checked=None) -> dict:
+    """Run lm_eval tasks on a moelab model (a path, or a target from `load_target`); returns
+    {task: {metric: value}}. `checked`: what `harness_tasks` returned for these tasks."""
+    import lm_eval
+
+    names, manager = checked or harness_tasks(tasks, include_path)
+    lm = MoelabLM(target, device, batch_size) if isinstance(target, str) else MoelabLM(
+        target=target, batch_size=batch_size)
     try:
-        res = lm_eval.simple_evaluate(model=MoelabLM(target_path, device, batch_size), tasks=names,
-                                      task_manager=manager, limit=limit, log_samples=False)
+        res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=False)
     except (KeyError, ValueError, ConnectionError, OSError) as exc:
         raise UserError(f"lm_eval could not run {tasks}: {str(exc).splitlines()[0][:200]}") from None
     return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -52,7 +52,7 @@ def test_acc_and_acc_norm_equal_lm_eval_harness(trained, choice_tasks, tmp_path,
         include_path=str(tmp_path)), log_samples=False)["results"]
     ours_hf = load_target(str(trained / "hf"))
     ours_run = load_target(str(trained / "run"))
-    adapter = run_harness(str(trained / "run"), ",".join(names.values()), include_path=str(tmp_path))
+    adapter = run_harness(ours_run, ",".join(names.values()), include_path=str(tmp_path))
     distinct = set()
     for fmt, name in names.items():
         want = res[name]
@@ -73,6 +73,18 @@ def test_acc_and_acc_norm_equal_lm_eval_harness(trained, choice_tasks, tmp_path,
     mine = score_continuations(ours_run.model, [encode_pair(ours_run.tokenizer, *p) for p in pairs])
     for (a, ga), (b, gb) in zip(mine, theirs):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_unknown_harness_task_fails_before_the_model_is_loaded(tmp_path):
+    pytest.importorskip("lm_eval")
+    from tests.conftest import run_cli
+
+    missing = tmp_path / "no_such_run"  # loading it would fail with another message
+    r = run_cli("eval", missing, "--harness", "hellaswag,hellaswg")
+    assert r.returncode == 2 and "unknown lm_eval task 'hellaswg' (did you mean hellaswag" in r.stderr
+    assert "'hellaswag'" not in r.stderr and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
+    r = run_cli("eval", missing, "--harness", "hellaswag", "--include-path", tmp_path / "nope")
+    assert r.returncode == 2 and "--include-path" in r.stderr and "not a folder" in r.stderr
 
 
 def test_formats_are_parsed_as_the_harness_builds_prompts(choice_tasks):
