@@ -260,7 +260,7 @@ def _suffix(name: str) -> str:
 
 def _hf_items(source: str, text_field: str = "text", streaming: bool = False):
     """(name, text or None, reason) for each record of a Hugging Face dataset: `hf:NAME[:CONFIG][@SPLIT]`
-    (hub or local cache; HF_DATASETS_OFFLINE=1 uses the cache only), or a directory written by
+    (hub or local cache; the cache only when the hub cannot be reached or HF_HUB_OFFLINE=1), or a directory written by
     `Dataset.save_to_disk`. Each record is one document (its `text_field`), named NAME#i. The
     dataset is opened before the first record is asked for (memory-mapped Arrow: records stream)."""
     try:
@@ -271,24 +271,30 @@ def _hf_items(source: str, text_field: str = "text", streaming: bool = False):
     if source.startswith("hf:") and not source[3:].partition("@")[0].partition(":")[0].strip():
         raise UserError(f"'{source}' names no dataset: write hf:NAME[:CONFIG][@SPLIT], "
                         "e.g. hf:wikitext:wikitext-2-raw-v1@train")
-    try:
-        if not source.startswith("hf:"):
+    if not source.startswith("hf:"):
+        try:
             ds, label = datasets.load_from_disk(str(disk)), disk.name
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        else:
-            spec, _, split = source[3:].partition("@")
-            name, _, config = spec.partition(":")
-            # streaming reads the hub's files; offline, only the prepared cache can answer
-            offline = datasets.config.HF_DATASETS_OFFLINE or datasets.config.HF_HUB_OFFLINE
+        except Exception as exc:  # a damaged or partial save_to_disk folder
+            raise UserError(f"cannot load the saved dataset {disk}: {_first_line(exc)}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        return _hf_records(ds, label, text_field)
+    from moelab.hub import hub_access, offline_hint
+
+    spec, _, split = source[3:].partition("@")
+    name, _, config = spec.partition(":")
+    with hub_access() as offline:
+        try:  # streaming reads the hub's files; offline, only the prepared cache can answer
             ds = datasets.load_dataset(name, config or None, split=split or "train",
                                        streaming=streaming and not offline)
-            label = name
-    except Exception as exc:  # network, missing cache, unknown name: one clear line
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot load Hugging Face dataset '{source}': {first} (no network and not in "
-                        "the local cache? set HF_DATASETS_OFFLINE=1 to use the cache only)") from None
-    return _hf_records(ds, label, text_field)
+        except Exception as exc:  # network, missing cache, unknown name: one clear line
+            raise UserError(f"cannot load Hugging Face dataset '{source}': {_first_line(exc)}; "
+                            f"{offline_hint(offline)}") from None
+    return _hf_records(ds, name, text_field)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
 
 
 def _hf_records(ds, label: str, text_field: str):

@@ -83,12 +83,15 @@ def _hub_records(name: str) -> list[dict]:
     except ImportError:
         raise UserError(f"'{name}' is a hub task and needs `datasets` (pip install 'moelab[hf]'); "
                         "or pass a local JSONL file") from None
+    from moelab.hub import hub_access, offline_hint
+
     path, config, split = HUB_TASKS[name]
-    try:
-        return list(datasets.load_dataset(path, config, split=split))
-    except Exception as exc:  # offline, missing from the cache, ...
-        raise UserError(f"cannot load {path} from the Hugging Face hub or its cache "
-                        f"({str(exc).splitlines()[0][:120]}); pass a local JSONL file instead") from None
+    with hub_access() as offline:
+        try:
+            return list(datasets.load_dataset(path, config, split=split))
+        except Exception as exc:  # offline, missing from the cache, ...
+            raise UserError(f"cannot load {path} for task {name} ({str(exc).splitlines()[0][:120]}): "
+                            f"{offline_hint(offline)}; or pass a local JSONL file") from None
 
 
 def load_task(spec: str, limit: int = 0) -> tuple[str, list[Item]]:

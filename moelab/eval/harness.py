@@ -125,9 +125,14 @@ def run_harness(target, tasks: str, include_path: str | None = None, limit: int 
     names, manager = checked or harness_tasks(tasks, include_path)
     lm = MoelabLM(target, device, batch_size) if isinstance(target, str) else MoelabLM(
         target=target, batch_size=batch_size)
-    try:
-        res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=False)
-    except (KeyError, ValueError, ConnectionError, OSError) as exc:
-        raise UserError(f"lm_eval could not run {tasks}: {str(exc).splitlines()[0][:200]}") from None
+    from moelab.hub import hub_access, offline_hint
+
+    with hub_access() as offline:  # the tasks' datasets come from the hub or its cache
+        try:
+            res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
+                                          log_samples=False)
+        except (KeyError, ValueError, ConnectionError, OSError) as exc:
+            hint = f" ({offline_hint(offline)}?)" if offline else ""
+            raise UserError(f"lm_eval could not run {tasks}: {str(exc).splitlines()[0][:200]}{hint}") from None
     return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))}
             for task, metrics in res["results"].items()}

@@ -126,11 +126,17 @@ def test_hugging_face_dataset_from_disk_and_clear_error_offline(tmp_path):
     with pytest.raises(UserError, match=r"no text in field 'body' \(has text, id\).*data.text_field=NAME"):
         load_corpus(str(tmp_path / "saved"), text_field="body")  # which field to name, and where
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    res = subprocess.run([sys.executable, "-m", "moelab", "data", "prepare", "hf:nobody/no-such-dataset",
-                          "--out", str(tmp_path / "p")], capture_output=True, text=True, env=env, timeout=120)
-    assert res.returncode == 2, res.stderr
-    assert "cannot load Hugging Face dataset 'hf:nobody/no-such-dataset'" in res.stderr
-    assert "Traceback" not in res.stderr and not (tmp_path / "p").exists()
+    # offline as set by the user, or a hub that cannot be reached (nothing listens on port 9): one
+    # line at once, not each request's retries and warnings for half a minute
+    unreachable = {k: v for k, v in env.items() if k not in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    unreachable.update(HF_ENDPOINT="http://127.0.0.1:9")
+    for env, why in ((env, "offline mode is set"), (unreachable, "cannot be reached from this machine")):
+        res = subprocess.run([sys.executable, "-m", "moelab", "data", "prepare", "hf:nobody/no-such-dataset",
+                              "--out", str(tmp_path / "p")], capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 2, res.stderr
+        assert "cannot load Hugging Face dataset 'hf:nobody/no-such-dataset'" in res.stderr and why in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert not (tmp_path / "p").exists()
 
 
 def test_hugging_face_dataset_by_name_from_the_offline_cache(tmp_path):
@@ -157,14 +163,19 @@ def test_hugging_face_dataset_by_name_from_the_offline_cache(tmp_path):
     target = cache / "moelab___tiny" / "default" / built.parent.name / built.name
     target.parent.mkdir(parents=True)
     shutil.move(str(built), str(target))
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(cache),
-               HF_HOME=str(tmp_path / "hf_home"))
-    for extra, n_docs in (([], 12), (["--max-docs", "5"], 5)):  # --max-docs would stream when online
+    offline = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(cache),
+                   HF_HOME=str(tmp_path / "hf_home"))
+    # the same with no offline setting on a machine where the hub cannot be reached (port 9: nothing listens)
+    unreachable = {k: v for k, v in offline.items() if k not in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    unreachable.update(HF_ENDPOINT="http://127.0.0.1:9")
+    runs = (([], 12, offline), (["--max-docs", "5"], 5, offline), (["--max-docs", "11"], 11, unreachable))
+    for extra, n_docs, env in runs:  # --max-docs would stream when online
         out = tmp_path / f"prep{n_docs}"
         res = subprocess.run([sys.executable, "-m", "moelab", "data", "prepare", "hf:moelab/tiny", "--out",
                               str(out), "--vocab-size", "300", *extra], capture_output=True, text=True, env=env,
                              timeout=300)
         assert res.returncode == 0, res.stderr
+        assert "requesting" not in res.stderr and "Retrying" not in res.stderr, res.stderr
         m = json.loads((out / "manifest.json").read_text())
         names = m["splits"]["train"]["document_names"] + m["splits"]["val"]["document_names"]
         assert sorted(names) == sorted(f"moelab/tiny#{i + 1}" for i in range(n_docs))

@@ -87,6 +87,20 @@ def test_unknown_harness_task_fails_before_the_model_is_loaded(tmp_path):
     assert r.returncode == 2 and "--include-path" in r.stderr and "not a folder" in r.stderr
 
 
+def test_hub_task_without_the_hub_is_one_line_at_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("datasets")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"))  # nothing listens on 9
+    res = subprocess.run([sys.executable, "-m", "moelab", "eval", str(tmp_path / "run"), "--choice", "piqa"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "cannot load baber/piqa for task piqa" in res.stderr and "cannot be reached" in res.stderr
+
+
 def test_formats_are_parsed_as_the_harness_builds_prompts(choice_tasks):
     name, items = load_task(str(choice_tasks["hellaswag"]))
     assert name == "hellaswag_local (hellaswag)" and len(items) == 16
