@@ -22,8 +22,10 @@ def model_config_for(target: str, overrides: list[str] | tuple[str, ...] = ()):
         cfg = build_config(None, str(path), overrides) if path.is_file() else build_config(target, None, overrides)
         return cfg.resolve(vocab_size=cfg.data.vocab_size).model  # the vocabulary data prepare will train
     if not path.exists():
+        from moelab.hub import download_hint
+
         raise UserError(f"'{target}' is neither a preset ({', '.join(PRESETS)}), a config file (.yaml) nor an "
-                        "existing run, checkpoint or Hugging Face directory")
+                        f"existing run, checkpoint or Hugging Face directory{download_hint(target)}")
     if overrides:
         raise UserError(f"{target} is a trained model; key=value overrides apply to a preset or a config file")
     if is_hf_dir(target):
@@ -71,7 +73,9 @@ def convert(hf_dir: str, out: str) -> Path:
     from moelab.train.rundir import new_run_dir
 
     if not Path(hf_dir, "config.json").is_file():
-        raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+        from moelab.hub import download_hint
+
+        raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json){download_hint(hf_dir)}")
     run_dir = new_run_dir(out, "converted", resumable=False)
     model = load_hf(hf_dir)
     cfg = Config(preset="converted", model=model.cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import sys
 from urllib.parse import urlparse
@@ -93,3 +94,12 @@ def offline_hint(offline: str) -> str:
     if offline:
         return f"{offline} and it is not in the local cache"
     return "check the name, or set HF_HUB_OFFLINE=1 to use the local cache only"
+
+
+def download_hint(path: str) -> str:
+    """For a model path that does not exist but reads as a Hub id (OWNER/NAME, OWNER not a local
+    folder): how to get it, as moelab reads models from local directories only; '' otherwise."""
+    owner = path.partition("/")[0]
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", path) or os.path.exists(owner):
+        return ""  # not an id, or a path under a local folder (runs/NAME)
+    return f"; to use the Hub model {path}, download it first (hf download {path} --local-dir DIR) and give DIR"

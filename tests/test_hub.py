@@ -30,3 +30,20 @@ def test_unreachable_hub_runs_offline_for_the_call_only(monkeypatch):
     with hub_access() as why:
         assert why.startswith("offline mode is set")
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_hub_model_id_gets_a_download_hint(tmp_path, monkeypatch):
+    from tests.conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    hint = "download it first (hf download Qwen/Qwen3-30B-A3B --local-dir DIR)"
+    for args in (("convert", "Qwen/Qwen3-30B-A3B", "--out", "cv"), ("eval", "Qwen/Qwen3-30B-A3B"),
+                 ("info", "Qwen/Qwen3-30B-A3B"), ("generate", "Qwen/Qwen3-30B-A3B", "--prompt", "hi"),
+                 ("train", "train.init_from=Qwen/Qwen3-30B-A3B", "--print-config")):
+        r = run_cli(*args)
+        assert r.returncode == 2 and hint in r.stderr and len(r.stderr.splitlines()) == 1, (args, r.stderr)
+    for path in ("runs/tiny", "./nope", "nope"):  # local paths: no hint
+        r = run_cli("eval", path)
+        assert r.returncode == 2 and "no such run" in r.stderr and "hf download" not in r.stderr
+    assert not (tmp_path / "cv").exists()

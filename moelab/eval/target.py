@@ -28,7 +28,9 @@ def load_target(path: str, device: str = "cpu") -> Target:
     p = Path(path).expanduser()
     dev = resolve_device(device, "--device")
     if not p.is_dir():
-        raise UserError(f"{path}: no such run, checkpoint or Hugging Face model directory")
+        from moelab.hub import download_hint
+
+        raise UserError(f"{path}: no such run, checkpoint or Hugging Face model directory{download_hint(path)}")
     if is_hf_dir(p):
         if not (p / "tokenizer.json").is_file():
             raise UserError(f"{path} has no tokenizer.json; save the tokenizer beside the model "

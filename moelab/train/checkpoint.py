@@ -206,8 +206,10 @@ def init_source(path: str | Path):
         except UserError as exc:
             raise UserError(f"train.init_from={path}: {exc}") from None
     if not p.is_dir():
+        from moelab.hub import download_hint
+
         raise UserError(f"train.init_from={path} is not a directory: give a run, a checkpoint or a Hugging Face "
-                        "model directory")
+                        f"model directory{download_hint(str(path))}")
     ckpt = resolve_checkpoint(p)
     tok = ckpt.parent.parent / "tokenizer"
     return Config.from_yaml_file(ckpt / "config.yaml").model, (tok if (tok / "tokenizer.json").is_file() else None)
