@@ -111,9 +111,8 @@ def _cmd_data_prepare(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from moelab.eval.language import no_hf_data
+    from moelab.eval.language import check_own_data
     from moelab.eval.target import load_target
-    from moelab.train.checkpoint import is_hf_dir
 
     tasks = []
     if args.choice:  # read (and check) every task file before any evaluation runs
@@ -124,8 +123,8 @@ def _cmd_eval(args) -> int:
         from moelab.eval.harness import harness_tasks
 
         harness = harness_tasks(args.harness, args.include_path)
-    if not (args.choice or args.harness or args.data or args.source) and is_hf_dir(args.target):
-        no_hf_data()  # before loading what may be gigabytes of weights
+    if not (args.choice or args.harness or args.data or args.source):
+        check_own_data(args.target)  # before loading what may be gigabytes of weights
     target = load_target(args.target, args.device)
     results = {"model": target.label}
     if not (args.choice or args.harness) or args.data or args.source or target.run_dir:

@@ -230,11 +230,10 @@ def load_routing(target_path: str, n_windows: int = 64, batch_size: int = 8, dev
         if data or source is not None:
             raise UserError("--data/--source measure a model; a counts file is read as it is")
         return read_counts(str(p))
-    from moelab.eval.language import no_hf_data
+    from moelab.eval.language import check_own_data
     from moelab.eval.target import load_target
-    from moelab.train.checkpoint import is_hf_dir
 
-    if is_hf_dir(p) and not (data or source):  # said before loading what may be gigabytes of weights
-        no_hf_data()
+    if not (data or source):  # said before loading what may be gigabytes of weights
+        check_own_data(p)
     return from_run(load_target(target_path, device), n_windows, batch_size, data=data, source=source)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import lzma
 import sys
+from pathlib import Path
 
 import torch
 
@@ -27,8 +28,24 @@ def xz_bits_per_byte(windows, token_table: list[bytes], batch: int = 4096) -> di
     return {"xz_bpb": 8 * len(lzma.compress(data, preset=9)) / len(data), "bytes": len(data)}
 
 
-def no_hf_data():
-    raise UserError("a Hugging Face directory has no data of its own: give --data PREPARED_DIR or --source FILE|DIR")
+def no_hf_data(what: str = "a Hugging Face directory"):
+    raise UserError(f"{what} has no data of its own: give --data PREPARED_DIR or --source FILE|DIR")
+
+
+def check_own_data(path: str | Path) -> None:
+    """The one-line error for a model with no data of its own (a Hugging Face directory, a converted
+    run), said before its weights are loaded; nothing for one that has data."""
+    from moelab.config import load_yaml
+    from moelab.data.pipeline import RUN_PREPARED
+    from moelab.train.checkpoint import is_hf_dir
+
+    p = Path(path).expanduser()
+    if is_hf_dir(p):
+        no_hf_data()
+    if (p / "config.yaml").is_file() and not (p / RUN_PREPARED).exists():
+        cfg = load_yaml(p / "config.yaml")
+        if cfg.get("preset") == "converted" and not (cfg.get("data") or {}).get("path"):
+            no_hf_data(f"{path} is a converted model and")
 
 
 def eval_windows_for(target, split: str, data: str | None, source: str | None, seq_len: int,
@@ -56,6 +73,8 @@ def eval_windows_for(target, split: str, data: str | None, source: str | None, s
 
             data = target.cfg.data.path or str(target.run_dir / RUN_PREPARED)
             if not is_prepared(data):
+                if getattr(target.cfg, "preset", "") == "converted":
+                    no_hf_data(f"{target.label} is a converted model and")
                 raise UserError(f"the run's prepared data is missing ({data}); give --data or --source")
         tok, train_w, val_w, _ = load_prepared(data, seq_len)
         if tok.tk.to_str() != target.tokenizer.tk.to_str():

@@ -139,6 +139,17 @@ def test_bad_eval_input_is_one_line(trained, args, msg):
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # nor any model loaded (no progress bar)
 
 
+def test_converted_run_without_data_is_refused_before_its_weights_load(trained, tmp_path):
+    res = run_cli("convert", trained / "hf", "--out", tmp_path / "cv")
+    assert res.returncode == 0, res.stderr
+    (weights,) = (tmp_path / "cv").glob("checkpoints/*/model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])  # loading it would fail with another message
+    for cmd, target in (("eval", "cv"), ("routing", "cv"), ("eval", weights.parent.relative_to(tmp_path))):
+        res = run_cli(cmd, tmp_path / target)
+        assert res.returncode == 2 and "is a converted model and has no data of its own: give --data" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
 def test_cli_generate_is_reproducible_and_stops(trained):
     run = trained / "run"
     a = run_cli("generate", run, "--prompt", "marker001x expert", "--max-new-tokens", "12", "--seed", "5")
