@@ -145,7 +145,7 @@ class TrainConfig:
     init_from: str = ""
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaler); weights stay fp32
-    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    threads: int = 0  # torch intra-op threads, at most the usable cores; 0 leaves torch's default
     # CPU on glibc: freed memory stays in the process for the next step instead of going back to
     # the kernel (fewer page faults; bit-identical results; moelab/train/host.py)
     keep_freed_memory: bool = True

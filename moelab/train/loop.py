@@ -23,6 +23,7 @@ import torch
 
 from moelab.config import Config
 from moelab.data.loader import BatchLoader
+from moelab.data.parallel import cores
 from moelab.data.pipeline import Dataset, build_dataset, write_split_report
 from moelab.errors import UserError
 from moelab.eval.language import xz_bits_per_byte
@@ -155,8 +156,8 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
     if ckpt is None:  # marks the folder as a run at once: one killed while preparing data is restartable
         write_atomic(run_dir / "config.yaml", cfg.to_yaml())
     t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    if t.threads:  # more threads than usable cores only contend for them (tiny preset: 150x slower)
+        torch.set_num_threads(min(t.threads, cores()))
     device = resolve_device(t.device)
     if t.compile and (why := compile_unavailable(device)):
         raise UserError(f"train.compile=true: {why}; install it or set train.compile=false")
@@ -523,6 +524,9 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
             "config (and prepared data)")
     if run.set_aside is not None:
         say(f"rewound: the checkpoints after update {run.step} and the metrics log as it was are in {run.set_aside}")
+    if t.threads > cores():
+        say(f"train.threads={t.threads}: this process may use {cores()} CPU cores; running {cores()} threads "
+            "(more would only contend for them)")
     note = cpu_precision_note(run.device, t.precision, AUTOCAST_DTYPES[t.precision], faster="train.precision=bf16")
     if note:
         say(note)

@@ -103,3 +103,18 @@ def test_deepseek_style_run_balances_with_bias_and_resumes_exactly(tmp_path):
     train(_cfg(*DEEPSEEK_STYLE), out=str(part), resume="auto", progress=False)
     for (name, x), y in zip(model.state_dict().items(), load_model(part).state_dict().values()):
         assert torch.equal(x, y), name
+
+
+def test_more_threads_than_cores_runs_one_per_core(tmp_path, capsys):
+    from moelab.data.parallel import cores
+
+    before = torch.get_num_threads()
+    try:
+        train(_cfg("train.steps=1", f"train.threads={cores() + 7}"), out=str(tmp_path / "run"))
+        assert torch.get_num_threads() == cores()  # not oversubscribed
+        err = capsys.readouterr().err
+        assert f"train.threads={cores() + 7}: this process may use {cores()} CPU cores; running {cores()}" in err
+        train(_cfg("train.steps=1", "train.threads=1"), out=str(tmp_path / "one"))
+        assert torch.get_num_threads() == 1 and "may use" not in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
