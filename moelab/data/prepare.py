@@ -341,9 +341,9 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         lap("read")
         groups = None
         if near_dup_split or dedup:  # MinHash once, for the split and for --dedup
-            from moelab.data.neardup import NUM_PERM, signature_groups, signatures
+            from moelab.data.neardup import NUM_PERM, SIG_DTYPE, signature_groups, signatures
 
-            sigs, at = np.empty((len(docs), NUM_PERM), dtype=np.uint64), 0  # filled in place: no second copy
+            sigs, at = np.empty((len(docs), NUM_PERM), dtype=SIG_DTYPE), 0  # filled in place: no second copy
             for chunk in batches(docs, CHUNK_BYTES, _nbytes):
                 sigs[at:at + len(chunk)] = signatures(spill.read_many(chunk))
                 at += len(chunk)
