@@ -37,6 +37,7 @@ from moelab.optim.schedules import lr_factor, schedule_state
 from moelab.train import checkpoint as ck
 from moelab.train.faults import FaultPlan, StopSignals, UpdateGuard
 from moelab.train.host import compile_unavailable, cpu_precision_note, keep_freed_memory
+from moelab.train.memory import check_training_fits
 from moelab.train.monitor import Sinks, flops_per_token, is_rank0, peak_memory_gb, peak_tflops, plot_curves
 from moelab.train.rundir import RunLock, has_entries, metrics_until, new_run_dir, provenance
 
@@ -118,7 +119,10 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
     ckpt = None
     if resume:
         run_dir, ckpt, cfg = _resume_target(resume, out, cfg, overrides)
-    else:
+    # before any data is prepared or folder made: a model too large is said in one line, not killed
+    check_training_fits(cfg, resolve_device(cfg.train.device), f"the model of {run_dir}" if resume else (
+        f"train.init_from={cfg.train.init_from}" if cfg.train.init_from else f"preset {cfg.preset}"))
+    if not resume:
         label = f"from-{Path(cfg.train.init_from).expanduser().resolve().name}" if cfg.train.init_from else cfg.preset
         run_dir = new_run_dir(out, label + ("-smoke" if smoke else ""))
     fresh = not (run_dir.exists() and has_entries(run_dir))  # new_run_dir: absent or empty
