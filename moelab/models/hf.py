@@ -408,11 +408,16 @@ def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: st
     return out
 
 
-def load_hf(path: str | Path):
+def load_hf(path: str | Path, device: str | torch.device = "cpu"):
+    """A moelab model (fp32, on `device`) of a Hugging Face directory, checked to fit first."""
     _require_transformers()
     from transformers import AutoModelForCausalLM
 
     from moelab.models import MoETransformer
+    from moelab.train.memory import check_weights_fit
+
+    for where in {torch.device("cpu"), torch.device(device)}:  # read into host memory, then moved
+        check_weights_fit(read_hf_model_config(path), where, str(path))
 
     # Loaded in the checkpoint's own dtype and widened to fp32 one tensor at a time (exact for
     # bf16/fp16), each freed as it is converted: transformers widening the whole model at load
@@ -425,4 +430,4 @@ def load_hf(path: str | Path):
         raise UserError(f"cannot load {path}: a weights file is damaged ({exc}); copy or download it again") from None
     cfg, sd = _moelab_config(hf.config), {k: v.detach() for k, v in hf.state_dict().items()}
     del hf  # the moelab model takes over the loaded tensors instead of copying them
-    return MoETransformer.from_weights(cfg, from_hf_state_dict(sd, consume=True, dtype=torch.float32))
+    return MoETransformer.from_weights(cfg, from_hf_state_dict(sd, consume=True, dtype=torch.float32)).to(device)

@@ -224,7 +224,7 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     if is_hf_dir(path):
         from moelab.models.hf import load_hf
 
-        return load_hf(path).to(device).state_dict()
+        return load_hf(path, device).state_dict()
     return read_model_file(resolve_checkpoint(path), lambda f: load_file(f, device=str(torch.device(device))))
 
 
@@ -248,10 +248,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     from moelab.config import Config
     from moelab.models import MoETransformer
 
+    from moelab.train.memory import check_weights_fit
+
     if is_hf_dir(path):
         from moelab.models.hf import load_hf
 
-        return load_hf(path).to(device)
+        return load_hf(path, device)
     ckpt = resolve_checkpoint(path)
     cfg = Config.from_yaml_file(ckpt / "config.yaml").resolve()
+    check_weights_fit(cfg.model, device, str(path))  # before reading: not killed halfway
     return MoETransformer.from_weights(cfg.model, load_weights(ckpt, device))

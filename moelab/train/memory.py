@@ -1,5 +1,5 @@
-"""Whether a model's training state can fit in the memory of the device at all, checked before a
-run prepares data or allocates anything.
+"""Whether a model can fit in the memory of the device at all: its training state, checked before a
+run prepares data or allocates anything; its fp32 weights, checked before a model is loaded.
 
 Without it, a preset too large for the machine (`moelab train --preset mixtral-8x7b` on a laptop)
 prepared its data for a minute and a half, then the kernel killed the process while it built the
@@ -84,3 +84,20 @@ def check_training_fits(cfg, device: torch.device, what: str) -> None:
         f"optimizer state {need['optimizer'] / GB:.1f} GB; activations come on top) and {where} has "
         f"{available / GB:.1f} GB available; choose a smaller model (a -tiny preset, or fewer model.n_layers, "
         f"model.n_experts, model.d_model) or a device with more memory")
+
+
+def check_weights_fit(model_cfg, device: torch.device | str, what: str) -> None:
+    """UserError when `model_cfg`'s fp32 weights alone exceed what `device` has available (a loaded
+    model is fp32 whatever its file's dtype; `what`: the model, as the message names it)."""
+    from moelab.models.accounting import build_meta_model
+
+    device = torch.device(device)
+    available = available_bytes(device)
+    if available is None:
+        return
+    n = sum(p.numel() for p in build_meta_model(model_cfg).parameters())
+    if 4 * n <= available:
+        return
+    where = "this machine" if device.type == "cpu" else str(device)
+    raise UserError(f"{what} cannot fit: its {n / 1e9:.2f}B parameters take {4 * n / GB:.1f} GB in fp32 and "
+                    f"{where} has {available / GB:.1f} GB available; use a machine or device with more memory")

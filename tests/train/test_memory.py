@@ -48,3 +48,30 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_is_prepared(tmp_path
     assert "preset deepseek-v3 cannot fit: training its 671.03B parameters needs at least" in r.stderr
     assert "this machine has" in r.stderr and "GB available" in r.stderr
     assert not out.exists()
+
+
+def test_a_model_that_cannot_fit_is_refused_before_its_weights_are_read(tmp_path):
+    """DeepSeek-V3's 671B parameters (2.7 TB in fp32) as a Hugging Face directory and as a moelab
+    run whose weights file is only a stub: the check must come before any read (which would fail
+    on the stub with another message)."""
+    pytest.importorskip("transformers")
+    from moelab.models.hf import hf_config
+    from tests.conftest import run_cli
+
+    cfg = build_config("deepseek-v3").resolve()
+    hf = tmp_path / "hf"
+    hf_config(cfg.model, "deepseek_v3").save_pretrained(hf)
+    (hf / "model.safetensors").write_bytes(b"stub")
+    from moelab.data.tokenizer import train_bpe
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000001"
+    ckpt.mkdir(parents=True)
+    train_bpe(["a few words to train a tokenizer on"], 300).save(tmp_path / "run" / "tokenizer")
+    (ckpt / "config.yaml").write_text(cfg.to_yaml())
+    (ckpt / "model.safetensors").write_bytes(b"stub")
+    for args in (("convert", hf, "--out", tmp_path / "cv"), ("eval", ckpt, "--source", "stdlib"),
+                 ("generate", ckpt, "--prompt", "hi"), ("export", ckpt, "--to", "hf", "--out", tmp_path / "ex")):
+        r = run_cli(*args)
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, (args, r.stderr)
+        assert "cannot fit: its 671.03B parameters take 2684.1 GB in fp32" in r.stderr, r.stderr
+    assert not (tmp_path / "cv").exists() and not (tmp_path / "ex").exists()
