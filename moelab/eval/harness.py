@@ -122,11 +122,11 @@ def run_harness(target, tasks: str, include_path: str | None = None, limit: int 
     {task: {metric: value}}. `checked`: what `harness_tasks` returned for these tasks."""
     import lm_eval
 
+    from moelab.hub import hub_access, offline_hint
+
     names, manager = checked or harness_tasks(tasks, include_path)
     lm = MoelabLM(target, device, batch_size) if isinstance(target, str) else MoelabLM(
         target=target, batch_size=batch_size)
-    from moelab.hub import hub_access, offline_hint
-
     with hub_access() as offline:  # the tasks' datasets come from the hub or its cache
         try:
             res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
