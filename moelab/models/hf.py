@@ -416,8 +416,9 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu"):
     from moelab.models import MoETransformer
     from moelab.train.memory import check_weights_fit
 
+    model_cfg = read_hf_model_config(path)
     for where in {torch.device("cpu"), torch.device(device)}:  # read into host memory, then moved
-        check_weights_fit(read_hf_model_config(path), where, str(path))
+        check_weights_fit(model_cfg, where, str(path))
 
     # Loaded in the checkpoint's own dtype and widened to fp32 one tensor at a time (exact for
     # bf16/fp16), each freed as it is converted: transformers widening the whole model at load

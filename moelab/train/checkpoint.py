@@ -247,7 +247,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     directory, or a Hugging Face directory of a supported architecture."""
     from moelab.config import Config
     from moelab.models import MoETransformer
-
     from moelab.train.memory import check_weights_fit
 
     if is_hf_dir(path):
