@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moelab.errors import UserError
+from moelab.errors import UserError, first_line
 
 
 @dataclass
@@ -472,7 +472,7 @@ def load_yaml(path: str | Path) -> dict:
         if mark is not None and problem:  # where and what, not the parser's state ("while parsing a ...")
             first = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
         else:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            first = first_line(exc, 1000)
         raise UserError(f"config file {p} is not valid YAML: {first}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {p} must contain a mapping of sections")

@@ -5,6 +5,13 @@ class UserError(Exception):
     """Bad input from the user (config, paths, data). Message says what is wrong and what to do."""
 
 
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """A library exception's message cut to its first line (at most `limit` characters), or its type
+    name when it has none: the reason part of a one-line error."""
+    text = str(exc)
+    return text.splitlines()[0][:limit] if text.strip() else type(exc).__name__
+
+
 def write_errors() -> tuple[type[BaseException], ...]:
     """What a failed write of model files raises: OSError from Python, RuntimeError from
     torch.save, SafetensorError from safetensors (a full disk or a quota reaches us as either)."""

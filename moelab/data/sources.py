@@ -14,7 +14,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moelab.errors import UserError
+from moelab.errors import UserError, first_line
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".text", ""}
@@ -122,7 +122,7 @@ def _records(path: Path, name: str, text_field: str):
         except UserError:
             raise
         except Exception as exc:  # OSError, or one of the several types pyarrow raises for a corrupt file
-            why = getattr(exc, "strerror", None) or (str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__)
+            why = getattr(exc, "strerror", None) or first_line(exc, 80)
             yield f"{name}#{i + 1}" if i else name, None, f"unreadable {'Parquet' if parquet else 'JSONL'}: {why}"
             return
         i += 1
@@ -260,9 +260,10 @@ def _suffix(name: str) -> str:
 
 def _hf_items(source: str, text_field: str = "text", streaming: bool = False):
     """(name, text or None, reason) for each record of a Hugging Face dataset: `hf:NAME[:CONFIG][@SPLIT]`
-    (hub or local cache; the cache only when the hub cannot be reached or HF_HUB_OFFLINE=1), or a directory written by
-    `Dataset.save_to_disk`. Each record is one document (its `text_field`), named NAME#i. The
-    dataset is opened before the first record is asked for (memory-mapped Arrow: records stream)."""
+    (hub or local cache; the cache only when the hub cannot be reached or HF_HUB_OFFLINE=1), or a
+    directory written by `Dataset.save_to_disk`. Each record is one document (its `text_field`),
+    named NAME#i. The dataset is opened before the first record is asked for (memory-mapped Arrow:
+    records stream)."""
     try:
         import datasets
     except ImportError:
@@ -275,7 +276,7 @@ def _hf_items(source: str, text_field: str = "text", streaming: bool = False):
         try:
             ds, label = datasets.load_from_disk(str(disk)), disk.name
         except Exception as exc:  # a damaged or partial save_to_disk folder
-            raise UserError(f"cannot load the saved dataset {disk}: {_first_line(exc)}") from None
+            raise UserError(f"cannot load the saved dataset {disk}: {first_line(exc)}") from None
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         return _hf_records(ds, label, text_field)
@@ -288,13 +289,9 @@ def _hf_items(source: str, text_field: str = "text", streaming: bool = False):
             ds = datasets.load_dataset(name, config or None, split=split or "train",
                                        streaming=streaming and not offline)
         except Exception as exc:  # network, missing cache, unknown name: one clear line
-            raise UserError(f"cannot load Hugging Face dataset '{source}': {_first_line(exc)}; "
+            raise UserError(f"cannot load Hugging Face dataset '{source}': {first_line(exc)}; "
                             f"{offline_hint(offline)}") from None
     return _hf_records(ds, name, text_field)
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
 
 
 def _hf_records(ds, label: str, text_field: str):

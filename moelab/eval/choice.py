@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from moelab.errors import UserError
+from moelab.errors import UserError, first_line
 
 
 @dataclass
@@ -90,7 +90,7 @@ def _hub_records(name: str) -> list[dict]:
         try:
             return list(datasets.load_dataset(path, config, split=split))
         except Exception as exc:  # offline, missing from the cache, ...
-            raise UserError(f"cannot load {path} for task {name} ({str(exc).splitlines()[0][:120]}): "
+            raise UserError(f"cannot load {path} for task {name} ({first_line(exc, 120)}): "
                             f"{offline_hint(offline)}; or pass a local JSONL file") from None
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from moelab.errors import UserError
+from moelab.errors import UserError, first_line
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -133,6 +133,6 @@ def run_harness(target, tasks: str, include_path: str | None = None, limit: int 
                                           log_samples=False)
         except (KeyError, ValueError, ConnectionError, OSError) as exc:
             hint = f" ({offline_hint(offline)}?)" if offline else ""
-            raise UserError(f"lm_eval could not run {tasks}: {str(exc).splitlines()[0][:200]}{hint}") from None
+            raise UserError(f"lm_eval could not run {tasks}: {first_line(exc, 200)}{hint}") from None
     return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))}
             for task, metrics in res["results"].items()}

@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+from moelab.errors import first_line
 from moelab.hardware import FAST_HALF_FACTOR, SLOW_HALF_FACTOR, cpu_matmul_slowdown
 
 # mallopt parameter numbers from glibc's <malloc.h>
@@ -113,6 +114,6 @@ def compile_unavailable(device: torch.device) -> str | None:
     except (ImportError, AttributeError):
         return None
     except Exception as exc:  # noqa: BLE001 - InvalidCxxCompiler and the like
-        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        detail = first_line(exc)
         return f"torch.compile on CPU needs a working C++ compiler such as g++ or clang ({detail})"
     return None

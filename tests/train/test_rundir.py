@@ -25,5 +25,6 @@ def test_resumed_metrics_keep_the_records_up_to_the_step_and_drop_a_cut_line(tmp
     with path.open("a") as fh:
         fh.write('{"step": 4, "split": "tr')
     MetricsLog(path, keep_until_step=2).close()
-    assert read_metrics(path) == [{"step": 1, "split": "train", "loss": 1.0}, {"step": 2, "split": "train", "loss": 0.5}]
+    assert read_metrics(path) == [{"step": 1, "split": "train", "loss": 1.0},
+                                  {"step": 2, "split": "train", "loss": 0.5}]
     assert path.read_text().endswith("\n") and path.read_text().count("\n") == 2
