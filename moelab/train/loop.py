@@ -37,7 +37,7 @@ from moelab.optim.schedules import lr_factor, schedule_state
 from moelab.train import checkpoint as ck
 from moelab.train.faults import FaultPlan, StopSignals, UpdateGuard
 from moelab.train.host import compile_unavailable, cpu_precision_note, keep_freed_memory
-from moelab.train.memory import check_training_fits
+from moelab.train.memory import check_training_fits, check_update_fits
 from moelab.train.monitor import Sinks, flops_per_token, is_rank0, peak_memory_gb, peak_tflops, plot_curves
 from moelab.train.rundir import RunLock, has_entries, metrics_until, new_run_dir, provenance
 
@@ -109,6 +109,12 @@ def seed_all(seed: int) -> None:
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def autocast_for(device: torch.device, precision: str):
+    """A factory of the training forward's autocast context for train.precision."""
+    dtype = AUTOCAST_DTYPES[precision]
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
 
 def setup(cfg: Config, out: str | None = None, resume: str | None = None,
@@ -199,6 +205,8 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
         _restore(run, ckpt)
         if run_dir == ckpt.parent.parent:
             run.set_aside = _set_aside_later(run_dir, run.step)
+    # a micro-batch whose activations cannot fit: one line now, not the kernel's kill at update 1
+    check_update_fits(model, run.optimizer, t, device, autocast_for(device, t.precision))
     # within set-up, so that a failing W&B start removes the new run directory like any other failure
     run.sinks = Sinks(run_dir, run.step, t.tensorboard, t.wandb, cfg.to_dict())
     # last: a resume refused above (another model shape, other data) leaves the run's files as they were
@@ -541,9 +549,7 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
         sinks.write({"step": 0, "split": "val", **first})
         say(f"step 0 val loss {first['loss']:.4f} bpb {first['bpb']:.3f}")
     forward = torch.compile(run.model) if t.compile else run.model
-    autocast_dtype = AUTOCAST_DTYPES[t.precision]
-    autocast = (lambda: torch.autocast(run.device.type, dtype=autocast_dtype)) if autocast_dtype \
-        else contextlib.nullcontext
+    autocast = autocast_for(run.device, t.precision)
     bar = _progress_bar(progress, run.step, t.steps)
     run.model.train()
     window = _Window(run)

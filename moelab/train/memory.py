@@ -5,12 +5,19 @@ Without it, a preset too large for the machine (`moelab train --preset mixtral-8
 prepared its data for a minute and a half, then the kernel killed the process while it built the
 model: no message, exit 137. The check uses a lower bound of what training holds whatever the batch
 (fp32 weights, their gradients, the optimizer's state), so it never refuses a run that would fit;
-activations, temporaries and checkpoint copies come on top, and a run near the limit can still run
-out later.
+activations, temporaries and checkpoint copies come on top.
+
+Activations depend on the batch, and a micro-batch too large for a CPU got the same silent kill at
+its first update (`--preset exp3 train.seq_len=2048 train.batch_size=64`, 25 GB of activations on a
+24 GB machine). So once the model is built, `check_update_fits` measures what a forward keeps for
+the backward on two short sequences, extrapolates it to the micro-batch (a lower bound again) and
+refuses one that cannot fit, naming the split of the batch that would. On a GPU running out is an
+error the training loop reports at once, so the check is for CPU only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -20,6 +27,7 @@ from moelab.errors import UserError
 
 MIN_VOCAB = 260  # the smallest vocabulary a run can have (256 bytes + specials): a lower bound
 GB = 1e9
+MARGIN = 0.95  # activation_bytes' line, lowered for what the routing of its random tokens moves
 
 
 def training_state_bytes(model, mode: str) -> dict[str, int]:
@@ -31,6 +39,98 @@ def training_state_bytes(model, mode: str) -> dict[str, int]:
     total = sum(n.values())
     return {"parameters": total, "weights": 4 * total, "gradients": 4 * total,
             "optimizer": 4 * n["muon"] + 8 * (n["adamw_decay"] + n["adamw_no_decay"])}
+
+
+def saved_activation_bytes(model, batch_size: int, n_tokens: int, autocast=contextlib.nullcontext,
+                           generator: torch.Generator | None = None) -> int:
+    """Bytes of the tensors one training forward and loss on a (batch_size, n_tokens) batch of
+    random ids keep for the backward: the storages the autograd graph holds, each counted once,
+    without the parameters and buffers (allocated already)."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    held: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in own:
+            held[s.data_ptr()] = max(held.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.cfg.vocab_size, (2, batch_size, n_tokens), generator=generator).to(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+        out = model(ids[0], targets=ids[1])
+    del out  # the graph and what it holds
+    return sum(held.values())
+
+
+def activation_bytes(model, batch_size: int, seq_len: int, autocast=contextlib.nullcontext) -> dict[str, int]:
+    """A lower bound of what one training micro-batch of batch_size x seq_len tokens keeps for the
+    backward, measured on one sequence of T1 tokens and one of T2 (T1 + T2 <= seq_len where seq_len
+    allows; the shorter is the longer's first half, so causal layers route its tokens alike).
+
+    What a forward keeps grows with the tokens linearly (or, for attention without a fused kernel,
+    quadratically) above a constant part (copies made once per step, as the fused expert weights),
+    so its secant through T1 and T2 stays below it from T1 + T2 on. Which experts the random tokens
+    reach moves a few sizes by some KB either way, so the line is lowered by `MARGIN`:
+    `constant` + batch_size * seq_len * `per_token` <= the true amount. The global RNG state is
+    left as it was (a resumed run's must match the uninterrupted one's), and the weights too."""
+    t2 = max(2, min(128, seq_len // 2))
+    t1 = t2 // 2
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.enable_grad():
+            small, large = (saved_activation_bytes(model, 1, t, autocast, torch.Generator().manual_seed(0))
+                            for t in (t1, t2))
+    finally:
+        model.train(was_training)
+    per_token = int(MARGIN * max(large - small, 0) / (t2 - t1))
+    constant = int(MARGIN * max(small - (large - small) / (t2 - t1) * t1, 0))
+    return {"per_token": per_token, "constant": constant, "total": constant + batch_size * seq_len * per_token}
+
+
+def _fmt_gb(n: int) -> str:
+    return f"{n / GB:.1f} GB"
+
+
+def check_update_fits(model, optimizer, t, device: torch.device, autocast=contextlib.nullcontext) -> None:
+    """UserError when one update of `model` with training settings `t` (batch_size, seq_len,
+    grad_accum) cannot fit in what the CPU has available now that the model is built: the
+    gradients and optimizer state not yet allocated plus a lower bound of one micro-batch's
+    activations. The message names the largest split of the batch (same tokens per update) whose
+    activations would fit by the same bound. GPUs are not checked (out of memory there is an
+    error, reported at once with advice)."""
+    if device.type != "cpu":
+        return
+    available = available_bytes(device)
+    if available is None:
+        return
+    params = list(model.parameters())
+    grads = sum(4 * p.numel() for p in params if p.grad is None)
+    state = sum(t_.nbytes for o in optimizer.optimizers for st in o.state.values() for t_ in st.values()
+                if torch.is_tensor(t_))
+    opt = max(training_state_bytes(model, optimizer.mode)["optimizer"] - state, 0)
+    act = activation_bytes(model, t.batch_size, t.seq_len, autocast)
+    if grads + opt + act["total"] <= available:
+        return
+    room = available - grads - opt - act["constant"]  # for batch_size * seq_len * per_token
+    most = min(room // max(t.seq_len * act["per_token"], 1), t.batch_size - 1) if room > 0 else 0
+    smaller = next((b for b in range(most, 0, -1) if t.batch_size % b == 0), None)
+    tips = []
+    if smaller:
+        tips.append(f"train.batch_size={smaller} train.grad_accum={t.grad_accum * t.batch_size // smaller} "
+                    "(same tokens per update)")
+    elif t.seq_len > 2:
+        tips.append("a shorter train.seq_len")
+    if not t.activation_checkpointing:
+        tips.append("train.activation_checkpointing=true")
+    if t.precision == "fp32":
+        tips.append("train.precision=bf16")
+    raise UserError(
+        f"train.batch_size={t.batch_size} x train.seq_len={t.seq_len} cannot fit on this machine: one "
+        f"micro-batch's forward keeps at least {_fmt_gb(act['total'])} for the backward "
+        f"({act['per_token'] / 1e3:.0f} KB per token, measured), gradients and optimizer state take "
+        f"{_fmt_gb(grads + opt)} more, and {_fmt_gb(available)} is available; try " + ", or ".join(tips))
 
 
 def _read_int(path: str) -> int | None:

@@ -7,7 +7,7 @@ import torch
 from moelab.config import build_config
 from moelab.models import MoETransformer
 from moelab.optim.groups import HybridOptimizer
-from moelab.train.memory import available_bytes, training_state_bytes
+from moelab.train.memory import activation_bytes, available_bytes, saved_activation_bytes, training_state_bytes
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "muon", "adamw"])
@@ -75,3 +75,51 @@ def test_a_model_that_cannot_fit_is_refused_before_its_weights_are_read(tmp_path
         assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, (args, r.stderr)
         assert "cannot fit: its 671.03B parameters take 2684.1 GB in fp32" in r.stderr, r.stderr
     assert not (tmp_path / "cv").exists() and not (tmp_path / "ex").exists()
+
+
+@pytest.mark.parametrize("preset", ["test", "deepseek_v3-tiny", "switch-tiny"])
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "checkpointing"])
+def test_activation_bound_is_below_a_full_measure_and_near_it(preset, variant):
+    """The bound from two short sequences against what a whole micro-batch's forward keeps, for
+    GQA/MHA, MLA (whose attention in bf16 grows faster than linearly) and Switch capacity."""
+    cfg = build_config(preset).resolve(vocab_size=512)
+    model = MoETransformer(cfg.model)
+    model.activation_checkpointing = variant == "checkpointing"
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if variant == "bf16" else None
+    kw = {"autocast": autocast} if autocast else {}
+    for batch, seq in ((3, 64), (2, min(128, cfg.model.max_seq_len))):
+        bound = activation_bytes(model, batch, seq, **kw)["total"]
+        full = saved_activation_bytes(model, batch, seq, generator=torch.Generator().manual_seed(1), **kw)
+        assert 0.85 * full <= bound <= full, (batch, seq, bound, full)
+
+
+def test_activation_measure_leaves_rng_weights_and_mode_alone():
+    cfg = build_config("test", None, ["model.noisy_gating=true"]).resolve(vocab_size=300)
+    model = MoETransformer(cfg.model).eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert activation_bytes(model, 8, 64)["per_token"] > 0
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not model.training
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_a_micro_batch_whose_activations_cannot_fit_is_refused_before_its_first_update(tmp_path):
+    """64 experts, all chosen by every token, in 8 layers: about 0.8 MB of activations per token,
+    so 50,000 windows of 64 tokens need about 2.6 TB. Before the check this run evaluated for a
+    minute, then failed at its first update advising half the batch (still 1.3 TB); one just over
+    the limit (the exp3 case in moelab.train.memory) was killed by the kernel, without a message."""
+    from tests.conftest import run_cli
+
+    out = tmp_path / "run"
+    r = run_cli("train", "--preset", "test", "--out", out, "train.device=cpu", "data.max_docs=0",
+                "model.n_layers=8", "model.n_experts=64", "model.top_k=64", "train.batch_size=50000")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "train.batch_size=50000 x train.seq_len=64 cannot fit on this machine: one micro-batch's forward " \
+           "keeps at least" in r.stderr
+    avail = float(r.stderr.split(" is available")[0].rsplit("and ", 1)[1].split()[0])
+    need = float(r.stderr.split("keeps at least ")[1].split()[0])
+    assert need > avail
+    tip = r.stderr.split("try train.batch_size=")[1].split()[0]
+    assert 50000 % int(tip) == 0 and f"train.grad_accum={50000 // int(tip)} (same tokens per update)" in r.stderr
+    assert not out.exists()  # the run's folder and prepared data are removed, as for any failed set-up
