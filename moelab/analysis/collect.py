@@ -152,7 +152,7 @@ def measure(model, windows, batch_size: int = 8) -> dict:
     tokens = 0
     for i in range(0, len(windows), batch_size):
         x = windows[i:i + batch_size][:, :-1].to(device)
-        routers = model(x).router
+        routers = model(x, logits=False).router  # no (B, S, V) logits: only the routing is used
         E = model.cfg.n_experts
         c = torch.stack([r.counts_E for r in routers])
         d = torch.stack([r.dropped_E for r in routers])

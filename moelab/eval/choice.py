@@ -165,11 +165,11 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], batc
             x_BS = torch.zeros(len(idx), width, dtype=torch.long)
             for row, i in enumerate(idx):
                 x_BS[row, :len(seqs[i][0])] = torch.tensor(seqs[i][0])
-            logp_BSV = model(x_BS.to(device)).logits.float().log_softmax(-1)
+            out = model(x_BS.to(device), logits=False)  # only the continuations' positions are projected
             for row, i in enumerate(idx):
                 inp, cont = seqs[i]
                 n = len(cont)
-                lp_NV = logp_BSV[row, len(inp) - n:len(inp)]
+                lp_NV = out.project(out.hidden[row, len(inp) - n:len(inp)]).float().log_softmax(-1)
                 target = torch.tensor(cont, device=device)
                 ll = lp_NV.gather(1, target[:, None]).sum().item()
                 results[i] = (ll, bool((lp_NV.argmax(-1) == target).all()))

@@ -95,7 +95,8 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
     new: list[int] = []
     with inference_routing(model):
         cache = model.new_cache(len(prompt_ids) + max_new_tokens) if use_cache else None
-        logits = model(ids, cache=cache).logits[0, -1]
+        out = model(ids, cache=cache, logits=False)  # the prompt's last position only
+        logits = out.project(out.hidden[0, -1])
         while True:
             tok = sampler(logits)
             new.append(tok)
@@ -111,7 +112,8 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
                 logits = model(torch.tensor([[tok]], device=device), cache=cache).logits[0, -1]
             else:
                 ids = torch.cat([ids, torch.tensor([[tok]], device=device)], dim=1)
-                logits = model(ids).logits[0, -1]
+                out = model(ids, logits=False)
+                logits = out.project(out.hidden[0, -1])
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,

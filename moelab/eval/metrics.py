@@ -13,6 +13,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+# Logits per chunk of positions (fp32: 16 MiB; its log-softmax as much again). All of a batch's
+# at once were 2 x 4 x B x S x V bytes: 10 GB for `moelab eval` of a 152K-vocabulary model
+# (Qwen3) at its default 8 x 1024 tokens, 13 GB for the tiny preset's 1597 windows in one batch.
+CHUNK_LOGITS = 1 << 22
+
 
 def spread_windows(windows, n: int):
     """n evenly spaced windows (all when n <= 0 or there are fewer): a fixed, representative subset."""
@@ -23,7 +28,10 @@ def spread_windows(windows, n: int):
 
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, token_bytes: torch.Tensor, batch_size: int,
-             device: torch.device, autocast_dtype: torch.dtype | None = None) -> dict:
+             device: torch.device, autocast_dtype: torch.dtype | None = None,
+             chunk_logits: int = CHUNK_LOGITS) -> dict:
+    """Metrics over `windows` (N, S + 1) in batches of `batch_size` windows; the logits are
+    formed `chunk_logits` at a time (whole positions), never for the whole batch."""
     was_training = model.training
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -37,10 +45,12 @@ def evaluate(model, windows: torch.Tensor, token_bytes: torch.Tensor, batch_size
         w = windows[i:i + batch_size].to(device)
         x, y = w[:, :-1], w[:, 1:]
         with ctx:
-            logits = model(x).logits
-        logits = logits.float().flatten(0, 1)
-        nll += F.cross_entropy(logits, y.flatten(), reduction="sum").double()
-        correct += (logits.argmax(-1) == y.flatten()).sum()
+            out = model(x, logits=False)
+            rows = max(1, chunk_logits // model.cfg.vocab_size)
+            for h_cD, y_c in zip(out.hidden.flatten(0, 1).split(rows), y.flatten().split(rows)):
+                logits = out.project(h_cD).float()
+                nll += F.cross_entropy(logits, y_c, reduction="sum").double()
+                correct += (logits.argmax(-1) == y_c).sum()
         n_bytes += token_bytes[y].sum()
         n_tokens += y.numel()
     model.train(was_training)

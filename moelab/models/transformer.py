@@ -29,8 +29,10 @@ from moelab.models.router import Router, RouterOutput
 @dataclass
 class ModelOutput:
     """`logits` (B, S, V) are computed from `hidden` (the final norm's output) on first access
-    when the loss was computed without them (the fused projection + cross-entropy, see
-    `moelab.models.loss`); otherwise they were computed by the forward."""
+    when the forward did not compute them: the loss was fused with the projection (see
+    `moelab.models.loss`), or the caller asked for `logits=False` to take only the positions or
+    row chunks it needs through `project` (a (B, S, V) tensor is 2.4 MB per position at a
+    152K vocabulary in fp32)."""
 
     hidden: torch.Tensor
     loss: torch.Tensor | None = None  # lm_loss + each balance term times its coefficient
@@ -45,8 +47,12 @@ class ModelOutput:
     @property
     def logits(self) -> torch.Tensor:
         if self._logits is None:
-            self._logits = self._head(self.hidden)
+            self._logits = self.project(self.hidden)
         return self._logits
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """The output head applied to hidden states `h` (..., D): some rows of `hidden`."""
+        return self._head(h)
 
 
 class Block(nn.Module):
@@ -180,9 +186,10 @@ class MoETransformer(nn.Module):
         return KVCache(len(self.blocks), min(max_len or self.rope_cos.shape[0], self.rope_cos.shape[0]))
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> ModelOutput:
+                cache: KVCache | None = None, logits: bool = True) -> ModelOutput:
         """`cache`: continue from the positions it holds (input_ids are the next tokens) and append
-        their keys/values to it."""
+        their keys/values to it. `logits=False`: leave the (B, S, V) logits uncomputed (see
+        ModelOutput.project)."""
         S = input_ids.shape[1]
         start = cache.pos if cache is not None else 0
         if start + S > self.rope_cos.shape[0]:
@@ -208,7 +215,7 @@ class MoETransformer(nn.Module):
             # projection and loss fused in row chunks: no (B, S, V) logits (moelab.models.loss),
             # under torch.compile too (a custom op: inductor would materialise the logits)
             out.lm_loss = linear_cross_entropy(h_BSD.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        else:
+        elif targets is not None or logits:
             out._logits = self.lm_head(h_BSD)
             if targets is not None:
                 out.lm_loss = F.cross_entropy(out._logits.float().flatten(0, 1), targets.flatten(),

@@ -44,6 +44,62 @@ def test_metrics_equal_a_float64_recomputation(trained):
     assert r["bytes"] == n_bytes
 
 
+def _head_rows(model):
+    """Positions each call of the output head projects: a list, and the hook's handle."""
+    seen = []
+    return seen, model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+
+
+def test_evaluation_projects_chunks_of_positions_not_whole_batches(trained):
+    """The head never sees more than `chunk_logits` / V positions at once (a whole batch's (B, S, V)
+    logits were 10 GB for a 152K vocabulary), and chunking changes no metric."""
+    from moelab.eval.metrics import evaluate, spread_windows
+
+    target = load_target(str(trained / "run"))
+    windows, _ = eval_windows_for(target, "val", None, None, 64)
+    w = spread_windows(windows, 6)
+    token_bytes = torch.tensor([len(b) for b in target.tokenizer.token_bytes()], dtype=torch.float64)
+    V = target.model.cfg.vocab_size
+    seen, hook = _head_rows(target.model)
+    try:
+        whole = evaluate(target.model, w, token_bytes, 6, torch.device("cpu"), chunk_logits=V * 10**6)
+        assert seen == [6 * 64]
+        seen.clear()
+        chunked = evaluate(target.model, w, token_bytes, 4, torch.device("cpu"), chunk_logits=V * 50)
+    finally:
+        hook.remove()
+    assert seen == [50] * 5 + [6] + [50, 50, 28]  # batches of 4 and 2 windows of 64 positions
+    assert chunked["tokens"] == whole["tokens"] and chunked["acc"] == whole["acc"]
+    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    assert chunked["bpb"] == pytest.approx(whole["bpb"], rel=1e-6)
+
+
+def test_scoring_generation_and_routing_project_only_the_positions_they_use(trained):
+    from moelab.analysis.collect import measure
+    from moelab.eval.choice import score_continuations
+    from moelab.eval.generate import generate_ids
+
+    model = load_target(str(trained / "run")).model
+    seen, hook = _head_rows(model)
+    try:
+        scores = score_continuations(model, [([5, 6, 7, 8], [9, 10]), ([5, 6], [11, 12, 13])])
+        assert sorted(seen) == [2, 3]  # each continuation's positions, not the padded batch
+        seen.clear()
+        generate_ids(model, [5, 6, 7, 8, 9], 4)
+        generate_ids(model, [5, 6, 7, 8, 9], 4, use_cache=False)
+        assert seen == [1] * 8  # 4 tokens each: the last position only, after the prompt or a re-run
+        seen.clear()
+        measure(model, torch.randint(0, 300, (3, 65)), batch_size=2)
+        assert seen == []
+    finally:
+        hook.remove()
+    with torch.no_grad():  # the scores are those of the full logits
+        for (ctx, cont), (ll, _) in zip([([5, 6, 7, 8], [9, 10]), ([5, 6], [11, 12, 13])], scores):
+            x = torch.tensor([ctx + cont[:-1]])
+            lp = model(x).logits[0, -len(cont):].log_softmax(-1)
+            assert ll == pytest.approx(lp.gather(1, torch.tensor(cont)[:, None]).sum().item(), abs=1e-5)
+
+
 def test_token_bytes_are_the_text_bytes(trained):
     tok = load_target(str(trained / "run")).tokenizer
     text = "marker001x über router → 漢字\n\tdef f(): return 'é'"
