@@ -97,7 +97,8 @@ def _cmd_data_prepare(args) -> int:
                          args.pdf_ascii_only)
     out = prepare(args.sources, args.out, args.val_fraction, args.salt, args.text_field, args.tokenizer,
                   args.vocab_size, not args.no_near_dup_split, args.dedup, args.overwrite, args.max_docs,
-                  args.weights, filters, args.tokenizer_train_bytes, shard_tokens=args.shard_tokens)
+                  args.weights, filters, args.tokenizer_train_bytes, shard_tokens=args.shard_tokens,
+                  doc_chars=args.doc_chars)
     m = read_manifest(out)
     s = m["splits"]
     mb = sum(v["bytes"] for v in s.values()) / 1e6
@@ -394,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=_at_least(260), default=8192,
                    help="for BPE training (>= 260: bytes + specials)")
     p.add_argument("--max-docs", type=_at_least(0), default=0, help="0: all documents")
+    p.add_argument("--doc-chars", type=_at_least(0), default=0,
+                   help="cut texts longer than this at line breaks into documents of at most about this "
+                        "many characters (one long file: a book, a log), so they can be split (0: off)")
     p.add_argument("--dedup", action="store_true",
                    help="drop near-duplicate documents (MinHash) within the training split")
     p.add_argument("--no-near-dup-split", action="store_true",

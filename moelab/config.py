@@ -103,6 +103,8 @@ class DataConfig:
     split_salt: str = "moelab"  # changes which documents land in validation
     near_dup_split: bool = True  # near-copies (MinHash Jaccard >= 0.5) go to the same split
     max_docs: int = 0  # 0: all documents
+    doc_chars: int = 0  # texts longer than this are cut at line breaks into documents of at most about
+    # this many characters (one long file: a book, a log, a corpus in one .txt), so it can be split; 0: off
     tokenizer: str = ""  # "": train BPE on the training split; else tokenizer.json or HF dir
     vocab_size: int = 8192  # for BPE training
     tokenizer_train_bytes: int = TOKENIZER_SAMPLE  # BPE trains on a hash-ordered sample of this many
@@ -291,7 +293,7 @@ class Config:
             ("train.final_eval_windows", t.final_eval_windows, 0), ("train.threads", t.threads, 0),
             ("train.spike_sigma", t.spike_sigma, 0), ("train.min_delta", t.min_delta, 0),
             ("train.peak_tflops", t.peak_tflops, 0), ("data.max_docs", d.max_docs, 0),
-            ("data.tokenizer_train_bytes", d.tokenizer_train_bytes, 0),
+            ("data.tokenizer_train_bytes", d.tokenizer_train_bytes, 0), ("data.doc_chars", d.doc_chars, 0),
             ("data.pdf_min_chars", d.pdf_min_chars, 0), ("data.pdf_min_words", d.pdf_min_words, 0),
         ]
         if m.n_experts:

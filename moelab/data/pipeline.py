@@ -75,8 +75,12 @@ def _request(cfg: DataConfig) -> dict:
     """The data settings a run's prepared copy was made with."""
     keys = ("source", "max_docs", "text_field", "val_fraction", "split_salt", "near_dup_split", "tokenizer",
             "vocab_size", "tokenizer_train_bytes", "pdf_min_chars", "pdf_max_chars", "pdf_min_words",
-            "pdf_max_words", "pdf_ascii_only")
+            "pdf_max_words", "pdf_ascii_only", "doc_chars")
     return {k: getattr(cfg, k) for k in keys}
+
+
+# settings added after runs were prepared without them: a run's manifest that lacks one used its value here
+LATER_KEYS = {"doc_chars": 0}
 
 
 def _prepare_into_run(cfg: DataConfig, run_dir: Path) -> Path:
@@ -88,6 +92,7 @@ def _prepare_into_run(cfg: DataConfig, run_dir: Path) -> Path:
     want = _request(cfg)
     if (target / MANIFEST).is_file():
         have = read_manifest(target).get("request") or {}
+        have = {**LATER_KEYS, **have}
         changed = [f"data.{k} ({have.get(k)!r} -> {v!r})" for k, v in want.items() if have.get(k) != v]
         if changed:
             raise UserError("this run's data was prepared with other settings: " + ", ".join(changed)
@@ -97,7 +102,7 @@ def _prepare_into_run(cfg: DataConfig, run_dir: Path) -> Path:
                             else None)
     return prepare([cfg.source], str(target), cfg.val_fraction, cfg.split_salt, cfg.text_field, tok,
                    cfg.vocab_size, cfg.near_dup_split, max_docs=cfg.max_docs, pdf_filters=pdf_filters(cfg),
-                   tokenizer_train_bytes=cfg.tokenizer_train_bytes, request=want)
+                   tokenizer_train_bytes=cfg.tokenizer_train_bytes, request=want, doc_chars=cfg.doc_chars)
 
 
 def build_dataset(cfg: DataConfig, seq_len: int, run_dir: Path, write_report: bool = True) -> Dataset:

@@ -37,7 +37,7 @@ import torch
 
 from moelab.config import SHARD_TOKENS, TOKENIZER_SAMPLE
 from moelab.data.parallel import batches
-from moelab.data.sources import iter_corpus
+from moelab.data.sources import cut_text, iter_corpus
 from moelab.data.split import hash_unit, split_documents
 from moelab.data.tokenizer import load_tokenizer, train_bpe
 from moelab.errors import UserError
@@ -296,9 +296,10 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
             near_dup_split: bool = True, dedup: bool = False, overwrite: bool = False,
             max_docs: int = 0, weights: list[float] | None = None, pdf_filters=None,
             tokenizer_train_bytes: int = TOKENIZER_SAMPLE, request: dict | None = None,
-            shard_tokens: int = SHARD_TOKENS) -> Path:
+            shard_tokens: int = SHARD_TOKENS, doc_chars: int = 0) -> Path:
     """`request`: the settings that produced this directory, stored in the manifest (a run that
-    prepares its raw source checks them when it resumes)."""
+    prepares its raw source checks them when it resumes). `doc_chars`: texts longer are cut into
+    documents NAME#1, NAME#2 ... of at most about that many characters (see sources.cut_text)."""
     out_dir = Path(out).expanduser()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         if not overwrite:
@@ -314,6 +315,8 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
                         f"got {len(weights)})")
     if shard_tokens < 1:
         raise UserError("--shard-tokens must be at least 1")
+    if doc_chars < 0:
+        raise UserError("--doc-chars must be 0 (off) or more")
     timings, clock = {}, time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -334,8 +337,10 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
                     skipped.append({"name": prefix + name, "reason": reason})
                     n_skipped += 1
                     continue
-                docs.append(_Doc(prefix + name, src, spill, text))
-                n_docs, n_bytes = n_docs + 1, n_bytes + docs[-1].nbytes
+                pieces = cut_text(text, doc_chars)
+                for k, piece in enumerate(pieces, 1):
+                    docs.append(_Doc(prefix + name + (f"#{k}" if len(pieces) > 1 else ""), src, spill, piece))
+                    n_docs, n_bytes = n_docs + 1, n_bytes + docs[-1].nbytes
             per_source[src] = {"documents": n_docs, "skipped": n_skipped, "bytes": n_bytes}
         spill.seal()
         lap("read")
@@ -351,7 +356,11 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
             del sigs
         train, val = split_documents(docs, val_fraction, salt, groups=groups if near_dup_split else None)
         if not train or not val:
-            raise UserError(f"{len(docs)} usable document(s); need at least 2 (one for training, one for validation)")
+            size = str(max(1000, max((d.nbytes for d in docs), default=0) // 40))  # 40 or more documents
+            size = int(size[0]) * 10 ** (len(size) - 1)  # rounded down to one significant digit
+            cut = f"cut long texts into documents: data.doc_chars=N (data prepare: --doc-chars N), e.g. {size}"
+            raise UserError(f"{len(docs)} usable document(s); need at least 2 (one for training, one for "
+                            f"validation): give more files or records, or {cut}")
         dropped = []
         if dedup:
             train, dropped = _dedup_training(train, {d.name: g for d, g in zip(docs, groups)})

@@ -344,6 +344,22 @@ def iter_corpus(source: str, max_docs: int = 0, text_field: str = "text", pdf_fi
                            if field else ""))
 
 
+def cut_text(text: str, max_chars: int) -> list[str]:
+    """`text` in consecutive pieces of at most `max_chars` characters (all of it when shorter or
+    `max_chars` is 0), each ending at the last line break of its second half, else at the last
+    space there, else at max_chars. The pieces joined are the text."""
+    if not max_chars or len(text) <= max_chars:
+        return [text]
+    pieces, at = [], 0
+    while len(text) - at > max_chars:
+        end = at + max_chars
+        cut = text.rfind("\n", at + max_chars // 2, end) + 1 or text.rfind(" ", at + max_chars // 2, end) + 1 or end
+        pieces.append(text[at:cut])
+        at = cut
+    pieces.append(text[at:])
+    return pieces
+
+
 def load_corpus(source: str, max_docs: int = 0, text_field: str = "text", pdf_filters=None) -> Corpus:
     """The whole source in memory (see iter_corpus; `moelab data prepare` streams it instead)."""
     return _gather(source, iter_corpus(source, max_docs, text_field, pdf_filters))

@@ -259,6 +259,15 @@ def test_raw_source_is_prepared_into_the_run_once_and_reused(tmp_path, text_corp
         assert "data.val_fraction" in str(exc)
     else:
         raise AssertionError("resuming with other data settings must be refused")
+    with pytest.raises(UserError, match=r"data.doc_chars \(0 -> 500\)"):
+        train(build_config("test", None, args), out=str(run), resume="auto",
+              overrides=("train.steps=6", "data.doc_chars=500"), progress=False)
+    m = json.loads(before)  # a run prepared before data.doc_chars existed resumes as one without cutting
+    del m["request"]["doc_chars"]
+    manifest.write_text(json.dumps(m))
+    summary = train(build_config("test", None, args), out=str(run), resume="auto", overrides=("train.steps=6",),
+                    progress=False)
+    assert summary["steps"] == 6
 
 
 def test_prepare_streams_the_corpus_instead_of_holding_it(tmp_path, monkeypatch):
@@ -397,3 +406,42 @@ def test_a_failed_prepare_leaves_nothing_behind(tmp_path):
     with pytest.raises(UserError, match="no usable text"):
         prepare([str(tmp_path / "src")], str(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no out, no .tmp-*, no parent folders
+
+
+def test_cut_text_pieces_join_to_the_text_and_end_at_line_breaks():
+    from moelab.data.sources import cut_text
+
+    rng = np.random.default_rng(0)
+    lines = ["".join(rng.choice(list("abc de"), rng.integers(0, 90))) for _ in range(400)]
+    for text in ("\n".join(lines), "x" * 5000, " ".join(["word"] * 900), "short"):
+        pieces = cut_text(text, 700)
+        assert "".join(pieces) == text and all(0 < len(p) <= 700 for p in pieces)
+        assert (len(pieces) > 1) == (len(text) > 700)
+        if "\n" in text:
+            assert all(p.endswith("\n") for p in pieces[:-1])  # lines of < 350 characters: a break in every half
+        elif " " in text:
+            assert all(p.endswith(" ") for p in pieces[:-1])
+    assert cut_text("abc", 0) == ["abc"]
+
+
+def test_one_long_text_file_is_refused_with_the_fix_then_cut_into_documents(tmp_path):
+    """A single text file (a book: the usual first corpus) is one document and cannot be split; the
+    error names data.doc_chars, and with it the file becomes documents NAME#k split as usual."""
+    from tests.conftest import run_cli
+
+    rng = np.random.default_rng(1)
+    words = ["".join(rng.choice(list("abcdefghij"), rng.integers(2, 9))) for _ in range(800)]
+    book = tmp_path / "book.txt"
+    book.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(8000)))
+    r = run_cli("data", "prepare", book, "--out", tmp_path / "no", "--vocab-size", "300")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
+    assert "1 usable document(s)" in r.stderr and "data.doc_chars=N (data prepare: --doc-chars N)" in r.stderr
+    assert not (tmp_path / "no").exists()
+    r = run_cli("data", "prepare", book, "--out", tmp_path / "yes", "--vocab-size", "300", "--doc-chars", "10000")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "yes" / "manifest.json").read_text())
+    names = {s: m["splits"][s]["document_names"] for s in ("train", "val")}
+    n = len(names["train"]) + len(names["val"])
+    assert n >= book.stat().st_size // 10000 and names["val"] and not set(names["train"]) & set(names["val"])
+    assert sorted(names["train"] + names["val"]) == sorted(f"book.txt#{k}" for k in range(1, n + 1))
+    assert sum(m["splits"][s]["bytes"] for s in ("train", "val")) == book.stat().st_size
