@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="export a run to a Hugging Face directory (save_pretrained layout)")
-    p.add_argument("run", help="run or checkpoint directory")
+    p.add_argument("run", help="run, checkpoint or Hugging Face directory")
     p.add_argument("--to", default="hf", help="target format (hf)")
     p.add_argument("--out", type=_output_dir, required=True, help="new output directory")
     p.add_argument("--arch", default="auto",

@@ -35,7 +35,7 @@ def model_config_for(target: str, overrides: list[str] | tuple[str, ...] = ()):
         cfg = Config(model=model_config_from_hf(hf))
         cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
         return cfg.resolve().model
-    ckpt = resolve_checkpoint(target)
+    ckpt = resolve_checkpoint(target, hf_too=True)
     return Config.from_yaml_file(ckpt / "config.yaml").resolve().model
 
 
@@ -92,15 +92,15 @@ def convert(hf_dir: str, out: str) -> Path:
 
 def export(run: str, to: str, out: str, arch: str = "auto") -> Path:
     from moelab.models.hf import export_hf
-    from moelab.train.checkpoint import load_model, resolve_checkpoint
+    from moelab.train.checkpoint import is_hf_dir, load_model, resolve_checkpoint
 
     if to != "hf":
         from moelab.models.hf import ARCHS
 
         hint = f"; for that architecture: --to hf --arch {to}" if to in ARCHS else ""
         raise UserError(f"unknown export format '{to}' (supported: hf){hint}")
-    model = load_model(run)
-    tok = resolve_checkpoint(run).parent.parent / "tokenizer"
+    model = load_model(run)  # an HF directory too (written again in moelab's layout: 5 GB shards, its tokenizer)
+    tok = Path(run).expanduser() if is_hf_dir(run) else resolve_checkpoint(run).parent.parent / "tokenizer"
     return export_hf(model, out, arch, extra_files=tuple(tok / f for f in TOKENIZER_FILES if (tok / f).is_file()))
 
 

@@ -39,7 +39,7 @@ def load_target(path: str, device: str = "cpu") -> Target:
     if (p / "config.yaml").is_file() and not (p / "model.safetensors").is_file() and not list_checkpoints(p):
         raise UserError(f"run {path} has no checkpoint yet; let training save one "
                         f"(train.save_every) or continue it with `moelab train --resume auto --out {path}`")
-    ckpt = resolve_checkpoint(p)
+    ckpt = resolve_checkpoint(p, hf_too=True)
     run_dir = ckpt.parent.parent
     tok_dir = run_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():

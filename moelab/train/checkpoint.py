@@ -176,14 +176,16 @@ def read_model_file(ckpt: Path, load):
         raise damaged(ckpt, "model.safetensors", f"the file is damaged ({exc})") from None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its newest checkpoint)."""
+def resolve_checkpoint(path: str | Path, hf_too: bool = False) -> Path:
+    """A checkpoint directory, or a run directory (its newest checkpoint). `hf_too`: the caller
+    also takes a Hugging Face directory (and has handled one), so the refusal names it."""
     p = Path(path).expanduser()
     if (p / "model.safetensors").is_file() and (p / "config.yaml").is_file():
         return p
     ckpts = list_checkpoints(p)
     if not ckpts:
-        raise UserError(f"no checkpoint found at {path} (give a run directory or a checkpoint directory)")
+        what = "a run, a checkpoint or a Hugging Face model directory" if hf_too else "a run or a checkpoint directory"
+        raise UserError(f"no checkpoint found at {path} (give {what})")
     return ckpts[-1]
 
 
@@ -210,7 +212,7 @@ def init_source(path: str | Path):
 
         raise UserError(f"train.init_from={path} is not a directory: give a run, a checkpoint or a Hugging Face "
                         f"model directory{download_hint(str(path))}")
-    ckpt = resolve_checkpoint(p)
+    ckpt = resolve_checkpoint(p, hf_too=True)
     tok = ckpt.parent.parent / "tokenizer"
     return Config.from_yaml_file(ckpt / "config.yaml").model, (tok if (tok / "tokenizer.json").is_file() else None)
 
@@ -225,7 +227,8 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
         from moelab.models.hf import load_hf
 
         return load_hf(path, device).state_dict()
-    return read_model_file(resolve_checkpoint(path), lambda f: load_file(f, device=str(torch.device(device))))
+    return read_model_file(resolve_checkpoint(path, hf_too=True),
+                           lambda f: load_file(f, device=str(torch.device(device))))
 
 
 def save_weights_only(run_dir: Path, model, config_yaml: str, meta: dict) -> Path:
@@ -253,7 +256,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         from moelab.models.hf import load_hf
 
         return load_hf(path, device)
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path, hf_too=True)
     cfg = Config.from_yaml_file(ckpt / "config.yaml").resolve()
     check_weights_fit(cfg.model, device, str(path))  # before reading: not killed halfway
     return MoETransformer.from_weights(cfg.model, load_weights(ckpt, device))

@@ -305,6 +305,9 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
             return run_dir, None, cfg  # nothing to resume: a fresh run in that directory
         ckpt = ckpts[-1]
     else:
+        if ck.is_hf_dir(Path(resume).expanduser()):
+            raise UserError(f"{resume} is a Hugging Face model directory: weights only (no optimizer or data "
+                            f"position), so it cannot be resumed; to train from its weights: train.init_from={resume}")
         ckpt = ck.resolve_checkpoint(resume)
         run_dir = ckpt.parent.parent
         in_run = ckpt.parent.name == "checkpoints" and _home_run(ckpt) is not None

@@ -251,6 +251,26 @@ def test_trained_run_exports_and_converts_via_cli(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("moelab: error: cannot write the converted model")
     assert not (tmp_path / "conv").exists()
+    check_hf_directory_as_source(tmp_path / "hf", tmp_path)
+
+
+def check_hf_directory_as_source(hf_dir, tmp_path):
+    """An HF directory exports again (same tensors, its tokenizer with them); --resume of one says
+    what starts from its weights; an empty directory's refusal names every kind of model directory."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_cli
+
+    res = run_cli("export", hf_dir, "--out", tmp_path / "again")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "again" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    a, b = load_file(hf_dir / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    res = run_cli("train", "--resume", hf_dir, "--out", tmp_path / "resumed")
+    assert res.returncode == 2 and f"train.init_from={hf_dir}" in res.stderr and not (tmp_path / "resumed").exists()
+    (tmp_path / "empty").mkdir()
+    res = run_cli("eval", tmp_path / "empty")
+    assert res.returncode == 2 and "Hugging Face model directory" in res.stderr
 
 
 def test_a_damaged_hf_weights_file_is_one_line(tmp_path):
