@@ -362,18 +362,40 @@ def all_keys(obj=None, prefix: str = "") -> list[str]:
     return keys
 
 
+# names other toolkits (transformers configs, nanoGPT, Megatron) use for a moelab setting
+_ALIASES = {
+    "lr": ("optim.muon_lr", "optim.adamw_lr"), "learning_rate": ("optim.muon_lr", "optim.adamw_lr"),
+    "max_steps": ("train.steps",), "train_steps": ("train.steps",), "num_steps": ("train.steps",),
+    "warmup_steps": ("optim.warmup",), "micro_batch_size": ("train.batch_size",),
+    "gradient_accumulation_steps": ("train.grad_accum",), "block_size": ("train.seq_len",),
+    "context_length": ("train.seq_len",), "hidden_size": ("model.d_model",), "n_embd": ("model.d_model",),
+    "num_hidden_layers": ("model.n_layers",), "n_layer": ("model.n_layers",),
+    "num_attention_heads": ("model.n_heads",), "n_head": ("model.n_heads",),
+    "num_key_value_heads": ("model.n_kv_heads",), "num_experts": ("model.n_experts",),
+    "n_routed_experts": ("model.n_experts",), "num_local_experts": ("model.n_experts",),
+    "num_experts_per_tok": ("model.top_k",), "moe_intermediate_size": ("model.expert_dim",),
+    "intermediate_size": ("model.dense_dim", "model.expert_dim"), "n_shared_expert": ("model.n_shared_experts",),
+    "router_aux_loss_coef": ("model.aux_loss_coef",), "max_position_embeddings": ("model.max_seq_len",),
+    "tie_word_embeddings": ("model.tie_embeddings",), "dtype": ("train.precision",),
+}
+
+
 def _unknown_key(path: str, obj, prefix: str, rest: str = "") -> UserError:
-    """`path` is the first unknown component (with its prefix); `rest` what followed it."""
+    """`path` is the first unknown component (with its prefix); `rest` what followed it. The
+    suggestion: a known synonym (`train.lr`), the same name in another section (`model.seed`), a
+    close name in the same section, then the closest whole dotted key."""
     names = [f.name for f in dataclasses.fields(obj)]
     leaf = path.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.5)
-    if close and rest and f"{prefix}{close[0]}{rest}" not in all_keys():
-        close = None  # the rest is misspelt too: match the whole dotted path instead
-    if close:
-        hint = f"; did you mean '{prefix}{close[0]}{rest}'?"
+    keys = all_keys()
+    if not rest and (leaf in _ALIASES or leaf.lower() in _ALIASES):
+        close = list(_ALIASES.get(leaf, _ALIASES.get(leaf.lower())))
     else:
-        close = difflib.get_close_matches(path + rest, all_keys(), n=1, cutoff=0.5)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        close = [k for k in keys if not rest and "." in k and k.rsplit(".", 1)[1] == leaf][:2]
+        close = close or [f"{prefix}{c}{rest}" for c in difflib.get_close_matches(leaf, names, n=1, cutoff=0.5)]
+        if close and rest and close[0] not in keys:
+            close = []  # the rest is misspelt too: match the whole dotted path instead
+        close = close or difflib.get_close_matches(path + rest, keys, n=1, cutoff=0.5)
+    hint = "; did you mean " + " or ".join(f"'{c}'" for c in close) + "?" if close else ""
     return UserError(f"unknown config key '{path}{rest}'{hint}")
 
 

@@ -26,6 +26,10 @@ def test_default_preset_is_tiny():
     ("model.n_expert=8", "model.n_experts"),
     ("trian.steps=3", "train.steps"),
     ("train.stepz=3", "train.steps"),
+    ("train.lr=1e-3", "optim.muon_lr' or 'optim.adamw_lr"),  # a name from another toolkit
+    ("model.num_experts_per_tok=2", "model.top_k"),
+    ("model.seed=3", "train.seed"),  # the right name in the wrong section
+    ("train.vocab_size=300", "model.vocab_size' or 'data.vocab_size"),
 ])
 def test_unknown_keys_name_the_closest(item, expect):
     with pytest.raises(UserError) as err:
