@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from moelab.errors import UserError, first_line
+from moelab.eval.metrics import CHUNK_LOGITS, score_tokens
 
 
 @dataclass
@@ -145,12 +146,14 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 @torch.no_grad()
 def score_continuations(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 16,
-                        max_len: int | None = None) -> list[tuple[float, bool]]:
+                        max_len: int | None = None, chunk_logits: int = CHUNK_LOGITS) -> list[tuple[float, bool]]:
     """(sum of log-probabilities of the continuation tokens, whether each was the argmax) for each
     (context ids, continuation ids). Inputs longer than the model's context keep their last
     max_len + 1 tokens, as the harness does. Batches are right-padded (causal attention and
     per-token experts make padding invisible to the real positions; capacity is off, see
-    moelab.eval.generate.inference_routing)."""
+    moelab.eval.generate.inference_routing). Only the continuations' positions are projected,
+    `chunk_logits` logits at a time: a rolling window of the harness is a continuation of up to
+    max_len tokens (2.4 MB of logits per token at a 152K vocabulary)."""
     from moelab.eval.generate import inference_routing
 
     max_len = max_len or model.cfg.max_seq_len
@@ -165,14 +168,12 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], batc
             x_BS = torch.zeros(len(idx), width, dtype=torch.long)
             for row, i in enumerate(idx):
                 x_BS[row, :len(seqs[i][0])] = torch.tensor(seqs[i][0])
-            out = model(x_BS.to(device), logits=False)  # only the continuations' positions are projected
+            out = model(x_BS.to(device), logits=False)
             for row, i in enumerate(idx):
                 inp, cont = seqs[i]
-                n = len(cont)
-                lp_NV = out.project(out.hidden[row, len(inp) - n:len(inp)]).float().log_softmax(-1)
-                target = torch.tensor(cont, device=device)
-                ll = lp_NV.gather(1, target[:, None]).sum().item()
-                results[i] = (ll, bool((lp_NV.argmax(-1) == target).all()))
+                nll, hits = score_tokens(out, out.hidden[row, len(inp) - len(cont):len(inp)],
+                                         torch.tensor(cont, device=device), model.cfg.vocab_size, chunk_logits)
+                results[i] = (-nll.item(), hits.item() == len(cont))
     return results
 
 

@@ -19,6 +19,21 @@ import torch.nn.functional as F
 CHUNK_LOGITS = 1 << 22
 
 
+def score_tokens(out, h_ND: torch.Tensor, y_N: torch.Tensor, vocab_size: int,
+                 chunk_logits: int = CHUNK_LOGITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed negative log-likelihood of targets `y_N` (fp64), how many of them are the argmax)
+    at hidden states `h_ND` of the model output `out`, projecting `chunk_logits` logits at a time
+    (whole positions)."""
+    nll = torch.zeros((), dtype=torch.float64, device=h_ND.device)
+    hits = torch.zeros((), dtype=torch.int64, device=h_ND.device)
+    rows = max(1, chunk_logits // vocab_size)
+    for h_cD, y_c in zip(h_ND.split(rows), y_N.split(rows)):
+        logits = out.project(h_cD).float()
+        nll += F.cross_entropy(logits, y_c, reduction="sum").double()
+        hits += (logits.argmax(-1) == y_c).sum()
+    return nll, hits
+
+
 def spread_windows(windows, n: int):
     """n evenly spaced windows (all when n <= 0 or there are fewer): a fixed, representative subset."""
     if n <= 0 or len(windows) <= n:
@@ -46,11 +61,10 @@ def evaluate(model, windows: torch.Tensor, token_bytes: torch.Tensor, batch_size
         x, y = w[:, :-1], w[:, 1:]
         with ctx:
             out = model(x, logits=False)
-            rows = max(1, chunk_logits // model.cfg.vocab_size)
-            for h_cD, y_c in zip(out.hidden.flatten(0, 1).split(rows), y.flatten().split(rows)):
-                logits = out.project(h_cD).float()
-                nll += F.cross_entropy(logits, y_c, reduction="sum").double()
-                correct += (logits.argmax(-1) == y_c).sum()
+            batch_nll, batch_hits = score_tokens(out, out.hidden.flatten(0, 1), y.flatten(), model.cfg.vocab_size,
+                                                 chunk_logits)
+            nll += batch_nll
+            correct += batch_hits
         n_bytes += token_bytes[y].sum()
         n_tokens += y.numel()
     model.train(was_training)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from moelab.errors import UserError
 from moelab.eval.choice import encode_pair, eval_choice, load_task, score_continuations
@@ -160,3 +161,49 @@ def test_bad_choice_task_fails_before_training(tmp_path):
     res = run_cli("train", "--preset", "test", "--out", tmp_path / "r", "train.choice_tasks=missing.jsonl")
     assert res.returncode == 2 and "no such task file" in res.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_continuations_are_projected_a_chunk_at_a_time(trained):
+    """A continuation as long as the context (a rolling window of the harness) is scored through
+    chunks of at most `chunk_logits` logits, with the same log-likelihoods and argmax flags."""
+    target = load_target(str(trained / "run"))
+    model, vocab = target.model, target.model.cfg.vocab_size
+    text = (trained / "corpus" / sorted(p.name for p in (trained / "corpus").iterdir())[0]).read_text()
+    ids = target.tokenizer.encode(text)[:200]
+    pairs = [(ids[:1], ids[1:64]), (ids[:30], ids[30:33]), (ids[:5], ids[5:60])]
+    whole = score_continuations(model, pairs, batch_size=2, chunk_logits=64 * vocab)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    try:
+        chunked = score_continuations(model, pairs, batch_size=2, chunk_logits=5 * vocab)
+    finally:
+        hook.remove()
+    assert max(rows) == 5 and sum(rows) == 63 + 3 + 55
+    for (a, ga), (b, gb) in zip(whole, chunked):
+        assert a == pytest.approx(b, rel=1e-6) and ga == gb
+    # the reference: log-softmax of the full logits, gathered
+    with torch.no_grad():
+        lp = model(torch.tensor([ids[:63]])).logits[0].log_softmax(-1)
+    assert whole[0][0] == pytest.approx(lp.gather(1, torch.tensor(ids[1:64])[:, None]).sum().item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_rolling_loglikelihood_equals_transformers_through_the_harness(trained):
+    """lm_eval's perplexity tasks (wikitext) score whole documents in rolling windows: moelab's
+    adapter gives what the harness's transformers model gives on the export of the same model."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from moelab.eval.harness import MoelabLM
+
+    docs = sorted((trained / "corpus").iterdir())[:2]
+    texts = [docs[0].read_text()[:1500], docs[1].read_text()[:200]]  # several windows of 64 tokens; one
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    ours = MoelabLM(target=load_target(str(trained / "run")))
+    assert len(ours.tok_encode(texts[0])) > 3 * ours.max_length
+    hf = HFLM(pretrained=str(trained / "hf"), device="cpu", batch_size=4, dtype="float32")
+    theirs = hf.loglikelihood_rolling(requests)
+    mine = ours.loglikelihood_rolling(requests)
+    for a, b in zip(mine, theirs):
+        assert a == pytest.approx(b, rel=1e-5)
