@@ -83,7 +83,7 @@ def _request(cfg: DataConfig) -> dict:
 LATER_KEYS = {"doc_chars": 0}
 
 
-def _prepare_into_run(cfg: DataConfig, run_dir: Path) -> Path:
+def _prepare_into_run(cfg: DataConfig, run_dir: Path, say=None) -> Path:
     """A raw source is prepared into the run directory once; a resume reuses that copy, so the run's
     data can neither drift nor be re-tokenised. Changed data settings on resume are an error."""
     from moelab.data.prepare import MANIFEST, prepare, read_manifest
@@ -102,14 +102,15 @@ def _prepare_into_run(cfg: DataConfig, run_dir: Path) -> Path:
                             else None)
     return prepare([cfg.source], str(target), cfg.val_fraction, cfg.split_salt, cfg.text_field, tok,
                    cfg.vocab_size, cfg.near_dup_split, max_docs=cfg.max_docs, pdf_filters=pdf_filters(cfg),
-                   tokenizer_train_bytes=cfg.tokenizer_train_bytes, request=want, doc_chars=cfg.doc_chars)
+                   tokenizer_train_bytes=cfg.tokenizer_train_bytes, request=want, doc_chars=cfg.doc_chars, say=say)
 
 
-def build_dataset(cfg: DataConfig, seq_len: int, run_dir: Path, write_report: bool = True) -> Dataset:
-    """Prepared data (`data.path`) as is; a raw source is first prepared into the run directory.
-    `write_report`: write RUN/data/split.json now (else the caller writes `Dataset.report` once the
-    run is set up, so a resume that fails leaves the run's files as they were)."""
+def build_dataset(cfg: DataConfig, seq_len: int, run_dir: Path, write_report: bool = True, say=None) -> Dataset:
+    """Prepared data (`data.path`) as is; a raw source is first prepared into the run directory
+    (`say`: its progress lines). `write_report`: write RUN/data/split.json now (else the caller
+    writes `Dataset.report` once the run is set up, so a resume that fails leaves the run's files
+    as they were)."""
     if cfg.path:
         return _from_prepared(cfg, seq_len, run_dir, write_report)
-    prepared = _prepare_into_run(cfg, run_dir)
+    prepared = _prepare_into_run(cfg, run_dir, say)
     return _from_prepared(DataConfig(**{**cfg.__dict__, "path": str(prepared)}), seq_len, run_dir, write_report)

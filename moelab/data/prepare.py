@@ -296,10 +296,12 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
             near_dup_split: bool = True, dedup: bool = False, overwrite: bool = False,
             max_docs: int = 0, weights: list[float] | None = None, pdf_filters=None,
             tokenizer_train_bytes: int = TOKENIZER_SAMPLE, request: dict | None = None,
-            shard_tokens: int = SHARD_TOKENS, doc_chars: int = 0) -> Path:
+            shard_tokens: int = SHARD_TOKENS, doc_chars: int = 0, say=None) -> Path:
     """`request`: the settings that produced this directory, stored in the manifest (a run that
     prepares its raw source checks them when it resumes). `doc_chars`: texts longer are cut into
-    documents NAME#1, NAME#2 ... of at most about that many characters (see sources.cut_text)."""
+    documents NAME#1, NAME#2 ... of at most about that many characters (see sources.cut_text).
+    `say`: called with a line as each long stage starts (reading, BPE training, tokenizing)."""
+    say = say or (lambda msg: None)
     out_dir = Path(out).expanduser()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         if not overwrite:
@@ -328,6 +330,7 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
     # Built beside the output and renamed into place when complete; out_dir is absent, empty, or
     # (checked above) earlier prepared data that --overwrite replaces.
     with staged_folder(out_dir, replace=True) as tmp, _TextSpill(tmp / ".text") as spill:
+        say(f"preparing data: reading {', '.join(sources)}")
         docs, skipped, per_source = [], [], {}
         for src, label in zip(sources, _source_labels(sources)):
             prefix = f"{label}/" if len(sources) > 1 else ""
@@ -365,11 +368,18 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         if dedup:
             train, dropped = _dedup_training(train, {d.name: g for d, g in zip(docs, groups)})
         lap("split")
+        train_mb = sum(d.nbytes for d in train) / 1e6
+        say(f"preparing data: {len(train):,} training / {len(val):,} validation documents ({train_mb:,.1f} / "
+            f"{sum(d.nbytes for d in val) / 1e6:,.1f} MB, read and split in {sum(timings.values()):.1f} s)")
         if tokenizer:
             tok = load_tokenizer(tokenizer)
         else:
+            sample = min(train_mb, tokenizer_train_bytes / 1e6) if tokenizer_train_bytes else train_mb
+            say(f"preparing data: training a {vocab_size:,}-token BPE tokenizer on {sample:,.1f} of the "
+                f"{train_mb:,.1f} MB of training text")
             tok = train_bpe(tokenizer_texts(train, tokenizer_train_bytes), vocab_size)
             lap("tokenizer training")
+            say(f"preparing data: tokenizer trained in {timings['tokenizer training']:.1f} s; tokenizing")
         dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
         tok.verify_fast([d.text for d in train[:64]])  # the fast encoder must agree here too, else it is off
 

@@ -118,10 +118,11 @@ def autocast_for(device: torch.device, precision: str):
 
 
 def setup(cfg: Config, out: str | None = None, resume: str | None = None,
-          overrides: tuple[str, ...] = (), smoke: bool = False) -> Run:
+          overrides: tuple[str, ...] = (), smoke: bool = False, progress: bool | None = False) -> Run:
     """Build everything a run needs; on resume, restore it from the newest (or given) checkpoint.
     A run directory this call starts (new, or a fork) is removed again if setting up fails, so the
-    corrected command can use the same --out."""
+    corrected command can use the same --out. `progress`: the stages of preparing raw data are
+    said (None: on a terminal only, so a refusal in a log or pipe stays one line)."""
     ckpt = None
     if resume:
         run_dir, ckpt, cfg = _resume_target(resume, out, cfg, overrides)
@@ -144,7 +145,8 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
             shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
             for tmp in (run_dir / "data").glob(".tmp-*"):  # a data preparation it was killed in
                 shutil.rmtree(tmp, ignore_errors=True)
-        run = _setup(cfg, run_dir, ckpt, smoke)
+        data_say = _printer(progress) if progress or (progress is None and sys.stderr.isatty()) else None
+        run = _setup(cfg, run_dir, ckpt, smoke, data_say)
         run.restarted = restart
     except BaseException:
         if fresh:
@@ -157,7 +159,7 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
     return run
 
 
-def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
+def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None) -> Run:
     if ckpt is not None and run_dir != ckpt.parent.parent:
         _fork(ckpt, run_dir)
     if smoke:
@@ -176,7 +178,7 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool) -> Run:
     seed_all(t.seed)
     if ckpt is None:
         FaultPlan().data_preparation()
-    data = build_dataset(cfg.data, t.seq_len, run_dir, write_report=False)
+    data = build_dataset(cfg.data, t.seq_len, run_dir, write_report=False, say=say)
     if t.init_from:  # the vocabulary is the source model's (often padded past its tokenizer's)
         if ckpt is None:  # (a resume has its own weights: the source may be gone by then)
             _check_init_tokenizer(cfg, data.tokenizer)
@@ -511,7 +513,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
     done = _already_complete(resume, out, cfg, overrides) if resume else None
     if done is not None:
         return done
-    run = setup(cfg, out, resume, overrides, smoke)
+    run = setup(cfg, out, resume, overrides, smoke, progress)
     try:
         return _train(run, choice, asked, progress, smoke)
     finally:

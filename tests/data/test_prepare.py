@@ -445,3 +445,30 @@ def test_one_long_text_file_is_refused_with_the_fix_then_cut_into_documents(tmp_
     assert n >= book.stat().st_size // 10000 and names["val"] and not set(names["train"]) & set(names["val"])
     assert sorted(names["train"] + names["val"]) == sorted(f"book.txt#{k}" for k in range(1, n + 1))
     assert sum(m["splits"][s]["bytes"] for s in ("train", "val")) == book.stat().st_size
+
+
+def test_preparing_says_its_long_stages(tmp_path, text_corpus, capsys):
+    """Reading, BPE training and tokenizing are said as they start (a 152K-token BPE on a large
+    corpus takes minutes); a run passes them on when asked for progress, and in a pipe or log
+    (progress=None, stderr not a terminal) says nothing before a refusal's one line."""
+    from moelab.config import build_config
+    from moelab.train.loop import train
+
+    said = []
+    prepare([str(text_corpus)], str(tmp_path / "prep"), vocab_size=300, say=said.append)
+    m = json.loads((tmp_path / "prep" / "manifest.json").read_text())["splits"]
+    assert said[0] == f"preparing data: reading {text_corpus}"
+    assert f"{m['train']['documents']} training / {m['val']['documents']} validation documents" in said[1]
+    assert "training a 300-token BPE tokenizer" in said[2] and "tokenizing" in said[3]
+    said.clear()
+    prepare([str(text_corpus)], str(tmp_path / "prep2"), tokenizer=str(tmp_path / "prep" / "tokenizer"),
+            say=said.append)
+    assert len(said) == 2 and not any("BPE" in s for s in said)  # a given tokenizer is not trained
+
+    args = [f"data.source={text_corpus}", "data.vocab_size=300", "train.steps=1", "train.eval_every=1"]
+    capsys.readouterr()
+    train(build_config("test", None, args), out=str(tmp_path / "said"), progress=True)
+    assert "preparing data: training a 300-token BPE tokenizer" in capsys.readouterr().err
+    with pytest.raises(UserError):  # more windows per batch than the split has: refused after preparing
+        train(build_config("test", None, args + ["train.batch_size=100000"]), out=str(tmp_path / "quiet"))
+    assert capsys.readouterr().err == ""
