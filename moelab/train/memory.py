@@ -41,11 +41,29 @@ def training_state_bytes(model, mode: str) -> dict[str, int]:
             "optimizer": 4 * n["muon"] + 8 * (n["adamw_decay"] + n["adamw_no_decay"])}
 
 
+def fused_loss_bytes(model, n_rows: int, autocast=contextlib.nullcontext) -> int | None:
+    """What the fused projection + loss (moelab.models.loss) keeps for the backward over n_rows
+    positions: dh (n_rows x D, in the dtype the head runs in) and dw (the head's shape, fp32 or
+    wider). None for a head the model does not fuse (an adapter's, a sharded one)."""
+    head = model.lm_head
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    w = head.weight
+    with autocast():
+        dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
+    acc = torch.promote_types(dtype, torch.float32)
+    return n_rows * w.shape[1] * dtype.itemsize + w.numel() * torch.promote_types(acc, w.dtype).itemsize
+
+
 def saved_activation_bytes(model, batch_size: int, n_tokens: int, autocast=contextlib.nullcontext,
-                           generator: torch.Generator | None = None) -> int:
+                           generator: torch.Generator | None = None, count_head: bool = False) -> int:
     """Bytes of the tensors one training forward and loss on a (batch_size, n_tokens) batch of
     random ids keep for the backward: the storages the autograd graph holds, each counted once,
-    without the parameters and buffers (allocated already)."""
+    without the parameters and buffers (allocated already). `count_head`: the fused projection
+    and loss are not run but counted (`fused_loss_bytes`): at a 152K vocabulary they are most of
+    the forward's time (most of all in bf16 on a CPU without bf16 matmul instructions: 95 s of the
+    Qwen3-0.6B measure on an AVX2 EPYC), and what they keep is known exactly."""
+    counted = fused_loss_bytes(model, batch_size * n_tokens, autocast) if count_head else None
     own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     held: dict[int, int] = {}
 
@@ -58,9 +76,9 @@ def saved_activation_bytes(model, batch_size: int, n_tokens: int, autocast=conte
     device = next(model.parameters()).device
     ids = torch.randint(0, model.cfg.vocab_size, (2, batch_size, n_tokens), generator=generator).to(device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
-        out = model(ids[0], targets=ids[1])
+        out = model(ids[0], targets=ids[1]) if counted is None else model(ids[0], logits=False)
     del out  # the graph and what it holds
-    return sum(held.values())
+    return sum(held.values()) + (counted or 0)
 
 
 def activation_bytes(model, batch_size: int, seq_len: int, autocast=contextlib.nullcontext) -> dict[str, int]:
@@ -80,8 +98,8 @@ def activation_bytes(model, batch_size: int, seq_len: int, autocast=contextlib.n
     model.train()
     try:
         with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            small, large = (saved_activation_bytes(model, 1, t, autocast, torch.Generator().manual_seed(0))
-                            for t in (t1, t2))
+            small, large = (saved_activation_bytes(model, 1, t, autocast, torch.Generator().manual_seed(0),
+                                                   count_head=True) for t in (t1, t2))
     finally:
         model.train(was_training)
     per_token = int(MARGIN * max(large - small, 0) / (t2 - t1))

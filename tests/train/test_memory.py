@@ -1,13 +1,16 @@
 """The memory check before training: its count of the training state equals what a real training
 step allocates, and a model that cannot fit is refused in one line before anything is prepared."""
 
+import contextlib
+
 import pytest
 import torch
 
 from moelab.config import build_config
 from moelab.models import MoETransformer
 from moelab.optim.groups import HybridOptimizer
-from moelab.train.memory import activation_bytes, available_bytes, saved_activation_bytes, training_state_bytes
+from moelab.train.memory import (activation_bytes, available_bytes, fused_loss_bytes, saved_activation_bytes,
+                                 training_state_bytes)
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "muon", "adamw"])
@@ -91,6 +94,19 @@ def test_activation_bound_is_below_a_full_measure_and_near_it(preset, variant):
         bound = activation_bytes(model, batch, seq, **kw)["total"]
         full = saved_activation_bytes(model, batch, seq, generator=torch.Generator().manual_seed(1), **kw)
         assert 0.85 * full <= bound <= full, (batch, seq, bound, full)
+
+
+@pytest.mark.parametrize("preset", ["test", "deepseek_v3-tiny"])
+def test_the_counted_loss_share_equals_the_measured_one(preset):
+    """The bound runs the model without its projection and loss and counts what they keep (the
+    largest share at a large vocabulary): the sum must be what a forward with the loss keeps."""
+    cfg = build_config(preset).resolve(vocab_size=8192)
+    model = MoETransformer(cfg.model)
+    for autocast in (contextlib.nullcontext, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+        full, counted = (saved_activation_bytes(model, 2, 64, autocast, torch.Generator().manual_seed(0),
+                                                count_head=c) for c in (False, True))
+        head = fused_loss_bytes(model, 2 * 64, autocast)
+        assert head > 0.3 * full and abs(full - counted) <= 1e-3 * full, (full, counted, head)
 
 
 def test_activation_measure_leaves_rng_weights_and_mode_alone():
