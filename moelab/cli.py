@@ -89,21 +89,16 @@ def _cmd_data_check(args) -> int:
     return 1 if result.leaked else 0
 
 
-def _say_on_terminal():
-    """Progress lines on stderr when it is a terminal; none in a log or pipe, where a refusal is one line."""
-    return (lambda msg: print(msg, file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
-
-
 def _cmd_data_prepare(args) -> int:
     from moelab.data.pdf import PdfFilters
-    from moelab.data.prepare import prepare, read_manifest
+    from moelab.data.prepare import prepare, read_manifest, stage_printer
 
     filters = PdfFilters(args.pdf_min_chars, args.pdf_max_chars, args.pdf_min_words, args.pdf_max_words,
                          args.pdf_ascii_only)
     out = prepare(args.sources, args.out, args.val_fraction, args.salt, args.text_field, args.tokenizer,
                   args.vocab_size, not args.no_near_dup_split, args.dedup, args.overwrite, args.max_docs,
                   args.weights, filters, args.tokenizer_train_bytes, shard_tokens=args.shard_tokens,
-                  doc_chars=args.doc_chars, say=_say_on_terminal())
+                  doc_chars=args.doc_chars, say=stage_printer())
     m = read_manifest(out)
     s = m["splits"]
     mb = sum(v["bytes"] for v in s.values()) / 1e6

@@ -387,8 +387,8 @@ def _unknown_key(path: str, obj, prefix: str, rest: str = "") -> UserError:
     names = [f.name for f in dataclasses.fields(obj)]
     leaf = path.rsplit(".", 1)[-1]
     keys = all_keys()
-    if not rest and (leaf in _ALIASES or leaf.lower() in _ALIASES):
-        close = list(_ALIASES.get(leaf, _ALIASES.get(leaf.lower())))
+    if not rest and leaf.lower() in _ALIASES:
+        close = list(_ALIASES[leaf.lower()])
     else:
         close = [k for k in keys if not rest and "." in k and k.rsplit(".", 1)[1] == leaf][:2]
         close = close or [f"{prefix}{c}{rest}" for c in difflib.get_close_matches(leaf, names, n=1, cutoff=0.5)]

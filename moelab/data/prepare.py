@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -289,6 +290,14 @@ def _source_labels(sources: list[str]) -> list[str]:
     if twice:
         raise UserError(f"data source {twice[0]} is given twice; give each source once")
     return labels
+
+
+def stage_printer(progress: bool | None = None):
+    """The `say` for `prepare`: lines on stderr with progress=True; with None only when stderr is a
+    terminal (in a log or pipe a refusal stays one line); with False none."""
+    if progress or (progress is None and sys.stderr.isatty()):
+        return lambda msg: print(msg, file=sys.stderr, flush=True)
+    return None
 
 
 def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str = "moelab",

@@ -207,11 +207,7 @@ class MoETransformer(nn.Module):
                 routing.append(r)
         h_BSD = self.norm(x_BSD)
         out = ModelOutput(hidden=h_BSD, router=routing, _head=self.lm_head)
-        # The fused loss reads lm_head.weight directly, so only for a plain Linear head: not one
-        # wrapped by an adapter (LoRA) or sharded by FSDP2 (fully_shard swaps the class, and its
-        # unshard runs on the module's own forward).
-        plain_head = type(self.lm_head) is nn.Linear and self.lm_head.bias is None
-        if targets is not None and plain_head:
+        if targets is not None and self.fuses_loss:
             # projection and loss fused in row chunks: no (B, S, V) logits (moelab.models.loss),
             # under torch.compile too (a custom op: inductor would materialise the logits)
             out.lm_loss = linear_cross_entropy(h_BSD.flatten(0, 1), self.lm_head.weight, targets.flatten())
@@ -231,6 +227,14 @@ class MoETransformer(nn.Module):
                 if coef:
                     out.loss = out.loss + coef * value
         return out
+
+    @property
+    def fuses_loss(self) -> bool:
+        """Whether a forward with targets fuses projection and loss (moelab.models.loss). The fused
+        loss reads lm_head.weight directly, so only for a plain Linear head: not one wrapped by an
+        adapter (LoRA) or sharded by FSDP2 (fully_shard swaps the class, and its unshard runs on
+        the module's own forward)."""
+        return type(self.lm_head) is nn.Linear and self.lm_head.bias is None
 
     def num_parameters(self) -> dict[str, int]:
         """Total and active-per-token parameter counts (tied weights counted once)."""

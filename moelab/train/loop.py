@@ -145,8 +145,9 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
             shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
             for tmp in (run_dir / "data").glob(".tmp-*"):  # a data preparation it was killed in
                 shutil.rmtree(tmp, ignore_errors=True)
-        data_say = _printer(progress) if progress or (progress is None and sys.stderr.isatty()) else None
-        run = _setup(cfg, run_dir, ckpt, smoke, data_say)
+        from moelab.data.prepare import stage_printer
+
+        run = _setup(cfg, run_dir, ckpt, smoke, stage_printer(progress))
         run.restarted = restart
     except BaseException:
         if fresh:

@@ -45,10 +45,9 @@ def fused_loss_bytes(model, n_rows: int, autocast=contextlib.nullcontext) -> int
     """What the fused projection + loss (moelab.models.loss) keeps for the backward over n_rows
     positions: dh (n_rows x D, in the dtype the head runs in) and dw (the head's shape, fp32 or
     wider). None for a head the model does not fuse (an adapter's, a sharded one)."""
-    head = model.lm_head
-    if type(head) is not torch.nn.Linear or head.bias is not None:
+    if not model.fuses_loss:
         return None
-    w = head.weight
+    w = model.lm_head.weight
     with autocast():
         dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
     acc = torch.promote_types(dtype, torch.float32)
