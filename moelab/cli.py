@@ -72,7 +72,11 @@ def _cmd_convert(args) -> int:
 def _cmd_export(args) -> int:
     from moelab.commands import export
 
-    print(f"exported {args.run} -> {export(args.run, args.to, args.out, args.arch)}")
+    out, dtype = export(args.run, args.to, args.out, args.arch, args.dtype)
+    weights = sorted(out.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in weights)
+    print(f"exported {args.run} -> {out} ({dtype}, {len(weights)} weight file{'s' if len(weights) > 1 else ''}, "
+          f"{size / 1e6:,.1f} MB)")
     return 0
 
 
@@ -318,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="auto",
                    help="mixtral|qwen3_moe|olmoe|deepseek_v3|glm4_moe|llama|qwen3; auto: the one that "
                         "expresses the model exactly")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="weights' dtype; auto: fp32 for a run (exact), an HF directory's own")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("eval", help="loss, perplexity, accuracy and bits per byte (with xz -9 as reference), "

@@ -90,8 +90,10 @@ def convert(hf_dir: str, out: str) -> Path:
     return run_dir
 
 
-def export(run: str, to: str, out: str, arch: str = "auto") -> Path:
-    from moelab.models.hf import export_hf
+def export(run: str, to: str, out: str, arch: str = "auto", dtype: str = "auto") -> tuple[Path, str]:
+    """Export to a Hugging Face directory in `dtype`; auto: fp32 for a run (its weights, exactly),
+    an HF directory's own dtype for one (so bf16 in, bf16 out). Returns (directory, dtype)."""
+    from moelab.models.hf import export_hf, stored_dtype
     from moelab.train.checkpoint import is_hf_dir, load_model, resolve_checkpoint
 
     if to != "hf":
@@ -100,8 +102,12 @@ def export(run: str, to: str, out: str, arch: str = "auto") -> Path:
         hint = f"; for that architecture: --to hf --arch {to}" if to in ARCHS else ""
         raise UserError(f"unknown export format '{to}' (supported: hf){hint}")
     model = load_model(run)  # an HF directory too (written again in moelab's layout: 5 GB shards, its tokenizer)
-    tok = Path(run).expanduser() if is_hf_dir(run) else resolve_checkpoint(run).parent.parent / "tokenizer"
-    return export_hf(model, out, arch, extra_files=tuple(tok / f for f in TOKENIZER_FILES if (tok / f).is_file()))
+    hf_in = is_hf_dir(run)
+    tok = Path(run).expanduser() if hf_in else resolve_checkpoint(run).parent.parent / "tokenizer"
+    if dtype == "auto":
+        dtype = stored_dtype(Path(run).expanduser()) if hf_in else "fp32"
+    files = tuple(tok / f for f in TOKENIZER_FILES if (tok / f).is_file())
+    return export_hf(model, out, arch, extra_files=files, dtype=dtype), dtype
 
 
 def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: int, seq_len: int | None,

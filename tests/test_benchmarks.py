@@ -32,6 +32,9 @@ def _run(script, *args, cwd):
      [r"speed ratio fused / unfused: " + RATIO]),
     ("generate.py", ["--presets", "test", "deepseek_v3-tiny", "--prompt", "4", "--new", "4", "--rounds", "1"],
      [r"test \(gqa\).*speed-up " + RATIO + r".*same tokens: True", r"\(mla\).*same tokens: True"]),
+    ("export.py", ["--arch", "deepseek_v3", "--layers", "2",
+                   "--shard", "5MB", "--experts", "8", "--expert-dim", "256", "--d-model", "256"],
+     [r"memory ratio save_pretrained / moelab: " + RATIO + r"; same tensors: True"]),
 ])
 def test_benchmark_runs_and_prints_its_comparison(tmp_path, script, args, expect):
     out = _run(script, *args, cwd=tmp_path)

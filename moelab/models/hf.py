@@ -10,16 +10,19 @@ Architectures (transformers model_type -> class):
   llama        LlamaForCausalLM       dense baseline
   qwen3        Qwen3ForCausalLM       dense baseline with per-head QK-norm
 
-Conversion goes through transformers' own model classes, so whatever layout `save_pretrained`
-writes, transformers reads back. A moelab config the target cannot express exactly is refused with
-every differing field named; never approximated. Training-only settings (loss coefficients, the
-bias update rate) do not change the forward pass and are not refused.
+Conversion goes through transformers' own model classes and weight conversions (an export
+writes the per-expert layout that transformers' reverse conversion gives, as `save_pretrained`
+would), so whatever transformers writes, it reads back. A moelab config the target cannot express
+exactly is refused with every differing field named; never approximated. Training-only settings
+(loss coefficients, the bias update rate) do not change the forward pass and are not refused.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -291,21 +294,34 @@ def _rename(name: str, to_hf: bool) -> str | None:
     return None
 
 
+def _hf_groups(model, meta: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """The model's weights under transformers' names, one group at a time (the embedding, each
+    layer, the final norm, the head), so that a writer holds one layer's fused gate_up_proj (a
+    concatenation, so a copy) at a time. `meta`: the same names and shapes, no data."""
+    sd = {k: v.to("meta") for k, v in model.state_dict().items()} if meta else model.state_dict()
+    groups: dict[object, list[str]] = {}
+    for name in sd:
+        block = re.match(r"blocks\.(\d+)\.", name)
+        groups.setdefault(int(block.group(1)) if block else name, []).append(name)
+    for names in groups.values():
+        out = {}
+        for name in names:
+            if name.endswith("moe.experts.up_proj"):
+                continue  # fused with its gate below
+            if name.endswith("moe.experts.gate_proj"):  # HF fuses gate and up: chunk(2) gives gate first
+                base = name[: -len("gate_proj")]
+                hf_name = _rename(base + "down_proj", True).replace("down_proj", "gate_up_proj")
+                out[hf_name] = torch.cat([sd[name], sd[base + "up_proj"]], dim=1)
+                continue
+            hf_name = _rename(name, True)
+            if hf_name is None:
+                raise AssertionError(f"no Hugging Face name for {name}")
+            out[hf_name] = sd[name]
+        yield out
+
+
 def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
-    out = {}
-    sd = model.state_dict()
-    for name, t in sd.items():
-        if name.endswith(("moe.experts.gate_proj", "moe.experts.up_proj")):
-            if name.endswith("gate_proj"):  # HF fuses gate and up: chunk(2) gives gate first
-                up = sd[name[: -len("gate_proj")] + "up_proj"]
-                out[_rename(name[: -len("gate_proj")] + "down_proj", True).replace(
-                    "down_proj", "gate_up_proj")] = torch.cat([t, up], dim=1)
-            continue
-        hf_name = _rename(name, True)
-        if hf_name is None:
-            raise AssertionError(f"no Hugging Face name for {name}")
-        out[hf_name] = t
-    return out
+    return {k: v for group in _hf_groups(model) for k, v in group.items()}
 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], consume: bool = False,
@@ -387,20 +403,118 @@ def from_hf(hf_model):
     return MoETransformer.from_weights(_moelab_config(hf_model.config), from_hf_state_dict(sd, consume=True))
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def stored_dtype(path: str | Path) -> str:
+    """The dtype a Hugging Face directory's config.json declares for its weights (fp32 when it
+    declares none, or one moelab does not export)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "fp32"
+    declared = config.get("dtype") or config.get("torch_dtype")
+    return {str(t).removeprefix("torch."): name for name, t in DTYPES.items()}.get(str(declared), "fp32")
+
+
+def _size_bytes(size: str | int) -> int:
+    """'5GB', '200KB' (powers of 1000, as transformers reads them; 'GiB' for powers of 1024) or bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", size.upper().replace("IB", "iB"))
+    if not match:
+        raise UserError(f"bad shard size '{size}' (examples: 5GB, 500MB)")
+    number, unit, binary = match.groups()
+    return int(float(number) * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
+
+
+def _export_stream(model, hf_meta, dtype: torch.dtype, meta: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) in the layout transformers' save_pretrained writes (its own reverse of the
+    conversion it applies on load: per-expert tensors, legacy names), a layer at a time, cast to
+    `dtype`. A tied head is left out, as save_pretrained leaves it out."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    for group in _hf_groups(model, meta):
+        if model.cfg.tie_embeddings:
+            group.pop("lm_head.weight", None)
+        reverted = revert_weight_conversion(hf_meta, {k: _cast(k, v, dtype) for k, v in group.items()})
+        del group  # the layer's gate_up_proj concatenation: its reverted copies are what is written
+        while reverted:  # handed on, not held here: a written shard's tensors are freed with it
+            name = next(iter(reverted))
+            yield name, reverted.pop(name)
+
+
+def _cast(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float16 and t.device.type != "meta" and t.is_floating_point():
+        lo, hi = torch.aminmax(t.detach()) if t.numel() else (torch.tensor(0.0), torch.tensor(0.0))
+        big = max(-lo.item(), hi.item())  # no |t| copy of a layer's experts
+        if big > torch.finfo(torch.float16).max:
+            raise UserError(f"cannot export in fp16: {name} holds values up to {big:.4g}, beyond fp16's "
+                            f"{torch.finfo(torch.float16).max:.0f}; use --dtype bf16 (or fp32)")
+    return t.detach().to(dtype)
+
+
+def _write_weights(model, hf_meta, folder: Path, dtype: torch.dtype, max_shard: int) -> None:
+    """The safetensors shards (and index) of the model, in two passes over `_export_stream`: names
+    and sizes on the meta device plan the shards (in order, a new one when the next tensor would
+    pass `max_shard`, as transformers shards), then each shard is built and written in turn.
+    Memory beyond the model: one shard's cast or split tensors and one layer's gate_up_proj, not
+    the ~1.1x the model that save_pretrained adds (it reverts the whole state dict at once, after
+    the fused copy)."""
+    from safetensors.torch import save_file
+
+    plan: list[list[str]] = [[]]
+    filled = total = 0
+    for name, t in _export_stream(model, hf_meta, dtype, meta=True):
+        size = t.numel() * t.element_size()
+        if plan[-1] and filled + size > max_shard:
+            plan.append([])
+            filled = 0
+        plan[-1].append(name)
+        filled, total = filled + size, total + size
+    n = len(plan)
+    files = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    stream = _export_stream(model, hf_meta, dtype, meta=False)
+    for names, file in zip(plan, files):
+        shard = dict(next(stream) for _ in names)
+        assert list(shard) == names, "the export's two passes disagree"
+        save_file(shard, folder / file, metadata={"format": "pt"})
+        del shard
+    if n > 1:
+        index = {"metadata": {"total_parameters": hf_meta.num_parameters(), "total_size": total},
+                 "weight_map": {name: file for names, file in zip(plan, files) for name in names}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: str | int = "5GB",
-              extra_files: tuple[Path, ...] = ()) -> Path:
-    """A save_pretrained directory, with `extra_files` (the tokenizer) copied in. Shards of at
-    most 5 GB, the Hub's usual size: transformers builds each shard's tensors in memory before
-    writing it (its default, 50 GB, made a model under 50 GB one shard, and its export peak about
-    the model's size higher). Written into a temporary folder beside `out_dir`, renamed into place
-    when complete: a failure (a full disk) leaves nothing, not a directory that loads half a model."""
+              extra_files: tuple[Path, ...] = (), dtype: str = "fp32") -> Path:
+    """A directory that transformers' `from_pretrained` loads, as its own `save_pretrained` would
+    write it (same files, names, layout; the tests compare the two tensor by tensor), with the
+    weights in `dtype` (fp32 | bf16 | fp16) and `extra_files` (the tokenizer) copied in. Shards of
+    at most 5 GB, the Hub's usual size. Written a layer at a time (see `_write_weights`), into a
+    temporary folder beside `out_dir` renamed into place when complete: a failure (a full disk, an
+    fp16 overflow) leaves nothing, not a directory that loads half a model."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {'directory' if out.is_dir() else 'path'} {out} is not empty; choose another --out")
-    hf = to_hf(model, arch, share=True)  # an architecture that cannot hold the model is refused first
+    if dtype not in DTYPES:
+        raise UserError(f"unknown export dtype '{dtype}' (supported: {', '.join(DTYPES)})")
+    max_shard = _size_bytes(max_shard_size)
+    transformers = _require_transformers()
+    config = hf_config(model.cfg, arch)  # an architecture that cannot hold the model is refused first
+    cls = getattr(transformers, ARCHS[config.model_type] + "ForCausalLM")
+    with torch.device("meta"):
+        hf_meta = _without_init(cls, config)  # names, the weight conversions and generation config; no memory
+        if config.tie_word_embeddings:
+            hf_meta.tie_weights()  # so that it counts its parameters as save_pretrained's index does
+    config.dtype = str(DTYPES[dtype]).removeprefix("torch.")
+    config.architectures = [cls.__name__]
     try:
         with staged_folder(out) as tmp:
-            hf.save_pretrained(tmp, max_shard_size=max_shard_size)
+            config.save_pretrained(tmp)
+            if hf_meta.can_generate():
+                hf_meta.generation_config.save_pretrained(tmp)
+            _write_weights(model, hf_meta, tmp, DTYPES[dtype], max_shard)
             for f in extra_files:
                 shutil.copy2(f, tmp / Path(f).name)
     except write_errors() as exc:

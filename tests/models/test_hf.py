@@ -145,6 +145,64 @@ def test_a_sharded_export_loads_in_transformers_and_back(tmp_path):
         assert torch.equal(back.state_dict()[name], t), name
 
 
+def _files(folder) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_writes_what_save_pretrained_writes(tmp_path, case):
+    """moelab writes the directory a layer at a time, not through save_pretrained (which holds a
+    second copy of the experts): every tensor's name, dtype and value, config.json and
+    generation_config.json equal what transformers' own save_pretrained writes, in fp32 and bf16,
+    in one file and in shards."""
+    import json
+
+    ours = _model(*CASES[case])
+    for dtype, shard in (("fp32", "5GB"), ("bf16", "60KB")):
+        mine, ref = tmp_path / f"moelab-{dtype}", tmp_path / f"ref-{dtype}"
+        export_hf(ours, mine, dtype=dtype, max_shard_size=shard)
+        to_hf(ours).to(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype])).save_pretrained(
+            ref, max_shard_size=shard)
+        a, b = _files(mine), _files(ref)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        for name in ("config.json", "generation_config.json"):
+            assert json.loads((mine / name).read_text()) == json.loads((ref / name).read_text()), name
+        shards = sorted(mine.glob("model-*-of-*.safetensors"))
+        if shard == "5GB":
+            assert not shards and (mine / "model.safetensors").is_file()
+            continue
+        assert len(shards) > 2 and not (mine / "model.safetensors").exists()
+        index = json.loads((mine / "model.safetensors.index.json").read_text())
+        assert index["metadata"] == json.loads((ref / "model.safetensors.index.json").read_text())["metadata"]
+        assert sorted(set(index["weight_map"].values())) == [f.name for f in shards]
+        assert index["weight_map"].keys() == a.keys()
+        for f in shards:  # each shard under the limit, unless it is a single larger tensor
+            held = [k for k, v in index["weight_map"].items() if v == f.name]
+            assert sum(a[k].nbytes for k in held) <= 60_000 or len(held) == 1, f.name
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moelab-bf16", dtype="auto")
+    assert reloaded.dtype == torch.bfloat16
+
+
+def test_fp16_export_refuses_weights_fp16_cannot_hold(tmp_path):
+    ours = _model(*CASES["mixtral"])
+    export_hf(ours, tmp_path / "ok", dtype="fp16")
+    for name, t in _files(tmp_path / "ok").items():
+        assert t.dtype == torch.float16, name
+    with torch.no_grad():
+        ours.blocks[1].moe.experts.down_proj[2, 3, 4] = -7e4
+    with pytest.raises(UserError, match=r"cannot export in fp16: .*down_proj.* values up to 7e\+04, .*--dtype bf16"):
+        export_hf(ours, tmp_path / "hf", dtype="fp16", max_shard_size="50KB")
+    assert not (tmp_path / "hf").exists() and [p.name for p in tmp_path.iterdir()] == ["ok"]
+
+
 def test_bf16_checkpoint_converts_exactly_to_fp32_and_shares_nothing(tmp_path):
     ours = _model(*CASES["qwen3_moe"])
     hf = to_hf(ours).to(torch.bfloat16)
@@ -266,6 +324,15 @@ def check_hf_directory_as_source(hf_dir, tmp_path):
     assert (tmp_path / "again" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
     a, b = load_file(hf_dir / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    res = run_cli("export", hf_dir, "--out", tmp_path / "half", "--dtype", "bf16")
+    assert res.returncode == 0 and "(bf16, 1 weight file," in res.stdout, res.stderr
+    res = run_cli("export", tmp_path / "half", "--out", tmp_path / "half2")  # auto: bf16 in, bf16 out
+    assert res.returncode == 0 and "(bf16," in res.stdout, res.stderr
+    c, d = load_file(tmp_path / "half" / "model.safetensors"), load_file(tmp_path / "half2" / "model.safetensors")
+    assert c.keys() == a.keys() and d.keys() == a.keys()
+    for k in a:
+        assert c[k].dtype == torch.bfloat16 and torch.equal(c[k], a[k].to(torch.bfloat16)), k
+        assert torch.equal(c[k], d[k]), k
     res = run_cli("train", "--resume", hf_dir, "--out", tmp_path / "resumed")
     assert res.returncode == 2 and f"train.init_from={hf_dir}" in res.stderr and not (tmp_path / "resumed").exists()
     (tmp_path / "empty").mkdir()
