@@ -17,7 +17,7 @@ from moelab.errors import UserError
 def _cmd_train(args) -> int:
     from moelab.config import build_config
     from moelab.train.loop import train
-    from moelab.train.monitor import throughput_text
+    from moelab.train.monitor import is_rank0, throughput_text
 
     if args.resume and (args.preset or args.config):
         raise UserError("--resume continues a run with its own saved config; drop --preset/--config "
@@ -33,6 +33,8 @@ def _cmd_train(args) -> int:
               + cfg.to_yaml(), end="")
         return 0
     s = train(cfg, out=args.out, resume=args.resume, overrides=tuple(args.overrides), smoke=args.smoke)
+    if not is_rank0():  # data parallel (torchrun): rank 0 reports
+        return 0
     if s.get("already_complete"):
         print(f"{s['run_dir']} is already complete ({s['steps']} updates, val loss {s['val_loss']:.4f}); "
               f"nothing changed. To train further, raise train.steps (e.g. train.steps={2 * s['steps']})")

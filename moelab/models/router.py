@@ -72,6 +72,9 @@ class Router(nn.Module):
             self.noise_weight = nn.Parameter(torch.zeros(cfg.n_experts, cfg.d_model))
         if cfg.router == "sigmoid" or cfg.bias_update_rate > 0:
             self.register_buffer("selection_bias", torch.zeros(cfg.n_experts))
+        # data-parallel training sets this: (counts_E, slots) -> each expert's share of the slots of
+        # the whole micro-batch, all ranks' (moelab.train.distributed.batch_share)
+        self.batch_share = None
 
     def _group_mask(self, choice_TE: torch.Tensor) -> torch.Tensor:
         T, E, G = choice_TE.shape[0], self.n_experts, self.n_group
@@ -131,7 +134,14 @@ class Router(nn.Module):
             dropped_E = torch.zeros_like(counts_E)
         # aux = E * sum_e f_e * P_e, f_e = share of the T*K assignments (no gradient),
         # P_e = mean router probability (carries the gradient). Equals 1 when uniform.
-        f_E = counts_E.float() / max(T * K, 1)
+        if self.training and self.batch_share is not None:  # recomputation reuses the forward's shares
+            f_E = route_cache.get("f_E") if route_cache is not None else None
+            if f_E is None:
+                f_E = self.batch_share(counts_E, T * K)
+                if route_cache is not None:
+                    route_cache["f_E"] = f_E
+        else:
+            f_E = counts_E.float() / max(T * K, 1)
         aux_loss = E * (f_E * probs_TE.mean(dim=0)).sum()
         # Sequence-wise (DeepSeek-V3 eq. 17-20): the same quantity within each sequence, averaged.
         # Computed only when its coefficient is non-zero (it costs a scatter per layer).

@@ -19,6 +19,7 @@ uninterrupted one would.
   oom@K        raise torch.OutOfMemoryError in update K
   kill_eval@K, term_eval@K  SIGKILL / SIGTERM as the final evaluation after update K starts
   kill_data@0  SIGKILL as a new run starts preparing its data
+A `/R` suffix limits a fault to rank R of a data-parallel run (`term@7/1`: rank 1 only).
 """
 
 from __future__ import annotations
@@ -132,7 +133,11 @@ class FaultPlan:
     def __init__(self, spec: str | None = None):
         spec = os.environ.get(self.ENV, "") if spec is None else spec
         self.faults: dict[tuple[str, int], str] = {}
+        rank = int(os.environ.get("RANK", "0"))
         for item in filter(None, (s.strip() for s in spec.split(","))):
+            item, _, only = item.partition("/")
+            if only and int(only) != rank:
+                continue
             kind, _, rest = item.partition("@")
             step, _, arg = rest.partition(":")
             self.faults[(kind, int(step))] = arg

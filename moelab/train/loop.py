@@ -15,7 +15,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from moelab.models.router import update_selection_bias
 from moelab.optim.groups import HybridOptimizer
 from moelab.optim.schedules import lr_factor, schedule_state
 from moelab.train import checkpoint as ck
+from moelab.train import distributed as dp
 from moelab.train.faults import FaultPlan, StopSignals, UpdateGuard
 from moelab.train.host import compile_unavailable, cpu_precision_note, keep_freed_memory
 from moelab.train.memory import check_training_fits, check_update_fits
@@ -64,6 +65,8 @@ class Run:
     lock: RunLock | None = None  # held from setup to the end of train()
     restarted: bool = False  # --resume auto on a run that had stopped before its first checkpoint
     sinks: Sinks | None = None  # metrics.jsonl, TensorBoard, W&B: opened last in setup
+    rows: slice = field(default_factory=lambda: slice(None))  # its rows of each batch (data parallel: 1/N)
+    setup_config: dict = field(default_factory=dict)  # the config as set-up began: the other ranks' start
 
 
 def config_changes(before: Config, after: Config) -> list[str]:
@@ -123,6 +126,34 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
     A run directory this call starts (new, or a fork) is removed again if setting up fails, so the
     corrected command can use the same --out. `progress`: the stages of preparing raw data are
     said (None: on a terminal only, so a refusal in a log or pipe stays one line)."""
+    if dp.rank() > 0:
+        return _follow_setup()
+    try:
+        run = _setup_run(cfg, out, resume, overrides, smoke, progress)
+    except BaseException as exc:
+        why = str(exc) if isinstance(exc, UserError) else f"set-up failed on rank 0 ({type(exc).__name__})"
+        dp.share({"error": why})
+        raise
+    dp.share({"run_dir": str(run.run_dir), "ckpt": str(run.resumed_from) if run.resumed_from else None,
+              "config": run.setup_config, "smoke": smoke})
+    return run
+
+
+def _follow_setup() -> Run:
+    """Ranks after 0: wait for rank 0's set-up (data prepared, run directory written), then build
+    the same run from what it wrote, writing nothing."""
+    plan = dp.share(None)
+    if "error" in plan:  # rank 0 has said it: one message, not one per rank
+        raise SystemExit(2)
+    run_dir = Path(plan["run_dir"])
+    run = _setup(Config.from_dict(plan["config"]), run_dir, Path(plan["ckpt"]) if plan["ckpt"] else None,
+                 plan["smoke"], writer=False)
+    run.lock = RunLock(run_dir)  # rank 0 holds it
+    return run
+
+
+def _setup_run(cfg: Config, out: str | None, resume: str | None, overrides: tuple[str, ...], smoke: bool,
+               progress: bool | None) -> Run:
     ckpt = None
     if resume:
         run_dir, ckpt, cfg = _resume_target(resume, out, cfg, overrides)
@@ -147,8 +178,9 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
                 shutil.rmtree(tmp, ignore_errors=True)
         from moelab.data.prepare import stage_printer
 
+        setup_config = cfg.to_dict()  # what the other ranks set up from (before _setup resolves it)
         run = _setup(cfg, run_dir, ckpt, smoke, stage_printer(progress))
-        run.restarted = restart
+        run.restarted, run.setup_config = restart, setup_config
     except BaseException:
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -160,24 +192,27 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
     return run
 
 
-def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None) -> Run:
-    if ckpt is not None and run_dir != ckpt.parent.parent:
+def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None, writer: bool = True) -> Run:
+    """`writer`: this process writes the run's files (rank 0); the other ranks of a data-parallel
+    run call this after rank 0's set-up, and only read."""
+    if writer and ckpt is not None and run_dir != ckpt.parent.parent:
         _fork(ckpt, run_dir)
     if smoke:
         apply_smoke(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if ckpt is None:  # marks the folder as a run at once: one killed while preparing data is restartable
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if writer and ckpt is None:  # marks the folder as a run at once: one killed while preparing data is restartable
         write_atomic(run_dir / "config.yaml", cfg.to_yaml())
     t = cfg.train
     if t.threads:  # more threads than usable cores only contend for them (tiny preset: 150x slower)
         torch.set_num_threads(min(t.threads, cores()))
-    device = resolve_device(t.device)
+    device = dp.local_device(resolve_device(t.device))  # data parallel on CUDA: this rank's GPU
     if t.compile and (why := compile_unavailable(device)):
         raise UserError(f"train.compile=true: {why}; install it or set train.compile=false")
     if device.type == "cpu" and t.keep_freed_memory:
         keep_freed_memory()
     seed_all(t.seed)
-    if ckpt is None:
+    if writer and ckpt is None:
         FaultPlan().data_preparation()
     data = build_dataset(cfg.data, t.seq_len, run_dir, write_report=False, say=say)
     if t.init_from:  # the vocabulary is the source model's (often padded past its tokenizer's)
@@ -190,6 +225,7 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None)
     if data.train_windows.shape[0] < t.batch_size:
         raise UserError(f"training split has {data.train_windows.shape[0]} windows, fewer than "
                         f"train.batch_size={t.batch_size}; use more text or a smaller batch")
+    rows = dp.local_rows(t.batch_size)  # this process's share of each batch (all of it in one process)
     if ckpt is None and t.init_from:
         model = _initial_model(cfg, device)
     else:  # built on its device; a resume's weights come from the checkpoint, so no random init
@@ -202,16 +238,23 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None)
               BatchLoader(data.train_windows, t.batch_size, t.seed), guard, scaler,
               expert_counts_LE=torch.zeros(len(cfg.model.moe_layers), cfg.model.n_experts, dtype=torch.int64,
                                            device=device), provenance=origin)
+    run.rows = rows
     if ckpt is not None:
         run.resumed_from = ckpt
         run.changed_on_resume = config_changes(Config.from_yaml_file(ckpt / "config.yaml"), cfg)
         _restore(run, ckpt)
-        if run_dir == ckpt.parent.parent:
+        if writer and run_dir == ckpt.parent.parent:
             run.set_aside = _set_aside_later(run_dir, run.step)
     # a micro-batch whose activations cannot fit: one line now, not the kernel's kill at update 1
-    check_update_fits(model, run.optimizer, t, device, autocast_for(device, t.precision))
+    check_update_fits(model, run.optimizer, replace(t, batch_size=rows.stop - rows.start), device,
+                      autocast_for(device, t.precision))
+    if dp.active():  # after the check above, whose probe forwards each rank runs alone
+        for router in model.routers:  # the balancing loss on the whole micro-batch's expert shares
+            router.batch_share = dp.batch_share
     # within set-up, so that a failing W&B start removes the new run directory like any other failure
     run.sinks = Sinks(run_dir, run.step, t.tensorboard, t.wandb, cfg.to_dict())
+    if not writer:
+        return run
     # last: a resume refused above (another model shape, other data) leaves the run's files as they were
     write_atomic(run_dir / "config.yaml", cfg.to_yaml())
     write_atomic(run_dir / "run.json", json.dumps(origin, indent=1))
@@ -449,6 +492,8 @@ def _restore(run: Run, ckpt: Path) -> None:
 
 
 def save(run: Run, metrics: dict, name: str | None = None, faults: FaultPlan | None = None) -> Path:
+    if not is_rank0():  # data parallel: every rank holds the same state, and rank 0 writes it
+        return run.run_dir / "checkpoints" / (name or f"{ck.CKPT_PREFIX}{run.step:07d}")
     meta = dict(metrics, tokens=run.tokens, skipped=dict(run.guard.skipped), provenance=run.provenance)
     hook = faults.save_hook(run.step) if faults else None
     path = ck.save_checkpoint(run.run_dir, run.step, run.model, trainer_state(run), run.cfg.to_yaml(),
@@ -459,11 +504,19 @@ def save(run: Run, metrics: dict, name: str | None = None, faults: FaultPlan | N
 
 
 def run_eval(run: Run, full: bool = False) -> dict:
-    """Validation metrics in the training precision (the same autocast dtype as training)."""
+    """Validation metrics in the training precision (the same autocast dtype as training). Data
+    parallel: rank 0 evaluates and every rank gets its figures, so early stopping and the best
+    checkpoint are decided alike (the others wait)."""
     t = run.cfg.train
-    windows = spread_windows(run.data.val_windows, t.final_eval_windows if full else t.eval_windows)
-    return evaluate(run.model, windows, run.data.token_bytes, t.batch_size, run.device,
-                    AUTOCAST_DTYPES[t.precision])
+    result = None
+    if is_rank0():
+        windows = spread_windows(run.data.val_windows, t.final_eval_windows if full else t.eval_windows)
+        result = evaluate(run.model, windows, run.data.token_bytes, t.batch_size, run.device,
+                          AUTOCAST_DTYPES[t.precision])
+        if full:
+            result.update(xz_bits_per_byte(spread_windows(run.data.val_windows, t.final_eval_windows),
+                                           run.data.tokenizer.token_bytes()))
+    return dp.share(result)
 
 
 def routing_stats(counts_LE: torch.Tensor, dropped_LE: torch.Tensor) -> dict:
@@ -511,14 +564,21 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
         raise UserError("--smoke checks a config in a new run directory of its own; it does not combine with --resume")
     asked = (cfg.train.choice_tasks, cfg.train.choice_limit)
     choice = _load_choice_tasks(cfg.train)  # a bad task file fails before any data is prepared
-    done = _already_complete(resume, out, cfg, overrides) if resume else None
-    if done is not None:
-        return done
-    run = setup(cfg, out, resume, overrides, smoke, progress)
+    joined = dp.init(resolve_device(cfg.train.device))  # under torchrun: data parallel over its processes
     try:
-        return _train(run, choice, asked, progress, smoke)
+        if dp.active() and smoke:
+            raise UserError("--smoke checks a config in one process: run it without torchrun")
+        done = _already_complete(resume, out, cfg, overrides) if resume else None
+        if done is not None:
+            return done
+        run = setup(cfg, out, resume, overrides, smoke, progress)
+        try:
+            return _train(run, choice, asked, progress, smoke)
+        finally:
+            run.lock.release()
     finally:
-        run.lock.release()
+        if joined:
+            dp.shutdown()
 
 
 def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -> dict:
@@ -592,15 +652,18 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
                     _write(bar, say, f"early stop: no validation improvement in {t.patience} evaluations "
                                      f"(best {run.best['val_loss']:.4f} at step {run.best['step']})")
                 window.reset_clock()
-            if choice and t.choice_every and run.step % t.choice_every == 0 and run.step < t.steps:
+            if choice and t.choice_every and run.step % t.choice_every == 0 and run.step < t.steps and is_rank0():
                 _run_choice(run, choice, sinks, lambda m: _write(bar, say, m))
                 window.reset_clock()
-            if signals.requested or early_stopped or (run.step % t.save_every == 0 and run.step < t.steps):
+            requested = signals.requested
+            if dp.active() and dp.any_rank(requested is not None, run.device):  # all stop at one update
+                requested = requested or "stop requested on another rank"
+            if requested or early_stopped or (run.step % t.save_every == 0 and run.step < t.steps):
                 save(run, {"train_loss": window.last_loss}, faults=faults)
                 last_saved = run.step
                 window.reset_clock()
-            if signals.requested:
-                stopped = signals.requested
+            if requested:
+                stopped = requested
                 break
             if early_stopped:
                 break
@@ -619,13 +682,11 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
             if faults:
                 faults.final_eval(run.step)
             final = run_eval(run, full=True)
-            final.update(xz_bits_per_byte(spread_windows(run.data.val_windows, t.final_eval_windows),
-                                          run.data.tokenizer.token_bytes()))
             sinks.write({"step": run.step, "split": "val", "final": True, **final})
-            if choice:
+            if choice and is_rank0():
                 final["choice"] = _run_choice(run, choice, sinks, say)
         last = saved or run.run_dir / "checkpoints" / f"{ck.CKPT_PREFIX}{run.step:07d}"
-        if (last / "meta.json").is_file():  # the final metrics, with the weights they measured
+        if is_rank0() and (last / "meta.json").is_file():  # the final metrics, with the weights they measured
             ck.add_to_meta(last, {"val": final})
     sinks.close()
     if t.plot and is_rank0():
@@ -664,7 +725,7 @@ def _update(run: Run, forward, autocast, window: "_Window", faults: FaultPlan, s
     counts_LE = torch.zeros(L, E, dtype=torch.int64, device=run.device)
     dropped_LE = torch.zeros_like(counts_LE)
     for _ in range(t.grad_accum):
-        x, y = (b.to(run.device, non_blocking=True) for b in run.loader.next_batch())
+        x, y = (b[run.rows].to(run.device, non_blocking=True) for b in run.loader.next_batch())
         with autocast():
             out = forward(x, targets=y)
         loss = faults.loss(step_no, out.loss) if faults else out.loss
@@ -677,6 +738,11 @@ def _update(run: Run, forward, autocast, window: "_Window", faults: FaultPlan, s
             dropped_LE += torch.stack([r.dropped_E for r in out.router])
     if faults:
         faults.during_update(step_no)
+    if dp.active():  # as one process would have them for the whole batch
+        dp.average_gradients(run.model.parameters())
+        dp.sum_(sums).div_(dp.world())
+        dp.sum_(counts_LE)
+        dp.sum_(dropped_LE)
     if run.scaler is not None:
         for opt in run.optimizer.optimizers:
             run.scaler.unscale_(opt)
@@ -774,6 +840,8 @@ class _Window:
         self.flops_per_token = flops_per_token(run.cfg.model, run.cfg.train.seq_len,
                                                parameter_table(run.model))
         self.peak = peak_tflops(run.device, run.cfg.train.precision, run.cfg.train.peak_tflops)
+        if self.peak:  # tokens/s counts every rank's tokens: so does the peak
+            self.peak *= dp.world()
         self.clock = time.perf_counter()
 
     def add_update(self, losses_4: torch.Tensor, grad_norm: torch.Tensor, counts_LE, dropped_LE) -> None:
@@ -847,7 +915,7 @@ def _summary(run: Run, final: dict | None, window: _Window, stopped: str | None,
 
 
 def _printer(progress: bool | None):
-    quiet = progress is False
+    quiet = progress is False or not is_rank0()
     return (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
@@ -862,6 +930,6 @@ def _progress_bar(progress: bool | None, start: int, total: int):
     from tqdm import tqdm
 
     # progress=None: a bar on a terminal, plain log lines otherwise (CI, pipes).
-    disable = (not sys.stderr.isatty()) if progress is None else not progress
+    disable = ((not sys.stderr.isatty()) if progress is None else not progress) or not is_rank0()
     return tqdm(total=total, initial=start, disable=disable, unit="step", dynamic_ncols=True,
                 file=sys.stderr)

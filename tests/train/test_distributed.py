@@ -1,0 +1,85 @@
+"""Data-parallel training (torchrun, gloo on CPU) trains what one process trains: with the same
+global batch, every logged loss within 1e-5 of the single-process run, the same expert counts;
+a NaN or a SIGTERM on one rank is acted on by all; a checkpoint of 2 ranks resumes on 2 or on 1."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moelab import load_model
+from moelab.train.checkpoint import list_checkpoints
+
+# grad_accum 2: accumulation and the per-micro-batch balancing loss over ranks; z-loss and the
+# aux-free bias update (counts of the whole update, all ranks) are on too
+ARGS = ["--preset", "test", "train.steps=12", "train.save_every=6", "train.eval_every=6", "train.log_every=1",
+        "train.grad_accum=2", "model.z_loss_coef=0.001", "model.bias_update_rate=0.001", "train.threads=1"]
+
+
+def _run(*args, ranks: int = 1, faults: str = ""):
+    launch = [sys.executable, "-m", "moelab"] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "moelab"]
+    return subprocess.run([*launch, *map(str, args)], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, MOELAB_FAULTS=faults, OMP_NUM_THREADS="1"))
+
+
+def _records(run) -> dict:
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], r["split"]): r for r in recs if r["split"] in ("train", "val")}
+
+
+def _assert_same_training(ref, run, steps=range(1, 13)):
+    a, b = _records(ref), _records(run)
+    for step in steps:
+        x, y = a[step, "train"], b[step, "train"]
+        if x["loss"] is None:  # a skipped update: skipped in both
+            assert y["loss"] is None and y["skipped_total"] == x["skipped_total"], step
+            continue
+        for key in ("loss", "aux_loss", "z_loss", "grad_norm"):
+            assert abs(x[key] - y[key]) <= 1e-5, (step, key, x[key], y[key])
+    for key in a.keys() & b.keys():
+        if key[1] == "val":
+            assert abs(a[key]["loss"] - b[key]["loss"]) <= 1e-5, key
+    for (name, x), y in zip(load_model(ref).state_dict().items(), load_model(run).state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-5, rtol=0), name
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_what_one_process_trains(prepared, tmp_path):
+    ref = tmp_path / "one"
+    res = _run("train", "--out", ref, f"data.path={prepared}", *ARGS, faults="nan@3")
+    assert res.returncode == 0, res.stderr
+
+    # rank 1 alone gets a NaN loss at update 3 and a SIGTERM during update 7: both ranks skip
+    # update 3 and stop after 7 with one checkpoint
+    two = tmp_path / "two"
+    res = _run("train", "--out", two, f"data.path={prepared}", *ARGS, ranks=2, faults="nan@3/1,term@7/1")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("stopped by") == 1, res.stdout  # rank 0 reports, once
+    assert [c.name for c in list_checkpoints(two)] == ["step_0000006", "step_0000007"]
+    res = _run("train", "--resume", "auto", "--out", two, ranks=2)
+    assert res.returncode == 0, res.stderr
+    _assert_same_training(ref, two)
+    one, both = (json.loads((r / "summary.json").read_text()) for r in (ref, two))
+    assert both["skipped"]["nonfinite"] == one["skipped"]["nonfinite"] == 1
+    assert both["expert_counts"] == one["expert_counts"]  # routed alike, counted over both ranks
+    assert both["tokens"] == one["tokens"]
+
+    # the loader's position is the global batch's: the 2-rank checkpoint continues in one process
+    fork = tmp_path / "fork"
+    res = _run("train", "--resume", two / "checkpoints" / "step_0000006", "--out", fork)
+    assert res.returncode == 0, res.stderr
+    _assert_same_training(ref, fork, steps=range(7, 13))
+
+
+@pytest.mark.slow
+def test_a_batch_that_does_not_split_over_the_ranks_is_one_line(prepared, tmp_path):
+    res = _run("train", "--out", tmp_path / "odd", f"data.path={prepared}", *ARGS, "train.batch_size=7", ranks=2)
+    assert res.returncode != 0
+    errors = [line for line in res.stderr.splitlines() if line.startswith("moelab: error:")]
+    assert errors == ["moelab: error: train.batch_size=7 does not split evenly over 2 processes; "
+                      "use a multiple of 2"], res.stderr
+    assert not (tmp_path / "odd").exists()
