@@ -54,9 +54,11 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def init(device: torch.device, timeout_s: float = 1800.0) -> bool:
+def init(device: torch.device, timeout_s: float = 6 * 3600.0) -> bool:
     """Join the process group torchrun describes (MASTER_ADDR, RANK, ...); True if this call did.
-    CPU tensors go over gloo; CUDA tensors over NCCL."""
+    CPU tensors go over gloo; CUDA tensors over NCCL. The timeout is long: the other ranks wait in
+    a collective while rank 0 prepares a corpus or runs the final evaluation (torchrun stops every
+    rank as soon as one fails, so a failure does not wait for it)."""
     if not launched() or active():
         return False
     if not dist.is_available():
