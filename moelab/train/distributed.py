@@ -159,8 +159,3 @@ def average_gradients(params) -> None:
         bucket.append(p.grad)
         size += p.numel()
     flush()
-
-
-def barrier() -> None:
-    if active():
-        dist.barrier()

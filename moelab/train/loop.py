@@ -126,7 +126,7 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
     A run directory this call starts (new, or a fork) is removed again if setting up fails, so the
     corrected command can use the same --out. `progress`: the stages of preparing raw data are
     said (None: on a terminal only, so a refusal in a log or pipe stays one line)."""
-    if dp.rank() > 0:
+    if not is_rank0():
         return _follow_setup()
     try:
         run = _setup_run(cfg, out, resume, overrides, smoke, progress)
@@ -135,7 +135,7 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
         dp.share({"error": why})
         raise
     dp.share({"run_dir": str(run.run_dir), "ckpt": str(run.resumed_from) if run.resumed_from else None,
-              "config": run.setup_config, "smoke": smoke})
+              "config": run.setup_config})
     return run
 
 
@@ -147,7 +147,7 @@ def _follow_setup() -> Run:
         raise SystemExit(2)
     run_dir = Path(plan["run_dir"])
     run = _setup(Config.from_dict(plan["config"]), run_dir, Path(plan["ckpt"]) if plan["ckpt"] else None,
-                 plan["smoke"], writer=False)
+                 smoke=False, writer=False)  # train() refuses --smoke under torchrun
     run.lock = RunLock(run_dir)  # rank 0 holds it
     return run
 
