@@ -16,8 +16,6 @@ from moelab.errors import UserError
 
 def _cmd_train(args) -> int:
     from moelab.config import build_config
-    from moelab.train.loop import train
-    from moelab.train.monitor import is_rank0, throughput_text
 
     if args.resume and (args.preset or args.config):
         raise UserError("--resume continues a run with its own saved config; drop --preset/--config "
@@ -32,6 +30,9 @@ def _cmd_train(args) -> int:
               "# n_kv_heads, dense_dim, max_seq_len ...); model.vocab_size becomes the trained tokenizer's.\n"
               + cfg.to_yaml(), end="")
         return 0
+    from moelab.train.loop import train  # after the config: a typo is refused before torch loads (2 s)
+    from moelab.train.monitor import is_rank0, throughput_text
+
     s = train(cfg, out=args.out, resume=args.resume, overrides=tuple(args.overrides), smoke=args.smoke)
     if not is_rank0():  # data parallel (torchrun): rank 0 reports
         return 0

@@ -32,9 +32,9 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from moelab.config import SHARD_TOKENS, TOKENIZER_SAMPLE
 from moelab.data.parallel import batches
@@ -43,6 +43,9 @@ from moelab.data.split import hash_unit, split_documents
 from moelab.data.tokenizer import load_tokenizer, train_bpe
 from moelab.errors import UserError
 from moelab.files import staged_folder
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "manifest.json"
 CHUNK_BYTES = 16 << 20  # text tokenized per batch
@@ -69,6 +72,8 @@ class TokenWindows:
         return self.n
 
     def __getitem__(self, idx) -> torch.Tensor:
+        import torch  # here: `moelab data prepare` never needs it (2 s of its start-up)
+
         if isinstance(idx, torch.Tensor):
             idx = idx.numpy()
         if len(self._views) == 1:

@@ -111,10 +111,11 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-@torch.compiler.disable
 def batch_share(counts_E: torch.Tensor, n_slots: int) -> torch.Tensor:
     """Each expert's share of the whole micro-batch's slots: counts summed over ranks (every rank
-    routes the same number of slots), as one process routing the whole batch would count them."""
+    routes the same number of slots), as one process routing the whole batch would count them.
+    Called outside any compiled graph: `torch.compiler.disable(batch_share)` where it is installed
+    (a decorator here would import torch._dynamo, 1.5 s, in every command that imports the loop)."""
     total = counts_E.clone()
     dist.all_reduce(total)
     return total.float() / max(n_slots * dist.get_world_size(), 1)

@@ -250,7 +250,7 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
                       autocast_for(device, t.precision))
     if dp.active():  # after the check above, whose probe forwards each rank runs alone
         for router in model.routers:  # the balancing loss on the whole micro-batch's expert shares
-            router.batch_share = dp.batch_share
+            router.batch_share = torch.compiler.disable(dp.batch_share)
     # within set-up, so that a failing W&B start removes the new run directory like any other failure
     run.sinks = Sinks(run_dir, run.step, t.tensorboard, t.wandb, cfg.to_dict())
     if not writer:
