@@ -47,11 +47,12 @@ def trained(tmp_path_factory):
     items = [{"context": f"marker{i:03d}x {words[i % 6]}", "choices": [words[(i + j) % 6] + " model" for j in range(3)],
               "gold": i % 3} for i in range(8)]
     (root / "mc.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    # a child process: the report records the command line that started the run
     res = moelab("train", "--preset", "test", "--out", root / "run", f"data.source={corpus}",
                  "data.vocab_size=300", "train.save_every=10", "train.keep_last=0", "train.plot=true",
                  "train.report=true", f"train.choice_tasks={root / 'mc.jsonl'}", "train.choice_every=10")
     assert res.returncode == 0, res.stderr
-    res = moelab("export", root / "run", "--out", root / "hf")
+    res = run_cli("export", root / "run", "--out", root / "hf")  # in this process: transformers loads once
     assert res.returncode == 0, res.stderr
     return root
 

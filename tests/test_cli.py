@@ -39,6 +39,26 @@ def test_unknown_override_key():
     _assert_user_error(moelab("train", "model.n_expert=8"), "model.n_experts")
 
 
+def test_a_config_error_and_data_prepare_need_no_torch_and_the_loop_no_compiler(tmp_path):
+    """A typo in a preset or key was refused only after importing torch (2 s), and `data prepare`
+    (numpy and tokenizers) imported it too; every command importing the training loop imported
+    torch._dynamo (1.5 s more) through a decorator on a data-parallel helper."""
+    from tests.conftest import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=8, words_per_doc=50)
+    code = ("import sys\n"
+            "from moelab.cli import main\n"
+            "rc = main(['train', '--preset', 'huge'])\n"
+            f"rc2 = main(['data', 'prepare', {str(corpus)!r}, '--out', {str(tmp_path / 'prep')!r}, "
+            "'--vocab-size', '260'])\n"
+            "print(rc, rc2, 'torch' in sys.modules)\n"
+            "import moelab.train.loop\n"
+            "print('torch' in sys.modules, 'torch._dynamo' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.stdout.splitlines()[-2:] == ["2 0 False", "True False"], res.stdout + res.stderr
+    assert "unknown preset 'huge'" in res.stderr and (tmp_path / "prep" / "manifest.json").is_file()
+
+
 def test_corpus_without_usable_text(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -185,10 +205,12 @@ def test_fork_from_a_checkpoint_says_what_changed(trained, tmp_path):
 def test_resume_with_another_model_shape_is_one_line(trained, tmp_path):
     """model.d_model or model.n_experts on a resume was a state_dict size-mismatch traceback; a new
     train.seq_len was reported as a changed data fingerprint only."""
+    from tests.conftest import run_cli as moelab  # refusals in set-up: no need for 5 s process starts
+
     src = trained / "run" / "checkpoints" / "step_0000010"
     for override, changed in (("model.d_model=48", "model.d_model 64 -> 48"),
                               ("model.n_experts=8", "model.n_experts 4 -> 8")):
-        res = moelab("train", "--resume", str(src), "--out", str(tmp_path / "fork"), override)
+        res = moelab("train", "--resume", src, "--out", tmp_path / "fork", override)
         _assert_user_error(res, f"its weights do not fit the model as configured now ({changed})")
         assert not (tmp_path / "fork").exists()
     res = moelab("train", "--resume", str(src), "--out", str(tmp_path / "fork"), "train.seq_len=24")

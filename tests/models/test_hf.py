@@ -269,8 +269,7 @@ def test_trained_run_exports_and_converts_via_cli(tmp_path):
     run = tmp_path / "run"
     train(build_config("test", None, ["train.steps=3", "train.eval_every=3"]), out=str(run), progress=False)
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "moelab", *args], capture_output=True, text=True)
+    from tests.conftest import run_cli as cli  # in this process: transformers is loaded once (6 s a call)
 
     res = cli("export", str(run), "--to", "hf", "--out", str(tmp_path / "hf"))
     assert res.returncode == 0, res.stderr
