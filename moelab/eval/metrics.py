@@ -44,30 +44,34 @@ def spread_windows(windows, n: int):
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, token_bytes: torch.Tensor, batch_size: int,
              device: torch.device, autocast_dtype: torch.dtype | None = None,
-             chunk_logits: int = CHUNK_LOGITS) -> dict:
+             chunk_logits: int = CHUNK_LOGITS, part: tuple[int, int] = (0, 1), reduce=None) -> dict:
     """Metrics over `windows` (N, S + 1) in batches of `batch_size` windows; the logits are
-    formed `chunk_logits` at a time (whole positions), never for the whole batch."""
+    formed `chunk_logits` at a time (whole positions), never for the whole batch.
+
+    Split over processes (data parallel): `part` = (i, n) evaluates the i-th of n contiguous runs
+    of whole batches, the batches one process would form, and `reduce` sums a tensor over the
+    processes in place: every one returns the metrics of all the windows."""
     was_training = model.training
     model.eval()
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    n_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, correct, bytes, tokens
     token_bytes = token_bytes.to(device)
-    n_tokens = 0
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
            else contextlib.nullcontext())
-    for i in range(0, windows.shape[0], batch_size):
-        w = windows[i:i + batch_size].to(device)
+    n_batches = -(-windows.shape[0] // batch_size)
+    i, n = part
+    for b in range(i * n_batches // n, (i + 1) * n_batches // n):
+        w = windows[b * batch_size:(b + 1) * batch_size].to(device)
         x, y = w[:, :-1], w[:, 1:]
         with ctx:
             out = model(x, logits=False)
             batch_nll, batch_hits = score_tokens(out, out.hidden.flatten(0, 1), y.flatten(), model.cfg.vocab_size,
                                                  chunk_logits)
-            nll += batch_nll
-            correct += batch_hits
-        n_bytes += token_bytes[y].sum()
-        n_tokens += y.numel()
+        sums += torch.stack([batch_nll, batch_hits.double(), token_bytes[y].sum().double(),
+                             torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
     model.train(was_training)
-    loss = nll.item() / max(n_tokens, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct.item() / max(n_tokens, 1),
-            "bpb": nll.item() / math.log(2) / max(n_bytes.item(), 1.0), "tokens": n_tokens}
+    if reduce is not None:
+        reduce(sums)
+    nll, correct, n_bytes, n_tokens = sums.tolist()
+    loss = nll / max(n_tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "acc": correct / max(n_tokens, 1),
+            "bpb": nll / math.log(2) / max(n_bytes, 1.0), "tokens": int(n_tokens)}

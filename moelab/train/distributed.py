@@ -13,8 +13,8 @@ N ranks train what one process trains with the same settings, to float rounding:
 - the logged losses, the NaN/spike guard's inputs and a stop request (SIGTERM, Ctrl-C) are
   agreed across ranks, so every rank skips, stops and saves at the same update.
 Rank 0 does what writes: the run directory, data preparation, checkpoints, metrics, reports;
-the other ranks wait for its set-up, then read what it wrote. Every rank evaluates (the same
-windows): evaluation is not split yet.
+the other ranks wait for its set-up, then read what it wrote. Evaluation is split: each rank
+scores its 1/N of the batches one process would form, and the sums are added over ranks.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ def world() -> int:
 
 def rank() -> int:
     return dist.get_rank() if active() else 0
+
+
+def processes_sharing(device: torch.device) -> int:
+    """How many of the run's processes hold their state in `device`'s memory: on CPU, those torchrun
+    started on this machine (LOCAL_WORLD_SIZE); a GPU is each process's own."""
+    if device.type != "cpu" or not launched():
+        return 1
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE", "1"))
 
 
 def local_device(device: torch.device) -> torch.device:

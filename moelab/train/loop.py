@@ -158,8 +158,10 @@ def _setup_run(cfg: Config, out: str | None, resume: str | None, overrides: tupl
     if resume:
         run_dir, ckpt, cfg = _resume_target(resume, out, cfg, overrides)
     # before any data is prepared or folder made: a model too large is said in one line, not killed
-    check_training_fits(cfg, resolve_device(cfg.train.device), f"the model of {run_dir}" if resume else (
-        f"train.init_from={cfg.train.init_from}" if cfg.train.init_from else f"preset {cfg.preset}"))
+    device = resolve_device(cfg.train.device)
+    check_training_fits(cfg, device, f"the model of {run_dir}" if resume else (
+        f"train.init_from={cfg.train.init_from}" if cfg.train.init_from else f"preset {cfg.preset}"),
+        processes=dp.processes_sharing(device))
     if not resume:
         label = f"from-{Path(cfg.train.init_from).expanduser().resolve().name}" if cfg.train.init_from else cfg.preset
         run_dir = new_run_dir(out, label + ("-smoke" if smoke else ""))
@@ -505,17 +507,15 @@ def save(run: Run, metrics: dict, name: str | None = None, faults: FaultPlan | N
 
 def run_eval(run: Run, full: bool = False) -> dict:
     """Validation metrics in the training precision (the same autocast dtype as training). Data
-    parallel: rank 0 evaluates and every rank gets its figures, so early stopping and the best
-    checkpoint are decided alike (the others wait)."""
+    parallel: each rank evaluates its 1/N of the batches one process would form and the sums are
+    added up, so every rank gets the same figures (early stopping and the best checkpoint are
+    decided alike); rank 0 adds the xz baseline, which needs no model."""
     t = run.cfg.train
-    result = None
-    if is_rank0():
-        windows = spread_windows(run.data.val_windows, t.final_eval_windows if full else t.eval_windows)
-        result = evaluate(run.model, windows, run.data.token_bytes, t.batch_size, run.device,
-                          AUTOCAST_DTYPES[t.precision])
-        if full:
-            result.update(xz_bits_per_byte(spread_windows(run.data.val_windows, t.final_eval_windows),
-                                           run.data.tokenizer.token_bytes()))
+    windows = spread_windows(run.data.val_windows, t.final_eval_windows if full else t.eval_windows)
+    result = evaluate(run.model, windows, run.data.token_bytes, t.batch_size, run.device,
+                      AUTOCAST_DTYPES[t.precision], part=(dp.rank(), dp.world()), reduce=dp.sum_)
+    if full and is_rank0():
+        result.update(xz_bits_per_byte(windows, run.data.tokenizer.token_bytes()))
     return dp.share(result)
 
 

@@ -180,9 +180,10 @@ def available_bytes(device: torch.device) -> int | None:
     return min(known) if known else None
 
 
-def check_training_fits(cfg, device: torch.device, what: str) -> None:
+def check_training_fits(cfg, device: torch.device, what: str, processes: int = 1) -> None:
     """UserError when the training state of `cfg`'s model alone exceeds what `device` has available
-    (`what`: the run, as the message names it)."""
+    (`what`: the run, as the message names it). `processes`: how many processes each hold that
+    state in this memory (data parallel: the ranks torchrun starts on one CPU machine)."""
     from moelab.models.accounting import build_meta_model
 
     available = available_bytes(device)
@@ -192,15 +193,18 @@ def check_training_fits(cfg, device: torch.device, what: str) -> None:
     probe.resolve(vocab_size=cfg.model.vocab_size or MIN_VOCAB)
     need = training_state_bytes(build_meta_model(probe.model), cfg.optim.mode)
     total = need["weights"] + need["gradients"] + need["optimizer"]
-    if total <= available:
+    if total * processes <= available:
         return
     where = "this machine" if device.type == "cpu" else str(device)
+    each = (f" in each of the {processes} processes on this machine ({total * processes / GB:.1f} GB in all)"
+            if processes > 1 else "")
+    fewer = ", fewer processes per machine" if processes > 1 else ""
     raise UserError(
         f"{what} cannot fit: training its {need['parameters'] / 1e9:.2f}B parameters needs at least "
         f"{total / GB:.1f} GB (fp32 weights {need['weights'] / GB:.1f} GB, gradients {need['gradients'] / GB:.1f} GB, "
-        f"optimizer state {need['optimizer'] / GB:.1f} GB; activations come on top) and {where} has "
+        f"optimizer state {need['optimizer'] / GB:.1f} GB; activations come on top){each} and {where} has "
         f"{available / GB:.1f} GB available; choose a smaller model (a -tiny preset, or fewer model.n_layers, "
-        f"model.n_experts, model.d_model) or a device with more memory")
+        f"model.n_experts, model.d_model){fewer} or a device with more memory")
 
 
 def check_weights_fit(model_cfg, device: torch.device | str, what: str) -> None:

@@ -74,6 +74,31 @@ def test_evaluation_projects_chunks_of_positions_not_whole_batches(trained):
     assert chunked["bpb"] == pytest.approx(whole["bpb"], rel=1e-6)
 
 
+def test_evaluation_split_over_processes_covers_each_batch_once(trained):
+    """Data parallel: process i of n scores its run of the whole batches one process forms, and
+    the processes' sums add up to one process's figures (here 3 parts of 7 batches, one of 2
+    windows, summed as torch.distributed would sum them)."""
+    from moelab.eval.metrics import evaluate, spread_windows
+
+    target = load_target(str(trained / "run"))
+    windows, _ = eval_windows_for(target, "val", None, None, 64)
+    w = spread_windows(windows, 20)
+    token_bytes = torch.tensor([len(b) for b in target.tokenizer.token_bytes()], dtype=torch.float64)
+    whole = evaluate(target.model, w, token_bytes, 3, torch.device("cpu"))
+    seen, hook = _head_rows(target.model)
+    parts = []
+    try:
+        for i in range(3):
+            evaluate(target.model, w, token_bytes, 3, torch.device("cpu"), part=(i, 3), reduce=parts.append)
+    finally:
+        hook.remove()
+    assert seen == [3 * 64] * 6 + [2 * 64]  # every batch once, as one process forms them
+    total = torch.stack(parts).sum(0)
+    assert [p[3].item() for p in parts] == [2 * 3 * 64, 2 * 3 * 64, (3 + 3 + 2) * 64]  # batches 0-1, 2-3, 4-6
+    assert total[3].item() == whole["tokens"] and total[1].item() / total[3].item() == whole["acc"]
+    assert total[0].item() / total[3].item() == pytest.approx(whole["loss"], rel=1e-12)
+
+
 def test_scoring_generation_and_routing_project_only_the_positions_they_use(trained):
     from moelab.analysis.collect import measure
     from moelab.eval.choice import score_continuations

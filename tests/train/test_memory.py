@@ -53,6 +53,38 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_is_prepared(tmp_path
     assert not out.exists()
 
 
+def test_processes_on_one_machine_each_count_their_training_state(monkeypatch):
+    """Data parallel on one CPU machine: every rank holds the weights, gradients and optimizer
+    state, so a model that fits once but not twice is refused for 2 ranks (it was checked once)."""
+    from moelab.errors import UserError
+    from moelab.models.accounting import build_meta_model
+    from moelab.train import distributed as dp
+    from moelab.train.memory import check_training_fits
+
+    cpu = torch.device("cpu")
+    if available_bytes(cpu) is None:
+        pytest.skip("no /proc/meminfo or cgroup files here")
+
+    def state(n_experts):
+        cfg = build_config("test", None, [f"model.n_experts={n_experts}"])
+        cfg.resolve(vocab_size=260)
+        need = training_state_bytes(build_meta_model(cfg.model), cfg.optim.mode)
+        return cfg, need["weights"] + need["gradients"] + need["optimizer"]
+
+    per_expert = (state(8)[1] - state(4)[1]) / 4
+    n = int((0.6 * available_bytes(cpu) - state(4)[1]) // per_expert) + 4  # 0.6 of the memory, in one process
+    cfg, need = state(n)
+    assert 0.5 < need / available_bytes(cpu) < 0.7
+    assert dp.processes_sharing(cpu) == 1
+    check_training_fits(cfg, cpu, "preset test")  # one process: fits
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert dp.processes_sharing(cpu) == 2 and dp.processes_sharing(torch.device("cuda", 0)) == 1
+    with pytest.raises(UserError, match="in each of the 2 processes on this machine") as exc:
+        check_training_fits(cfg, cpu, "preset test", processes=dp.processes_sharing(cpu))
+    assert "fewer processes per machine" in str(exc.value)
+
+
 def test_a_model_that_cannot_fit_is_refused_before_its_weights_are_read(tmp_path):
     """DeepSeek-V3's 671B parameters (2.7 TB in fp32) as a Hugging Face directory and as a moelab
     run whose weights file is only a stub: the check must come before any read (which would fail
