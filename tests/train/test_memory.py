@@ -72,9 +72,10 @@ def test_processes_on_one_machine_each_count_their_training_state(monkeypatch):
         return cfg, need["weights"] + need["gradients"] + need["optimizer"]
 
     per_expert = (state(8)[1] - state(4)[1]) / 4
-    n = int((0.6 * available_bytes(cpu) - state(4)[1]) // per_expert) + 4  # 0.6 of the memory, in one process
+    # 2/3 of the memory in one process: a third of slack either way for what other processes do meanwhile
+    n = int((available_bytes(cpu) * 2 / 3 - state(4)[1]) // per_expert) + 4
     cfg, need = state(n)
-    assert 0.5 < need / available_bytes(cpu) < 0.7
+    assert 0.6 < need / available_bytes(cpu) < 0.75
     assert dp.processes_sharing(cpu) == 1
     check_training_fits(cfg, cpu, "preset test")  # one process: fits
     monkeypatch.setenv("WORLD_SIZE", "2")
