@@ -93,7 +93,7 @@ def convert(hf_dir: str, out: str) -> Path:
 def export(run: str, to: str, out: str, arch: str = "auto", dtype: str = "auto") -> tuple[Path, str]:
     """Export to a Hugging Face directory in `dtype`; auto: fp32 for a run (its weights, exactly),
     an HF directory's own dtype for one (so bf16 in, bf16 out). Returns (directory, dtype)."""
-    from moelab.models.hf import export_hf, stored_dtype
+    from moelab.models.hf import check_export_target, export_hf, stored_dtype
     from moelab.train.checkpoint import is_hf_dir, load_model, resolve_checkpoint
 
     if to != "hf":
@@ -101,6 +101,7 @@ def export(run: str, to: str, out: str, arch: str = "auto", dtype: str = "auto")
 
         hint = f"; for that architecture: --to hf --arch {to}" if to in ARCHS else ""
         raise UserError(f"unknown export format '{to}' (supported: hf){hint}")
+    check_export_target(out, "fp32" if dtype == "auto" else dtype)  # before the weights are read
     model = load_model(run)  # an HF directory too (written again in moelab's layout: 5 GB shards, its tokenizer)
     hf_in = is_hf_dir(run)
     tok = Path(run).expanduser() if hf_in else resolve_checkpoint(run).parent.parent / "tokenizer"

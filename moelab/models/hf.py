@@ -486,6 +486,17 @@ def _write_weights(model, hf_meta, folder: Path, dtype: torch.dtype, max_shard: 
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def check_export_target(out_dir: str | Path, dtype: str) -> Path:
+    """The export's folder, refused when it holds anything (or is a file) or `dtype` is unknown:
+    said before a model is loaded, which for a large one takes minutes."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output {'directory' if out.is_dir() else 'path'} {out} is not empty; choose another --out")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown export dtype '{dtype}' (supported: {', '.join(DTYPES)})")
+    return out
+
+
 def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: str | int = "5GB",
               extra_files: tuple[Path, ...] = (), dtype: str = "fp32") -> Path:
     """A directory that transformers' `from_pretrained` loads, as its own `save_pretrained` would
@@ -494,11 +505,7 @@ def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: st
     at most 5 GB, the Hub's usual size. Written a layer at a time (see `_write_weights`), into a
     temporary folder beside `out_dir` renamed into place when complete: a failure (a full disk, an
     fp16 overflow) leaves nothing, not a directory that loads half a model."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output {'directory' if out.is_dir() else 'path'} {out} is not empty; choose another --out")
-    if dtype not in DTYPES:
-        raise UserError(f"unknown export dtype '{dtype}' (supported: {', '.join(DTYPES)})")
+    out = check_export_target(out_dir, dtype)
     max_shard = _size_bytes(max_shard_size)
     transformers = _require_transformers()
     config = hf_config(model.cfg, arch)  # an architecture that cannot hold the model is refused first

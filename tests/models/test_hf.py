@@ -352,3 +352,9 @@ def test_a_damaged_hf_weights_file_is_one_line(tmp_path):
     with pytest.raises(UserError, match=rf"cannot load {tmp_path / 'cut'}: a weights file is damaged \("):
         load_hf(tmp_path / "cut")
     assert torch.equal(load_hf(tmp_path / "hf").embed.weight, ours.embed.weight)
+    # an --out that holds files is refused before any weight is read (for a large model, minutes
+    # of loading came first): the damaged file is never reached
+    from tests.conftest import run_cli
+
+    r = run_cli("export", tmp_path / "cut", "--out", tmp_path / "hf")
+    assert r.returncode == 2 and f"output directory {tmp_path / 'hf'} is not empty" in r.stderr, r.stderr
