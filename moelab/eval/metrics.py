@@ -54,6 +54,7 @@ def evaluate(model, windows: torch.Tensor, token_bytes: torch.Tensor, batch_size
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, correct, bytes, tokens
+    n_tokens = 0
     token_bytes = token_bytes.to(device)
     ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
            else contextlib.nullcontext())
@@ -66,8 +67,9 @@ def evaluate(model, windows: torch.Tensor, token_bytes: torch.Tensor, batch_size
             out = model(x, logits=False)
             batch_nll, batch_hits = score_tokens(out, out.hidden.flatten(0, 1), y.flatten(), model.cfg.vocab_size,
                                                  chunk_logits)
-        sums += torch.stack([batch_nll, batch_hits.double(), token_bytes[y].sum().double(),
-                             torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
+        sums[:3] += torch.stack([batch_nll, batch_hits.double(), token_bytes[y].sum().double()])
+        n_tokens += y.numel()
+    sums[3] = n_tokens  # one write, not a host-to-device copy per batch
     model.train(was_training)
     if reduce is not None:
         reduce(sums)
