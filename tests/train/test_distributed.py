@@ -14,9 +14,13 @@ from moelab import load_model
 from moelab.train.checkpoint import list_checkpoints
 
 # grad_accum 2: accumulation and the per-micro-batch balancing loss over ranks; z-loss and the
-# aux-free bias update (counts of the whole update, all ranks) are on too
+# aux-free bias update (counts of the whole update, all ranks) are on too. Muon's Newton-Schulz
+# runs in fp32: in bf16 (its default on a CPU with fast bf16 matmuls, e.g. AVX512-BF16) a gradient
+# that differs in its last fp32 bit, as a sum over ranks does, can round to a different bf16 value,
+# and over 12 updates the losses drift apart by 3e-4: rounding, not a difference in what is trained
 ARGS = ["--preset", "test", "train.steps=12", "train.save_every=6", "train.eval_every=6", "train.log_every=1",
-        "train.grad_accum=2", "model.z_loss_coef=0.001", "model.bias_update_rate=0.001", "train.threads=1"]
+        "train.grad_accum=2", "model.z_loss_coef=0.001", "model.bias_update_rate=0.001", "train.threads=1",
+        "optim.ns_dtype=fp32"]
 
 
 def _run(*args, ranks: int = 1, faults: str = ""):
