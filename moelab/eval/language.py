@@ -90,7 +90,7 @@ def eval_windows_for(target, split: str, data: str | None, source: str | None, s
 def eval_language(target, split: str = "val", data: str | None = None, source: str | None = None,
                   seq_len: int | None = None, max_windows: int = 0, batch_size: int = 8,
                   precision: str | None = None, reference: bool = True) -> dict:
-    from moelab.train.host import cpu_precision_note
+    from moelab.train.host import precision_note
     from moelab.train.loop import AUTOCAST_DTYPES
 
     run_cfg = target.cfg
@@ -105,7 +105,7 @@ def eval_language(target, split: str = "val", data: str | None = None, source: s
     table = target.tokenizer.token_bytes()
     token_bytes = torch.tensor([len(b) for b in table], dtype=torch.float64)
     device = next(target.model.parameters()).device
-    note = cpu_precision_note(device, precision, AUTOCAST_DTYPES[precision], "--precision fp32")
+    note = precision_note(device, precision, AUTOCAST_DTYPES[precision], "--precision fp32")
     if note:
         print(note, file=sys.stderr)
     result = evaluate(target.model, windows, token_bytes, batch_size, device, AUTOCAST_DTYPES[precision])

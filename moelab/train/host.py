@@ -1,7 +1,7 @@
 """Host-process settings for CPU training: glibc malloc tuned so a step's tensors reuse memory,
-and the notes shown when the chosen precision is the slow one on this CPU: half precision without
-fast matrix multiplications, or fp32 where bf16 ones are markedly faster (measured in
-`moelab.hardware`).
+and the notes shown when the chosen precision is the slow one on this machine: on a CPU, half
+precision without fast matrix multiplications, or fp32 where bf16 ones are markedly faster
+(measured in `moelab.hardware`); on a CUDA GPU, fp32, which leaves the tensor cores idle.
 
 A training step allocates and frees the same large activation and gradient buffers every step.
 glibc's defaults hand some of that memory back to the kernel between steps (heap trimming, and
@@ -85,15 +85,34 @@ def bf16_speedup_note(slowdown: float, fix: str = "train.precision=bf16") -> str
             f"(native bf16); {fix} (autocast, weights stay fp32) will run faster here")
 
 
-def cpu_precision_note(device: torch.device, precision: str, dtype: torch.dtype | None,
-                       fix: str = "train.precision=fp32", faster: str | None = None) -> str | None:
-    """The note for a run on `device` in `precision` (autocast `dtype`, None for fp32), measured
-    on CPU only (None everywhere else): `half_precision_note` for half precision; for fp32, with
-    `faster` (the bf16 setting to suggest) given, `bf16_speedup_note`."""
+def tensor_core_note(capability: tuple[int, int], setting: str = "train.precision") -> str | None:
+    """The line to show an fp32 run on a CUDA GPU of this compute capability: torch multiplies
+    fp32 matrices on the plain fp32 units (TF32 is off by default), an order of magnitude below
+    the tensor cores' half-precision rate on Ampere and later (H100: 67 against 989 TFLOP/s).
+    bf16 from Ampere (8.0) on, fp16 (with its gradient scaler) on Volta and Turing; None before."""
+    if capability >= (8, 0):
+        fix = f"{setting}=bf16 (autocast, weights stay fp32)"
+    elif capability >= (7, 0):
+        fix = f"{setting}=fp16 (autocast with a gradient scaler, weights stay fp32)"
+    else:
+        return None
+    return (f"note: fp32 matrix multiplications on this GPU (compute capability {capability[0]}.{capability[1]}) "
+            f"do not use its tensor cores; {fix} runs them there, typically several times faster")
+
+
+def precision_note(device: torch.device, precision: str, dtype: torch.dtype | None,
+                   fix: str = "train.precision=fp32", faster: str | None = None) -> str | None:
+    """The note for a run on `device` in `precision` (autocast `dtype`, None for fp32), or None.
+    On CPU, measured: `half_precision_note` for half precision; for fp32, with `faster` (the
+    precision setting to suggest, e.g. "train.precision") given, `bf16_speedup_note`. On CUDA,
+    an fp32 run given `faster` gets `tensor_core_note`; half precision is native there."""
+    if device.type == "cuda":
+        return tensor_core_note(torch.cuda.get_device_capability(device), faster) if dtype is None and faster \
+            else None
     if device.type != "cpu":
         return None
     if dtype is None:
-        return bf16_speedup_note(cpu_matmul_slowdown(torch.bfloat16), faster) if faster else None
+        return bf16_speedup_note(cpu_matmul_slowdown(torch.bfloat16), f"{faster}=bf16") if faster else None
     return half_precision_note(precision, cpu_matmul_slowdown(dtype), fix)
 
 

@@ -37,7 +37,7 @@ from moelab.optim.schedules import lr_factor, schedule_state
 from moelab.train import checkpoint as ck
 from moelab.train import distributed as dp
 from moelab.train.faults import FaultPlan, StopSignals, UpdateGuard
-from moelab.train.host import compile_unavailable, cpu_precision_note, keep_freed_memory
+from moelab.train.host import compile_unavailable, keep_freed_memory, precision_note
 from moelab.train.memory import check_training_fits, check_update_fits
 from moelab.train.monitor import Sinks, flops_per_token, is_rank0, peak_memory_gb, peak_tflops, plot_curves
 from moelab.train.rundir import RunLock, has_entries, metrics_until, new_run_dir, provenance
@@ -605,7 +605,7 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
     if t.threads > cores():
         say(f"train.threads={t.threads}: this process may use {cores()} CPU cores; running {cores()} threads "
             "(more would only contend for them)")
-    note = cpu_precision_note(run.device, t.precision, AUTOCAST_DTYPES[t.precision], faster="train.precision=bf16")
+    note = precision_note(run.device, t.precision, AUTOCAST_DTYPES[t.precision], faster="train.precision")
     if note:
         say(note)
     if balance_terms(cfg.model):

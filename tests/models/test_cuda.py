@@ -141,6 +141,16 @@ def test_cuda_load_model_reads_a_checkpoint_straight_onto_the_gpu(tmp_path):
         assert torch.equal(a.cpu(), b), name
 
 
+def test_cuda_fp32_run_is_pointed_to_the_tensor_cores():
+    from moelab.train.host import precision_note, tensor_core_note
+
+    dev = torch.device("cuda")
+    note = precision_note(dev, "fp32", None, faster="train.precision")
+    assert note == tensor_core_note(torch.cuda.get_device_capability(dev))
+    if torch.cuda.get_device_capability(dev) >= (8, 0):
+        assert "train.precision=bf16" in note
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cuda_cli_train_eval_and_resume(tmp_path, precision):

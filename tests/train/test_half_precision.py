@@ -1,12 +1,13 @@
-"""The start of a CPU run says when its precision is the slow one on this CPU: half precision
-without fast matmuls, or fp32 where bf16 matmuls are markedly faster."""
+"""The start of a run says when its precision is the slow one on this machine: on a CPU, half
+precision without fast matmuls, or fp32 where bf16 matmuls are markedly faster; on a CUDA GPU,
+fp32, which leaves the tensor cores idle."""
 
 import math
 
 import torch
 
 from moelab.hardware import FAST_HALF_FACTOR, SLOW_HALF_FACTOR, cpu_matmul_slowdown
-from moelab.train.host import bf16_speedup_note, cpu_precision_note, half_precision_note
+from moelab.train.host import bf16_speedup_note, half_precision_note, precision_note, tensor_core_note
 
 
 def test_the_note_names_the_precision_the_slowdown_and_the_fix():
@@ -26,10 +27,10 @@ def test_the_slowdown_is_measured_with_real_products():
 
 def test_only_half_precision_on_cpu_is_measured_and_noted():
     cpu = torch.device("cpu")
-    assert cpu_precision_note(cpu, "fp32", None) is None
-    assert cpu_precision_note(torch.device("cuda"), "bf16", torch.bfloat16) is None  # GPUs: native
+    assert precision_note(cpu, "fp32", None) is None
+    assert precision_note(torch.device("cuda"), "bf16", torch.bfloat16) is None  # GPUs: native
     slowdown = cpu_matmul_slowdown(torch.bfloat16)  # cached: the same reading the note uses
-    assert cpu_precision_note(cpu, "bf16", torch.bfloat16, "--precision fp32") == \
+    assert precision_note(cpu, "bf16", torch.bfloat16, "--precision fp32") == \
         half_precision_note("bf16", slowdown, "--precision fp32")
 
 
@@ -40,8 +41,21 @@ def test_an_fp32_run_is_told_when_bf16_is_markedly_faster():
     assert bf16_speedup_note(1.01 / FAST_HALF_FACTOR) is None  # a little faster: quiet
     assert bf16_speedup_note(61.2) is None  # no native bf16 (AVX2): certainly quiet
     cpu = torch.device("cpu")
-    assert cpu_precision_note(torch.device("cuda"), "fp32", None, faster="train.precision=bf16") is None
     slowdown = cpu_matmul_slowdown(torch.bfloat16)  # cached: the same reading the note uses
-    assert cpu_precision_note(cpu, "fp32", None, faster="train.precision=bf16") == \
+    assert precision_note(cpu, "fp32", None, faster="train.precision") == \
         bf16_speedup_note(slowdown, "train.precision=bf16")
-    assert cpu_precision_note(cpu, "fp32", None) is None  # not asked to suggest (moelab eval)
+    assert precision_note(cpu, "fp32", None) is None  # not asked to suggest (moelab eval)
+
+
+def test_an_fp32_run_on_a_gpu_is_told_to_use_its_tensor_cores():
+    for capability, fix in (((9, 0), "train.precision=bf16"), ((8, 0), "train.precision=bf16"),
+                            ((7, 5), "train.precision=fp16"), ((7, 0), "train.precision=fp16")):
+        note = tensor_core_note(capability)
+        assert note is not None and note.count("\n") == 0, capability
+        assert f"compute capability {capability[0]}.{capability[1]}" in note and "tensor cores" in note
+        assert f"{fix} (autocast" in note, (capability, note)
+    assert tensor_core_note((6, 1)) is None  # Pascal: no tensor cores to point to
+    assert "--precision=bf16" in tensor_core_note((8, 6), "--precision")
+    # half precision on a GPU is native: nothing to say, and the GPU is never queried for it
+    assert precision_note(torch.device("cuda"), "bf16", torch.bfloat16, faster="train.precision") is None
+    assert precision_note(torch.device("cuda"), "fp32", None) is None  # not asked to suggest (moelab eval)
