@@ -201,81 +201,70 @@ class Config:
         return self
 
     def validate(self) -> None:
+        self._check_ranges()  # first: the checks below divide by some of these sizes
         m, t, o, d = self.model, self.train, self.optim, self.data
         checks = [
-            (m.d_model > 0 and m.n_layers > 0 and m.n_heads > 0, "model sizes must be positive"),
-            (m.n_experts >= 0, "model.n_experts must be >= 0 (0: dense model)"),
             (m.n_experts == 0 or 1 <= m.top_k <= m.n_experts,
-             "model.top_k must be between 1 and model.n_experts"),
-            (0 <= m.first_k_dense <= m.n_layers, "model.first_k_dense must be in [0, model.n_layers]"),
-            (m.attention in ("gqa", "mla"), "model.attention must be gqa or mla"),
+             f"model.top_k must be between 1 and model.n_experts (got {m.top_k} and {m.n_experts})"),
+            (0 <= m.first_k_dense <= m.n_layers,
+             f"model.first_k_dense must be in [0, model.n_layers] (got {m.first_k_dense} and {m.n_layers})"),
+            (m.attention in ("gqa", "mla"), f"model.attention must be gqa or mla (got {m.attention!r})"),
             (m.n_kv_heads == 0 or m.n_heads % m.n_kv_heads == 0,
-             "model.n_heads must be a multiple of model.n_kv_heads"),
+             f"model.n_heads must be a multiple of model.n_kv_heads (got {m.n_heads} and {m.n_kv_heads})"),
             (m.head_dim != 0 or m.d_model % m.n_heads == 0,
-             "model.d_model must be divisible by model.n_heads (or set model.head_dim)"),
-            (m.qk_norm in ("none", "head", "full"), "model.qk_norm must be none, head or full"),
+             f"model.d_model must be divisible by model.n_heads (got {m.d_model} and {m.n_heads}), "
+             "or set model.head_dim"),
+            (m.qk_norm in ("none", "head", "full"), f"model.qk_norm must be none, head or full (got {m.qk_norm!r})"),
             (m.attention == "gqa" or m.qk_norm == "none",
              "model.qk_norm applies to attention=gqa (MLA has its own latent norms)"),
             (m.attention == "gqa" or not (m.qkv_bias or m.out_bias),
              "model.qkv_bias/out_bias are not supported with attention=mla"),
             (m.attention == "gqa" or m.partial_rotary == 1.0,
              "with attention=mla set the rotated width with model.qk_rope_head_dim, not partial_rotary"),
-            (0.0 < m.partial_rotary <= 1.0, "model.partial_rotary must be in (0, 1]"),
+            (0.0 < m.partial_rotary <= 1.0, f"model.partial_rotary must be in (0, 1] (got {m.partial_rotary})"),
             (m.attention == "mla" or int(m.head_dim * m.partial_rotary) % 2 == 0,
-             "model.head_dim * model.partial_rotary must be even for RoPE"),
+             f"model.head_dim * model.partial_rotary must be even for RoPE (got {m.head_dim} * {m.partial_rotary})"),
             (m.attention == "gqa" or (m.kv_lora_rank > 0 and m.qk_rope_head_dim > 0
                                       and m.qk_rope_head_dim % 2 == 0 and m.v_head_dim > 0
                                       and m.qk_nope_head_dim >= 0 and m.q_lora_rank >= 0),
              "MLA needs kv_lora_rank > 0, an even qk_rope_head_dim > 0 and v_head_dim > 0"),
-            (m.rope_scaling in ("none", "linear", "yarn"), "model.rope_scaling must be none, linear or yarn"),
-            (m.rope_scaling == "none" or m.rope_factor >= 1.0, "model.rope_factor must be >= 1"),
+            (m.rope_scaling in ("none", "linear", "yarn"),
+             f"model.rope_scaling must be none, linear or yarn (got {m.rope_scaling!r})"),
+            (m.rope_scaling == "none" or m.rope_factor >= 1.0, f"model.rope_factor must be >= 1 (got {m.rope_factor})"),
             (m.rope_scaling != "yarn" or m.rope_original_max_len > 0,
              "rope_scaling=yarn needs model.rope_original_max_len (the pre-extension context)"),
-            (m.ffn_act in ("silu", "gelu"), "model.ffn_act must be silu or gelu"),
+            (m.ffn_act in ("silu", "gelu"), f"model.ffn_act must be silu or gelu (got {m.ffn_act!r})"),
             (m.router in ("softmax", "topk_softmax", "sigmoid", "switch"),
-             "model.router must be softmax, topk_softmax, sigmoid or switch"),
+             f"model.router must be softmax, topk_softmax, sigmoid or switch (got {m.router!r})"),
             (m.router != "switch" or m.n_experts == 0 or (m.top_k == 1 and m.capacity_factor > 0),
              "router=switch is top-1 with a capacity: set model.top_k=1 and model.capacity_factor "
              "(Switch used 1.0-1.25)"),
-            (m.n_group >= 1 and m.topk_group >= 1 and m.topk_group <= m.n_group
-             and (m.n_experts == 0 or m.n_experts % m.n_group == 0),
-             "model.n_group must divide model.n_experts, and 1 <= model.topk_group <= model.n_group"),
+            (m.topk_group <= m.n_group and (m.n_experts == 0 or m.n_experts % m.n_group == 0),
+             f"model.n_group must divide model.n_experts, and model.topk_group <= model.n_group "
+             f"(got n_group {m.n_group}, n_experts {m.n_experts}, topk_group {m.topk_group})"),
             (m.n_group == 1 or m.n_experts == 0 or m.top_k <= m.topk_group * (m.n_experts // m.n_group),
              "model.top_k exceeds the experts reachable in model.topk_group groups"),
-            (m.capacity_factor >= 0, "model.capacity_factor must be >= 0"),
-            (m.n_shared_experts >= 0, "model.n_shared_experts must be >= 0"),
-            (min(m.aux_loss_coef, m.seq_aux_loss_coef, m.z_loss_coef, m.bias_update_rate) >= 0,
-             "loss coefficients and model.bias_update_rate must be >= 0"),
             (m.expert_backend in ("auto", "grouped", "padded", "loop"),
-             "model.expert_backend must be auto, grouped, padded or loop"),
+             f"model.expert_backend must be auto, grouped, padded or loop (got {m.expert_backend!r})"),
             (bool(d.source.strip() or d.path), "data.source is empty: give stdlib, a file, a folder, a glob "
                                                 "or hf:NAME (an empty path would read the current folder)"),
-            (0.0 < d.val_fraction < 1.0, "data.val_fraction must be between 0 and 1"),
-            (d.vocab_size >= 260, "data.vocab_size must be at least 260 (256 bytes + specials)"),
-            (t.steps >= 1 and t.batch_size >= 1 and t.grad_accum >= 1 and t.seq_len >= 2,
-             "train.steps, train.batch_size, train.grad_accum must be >= 1, train.seq_len >= 2"),
-            (t.choice_every >= 0 and t.choice_limit >= 0, "train.choice_every and train.choice_limit must be >= 0"),
-            (t.eval_every >= 1 and t.log_every >= 1 and t.save_every >= 1,
-             "train.eval_every, train.log_every and train.save_every must be >= 1"),
-            (t.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
-            (t.nonfinite in ("skip", "raise"), "train.nonfinite must be skip or raise"),
-            (t.keep_last >= 0 and t.patience >= 0 and t.spike_window >= 2 and t.spike_max_consecutive >= 1,
-             "train.keep_last and train.patience must be >= 0, train.spike_window >= 2, "
-             "train.spike_max_consecutive >= 1"),
+            (0.0 < d.val_fraction < 1.0, f"data.val_fraction must be between 0 and 1 (got {d.val_fraction})"),
+            (d.vocab_size >= 260, f"data.vocab_size must be at least 260, 256 bytes + specials (got {d.vocab_size})"),
+            (t.precision in ("fp32", "bf16", "fp16"),
+             f"train.precision must be fp32, bf16 or fp16 (got {t.precision!r})"),
+            (t.nonfinite in ("skip", "raise"), f"train.nonfinite must be skip or raise (got {t.nonfinite!r})"),
             (o.schedule in ("cosine", "linear", "wsd", "constant"),
-             "optim.schedule must be cosine, linear, wsd or constant"),
-            (o.mode in ("hybrid", "muon", "adamw"), "optim.mode must be hybrid, muon or adamw"),
-            (0.0 < o.decay_frac <= 1.0, "optim.decay_frac must be in (0, 1]"),
+             f"optim.schedule must be cosine, linear, wsd or constant (got {o.schedule!r})"),
+            (o.mode in ("hybrid", "muon", "adamw"), f"optim.mode must be hybrid, muon or adamw (got {o.mode!r})"),
+            (0.0 < o.decay_frac <= 1.0, f"optim.decay_frac must be in (0, 1] (got {o.decay_frac})"),
             (o.muon_scale in ("match_adamw", "spectral"),
-             "optim.muon_scale must be match_adamw or spectral"),
-            (o.ns_dtype in ("auto", "bf16", "fp32"), "optim.ns_dtype must be auto, bf16 or fp32"),
-            (0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio must be in [0, 1]"),
-            (o.muon_lr > 0 and o.adamw_lr > 0, "optim.muon_lr and optim.adamw_lr must be > 0"),
+             f"optim.muon_scale must be match_adamw or spectral (got {o.muon_scale!r})"),
+            (o.ns_dtype in ("auto", "bf16", "fp32"), f"optim.ns_dtype must be auto, bf16 or fp32 (got {o.ns_dtype!r})"),
+            (0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1] (got {o.min_lr_ratio})"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UserError(f"invalid config: {msg}")
-        self._check_ranges()
 
     def _check_ranges(self) -> None:
         """Each remaining number within the range where it means something: a negative size, std,
@@ -283,6 +272,18 @@ class Config:
         (train.grad_clip=-1 flips every gradient's sign)."""
         m, t, o, d = self.model, self.train, self.optim, self.data
         at_least = [  # (key, value, lowest valid value); 0 is 'auto' or 'off' where the key allows
+            ("model.d_model", m.d_model, 1), ("model.n_layers", m.n_layers, 1), ("model.n_heads", m.n_heads, 1),
+            ("model.n_experts", m.n_experts, 0), ("model.n_shared_experts", m.n_shared_experts, 0),
+            ("model.n_group", m.n_group, 1), ("model.topk_group", m.topk_group, 1),
+            ("model.capacity_factor", m.capacity_factor, 0), ("model.aux_loss_coef", m.aux_loss_coef, 0),
+            ("model.seq_aux_loss_coef", m.seq_aux_loss_coef, 0), ("model.z_loss_coef", m.z_loss_coef, 0),
+            ("model.bias_update_rate", m.bias_update_rate, 0),
+            ("train.steps", t.steps, 1), ("train.batch_size", t.batch_size, 1), ("train.grad_accum", t.grad_accum, 1),
+            ("train.seq_len", t.seq_len, 2), ("train.eval_every", t.eval_every, 1),
+            ("train.log_every", t.log_every, 1), ("train.save_every", t.save_every, 1),
+            ("train.choice_every", t.choice_every, 0), ("train.choice_limit", t.choice_limit, 0),
+            ("train.keep_last", t.keep_last, 0), ("train.patience", t.patience, 0),
+            ("train.spike_window", t.spike_window, 2), ("train.spike_max_consecutive", t.spike_max_consecutive, 1),
             ("model.max_seq_len", m.max_seq_len, 0), ("model.n_kv_heads", m.n_kv_heads, 0),
             ("model.head_dim", m.head_dim, 0), ("model.dense_dim", m.dense_dim, 0),
             ("model.shared_expert_dim", m.shared_expert_dim, 0), ("model.init_std", m.init_std, 0),
@@ -305,11 +306,15 @@ class Config:
         for key, value in below_one:
             if not 0 <= value < 1:
                 raise UserError(f"invalid config: {key} must be in [0, 1) (got {value})")
-        if m.routed_scaling <= 0 or m.rope_theta <= 0:
-            raise UserError("invalid config: model.routed_scaling and model.rope_theta must be > 0")
+        above_zero = [("model.routed_scaling", m.routed_scaling), ("model.rope_theta", m.rope_theta),
+                      ("optim.muon_lr", o.muon_lr), ("optim.adamw_lr", o.adamw_lr)]
+        for key, value in above_zero:
+            if not value > 0:
+                raise UserError(f"invalid config: {key} must be > 0 (got {value})")
         if d.pdf_min_chars > d.pdf_max_chars or d.pdf_min_words > d.pdf_max_words:
-            raise UserError("invalid config: data.pdf_min_chars/pdf_min_words must not exceed "
-                            "data.pdf_max_chars/pdf_max_words")
+            raise UserError(f"invalid config: data.pdf_min_chars/pdf_min_words must not exceed "
+                            f"data.pdf_max_chars/pdf_max_words (got {d.pdf_min_chars}/{d.pdf_min_words} and "
+                            f"{d.pdf_max_chars}/{d.pdf_max_words})")
 
     def check_new_run(self) -> None:
         """Settings a new run may not have, though a saved run's config with them still loads: each

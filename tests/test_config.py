@@ -1,11 +1,15 @@
 """Presets, YAML files and dotted overrides; unknown keys fail naming the closest valid key."""
 
+import dataclasses
+import itertools
 import re
 
 import pytest
+import torch
 
 from moelab.config import Config, build_config, load_yaml
 from moelab.errors import UserError
+from moelab.models import MoETransformer
 
 
 def test_presets_and_overrides_apply():
@@ -73,11 +77,45 @@ def test_bad_values_and_invalid_configs():
     ("model.first_k_dense=4", "leaves no MoE layer"),  # 4 experts configured, none used; routing crashed
     ("data.source=", "data.source is empty"),  # Path('') is the current folder: it trained on that
     ("data.source=  ", "data.source is empty"),
+    ("model.n_heads=0", "model.n_heads must be >= 1 (got 0)"),  # ZeroDivisionError traceback
+    ("model.n_group=0", "model.n_group must be >= 1 (got 0)"),  # ZeroDivisionError traceback
+    ("train.batch_size=0", "train.batch_size must be >= 1 (got 0)"),  # named with its neighbours, not alone
+    ("optim.adamw_lr=0", "optim.adamw_lr must be > 0 (got 0.0)"),
 ])
 def test_out_of_range_numbers_are_refused_by_key(item, expect):
     """Each crashed deep in torch with a traceback, or trained something else without a word."""
     with pytest.raises(UserError, match=re.escape(expect)):
         build_config("tiny", None, [item] if isinstance(item, str) else list(item))
+
+
+def test_every_number_out_of_range_is_one_line_and_every_accepted_one_builds_and_trains():
+    """Each numeric key set to 0, -1 or 3: refused with a UserError naming it, or accepted, and
+    then the model builds, its loss is finite and backward runs. No other exception."""
+    numeric = [(section, f.name) for section in ("model", "data", "optim", "train")
+               for f in dataclasses.fields(getattr(Config(), section))
+               if isinstance(getattr(getattr(Config(), section), f.name), (int, float))
+               and not isinstance(getattr(getattr(Config(), section), f.name), bool)]
+    assert len(numeric) > 60
+    x = torch.randint(0, 300, (2, 16))
+    built = 0
+    for (section, key), value in itertools.product(numeric, (0, -1, 3)):
+        item = f"{section}.{key}={value}"
+        try:
+            cfg = build_config("tiny", None, [item, "train.seq_len=16"]).resolve(vocab_size=300)
+            cfg.check_new_run()
+        except UserError as err:
+            assert "\n" not in str(err), item
+            if value < 0 and f"{section}.{key}" in str(err):  # and says what it got
+                assert "(got " in str(err) and str(value) in str(err).split("(got ")[1], (item, str(err))
+            continue
+        if section != "model":
+            continue
+        torch.manual_seed(0)
+        out = MoETransformer(cfg.model)(x, targets=x)
+        assert torch.isfinite(out.loss), item
+        out.loss.backward()
+        built += 1
+    assert built > 30
 
 
 def test_zero_means_auto_or_off_where_documented():
