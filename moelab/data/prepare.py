@@ -328,7 +328,7 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
         raise UserError("--val-fraction must be between 0 and 1")
     if weights is not None and (len(weights) != len(sources) or not all(0 < w < float("inf") for w in weights)):
         raise UserError(f"--weights needs one positive weight per source ({len(sources)} sources, "
-                        f"got {len(weights)})")
+                        f"got {' '.join(f'{w:g}' for w in weights)})")
     if shard_tokens < 1:
         raise UserError("--shard-tokens must be at least 1")
     if doc_chars < 0:

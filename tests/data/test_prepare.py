@@ -209,6 +209,7 @@ def test_source_weights_set_the_training_token_shares(tmp_path, text_corpus):
     for bad in (["1"], ["0", "1"], ["nan", "1"], ["inf", "1"]):  # nan and inf were tracebacks
         res = _cli("data", "prepare", str(text_corpus), str(other), "--out", str(tmp_path / "bad"), "--weights", *bad)
         assert res.returncode == 2 and "--weights needs one positive weight" in res.stderr, res.stderr
+        assert f"got {' '.join(bad)})" in res.stderr, res.stderr  # the values, not only their count
 
 
 def test_dedup_drops_near_duplicates_within_training(tmp_path, text_corpus):
