@@ -17,8 +17,9 @@ from moelab.errors import UserError
 def _cmd_train(args) -> int:
     from moelab.config import build_config
 
-    if args.resume and (args.preset or args.config):
-        raise UserError("--resume continues a run with its own saved config; drop --preset/--config "
+    config_given = bool(args.preset or args.config)
+    if args.resume and args.resume != "auto" and config_given:
+        raise UserError("--resume CKPT continues a run with its own saved config; drop --preset/--config "
                         "(key=value overrides such as train.steps=2000 still apply)")
     if args.device:
         args.overrides.append(f"train.device={args.device}")
@@ -33,7 +34,8 @@ def _cmd_train(args) -> int:
     from moelab.train.loop import train  # after the config: a typo is refused before torch loads (2 s)
     from moelab.train.monitor import is_rank0, throughput_text
 
-    s = train(cfg, out=args.out, resume=args.resume, overrides=tuple(args.overrides), smoke=args.smoke)
+    s = train(cfg, out=args.out, resume=args.resume, overrides=tuple(args.overrides), smoke=args.smoke,
+              config_given=config_given)
     if not is_rank0():  # data parallel (torchrun): rank 0 reports
         return 0
     if s.get("already_complete"):

@@ -202,6 +202,43 @@ def test_fork_from_a_checkpoint_says_what_changed(trained, tmp_path):
     assert f"run {tmp_path / 'fork'}" in res.stdout and (src / "metrics.jsonl").read_bytes() == before
 
 
+def test_one_job_script_with_a_preset_and_resume_auto_starts_and_continues_its_run(trained, tmp_path):
+    """`moelab train --preset P --out RUN --resume auto` (a requeued job's one command) was refused
+    ('drop --preset'), so a job that needs a preset could not requeue with the command that started
+    it. Where RUN holds no run it starts one, saying so (a mistyped --out shows); on an existing run
+    the preset must give the run's own settings."""
+    from moelab.train.checkpoint import list_checkpoints
+    from tests.conftest import run_cli
+
+    data = f"data.path={trained / 'run' / 'data' / 'prepared'}"
+    res = run_cli("train", "--resume", "auto", "--out", tmp_path / "new", "--preset", "test", "train.steps=1",
+                  data, "train.report=false", "train.eval_windows=2", "train.final_eval_windows=2")
+    assert res.returncode == 0, res.stderr
+    assert f"--resume auto: {tmp_path / 'new'} held no run, so a new one starts there" in res.stderr
+    assert list_checkpoints(tmp_path / "new")[-1].name == "step_0000001"
+    res = run_cli("train", "--resume", "auto", "--out", tmp_path / "new", "--preset", "test", "train.steps=2",
+                  data, "train.report=false", "train.eval_windows=2", "train.final_eval_windows=2")
+    assert res.returncode == 0 and "resumed at step 1" in res.stdout + res.stderr, res.stderr
+    assert "held no run" not in res.stderr and list_checkpoints(tmp_path / "new")[-1].name == "step_0000002"
+    # the trained run again, with the command that started it: matched, and already complete
+    run = trained / "run"
+    before = (run / "metrics.jsonl").read_bytes()
+    started = ["--preset", "test", f"data.source={trained / 'corpus'}", "data.vocab_size=300", "train.save_every=10",
+               "train.keep_last=0", "train.plot=true", "train.report=true",
+               f"train.choice_tasks={trained / 'mc.jsonl'}", "train.choice_every=10"]
+    res = run_cli("train", "--out", run, "--resume", "auto", *started)
+    assert res.returncode == 0 and "is already complete (30 updates" in res.stdout, res.stderr
+    for other, differ in ((["--preset", "tiny"], "preset 'test' -> 'tiny'"),
+                          ([*started, "train.plot=false"], None),  # an override: applies, not compared
+                          ([*started[:-1], "train.choice_every=5"], None)):
+        res = run_cli("train", "--out", run, "--resume", "auto", *other)
+        if differ:
+            assert res.returncode == 2 and differ in res.stderr and "drop --preset/--config" in res.stderr, res.stderr
+        else:
+            assert res.returncode == 0 and "already complete" in res.stdout, res.stderr
+    assert (run / "metrics.jsonl").read_bytes() == before
+
+
 def test_resume_with_another_model_shape_is_one_line(trained, tmp_path):
     """model.d_model or model.n_experts on a resume was a state_dict size-mismatch traceback; a new
     train.seq_len was reported as a changed data fingerprint only."""

@@ -64,6 +64,7 @@ class Run:
     set_aside: Path | None = None  # where a rewind in place moved the abandoned later checkpoints
     lock: RunLock | None = None  # held from setup to the end of train()
     restarted: bool = False  # --resume auto on a run that had stopped before its first checkpoint
+    started_new: bool = False  # --resume auto where --out held no run: a new one began there
     sinks: Sinks | None = None  # metrics.jsonl, TensorBoard, W&B: opened last in setup
     rows: slice = field(default_factory=lambda: slice(None))  # its rows of each batch (data parallel: 1/N)
     setup_config: dict = field(default_factory=dict)  # the config as set-up began: the other ranks' start
@@ -121,7 +122,8 @@ def autocast_for(device: torch.device, precision: str):
 
 
 def setup(cfg: Config, out: str | None = None, resume: str | None = None,
-          overrides: tuple[str, ...] = (), smoke: bool = False, progress: bool | None = False) -> Run:
+          overrides: tuple[str, ...] = (), smoke: bool = False, progress: bool | None = False,
+          config_given: bool = False) -> Run:
     """Build everything a run needs; on resume, restore it from the newest (or given) checkpoint.
     A run directory this call starts (new, or a fork) is removed again if setting up fails, so the
     corrected command can use the same --out. `progress`: the stages of preparing raw data are
@@ -129,7 +131,7 @@ def setup(cfg: Config, out: str | None = None, resume: str | None = None,
     if not is_rank0():
         return _follow_setup()
     try:
-        run = _setup_run(cfg, out, resume, overrides, smoke, progress)
+        run = _setup_run(cfg, out, resume, overrides, smoke, progress, config_given)
     except BaseException as exc:
         why = str(exc) if isinstance(exc, UserError) else f"set-up failed on rank 0 ({type(exc).__name__})"
         dp.share({"error": why})
@@ -153,10 +155,10 @@ def _follow_setup() -> Run:
 
 
 def _setup_run(cfg: Config, out: str | None, resume: str | None, overrides: tuple[str, ...], smoke: bool,
-               progress: bool | None) -> Run:
+               progress: bool | None, config_given: bool = False) -> Run:
     ckpt = None
     if resume:
-        run_dir, ckpt, cfg = _resume_target(resume, out, cfg, overrides)
+        run_dir, ckpt, cfg = _resume_target(resume, out, cfg, overrides, config_given)
     # before any data is prepared or folder made: a model too large is said in one line, not killed
     device = resolve_device(cfg.train.device)
     check_training_fits(cfg, device, f"the model of {run_dir}" if resume else (
@@ -183,6 +185,7 @@ def _setup_run(cfg: Config, out: str | None, resume: str | None, overrides: tupl
         setup_config = cfg.to_dict()  # what the other ranks set up from (before _setup resolves it)
         run = _setup(cfg, run_dir, ckpt, smoke, stage_printer(progress))
         run.restarted, run.setup_config = restart, setup_config
+        run.started_new = bool(resume) and ckpt is None and not restart
     except BaseException:
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -333,12 +336,14 @@ def apply_smoke(cfg: Config) -> None:
     t.final_eval_windows, t.keep_last, t.patience = 8, 0, 0
 
 
-def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
+def _resume_target(resume: str, out: str | None, cfg: Config, overrides, config_given: bool = False):
     """`--resume auto` continues --out (or the newest run of the preset); `--resume PATH` a
     checkpoint or run directory. The run's own resolved config is the base; overrides apply. A run
     that stopped before its first checkpoint (killed or preempted while preparing data or in its
     first updates) has nothing to resume: `--resume auto` starts it again from its saved config,
-    so a requeued job that always passes --resume auto goes on."""
+    so a requeued job that always passes --resume auto goes on. `config_given`: `cfg` comes from
+    --preset/--config (with --resume auto only), which start a new run where --out holds none
+    and must otherwise agree with the run's saved config, so that one job script serves both."""
     if resume == "auto":
         if not out:
             raise UserError("--resume auto needs --out RUN_DIR (the run to continue)")
@@ -347,7 +352,10 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
         if not ckpts:
             if run_dir.exists() and has_entries(run_dir):
                 if (run_dir / "config.yaml").is_file():  # stopped before its first save: start it again
-                    return run_dir, None, _with_overrides(run_dir / "config.yaml", overrides)
+                    saved = _with_overrides(run_dir / "config.yaml", overrides)
+                    if config_given:
+                        _check_same_config(cfg, saved, run_dir)
+                    return run_dir, None, saved
                 raise UserError(f"{run_dir} is not a run and not empty: there is nothing to resume, and a new run "
                                 "would write among its files; choose another --out")
             return run_dir, None, cfg  # nothing to resume: a fresh run in that directory
@@ -368,11 +376,26 @@ def _resume_target(resume: str, out: str | None, cfg: Config, overrides):
         raise UserError(f"{ckpt} holds weights only (no optimizer or data position) and cannot be resumed; "
                         f"to train from its weights start a new run: train.init_from={ckpt}")
     saved = _with_overrides(ckpt / "config.yaml", overrides)
+    if config_given:
+        _check_same_config(cfg, saved, run_dir)
     step = ck.checkpoint_step(ckpt)
     if step is not None and step > saved.train.steps:
         raise UserError(f"{ckpt} is at update {step}, past train.steps={saved.train.steps}; give train.steps={step} "
                         "or more, or resume an earlier checkpoint")
     return run_dir, ckpt, saved
+
+
+def _check_same_config(given: Config, saved: Config, run_dir: Path) -> None:
+    """--preset/--config with `--resume auto` on an existing run: refused unless they give the
+    run's own settings (both resolved alike, so 0 = 'derive' matches the value derived from it)."""
+    vocab = saved.model.vocab_size or None
+    mine, theirs = (Config.from_dict(c.to_dict()).resolve(vocab_size=vocab) for c in (given, saved))
+    differ = config_changes(theirs, mine)
+    if differ:
+        shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+        raise UserError(f"--preset/--config differ from the saved config of {run_dir} (run -> given: {shown}); "
+                        "to continue the run with its own settings drop --preset/--config (key=value overrides "
+                        "still apply), or choose another --out for a new run")
 
 
 def _with_overrides(config_yaml: Path, overrides) -> Config:
@@ -433,11 +456,11 @@ def _link_or_copy(src: str, dst: str) -> None:
     (_link_or_copy_any if src.endswith((".bin", ".npy")) else shutil.copy2)(src, dst)
 
 
-def _already_complete(resume: str, out: str | None, cfg: Config, overrides) -> dict | None:
+def _already_complete(resume: str, out: str | None, cfg: Config, overrides, config_given: bool = False) -> dict | None:
     """The saved summary, marked `already_complete`, when the checkpoint to resume is the end of a
     finished run (train.steps reached, final evaluation written): there is nothing to train, and
     running the final evaluation again would only rewrite the run's summary, metrics and report."""
-    run_dir, ckpt, saved = _resume_target(resume, out, cfg, overrides)
+    run_dir, ckpt, saved = _resume_target(resume, out, cfg, overrides, config_given)
     if ckpt is None:
         return None
     step = ck.checkpoint_step(ckpt)
@@ -559,7 +582,10 @@ def oom_message(run: Run, step: int) -> str:
 
 
 def train(cfg: Config, out: str | None = None, resume: str | None = None,
-          overrides: tuple[str, ...] = (), progress: bool | None = None, smoke: bool = False) -> dict:
+          overrides: tuple[str, ...] = (), progress: bool | None = None, smoke: bool = False,
+          config_given: bool = False) -> dict:
+    """`config_given`: `cfg` comes from --preset/--config rather than the defaults (see
+    `_resume_target`: with --resume auto they must match an existing run's saved config)."""
     if smoke and resume:  # a smoke run's 4 updates and tiny evaluations would rewrite the run's config and summary
         raise UserError("--smoke checks a config in a new run directory of its own; it does not combine with --resume")
     asked = (cfg.train.choice_tasks, cfg.train.choice_limit)
@@ -568,10 +594,10 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
     try:
         if dp.active() and smoke:
             raise UserError("--smoke checks a config in one process: run it without torchrun")
-        done = _already_complete(resume, out, cfg, overrides) if resume else None
+        done = _already_complete(resume, out, cfg, overrides, config_given) if resume else None
         if done is not None:
             return done
-        run = setup(cfg, out, resume, overrides, smoke, progress)
+        run = setup(cfg, out, resume, overrides, smoke, progress, config_given)
         try:
             return _train(run, choice, asked, progress, smoke)
         finally:
@@ -597,6 +623,9 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
     if run.resumed_from is not None:
         say(f"resumed from {run.resumed_from}; settings changed since: "
             + (", ".join(run.changed_on_resume) or "none"))
+    if run.started_new:  # right for a requeued job's first start; a mistyped --out shows here
+        say(f"--resume auto: {run.run_dir} held no run, so a new one starts there (if you meant to continue "
+            "a run, check --out)")
     if run.restarted:
         say(f"{run.run_dir} stopped before its first checkpoint: starting it again from update 0 with its saved "
             "config (and prepared data)")

@@ -174,6 +174,7 @@ def test_nan_with_raise_stops_without_saving_the_bad_update(prepared, reference,
     assert res.returncode == 2 and not list_checkpoints(early) and (early / "config.yaml").is_file()
     res = _train(early, prepared, resume=True)
     assert res.returncode == 0 and "stopped before its first checkpoint: starting it again" in res.stderr
+    assert "held no run" not in res.stderr
     _assert_same_run(reference, early)  # and the 3 records of the first attempt are gone
 
 
