@@ -594,7 +594,12 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
     try:
         if dp.active() and smoke:
             raise UserError("--smoke checks a config in one process: run it without torchrun")
-        done = _already_complete(resume, out, cfg, overrides, config_given) if resume else None
+        try:
+            done = _already_complete(resume, out, cfg, overrides, config_given) if resume else None
+        except UserError:  # a refused resume: every rank finds it, rank 0 says it (one message, not N)
+            if not is_rank0():
+                raise SystemExit(2) from None
+            raise
         if done is not None:
             return done
         run = setup(cfg, out, resume, overrides, smoke, progress, config_given)

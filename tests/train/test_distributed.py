@@ -71,6 +71,10 @@ def test_two_gloo_ranks_train_what_one_process_trains(prepared, tmp_path):
     assert both["skipped"]["nonfinite"] == one["skipped"]["nonfinite"] == 1
     assert both["expert_counts"] == one["expert_counts"]  # routed alike, counted over both ranks
     assert both["tokens"] == one["tokens"]
+    # a refused resume is found by every rank and said by rank 0 alone
+    res = _run("train", "--resume", "auto", "--out", two, "--preset", "tiny", ranks=2)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("moelab: error:")]
+    assert res.returncode != 0 and len(errors) == 1 and "preset 'test' -> 'tiny'" in errors[0], res.stderr
 
     # the loader's position is the global batch's: the 2-rank checkpoint continues in one process
     fork = tmp_path / "fork"
