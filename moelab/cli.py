@@ -294,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "published size such as deepseek-v3 (see README)")
     p.add_argument("--config", help="YAML config file (sections model, data, optim, train)")
     p.add_argument("--out", type=_output_dir, help="run directory (default: runs/<preset>[-N])")
-    p.add_argument("--resume", help="'auto' (newest complete checkpoint in --out) or a checkpoint/run path")
+    p.add_argument("--resume", help="'auto' (newest complete checkpoint in --out; none yet: a new run there, so one "
+                                    "job command starts and requeues it, --preset/--config included) or a "
+                                    "checkpoint/run path")
     p.add_argument("--smoke", action="store_true",
                    help="check the config end to end first: 4 updates, tiny evaluations, save and "
                         "reload a checkpoint (run directory runs/<preset>-smoke by default)")
