@@ -107,8 +107,9 @@ def precision_note(device: torch.device, precision: str, dtype: torch.dtype | No
     precision setting to suggest, e.g. "train.precision") given, `bf16_speedup_note`. On CUDA,
     an fp32 run given `faster` gets `tensor_core_note`; half precision is native there."""
     if device.type == "cuda":
-        return tensor_core_note(torch.cuda.get_device_capability(device), faster) if dtype is None and faster \
-            else None
+        if dtype is None and faster:
+            return tensor_core_note(torch.cuda.get_device_capability(device), faster)
+        return None
     if device.type != "cpu":
         return None
     if dtype is None:
