@@ -232,7 +232,8 @@ class Config:
              f"model.rope_scaling must be none, linear or yarn (got {m.rope_scaling!r})"),
             (m.rope_scaling == "none" or m.rope_factor >= 1.0, f"model.rope_factor must be >= 1 (got {m.rope_factor})"),
             (m.rope_scaling != "yarn" or m.rope_original_max_len > 0,
-             "rope_scaling=yarn needs model.rope_original_max_len (the pre-extension context)"),
+             f"rope_scaling=yarn needs model.rope_original_max_len, the pre-extension context "
+             f"(got {m.rope_original_max_len})"),
             (m.ffn_act in ("silu", "gelu"), f"model.ffn_act must be silu or gelu (got {m.ffn_act!r})"),
             (m.router in ("softmax", "topk_softmax", "sigmoid", "switch"),
              f"model.router must be softmax, topk_softmax, sigmoid or switch (got {m.router!r})"),
@@ -288,6 +289,8 @@ class Config:
             ("model.head_dim", m.head_dim, 0), ("model.dense_dim", m.dense_dim, 0),
             ("model.shared_expert_dim", m.shared_expert_dim, 0), ("model.init_std", m.init_std, 0),
             ("model.router_init_std", m.router_init_std, 0), ("model.norm_eps", m.norm_eps, 0),
+            ("model.rope_original_max_len", m.rope_original_max_len, 0),
+            ("model.yarn_mscale", m.yarn_mscale, 0), ("model.yarn_mscale_all_dim", m.yarn_mscale_all_dim, 0),
             ("optim.warmup", o.warmup, 0), ("optim.weight_decay", o.weight_decay, 0),
             ("optim.ns_steps", o.ns_steps, 0), ("optim.eps", o.eps, 0),
             ("train.grad_clip", t.grad_clip, 0), ("train.eval_windows", t.eval_windows, 0),
@@ -307,6 +310,7 @@ class Config:
             if not 0 <= value < 1:
                 raise UserError(f"invalid config: {key} must be in [0, 1) (got {value})")
         above_zero = [("model.routed_scaling", m.routed_scaling), ("model.rope_theta", m.rope_theta),
+                      ("model.yarn_beta_fast", m.yarn_beta_fast), ("model.yarn_beta_slow", m.yarn_beta_slow),
                       ("optim.muon_lr", o.muon_lr), ("optim.adamw_lr", o.adamw_lr)]
         for key, value in above_zero:
             if not value > 0:

@@ -88,9 +88,22 @@ def test_out_of_range_numbers_are_refused_by_key(item, expect):
         build_config("tiny", None, [item] if isinstance(item, str) else list(item))
 
 
-def test_every_number_out_of_range_is_one_line_and_every_accepted_one_builds_and_trains():
+# bases with the features that only some keys act on turned on (yarn's betas and mscales divided
+# by zero or took a log of a negative number there, and the default tiny base never reached them)
+SWEEP_BASES = {
+    "tiny": ("tiny", []),
+    "mla-yarn": ("deepseek_v3-tiny", ["model.rope_scaling=yarn", "model.rope_factor=4", "model.rope_original_max_len=8",
+                                      "model.yarn_mscale=1", "model.yarn_mscale_all_dim=0.8",
+                                      "model.z_loss_coef=0.001", "model.noisy_gating=true"]),
+    "switch-linear-rope": ("switch-tiny", ["model.rope_scaling=linear", "model.rope_factor=2"]),
+}
+
+
+@pytest.mark.parametrize("base", list(SWEEP_BASES))
+def test_every_number_out_of_range_is_one_line_and_every_accepted_one_builds_and_trains(base):
     """Each numeric key set to 0, -1 or 3: refused with a UserError naming it, or accepted, and
     then the model builds, its loss is finite and backward runs. No other exception."""
+    preset, overrides = SWEEP_BASES[base]
     defaults = Config()
     numeric = [(section, f.name) for section in ("model", "data", "optim", "train")
                for f in dataclasses.fields(getattr(defaults, section))
@@ -101,7 +114,7 @@ def test_every_number_out_of_range_is_one_line_and_every_accepted_one_builds_and
     for (section, key), value in itertools.product(numeric, (0, -1, 3)):
         item = f"{section}.{key}={value}"
         try:
-            cfg = build_config("tiny", None, [item, "train.seq_len=16"]).resolve(vocab_size=300)
+            cfg = build_config(preset, None, [*overrides, item, "train.seq_len=16"]).resolve(vocab_size=300)
             cfg.check_new_run()
         except UserError as err:
             assert "\n" not in str(err), item
