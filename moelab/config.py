@@ -43,13 +43,17 @@ class ModelConfig:
     rope_theta: float = 10000.0
     partial_rotary: float = 1.0  # share of each head's dims that is rotated (GLM4: 0.5)
     rope_interleave: bool = False  # rotate (x0,x1),(x2,x3).. pairs (DeepSeek) instead of halves
-    rope_scaling: str = "none"  # none | linear | yarn
-    rope_factor: float = 1.0  # context extension factor (linear, yarn)
-    rope_original_max_len: int = 0  # yarn: pre-extension context length
+    rope_scaling: str = "none"  # none | linear | yarn | llama3
+    rope_factor: float = 1.0  # context extension factor (linear, yarn, llama3)
+    rope_original_max_len: int = 0  # yarn, llama3: pre-extension context length
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
     yarn_mscale: float = 0.0  # 0: unset (attention factor from rope_factor alone)
     yarn_mscale_all_dim: float = 0.0  # 0: unset; with MLA also scales the softmax (DeepSeek-V3)
+    # llama3 (Llama 3.1+): wavelengths over original/low are stretched by rope_factor, those under
+    # original/high kept, those between blended
+    llama3_low_freq_factor: float = 1.0
+    llama3_high_freq_factor: float = 4.0
     # ---- feed-forward ----
     ffn_act: str = "silu"  # silu | gelu (tanh approximation)
     ffn_glu: bool = True  # gated act(gate(x)) * up(x) (SwiGLU) or plain act(up(x))
@@ -228,12 +232,15 @@ class Config:
                                       and m.qk_rope_head_dim % 2 == 0 and m.v_head_dim > 0
                                       and m.qk_nope_head_dim >= 0 and m.q_lora_rank >= 0),
              "MLA needs kv_lora_rank > 0, an even qk_rope_head_dim > 0 and v_head_dim > 0"),
-            (m.rope_scaling in ("none", "linear", "yarn"),
-             f"model.rope_scaling must be none, linear or yarn (got {m.rope_scaling!r})"),
+            (m.rope_scaling in ("none", "linear", "yarn", "llama3"),
+             f"model.rope_scaling must be none, linear, yarn or llama3 (got {m.rope_scaling!r})"),
             (m.rope_scaling == "none" or m.rope_factor >= 1.0, f"model.rope_factor must be >= 1 (got {m.rope_factor})"),
-            (m.rope_scaling != "yarn" or m.rope_original_max_len > 0,
-             f"rope_scaling=yarn needs model.rope_original_max_len, the pre-extension context "
+            (m.rope_scaling not in ("yarn", "llama3") or m.rope_original_max_len > 0,
+             f"rope_scaling={m.rope_scaling} needs model.rope_original_max_len, the pre-extension context "
              f"(got {m.rope_original_max_len})"),
+            (m.rope_scaling != "llama3" or m.llama3_high_freq_factor > m.llama3_low_freq_factor,
+             f"model.llama3_high_freq_factor must exceed model.llama3_low_freq_factor "
+             f"(got {m.llama3_high_freq_factor} and {m.llama3_low_freq_factor})"),
             (m.ffn_act in ("silu", "gelu"), f"model.ffn_act must be silu or gelu (got {m.ffn_act!r})"),
             (m.router in ("softmax", "topk_softmax", "sigmoid", "switch"),
              f"model.router must be softmax, topk_softmax, sigmoid or switch (got {m.router!r})"),
@@ -311,6 +318,8 @@ class Config:
                 raise UserError(f"invalid config: {key} must be in [0, 1) (got {value})")
         above_zero = [("model.routed_scaling", m.routed_scaling), ("model.rope_theta", m.rope_theta),
                       ("model.yarn_beta_fast", m.yarn_beta_fast), ("model.yarn_beta_slow", m.yarn_beta_slow),
+                      ("model.llama3_low_freq_factor", m.llama3_low_freq_factor),
+                      ("model.llama3_high_freq_factor", m.llama3_high_freq_factor),
                       ("optim.muon_lr", o.muon_lr), ("optim.adamw_lr", o.adamw_lr)]
         for key, value in above_zero:
             if not value > 0:

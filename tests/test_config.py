@@ -81,6 +81,10 @@ def test_bad_values_and_invalid_configs():
     ("model.n_group=0", "model.n_group must be >= 1 (got 0)"),  # ZeroDivisionError traceback
     ("train.batch_size=0", "train.batch_size must be >= 1 (got 0)"),  # named with its neighbours, not alone
     ("optim.adamw_lr=0", "optim.adamw_lr must be > 0 (got 0.0)"),
+    ("model.yarn_beta_fast=0", "model.yarn_beta_fast must be > 0 (got 0.0)"),  # ZeroDivisionError under yarn
+    ("model.rope_scaling=llama3", "rope_scaling=llama3 needs model.rope_original_max_len"),
+    (("model.rope_scaling=llama3", "model.rope_original_max_len=8192", "model.llama3_low_freq_factor=4"),
+     "model.llama3_high_freq_factor must exceed model.llama3_low_freq_factor (got 4.0 and 4.0)"),  # 0/0 blend
 ])
 def test_out_of_range_numbers_are_refused_by_key(item, expect):
     """Each crashed deep in torch with a traceback, or trained something else without a word."""
@@ -96,6 +100,8 @@ SWEEP_BASES = {
                                       "model.yarn_mscale=1", "model.yarn_mscale_all_dim=0.8",
                                       "model.z_loss_coef=0.001", "model.noisy_gating=true"]),
     "switch-linear-rope": ("switch-tiny", ["model.rope_scaling=linear", "model.rope_factor=2"]),
+    "dense-llama3-rope": ("qwen3-tiny", ["model.rope_scaling=llama3", "model.rope_factor=8",
+                                         "model.rope_original_max_len=8"]),
 }
 
 

@@ -121,6 +121,9 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
             rope["mscale"] = cfg.yarn_mscale
         if cfg.yarn_mscale_all_dim:
             rope["mscale_all_dim"] = cfg.yarn_mscale_all_dim
+    if cfg.rope_scaling == "llama3":
+        rope.update(original_max_position_embeddings=cfg.rope_original_max_len,
+                    low_freq_factor=cfg.llama3_low_freq_factor, high_freq_factor=cfg.llama3_high_freq_factor)
     if cfg.partial_rotary != 1.0:
         rope["partial_rotary_factor"] = cfg.partial_rotary
     return rope
@@ -194,8 +197,8 @@ def model_config_from_hf(hf) -> ModelConfig:
         raise _refuse(arch, "hidden_act", g("hidden_act"), list(ACTS.values()))
     rope = dict(g("rope_parameters") or {})
     rope_type = rope.get("rope_type", "default")
-    if rope_type not in ("default", "linear", "yarn"):
-        raise _refuse(arch, "rope_type", rope_type, ["default", "linear", "yarn"])
+    if rope_type not in ("default", "linear", "yarn", "llama3"):
+        raise _refuse(arch, "rope_type", rope_type, ["default", "linear", "yarn", "llama3"])
     for name, want in (("sliding_window", None), ("router_jitter_noise", 0.0), ("clip_qkv", None),
                        ("mlp_bias", False), ("decoder_sparse_step", 1), ("use_sliding_window", False)):
         have = g(name, want)
@@ -215,6 +218,8 @@ def model_config_from_hf(hf) -> ModelConfig:
         rope_original_max_len=int(rope.get("original_max_position_embeddings") or 0),
         yarn_beta_fast=float(rope.get("beta_fast") or 32.0), yarn_beta_slow=float(rope.get("beta_slow") or 1.0),
         yarn_mscale=float(rope.get("mscale") or 0.0), yarn_mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
+        llama3_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        llama3_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
         dense_dim=g("intermediate_size"), n_experts=0, aux_loss_coef=0.0)
     if rope_type == "yarn" and rope.get("attention_factor") is not None:
         raise _refuse(arch, "rope_parameters.attention_factor", rope["attention_factor"], None)

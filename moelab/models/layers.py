@@ -52,6 +52,9 @@ def rope_inv_freq(cfg, dim: int) -> tuple[torch.Tensor, float]:
     none: theta^(-2i/dim). linear: divided by rope_factor (position interpolation).
     yarn (Peng et al. 2023, as DeepSeek-V3 and transformers compute it): interpolate the low
     frequencies, keep the high ones, blend linearly between beta_fast and beta_slow rotations.
+    llama3 (Llama 3.1): divide the frequencies whose wavelength exceeds original/low_freq_factor
+    by rope_factor, keep those under original/high_freq_factor, and blend those between by where
+    original/wavelength falls from low_freq_factor to high_freq_factor; cos/sin unscaled.
     """
     base = cfg.rope_theta
     inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
@@ -60,6 +63,11 @@ def rope_inv_freq(cfg, dim: int) -> tuple[torch.Tensor, float]:
     factor = cfg.rope_factor
     if cfg.rope_scaling == "linear":
         return inv / factor, 1.0
+    if cfg.rope_scaling == "llama3":
+        low, high = cfg.llama3_low_freq_factor, cfg.llama3_high_freq_factor
+        ratio = cfg.rope_original_max_len * inv / (2 * math.pi)  # original context / wavelength
+        keep = ((ratio - low) / (high - low)).clamp(0, 1)  # 1: high frequency, 0: low
+        return (inv / factor) * (1 - keep) + inv * keep, 1.0
     # yarn
     def correction_dim(rotations: float) -> float:
         return dim * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))

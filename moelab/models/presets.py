@@ -90,7 +90,7 @@ TINY = {
 }
 
 # Published sizes: Mixtral-8x7B, Qwen3-30B-A3B, OLMoE-1B-7B, DeepSeek-V3 (671B), GLM-4.5-Air,
-# a decoder-only Switch-Base-8 analogue, Llama-3-8B, Qwen3-0.6B.
+# a decoder-only Switch-Base-8 analogue, Llama-3-8B, Llama-3.2-1B (Llama 3.1's RoPE scaling), Qwen3-0.6B.
 PUBLISHED = {
     "mixtral-8x7b": ("mixtral", dict(
         vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, n_experts=8, top_k=2,
@@ -117,6 +117,10 @@ PUBLISHED = {
     "llama3-8b": ("llama", dict(
         vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, dense_dim=14336,
         rope_theta=5e5, norm_eps=1e-5, max_seq_len=8192)),
+    "llama3.2-1b": ("llama", dict(
+        vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, dense_dim=8192,
+        tie_embeddings=True, rope_theta=5e5, norm_eps=1e-5, max_seq_len=131072, rope_scaling="llama3",
+        rope_factor=32.0, rope_original_max_len=8192, llama3_low_freq_factor=1.0, llama3_high_freq_factor=4.0)),
     "qwen3-0.6b": ("qwen3", dict(
         vocab_size=151936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
         dense_dim=3072, rope_theta=1e6, max_seq_len=40960)),

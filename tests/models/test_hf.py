@@ -14,7 +14,8 @@ from moelab.models.presets import PUBLISHED, get_preset  # noqa: E402
 V = 211
 # (family preset, overrides): covers GQA, MHA, QK-norm (head/full), qkv bias, partial rotary,
 # shared experts, group-limited sigmoid routing, first_k_dense, MLA with and without query
-# low-rank, interleaved and half RoPE, yarn, tied and untied heads, dense baselines.
+# low-rank, interleaved and half RoPE, linear / yarn / llama3 RoPE scaling, tied and untied heads,
+# dense baselines.
 CASES = {
     "mixtral": ("mixtral-tiny", {}),
     "mixtral-tied-mha": ("mixtral-tiny", {"tie_embeddings": True, "n_kv_heads": 4}),
@@ -26,9 +27,15 @@ CASES = {
         "rope_factor": 4.0, "rope_original_max_len": 16, "yarn_mscale": 1.0, "yarn_mscale_all_dim": 0.8}),
     "glm4_moe": ("glm4_moe-tiny", {"n_kv_heads": 2}),
     "llama": ("llama-tiny", {"qkv_bias": True, "out_bias": True}),
+    # Llama 3.1's RoPE: at head_dim 16 and an original context of 48 the wavelengths 6.3, 20 and
+    # 63+ fall in its kept, blended and stretched bands (under 48/5, between, over 48/1.5)
+    "llama-llama3-rope": ("llama-tiny", {"rope_scaling": "llama3", "rope_factor": 8.0, "rope_original_max_len": 48,
+                                         "llama3_low_freq_factor": 1.5, "llama3_high_freq_factor": 5.0}),
+    "qwen3_moe-linear-rope": ("qwen3_moe-tiny", {"rope_scaling": "linear", "rope_factor": 2.0}),
     "qwen3": ("qwen3-tiny", {}),
 }
-EXPECTED_ARCH = {"mixtral-tied-mha": "mixtral", "deepseek_v3-full-q-yarn": "deepseek_v3"}
+EXPECTED_ARCH = {"mixtral-tied-mha": "mixtral", "deepseek_v3-full-q-yarn": "deepseek_v3",
+                 "llama-llama3-rope": "llama", "qwen3_moe-linear-rope": "qwen3_moe"}
 
 
 def _model(preset: str, overrides: dict, seed: int = 0) -> MoETransformer:
@@ -238,6 +245,49 @@ def test_published_presets_count_parameters_like_transformers(name):
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(config)
     assert ours == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("preset,rope", [
+    ("llama3-8b", dict(rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=8192, max_seq_len=131072)),
+    ("llama3-8b", dict(rope_scaling="llama3", rope_factor=32.0, rope_original_max_len=8192,
+                       llama3_low_freq_factor=2.0, llama3_high_freq_factor=6.0, max_seq_len=131072)),
+    ("qwen3-0.6b", dict(rope_scaling="linear", rope_factor=4.0)),
+    ("deepseek-v3", {}),  # yarn, mscale and mscale_all_dim as published
+    ("glm-4.5-air", dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=32768)),  # partial rotary
+])
+def test_rope_frequencies_equal_transformers_at_published_sizes(preset, rope):
+    """The inverse frequencies and cos/sin factor of every RoPE scaling moelab writes into an HF
+    config are the ones transformers computes from that config (its float32 against moelab's float64),
+    at real head dims, thetas and contexts: for llama3, every band of Llama 3.1's rule is populated."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from moelab.models.attention import rotary_dim
+    from moelab.models.layers import rope_inv_freq
+
+    cfg = get_preset(preset)
+    for k, v in rope.items():
+        setattr(cfg.model, k, v)
+    m = cfg.resolve().model
+    config = hf_config(m)
+    theirs, their_factor = ROPE_INIT_FUNCTIONS[config.rope_parameters["rope_type"]](config, "cpu")
+    ours, our_factor = rope_inv_freq(m, rotary_dim(m))
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours.float(), theirs, rtol=2e-6, atol=0)
+    assert our_factor == pytest.approx(their_factor, rel=1e-12)
+    if m.rope_scaling == "llama3":
+        ratio = m.rope_original_max_len * ours / (2 * torch.pi)  # below low: stretched; above high: kept
+        assert (ratio < m.llama3_low_freq_factor).any() and (ratio > m.llama3_high_freq_factor).any()
+        assert ((ratio > m.llama3_low_freq_factor) & (ratio < m.llama3_high_freq_factor)).any()
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0}, {"rope_type": "longrope"}])
+def test_a_rope_type_moelab_cannot_compute_is_refused_on_convert(rope):
+    from moelab.models.hf import model_config_from_hf
+
+    config = hf_config(_model(*CASES["llama"]).cfg)
+    config.rope_parameters = {**config.rope_parameters, **rope}
+    with pytest.raises(UserError, match=f"rope_type='{rope['rope_type']}'.*llama3"):
+        model_config_from_hf(config)
 
 
 @pytest.mark.parametrize("field,value,arch,match", [
