@@ -33,9 +33,10 @@ CASES = {
                                          "llama3_low_freq_factor": 1.5, "llama3_high_freq_factor": 5.0}),
     "qwen3_moe-linear-rope": ("qwen3_moe-tiny", {"rope_scaling": "linear", "rope_factor": 2.0}),
     "qwen3": ("qwen3-tiny", {}),
+    "qwen3-yarn": ("qwen3-tiny", {"rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_max_len": 16}),  # GQA
 }
 EXPECTED_ARCH = {"mixtral-tied-mha": "mixtral", "deepseek_v3-full-q-yarn": "deepseek_v3",
-                 "llama-llama3-rope": "llama", "qwen3_moe-linear-rope": "qwen3_moe"}
+                 "llama-llama3-rope": "llama", "qwen3_moe-linear-rope": "qwen3_moe", "qwen3-yarn": "qwen3"}
 
 
 def _model(preset: str, overrides: dict, seed: int = 0) -> MoETransformer:
