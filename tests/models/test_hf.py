@@ -281,6 +281,26 @@ def test_rope_frequencies_equal_transformers_at_published_sizes(preset, rope):
         assert ((ratio > m.llama3_low_freq_factor) & (ratio < m.llama3_high_freq_factor)).any()
 
 
+def test_a_llama_3_2_config_json_in_the_hub_layout_converts(tmp_path):
+    """Llama 3.1/3.2 checkpoints on the Hub carry their RoPE as the legacy `rope_scaling` dict beside
+    a top-level `rope_theta` (transformers < 5 wrote that): it converts to llama3 RoPE, same logits."""
+    import json
+
+    hf_cfg = hf_config(_model(*CASES["llama-llama3-rope"]).cfg)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    rope = raw.pop("rope_parameters")
+    raw["rope_theta"] = rope.pop("rope_theta")
+    raw["rope_scaling"] = rope
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    ours = load_hf(tmp_path)
+    assert (ours.cfg.rope_scaling, ours.cfg.rope_factor, ours.cfg.rope_original_max_len) == ("llama3", 8.0, 48)
+    assert (ours.cfg.llama3_low_freq_factor, ours.cfg.llama3_high_freq_factor) == (1.5, 5.0)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert _max_diff(theirs, ours, torch.randint(0, V, (2, 48))) <= 1e-4
+
+
 @pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0}, {"rope_type": "longrope"}])
 def test_a_rope_type_moelab_cannot_compute_is_refused_on_convert(rope):
     from moelab.models.hf import model_config_from_hf
