@@ -281,26 +281,30 @@ def test_rope_frequencies_equal_transformers_at_published_sizes(preset, rope):
         assert ((ratio > m.llama3_low_freq_factor) & (ratio < m.llama3_high_freq_factor)).any()
 
 
-@pytest.mark.parametrize("case,type_key", [("llama-llama3-rope", "rope_type"), ("deepseek_v3-full-q-yarn", "type")])
+@pytest.mark.parametrize("case,type_key", [("llama-llama3-rope", "rope_type"), ("deepseek_v3-full-q-yarn", "type"),
+                                           ("glm4_moe", "rope_type")])
 def test_a_config_json_in_the_hubs_legacy_rope_layout_converts(tmp_path, case, type_key):
-    """Llama 3.1/3.2 and DeepSeek-V3 checkpoints on the Hub carry their RoPE as the legacy
-    `rope_scaling` dict beside a top-level `rope_theta` (DeepSeek-V3's says `type`, not `rope_type`):
-    each converts to the same RoPE settings and the same logits as transformers reads from it."""
+    """Llama 3.1/3.2, DeepSeek-V3 and GLM-4.5 checkpoints on the Hub carry their RoPE the legacy way:
+    a `rope_scaling` dict (null when unscaled; DeepSeek-V3's says `type`, not `rope_type`) beside
+    top-level `rope_theta` and `partial_rotary_factor`. Each converts to the same RoPE settings and
+    the same logits as transformers reads from it."""
     import json
 
     want = _model(*CASES[case]).cfg
     torch.manual_seed(0)
-    hf = getattr(transformers, ARCHS[EXPECTED_ARCH[case]] + "ForCausalLM")(hf_config(want))
+    hf = getattr(transformers, ARCHS[EXPECTED_ARCH.get(case, case)] + "ForCausalLM")(hf_config(want))
     hf.save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
     rope = raw.pop("rope_parameters")
     raw["rope_theta"] = rope.pop("rope_theta")
+    if "partial_rotary_factor" in rope:
+        raw["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
     rope[type_key] = rope.pop("rope_type")
-    raw["rope_scaling"] = rope
+    raw["rope_scaling"] = rope if rope[type_key] != "default" else None
     (tmp_path / "config.json").write_text(json.dumps(raw))
     ours = load_hf(tmp_path)
-    keys = ("rope_theta", "rope_scaling", "rope_factor", "rope_original_max_len", "yarn_mscale", "yarn_mscale_all_dim",
-            "llama3_low_freq_factor", "llama3_high_freq_factor")
+    keys = ("rope_theta", "partial_rotary", "rope_scaling", "rope_factor", "rope_original_max_len", "yarn_mscale",
+            "yarn_mscale_all_dim", "llama3_low_freq_factor", "llama3_high_freq_factor")
     assert {k: getattr(ours.cfg, k) for k in keys} == {k: getattr(want, k) for k in keys}
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert _max_diff(theirs, ours, torch.randint(0, V, (2, 48))) <= 1e-4
