@@ -94,5 +94,17 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, another user's
-        return True
-    return True
+        pass
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether `pid` has ended but its parent has not reaped it yet. Signal 0 still finds such a
+    process, and in a container whose first process does not reap orphans (docker without --init)
+    a killed prepare stays so for good, its temporary folder never cleaned. Linux only (/proc);
+    elsewhere False, as before."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2:][:1] in ("Z", "X")  # the state follows "(command) "

@@ -1,9 +1,14 @@
 """Run-directory files that other processes read (summary, metrics history, reports) are replaced
 whole or not at all."""
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
-from moelab.files import write_atomic
+from moelab.files import remove_stale_temps, temp_beside, write_atomic
 from moelab.train.rundir import MetricsLog, read_metrics
 
 
@@ -14,6 +19,30 @@ def test_a_write_that_fails_midway_leaves_the_previous_file_whole(tmp_path):
         write_atomic(path, '{"val_loss": ' + "1" * 100_000 + "\ud800}")
     assert path.read_text() == '{"val_loss": 4.5}'
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="zombies are told apart through /proc (Linux)")
+def test_a_killed_writers_temp_goes_even_while_its_process_is_an_unreaped_zombie(tmp_path):
+    """A killed process that nobody has reaped (a container whose init does not reap) still answers
+    signal 0: its temporary folder, possibly a copy of a whole corpus, was kept for good as if it
+    still ran. A running process's stays."""
+    target = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ours = temp_beside(target)
+        theirs = ours.with_name(ours.name.rsplit("-", 1)[0] + f"-{child.pid}")
+        theirs.mkdir()
+        (theirs / ".text").write_text("spilled corpus")
+        assert remove_stale_temps(target) == [] and theirs.is_dir()  # running
+        child.kill()
+        deadline = time.monotonic() + 30
+        while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert remove_stale_temps(target) == [theirs] and not theirs.exists()  # killed, not yet reaped
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_resumed_metrics_keep_the_records_up_to_the_step_and_drop_a_cut_line(tmp_path):
