@@ -472,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if args.func in (_cmd_eval, _cmd_generate, _cmd_routing, _cmd_report):  # torch work, no run set-up
+            from moelab.train.host import fit_torch_threads
+
+            note = fit_torch_threads()
+            if note:
+                print(note, file=sys.stderr)
         return args.func(args)
     except UserError as exc:
         print(f"moelab: error: {exc}", file=sys.stderr)

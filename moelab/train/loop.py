@@ -23,7 +23,6 @@ import torch
 
 from moelab.config import Config
 from moelab.data.loader import BatchLoader
-from moelab.data.parallel import cores
 from moelab.data.pipeline import Dataset, build_dataset, write_split_report
 from moelab.errors import UserError
 from moelab.eval.language import xz_bits_per_byte
@@ -37,7 +36,7 @@ from moelab.optim.schedules import lr_factor, schedule_state
 from moelab.train import checkpoint as ck
 from moelab.train import distributed as dp
 from moelab.train.faults import FaultPlan, StopSignals, UpdateGuard
-from moelab.train.host import compile_unavailable, keep_freed_memory, precision_note
+from moelab.train.host import compile_unavailable, fit_torch_threads, keep_freed_memory, precision_note
 from moelab.train.memory import check_training_fits, check_update_fits
 from moelab.train.monitor import Sinks, flops_per_token, is_rank0, peak_memory_gb, peak_tflops, plot_curves
 from moelab.train.rundir import RunLock, has_entries, metrics_until, new_run_dir, provenance
@@ -68,6 +67,7 @@ class Run:
     sinks: Sinks | None = None  # metrics.jsonl, TensorBoard, W&B: opened last in setup
     rows: slice = field(default_factory=lambda: slice(None))  # its rows of each batch (data parallel: 1/N)
     setup_config: dict = field(default_factory=dict)  # the config as set-up began: the other ranks' start
+    threads_note: str | None = None  # where torch's thread count was fitted to the usable cores
 
 
 def config_changes(before: Config, after: Config) -> list[str]:
@@ -209,8 +209,7 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
     if writer and ckpt is None:  # marks the folder as a run at once: one killed while preparing data is restartable
         write_atomic(run_dir / "config.yaml", cfg.to_yaml())
     t = cfg.train
-    if t.threads:  # more threads than usable cores only contend for them (tiny preset: 150x slower)
-        torch.set_num_threads(min(t.threads, cores()))
+    threads_note = fit_torch_threads(t.threads)
     device = dp.local_device(resolve_device(t.device))  # data parallel on CUDA: this rank's GPU
     if t.compile and (why := compile_unavailable(device)):
         raise UserError(f"train.compile=true: {why}; install it or set train.compile=false")
@@ -242,7 +241,7 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
     run = Run(cfg, run_dir, device, data, model, HybridOptimizer(model, cfg.optim, device),
               BatchLoader(data.train_windows, t.batch_size, t.seed), guard, scaler,
               expert_counts_LE=torch.zeros(len(cfg.model.moe_layers), cfg.model.n_experts, dtype=torch.int64,
-                                           device=device), provenance=origin)
+                                           device=device), provenance=origin, threads_note=threads_note)
     run.rows = rows
     if ckpt is not None:
         run.resumed_from = ckpt
@@ -636,9 +635,8 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
             "config (and prepared data)")
     if run.set_aside is not None:
         say(f"rewound: the checkpoints after update {run.step} and the metrics log as it was are in {run.set_aside}")
-    if t.threads > cores():
-        say(f"train.threads={t.threads}: this process may use {cores()} CPU cores; running {cores()} threads "
-            "(more would only contend for them)")
+    if run.threads_note:
+        say(run.threads_note)
     note = precision_note(run.device, t.precision, AUTOCAST_DTYPES[t.precision], faster="train.precision")
     if note:
         say(note)

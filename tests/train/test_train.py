@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from moelab import load_model
@@ -118,3 +119,61 @@ def test_more_threads_than_cores_runs_one_per_core(tmp_path, capsys):
         assert torch.get_num_threads() == 1 and "may use" not in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def _cpu_quota_cgroup(name: str, cpus: float):
+    """(outer, inner) cgroup folders, `cpus` CPUs' quota on the outer one, or None where this
+    machine does not let the test make them (not root, no cgroup file system, cgroup v2 inside a
+    container). A real cgroup: the kernel then enforces the quota on the process put in inner."""
+    import os
+    from pathlib import Path
+
+    v1 = Path("/sys/fs/cgroup/cpu")
+    try:
+        if (v1 / "cpu.cfs_quota_us").is_file() and os.access(v1, os.W_OK):
+            outer = v1 / name
+            outer.mkdir()
+            period = int((outer / "cpu.cfs_period_us").read_text())
+            (outer / "cpu.cfs_quota_us").write_text(str(int(cpus * period)))
+        elif "cpu" in Path("/sys/fs/cgroup/cgroup.controllers").read_text().split():
+            Path("/sys/fs/cgroup/cgroup.subtree_control").write_text("+cpu")
+            outer = Path("/sys/fs/cgroup") / name
+            outer.mkdir()
+            (outer / "cpu.max").write_text(f"{int(cpus * 100000)} 100000")
+        else:
+            return None
+        (outer / "inner").mkdir()
+        return outer, outer / "inner"
+    except OSError:
+        return None
+
+
+def test_torch_threads_fit_a_cgroup_cpu_quota(trained, tmp_path):
+    """docker --cpus and Kubernetes CPU limits are a cgroup CPU quota, which neither os.cpu_count()
+    nor the affinity mask shows: torch started a thread per core it saw, and the kernel stopped them
+    for most of each period (1.4x slower at 2 threads under a 1-CPU quota here; worse with more
+    cores). In a real cgroup with 0.9 CPU of quota on its parent group, a command where torch is
+    set to 4 threads runs one and says why; the limit is read walking up from the process's group."""
+    import os
+    import subprocess
+    import sys
+
+    made = _cpu_quota_cgroup(f"moelab-test-{os.getpid()}", 0.9)
+    if made is None:
+        pytest.skip("cannot make a cgroup with a CPU quota here (needs root and a cgroup file system)")
+    outer, inner = made
+    child = (f"import os, sys; open({str(inner / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+             "import torch; torch.set_num_threads(4)  # what torch starts on a 4-core host\n"
+             "from moelab.cli import main\n"
+             "from moelab.data.parallel import cgroup_cpu_quota, cores\n"
+             f"rc = main(['generate', {str(trained / 'run')!r}, '--prompt', 'def', '--max-new-tokens', '2'])\n"
+             "print(rc, cores(), cgroup_cpu_quota(), torch.get_num_threads())\n")
+    try:
+        res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    finally:
+        for folder in (inner, outer):
+            folder.rmdir()
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-4:] == ["0", "1", "0.9", "1"], res.stdout
+    assert ("note: this process may use 1 CPU core (its cgroup's CPU quota is 0.9 CPUs, as docker --cpus or a "
+            "Kubernetes CPU limit sets); torch would start 4 threads: running 1") in res.stderr
