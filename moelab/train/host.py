@@ -122,14 +122,15 @@ def fit_torch_threads(requested: int = 0, setting: str = "train.threads") -> str
     process may use (`cores`: its affinity and its cgroup's CPU quota); the note to print where that
     changed the number, else None. More threads than that only take turns (tiny preset: 150x slower
     at 16 threads on 2 cores; 1.4x slower at 2 threads under a 1-CPU quota, this machine)."""
-    from moelab.data.parallel import cgroup_cpu_quota, cores
+    from moelab.cgroups import cpu_quota
+    from moelab.data.parallel import cores
 
     usable, default = cores(), torch.get_num_threads()
     want = requested or default
     torch.set_num_threads(min(want, usable))
     if want <= usable:
         return None
-    quota = cgroup_cpu_quota()
+    quota = cpu_quota()
     why = f" (its cgroup's CPU quota is {quota:g} CPUs, as docker --cpus or a Kubernetes CPU limit sets)" \
         if quota is not None and int(quota) < want else ""
     cores_ = f"{usable} CPU core{'s' if usable > 1 else ''}"

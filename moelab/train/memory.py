@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from moelab.cgroups import memory_headroom
 from moelab.errors import UserError
 
 MIN_VOCAB = 260  # the smallest vocabulary a run can have (256 bytes + specials): a lower bound
@@ -150,17 +151,9 @@ def check_update_fits(model, optimizer, t, device: torch.device, autocast=contex
         f"{_fmt_gb(grads + opt)} more, and {_fmt_gb(available)} is available; try " + ", or ".join(tips))
 
 
-def _read_int(path: str) -> int | None:
-    try:
-        text = Path(path).read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None  # "max": no limit
-
-
 def available_bytes(device: torch.device) -> int | None:
     """Memory this process can still take on `device`: free GPU memory; on CPU, the host's available
-    memory and swap (Linux /proc/meminfo), within the cgroup's limit (containers). None if unknown."""
+    memory and swap (Linux /proc/meminfo), within its cgroups' limits (moelab.cgroups). None if unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
@@ -171,12 +164,9 @@ def available_bytes(device: torch.device) -> int | None:
         known.append(1024 * (int(info["MemAvailable"].split()[0]) + int(info.get("SwapFree", "0 kB").split()[0])))
     except (OSError, KeyError, ValueError):
         pass
-    v1 = "/sys/fs/cgroup/memory/memory."
-    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-                         (v1 + "limit_in_bytes", v1 + "usage_in_bytes")):
-        cap, used = _read_int(limit), _read_int(usage)
-        if cap is not None and used is not None and cap < 1 << 60:  # v1 says "no limit" with a huge number
-            known.append(max(cap - used, 0))
+    room = memory_headroom()  # a container's or a scheduler job's limit, on any level of its cgroup
+    if room is not None:
+        known.append(room)
     return min(known) if known else None
 
 

@@ -1,6 +1,7 @@
 """End to end on CPU: a short run lowers the loss; save then load gives the same logits."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -121,25 +122,31 @@ def test_more_threads_than_cores_runs_one_per_core(tmp_path, capsys):
         torch.set_num_threads(before)
 
 
-def _cpu_quota_cgroup(name: str, cpus: float):
-    """(outer, inner) cgroup folders, `cpus` CPUs' quota on the outer one, or None where this
+def _cgroup(controller: str, name: str, limit: str):
+    """(outer, inner) folders of a real cgroup with `limit` set on the outer one, or None where this
     machine does not let the test make them (not root, no cgroup file system, cgroup v2 inside a
-    container). A real cgroup: the kernel then enforces the quota on the process put in inner."""
+    container). `controller` cpu: `limit` in CPUs; memory: in bytes. The kernel enforces the limit
+    on a process put in inner, and moelab must find it one level up from its own group."""
     import os
     from pathlib import Path
 
-    v1 = Path("/sys/fs/cgroup/cpu")
+    v1 = Path("/sys/fs/cgroup") / controller
+    v1_file = {"cpu": "cpu.cfs_quota_us", "memory": "memory.limit_in_bytes"}[controller]
     try:
-        if (v1 / "cpu.cfs_quota_us").is_file() and os.access(v1, os.W_OK):
+        if (v1 / v1_file).is_file() and os.access(v1, os.W_OK):
             outer = v1 / name
             outer.mkdir()
-            period = int((outer / "cpu.cfs_period_us").read_text())
-            (outer / "cpu.cfs_quota_us").write_text(str(int(cpus * period)))
-        elif "cpu" in Path("/sys/fs/cgroup/cgroup.controllers").read_text().split():
-            Path("/sys/fs/cgroup/cgroup.subtree_control").write_text("+cpu")
+            if controller == "cpu":
+                limit = str(int(float(limit) * int((outer / "cpu.cfs_period_us").read_text())))
+            (outer / v1_file).write_text(limit)
+        elif controller in Path("/sys/fs/cgroup/cgroup.controllers").read_text().split():
+            Path("/sys/fs/cgroup/cgroup.subtree_control").write_text(f"+{controller}")
             outer = Path("/sys/fs/cgroup") / name
             outer.mkdir()
-            (outer / "cpu.max").write_text(f"{int(cpus * 100000)} 100000")
+            if controller == "cpu":
+                (outer / "cpu.max").write_text(f"{int(float(limit) * 100000)} 100000")
+            else:
+                (outer / "memory.max").write_text(limit)
         else:
             return None
         (outer / "inner").mkdir()
@@ -148,32 +155,64 @@ def _cpu_quota_cgroup(name: str, cpus: float):
         return None
 
 
-def test_torch_threads_fit_a_cgroup_cpu_quota(trained, tmp_path):
+def _run_in_cgroup(made, code: str):
+    """`code` run by a new Python process that first moves itself into the cgroup's inner group."""
+    import subprocess
+    import sys
+
+    outer, inner = made
+    try:
+        return subprocess.run([sys.executable, "-c", f"import os; open({str(inner / 'cgroup.procs')!r}, 'w')"
+                               f".write(str(os.getpid()))\n" + code], capture_output=True, text=True, timeout=300)
+    finally:
+        for folder in (inner, outer):
+            folder.rmdir()
+
+
+def test_torch_threads_fit_a_cgroup_cpu_quota(trained):
     """docker --cpus and Kubernetes CPU limits are a cgroup CPU quota, which neither os.cpu_count()
     nor the affinity mask shows: torch started a thread per core it saw, and the kernel stopped them
     for most of each period (1.4x slower at 2 threads under a 1-CPU quota here; worse with more
     cores). In a real cgroup with 0.9 CPU of quota on its parent group, a command where torch is
-    set to 4 threads runs one and says why; the limit is read walking up from the process's group."""
+    set to 4 threads runs one and says why."""
     import os
-    import subprocess
-    import sys
 
-    made = _cpu_quota_cgroup(f"moelab-test-{os.getpid()}", 0.9)
+    made = _cgroup("cpu", f"moelab-test-{os.getpid()}", "0.9")
     if made is None:
         pytest.skip("cannot make a cgroup with a CPU quota here (needs root and a cgroup file system)")
-    outer, inner = made
-    child = (f"import os, sys; open({str(inner / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
-             "import torch; torch.set_num_threads(4)  # what torch starts on a 4-core host\n"
-             "from moelab.cli import main\n"
-             "from moelab.data.parallel import cgroup_cpu_quota, cores\n"
-             f"rc = main(['generate', {str(trained / 'run')!r}, '--prompt', 'def', '--max-new-tokens', '2'])\n"
-             "print(rc, cores(), cgroup_cpu_quota(), torch.get_num_threads())\n")
-    try:
-        res = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
-    finally:
-        for folder in (inner, outer):
-            folder.rmdir()
+    res = _run_in_cgroup(made, "import torch; torch.set_num_threads(4)  # what torch starts on a 4-core host\n"
+                               "from moelab.cgroups import cpu_quota\n"
+                               "from moelab.cli import main\n"
+                               "from moelab.data.parallel import cores\n"
+                               f"rc = main(['generate', {str(trained / 'run')!r}, '--prompt', 'def', "
+                               "'--max-new-tokens', '2'])\n"
+                               "print(rc, cores(), cpu_quota(), torch.get_num_threads())\n")
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[-4:] == ["0", "1", "0.9", "1"], res.stdout
     assert ("note: this process may use 1 CPU core (its cgroup's CPU quota is 0.9 CPUs, as docker --cpus or a "
             "Kubernetes CPU limit sets); torch would start 4 threads: running 1") in res.stderr
+
+
+def test_a_run_too_big_for_its_cgroups_memory_limit_is_refused_not_killed(trained):
+    """A memory limit one level above the process's own cgroup (a Slurm job's, a systemd slice's;
+    only a container sees its own group as the root) was not read: the run saw the host's memory,
+    started, and the kernel's OOM killer ended it with no message. Now it is refused in one line
+    that gives the memory the cgroup leaves."""
+    import os
+
+    limit = 1 << 30
+    made = _cgroup("memory", f"moelab-test-{os.getpid()}", str(limit))
+    if made is None:
+        pytest.skip("cannot make a cgroup with a memory limit here (needs root and a cgroup file system)")
+    res = _run_in_cgroup(made, "import sys, torch\n"
+                               "from moelab.cli import main\n"
+                               "from moelab.train.memory import available_bytes\n"
+                               "print(available_bytes(torch.device('cpu')), flush=True)\n"
+                               f"sys.exit(main(['train', '--preset', 'test', '--out', {str(trained / 'big')!r}, "
+                               f"'data.path={trained / 'run' / 'data' / 'prepared'}', 'model.d_model=512', "
+                               "'model.expert_dim=4096', 'train.steps=1']))\n")  # 0.1B parameters
+    assert 0 < int(res.stdout.split()[0]) < limit, res.stdout
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])  # -9: killed for memory
+    said = re.search(r"cannot fit.* ([\d.]+) GB (?:is )?available", res.stderr)
+    assert said and float(said.group(1)) < limit / 2 ** 30, res.stderr  # what the cgroup leaves, not the host's
+    assert not (trained / "big").exists()
