@@ -132,7 +132,7 @@ def fit_torch_threads(requested: int = 0, setting: str = "train.threads") -> str
         return None
     quota = cpu_quota()
     why = f" (its cgroup's CPU quota is {quota:g} CPUs, as docker --cpus or a Kubernetes CPU limit sets)" \
-        if quota is not None and int(quota) < want else ""
+        if quota is not None and max(1, int(quota)) == usable else ""  # the quota, not the affinity, binds
     cores_ = f"{usable} CPU core{'s' if usable > 1 else ''}"
     if requested:
         return (f"note: {setting}={requested}: this process may use {cores_}{why}; running {usable} "
