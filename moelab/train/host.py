@@ -131,7 +131,8 @@ def fit_torch_threads(requested: int = 0, setting: str = "train.threads") -> str
     if want <= usable:
         return None
     quota = cpu_quota()
-    why = f" (its cgroup's CPU quota is {quota:g} CPUs, as docker --cpus or a Kubernetes CPU limit sets)" \
+    why = f" (its cgroup's CPU quota is {quota:g} CPU{'s' if quota != 1 else ''}, as docker --cpus or a " \
+        "Kubernetes CPU limit sets)" \
         if quota is not None and max(1, int(quota)) == usable else ""  # the quota, not the affinity, binds
     cores_ = f"{usable} CPU core{'s' if usable > 1 else ''}"
     if requested:
