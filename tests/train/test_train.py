@@ -132,6 +132,7 @@ def _cgroup(controller: str, name: str, limit: str):
 
     v1 = Path("/sys/fs/cgroup") / controller
     v1_file = {"cpu": "cpu.cfs_quota_us", "memory": "memory.limit_in_bytes"}[controller]
+    outer = None
     try:
         if (v1 / v1_file).is_file() and os.access(v1, os.W_OK):
             outer = v1 / name
@@ -152,6 +153,9 @@ def _cgroup(controller: str, name: str, limit: str):
         (outer / "inner").mkdir()
         return outer, outer / "inner"
     except OSError:
+        for folder in (outer / "inner", outer) if outer is not None else ():
+            if folder.is_dir():
+                folder.rmdir()  # a cgroup folder goes with rmdir, its control files with it
         return None
 
 
