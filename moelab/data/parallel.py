@@ -8,7 +8,6 @@ in locking than the item's own work, so items go to the pool in groups.
 
 from __future__ import annotations
 
-import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -19,13 +18,16 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-@functools.lru_cache(maxsize=1)
 def cores() -> int:
-    """CPU cores this process may use: those it may run on (affinity), and at most as many as its
-    cgroup's CPU quota pays for, rounded down (a partial CPU's time is not a thread's)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = cpu_quota()
+    """CPU cores this process may use: those it may run on (`affinity_cores`), and at most as many
+    as its cgroup's CPU quota pays for, rounded down (a partial CPU's time is not a thread's)."""
+    n, quota = affinity_cores(), cpu_quota()
     return min(n, max(1, int(quota))) if quota else n
+
+
+def affinity_cores() -> int:
+    """CPU cores this process may run on (its affinity mask), whatever time its cgroup grants."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def batches(items: Sequence[T], budget: int, size: Callable[[T], int] = len) -> Iterator[Sequence[T]]:

@@ -123,17 +123,16 @@ def fit_torch_threads(requested: int = 0, setting: str = "train.threads") -> str
     changed the number, else None. More threads than that only take turns (tiny preset: 150x slower
     at 16 threads on 2 cores; 1.4x slower at 2 threads under a 1-CPU quota, this machine)."""
     from moelab.cgroups import cpu_quota
-    from moelab.data.parallel import cores
+    from moelab.data.parallel import affinity_cores, cores
 
     usable, default = cores(), torch.get_num_threads()
     want = requested or default
     torch.set_num_threads(min(want, usable))
     if want <= usable:
         return None
-    quota = cpu_quota()
+    quota = cpu_quota() if usable < affinity_cores() else None  # the quota, not the affinity, binds
     why = f" (its cgroup's CPU quota is {quota:g} CPU{'s' if quota != 1 else ''}, as docker --cpus or a " \
-        "Kubernetes CPU limit sets)" \
-        if quota is not None and max(1, int(quota)) == usable else ""  # the quota, not the affinity, binds
+        "Kubernetes CPU limit sets)" if quota is not None else ""
     cores_ = f"{usable} CPU core{'s' if usable > 1 else ''}"
     if requested:
         return (f"note: {setting}={requested}: this process may use {cores_}{why}; running {usable} "
