@@ -75,6 +75,21 @@ class Block(nn.Module):
         return x_BSD + self.mlp(h_BSD), None
 
 
+# torch's CPU allocator starts every tensor on a 64-byte boundary (a cache line, an AVX-512 load).
+ALIGNMENT = 64
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a contiguous copy of it where its data does not start on an ALIGNMENT boundary.
+    Weights read from a safetensors file on the CPU are views of the mapped file at 8-byte offsets,
+    and `torch._grouped_mm` in torch 2.10 refuses a weight that is not 16-byte aligned ("expected
+    data_ptr to be aligned to 16 bytes"), so evaluating a saved run failed there for half the files.
+    Only CPU tensors are checked: a tensor read onto a GPU is a fresh allocation."""
+    if t.device.type != "cpu" or t.data_ptr() % ALIGNMENT == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _allocate(module: nn.Module, device: torch.device) -> None:
     """Uninitialised storage on `device` for every parameter and buffer of a model built on the
     meta device, keeping shared parameters shared (`Module.to_empty` unties them, and its meta
@@ -133,8 +148,10 @@ class MoETransformer(nn.Module):
         """The model holding these tensors (assigned, not copied), in eval mode. Built on the meta
         device, so no memory is allocated and no time spent on a random init that the weights would
         replace: loading needs the weights' memory once, not twice. With tied embeddings either
-        of the two names may be given (safetensors keeps one of a shared pair)."""
-        sd = dict(state_dict)
+        of the two names may be given (safetensors keeps one of a shared pair). A tensor that does
+        not start on a 64-byte boundary (a safetensors file mapped from disk puts each at an
+        8-byte offset) is copied to one that does (`aligned`)."""
+        sd = {name: aligned(t) for name, t in state_dict.items()}
         if cfg.tie_embeddings:
             for a, b in (("embed.weight", "lm_head.weight"), ("lm_head.weight", "embed.weight")):
                 if a not in sd and b in sd:

@@ -127,6 +127,26 @@ def test_model_built_from_weights_holds_them_without_a_copy(case):
     assert _max_diff(built, ours, torch.randint(0, V, (2, 48))) == 0
 
 
+def test_model_built_from_misaligned_weights_copies_only_those():
+    """safetensors maps a file's tensors at 8-byte offsets; torch 2.10's CPU `_grouped_mm` refuses
+    a weight not 16-byte aligned. from_weights copies each such tensor to an aligned one (and only
+    those), so a loaded model's grouped experts run on every torch the project supports."""
+    ours = _model(*CASES["deepseek_v3"])
+    sd = {}
+    for i, (name, t) in enumerate(ours.state_dict().items()):
+        shift = 2 if i % 2 == 0 else 0  # every other tensor 8 bytes past a 64-byte boundary
+        buf = torch.empty(t.numel() + shift, dtype=t.dtype)
+        sd[name] = buf[shift:].view(t.shape).copy_(t)
+    misaligned = {name for name, t in sd.items() if t.data_ptr() % 16}
+    assert misaligned and len(misaligned) < len(sd)
+    built = MoETransformer.from_weights(ours.cfg, sd)
+    for name, t in built.state_dict().items():
+        if name in sd:
+            assert t.data_ptr() % 64 == 0, name
+            assert (t.data_ptr() == sd[name].data_ptr()) == (name not in misaligned), name
+    assert _max_diff(built, ours, torch.randint(0, V, (2, 48))) == 0
+
+
 def test_to_hf_copies_unless_asked_to_share():
     ours = _model(*CASES["mixtral-tied-mha"])
     q = ours.blocks[0].attn.q_proj.weight
