@@ -265,6 +265,7 @@ def test_published_presets_count_parameters_like_transformers(name):
     assert config.model_type == family
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(config)
+    hf.tie_weights()  # transformers 5.0 leaves a model built on the meta device untied
     assert ours == sum(p.numel() for p in hf.parameters())
 
 
