@@ -264,14 +264,14 @@ def _hf_items(source: str, text_field: str = "text", streaming: bool = False):
     directory written by `Dataset.save_to_disk`. Each record is one document (its `text_field`),
     named NAME#i. The dataset is opened before the first record is asked for (memory-mapped Arrow:
     records stream)."""
+    if source.startswith("hf:") and not source[3:].partition("@")[0].partition(":")[0].strip():
+        raise UserError(f"'{source}' names no dataset: write hf:NAME[:CONFIG][@SPLIT], "
+                        "e.g. hf:wikitext:wikitext-2-raw-v1@train")
     try:
         import datasets
     except ImportError:
         raise UserError("Hugging Face datasets need the datasets library: pip install 'moelab[hf]'") from None
     disk = Path(source).expanduser()
-    if source.startswith("hf:") and not source[3:].partition("@")[0].partition(":")[0].strip():
-        raise UserError(f"'{source}' names no dataset: write hf:NAME[:CONFIG][@SPLIT], "
-                        "e.g. hf:wikitext:wikitext-2-raw-v1@train")
     if not source.startswith("hf:"):
         try:
             ds, label = datasets.load_from_disk(str(disk)), disk.name

@@ -5,6 +5,7 @@ and SIGTERM are real signals."""
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -238,9 +239,12 @@ def test_a_damaged_checkpoint_is_named_with_the_one_before_it_which_resumes(prep
     os.truncate(model_file, model_file.stat().st_size // 2)
     res = _train(run, prepared, resume=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
-    assert res.stderr.strip().splitlines()[-1] == (
-        f"moelab: error: cannot load {model_file}: the file is damaged (Error while deserializing header: "
-        f"incomplete metadata, file not fully covered); the checkpoint before it: {before}")
+    # safetensors' own words differ by release ("incomplete metadata, file not fully covered" in
+    # 0.8, "MetadataIncompleteBuffer" in 0.4)
+    assert re.fullmatch(
+        re.escape(f"moelab: error: cannot load {model_file}: the file is damaged (Error while deserializing header: ")
+        + r"[^()]+" + re.escape(f"); the checkpoint before it: {before}"),
+        res.stderr.strip().splitlines()[-1]), res.stderr
     res = _moelab("eval", str(run), "--windows", "2")  # every reader of the weights says the same
     assert res.returncode == 2 and f"cannot load {model_file}: the file is damaged" in res.stderr, res.stderr
     (newest / "trainer_state.pt").write_bytes(b"not a torch file")
