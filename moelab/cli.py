@@ -28,7 +28,7 @@ def _cmd_train(args) -> int:
         if args.resume:
             raise UserError("--print-config shows a new run's settings; a run's own are in RUN/config.yaml")
         print("# moelab train --config FILE reads this back. 0 is 'derive' where a key allows it (model.head_dim,\n"
-              "# n_kv_heads, dense_dim, max_seq_len ...); model.vocab_size becomes the trained tokenizer's.\n"
+              "# n_kv_heads, dense_dim, max_seq_len ...); model.vocab_size 0 takes the tokenizer's size.\n"
               + cfg.to_yaml(), end="")
         return 0
     from moelab.train.loop import train  # after the config: a typo is refused before torch loads (2 s)

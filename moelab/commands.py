@@ -20,7 +20,7 @@ def model_config_for(target: str, overrides: list[str] | tuple[str, ...] = ()):
     path = Path(target).expanduser()
     if path.is_file() and path.suffix.lower() in (".yaml", ".yml") or not path.exists() and target in PRESETS:
         cfg = build_config(None, str(path), overrides) if path.is_file() else build_config(target, None, overrides)
-        return cfg.resolve(vocab_size=cfg.data.vocab_size).model  # the vocabulary data prepare will train
+        return cfg.resolve(vocab_size=cfg.model.vocab_size or cfg.data.vocab_size).model  # or the one prepare trains
     if not path.exists():
         from moelab.hub import download_hint
 

@@ -224,7 +224,7 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
             _check_init_tokenizer(cfg, data.tokenizer)
         cfg.resolve()
     else:
-        cfg.resolve(vocab_size=data.tokenizer.vocab_size)
+        cfg.resolve(vocab_size=model_vocab(cfg.model.vocab_size, data.tokenizer.vocab_size))
     origin = provenance()  # git SHA and versions, recorded once per process and in every checkpoint
     if data.train_windows.shape[0] < t.batch_size:
         raise UserError(f"training split has {data.train_windows.shape[0]} windows, fewer than "
@@ -264,6 +264,17 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
     write_atomic(run_dir / "run.json", json.dumps(origin, indent=1))
     write_split_report(run_dir, data.report)
     return run
+
+
+def model_vocab(asked: int, tokenizer: int) -> int:
+    """The model's vocabulary for a tokenizer of `tokenizer` tokens: model.vocab_size=0 takes the
+    tokenizer's; a larger one pads the embedding and head (say to a multiple of 64, as published
+    models do); a smaller one could not embed every token, so it is refused, never replaced."""
+    if asked and asked < tokenizer:
+        raise UserError(f"model.vocab_size={asked} is smaller than the tokenizer's {tokenizer} tokens; leave it 0 "
+                        "(the tokenizer's size), give a multiple of 64 at or above it, or train a smaller "
+                        "tokenizer with data.vocab_size")
+    return asked or tokenizer
 
 
 def _check_init_tokenizer(cfg: Config, tokenizer) -> None:

@@ -328,3 +328,17 @@ def test_compiled_training_matches_eager(tmp_path, prepared):
     b = [r["loss"] for r in _records(tmp_path / "compiled") if r["split"] == "train"]
     assert b == pytest.approx(a, abs=2e-3)
     assert compiled["val_loss"] == pytest.approx(eager["val_loss"], abs=2e-3)
+
+
+def test_model_vocab_size_pads_past_the_tokenizer_and_is_never_silently_replaced(tmp_path, prepared):
+    """model.vocab_size=3 trained an 8192-token model without a word: a set size is kept (padding
+    the embedding and head past the tokenizer's 300 tokens), and one too small to embed them is refused."""
+    with pytest.raises(UserError, match=r"model.vocab_size=299 is smaller than the tokenizer's 300 tokens"):
+        _run(tmp_path, prepared, "model.vocab_size=299", name="small")
+    assert not (tmp_path / "small").exists()
+    s = _run(tmp_path, prepared, "model.vocab_size=320", "train.steps=2", "train.save_every=2", name="padded")
+    model = load_model(tmp_path / "padded")
+    assert model.cfg.vocab_size == 320 and model(torch.tensor([[5, 299]])).logits.shape[-1] == 320
+    assert s["steps"] == 2 and build_config(None, str(tmp_path / "padded" / "config.yaml"), []).model.vocab_size == 320
+    assert _run(tmp_path, prepared, "train.steps=1", name="derived")["steps"] == 1  # 0: the tokenizer's size
+    assert load_model(tmp_path / "derived").cfg.vocab_size == 300
