@@ -59,6 +59,11 @@ def compare(fns: dict, iters: int, rounds: int = 3, warmup: int = 2) -> Timings:
     return out
 
 
+SAME_INPUT_HELP = ("time every call on one input, as these benchmarks did before: the routing, and so the "
+                   "experts' row counts, then repeat from call to call, which a real run's new batches do "
+                   "not, and favours kernels built per shape (oneDNN's bf16 matmuls on CPU)")
+
+
 def add_keep_freed_memory(ap) -> None:
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="apply moelab train's CPU malloc settings (train.keep_freed_memory) to this "

@@ -3,22 +3,24 @@ same size and weights.
 
 Run: python benchmarks/moe_layer.py [--preset exp3] [--arch mixtral|qwen3_moe|olmoe|deepseek_v3|glm4_moe]
                                     [--iters 20] [--rounds 3] [--dtype fp32|bf16] [--profile]
-                                    [--keep-freed-memory]
+                                    [--keep-freed-memory] [--same-input]
                                     [--set model.d_model=1024 model.n_experts=64 train.seq_len=1024 ...]
 The preset gives the size (exp3: D=256, E=4 top-2, F=512, 16x128 tokens); --arch the design (router,
 shared experts) taken from that family's tiny preset.
 Prints tokens/s for moelab and for every transformers experts implementation that runs on this
-device (best of interleaved rounds), and the ratio of moelab to the best of them.
+device (best of interleaved rounds), and the ratio of moelab to the best of them. Each call gets
+a new input, as each training step brings one, so the experts' row counts change from call to call.
 Not a test: timings are machine-dependent.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 
-from common import add_keep_freed_memory, apply_keep_freed_memory, compare, print_matmul_split
+from common import SAME_INPUT_HELP, add_keep_freed_memory, apply_keep_freed_memory, compare, print_matmul_split
 
 
 def main() -> None:
@@ -39,6 +41,7 @@ def main() -> None:
                     help="also split each step into matmul and other time (CPU), and print the "
                          "ratio's ceilings: at equal matmul speed and at this machine's peak GEMM rate")
     add_keep_freed_memory(ap)
+    ap.add_argument("--same-input", action="store_true", help=SAME_INPUT_HELP)
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="size overrides of the preset, e.g. model.expert_dim=1024 train.batch_size=8")
     args = ap.parse_args()
@@ -55,16 +58,22 @@ def main() -> None:
     torch.manual_seed(0)
     model = MoETransformer(m)
     ours = model.blocks[0].moe.to(device, dtype)
-    x = torch.randn(B, S, m.d_model, device=device, dtype=dtype)
-    g = torch.randn_like(x)
+    pool = torch.randn(8, B, S, m.d_model, device=device, dtype=dtype)
+    x, g = pool[0], torch.randn_like(pool[0])
 
-    def step(layer, is_ours):
-        xi = x.detach().requires_grad_()
+    def inputs():
+        """A new input at every call, the same sequence for each contender: one of 8 random ones
+        with its features rotated by the call count (0.05 ms a call; 2048 calls before one recurs)."""
+        for i in itertools.count():
+            yield x if args.same_input else pool[i % 8].roll(i // 8 % m.d_model, -1)
+
+    def step(layer, is_ours, xs):
+        xi = next(xs).detach().requires_grad_()
         y = layer(xi)[0] if is_ours else layer(xi)
         (y * g).sum().backward()
 
     tokens = B * S
-    steps = {"moelab": lambda: step(ours, True)}
+    steps = {"moelab": lambda xs=inputs(): step(ours, True, xs)}
     for impl in ("eager", "batched_mm", "grouped_mm"):
         hf_cfg = hf_config(m, args.arch)
         hf_cfg._experts_implementation = impl
@@ -74,16 +83,17 @@ def main() -> None:
         try:
             with torch.no_grad():  # same weights, so same outputs: a sanity check before timing
                 diff = (block(x) - ours(x)[0]).abs().max().item()
-            step(block, False)
+            step(block, False, iter([x]))
         except Exception as exc:  # an implementation unavailable on this device
             print(f"transformers/{impl}: skipped ({type(exc).__name__}: {str(exc)[:80]})")
             continue
         print(f"transformers/{impl}: max |out - moelab| = {diff:.2e}")
-        steps[f"transformers/{impl}"] = lambda block=block: step(block, False)
+        steps[f"transformers/{impl}"] = lambda block=block, xs=inputs(): step(block, False, xs)
     seconds = compare(steps, args.iters, args.rounds)
     print(f"\nMoE layer fwd+bwd, {args.arch} design at preset {args.preset} size (D={m.d_model}, "
           f"E={m.n_experts}, top-{m.top_k}, F={m.expert_dim}, {tokens} tokens), {device}, {args.dtype}, "
-          f"{torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds")
+          f"{torch.get_num_threads()} threads, {'one input' if args.same_input else 'a new input each call'}, "
+          f"best of {args.rounds} interleaved rounds")
     for name, sec in seconds.items():
         print(f"  {name:<26}{tokens / sec:>12,.0f} tokens/s")
     best = min((v, k) for k, v in seconds.items() if k != "moelab")

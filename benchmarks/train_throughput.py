@@ -1,12 +1,14 @@
 """Training throughput: moelab vs transformers' DeepseekV3ForCausalLM at the same size, same
-weights, same batch, same precision and the same optimizer (fused AdamW), in one process.
+weights, same batches, same precision and the same optimizer (fused AdamW), in one process.
 
 Run: python benchmarks/train_throughput.py [--preset exp3] [--dtype fp32|bf16] [--iters 10] [--rounds 3]
                                            [--seq-len S] [--batch-size B]
                                            [--muon] [--compile] [--hf-compile] [--profile]
-                                           [--keep-freed-memory]
+                                           [--keep-freed-memory] [--same-input]
                                            [--set model.d_model=1024 train.seq_len=1024 ...]
 A training step is forward + loss + backward + gradient clipping + optimizer update. transformers
+gets a new batch of random tokens at every step (the same sequence of batches on each side), so
+routing, and the experts' row counts, change from step to step as in a real run. transformers
 is timed with every attention (eager, sdpa) and experts implementation (eager, batched_mm,
 grouped_mm; see --hf-experts) that runs here, and the best is the reference. moelab uses its DeepSeek-V3 design
 (MLA, sigmoid group-free router with selection bias, one shared expert) at the preset's size.
@@ -25,7 +27,7 @@ import itertools
 
 import torch
 
-from common import add_keep_freed_memory, apply_keep_freed_memory, compare, print_matmul_split
+from common import SAME_INPUT_HELP, add_keep_freed_memory, apply_keep_freed_memory, compare, print_matmul_split
 
 
 def main() -> None:
@@ -58,6 +60,7 @@ def main() -> None:
                     help="also time each transformers contender under torch.compile (the fair "
                          "reference for moelab compiled; minutes of compiling on CPU)")
     add_keep_freed_memory(ap)
+    ap.add_argument("--same-input", action="store_true", help=SAME_INPUT_HELP)
     ap.add_argument("--hf-experts", nargs="+", default=["eager", "grouped_mm"],
                     help="transformers experts implementations to time (batched_mm copies each "
                          "token's expert weights: T*K*3*D*F floats per layer, which exhausts host "
@@ -83,7 +86,15 @@ def main() -> None:
     torch.manual_seed(0)
     model = MoETransformer(m, device=device)
     x = torch.randint(0, m.vocab_size, (B, S + 1), device=device)
-    inputs, targets = x[:, :-1], x[:, 1:]
+    inputs = x[:, :-1]  # for the logits check before timing
+
+    def batches():
+        """(inputs, targets) for each step: a new batch each time (the same sequence for each
+        contender), or with --same-input the one above every time."""
+        gen = torch.Generator().manual_seed(1)
+        while True:
+            xb = x if args.same_input else torch.randint(0, m.vocab_size, (B, S + 1), generator=gen).to(device)
+            yield xb[:, :-1], xb[:, 1:]
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.dtype == "bf16" \
         else contextlib.nullcontext
 
@@ -94,7 +105,10 @@ def main() -> None:
                                  fused=True)
 
     def moelab_step(mod, opt, fwd):
+        data = batches()
+
         def step():
+            inputs, targets = next(data)
             with autocast():
                 loss = fwd(inputs, targets=targets).loss
             loss.backward()
@@ -105,8 +119,10 @@ def main() -> None:
 
     def hf_step(mod, opt, fwd=None):
         fwd = mod if fwd is None else fwd
+        data = batches()
 
         def step():
+            inputs, targets = next(data)
             with autocast():
                 logits = fwd(input_ids=inputs).logits
                 loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
@@ -158,7 +174,8 @@ def main() -> None:
           f"DeepSeek-V3 design at preset {args.preset}{' + ' + ' '.join(args.set) if args.set else ''} size "
           f"({rows['total']['total'] / 1e6:.1f}M params, {rows['total']['active'] / 1e6:.1f}M active, "
           f"D={m.d_model}, L={m.n_layers}, E={m.n_experts} top-{m.top_k}, {B}x{S} tokens), {device}, "
-          f"{args.dtype}, {torch.get_num_threads()} threads")
+          f"{args.dtype}, {torch.get_num_threads()} threads, "
+          f"{'one batch' if args.same_input else 'a new batch each step'}")
     width = max(44, *(len(n) + 2 for n in results))
     for name, tps in results.items():
         mfu = f"  MFU {tps * fpt / 1e12 / peak:.1%}" if peak else ""

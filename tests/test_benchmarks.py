@@ -25,9 +25,10 @@ def _run(script, *args, cwd):
 @pytest.mark.slow
 @pytest.mark.parametrize("script,args,expect", [
     ("moe_layer.py", ["--preset", "test", "--iters", "1", "--rounds", "1", "--profile"],
-     [r"max \|out - moelab\| = ", r"ratio moelab / best transformers .*: " + RATIO, r"ceiling at that rate: " + RATIO]),
+     [r"max \|out - moelab\| = ", r"a new input each call", r"ratio moelab / best transformers .*: " + RATIO,
+      r"ceiling at that rate: " + RATIO]),
     ("train_throughput.py", ["--preset", "test", "--iters", "1", "--rounds", "1", "--warmup", "1"],
-     [r"ratio moelab .* / best transformers .*: " + RATIO]),
+     [r"a new batch each step", r"ratio moelab .* / best transformers .*: " + RATIO]),
     ("loss.py", ["--tokens", "256", "--d-model", "32", "--vocab", "512", "--iters", "1", "--rounds", "1"],
      [r"speed ratio fused / unfused: " + RATIO]),
     ("generate.py", ["--presets", "test", "deepseek_v3-tiny", "--prompt", "4", "--new", "4", "--rounds", "1"],
