@@ -85,8 +85,8 @@ def convert(hf_dir: str, out: str) -> Path:
             save_weights_only(tmp, model, cfg.to_yaml(), {"converted_from": str(hf_dir)})
             _copy_tokenizer(Path(hf_dir), tmp / "tokenizer")
     except write_errors() as exc:
-        raise cannot_write(f"the converted model to {run_dir}", exc, "nothing was left there: make room "
-                           "and convert again") from exc
+        raise cannot_write(f"the converted model to {run_dir}", exc, "nothing was left there", "convert again",
+                           "choose another --out") from exc
     return run_dir
 
 

@@ -20,8 +20,15 @@ def write_errors() -> tuple[type[BaseException], ...]:
     return OSError, RuntimeError, SafetensorError
 
 
-def cannot_write(what: str, exc: BaseException, then: str) -> OSError:
+def cannot_write(what: str, exc: BaseException, kept: str, again: str, elsewhere: str) -> OSError:
     """One-line OSError for a failed write of `what`: the reason (the last line of the library's
-    message), then what the user can do. The CLI prints it without a traceback."""
+    message), what is still intact (`kept`), the fix and the command to run `again`. The fix is to
+    make room (a full disk or quota, which torch and safetensors also report without an errno),
+    or `elsewhere` where the path itself is refused (no permission, read-only, not a folder). The
+    CLI prints it without a traceback."""
+    import errno
+
     why = (exc.strerror if isinstance(exc, OSError) else None) or str(exc).strip().splitlines()[-1]
-    return OSError(f"cannot write {what} ({why}); {then}")
+    path_refused = isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT,
+                                                             errno.ENOTDIR, errno.EISDIR)
+    return OSError(f"cannot write {what} ({why}); {kept}: {elsewhere if path_refused else 'make room'}, then {again}")

@@ -530,7 +530,8 @@ def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: st
             for f in extra_files:
                 shutil.copy2(f, tmp / Path(f).name)
     except write_errors() as exc:
-        raise cannot_write(f"the export to {out}", exc, "nothing was left there: make room and export again") from exc
+        raise cannot_write(f"the export to {out}", exc, "nothing was left there", "export again",
+                           "choose another --out") from exc
     return out
 
 

@@ -85,8 +85,8 @@ def save_checkpoint(run_dir: Path, step: int, model, trainer_state: dict, config
         _fsync(tmp)
     except write_errors() as exc:  # a full disk, a quota
         shutil.rmtree(tmp, ignore_errors=True)
-        raise cannot_write(f"checkpoint {final.name} in {root}", exc, "earlier checkpoints are untouched: "
-                           "make room, then continue with --resume auto") from exc
+        raise cannot_write(f"checkpoint {final.name} in {root}", exc, "earlier checkpoints are untouched",
+                           "continue with --resume auto", f"make {root} writable") from exc
     if final.exists():  # re-saving the same name (best, or a step after a resume): swap, then drop
         old = root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)

@@ -402,8 +402,11 @@ def test_trained_run_exports_and_converts_via_cli(tmp_path):
     res = subprocess.run([sys.executable, "-m", "moelab", "export", str(run), "--out", str(tmp_path / "new" / "hf")],
                          capture_output=True, text=True, preexec_fn=small_files)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith(f"moelab: error: cannot write the export to {tmp_path}")
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"moelab: error: cannot write the export to {tmp_path}") and "make room, then export" in last
     assert not (tmp_path / "new").exists()  # no half model that would load as garbage, no .tmp-*
+    res = cli("export", str(run), "--out", "/proc/moelab-nowhere/hf")  # a path refused: room would not help
+    assert res.returncode == 2 and "choose another --out, then export again" in res.stderr, res.stderr
     res = subprocess.run([sys.executable, "-m", "moelab", "convert", str(tmp_path / "hf"), "--out",
                           str(tmp_path / "conv")], capture_output=True, text=True, preexec_fn=small_files)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr

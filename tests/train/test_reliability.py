@@ -111,6 +111,7 @@ def test_a_full_disk_at_a_save_is_one_line_and_the_run_resumes(prepared, referen
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("moelab: error: cannot write checkpoint step_0000010") and "too large" in last, last
+    assert "earlier checkpoints are untouched: make room, then continue with --resume auto" in last, last
     assert list((run / "checkpoints").iterdir()) == []  # nothing half-written left taking the space
     res = _train(run, prepared, resume=True)
     assert res.returncode == 0, res.stderr
