@@ -291,3 +291,14 @@ def test_data_check_takes_a_run_or_two_sources_not_both(tmp_path):
     (tmp_path / "a.txt").write_text("x " * 50)
     res = run_cli("data", "check", tmp_path, "--train", tmp_path / "a.txt", "--val", tmp_path / "a.txt")
     assert res.returncode == 2 and "not both" in res.stderr  # --train/--val were silently ignored
+
+
+def test_a_runs_checkpoints_folder_stands_for_its_newest_checkpoint(trained):
+    """`--resume RUN/checkpoints` (or generate/eval on it) said 'no checkpoint found' at a folder of them."""
+    from moelab.train.checkpoint import list_checkpoints, resolve_checkpoint
+    from tests.conftest import run_cli
+
+    run = trained / "run"
+    assert resolve_checkpoint(run / "checkpoints") == resolve_checkpoint(run) == list_checkpoints(run)[-1]
+    res = run_cli("generate", run / "checkpoints", "--prompt", "marker", "--max-new-tokens", "2", "--temperature", "0")
+    assert res.returncode == 0 and res.stdout.startswith("marker"), res.stderr

@@ -177,12 +177,13 @@ def read_model_file(ckpt: Path, load):
 
 
 def resolve_checkpoint(path: str | Path, hf_too: bool = False) -> Path:
-    """A checkpoint directory, or a run directory (its newest checkpoint). `hf_too`: the caller
-    also takes a Hugging Face directory (and has handled one), so the refusal names it."""
+    """A checkpoint directory, or a run directory or its checkpoints/ folder (the newest checkpoint).
+    `hf_too`: the caller also takes a Hugging Face directory (and has handled one), so the refusal
+    names it."""
     p = Path(path).expanduser()
     if (p / "model.safetensors").is_file() and (p / "config.yaml").is_file():
         return p
-    ckpts = list_checkpoints(p)
+    ckpts = list_checkpoints(p) or (list_checkpoints(p.parent) if p.name == "checkpoints" else [])
     if not ckpts:
         what = "a run, a checkpoint or a Hugging Face model directory" if hf_too else "a run or a checkpoint directory"
         raise UserError(f"no checkpoint found at {path} (give {what})")
