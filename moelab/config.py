@@ -499,6 +499,26 @@ def apply_override(cfg: Config, item: str) -> None:
     apply_mapping(cfg, nested, "")
 
 
+def _unique_key_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping: plain PyYAML keeps the last
+    silently, so a setting added at the end of a long config overrode the one above without a word."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (first on line {seen[key] + 1}); keep one",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_yaml(path: str | Path) -> dict:
     import yaml
 
@@ -508,7 +528,7 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
         if mark is not None and problem:  # where and what, not the parser's state ("while parsing a ...")

@@ -170,6 +170,21 @@ def test_config_file_errors_say_where_and_a_byte_order_mark_is_fine(tmp_path):
         load_yaml(f)
     f.write_bytes(b"\xef\xbb\xbfmodel:\n  n_layers: 1\n")
     assert load_yaml(f) == {"model": {"n_layers": 1}}
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_not_last_one_wins(tmp_path):
+    """PyYAML keeps the last of two equal keys: a setting added at the end of a long config
+    silently overrode the one above it (a whole second `model:` section replaced the first)."""
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  d_model: 64\n  n_layers: 2\n  d_model: 32\n")
+    with pytest.raises(UserError, match=r"line 4, column 3: key 'd_model' is given twice \(first on line 2\)"):
+        build_config(None, str(f))
+    f.write_text("model:\n  d_model: 64\ntrain:\n  steps: 3\nmodel:\n  n_layers: 2\n")
+    with pytest.raises(UserError, match=r"line 5, column 1: key 'model' is given twice \(first on line 1\)"):
+        build_config(None, str(f))
+    f.write_text("model:\n  vocab_size: 640\ndata:\n  vocab_size: 512\n")  # one name in two sections: fine
+    cfg = build_config(None, str(f))
+    assert (cfg.model.vocab_size, cfg.data.vocab_size) == (640, 512)
     with pytest.raises(UserError, match="is a directory"):
         load_yaml(tmp_path)
 
