@@ -112,6 +112,9 @@ def load_task(spec: str, limit: int = 0) -> tuple[str, list[Item]]:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise UserError(f"{spec} line {n} is not JSON ({exc.msg})") from None
+                if not isinstance(records[-1], dict):
+                    raise UserError(f"{spec} line {n} is a JSON {type(records[-1]).__name__}, not an object: "
+                                    "give one item per line, e.g. {\"context\": ..., \"choices\": [...], \"gold\": 0}")
         name = path.stem
     elif spec in HUB_TASKS:
         records, name = _hub_records(spec), spec
@@ -126,11 +129,24 @@ def load_task(spec: str, limit: int = 0) -> tuple[str, list[Item]]:
             it = _item(rec, fmt)
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise UserError(f"{spec} item {n} is not a valid {fmt} record ({type(exc).__name__}: {exc})") from None
-        if not 0 <= it.gold < len(it.choices) or not it.context:
-            raise UserError(f"{spec} item {n}: gold {it.gold} is not one of its {len(it.choices)} choices "
-                            "or its context is empty")
+        if problem := _item_problem(it):
+            raise UserError(f"{spec} item {n}: {problem}")
         items.append(it)
     return f"{name} ({fmt})", items
+
+
+def _item_problem(it: Item) -> str | None:
+    """What makes an item unscorable, or None: acc needs two or more choices to pick from, and
+    acc_norm divides by each choice's length."""
+    if not isinstance(it.context, str) or not it.context:
+        return "its context is empty or not text"
+    if len(it.choices) < 2:
+        return f"it has {len(it.choices)} choice(s); an item needs at least 2 to choose from"
+    if bad := [i for i, c in enumerate(it.choices) if not isinstance(c, str) or not c]:
+        return f"choice {bad[0]} is empty or not text"
+    if not 0 <= it.gold < len(it.choices):
+        return f"gold {it.gold} is not one of its {len(it.choices)} choices (0 to {len(it.choices) - 1})"
+    return None
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

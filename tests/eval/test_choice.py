@@ -125,7 +125,13 @@ def test_bad_task_files_are_one_line_errors(tmp_path, trained):
     target = load_target(str(trained / "run"))
     bad = tmp_path / "bad.jsonl"
     for text, msg in (('{"foo": 1}\n', "unrecognised"), ("not json\n", "line 1 is not JSON"),
-                      ('{"context": "a", "choices": ["x"], "gold": 3}\n', "gold 3"), ("", "no items")):
+                      ('{"context": "a", "choices": ["x", "y"], "gold": 3}\n', r"gold 3 is not one of its 2 choices"),
+                      ("", "no items"),
+                      # these crashed: ZeroDivisionError in acc_norm, TypeError building the message
+                      ('{"context": "a", "choices": ["x", ""], "gold": 0}\n', "item 1: choice 1 is empty"),
+                      ('[1, 2]\n', "line 1 is a JSON list, not an object"),
+                      ('{"context": "a", "choices": ["x"], "gold": 0}\n', "has 1 choice.* at least 2"),
+                      ('{"context": "", "choices": ["x", "y"], "gold": 0}\n', "context is empty")):
         bad.write_text(text)
         with pytest.raises(UserError, match=msg):
             eval_choice(target, str(bad))
