@@ -86,6 +86,14 @@ def _from_json(path: Path) -> RoutingData:
     return RoutingData(str(path), layers, shape[1], int(obj.get("top_k") or 0), splits, dropped, steps)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _from_csv(path: Path) -> RoutingData:
     # utf-8-sig: a spreadsheet's byte-order mark would otherwise turn the first header into an expert column
     with path.open(newline="", encoding="utf-8-sig") as fh:
@@ -94,6 +102,9 @@ def _from_csv(path: Path) -> RoutingData:
     if len(rows) < 2:
         raise UserError(f"{path}: need a header row and at least one row of counts")
     header = [h.strip().lower() for h in rows[0]]
+    if all(_is_number(h) for h in header):  # read as names, its counts would drop out of the analysis
+        raise UserError(f"{path}: the first row holds numbers, not column names; add a header row naming the "
+                        f"expert columns (and any of {', '.join(META)})")
     meta = {h: i for i, h in enumerate(header) if h in META}
     experts = [i for i, h in enumerate(header) if h not in META]
     if len(experts) < 2:

@@ -24,17 +24,21 @@ import math
 import numpy as np
 
 STARVED = 0.1
-# (verdict, rule) checked in order; the rules are printed with every analysis.
+# (verdict, rule), most severe first (the worst layer is the first in this order); the rules are
+# printed with every analysis. A layer that routed nothing is judged "no tokens" before the rest.
 THRESHOLDS = {
     "collapse": "normalised entropy < 0.5, or at least half the experts dead or starved",
     "high imbalance": "any dead expert, or CV > 0.30, or max/min > 3",
     "moderate": "CV > 0.10 or max/min > 1.5",
     "balanced": "otherwise (CV <= 0.10 and max/min <= 1.5, no dead expert)",
+    "no tokens": "the layer routed nothing (all counts 0): nothing to judge",
 }
 
 
 def verdict(s: dict) -> str:
     n = len(s["counts"])
+    if not s["slots"]:  # not "collapse": every expert is dead only because nothing was counted
+        return "no tokens"
     if s["entropy"] < 0.5 or len(s["dead"]) + len(s["starved"]) >= n / 2:
         return "collapse"
     if s["dead"] or s["cv"] > 0.30 or s["max_min"] > 3:

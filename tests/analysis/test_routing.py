@@ -45,6 +45,14 @@ def test_layer_with_a_dead_expert():
     assert s["verdict"] == "high imbalance"
 
 
+def test_a_layer_that_routed_nothing_is_not_called_a_collapse(tmp_path):
+    s = layer_stats([0, 0, 0, 0])
+    assert s["slots"] == 0 and s["verdict"] == "no tokens"
+    (tmp_path / "c.json").write_text("[[0, 0, 0, 0], [40, 0, 0, 0]]")
+    a = analyze(read_counts(str(tmp_path / "c.json")))
+    assert [s["verdict"] for s in a["splits"]["data"]] == ["no tokens", "collapse"] and a["worst"] == "collapse"
+
+
 def test_moderate_and_starved():
     s = layer_stats([110, 100, 90, 100])  # CV = sqrt(200/4)/100 = 0.0707, max/min 1.22
     assert s["cv"] == pytest.approx(math.sqrt(50) / 100) and s["verdict"] == "balanced"
@@ -103,6 +111,8 @@ def test_csv_counts_file_per_step_as_the_background_system_logged_them(tmp_path,
     ('{"train": [[1, 2]], "val": [[1, 2, 3]]}', ".json", "expected 1 x 2"),
     ("layer,e0,e1\n0,5,x\n", ".csv", "must be numbers"),
     ("{not json", ".json", "not valid JSON"),
+    # a headerless file: its first layer was read as expert names and dropped from the analysis
+    ("10\t20\n30\t40\n", ".tsv", "the first row holds numbers, not column names"),
 ])
 def test_bad_counts_files_are_one_line_errors(tmp_path, text, suffix, msg):
     f = tmp_path / f"c{suffix}"
