@@ -89,7 +89,7 @@ def _cmd_data_check(args) -> int:
     from moelab.commands import data_check
 
     result = data_check(args.run, args.train, args.val, args.ngram, args.seq_len, args.threshold,
-                        args.tokenizer)
+                        args.tokenizer, args.text_field)
     print(result.summary())
     for d in result.duplicate_documents[:10]:
         print(f"  duplicate: val {d['val']} == train {d['train']}")
@@ -141,7 +141,8 @@ def _cmd_eval(args) -> int:
         from moelab.eval.language import eval_language, format_language
 
         results["language"] = eval_language(target, args.split, args.data, args.source, args.seq_len,
-                                            args.windows, args.batch_size, args.precision, not args.no_xz)
+                                            args.windows, args.batch_size, args.precision, not args.no_xz,
+                                            args.text_field)
         print(format_language(results["language"]))
     if args.choice:
         from moelab.eval.choice import eval_choice
@@ -183,7 +184,7 @@ def _cmd_routing(args) -> int:
     from moelab.commands import routing
 
     analysis, out_dir = routing(args.target, args.out, args.windows, args.batch_size, args.device,
-                                not args.no_plots, args.data, args.source)
+                                not args.no_plots, args.data, args.source, args.text_field)
     print(format_analysis(analysis))
     print(f"wrote {out_dir / 'routing.json'}" + "".join(f", {out_dir / f}" for f in analysis.get("plots", {}).values()))
     return 0
@@ -204,6 +205,7 @@ def _pdf_defaults():
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+TEXT_FIELD_HELP = "text field of --source's JSONL/Parquet records (default: the run's data.text_field, else text)"
 
 
 def shell_escapes(text: str) -> str:
@@ -339,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="train or val split of the run's / --data's prepared data")
     p.add_argument("--data", help="a prepared data directory (moelab data prepare)")
     p.add_argument("--source", help="raw text: a text/JSONL/PDF file or folder, or 'stdlib' (all documents)")
+    p.add_argument("--text-field", help=TEXT_FIELD_HELP)
     p.add_argument("--seq-len", type=_at_least(1), help="window length (default: the run's train.seq_len)")
     p.add_argument("--windows", type=_at_least(0), default=0,
                    help="evaluate this many evenly spaced windows (0: all)")
@@ -377,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "directory (with --source or --data), or a counts file (.json, .csv or .tsv; "
                                   "layers x experts) from any system")
     p.add_argument("--source", help="measure on raw text instead: a text/JSONL/PDF file or folder, or 'stdlib'")
+    p.add_argument("--text-field", help=TEXT_FIELD_HELP)
     p.add_argument("--data", help="measure on the train and val splits of this prepared directory instead")
     p.add_argument("--out", type=_output_dir,
                    help="output folder (default: RUN/routing, or routing-<name> beside the target)")
@@ -448,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest acceptable share of leaked validation windows (default 0.05)")
     p.add_argument("--tokenizer", help="tokenizer.json or directory (default: the run's, or a BPE "
                                        "trained on --train)")
+    p.add_argument("--text-field", default="text", help="text field of --train/--val JSONL/Parquet records")
     p.add_argument("--json", type=_output_file, help="also write the full result to this JSON file")
     p.set_defaults(func=_cmd_data_check)
     return parser

@@ -112,7 +112,7 @@ def export(run: str, to: str, out: str, arch: str = "auto", dtype: str = "auto")
 
 
 def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: int, seq_len: int | None,
-               threshold: float, tokenizer: str | None):
+               threshold: float, tokenizer: str | None, text_field: str = "text"):
     """Leakage audit of a run's own split (re-derived from its config) or of any two text sources.
     Returns the AuditResult."""
     from moelab.config import Config
@@ -151,7 +151,7 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
         tok = load_tokenizer(tokenizer or Path(run_dir) / "tokenizer")
         seq_len = seq_len or cfg.train.seq_len
     else:
-        train_docs, val_docs = load_corpus(train).documents, load_corpus(val).documents
+        train_docs, val_docs = (load_corpus(s, text_field=text_field).documents for s in (train, val))
         tok = load_tokenizer(tokenizer) if tokenizer else train_bpe((d.text for d in train_docs), 8192)
         seq_len = seq_len or 128
     if ngram < 2 or seq_len < ngram:  # (prepared directories are checked in audit_ids)
@@ -173,7 +173,8 @@ def _json_safe(obj):
 
 
 def routing(target: str, out: str | None, windows: int = 64, batch_size: int = 8, device: str = "cpu",
-            plots: bool = True, data: str | None = None, source: str | None = None) -> tuple[dict, Path]:
+            plots: bool = True, data: str | None = None, source: str | None = None,
+            text_field: str | None = None) -> tuple[dict, Path]:
     """Routing analysis of a run or HF model (measured; on `data` or `source` if given) or a counts file;
     writes routing.json and heatmaps into `out` (default: RUN/routing, or routing-<name> beside it)."""
     import json
@@ -183,7 +184,7 @@ def routing(target: str, out: str | None, windows: int = 64, batch_size: int = 8
     from moelab.analysis.routing import analyze
     from moelab.files import write_atomic
 
-    counts = load_routing(target, windows, batch_size, device, data, source)
+    counts = load_routing(target, windows, batch_size, device, data, source, text_field)
     p = Path(target).expanduser()
     out_dir = Path(out) if out else (counts.run_dir / "routing" if counts.run_dir else p.parent / f"routing-{p.stem}")
     analysis = analyze(counts)

@@ -302,3 +302,27 @@ def test_a_runs_checkpoints_folder_stands_for_its_newest_checkpoint(trained):
     assert resolve_checkpoint(run / "checkpoints") == resolve_checkpoint(run) == list_checkpoints(run)[-1]
     res = run_cli("generate", run / "checkpoints", "--prompt", "marker", "--max-new-tokens", "2", "--temperature", "0")
     assert res.returncode == 0 and res.stdout.startswith("marker"), res.stderr
+
+
+def test_text_field_of_source_records_for_eval_routing_and_data_check(trained, tmp_path):
+    """eval/routing --source and data check --train/--val read JSONL through the field 'text' only,
+    and the error said to set data.text_field, which none of them reads."""
+    import json
+
+    from tests.conftest import run_cli
+
+    docs = [(trained / "corpus" / f"doc{i:03d}.txt").read_text() for i in range(6)]
+    for name, part in (("a", docs[:3]), ("b", docs[3:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in part))
+    run, src = trained / "run", tmp_path / "a.jsonl"
+    res = run_cli("eval", run, "--source", src)
+    assert res.returncode == 2 and "no field 'text' (has body)" in res.stderr and "--text-field NAME" in res.stderr
+    res = run_cli("eval", run, "--source", src, "--text-field", "body", "--no-xz")
+    assert res.returncode == 0 and "(3 documents, all of them)" in res.stdout, res.stderr
+    res = run_cli("eval", run, "--text-field", "body")  # would be ignored: refused instead
+    assert res.returncode == 2 and "give --source too" in res.stderr
+    res = run_cli("routing", run, "--source", src, "--text-field", "body", "--no-plots", "--out", tmp_path / "r")
+    assert res.returncode == 0 and json.loads((tmp_path / "r" / "routing.json").read_text())["splits"]["source"]
+    res = run_cli("data", "check", "--train", src, "--val", tmp_path / "b.jsonl", "--text-field", "body",
+                  "--tokenizer", run / "tokenizer", "--seq-len", "64")
+    assert res.returncode == 0 and "3 val documents" in res.stdout, res.stdout + res.stderr

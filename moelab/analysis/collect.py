@@ -184,7 +184,7 @@ def _spread(items: list, n: int) -> list:
 
 
 def from_run(target, n_windows: int = 64, batch_size: int = 8, max_checkpoints: int = 8,
-             data: str | None = None, source: str | None = None) -> RoutingData:
+             data: str | None = None, source: str | None = None, text_field: str | None = None) -> RoutingData:
     """Measure a run's model on evenly spaced train and validation windows (of the run's data, or of
     prepared `data`), or on the windows of raw text `source` (one split, "source"); a run's
     checkpoints on the same windows; and the training counts logged in its metrics.jsonl (over steps).
@@ -204,7 +204,7 @@ def from_run(target, n_windows: int = 64, batch_size: int = 8, max_checkpoints: 
     val = None
     for split in ("source",) if source is not None else ("train", "val"):
         windows = spread_windows(eval_windows_for(target, split if split != "source" else "val", data, source,
-                                                  seq_len)[0], n_windows)
+                                                  seq_len, text_field)[0], n_windows)
         m = measure(model, windows, batch_size)
         out.splits[split], out.tokens[split] = m["counts"], m["tokens"]
         if m["dropped"].any():
@@ -235,7 +235,7 @@ def logged_counts(metrics: Path, L: int, E: int) -> dict[int, np.ndarray]:
 
 
 def load_routing(target_path: str, n_windows: int = 64, batch_size: int = 8, device: str = "cpu",
-                 data: str | None = None, source: str | None = None) -> RoutingData:
+                 data: str | None = None, source: str | None = None, text_field: str | None = None) -> RoutingData:
     p = Path(target_path).expanduser()
     if p.is_file():
         if data or source is not None:
@@ -246,5 +246,6 @@ def load_routing(target_path: str, n_windows: int = 64, batch_size: int = 8, dev
 
     if not (data or source):  # said before loading what may be gigabytes of weights
         check_own_data(p)
-    return from_run(load_target(target_path, device), n_windows, batch_size, data=data, source=source)
+    return from_run(load_target(target_path, device), n_windows, batch_size, data=data, source=source,
+                    text_field=text_field)
 

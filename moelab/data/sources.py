@@ -340,7 +340,7 @@ def iter_corpus(source: str, max_docs: int = 0, text_field: str = "text", pdf_fi
         raise UserError(f"no usable text in data source '{source}'"
                         + (f" (skipped {skipped}: {why})" if why else
                            f" (no file read: moelab reads {', '.join(_known_suffixes())} files)")
-                        + ("; name the text field with data.text_field=NAME (data prepare: --text-field NAME)"
+                        + ("; name the text field with --text-field NAME (moelab train: data.text_field=NAME)"
                            if field else ""))
 
 

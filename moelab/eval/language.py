@@ -49,19 +49,23 @@ def check_own_data(path: str | Path) -> None:
 
 
 def eval_windows_for(target, split: str, data: str | None, source: str | None, seq_len: int,
-                     text_field: str = "text"):
-    """(windows, description) from --data, --source or the run's own prepared data."""
+                     text_field: str | None = None):
+    """(windows, description) from --data, --source or the run's own prepared data. `text_field`:
+    of --source's JSONL/Parquet records (default: the run's data.text_field, else "text")."""
     from moelab.data.prepare import is_prepared, load_prepared
 
     if split not in ("train", "val"):
         raise UserError(f"--split must be train or val, not '{split}'")
     if data and source is not None:
         raise UserError("give --data (prepared) or --source (raw text), not both")
+    if text_field is not None and source is None:
+        raise UserError("--text-field names the text of --source's records; give --source too")
     if source is not None:
         from moelab.data.loader import make_windows, pack
         from moelab.data.sources import load_corpus
 
-        corpus = load_corpus(source, text_field=text_field)
+        own = target.cfg.data.text_field if target.cfg else "text"
+        corpus = load_corpus(source, text_field=text_field or own)
         ids = target.tokenizer.encode_batch([d.text for d in corpus.documents])
         windows = make_windows(pack(ids, target.tokenizer.eos_id), seq_len)
         where = f"{source} ({len(corpus.documents)} documents, all of them)"
@@ -89,7 +93,7 @@ def eval_windows_for(target, split: str, data: str | None, source: str | None, s
 
 def eval_language(target, split: str = "val", data: str | None = None, source: str | None = None,
                   seq_len: int | None = None, max_windows: int = 0, batch_size: int = 8,
-                  precision: str | None = None, reference: bool = True) -> dict:
+                  precision: str | None = None, reference: bool = True, text_field: str | None = None) -> dict:
     from moelab.train.host import precision_note
     from moelab.train.loop import AUTOCAST_DTYPES
 
@@ -100,7 +104,7 @@ def eval_language(target, split: str = "val", data: str | None = None, source: s
     precision = precision or (run_cfg.train.precision if run_cfg else "fp32")
     if precision not in AUTOCAST_DTYPES:
         raise UserError(f"--precision must be one of {', '.join(AUTOCAST_DTYPES)}")
-    windows, where = eval_windows_for(target, split, data, source, seq_len)
+    windows, where = eval_windows_for(target, split, data, source, seq_len, text_field)
     windows = spread_windows(windows, max_windows)
     table = target.tokenizer.token_bytes()
     token_bytes = torch.tensor([len(b) for b in table], dtype=torch.float64)
