@@ -214,6 +214,12 @@ def shell_escapes(text: str) -> str:
     return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
+def _stop_string(text: str) -> str:
+    if not text:  # found at once: generation ended before its first token
+        raise argparse.ArgumentTypeError("an empty stop string ends the text before it starts; give some text")
+    return shell_escapes(text)
+
+
 def _writable_parent(p: Path, text: str) -> None:
     parent = next((q for q in p.parents if q.exists()), Path("."))
     if not parent.is_dir():
@@ -366,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_at_least(0), default=50, help="0: off")
     p.add_argument("--top-p", type=float, default=0.95, help="1: off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", type=shell_escapes,
+    p.add_argument("--stop", action="append", type=_stop_string,
                    help=r"stop string (repeatable); the text ends before it; \n, \t, \r, \\ read as "
                         r"newline, tab, return, backslash (--stop '\n\n': a blank line)")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (for checks)")

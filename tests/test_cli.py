@@ -131,6 +131,7 @@ def test_generate_reads_shell_escapes_in_stop_strings(typed, meant):
     (["data", "check", "run", "--threshold", "2"], "argument --threshold: must be between 0 and 1"),
     (["data", "prepare", "stdlib", "--out", "d", "--vocab-size", "100"], "argument --vocab-size: must be >= 260"),
     (["eval"], "required: target"),
+    (["generate", "run", "--prompt", "x", "--stop", ""], "argument --stop: an empty stop string ends the text"),
 ])
 def test_bad_options_are_one_line_before_anything_runs(argv, needle, capsys):
     """Each of these crashed with a traceback (range() arg 3 must not be zero, ZeroDivisionError,
