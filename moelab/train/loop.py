@@ -337,6 +337,17 @@ def _set_aside_later(run_dir: Path, step: int) -> Path | None:
     return aside
 
 
+def warmup_note(cfg: Config) -> str | None:
+    """A warmup as long as the run: the LR only ramps up and never decays, which is mostly a
+    warmup meant in micro-batches or tokens, or copied from a longer run's config."""
+    w, steps = cfg.optim.warmup, cfg.train.steps
+    if w < steps:
+        return None
+    return (f"note: optim.warmup={w} is not below train.steps={steps}: the LR only ramps up, to {steps / w:.0%} "
+            "of its peak at the last update, and never decays (warmup counts optimizer updates, not micro-batches "
+            "or tokens)")
+
+
 def apply_smoke(cfg: Config) -> None:
     """--smoke: a few updates, tiny evaluations and two checkpoints, to check a config end to end
     (data, model, forward/backward, optimizer, eval, save and reload) before a long run."""
@@ -650,6 +661,8 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
         say(run.threads_note)
     note = precision_note(run.device, t.precision, AUTOCAST_DTYPES[t.precision], faster="train.precision")
     if note:
+        say(note)
+    if (note := warmup_note(cfg)) and not smoke:  # --smoke's 4 updates are always inside the warmup
         say(note)
     if balance_terms(cfg.model):
         say("balancing: " + ", ".join(f"{k} {v:g}" for k, v in balance_terms(cfg.model).items()))

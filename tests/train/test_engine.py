@@ -342,3 +342,16 @@ def test_model_vocab_size_pads_past_the_tokenizer_and_is_never_silently_replaced
     assert s["steps"] == 2 and build_config(None, str(tmp_path / "padded" / "config.yaml"), []).model.vocab_size == 320
     assert _run(tmp_path, prepared, "train.steps=1", name="derived")["steps"] == 1  # 0: the tokenizer's size
     assert load_model(tmp_path / "derived").cfg.vocab_size == 300
+
+
+def test_a_warmup_as_long_as_the_run_is_pointed_out(tmp_path, prepared):
+    from tests.conftest import run_cli
+
+    args = ("train", "--preset", "test", f"data.path={prepared}", "train.steps=4", "train.eval_every=4")
+    res = run_cli(*args, "--out", tmp_path / "long", "optim.warmup=8")
+    assert res.returncode == 0 and ("note: optim.warmup=8 is not below train.steps=4: the LR only ramps up, to 50% "
+                                    "of its peak") in res.stderr, res.stderr
+    res = run_cli(*args, "--out", tmp_path / "short", "optim.warmup=3")
+    assert res.returncode == 0 and "optim.warmup" not in res.stderr, res.stderr
+    res = run_cli(*args, "--smoke", "--out", tmp_path / "smoke", "optim.warmup=8")  # 4 updates by design
+    assert res.returncode == 0 and "optim.warmup" not in res.stderr, res.stderr
