@@ -142,7 +142,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer update
     grad_clip: float = 1.0  # 0 disables
     eval_every: int = 100
-    eval_windows: int = 128  # windows for periodic evaluation; the final one uses all
+    eval_windows: int = 128  # windows for periodic evaluation (0: all); the final one: final_eval_windows
     log_every: int = 20
     save_every: int = 200
     seed: int = 1234
