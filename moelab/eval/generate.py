@@ -77,9 +77,12 @@ class Sampler:
 
 @torch.no_grad()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler | None = None,
-                 eos_id: int | None = None, use_cache: bool = True, stop=None) -> tuple[list[int], str]:
+                 eos_id: int | None = None, use_cache: bool = True, stop=None,
+                 vocab: int | None = None) -> tuple[list[int], str]:
     """New token ids after `prompt_ids` and why generation stopped ('eos', 'stop', 'length' or
-    'context' when model.max_seq_len is reached). `stop(new_ids)` -> True ends generation."""
+    'context' when model.max_seq_len is reached). `stop(new_ids)` -> True ends generation. `vocab`:
+    only ids below it are drawn (a tokenizer's size, where the model's vocabulary is padded past it:
+    those rows were never a target, and no text decodes from them)."""
     sampler = sampler or Sampler()
     if not prompt_ids:
         raise UserError("empty prompt: give at least one token of text")
@@ -98,7 +101,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
         out = model(ids, cache=cache, logits=False)  # the prompt's last position only
         logits = out.project(out.hidden[0, -1])
         while True:
-            tok = sampler(logits)
+            tok = sampler(logits[:vocab])
             new.append(tok)
             if eos_id is not None and tok == eos_id:
                 return new, "eos"
@@ -124,7 +127,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, sampl
         return any(s in text for s in stop_strings)
 
     new, reason = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, sampler, tokenizer.eos_id,
-                               use_cache, hit if stop_strings else None)
+                               use_cache, hit if stop_strings else None, vocab=tokenizer.vocab_size)
     text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
     if reason == "stop":
         text = text[:min(text.find(s) for s in stop_strings if s in text)]

@@ -67,6 +67,20 @@ def test_generation_stops_at_eos_stop_and_context():
         generate_ids(model, prompt, -1)
 
 
+def test_ids_past_the_tokenizer_are_never_drawn():
+    """A model whose vocabulary is padded past its tokenizer's (model.vocab_size, or a Hugging Face
+    model's padded embedding) must not emit those ids: no text decodes from them."""
+    model = _model("gqa")
+    V = model.cfg.vocab_size
+    with torch.no_grad():
+        model.lm_head.weight[V - 8:] *= 50  # make the padding rows the likeliest
+    free, _ = generate_ids(model, [1, 2, 3], 12, Sampler(temperature=1.0, seed=3))
+    assert max(free) >= V - 8  # without the limit they are drawn
+    for sampler in (Sampler(), Sampler(temperature=1.0, seed=3), Sampler(temperature=2.0, top_k=5, seed=1)):
+        ids, _ = generate_ids(model, [1, 2, 3], 12, sampler, vocab=V - 8)
+        assert len(ids) == 12 and max(ids) < V - 8, ids
+
+
 def test_top_k_top_p_and_temperature():
     logits = torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0])
     p = torch.softmax(logits, 0)
