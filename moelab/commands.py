@@ -15,9 +15,11 @@ def model_config_for(target: str, overrides: list[str] | tuple[str, ...] = ()):
     overrides as `moelab train` takes them, or for a run/checkpoint directory or an HF directory."""
     from moelab.config import Config, build_config
     from moelab.models.presets import PRESETS
-    from moelab.train.checkpoint import is_hf_dir, resolve_checkpoint
+    from moelab.train.checkpoint import is_hf_dir, list_checkpoints, resolve_checkpoint
 
     path = Path(target).expanduser()
+    if (path / "config.yaml").is_file() and not (path / "model.safetensors").is_file() and not list_checkpoints(path):
+        path = path / "config.yaml"  # a run before its first checkpoint: its config says what it trains
     if path.is_file() and path.suffix.lower() in (".yaml", ".yml") or not path.exists() and target in PRESETS:
         cfg = build_config(None, str(path), overrides) if path.is_file() else build_config(target, None, overrides)
         return cfg.resolve(vocab_size=cfg.model.vocab_size or cfg.data.vocab_size).model  # or the one prepare trains

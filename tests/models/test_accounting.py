@@ -47,3 +47,8 @@ def test_info_on_a_config_file_and_with_overrides(tmp_path):
     assert res.returncode == 0 and total in res.stdout and "3 layers" in res.stdout
     res = run_cli("info", "exp3", "model.n_expert=16")
     assert res.returncode == 2 and "did you mean 'model.n_experts'" in res.stderr
+    run = tmp_path / "run"  # a run before its first checkpoint ('no checkpoint found' before): its config.yaml
+    run.mkdir()
+    (run / "config.yaml").write_text(plan.read_text())
+    res = run_cli("info", run, "model.n_layers=3")
+    assert res.returncode == 0 and total in res.stdout and "3 layers" in res.stdout, res.stderr
