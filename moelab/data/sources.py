@@ -69,6 +69,9 @@ def jsonl_lines(path: Path) -> list[str]:
     return [line.decode("utf-8") for line in _jsonl_raw_lines(path)]
 
 
+_JSON_NAMES = {list: "array", int: "number", float: "number", bool: "boolean"}
+
+
 def _jsonl_values(path: Path, text_field: str):
     """Each line's value of `text_field` (or the line's own value when it is not an object), or an
     exception standing for what is wrong with the line."""
@@ -83,8 +86,10 @@ def _jsonl_values(path: Path, text_field: str):
         except json.JSONDecodeError:
             yield ValueError("invalid JSON")
             continue
-        if not isinstance(rec, dict):
+        if rec is None or isinstance(rec, str):
             yield rec
+        elif not isinstance(rec, dict):  # a list or a number: neither a record nor a text
+            yield ValueError(f"a JSON {_JSON_NAMES.get(type(rec), type(rec).__name__)}, not an object or a string")
         elif text_field in rec:
             yield rec[text_field]
         else:  # the fields it has, named only when needed (not for every record)

@@ -17,14 +17,16 @@ def _jsonl(path, rows):
 def test_jsonl_records_become_documents_and_bad_ones_are_skipped(tmp_path):
     f = _jsonl(tmp_path / "data.jsonl", [
         {"text": "first document", "id": 1}, {"body": "wrong field"}, "{not json", {"text": ""},
-        {"text": 42}, {"text": "second document"}])
+        {"text": 42}, {"text": "second document"}, [1, 2], json.dumps("a bare string line")])
     corpus = load_corpus(str(f))
     assert [(d.name, d.text) for d in corpus.documents] == [("data.jsonl#1", "first document"),
-                                                            ("data.jsonl#6", "second document")]
+                                                            ("data.jsonl#6", "second document"),
+                                                            ("data.jsonl#8", "a bare string line")]
     assert dict(corpus.skipped) == {"data.jsonl#2": "no field 'text' (has body)", "data.jsonl#3": "invalid JSON",
-                                    "data.jsonl#4": "empty", "data.jsonl#5": "field 'text' is not text"}
+                                    "data.jsonl#4": "empty", "data.jsonl#5": "field 'text' is not text",
+                                    "data.jsonl#7": "a JSON array, not an object or a string"}
     other = load_corpus(str(f), text_field="body")
-    assert [d.text for d in other.documents] == ["wrong field"]
+    assert [d.text for d in other.documents] == ["wrong field", "a bare string line"]
 
 
 def test_a_record_file_without_records_is_named_not_blamed_on_its_suffix(tmp_path):
