@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_corpus
+from tests.conftest import needs_transformers, write_corpus
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 RATIO = r"(\d+\.\d+)x"
@@ -24,18 +24,21 @@ def _run(script, *args, cwd):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script,args,expect", [
-    ("moe_layer.py", ["--preset", "test", "--iters", "1", "--rounds", "1", "--profile"],
-     [r"max \|out - moelab\| = ", r"a new input each call", r"ratio moelab / best transformers .*: " + RATIO,
-      r"ceiling at that rate: " + RATIO]),
-    ("train_throughput.py", ["--preset", "test", "--iters", "1", "--rounds", "1", "--warmup", "1"],
-     [r"a new batch each step", r"ratio moelab .* / best transformers .*: " + RATIO]),
+    pytest.param("moe_layer.py", ["--preset", "test", "--iters", "1", "--rounds", "1", "--profile"],
+                 [r"max \|out - moelab\| = ", r"a new input each call",
+                  r"ratio moelab / best transformers .*: " + RATIO, r"ceiling at that rate: " + RATIO],
+                 marks=needs_transformers),
+    pytest.param("train_throughput.py", ["--preset", "test", "--iters", "1", "--rounds", "1", "--warmup", "1"],
+                 [r"a new batch each step", r"ratio moelab .* / best transformers .*: " + RATIO],
+                 marks=needs_transformers),
     ("loss.py", ["--tokens", "256", "--d-model", "32", "--vocab", "512", "--iters", "1", "--rounds", "1"],
      [r"speed ratio fused / unfused: " + RATIO]),
     ("generate.py", ["--presets", "test", "deepseek_v3-tiny", "--prompt", "4", "--new", "4", "--rounds", "1"],
      [r"test \(gqa\).*speed-up " + RATIO + r".*same tokens: True", r"\(mla\).*same tokens: True"]),
-    ("export.py", ["--arch", "deepseek_v3", "--layers", "2",
-                   "--shard", "5MB", "--experts", "8", "--expert-dim", "256", "--d-model", "256"],
-     [r"memory ratio save_pretrained / moelab: " + RATIO + r"; same tensors: True"]),
+    pytest.param("export.py", ["--arch", "deepseek_v3", "--layers", "2", "--shard", "5MB", "--experts", "8",
+                               "--expert-dim", "256", "--d-model", "256"],
+                 [r"memory ratio save_pretrained / moelab: " + RATIO + r"; same tensors: True"],
+                 marks=needs_transformers),
 ])
 def test_benchmark_runs_and_prints_its_comparison(tmp_path, script, args, expect):
     out = _run(script, *args, cwd=tmp_path)

@@ -10,7 +10,7 @@ import pytest
 from moelab.analysis.collect import measure, read_counts
 from moelab.analysis.routing import analyze, js_divergence, layer_stats
 from moelab.errors import UserError
-from tests.conftest import moelab, run_cli
+from tests.conftest import moelab, needs_transformers, run_cli
 
 
 def test_balanced_layer():
@@ -186,12 +186,14 @@ def test_run_analysis_has_both_splits_checkpoints_and_steps(trained, tmp_path):
     assert res.returncode == 2 and "no such run" in res.stderr
 
 
+@needs_transformers
 def test_cli_hf_directory_without_data_is_refused_before_its_weights_load(trained):
     res = run_cli("routing", trained / "hf")
     assert res.returncode == 2 and "has no data of its own: give --data PREPARED_DIR or --source" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # no weight-loading progress bar before it
 
 
+@needs_transformers
 def test_hf_model_routed_on_raw_text_as_its_run_is(trained, tmp_path):
     """`moelab routing HF_DIR --source TEXT`: a pretrained model's routing on one's own text, with no
     conversion; the counts equal those of the run it was exported from on the same text (but for

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moelab.eval.generate import Sampler, generate_ids, inference_routing, next_token_probs
+from tests.conftest import needs_transformers
 from tests.models.variants import VARIANTS, tiny_model
 
 
@@ -103,6 +104,7 @@ def test_top_k_top_p_and_temperature():
         Sampler(temperature=float("nan"))
 
 
+@needs_transformers
 def test_sampling_distribution_equals_transformers_warpers():
     """temperature -> top-k -> top-p as transformers' generate applies them, on random cases."""
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,

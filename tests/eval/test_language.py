@@ -12,7 +12,7 @@ import torch
 
 from moelab.eval.language import eval_language, eval_windows_for, xz_bits_per_byte
 from moelab.eval.target import load_target
-from tests.conftest import moelab, run_cli
+from tests.conftest import HAS_TRANSFORMERS, moelab, needs_transformers, run_cli
 
 
 def test_metrics_equal_a_float64_recomputation(trained):
@@ -196,6 +196,8 @@ def test_cli_eval_matches_the_runs_final_evaluation(trained, tmp_path):
     assert r["bpb"] == pytest.approx(summary["val_bpb"], abs=1e-6)
     assert r["xz_bpb"] == pytest.approx(summary["val_xz_bpb"], abs=1e-12)
     assert "xz -9" in res.stdout
+    if not HAS_TRANSFORMERS:
+        return
     # an HF export needs data given explicitly, and then agrees with the run on the same windows
     res = run_cli("eval", trained / "hf", "--data", trained / "run" / "data" / "prepared",
                   "--json", tmp_path / "h.json")
@@ -204,7 +206,7 @@ def test_cli_eval_matches_the_runs_final_evaluation(trained, tmp_path):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["hf"], "has no data of its own"),
+    pytest.param(["hf"], "has no data of its own", marks=needs_transformers),
     (["run", "--split", "test"], "--split must be train or val"),
     (["run", "--seq-len", "4096"], "exceeds the model's context"),
     (["nowhere"], "no such run"),
@@ -220,6 +222,7 @@ def test_bad_eval_input_is_one_line(trained, args, msg):
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # nor any model loaded (no progress bar)
 
 
+@needs_transformers
 def test_converted_run_without_data_is_refused_before_its_weights_load(trained, tmp_path):
     res = run_cli("convert", trained / "hf", "--out", tmp_path / "cv")
     assert res.returncode == 0, res.stderr
@@ -258,11 +261,14 @@ def test_python_load_gives_model_and_tokenizer_of_a_run_and_an_hf_export(trained
     with torch.no_grad():
         logits = run.model(x).logits
         assert torch.equal(logits, moelab.load_model(str(trained / "run")).eval()(x).logits)
+        if not HAS_TRANSFORMERS:
+            return
         hf = moelab.load(str(trained / "hf"))
         torch.testing.assert_close(hf.model(x).logits, logits, atol=1e-4, rtol=1e-4)
     assert hf.tokenizer.encode(text) == ids and hf.run_dir is None and run.run_dir == trained / "run"
 
 
+@needs_transformers
 def test_converting_a_model_without_a_tokenizer_says_what_is_missing(trained, tmp_path):
     hf = tmp_path / "hf"
     shutil.copytree(trained / "hf", hf)
