@@ -101,8 +101,13 @@ def _parquet_values(path: Path, text_field: str):
     columns when there is no such column."""
     try:
         import pyarrow.parquet as pq
-    except ImportError:
-        raise UserError("reading Parquet needs pyarrow: pip install 'moelab[data]'") from None
+    except ImportError as exc:  # not installed, or installed but unusable here (pyarrow 26 with NumPy 1.x)
+        import importlib.util
+
+        if importlib.util.find_spec("pyarrow") is None:
+            raise UserError("reading Parquet needs pyarrow: pip install 'moelab[data]'") from None
+        raise UserError(f"pyarrow is installed but cannot be imported ({first_line(exc)}); reading Parquet needs "
+                        "a pyarrow that imports here") from None
     pf = pq.ParquetFile(path)
     columns = pf.schema_arrow.names
     if text_field not in columns:

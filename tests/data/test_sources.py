@@ -1,6 +1,7 @@
 """JSONL and Parquet sources: one document per record's text field, bad records skipped with reasons."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,15 @@ def test_a_jsonl_line_that_is_not_utf8_costs_that_record_only(tmp_path):
     corpus = load_corpus(str(f))
     assert [d.text for d in corpus.documents] == ["first", "third"]
     assert corpus.skipped == [("data.jsonl#2", "not UTF-8")]
+
+
+def test_a_pyarrow_that_is_installed_but_fails_to_import_is_not_called_missing(tmp_path, monkeypatch):
+    """pyarrow 26 with NumPy 1.x raises ImportError on import; the message said to install pyarrow."""
+    pytest.importorskip("pyarrow")
+    (tmp_path / "a.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # its import fails, as that one's does
+    with pytest.raises(UserError, match=r"pyarrow is installed but cannot be imported \(.*pyarrow.parquet"):
+        load_corpus(str(tmp_path / "a.parquet"))
 
 
 def test_a_corrupt_parquet_file_is_skipped_with_its_reason(tmp_path):
