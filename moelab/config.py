@@ -547,8 +547,11 @@ def build_config(preset: str | None = None, config_file: str | None = None,
     from moelab.models.presets import get_preset
 
     data = load_yaml(config_file) if config_file else {}
-    name = preset or data.pop("preset", None) or "tiny"
-    data.pop("preset", None)
+    own = data.pop("preset", None)
+    if preset and own and preset != own:  # which base was meant is not for moelab to guess
+        raise UserError(f"--preset {preset} and {config_file}'s preset: {own} differ; give one of them (drop "
+                        "--preset, or change or remove the file's preset line)")
+    name = preset or own or "tiny"
 
     def assemble(cfg: Config) -> Config:
         apply_mapping(cfg, data, "")

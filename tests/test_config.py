@@ -155,6 +155,16 @@ def test_yaml_file(tmp_path):
         build_config(None, str(tmp_path / "missing.yaml"))
 
 
+def test_preset_flag_and_a_config_files_preset_must_agree(tmp_path):
+    """--preset tiny with a file saying preset: exp3 built tiny without a word."""
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: exp3\nmodel:\n  n_layers: 2\n")
+    with pytest.raises(UserError, match=r"--preset tiny and .*c.yaml's preset: exp3 differ"):
+        build_config("tiny", str(f))
+    assert build_config("exp3", str(f)).model.d_model == build_config(None, str(f)).model.d_model == 256
+    assert build_config(None, str(f)).model.n_layers == 2
+
+
 def test_unknown_preset():
     with pytest.raises(UserError, match="did you mean 'tiny'"):
         build_config("tinny")
