@@ -122,6 +122,9 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
                   stop_strings: tuple[str, ...] = (), use_cache: bool = True) -> dict:
     """Continue `prompt`; the text is cut before the first stop string (which ends generation)."""
+    if "" in stop_strings:
+        raise UserError("an empty stop string ends the text before it starts; give some text")
+
     def hit(new_ids):
         text = tokenizer.decode(new_ids)
         return any(s in text for s in stop_strings)

@@ -82,7 +82,7 @@ class MoelabLM(TemplateLM):
         out = []
         for context, kwargs in (r.args for r in requests):
             until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = [u for u in ([until] if isinstance(until, str) else until) if u]  # "" would stop at once
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
             r = generate_text(self.model, self.tokenizer, context, int(kwargs.get("max_gen_toks", self.max_gen_toks)),
                               Sampler(temperature=temperature), tuple(until))

@@ -214,3 +214,17 @@ def test_rolling_loglikelihood_equals_transformers_through_the_harness(trained):
     mine = ours.loglikelihood_rolling(requests)
     for a, b in zip(mine, theirs):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_harness_generation_ignores_an_empty_until_string(trained):
+    """generate_until with until=["", ...] (a task's stop list) stopped every answer after one token."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from moelab.eval.harness import MoelabLM
+
+    ours = MoelabLM(target=load_target(str(trained / "run")))
+    args = ("marker001x", {"until": ["zzzz"], "max_gen_toks": 6})
+    plain = ours.generate_until([Instance("generate_until", {}, args, 0)])
+    args[1]["until"] = ["", "zzzz"]
+    assert ours.generate_until([Instance("generate_until", {}, args, 0)]) == plain and len(plain[0]) > 0

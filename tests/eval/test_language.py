@@ -234,6 +234,18 @@ def test_converted_run_without_data_is_refused_before_its_weights_load(trained, 
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
+def test_an_empty_stop_string_is_refused_not_matched_at_once(trained):
+    """It ended every generation after one token (the CLI refuses --stop '' too)."""
+    import moelab
+    from moelab.errors import UserError
+    from moelab.eval.generate import generate_text
+
+    run = moelab.load(str(trained / "run"))
+    with pytest.raises(UserError, match="empty stop string"):
+        generate_text(run.model, run.tokenizer, "marker001x", 4, stop_strings=("\n", ""))
+    assert generate_text(run.model, run.tokenizer, "marker001x", 4, stop_strings=("zzzz",))["stop_reason"] != "stop"
+
+
 def test_cli_generate_is_reproducible_and_stops(trained):
     run = trained / "run"
     a = run_cli("generate", run, "--prompt", "marker001x expert", "--max-new-tokens", "12", "--seed", "5")
