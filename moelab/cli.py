@@ -220,6 +220,12 @@ def _stop_string(text: str) -> str:
     return shell_escapes(text)
 
 
+def _task_list(text: str) -> str:
+    if not text.replace(",", "").strip():  # "" was falsy, so the language evaluation ran alone
+        raise argparse.ArgumentTypeError("names no task; give e.g. --harness hellaswag,arc_easy")
+    return text
+
+
 def _writable_parent(p: Path, text: str) -> None:
     parent = next((q for q in p.parents if q.exists()), Path("."))
     if not parent.is_dir():
@@ -359,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiple-choice tasks: JSONL files in HellaSwag/ARC/PIQA format, or a hub name "
                         "(hellaswag, arc_easy, arc_challenge, piqa) when the hub is reachable")
     p.add_argument("--limit", type=_at_least(0), default=0, help="first N items of each task (0: all)")
-    p.add_argument("--harness", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (moelab[eval])")
+    p.add_argument("--harness", metavar="TASKS", type=_task_list,
+                   help="comma-separated lm-evaluation-harness tasks (moelab[eval])")
     p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
     p.add_argument("--json", type=_output_file, help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_eval)
