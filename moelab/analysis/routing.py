@@ -77,7 +77,9 @@ def layer_stats(counts_E, dropped_E=None) -> dict:
     mean = total / E
     share = c / total if total else np.zeros(E)
     nz = share[share > 0]
-    s = {"counts": [int(v) for v in c], "slots": int(total), "share": [round(float(v), 6) for v in share],
+    whole = bool(np.all(c == np.round(c)))  # a counts file may hold shares or averages: kept as they are
+    s = {"counts": [int(v) for v in c] if whole else [round(float(v), 6) for v in c],
+         "slots": int(total) if whole else round(float(total), 6), "share": [round(float(v), 6) for v in share],
          "cv": float(c.std() / mean) if mean else float("nan"),
          "max_min": float(c.max() / c.min()) if c.min() > 0 else float("inf"),
          "max_mean": float(c.max() / mean) if mean else float("nan"),

@@ -45,6 +45,13 @@ def test_layer_with_a_dead_expert():
     assert s["verdict"] == "high imbalance"
 
 
+def test_fractional_counts_are_kept_not_truncated():
+    """A counts file of shares (0.45, 0.3, ...) was shown and saved as 0s."""
+    s = layer_stats([0.45, 0.3, 0.25])
+    assert s["counts"] == [0.45, 0.3, 0.25] and s["slots"] == pytest.approx(1.0) and s["dead"] == []
+    assert layer_stats([3.0, 1.0])["counts"] == [3, 1]
+
+
 def test_a_layer_that_routed_nothing_is_not_called_a_collapse(tmp_path):
     s = layer_stats([0, 0, 0, 0])
     assert s["slots"] == 0 and s["verdict"] == "no tokens"
