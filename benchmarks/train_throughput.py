@@ -6,7 +6,7 @@ Run: python benchmarks/train_throughput.py [--preset exp3] [--dtype fp32|bf16] [
                                            [--muon] [--compile] [--hf-compile] [--profile]
                                            [--keep-freed-memory] [--same-input]
                                            [--set model.d_model=1024 train.seq_len=1024 ...]
-A training step is forward + loss + backward + gradient clipping + optimizer update. transformers
+A training step is forward + loss + backward + gradient clipping + optimizer update. Each side
 gets a new batch of random tokens at every step (the same sequence of batches on each side), so
 routing, and the experts' row counts, change from step to step as in a real run. transformers
 is timed with every attention (eager, sdpa) and experts implementation (eager, batched_mm,
