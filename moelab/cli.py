@@ -39,8 +39,10 @@ def _cmd_train(args) -> int:
     if not is_rank0():  # data parallel (torchrun): rank 0 reports
         return 0
     if s.get("already_complete"):
+        unused = s.get("not_applied")
         print(f"{s['run_dir']} is already complete ({s['steps']} updates, val loss {s['val_loss']:.4f}); "
-              f"nothing changed. To train further, raise train.steps (e.g. train.steps={2 * s['steps']})")
+              "nothing changed" + (f", and the settings given were not applied ({', '.join(unused)})" if unused else "")
+              + f". To train further, raise train.steps (e.g. train.steps={2 * s['steps']})")
         return 0
     if s["stopped"]:  # SIGTERM/SIGINT: the step finished and was saved; not an error
         print(f"stopped by {s['stopped']} after {s['steps']} updates; checkpoint saved | run {s['run_dir']}")

@@ -231,13 +231,15 @@ def test_one_job_script_with_a_preset_and_resume_auto_starts_and_continues_its_r
     res = run_cli("train", "--out", run, "--resume", "auto", *started)
     assert res.returncode == 0 and "is already complete (30 updates" in res.stdout, res.stderr
     for other, differ in ((["--preset", "tiny"], "preset 'test' -> 'tiny'"),
-                          ([*started, "train.plot=false"], None),  # an override: applies, not compared
-                          ([*started[:-1], "train.choice_every=5"], None)):
+                          # an override: applies, not compared, though to no update of a finished run
+                          ([*started, "train.plot=false"], "train.plot True -> False"),
+                          ([*started[:-1], "train.choice_every=5"], "train.choice_every 10 -> 5")):
         res = run_cli("train", "--out", run, "--resume", "auto", *other)
-        if differ:
+        if "preset" in differ:
             assert res.returncode == 2 and differ in res.stderr and "drop --preset/--config" in res.stderr, res.stderr
         else:
             assert res.returncode == 0 and "already complete" in res.stdout, res.stderr
+            assert f"nothing changed, and the settings given were not applied ({differ})" in res.stdout, res.stdout
     assert (run / "metrics.jsonl").read_bytes() == before
 
 

@@ -60,6 +60,7 @@ class Run:
     provenance: dict = field(default_factory=dict)
     resumed_from: Path | None = None
     changed_on_resume: list[str] = field(default_factory=list)  # "key old -> new" against the checkpoint
+    schedule_note: str | None = None  # a resume's settings move the LR schedule (train.steps raised ...)
     set_aside: Path | None = None  # where a rewind in place moved the abandoned later checkpoints
     lock: RunLock | None = None  # held from setup to the end of train()
     restarted: bool = False  # --resume auto on a run that had stopped before its first checkpoint
@@ -245,8 +246,10 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
     run.rows = rows
     if ckpt is not None:
         run.resumed_from = ckpt
-        run.changed_on_resume = config_changes(Config.from_yaml_file(ckpt / "config.yaml"), cfg)
+        before = Config.from_yaml_file(ckpt / "config.yaml")
+        run.changed_on_resume = config_changes(before, cfg)
         _restore(run, ckpt)
+        run.schedule_note = schedule_note(before, cfg, run.step)
         if writer and run_dir == ckpt.parent.parent:
             run.set_aside = _set_aside_later(run_dir, run.step)
     # a micro-batch whose activations cannot fit: one line now, not the kernel's kill at update 1
@@ -346,6 +349,29 @@ def warmup_note(cfg: Config) -> str | None:
     return (f"note: optim.warmup={w} is not below train.steps={steps}: the LR only ramps up, to {steps / w:.0%} "
             "of its peak at the last update, and never decays (warmup counts optimizer updates, not micro-batches "
             "or tokens)")
+
+
+def schedule_note(before: Config, after: Config, step: int) -> str | None:
+    """A resume whose settings move the LR schedule (train.steps raised on a cosine or linear
+    schedule, another warmup or schedule): where the next update's LR jumps, say so, since a run
+    that had decayed to its minimum goes back up to a large LR."""
+    def factor(c: Config, update: int) -> float:
+        o = c.optim
+        return lr_factor(update, c.train.steps, o.warmup, o.schedule, o.min_lr_ratio, o.decay_frac)
+
+    if step == 0 or math.isclose(factor(before, step), factor(after, step), rel_tol=0.01):
+        return None
+    kind = after.optim.schedule
+    if kind == "wsd":
+        hint = ("a wsd schedule keeps the LR flat until its final decay: resume a checkpoint from before the decay "
+                "(--resume CKPT) to extend it smoothly")
+    elif kind == "constant":
+        hint = "the schedule settings changed"
+    else:
+        hint = (f"a {kind} schedule spans all of train.steps; optim.schedule=wsd runs can be extended smoothly "
+                "from a checkpoint before their decay")
+    return (f"note: these settings move the LR schedule: update {step + 1} runs at {factor(after, step):.3g} x the "
+            f"base LR, update {step} ran at {factor(before, step - 1):.3g} x ({hint})")
 
 
 def apply_smoke(cfg: Config) -> None:
@@ -491,7 +517,9 @@ def _already_complete(resume: str, out: str | None, cfg: Config, overrides, conf
         return None
     if step is None or step < saved.train.steps or summary.get("steps") != step or summary.get("stopped"):
         return None
-    return {**summary, "run_dir": str(run_dir), "already_complete": True}  # where it is now, if moved
+    # the overrides given take effect only in updates to come: say which were given to no effect
+    unused = config_changes(Config.from_yaml_file(ckpt / "config.yaml"), saved)
+    return {**summary, "run_dir": str(run_dir), "already_complete": True, "not_applied": unused}
 
 
 def trainer_state(run: Run) -> dict:
@@ -649,6 +677,8 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
     if run.resumed_from is not None:
         say(f"resumed from {run.resumed_from}; settings changed since: "
             + (", ".join(run.changed_on_resume) or "none"))
+    if run.schedule_note:
+        say(run.schedule_note)
     if run.started_new:  # right for a requeued job's first start; a mistyped --out shows here
         say(f"--resume auto: {run.run_dir} held no run, so a new one starts there (if you meant to continue "
             "a run, check --out)")

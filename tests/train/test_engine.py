@@ -12,8 +12,30 @@ from moelab import load_model
 from moelab.config import build_config
 from moelab.errors import UserError
 from moelab.train.checkpoint import list_checkpoints, load_trainer_state
-from moelab.train.loop import train
+from moelab.train.loop import schedule_note, train
 from tests.conftest import has_module
+
+
+def test_a_resume_that_moves_the_lr_schedule_is_pointed_out(tmp_path, prepared):
+    """train.steps raised on a finished cosine run: its LR had decayed to the minimum and now jumps
+    back up to most of the peak; the note says so. Nothing to say where the schedule stays put."""
+    from tests.conftest import run_cli
+
+    args = ("train", "--preset", "test", f"data.path={prepared}", "train.eval_every=4", "optim.warmup=1",
+            "train.report=false", "train.plot=false")
+    for schedule in ("cosine", "constant"):
+        out = tmp_path / schedule
+        res = run_cli(*args, "--out", out, "train.steps=4", f"optim.schedule={schedule}")
+        assert res.returncode == 0, res.stderr
+        res = run_cli("train", "--resume", "auto", "--out", out, "train.steps=8")
+        assert res.returncode == 0, res.stderr
+        if schedule == "cosine":  # update 4 ran at min_lr_ratio 0.1; update 5 of 8 halfway: 0.1 + 0.9 / 2
+            assert ("note: these settings move the LR schedule: update 5 runs at 0.55 x the base LR, update 4 ran "
+                    "at 0.1 x (a cosine schedule spans all of train.steps") in res.stderr, res.stderr
+        else:
+            assert "LR schedule" not in res.stderr, res.stderr
+    cfg = build_config("test", None, ["train.steps=8"])
+    assert schedule_note(cfg, cfg, 3) is None and schedule_note(cfg, cfg, 0) is None
 
 
 def _run(tmp_path, prepared, *extra, name="run", resume=None, overrides=()):
@@ -152,7 +174,10 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, prepared):
     files = sorted(p for p in run.rglob("*") if p.is_file())
     before = {p: p.read_bytes() for p in files}
     again = _run(tmp_path, prepared, resume="auto")
-    assert again["already_complete"] and again["val_loss"] == first["val_loss"]
+    assert again["already_complete"] and again["val_loss"] == first["val_loss"] and again["not_applied"] == []
+    # an override given to a finished run takes effect in no update: named, not dropped without a word
+    given = _run(tmp_path, prepared, resume="auto", overrides=("model.aux_loss_coef=0.5",))
+    assert given["already_complete"] and given["not_applied"] == ["model.aux_loss_coef 0.01 -> 0.5"]
     assert sorted(p for p in run.rglob("*") if p.is_file()) == files
     assert all(p.read_bytes() == before[p] for p in files)
     run.rename(tmp_path / "moved")  # a moved (or copied) run is named where it is now
