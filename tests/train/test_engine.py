@@ -38,6 +38,28 @@ def test_a_resume_that_moves_the_lr_schedule_is_pointed_out(tmp_path, prepared):
     assert schedule_note(cfg, cfg, 3) is None and schedule_note(cfg, cfg, 0) is None
 
 
+def test_gradient_accumulation_updates_like_the_whole_batch(tmp_path, prepared):
+    """batch 16 in one micro-batch, 2 x 8 and 4 x 4: the same windows, the same mean loss gradient,
+    so the same weights after three hybrid Muon + AdamW updates (the balancing loss, computed per
+    micro-batch as in Megatron, is off: it is not linear in the batch)."""
+    base = ("train.steps=3", "model.aux_loss_coef=0", "optim.ns_dtype=fp32", "train.eval_every=100",
+            "train.log_every=1", "train.report=false", "train.plot=false")
+    models = [load_model(tmp_path / f"b{b}")
+              for b, a in ((16, 1), (8, 2), (4, 4))
+              if _run(tmp_path, prepared, *base, f"train.batch_size={b}", f"train.grad_accum={a}", name=f"b{b}")]
+    whole = models[0].state_dict()
+    for other in models[1:]:
+        for name, x in other.state_dict().items():
+            torch.testing.assert_close(x, whole[name], rtol=0, atol=1e-6, msg=name)
+    # the logged loss and gradient norm are the whole batch's too (Adam and Muon would hide a gradient
+    # summed rather than averaged over micro-batches; these would not)
+    logged = [[r[k] for r in _records(tmp_path / f"b{b}") if r["split"] == "train" for k in ("loss", "grad_norm")]
+              for b in (16, 8, 4)]
+    assert len(logged[0]) == 6
+    for other in logged[1:]:
+        assert other == pytest.approx(logged[0], rel=1e-5)
+
+
 def _run(tmp_path, prepared, *extra, name="run", resume=None, overrides=()):
     cfg = build_config("test", None, [f"data.path={prepared}", *extra])
     return train(cfg, out=str(tmp_path / name), resume=resume, overrides=overrides, progress=False)
