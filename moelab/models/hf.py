@@ -535,6 +535,27 @@ def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: st
     return out
 
 
+def _check_loaded(path, info: dict) -> None:
+    """transformers fills a tensor missing from the weights files, or one of another shape, with a
+    random initialisation and goes on (with a report in its log): a model that is partly random,
+    whatever it is then converted to or evaluated as. Refused; tensors the architecture does not
+    use are left out, as transformers does."""
+    def shown(names) -> str:
+        names = sorted(names)
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    missing = info.get("missing_keys") or ()
+    mismatched = info.get("mismatched_keys") or ()
+    if missing:
+        raise UserError(f"cannot load {path}: its weights files lack {len(missing)} tensor(s) its config.json needs "
+                        f"({shown(missing)}), which would start random; a partial download or copy, or a config.json "
+                        "of another model: complete the files or fix config.json")
+    if mismatched:
+        detail = shown(f"{name} {tuple(have)} where config.json gives {tuple(want)}" for name, have, want in mismatched)
+        raise UserError(f"cannot load {path}: {len(mismatched)} tensor(s) have another shape than its config.json "
+                        f"gives ({detail}); a config.json of another model size: fix it or use the model's own")
+
+
 def load_hf(path: str | Path, device: str | torch.device = "cpu"):
     """A moelab model (fp32, on `device`) of a Hugging Face directory, checked to fit first."""
     _require_transformers()
@@ -552,10 +573,12 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu"):
     # time peaks at about 2.5x the fp32 size.
     from safetensors import SafetensorError
 
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto")
+    try:  # mismatched shapes reported below, not raised as transformers' traceback
+        hf, info = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", output_loading_info=True,
+                                                        ignore_mismatched_sizes=True)
     except SafetensorError as exc:  # a weights file cut short by a download or a copy
         raise UserError(f"cannot load {path}: a weights file is damaged ({exc}); copy or download it again") from None
+    _check_loaded(path, info)
     cfg, sd = _moelab_config(hf.config), {k: v.detach() for k, v in hf.state_dict().items()}
     del hf  # the moelab model takes over the loaded tensors instead of copying them
     return MoETransformer.from_weights(cfg, from_hf_state_dict(sd, consume=True, dtype=torch.float32)).to(device)

@@ -462,3 +462,36 @@ def test_a_damaged_hf_weights_file_is_one_line(tmp_path):
 
     r = run_cli("export", tmp_path / "cut", "--out", tmp_path / "hf")
     assert r.returncode == 2 and f"output directory {tmp_path / 'hf'} is not empty" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("case", ["mixtral", "deepseek_v3"])
+def test_hf_weights_missing_or_of_another_shape_are_refused_not_filled_at_random(tmp_path, case):
+    """transformers starts a tensor missing from the files (or of another shape than config.json)
+    from a random initialisation, with only a log report: convert, eval and init_from then went on
+    with a partly random model. A tensor the architecture does not use is left out, as there."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ours = _model(*CASES[case])
+    export_hf(ours, tmp_path / "hf")
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    router = next(k for k in weights if k.endswith(".gate.weight"))  # the router
+    attn = next(k for k in weights if k.endswith("self_attn.o_proj.weight"))
+    for name, edit, match in (
+            # named as transformers names the module (Mixtral's block_sparse_moe is its mlp)
+            ("missing", lambda w: w.pop(router),
+             r"lack 1 tensor\(s\) its config.json needs \(model\.layers\.\d\.\w+\.gate"),
+            ("shape", lambda w: w.update({attn: w[attn][:, :-1].contiguous()}),
+             rf"1 tensor\(s\) have another shape than its config.json gives \({attn} "),
+            ("extra", lambda w: w.update({"model.layers.0.unused.weight": torch.zeros(2)}), None)):
+        shutil.copytree(tmp_path / "hf", tmp_path / name)
+        changed = dict(weights)
+        edit(changed)
+        save_file(changed, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        if match is None:
+            for a, b in zip(load_hf(tmp_path / name).state_dict().values(), ours.state_dict().values()):
+                assert torch.equal(a, b)
+            continue
+        with pytest.raises(UserError, match=rf"cannot load {tmp_path / name}: .*{match}"):
+            load_hf(tmp_path / name)
