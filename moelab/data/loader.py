@@ -33,16 +33,18 @@ class BatchLoader:
     """Deterministic per-epoch shuffle of windows with an exact, resumable position.
 
     The order of epoch e is randperm(N) drawn from a generator seeded with (seed, e), so the
-    state is just (epoch, batch index): nothing depends on how many batches were drawn before.
-    The last partial batch of each epoch is dropped so every batch has the same shape.
+    state is just (epoch, position in windows): nothing depends on how many batches were drawn
+    before. A batch that would run past the end of the epoch's order is not drawn (every batch
+    has the same shape); the next epoch begins instead. Because the position counts windows, not
+    batches, a resume may change the batch size: the next batches continue from the same window
+    (train.batch_size=8 becoming 4 with train.grad_accum=2 forms each update from the same 8).
     """
 
     def __init__(self, windows: torch.Tensor, batch_size: int, seed: int):
         if windows.shape[0] < batch_size:
             raise ValueError("fewer windows than one batch")
         self.windows, self.batch_size, self.seed = windows, batch_size, seed
-        self.batches_per_epoch = windows.shape[0] // batch_size
-        self.epoch, self.index = 0, 0
+        self.epoch, self.position = 0, 0
         self._order = self._perm(0)
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -50,22 +52,24 @@ class BatchLoader:
         return torch.randperm(self.windows.shape[0], generator=g)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
+        if self.position + self.batch_size > self.windows.shape[0]:
+            self.epoch, self.position = self.epoch + 1, 0
             self._order = self._perm(self.epoch)
-        rows = self._order[self.index * self.batch_size:(self.index + 1) * self.batch_size]
-        self.index += 1
+        rows = self._order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
         w = self.windows[rows]  # a tensor, or prepared data's memory-mapped windows (int64 out)
         return w[:, :-1], w[:, 1:]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
                 "n_windows": int(self.windows.shape[0]), "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
-        for key in ("seed", "n_windows", "batch_size"):
+        for key in ("seed", "n_windows"):
             if state[key] != mine[key]:
                 raise ValueError(f"loader {key} changed since the checkpoint ({state[key]} -> {mine[key]})")
-        self.epoch, self.index = state["epoch"], state["index"]
+        # checkpoints before the position in windows hold a batch index
+        position = state["position"] if "position" in state else state["index"] * state["batch_size"]
+        self.epoch, self.position = state["epoch"], position
         self._order = self._perm(self.epoch)

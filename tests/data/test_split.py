@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from moelab.config import DataConfig
@@ -49,6 +50,37 @@ def test_windows_are_disjoint_and_loader_resumes_exactly():
     fresh.load_state_dict(state)
     for want in expected:
         assert torch.equal(fresh.next_batch()[0], want)
+    # a checkpoint written when the position was a batch index resumes at the same window
+    old_style = {k: v for k, v in state.items() if k != "position"} | {"index": state["position"] // 3}
+    fresh = BatchLoader(torch.arange(400).view(40, 10), batch_size=3, seed=7)
+    fresh.load_state_dict(old_style)
+    assert torch.equal(fresh.next_batch()[0], expected[0])
+
+
+def test_each_epoch_is_one_permutation_in_whole_batches():
+    windows = torch.arange(40).view(40, 1).expand(40, 10)
+    loader = BatchLoader(windows, batch_size=3, seed=7)
+    for epoch in range(2):  # 13 batches of 3 from one permutation of the 40 windows; the 40th is left out
+        seen = torch.cat([loader.next_batch()[0][:, 0] for _ in range(13)])
+        assert seen.unique().numel() == 39 and torch.equal(seen, loader._perm(epoch)[:39])
+    assert loader.epoch == 1 and loader.next_batch()[0].shape == (3, 9) and loader.epoch == 2
+
+
+def test_a_resume_may_change_the_batch_size_and_continues_from_the_same_window():
+    """batch 8 becoming 4 (the out-of-memory advice: half the micro-batch, twice the accumulation):
+    each pair of batches of 4 is the batch of 8 the run would have drawn."""
+    windows = torch.arange(4000).view(400, 10)
+    eights = BatchLoader(windows, batch_size=8, seed=3)
+    for _ in range(30):
+        eights.next_batch()
+    state = eights.state_dict()
+    fours = BatchLoader(windows, batch_size=4, seed=3)
+    fours.load_state_dict(state)
+    for _ in range(40):  # crosses the epoch boundary (50 batches of 8)
+        assert torch.equal(eights.next_batch()[0], torch.cat([fours.next_batch()[0], fours.next_batch()[0]]))
+    other = BatchLoader(windows, batch_size=8, seed=4)
+    with pytest.raises(ValueError, match=r"loader seed changed since the checkpoint \(3 -> 4\)"):
+        other.load_state_dict(state)
 
 
 def test_stdlib_corpus_skips_tests_and_site_packages():

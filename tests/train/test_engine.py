@@ -60,6 +60,28 @@ def test_gradient_accumulation_updates_like_the_whole_batch(tmp_path, prepared):
         assert other == pytest.approx(logged[0], rel=1e-5)
 
 
+def test_a_resume_with_half_the_micro_batch_and_twice_the_accumulation_continues_the_run(tmp_path, prepared):
+    """What the out-of-memory message advises (train.batch_size=4 train.grad_accum=2 for 8) on a run
+    to resume: refused before ('loader batch_size changed'). Each update now takes the same 8
+    windows, so the run ends where the uninterrupted one does, up to float rounding."""
+    import shutil
+
+    base = ("train.steps=6", "train.save_every=3", "model.aux_loss_coef=0", "optim.ns_dtype=fp32",
+            "train.report=false", "train.plot=false", "train.log_every=1")
+    _run(tmp_path, prepared, *base, name="whole")
+    _run(tmp_path, prepared, *base, name="halved")
+    for later in list_checkpoints(tmp_path / "halved")[1:]:  # as if stopped after update 3
+        shutil.rmtree(later)
+    s = _run(tmp_path, prepared, name="halved", resume="auto",
+             overrides=("train.batch_size=4", "train.grad_accum=2"))
+    assert s["steps"] == 6
+    a, b = load_model(tmp_path / "whole").state_dict(), load_model(tmp_path / "halved").state_dict()
+    for name, x in a.items():
+        torch.testing.assert_close(b[name], x, rtol=0, atol=1e-5, msg=name)
+    losses = [[r["loss"] for r in _records(tmp_path / n) if r["split"] == "train"][-3:] for n in ("whole", "halved")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
 def _run(tmp_path, prepared, *extra, name="run", resume=None, overrides=()):
     cfg = build_config("test", None, [f"data.path={prepared}", *extra])
     return train(cfg, out=str(tmp_path / name), resume=resume, overrides=overrides, progress=False)
@@ -265,8 +287,8 @@ def test_a_run_that_fails_to_start_leaves_no_directory(tmp_path, prepared):
     src = tmp_path / "src"
     _run(tmp_path, prepared, "train.steps=2", "train.save_every=2", name="src")
     before = sorted(p.relative_to(src) for p in src.rglob("*"))
-    with pytest.raises(UserError, match="batch_size changed"):  # a fork that cannot resume
-        _run(tmp_path, prepared, name="fork", resume=str(src), overrides=("train.batch_size=4",))
+    with pytest.raises(UserError, match="seed changed"):  # a fork that cannot resume
+        _run(tmp_path, prepared, name="fork", resume=str(src), overrides=("train.seed=4",))
     assert not (tmp_path / "fork").exists() and sorted(p.relative_to(src) for p in src.rglob("*")) == before
     assert _run(tmp_path, prepared, "train.steps=2", name="new")["steps"] == 2  # the same --out now works
 
