@@ -32,7 +32,7 @@ def test_short_run_lowers_loss_and_writes_run_dir(tmp_path):
     ckpts = list_checkpoints(out)
     assert [c.name for c in ckpts] == ["step_0000010", "step_0000020", "step_0000030"]
     state = load_trainer_state(ckpts[-1])
-    assert state["step"] == 30 and state["loader"]["index"] + state["loader"]["epoch"] > 0
+    assert state["step"] == 30 and state["loader"]["position"] + state["loader"]["epoch"] > 0
     assert {"torch", "python", "numpy"} <= set(state["rng"])
 
 
