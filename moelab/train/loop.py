@@ -553,8 +553,9 @@ def _restore(run: Run, ckpt: Path) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     try:
         run.loader.load_state_dict(state["loader"])
-    except ValueError as exc:
-        raise UserError(f"cannot resume from {ckpt.name}: {exc}") from None
+    except ValueError as exc:  # train.seed: the data order is drawn from it
+        raise UserError(f"cannot resume from {ckpt.name}: {exc}; a resume keeps the run's data order: drop that "
+                        "override, or start a new run") from None
     ck.set_rng_state(state["rng"])
     run.step, run.tokens = int(state["step"]), int(state.get("tokens", 0))
     if "guard" in state:
