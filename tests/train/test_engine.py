@@ -287,7 +287,8 @@ def test_a_run_that_fails_to_start_leaves_no_directory(tmp_path, prepared):
     src = tmp_path / "src"
     _run(tmp_path, prepared, "train.steps=2", "train.save_every=2", name="src")
     before = sorted(p.relative_to(src) for p in src.rglob("*"))
-    with pytest.raises(UserError, match=r"loader seed changed since the checkpoint \(1234 -> 4\); a resume keeps the run.s data order: drop"):  # a fork that cannot resume
+    refused = r"loader seed changed since the checkpoint \(1234 -> 4\); a resume keeps the run.s data order: drop"
+    with pytest.raises(UserError, match=refused):  # a fork that cannot resume
         _run(tmp_path, prepared, name="fork", resume=str(src), overrides=("train.seed=4",))
     assert not (tmp_path / "fork").exists() and sorted(p.relative_to(src) for p in src.rglob("*")) == before
     assert _run(tmp_path, prepared, "train.steps=2", name="new")["steps"] == 2  # the same --out now works
