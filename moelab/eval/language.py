@@ -124,4 +124,4 @@ def format_language(r: dict) -> str:
             f"bits/byte {r['bpb']:.3f}")
     if "xz_bpb" in r:
         line += f" (xz -9: {r['xz_bpb']:.3f})"
-    return line + f" | {r['tokens']:,} tokens in {r['windows']} windows of {r['seq_len']}"
+    return line + f" | {r['tokens']:,} tokens in {r['windows']:,} windows of {r['seq_len']}"
