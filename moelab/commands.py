@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -174,6 +175,22 @@ def _json_safe(obj):
     return obj
 
 
+def _run_routing_dir(target: Path, run_dir: Path, other_data: str | None) -> Path:
+    """RUN/routing holds the analysis of the run's newest checkpoint on its own data, the one
+    RUN/report.md shows; an earlier checkpoint (or `best`) or other text goes beside it, in
+    RUN/routing-<checkpoint>-<data>, instead of replacing the report's figures."""
+    from moelab.train.checkpoint import list_checkpoints, resolve_checkpoint
+
+    parts = []
+    ckpt, newest = resolve_checkpoint(target), list_checkpoints(run_dir)
+    if not newest or ckpt.resolve() != newest[-1].resolve():
+        parts.append(ckpt.name)
+    if other_data:
+        name = Path(other_data).expanduser().resolve().name  # a folder, a file, a glob, hf:NAME
+        parts.append(re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "data")
+    return run_dir / "-".join(["routing", *parts])
+
+
 def routing(target: str, out: str | None, windows: int = 64, batch_size: int = 8, device: str = "cpu",
             plots: bool = True, data: str | None = None, source: str | None = None,
             text_field: str | None = None) -> tuple[dict, Path]:
@@ -188,7 +205,12 @@ def routing(target: str, out: str | None, windows: int = 64, batch_size: int = 8
 
     counts = load_routing(target, windows, batch_size, device, data, source, text_field)
     p = Path(target).expanduser()
-    out_dir = Path(out) if out else (counts.run_dir / "routing" if counts.run_dir else p.parent / f"routing-{p.stem}")
+    if out:
+        out_dir = Path(out)
+    elif counts.run_dir:
+        out_dir = _run_routing_dir(p, counts.run_dir, data or source)
+    else:
+        out_dir = p.parent / f"routing-{p.stem}"
     analysis = analyze(counts)
     if plots:
         analysis["plots"] = plot_all(counts, analysis, out_dir)

@@ -3,6 +3,7 @@ layer, a layer with a dead expert), counts files from other systems, and a measu
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -184,11 +185,24 @@ def test_run_analysis_has_both_splits_checkpoints_and_steps(trained, tmp_path):
     assert "; step 20->30: " in res.stdout
     assert len(a["steps_js"]) >= 4  # training counts logged every 5 updates
     assert set(a["plots"]) == {"layers", "steps", "checkpoints", "coactivation"}
-    ckpt = trained / "run" / "checkpoints" / "step_0000020"
-    res = run_cli("routing", ckpt, "--windows", "2", "--no-plots")  # a checkpoint: output goes to its run
-    assert res.returncode == 0, res.stderr
-    assert not (ckpt / "routing").exists()
-    assert json.loads((trained / "run" / "routing" / "routing.json").read_text())["source"] == "run/step_0000020"
+    # an earlier checkpoint, or other text, goes beside its run's routing/, which the run's report shows
+    # (the newest checkpoint on the run's own data); without --out, nothing goes inside a checkpoint
+    run = trained / "run"
+    shown = json.loads((run / "routing" / "routing.json").read_text())["source"]
+    assert shown == "run/step_0000030"  # written by the report at the end of training
+    ckpt = run / "checkpoints" / "step_0000020"
+    made = {ckpt: run / "routing-step_0000020", run: run / "routing-corpus"}
+    try:
+        for target, extra in ((ckpt, ()), (run, ("--source", trained / "corpus"))):
+            res = run_cli("routing", target, *extra, "--windows", "2", "--no-plots")
+            assert res.returncode == 0 and f"wrote {made[target] / 'routing.json'}" in res.stdout, res.stderr
+        assert json.loads((made[ckpt] / "routing.json").read_text())["source"] == "run/step_0000020"
+        assert list(json.loads((made[run] / "routing.json").read_text())["splits"]) == ["source"]
+        assert json.loads((run / "routing" / "routing.json").read_text())["source"] == shown
+        assert not (ckpt / "routing").exists()
+    finally:
+        for folder in made.values():
+            shutil.rmtree(folder, ignore_errors=True)
     res = run_cli("routing", tmp_path / "no-such-run")
     assert res.returncode == 2 and "no such run" in res.stderr
 
