@@ -83,7 +83,7 @@ def eval_windows_for(target, split: str, data: str | None, source: str | None, s
         tok, train_w, val_w, _ = load_prepared(data, seq_len)
         if tok.tk.to_str() != target.tokenizer.tk.to_str():
             raise UserError(f"{data} was tokenized with another tokenizer than {target.label}; "
-                            "evaluate raw text with --source instead")
+                            "give its raw text with --source instead (tokenized with the model's own)")
         windows = train_w if split == "train" else val_w
         where = f"{data} [{split}]"
     if len(windows) == 0:
