@@ -42,6 +42,27 @@ def _command(run: dict) -> str:
     return f"cd {shlex.quote(run['cwd'])} && {cmd}" if run.get("cwd") else cmd
 
 
+def _commands(run: dict) -> str:
+    """Every command that made the run, oldest first: the start, then each resume (run.json's
+    history), each resume marked with the update it began at."""
+    lines = []
+    for rec in [*run.get("history", []), run]:
+        if "resumed_at" in rec:
+            lines.append(f"# resumed at update {rec['resumed_at']}, {rec.get('started', '?')}:")
+        lines.append(_command(rec))
+    return "\n".join(lines)
+
+
+def _versions(run: dict) -> list[list[str]]:
+    """git SHA and versions of the last process; where an earlier one ran others, those too."""
+    rows = []
+    for key, label in (("git_sha", "git SHA"), ("moelab", "moelab"), ("torch", "torch"), ("python", "python")):
+        now = str(run.get(key))
+        earlier = [str(r.get(key)) for r in run.get("history", []) if str(r.get(key)) != now]
+        rows.append([label, now + (f" (earlier processes: {', '.join(dict.fromkeys(earlier))})" if earlier else "")])
+    return rows
+
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -132,10 +153,10 @@ def build_blocks(run_dir: Path, routing_windows: int = 32, samples: int = 3, max
     cfg = target.cfg
     m = cfg.model
     blocks: list = [("h1", f"moelab run report: {run_dir.name}")]
-    blocks += [("h2", "Reproduce"), ("pre", _command(run)),
-               ("table", ["", ""], [["git SHA", str(run.get("git_sha"))], ["moelab", str(run.get("moelab"))],
-                                    ["torch", str(run.get("torch"))], ["python", str(run.get("python"))],
-                                    ["started", str(run.get("started"))], ["checkpoint", target.label]])]
+    first = (run.get("history") or [run])[0]
+    blocks += [("h2", "Reproduce"), ("pre", _commands(run)),
+               ("table", ["", ""], [*_versions(run), ["started", str(first.get("started"))],
+                                    ["checkpoint", target.label]])]
     attn = f"MLA (kv rank {m.kv_lora_rank})" if m.attention == "mla" else f"{m.n_heads} heads / {m.n_kv_heads} kv"
     t, o = cfg.train, cfg.optim
     moe = (f"{m.n_experts} experts top-{m.top_k}, width {m.expert_dim}, {m.router} router"

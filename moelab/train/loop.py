@@ -264,9 +264,24 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
         return run
     # last: a resume refused above (another model shape, other data) leaves the run's files as they were
     write_atomic(run_dir / "config.yaml", cfg.to_yaml())
-    write_atomic(run_dir / "run.json", json.dumps(origin, indent=1))
+    write_atomic(run_dir / "run.json", json.dumps(_run_record(origin, ckpt, run.step), indent=1))
     write_split_report(run_dir, data.report)
     return run
+
+
+def _run_record(origin: dict, ckpt: Path | None, step: int) -> dict:
+    """RUN/run.json: how this process was started (command, folder, versions) and, for a resume
+    or a fork, the same for each process before it, oldest first (`history`), with the update each
+    resume began at: the run's report gives every command that made it, not only the last."""
+    if ckpt is None:
+        return origin
+    home = _home_run(ckpt)
+    try:
+        before = json.loads((home / "run.json").read_text()) if home else {}
+    except (OSError, ValueError):
+        before = {}
+    history = [*before.pop("history", []), before] if isinstance(before, dict) and before else []
+    return {**origin, "resumed_at": step, "history": history}
 
 
 def model_vocab(asked: int, tokenizer: int) -> int:

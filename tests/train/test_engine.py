@@ -82,6 +82,39 @@ def test_a_resume_with_half_the_micro_batch_and_twice_the_accumulation_continues
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
+def test_the_report_of_a_resumed_and_forked_run_gives_every_command_that_made_it(tmp_path, prepared, monkeypatch):
+    """run.json held only the last process's command, so the report of a resumed run said
+    `moelab train --out RUN --resume auto ...`, which reproduces nothing on its own."""
+    import sys
+
+    from tests.conftest import run_cli
+
+    def cli(*args):
+        monkeypatch.setattr(sys, "argv", ["moelab", *map(str, args)])  # what run.json records
+        res = run_cli(*args)
+        assert res.returncode == 0, res.stderr
+        return args
+
+    run, fork = tmp_path / "run", tmp_path / "fork"
+    first = cli("train", "--preset", "test", "--out", run, f"data.path={prepared}", "train.steps=2",
+                "train.save_every=2", "train.eval_every=2")
+    again = cli("train", "--out", run, "--resume", "auto", "train.steps=4")
+    forked = cli("train", "--resume", run / "checkpoints" / "step_0000004", "--out", fork, "train.steps=5")
+    record = json.loads((fork / "run.json").read_text())
+    assert [r["command"][1:] for r in [*record["history"], record]] == [[str(a) for a in c]
+                                                                         for c in (first, again, forked)]
+    assert [r.get("resumed_at") for r in [*record["history"], record]] == [None, 2, 4]
+    assert "history" not in json.loads((run / "run.json").read_text())["history"][0]
+    cli("report", fork)
+    md = (fork / "report.md").read_text()
+    shown = md[md.index("## Reproduce"):md.index("## Configuration")]
+    lines = [ln for ln in shown.splitlines() if ln.startswith(("cd ", "# resumed"))]
+    assert len(lines) == 5 and lines[0].endswith(f"moelab train --preset test --out {run} data.path={prepared} "
+                                                 "train.steps=2 train.save_every=2 train.eval_every=2")
+    assert lines[1].startswith("# resumed at update 2, ") and lines[2].endswith("--resume auto train.steps=4")
+    assert lines[3].startswith("# resumed at update 4, ") and lines[4].endswith(f"--out {fork} train.steps=5")
+
+
 def _run(tmp_path, prepared, *extra, name="run", resume=None, overrides=()):
     cfg = build_config("test", None, [f"data.path={prepared}", *extra])
     return train(cfg, out=str(tmp_path / name), resume=resume, overrides=overrides, progress=False)
