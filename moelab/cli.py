@@ -119,6 +119,10 @@ def _cmd_data_prepare(args) -> int:
           f"{s['val']['tokens']:,} tokens, vocab {m['vocab_size']}, {len(m['skipped'])} skipped, "
           f"{len(m['near_duplicates_dropped'])} near-duplicates dropped, fingerprint {m['fingerprint']}")
     print(f"{mb:.1f} MB in {took:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in m["seconds"].items()) + ")")
+    if not args.tokenizer and m["vocab_size"] < args.vocab_size:
+        from moelab.data.tokenizer import fewer_tokens_note
+
+        print(fewer_tokens_note(m["vocab_size"], f"--vocab-size {args.vocab_size}"), file=sys.stderr)
     return 0
 
 

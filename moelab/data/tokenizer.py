@@ -268,6 +268,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
     return TextTokenizer(tk, EOS)
 
 
+def fewer_tokens_note(learnt: int, asked: str) -> str:
+    """A BPE tokenizer trained on text with fewer distinct merges than the vocabulary asked for."""
+    return (f"note: the BPE tokenizer has {learnt} tokens, fewer than {asked}: its training text had no more "
+            "pairs to merge (more or more varied text gives more)")
+
+
 def load_tokenizer(path: str | Path) -> TextTokenizer:
     """From a tokenizer.json file, or a directory holding one (a Hugging Face tokenizer dir)."""
     from tokenizers import Tokenizer

@@ -24,6 +24,7 @@ import torch
 from moelab.config import Config
 from moelab.data.loader import BatchLoader
 from moelab.data.pipeline import Dataset, build_dataset, write_split_report
+from moelab.data.tokenizer import fewer_tokens_note
 from moelab.errors import UserError
 from moelab.eval.language import xz_bits_per_byte
 from moelab.eval.metrics import evaluate, spread_windows
@@ -69,6 +70,7 @@ class Run:
     rows: slice = field(default_factory=lambda: slice(None))  # its rows of each batch (data parallel: 1/N)
     setup_config: dict = field(default_factory=dict)  # the config as set-up began: the other ranks' start
     threads_note: str | None = None  # where torch's thread count was fitted to the usable cores
+    data_note: str | None = None  # the BPE tokenizer this run trained has fewer tokens than asked
 
 
 def config_changes(before: Config, after: Config) -> list[str]:
@@ -244,6 +246,9 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
               expert_counts_LE=torch.zeros(len(cfg.model.moe_layers), cfg.model.n_experts, dtype=torch.int64,
                                            device=device), provenance=origin, threads_note=threads_note)
     run.rows = rows
+    learnt, asked = data.tokenizer.vocab_size, cfg.data.vocab_size
+    if ckpt is None and not (cfg.data.path or cfg.data.tokenizer or t.init_from) and learnt < asked:
+        run.data_note = fewer_tokens_note(learnt, f"data.vocab_size={asked}")
     if ckpt is not None:
         run.resumed_from = ckpt
         before = Config.from_yaml_file(ckpt / "config.yaml")
@@ -705,6 +710,8 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
         say(f"rewound: the checkpoints after update {run.step} and the metrics log as it was are in {run.set_aside}")
     if run.threads_note:
         say(run.threads_note)
+    if run.data_note:
+        say(run.data_note)
     note = precision_note(run.device, t.precision, AUTOCAST_DTYPES[t.precision], faster="train.precision")
     if note:
         say(note)

@@ -473,3 +473,27 @@ def test_preparing_says_its_long_stages(tmp_path, text_corpus, capsys):
     with pytest.raises(UserError):  # more windows per batch than the split has: refused after preparing
         train(build_config("test", None, args + ["train.batch_size=100000"]), out=str(tmp_path / "quiet"))
     assert capsys.readouterr().err == ""
+
+
+def test_a_tokenizer_smaller_than_asked_is_pointed_out(tmp_path):
+    """Text with few distinct words runs out of pairs to merge before --vocab-size: the tokenizer
+    (and so the model's vocabulary) is smaller than asked, which is now said, not left to be found."""
+    import random
+
+    from tests.conftest import run_cli
+
+    rng = random.Random(0)
+    corpus = tmp_path / "few"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"d{i}.txt").write_text(" ".join(rng.choice(["alpha", "beta", "gamma"]) for _ in range(2000)))
+    # (documents of the same three words are near-copies of each other: split anyway)
+    r = run_cli("data", "prepare", corpus, "--out", tmp_path / "p", "--vocab-size", "400", "--no-near-dup-split")
+    learnt = json.loads((tmp_path / "p" / "manifest.json").read_text())["vocab_size"]
+    assert r.returncode == 0 and learnt < 300, r.stderr
+    assert f"note: the BPE tokenizer has {learnt} tokens, fewer than --vocab-size 400: its training" in r.stderr
+    r = run_cli("data", "prepare", corpus, "--out", tmp_path / "q", "--vocab-size", str(learnt), "--no-near-dup-split")
+    assert r.returncode == 0 and "note: the BPE" not in r.stderr, r.stderr
+    r = run_cli("train", "--preset", "test", "--out", tmp_path / "run", f"data.source={corpus}", "data.vocab_size=400",
+                "data.near_dup_split=false", "train.steps=1", "train.report=false", "train.plot=false")
+    assert r.returncode == 0 and "tokens, fewer than data.vocab_size=400" in r.stderr, r.stderr
