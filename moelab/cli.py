@@ -143,6 +143,13 @@ def _cmd_eval(args) -> int:
         check_own_data(args.target)  # before loading what may be gigabytes of weights
     target = load_target(args.target, args.device)
     results = {"model": target.label}
+    if args.harness:  # first: a task whose data cannot be fetched fails before the other evaluations run
+        from moelab.eval.harness import run_harness
+
+        results["harness"] = run_harness(target, args.harness, limit=args.limit or None,
+                                         batch_size=args.batch_size, checked=harness)
+        for task, metrics in results["harness"].items():
+            print(f"lm_eval {task}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if not (args.choice or args.harness) or args.data or args.source or target.run_dir:
         from moelab.eval.language import eval_language, format_language
 
@@ -159,13 +166,6 @@ def _cmd_eval(args) -> int:
             results["choice"].append(r)
             print(f"{r['task']}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f} | acc_norm {r['acc_norm']:.4f} "
                   f"+- {r['acc_norm_stderr']:.4f} | {r['items']} items (chance {r['chance']:.3f})")
-    if args.harness:
-        from moelab.eval.harness import run_harness
-
-        results["harness"] = run_harness(target, args.harness, limit=args.limit or None,
-                                         batch_size=args.batch_size, checked=harness)
-        for task, metrics in results["harness"].items():
-            print(f"lm_eval {task}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.json:
         write_json(args.json, results)
     return 0

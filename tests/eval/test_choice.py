@@ -89,6 +89,22 @@ def test_unknown_harness_task_fails_before_the_model_is_loaded(tmp_path):
     assert r.returncode == 2 and "--include-path" in r.stderr and "not a folder" in r.stderr
 
 
+def test_a_harness_task_whose_data_cannot_be_fetched_fails_before_the_other_evaluations(trained, tmp_path):
+    """The language evaluation ran first, over the whole validation split (minutes for a large model),
+    and only then did lm_eval find the hub out of reach."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("lm_eval")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"))  # nothing listens on 9
+    res = subprocess.run([sys.executable, "-m", "moelab", "eval", str(trained / "run"), "--harness", "hellaswag",
+                          "--limit", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 2 and "lm_eval could not run hellaswag" in res.stderr, res.stderr
+    assert "bits/byte" not in res.stdout, res.stdout  # no language evaluation before it
+
+
 def test_hub_task_without_the_hub_is_one_line_at_once(tmp_path):
     import os
     import subprocess
