@@ -79,7 +79,8 @@ def test_existing_run_dir_is_never_overwritten(tmp_path):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     res = moelab("train", "--preset", "test", "--out", str(out))
-    _assert_user_error(res, "not empty", "--resume")
+    _assert_user_error(res, "is not empty and holds no run", "choose another --out")
+    assert "--resume" not in res.stderr  # nothing there to continue
     assert (out / "precious.txt").read_text() == "keep me"
     res = moelab("train", "--resume", "auto", "--out", str(out), "train.steps=2")  # it trained among the files
     _assert_user_error(res, "is not a run and not empty", "choose another --out")

@@ -20,6 +20,9 @@ def new_run_dir(out: str | None, preset: str, resumable: bool = True) -> Path:
     if out:
         p = Path(out).expanduser()
         if p.exists() and (not p.is_dir() or has_entries(p)):
+            if resumable and not (p / "config.yaml").is_file():  # a folder of other files: nothing to continue
+                raise UserError(f"{p} is not empty and holds no run; a new run would write among its files: "
+                                "choose another --out")
             hint = "pass --resume auto to continue it, or choose" if resumable else "choose"
             raise UserError(f"run directory {p} is not empty; {hint} another --out")
         return p

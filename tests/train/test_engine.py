@@ -325,6 +325,8 @@ def test_a_run_that_fails_to_start_leaves_no_directory(tmp_path, prepared):
         _run(tmp_path, prepared, name="fork", resume=str(src), overrides=("train.seed=4",))
     assert not (tmp_path / "fork").exists() and sorted(p.relative_to(src) for p in src.rglob("*")) == before
     assert _run(tmp_path, prepared, "train.steps=2", name="new")["steps"] == 2  # the same --out now works
+    with pytest.raises(UserError, match="run directory .*new is not empty; pass --resume auto to continue it"):
+        _run(tmp_path, prepared, "train.steps=2", name="new")  # a run there now: it can be continued
 
 
 def _wandb_history(run_dir):
