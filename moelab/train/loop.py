@@ -169,7 +169,7 @@ def _setup_run(cfg: Config, out: str | None, resume: str | None, overrides: tupl
         processes=dp.processes_sharing(device))
     if not resume:
         label = f"from-{Path(cfg.train.init_from).expanduser().resolve().name}" if cfg.train.init_from else cfg.preset
-        run_dir = new_run_dir(out, label + ("-smoke" if smoke else ""))
+        run_dir = new_run_dir(out, label + ("-smoke" if smoke else ""), resumable=not smoke)  # --smoke: new runs only
     fresh = not (run_dir.exists() and has_entries(run_dir))  # new_run_dir: absent or empty
     existed = run_dir.exists()
     restart = bool(resume) and ckpt is None and (run_dir / "config.yaml").is_file()

@@ -187,6 +187,10 @@ def test_smoke_checks_a_config_end_to_end(tmp_path, prepared):
     with pytest.raises(UserError, match="does not combine with --resume"):
         train(build_config("test", None, [f"data.path={prepared}"]), out=str(tmp_path / "smoke"), resume="auto",
               progress=False, smoke=True)
+    with pytest.raises(UserError, match="smoke is not empty; choose another --out") as refused:  # no --resume advice
+        train(build_config("test", None, [f"data.path={prepared}"]), out=str(tmp_path / "smoke"), progress=False,
+              smoke=True)
+    assert "--resume" not in str(refused.value)
     assert {p: p.read_bytes() for p in (tmp_path / "smoke").rglob("*") if p.is_file()} == before
 
 
