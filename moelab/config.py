@@ -547,6 +547,9 @@ def build_config(preset: str | None = None, config_file: str | None = None,
     from moelab.models.presets import get_preset
 
     data = load_yaml(config_file) if config_file else {}
+    if config_file and not data:  # a wrong file given, or one whose every line is commented out
+        raise UserError(f"config file {config_file} holds no settings (empty, or only comments); give the file "
+                        "you meant, or drop --config for the preset's settings")
     own = data.pop("preset", None)
     if preset and own and preset != own:  # which base was meant is not for moelab to guess
         raise UserError(f"--preset {preset} and {config_file}'s preset: {own} differ; give one of them (drop "

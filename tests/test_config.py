@@ -224,3 +224,15 @@ def test_a_damaged_saved_config_is_one_line_naming_the_file(tmp_path):
     bad.write_text(Config().to_yaml()[:40] + "\n  [")
     with pytest.raises(UserError, match=rf"config file {re.escape(str(bad))} is not valid YAML: line \d+"):
         Config.from_yaml_file(bad)
+
+
+def test_a_config_file_with_no_settings_is_refused(tmp_path):
+    """An empty file (the wrong one given, or every line commented out) trained the preset's
+    defaults without a word, as if --config had not been given."""
+    f = tmp_path / "c.yaml"
+    for text in ("", "# model:\n#   d_model: 512\n"):
+        f.write_text(text)
+        with pytest.raises(UserError, match=r"c.yaml holds no settings \(empty, or only comments\)"):
+            build_config(None, str(f))
+    f.write_text("preset: test\n")  # a preset alone is a setting
+    assert build_config(None, str(f)).preset == "test"
