@@ -61,7 +61,6 @@ class Run:
     provenance: dict = field(default_factory=dict)
     resumed_from: Path | None = None
     changed_on_resume: list[str] = field(default_factory=list)  # "key old -> new" against the checkpoint
-    schedule_note: str | None = None  # a resume's settings move the LR schedule (train.steps raised ...)
     set_aside: Path | None = None  # where a rewind in place moved the abandoned later checkpoints
     lock: RunLock | None = None  # held from setup to the end of train()
     restarted: bool = False  # --resume auto on a run that had stopped before its first checkpoint
@@ -69,8 +68,9 @@ class Run:
     sinks: Sinks | None = None  # metrics.jsonl, TensorBoard, W&B: opened last in setup
     rows: slice = field(default_factory=lambda: slice(None))  # its rows of each batch (data parallel: 1/N)
     setup_config: dict = field(default_factory=dict)  # the config as set-up began: the other ranks' start
-    threads_note: str | None = None  # where torch's thread count was fitted to the usable cores
-    data_note: str | None = None  # the BPE tokenizer this run trained has fewer tokens than asked
+    # set-up's notes, said once training starts: torch's threads fitted to the usable cores, a tokenizer
+    # smaller than asked, a resume that moves the LR schedule
+    notes: list[str] = field(default_factory=list)
 
 
 def config_changes(before: Config, after: Config) -> list[str]:
@@ -244,17 +244,19 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
     run = Run(cfg, run_dir, device, data, model, HybridOptimizer(model, cfg.optim, device),
               BatchLoader(data.train_windows, t.batch_size, t.seed), guard, scaler,
               expert_counts_LE=torch.zeros(len(cfg.model.moe_layers), cfg.model.n_experts, dtype=torch.int64,
-                                           device=device), provenance=origin, threads_note=threads_note)
+                                           device=device), provenance=origin,
+              notes=[threads_note] if threads_note else [])
     run.rows = rows
     learnt, asked = data.tokenizer.vocab_size, cfg.data.vocab_size
     if ckpt is None and not (cfg.data.path or cfg.data.tokenizer or t.init_from) and learnt < asked:
-        run.data_note = fewer_tokens_note(learnt, f"data.vocab_size={asked}")
+        run.notes.append(fewer_tokens_note(learnt, f"data.vocab_size={asked}"))
     if ckpt is not None:
         run.resumed_from = ckpt
         before = Config.from_yaml_file(ckpt / "config.yaml")
         run.changed_on_resume = config_changes(before, cfg)
         _restore(run, ckpt)
-        run.schedule_note = schedule_note(before, cfg, run.step)
+        if note := schedule_note(before, cfg, run.step):
+            run.notes.append(note)
         if writer and run_dir == ckpt.parent.parent:
             run.set_aside = _set_aside_later(run_dir, run.step)
     # a micro-batch whose activations cannot fit: one line now, not the kernel's kill at update 1
@@ -698,8 +700,6 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
     if run.resumed_from is not None:
         say(f"resumed from {run.resumed_from}; settings changed since: "
             + (", ".join(run.changed_on_resume) or "none"))
-    if run.schedule_note:
-        say(run.schedule_note)
     if run.started_new:  # right for a requeued job's first start; a mistyped --out shows here
         say(f"--resume auto: {run.run_dir} held no run, so a new one starts there (if you meant to continue "
             "a run, check --out)")
@@ -708,10 +708,8 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
             "config (and prepared data)")
     if run.set_aside is not None:
         say(f"rewound: the checkpoints after update {run.step} and the metrics log as it was are in {run.set_aside}")
-    if run.threads_note:
-        say(run.threads_note)
-    if run.data_note:
-        say(run.data_note)
+    for note in run.notes:
+        say(note)
     note = precision_note(run.device, t.precision, AUTOCAST_DTYPES[t.precision], faster="train.precision")
     if note:
         say(note)
