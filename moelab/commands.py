@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
 
 from moelab.errors import UserError, cannot_write, write_errors
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# The Hugging Face files that go with a model's weights, kept in a converted run's tokenizer/ and
+# written beside the weights on export: the tokenizer, its special tokens and chat template, and
+# the generation defaults (the end-of-text ids `generate` stops at, sampling settings).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def model_config_for(target: str, overrides: list[str] | tuple[str, ...] = ()):
@@ -60,11 +66,25 @@ def info(target: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
+    """The HF directory's TOKENIZER_FILES; without a generation_config.json, one holding the token
+    ids of its config.json, which moelab's model config has no place for."""
     files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
-    if files:
+    ids = {} if (src / "generation_config.json").is_file() else _token_ids(src / "config.json")
+    if files or ids:
         dst.mkdir(parents=True, exist_ok=True)
         for f in files:
             shutil.copy2(f, dst / f.name)
+        if ids:
+            (dst / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+
+
+def _token_ids(file: Path) -> dict:
+    """The bos/eos/pad token ids a config.json or generation_config.json gives (those not null)."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {file}: {exc}; fix or remove it") from None
+    return {k: data[k] for k in TOKEN_IDS if isinstance(data, dict) and data.get(k) is not None}
 
 
 def convert(hf_dir: str, out: str) -> Path:
@@ -82,6 +102,8 @@ def convert(hf_dir: str, out: str) -> Path:
     run_dir = new_run_dir(out, "converted", resumable=False)
     model = load_hf(hf_dir)
     cfg = Config(preset="converted", model=model.cfg)
+    # within its context: a longer train.seq_len would widen max_seq_len (max_position_embeddings) on load
+    cfg.train.seq_len = min(cfg.train.seq_len, model.cfg.max_seq_len)
     try:
         with staged_folder(run_dir) as tmp:  # a full disk leaves no run directory without weights
             (tmp / "config.yaml").write_text(cfg.to_yaml())
@@ -111,7 +133,16 @@ def export(run: str, to: str, out: str, arch: str = "auto", dtype: str = "auto")
     if dtype == "auto":
         dtype = stored_dtype(Path(run).expanduser()) if hf_in else "fp32"
     files = tuple(tok / f for f in TOKENIZER_FILES if (tok / f).is_file())
-    return export_hf(model, out, arch, extra_files=files, dtype=dtype), dtype
+    if (tok / "generation_config.json").is_file():  # an HF model's own (copied as it is)
+        ids = _token_ids(tok / "generation_config.json")
+    elif hf_in:
+        ids = _token_ids(tok / "config.json")
+    else:  # a run trained here: its documents end with the tokenizer's end-of-text token
+        from moelab.data.tokenizer import load_tokenizer
+
+        eos = load_tokenizer(tok).eos_id if (tok / "tokenizer.json").is_file() else None
+        ids = {} if eos is None else {"eos_token_id": eos}
+    return export_hf(model, out, arch, extra_files=files, dtype=dtype, token_ids=ids), dtype
 
 
 def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: int, seq_len: int | None,

@@ -503,10 +503,13 @@ def check_export_target(out_dir: str | Path, dtype: str) -> Path:
 
 
 def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: str | int = "5GB",
-              extra_files: tuple[Path, ...] = (), dtype: str = "fp32") -> Path:
+              extra_files: tuple[Path, ...] = (), dtype: str = "fp32", token_ids: dict | None = None) -> Path:
     """A directory that transformers' `from_pretrained` loads, as its own `save_pretrained` would
     write it (same files, names, layout; the tests compare the two tensor by tensor), with the
-    weights in `dtype` (fp32 | bf16 | fp16) and `extra_files` (the tokenizer) copied in. Shards of
+    weights in `dtype` (fp32 | bf16 | fp16) and `extra_files` (the tokenizer) copied in. `token_ids`
+    (bos/eos/pad_token_id) go to config.json and the generation config derived from it, so that
+    transformers' `generate` stops where the model ends a document; a generation_config.json among
+    `extra_files` replaces the derived one. Shards of
     at most 5 GB, the Hub's usual size. Written a layer at a time (see `_write_weights`), into a
     temporary folder beside `out_dir` renamed into place when complete: a failure (a full disk, an
     fp16 overflow) leaves nothing, not a directory that loads half a model."""
@@ -514,6 +517,8 @@ def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: st
     max_shard = _size_bytes(max_shard_size)
     transformers = _require_transformers()
     config = hf_config(model.cfg, arch)  # an architecture that cannot hold the model is refused first
+    for key, value in (token_ids or {}).items():
+        setattr(config, key, value)
     cls = getattr(transformers, ARCHS[config.model_type] + "ForCausalLM")
     with torch.device("meta"):
         hf_meta = _without_init(cls, config)  # names, the weight conversions and generation config; no memory

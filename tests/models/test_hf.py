@@ -376,6 +376,9 @@ def test_trained_run_exports_and_converts_via_cli(tmp_path):
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    # transformers' generate stops where the run's documents end, as moelab's does
+    eos = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token_id
+    assert eos is not None and hf.config.eos_token_id == hf.generation_config.eos_token_id == eos
     ours = load_model(run)
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 20))
     with torch.no_grad():
@@ -441,6 +444,57 @@ def check_hf_directory_as_source(hf_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     res = run_cli("eval", tmp_path / "empty")
     assert res.returncode == 2 and "Hugging Face model directory" in res.stderr
+
+
+def _hf_tokenizer(folder, chat_template: str) -> None:
+    """A real tokenizer.json with bos/eos/pad tokens and a chat template, saved as transformers does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(["the router sends each token to two experts"] * 5,
+                           trainers.BpeTrainer(vocab_size=80, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                               pad_token="<pad>", unk_token="<unk>")
+    tok.chat_template = chat_template
+    tok.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("own_generation_config", [True, False])
+def test_token_ids_generation_defaults_and_chat_template_survive_convert_and_export(tmp_path, own_generation_config):
+    """An HF model's end-of-text ids (what `generate` stops at), its sampling defaults and its chat
+    template are not weights, but a model without them generates past the end of its answers."""
+    import json
+
+    from tests.conftest import run_cli
+
+    src = export_hf(_model("qwen3_moe-tiny", {}), tmp_path / "src", token_ids={"bos_token_id": 1, "eos_token_id": 2,
+                                                                               "pad_token_id": 0})
+    template = "{% for m in messages %}{{ m.content }}</s>{% endfor %}"
+    _hf_tokenizer(src, template)
+    if own_generation_config:  # as instruction-tuned models have: several end ids, sampling defaults
+        (src / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": 1, "eos_token_id": [2, 3], "pad_token_id": 0, "do_sample": True, "temperature": 0.6}))
+    else:
+        (src / "generation_config.json").unlink()
+    res = run_cli("convert", src, "--out", tmp_path / "run")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("export", tmp_path / "run", "--out", tmp_path / "back")
+    assert res.returncode == 0, res.stderr
+    folder = tmp_path / "back"
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["max_position_embeddings"] == json.loads((src / "config.json").read_text())["max_position_embeddings"]
+    gen = transformers.GenerationConfig.from_pretrained(folder)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template == template and tok.eos_token == "</s>"
+    assert (cfg["bos_token_id"], cfg["pad_token_id"]) == (gen.bos_token_id, gen.pad_token_id) == (1, 0)
+    if own_generation_config:
+        assert (folder / "generation_config.json").read_bytes() == (src / "generation_config.json").read_bytes()
+        assert cfg["eos_token_id"] == gen.eos_token_id == [2, 3] and gen.temperature == 0.6
+    else:
+        assert cfg["eos_token_id"] == gen.eos_token_id == 2
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert model.generation_config.eos_token_id == gen.eos_token_id
 
 
 def test_a_damaged_hf_weights_file_is_one_line(tmp_path):
