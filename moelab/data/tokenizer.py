@@ -35,6 +35,7 @@ class TextTokenizer:
             raise UserError("tokenizer has no end-of-text token (looked for "
                             + ", ".join(EOS_CANDIDATES) + "); add one or train a new tokenizer")
         self.eos_token, self.eos_id = eos, tokenizer.token_to_id(eos)
+        self.end_ids = frozenset({self.eos_id})  # generation stops at any (see load_tokenizer)
         self._fast = None  # tiktoken encoder, built on first use (False: not applicable)
 
     @property
@@ -294,4 +295,18 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
             eos = eos.get("content") if isinstance(eos, dict) else eos
         except (json.JSONDecodeError, AttributeError):
             eos = None
-    return TextTokenizer(tk, eos)
+    tok = TextTokenizer(tk, eos)
+    tok.end_ids |= _generation_end_ids(file.parent / "generation_config.json", tok.vocab_size)
+    return tok
+
+
+def _generation_end_ids(file: Path, vocab_size: int) -> frozenset[int]:
+    """The end-of-text ids of a Hugging Face generation_config.json beside the tokenizer (an
+    instruction-tuned model ends a turn with one token and a document with another); none for a
+    file that is absent or unreadable."""
+    try:
+        ids = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return frozenset()
+    ids = [ids] if isinstance(ids, int) else ids if isinstance(ids, list) else []
+    return frozenset(i for i in ids if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -77,13 +78,15 @@ class Sampler:
 
 @torch.no_grad()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler | None = None,
-                 eos_id: int | None = None, use_cache: bool = True, stop=None,
+                 eos_id: int | Iterable[int] | None = None, use_cache: bool = True, stop=None,
                  vocab: int | None = None) -> tuple[list[int], str]:
     """New token ids after `prompt_ids` and why generation stopped ('eos', 'stop', 'length' or
-    'context' when model.max_seq_len is reached). `stop(new_ids)` -> True ends generation. `vocab`:
+    'context' when model.max_seq_len is reached). `eos_id`: the end-of-text id, or several.
+    `stop(new_ids)` -> True ends generation. `vocab`:
     only ids below it are drawn (a tokenizer's size, where the model's vocabulary is padded past it:
     those rows were never a target, and no text decodes from them)."""
     sampler = sampler or Sampler()
+    ends = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     if not prompt_ids:
         raise UserError("empty prompt: give at least one token of text")
     max_len = model.rope_cos.shape[0]
@@ -103,7 +106,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
         while True:
             tok = sampler(logits[:vocab])
             new.append(tok)
-            if eos_id is not None and tok == eos_id:
+            if tok in ends:
                 return new, "eos"
             if stop is not None and stop(new):
                 return new, "stop"
@@ -129,9 +132,9 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, sampl
         text = tokenizer.decode(new_ids)
         return any(s in text for s in stop_strings)
 
-    new, reason = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, sampler, tokenizer.eos_id,
+    new, reason = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, sampler, tokenizer.end_ids,
                                use_cache, hit if stop_strings else None, vocab=tokenizer.vocab_size)
-    text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+    text = tokenizer.decode([t for t in new if t not in tokenizer.end_ids])
     if reason == "stop":
         text = text[:min(text.find(s) for s in stop_strings if s in text)]
     return {"prompt": prompt, "text": text, "new_tokens": len(new), "stop_reason": reason}

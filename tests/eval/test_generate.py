@@ -57,6 +57,8 @@ def test_generation_stops_at_eos_stop_and_context():
     free, _ = generate_ids(model, prompt, 12)
     ids, why = generate_ids(model, prompt, 12, eos_id=free[4])
     assert why == "eos" and ids == free[:free.index(free[4]) + 1]
+    ids, why = generate_ids(model, prompt, 12, eos_id={free[6], free[3]})  # any of several end ids
+    assert why == "eos" and ids == free[:min(free.index(free[6]), free.index(free[3])) + 1]
     ids, why = generate_ids(model, prompt, 12, stop=lambda new: len(new) == 2)
     assert why == "stop" and ids == free[:2]
     ids, why = generate_ids(model, [i % 97 for i in range(120)], 50)

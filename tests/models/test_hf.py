@@ -495,6 +495,9 @@ def test_token_ids_generation_defaults_and_chat_template_survive_convert_and_exp
         assert cfg["eos_token_id"] == gen.eos_token_id == 2
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
     assert model.generation_config.eos_token_id == gen.eos_token_id
+    from moelab.data.tokenizer import load_tokenizer  # moelab generate stops where transformers' does
+
+    assert load_tokenizer(tmp_path / "run" / "tokenizer").end_ids == ({2, 3} if own_generation_config else {2})
 
 
 def test_a_damaged_hf_weights_file_is_one_line(tmp_path):
