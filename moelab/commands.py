@@ -7,13 +7,10 @@ import re
 import shutil
 from pathlib import Path
 
+from moelab.data.tokenizer import HF_SIDE_FILES
 from moelab.errors import UserError, cannot_write, write_errors
 
-# The Hugging Face files that go with a model's weights, kept in a converted run's tokenizer/ and
-# written beside the weights on export: the tokenizer, its special tokens and chat template, and
-# the generation defaults (the end-of-text ids `generate` stops at, sampling settings).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", *HF_SIDE_FILES)
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 

@@ -24,6 +24,12 @@ import numpy as np
 from moelab.errors import UserError
 
 EOS = "<|endoftext|>"
+# The Hugging Face files that go with a tokenizer.json and the weights: its settings and special
+# tokens, its chat template, and the generation defaults (the end-of-text ids `generate` stops at,
+# sampling settings). A tokenizer read from a folder that has them saves them along; a converted
+# run keeps them in its tokenizer/ and an export writes them beside the weights.
+HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+                 "generation_config.json")
 EOS_CANDIDATES = (EOS, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
 
 
@@ -36,6 +42,7 @@ class TextTokenizer:
                             + ", ".join(EOS_CANDIDATES) + "); add one or train a new tokenizer")
         self.eos_token, self.eos_id = eos, tokenizer.token_to_id(eos)
         self.end_ids = frozenset({self.eos_id})  # generation stops at any (see load_tokenizer)
+        self.origin: Path | None = None  # the folder it was read from, whose HF_SIDE_FILES `save` copies
         self._fast = None  # tiktoken encoder, built on first use (False: not applicable)
 
     @property
@@ -124,10 +131,20 @@ class TextTokenizer:
         return [len(b) for b in self.token_bytes()]
 
     def save(self, directory: Path) -> Path:
+        """tokenizer.json, and the HF_SIDE_FILES of the folder it was read from (a fine-tuned
+        model keeps its base's chat template and end ids), else a tokenizer_config.json naming
+        the end-of-text token."""
+        import shutil
+
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "tokenizer.json"
         self.tk.save(str(path))
-        (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": self.eos_token}))
+        side = [self.origin / f for f in HF_SIDE_FILES if self.origin is not None and (self.origin / f).is_file()]
+        for f in side:
+            if f.resolve() != (directory / f.name).resolve():
+                shutil.copy2(f, directory / f.name)
+        if not any(f.name == "tokenizer_config.json" for f in side):
+            (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": self.eos_token}))
         return path
 
 
@@ -297,6 +314,7 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
             eos = None
     tok = TextTokenizer(tk, eos)
     tok.end_ids |= _generation_end_ids(file.parent / "generation_config.json", tok.vocab_size)
+    tok.origin = file.parent
     return tok
 
 

@@ -498,6 +498,17 @@ def test_token_ids_generation_defaults_and_chat_template_survive_convert_and_exp
     from moelab.data.tokenizer import load_tokenizer  # moelab generate stops where transformers' does
 
     assert load_tokenizer(tmp_path / "run" / "tokenizer").end_ids == ({2, 3} if own_generation_config else {2})
+    if own_generation_config:  # a model fine-tuned from it keeps them too, through its prepared data
+        from tests.conftest import write_corpus
+
+        res = run_cli("train", "--preset", "test", "--out", tmp_path / "ft", f"train.init_from={src}",
+                      f"data.source={write_corpus(tmp_path / 'text', n_docs=20, words_per_doc=50)}",
+                      "train.steps=1", "train.eval_every=1", "train.report=false")
+        assert res.returncode == 0, res.stderr
+        res = run_cli("export", tmp_path / "ft", "--out", tmp_path / "ft_hf")
+        assert res.returncode == 0, res.stderr
+        for name in ("generation_config.json", "chat_template.jinja", "tokenizer_config.json"):
+            assert (tmp_path / "ft_hf" / name).read_bytes() == (src / name).read_bytes(), name
 
 
 def test_a_damaged_hf_weights_file_is_one_line(tmp_path):
