@@ -76,6 +76,12 @@ class TextTokenizer:
             return self.fast.encode(text, allowed_special="all")
         return self.tk.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt as transformers' `tokenizer(text)` encodes it: with the special tokens the
+        tokenizer's post-processor adds (a Llama- or Mixtral-style `<s>` before it; none for a
+        tokenizer trained here), so a model generates from what it saw at the start of its documents."""
+        return self.tk.encode(text, add_special_tokens=True).ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self.fast is not None:
             return [a.tolist() for a in self.encode_arrays(texts)]

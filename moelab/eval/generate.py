@@ -132,7 +132,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, sampl
         text = tokenizer.decode(new_ids)
         return any(s in text for s in stop_strings)
 
-    new, reason = generate_ids(model, tokenizer.encode(prompt), max_new_tokens, sampler, tokenizer.end_ids,
+    new, reason = generate_ids(model, tokenizer.encode_prompt(prompt), max_new_tokens, sampler, tokenizer.end_ids,
                                use_cache, hit if stop_strings else None, vocab=tokenizer.vocab_size)
     text = tokenizer.decode([t for t in new if t not in tokenizer.end_ids])
     if reason == "stop":

@@ -446,18 +446,42 @@ def check_hf_directory_as_source(hf_dir, tmp_path):
     assert res.returncode == 2 and "Hugging Face model directory" in res.stderr
 
 
-def _hf_tokenizer(folder, chat_template: str) -> None:
-    """A real tokenizer.json with bos/eos/pad tokens and a chat template, saved as transformers does."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def _hf_tokenizer(folder, chat_template: str = "", bos: bool = False) -> None:
+    """A real tokenizer.json with bos/eos/pad tokens and a chat template, saved as transformers does;
+    `bos`: it puts `<s>` before each text, as Llama's and Mixtral's do."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.train_from_iterator(["the router sends each token to two experts"] * 5,
                            trainers.BpeTrainer(vocab_size=80, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
                                                pad_token="<pad>", unk_token="<unk>")
-    tok.chat_template = chat_template
+    if chat_template:
+        tok.chat_template = chat_template
     tok.save_pretrained(folder)
+
+
+def test_generation_from_an_hf_model_equals_transformers_generate(tmp_path):
+    """moelab generate on an HF directory: the prompt encoded as transformers encodes it (here with
+    the `<s>` the tokenizer puts first), the same greedy tokens, the same end-of-text id."""
+    from moelab.eval.generate import Sampler, generate_text
+    from moelab.eval.target import load_target
+
+    src = export_hf(_model("mixtral-tiny", {}), tmp_path / "src", token_ids={"bos_token_id": 1, "eos_token_id": 2})
+    _hf_tokenizer(src, bos=True)
+    target = load_target(str(src))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src)
+    prompt = "the router sends"
+    ids = hf_tok(prompt, return_tensors="pt").input_ids
+    assert ids[0, 0].item() == 1 and target.tokenizer.encode_prompt(prompt) == ids[0].tolist()
+    padded = list(range(len(hf_tok), V))  # rows past the tokenizer, which moelab never draws
+    want = hf.generate(ids, max_new_tokens=12, do_sample=False, suppress_tokens=padded)[0, ids.shape[1]:].tolist()
+    got = generate_text(target.model, target.tokenizer, prompt, 12, Sampler(temperature=0))
+    assert got["new_tokens"] == len(want) and got["text"] == hf_tok.decode([t for t in want if t != 2])
 
 
 @pytest.mark.parametrize("own_generation_config", [True, False])
