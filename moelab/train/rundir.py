@@ -82,12 +82,24 @@ def has_entries(folder: Path) -> bool:
     return any(p.name != RunLock.NAME for p in folder.iterdir())
 
 
-def git_sha() -> str | None:
+def git_sha(root: Path | None = None) -> str | None:
+    """The commit of the moelab source a process runs, with "-dirty" when tracked files differ from
+    it (the commit alone would not reproduce the run); None for an installed copy, whose version
+    says what it is. Only a checkout whose top is moelab's own: a copy installed into a virtual
+    environment inside some other repository would otherwise report that repository's commit."""
+    root = root or Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+
+    def git(*args) -> str | None:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
+
     try:
-        root = Path(__file__).resolve().parents[2]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
+        sha = git("rev-parse", "HEAD")
+        if not sha:
+            return None
+        return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

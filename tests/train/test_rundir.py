@@ -57,3 +57,33 @@ def test_resumed_metrics_keep_the_records_up_to_the_step_and_drop_a_cut_line(tmp
     assert read_metrics(path) == [{"step": 1, "split": "train", "loss": 1.0},
                                   {"step": 2, "split": "train", "loss": 0.5}]
     assert path.read_text().endswith("\n") and path.read_text().count("\n") == 2
+
+
+def test_git_sha_is_moelabs_own_commit_marked_dirty_when_it_was_changed(tmp_path):
+    """The SHA a run records must reproduce it: one of a changed checkout says so, and a copy of
+    moelab installed inside some other repository (a virtual environment in a project) records
+    nothing rather than that project's commit."""
+    import shutil
+
+    from moelab.train.rundir import git_sha
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    root = tmp_path / "moelab_src"
+    (root / "moelab").mkdir(parents=True)
+    (root / "moelab" / "x.py").write_text("a = 1\n")
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "x")
+    sha = git("rev-parse", "HEAD")
+    assert git_sha(root) == sha
+    (root / "notes.txt").write_text("untracked files do not change the code that ran\n")
+    assert git_sha(root) == sha
+    (root / "moelab" / "x.py").write_text("a = 2\n")
+    assert git_sha(root) == sha + "-dirty"
+    assert git_sha(root / "moelab") is None  # inside the repository, but not its top
