@@ -49,7 +49,7 @@ def throughput_text(summary: dict) -> str:
     steps = summary.get("steps") or 0
     if first and steps > 1 and rate > 0:
         update_s = summary["tokens"] / steps / rate
-        if first > 3 * update_s:
+        if first > max(3 * update_s, 0.5):  # under half a second is no wait worth naming
             text += f" after a {first:.1f} s first update (warm-up, not in the rate)"
     return text
 

@@ -244,6 +244,8 @@ def test_throughput_leaves_out_the_first_update(tmp_path, prepared, monkeypatch)
     assert s["train_tokens_per_s"] > s["tokens"] / 2.0
     assert f"after a {s['first_update_s']:.1f} s first update" in throughput_text(s)
     assert "first update" not in throughput_text({**s, "first_update_s": 1e-6})
+    fast = {**s, "train_tokens_per_s": 100 * s["tokens"] / s["steps"]}  # 10 ms updates
+    assert "first update" not in throughput_text({**fast, "first_update_s": 0.04})  # was "after a 0.0 s first update"
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, prepared):
