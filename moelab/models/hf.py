@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def pick_arch(cfg: ModelConfig) -> str:
                     + "; ".join(problems(cfg, best)))
 
 
-def _rope_parameters(cfg: ModelConfig) -> dict:
+def _rope_parameters(cfg: ModelConfig, arch: str) -> dict:
     rope = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling,
             "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling != "none":
@@ -124,7 +125,7 @@ def _rope_parameters(cfg: ModelConfig) -> dict:
     if cfg.rope_scaling == "llama3":
         rope.update(original_max_position_embeddings=cfg.rope_original_max_len,
                     low_freq_factor=cfg.llama3_low_freq_factor, high_freq_factor=cfg.llama3_high_freq_factor)
-    if cfg.partial_rotary != 1.0:
+    if cfg.partial_rotary != 1.0 or arch == "glm4_moe":  # GLM4-MoE's config takes 0.5 when it is not given
         rope["partial_rotary_factor"] = cfg.partial_rotary
     return rope
 
@@ -140,7 +141,7 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
                   num_attention_heads=cfg.n_heads, max_position_embeddings=cfg.max_seq_len,
                   rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-                  hidden_act=ACTS[cfg.ffn_act], rope_parameters=_rope_parameters(cfg),
+                  hidden_act=ACTS[cfg.ffn_act], rope_parameters=_rope_parameters(cfg, arch),
                   attention_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if arch != "deepseek_v3":
         common.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
@@ -299,11 +300,23 @@ def _rename(name: str, to_hf: bool) -> str | None:
     return None
 
 
-def _hf_groups(model, meta: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+# Architectures whose MoE layers always hold shared experts: a model without any has them zero
+# wide (no rows, so they add exactly zero), as transformers builds and saves them.
+ALWAYS_SHARED = ("deepseek_v3", "glm4_moe")
+
+
+def _hf_groups(model, meta: bool = False, arch: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """The model's weights under transformers' names, one group at a time (the embedding, each
     layer, the final norm, the head), so that a writer holds one layer's fused gate_up_proj (a
-    concatenation, so a copy) at a time. `meta`: the same names and shapes, no data."""
+    concatenation, so a copy) at a time. `meta`: the same names and shapes, no data. `arch`: the
+    target architecture, for the zero-wide shared experts of ALWAYS_SHARED."""
     sd = {k: v.to("meta") for k, v in model.state_dict().items()} if meta else model.state_dict()
+    if arch in ALWAYS_SHARED and model.cfg.n_shared_experts == 0:
+        for name in [n for n in sd if n.endswith("moe.router.weight")]:
+            w, block = sd[name], name[: -len("router.weight")] + "shared."
+            d = model.cfg.d_model
+            for proj, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
+                sd[block + proj + ".weight"] = w.new_empty(shape)
     groups: dict[object, list[str]] = {}
     for name in sd:
         block = re.match(r"blocks\.(\d+)\.", name)
@@ -325,8 +338,8 @@ def _hf_groups(model, meta: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         yield out
 
 
-def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
-    return {k: v for group in _hf_groups(model) for k, v in group.items()}
+def to_hf_state_dict(model, arch: str | None = None) -> dict[str, torch.Tensor]:
+    return {k: v for group in _hf_groups(model, arch=arch) for k, v in group.items()}
 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], consume: bool = False,
@@ -348,6 +361,8 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], consume: bool = False,
         ours = _rename(name, False)
         if ours is None:
             raise UserError(f"unexpected tensor '{name}' in the Hugging Face checkpoint")
+        if ".moe.shared." in ours and t.numel() == 0:
+            continue  # zero-wide shared experts (n_shared_experts 0 in an ALWAYS_SHARED architecture): none
         out[ours] = t
     if "lm_head.weight" not in out:
         out["lm_head.weight"] = out["embed.weight"]
@@ -375,7 +390,7 @@ def to_hf(model, arch: str = "auto", share: bool = False):
     hf = _without_init(cls, config).to(next(model.parameters()).dtype)
     # the fused gate_up_proj is a new tensor already (a concatenation): only the others need a copy
     sd = {k: v.detach() if share or k.endswith("gate_up_proj") else v.detach().clone()
-          for k, v in to_hf_state_dict(model).items()}
+          for k, v in to_hf_state_dict(model, config.model_type).items()}
     missing, unexpected = hf.load_state_dict(sd, strict=False, assign=True)
     missing = [k for k in missing if not (model.cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -439,7 +454,7 @@ def _export_stream(model, hf_meta, dtype: torch.dtype, meta: bool) -> Iterator[t
     `dtype`. A tied head is left out, as save_pretrained leaves it out."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    for group in _hf_groups(model, meta):
+    for group in _hf_groups(model, meta, hf_meta.config.model_type):
         if model.cfg.tie_embeddings:
             group.pop("lm_head.weight", None)
         reverted = revert_weight_conversion(hf_meta, {k: _cast(k, v, dtype) for k, v in group.items()})
@@ -579,8 +594,10 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu"):
     from safetensors import SafetensorError
 
     try:  # mismatched shapes reported below, not raised as transformers' traceback
-        hf, info = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", output_loading_info=True,
-                                                        ignore_mismatched_sizes=True)
+        with warnings.catch_warnings():  # torch on the zero-wide shared experts of ALWAYS_SHARED: not news
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+            hf, info = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", output_loading_info=True,
+                                                            ignore_mismatched_sizes=True)
     except SafetensorError as exc:  # a weights file cut short by a download or a copy
         raise UserError(f"cannot load {path}: a weights file is damaged ({exc}); copy or download it again") from None
     _check_loaded(path, info)

@@ -26,6 +26,10 @@ CASES = {
         "q_lora_rank": 0, "rope_interleave": False, "n_shared_experts": 2, "rope_scaling": "yarn",
         "rope_factor": 4.0, "rope_original_max_len": 16, "yarn_mscale": 1.0, "yarn_mscale_all_dim": 0.8}),
     "glm4_moe": ("glm4_moe-tiny", {"n_kv_heads": 2}),
+    # rotary over the whole head (GLM4-MoE's config defaults to half); no shared experts (its layers
+    # and DeepSeek-V3's always hold them: zero wide)
+    "glm4_moe-full-rotary-no-shared": ("glm4_moe-tiny", {"partial_rotary": 1.0, "n_shared_experts": 0}),
+    "deepseek_v3-no-shared": ("deepseek_v3-tiny", {"n_shared_experts": 0}),
     "llama": ("llama-tiny", {"qkv_bias": True, "out_bias": True}),
     # Llama 3.1's RoPE: at head_dim 16 and an original context of 48 the wavelengths 6.3, 20 and
     # 63+ fall in its kept, blended and stretched bands (under 48/5, between, over 48/1.5)
@@ -36,6 +40,7 @@ CASES = {
     "qwen3-yarn": ("qwen3-tiny", {"rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_max_len": 16}),  # GQA
 }
 EXPECTED_ARCH = {"mixtral-tied-mha": "mixtral", "deepseek_v3-full-q-yarn": "deepseek_v3",
+                 "glm4_moe-full-rotary-no-shared": "glm4_moe", "deepseek_v3-no-shared": "deepseek_v3",
                  "llama-llama3-rope": "llama", "qwen3_moe-linear-rope": "qwen3_moe", "qwen3-yarn": "qwen3"}
 
 
