@@ -78,9 +78,18 @@ class TextTokenizer:
 
     def encode_prompt(self, text: str) -> list[int]:
         """A prompt as transformers' `tokenizer(text)` encodes it: with the special tokens the
-        tokenizer's post-processor adds (a Llama- or Mixtral-style `<s>` before it; none for a
-        tokenizer trained here), so a model generates from what it saw at the start of its documents."""
-        return self.tk.encode(text, add_special_tokens=True).ids
+        tokenizer's post-processor puts before it (a Llama- or Mixtral-style `<s>`; none for a
+        tokenizer trained here), so a model generates from what it saw at the start of its
+        documents. Not those it puts after (an `</s>` some tokenizers append): a prompt that
+        ended its document would have the model start another."""
+        ids = self.tk.encode(text, add_special_tokens=True).ids
+        plain = self.tk.encode(text, add_special_tokens=False).ids
+        if not plain:  # no text: what goes before a document (or nothing)
+            return [i for i in ids if i not in self.end_ids]
+        for start in range(len(ids) - len(plain) + 1):  # ids = before + plain + after
+            if ids[start:start + len(plain)] == plain:
+                return ids[:start + len(plain)]
+        return ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self.fast is not None:

@@ -521,6 +521,12 @@ def test_generation_from_an_hf_model_equals_transformers_generate(tmp_path):
     want = hf.generate(ids, max_new_tokens=12, do_sample=False, suppress_tokens=padded)[0, ids.shape[1]:].tolist()
     got = generate_text(target.model, target.tokenizer, prompt, 12, Sampler(temperature=0))
     assert got["new_tokens"] == len(want) and got["text"] == hf_tok.decode([t for t in want if t != 2])
+    from tokenizers import processors  # a tokenizer that also appends </s>: the prompt must not end the text
+
+    target.tokenizer.tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                                       special_tokens=[("<s>", 1), ("</s>", 2)])
+    assert target.tokenizer.encode_prompt(prompt) == ids[0].tolist()
+    assert target.tokenizer.encode_prompt("") == [1]  # an empty prompt: generation from a document's start
 
 
 @pytest.mark.parametrize("own_generation_config", [True, False])
