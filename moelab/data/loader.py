@@ -11,15 +11,17 @@ import numpy as np
 import torch
 
 
-def pack(token_lists: list[list[int]], eos_id: int) -> torch.Tensor:
-    """One int64 stream: doc0 EOS doc1 EOS ..."""
-    total = sum(len(t) + 1 for t in token_lists)
+def pack(token_lists: list[list[int]], eos_id: int, prefix: list[int] = ()) -> torch.Tensor:
+    """One int64 stream: doc0 EOS doc1 EOS ..., each document after `prefix` (a tokenizer's doc_prefix)."""
+    p = len(prefix)
+    total = sum(p + len(t) + 1 for t in token_lists)
     out = np.empty(total, dtype=np.int64)
     pos = 0
     for ids in token_lists:
-        out[pos:pos + len(ids)] = ids
-        out[pos + len(ids)] = eos_id
-        pos += len(ids) + 1
+        out[pos:pos + p] = prefix
+        out[pos + p:pos + p + len(ids)] = ids
+        out[pos + p + len(ids)] = eos_id
+        pos += p + len(ids) + 1
     return torch.from_numpy(out)
 
 

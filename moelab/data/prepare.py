@@ -139,13 +139,17 @@ class _ShardWriter:
         return self.shards
 
 
-def _join(arrays: list[np.ndarray], eos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(doc0 EOS doc1 EOS ..., lengths with the EOS) without a loop over tokens."""
-    lengths = np.fromiter((a.shape[0] + 1 for a in arrays), dtype=np.int64, count=len(arrays))
+def _join(arrays: list[np.ndarray], eos_id: int, prefix: list[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(doc0 EOS doc1 EOS ..., lengths with the EOS) without a loop over tokens; each document
+    after `prefix` (the tokenizer's doc_prefix, counted in its length)."""
+    lengths = np.fromiter((len(prefix) + a.shape[0] + 1 for a in arrays), dtype=np.int64, count=len(arrays))
     out = np.empty(int(lengths.sum()), dtype=np.uint32)
     eos_at = np.cumsum(lengths) - 1
     body = np.ones(out.shape[0], dtype=bool)
     body[eos_at] = False
+    for j, token in enumerate(prefix):  # a loop over the prefix (one <s>), not over tokens
+        body[eos_at + 1 - lengths + j] = False
+        out[eos_at + 1 - lengths + j] = token
     out[body] = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
     out[eos_at] = eos_id
     return out, lengths
@@ -416,11 +420,12 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
                 arrays = [a.astype(dtype) for c in batches(split_docs, CHUNK_BYTES, _nbytes)
                           for a in tok.encode_arrays(spill.texts(c))]
                 lap("tokenize")
-                chosen, mixing = _mix([a.shape[0] + 1 for a in arrays], [d.source for d in split_docs],
-                                      dict(zip(sources, weights)), salt)
+                chosen, mixing = _mix([len(tok.doc_prefix) + a.shape[0] + 1 for a in arrays],
+                                      [d.source for d in split_docs], dict(zip(sources, weights)), salt)
                 split_docs = [split_docs[k] for k in chosen]
                 for start in range(0, len(chosen), 4096):
-                    stream, lengths = _join([arrays[k] for k in chosen[start:start + 4096]], tok.eos_id)
+                    stream, lengths = _join([arrays[k] for k in chosen[start:start + 4096]], tok.eos_id,
+                                            tok.doc_prefix)
                     writer.add(stream, lengths)
                     count(split_docs[start:start + 4096], lengths)
                 del arrays
@@ -429,7 +434,7 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
                 for chunk in batches(split_docs, CHUNK_BYTES, _nbytes):
                     arrays = tok.encode_arrays(spill.texts(chunk))
                     lap("tokenize")
-                    stream, lengths = _join(arrays, tok.eos_id)
+                    stream, lengths = _join(arrays, tok.eos_id, tok.doc_prefix)
                     writer.add(stream, lengths)
                     count(chunk, lengths)
                     lap("write")

@@ -76,6 +76,15 @@ class TextTokenizer:
             return self.fast.encode(text, allowed_special="all")
         return self.tk.encode(text, add_special_tokens=False).ids
 
+    @property
+    def doc_prefix(self) -> list[int]:
+        """The special tokens the tokenizer's post-processor puts before a text (Llama's and
+        Mixtral's `<s>`; none for a tokenizer trained here): packed before each document, as the
+        model saw its documents begin. Encoding otherwise leaves them out (lm_eval does too)."""
+        if not hasattr(self, "_doc_prefix"):
+            self._doc_prefix = self.encode_prompt("a")[: -len(self.tk.encode("a", add_special_tokens=False).ids)]
+        return self._doc_prefix
+
     def encode_prompt(self, text: str) -> list[int]:
         """A prompt as transformers' `tokenizer(text)` encodes it: with the special tokens the
         tokenizer's post-processor puts before it (a Llama- or Mixtral-style `<s>`; none for a

@@ -67,7 +67,7 @@ def eval_windows_for(target, split: str, data: str | None, source: str | None, s
         own = target.cfg.data.text_field if target.cfg else "text"
         corpus = load_corpus(source, text_field=text_field or own)
         ids = target.tokenizer.encode_batch([d.text for d in corpus.documents])
-        windows = make_windows(pack(ids, target.tokenizer.eos_id), seq_len)
+        windows = make_windows(pack(ids, target.tokenizer.eos_id, target.tokenizer.doc_prefix), seq_len)
         where = f"{source} ({len(corpus.documents)} documents, all of them)"
     else:
         if data is None:

@@ -497,3 +497,45 @@ def test_a_tokenizer_smaller_than_asked_is_pointed_out(tmp_path):
     r = run_cli("train", "--preset", "test", "--out", tmp_path / "run", f"data.source={corpus}", "data.vocab_size=400",
                 "data.near_dup_split=false", "train.steps=1", "train.report=false", "train.plot=false")
     assert r.returncode == 0 and "tokens, fewer than data.vocab_size=400" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("weights", [None, [2.0, 1.0]])
+def test_documents_begin_with_the_tokens_the_tokenizer_puts_before_a_text(tmp_path, text_corpus, weights):
+    """A Llama- or Mixtral-style tokenizer puts <s> before each text, and its model saw every document
+    begin with it: prepared streams (and eval --source windows) pack <s> doc </s> for each document."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator([p.read_text() for p in text_corpus.iterdir()],
+                           trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    (tmp_path / "tok").mkdir()
+    tk.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"text": f"other source {i} " + "gamma delta " * 20}) for i in range(10)))
+    out = prepare([str(text_corpus), str(other)], str(tmp_path / "prep"), val_fraction=0.2,
+                  tokenizer=str(tmp_path / "tok"), weights=weights)
+    tok = load_tokenizer(out / "tokenizer")
+    assert tok.doc_prefix == [0] and tok.eos_id == 1
+    m = json.loads((out / "manifest.json").read_text())
+    texts = {f"corpus/{p.name}": p.read_text() for p in text_corpus.iterdir()}
+    texts.update({f"other.jsonl/other.jsonl#{i + 1}": f"other source {i} " + "gamma delta " * 20 for i in range(10)})
+    for split in ("train", "val"):
+        (stream, starts), = split_streams(out, split)
+        assert (stream[starts] == 0).all() and (stream[starts[1:] - 1] == 1).all() and stream[-1] == 1
+        assert (stream == 0).sum() == len(starts)  # <s> only where a document begins
+        if weights is None or split == "val":  # (resampled training repeats documents in another order)
+            ref = pack(tok.encode_batch([texts[n] for n in m["splits"][split]["document_names"]]), 1, [0])
+            assert np.array_equal(stream.astype(np.int64), ref.numpy())
+        assert m["splits"][split]["tokens"] == len(stream)
+    if weights is None:  # `moelab eval --source` packs the same way
+        from moelab.eval.language import eval_windows_for
+        from moelab.eval.target import Target
+
+        windows, _ = eval_windows_for(Target(None, tok, "x"), "val", None, str(other), 16)
+        ref = make_windows(pack(tok.encode_batch([texts[f"other.jsonl/other.jsonl#{i + 1}"] for i in range(10)]),
+                                1, [0]), 16)
+        assert windows[0, 0].item() == 0 and torch.equal(windows, ref)
