@@ -123,6 +123,14 @@ def _routing_blocks(run_dir: Path, windows: int) -> list:
     return blocks
 
 
+def sample_prompt(tok, ids: list[int]) -> str:
+    """The text of a window's first tokens as a prompt: without end-of-text, and without the `<s>`
+    a tokenizer puts before each document (generation puts it back: shown in the text, it would be
+    encoded a second time)."""
+    skip = {tok.eos_id, *tok.doc_prefix}
+    return tok.decode([t for t in ids if t not in skip] or ids[:1])
+
+
 def _sample_blocks(target, n: int, max_new_tokens: int) -> list:
     """Continuations of the starts of evenly spaced validation windows (seed 0, temperature 0.8)."""
     from moelab.eval.generate import Sampler, generate_text
@@ -134,8 +142,7 @@ def _sample_blocks(target, n: int, max_new_tokens: int) -> list:
     blocks.append(("p", f"Prompt: the first 16 tokens of {len(windows)} validation windows; {max_new_tokens} new "
                         "tokens, temperature 0.8, top-k 50, top-p 0.95, seed 0 (`moelab generate` reproduces them)."))
     for w in windows:
-        ids = [t for t in w[:16].tolist() if t != tok.eos_id] or w[:1].tolist()
-        prompt = tok.decode(ids)
+        prompt = sample_prompt(tok, w[:16].tolist())
         r = generate_text(target.model, tok, prompt, max_new_tokens, Sampler(0.8, 50, 0.95, 0))
         blocks.append(("pre", f"prompt: {prompt}\nmodel:  {r['text']}"))
     return blocks

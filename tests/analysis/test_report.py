@@ -120,3 +120,24 @@ def test_report_and_routing_read_a_run_while_it_writes_its_metrics(trained, tmp_
     logged = [json.loads(ln)["step"] for ln in whole.splitlines() if '"expert_counts"' in ln]
     assert [int(s) for s in verdicts] == logged  # every complete record, the cut one left out
 
+
+
+def test_sample_prompts_leave_out_the_document_start_token_generation_puts_back():
+    """A report sample whose window starts a document after <s>: shown with "<s>" in its text, the
+    prompt was encoded with two (the text's, and the one generation puts first)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from moelab.analysis.report import sample_prompt
+    from moelab.data.tokenizer import TextTokenizer
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["the router sends each token to two experts"] * 5,
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = TextTokenizer(tk, "</s>")
+    body = tok.encode("the router sends")
+    prompt = sample_prompt(tok, [1, 0, *body])  # the end of one document, the start of the next
+    assert prompt == "the router sends" and tok.encode_prompt(prompt) == [0, *body]
