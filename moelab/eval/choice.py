@@ -155,8 +155,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = tokenizer.encode(context + continuation)
-    context_enc = tokenizer.encode(context)
+    whole = tokenizer.encode_prompt(context + continuation)  # with the <s> a tokenizer puts first, as
+    context_enc = tokenizer.encode_prompt(context)  # lm_eval's transformers backend encodes them
     return context_enc, whole[len(context_enc):]
 
 

@@ -56,8 +56,19 @@ class MoelabLM(TemplateLM):
     def max_length(self) -> int:
         return self.model.cfg.max_seq_len
 
+    @property
+    def prefix_token_id(self) -> int:
+        """What precedes a text scored from its first token: the `<s>` its tokenizer puts before a
+        text, else end-of-text (as lm_eval's transformers backend chooses)."""
+        return (self.tokenizer.doc_prefix or [self.tokenizer.eos_id])[0]
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string)
+        """As lm_eval's transformers backend encodes: with the tokenizer's special tokens unless told
+        not to, or unless the text already begins with its `<s>`."""
+        prefix = self.tokenizer.doc_prefix
+        if add_special_tokens is False or (prefix and string.startswith(self.tokenizer.decode(prefix))):
+            return self.tokenizer.encode(string)
+        return self.tokenizer.encode_prompt(string)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None, **kwargs):
         from moelab.eval.choice import score_continuations

@@ -244,3 +244,46 @@ def test_harness_generation_ignores_an_empty_until_string(trained):
     plain = ours.generate_until([Instance("generate_until", {}, args, 0)])
     args[1]["until"] = ["", "zzzz"]
     assert ours.generate_until([Instance("generate_until", {}, args, 0)]) == plain and len(plain[0]) > 0
+
+
+def test_a_tokenizer_that_puts_bos_first_scores_as_lm_eval_transformers_backend_does(tmp_path):
+    """lm_eval's transformers backend encodes contexts with the tokenizer's special tokens (<s> first
+    for a Llama- or Mixtral-style tokenizer) and starts a rolling window after <s>: moelab's adapter
+    and its multiple-choice scorer give the same encodings and log-likelihoods."""
+    pytest.importorskip("lm_eval")
+    transformers = pytest.importorskip("transformers")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from moelab.eval.choice import encode_pair
+    from moelab.eval.harness import MoelabLM
+    from moelab.models import MoETransformer
+    from moelab.models.hf import export_hf
+    from moelab.models.presets import get_preset
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator(["the router sends each token to two experts"] * 5,
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    cfg = get_preset("mixtral-tiny")
+    cfg.model.n_layers, cfg.model.d_model, cfg.model.max_seq_len, cfg.train.seq_len = 2, 64, 16, 16
+    cfg.resolve(vocab_size=tk.get_vocab_size())
+    torch.manual_seed(0)
+    hf_dir = export_hf(MoETransformer(cfg.model), tmp_path / "hf", token_ids={"bos_token_id": 0, "eos_token_id": 1})
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>").save_pretrained(hf_dir)
+    theirs = HFLM(pretrained=str(hf_dir), device="cpu", batch_size=2, dtype="float32")
+    ours = MoelabLM(pretrained=str(hf_dir))
+    pairs = [("the router", " sends each"), ("two experts ", "to the token"), ("each", " token")]
+    for ctx, cont in pairs:
+        assert encode_pair(ours.tokenizer, ctx, cont) == theirs._encode_pair(ctx, cont)
+        assert ours._encode_pair(ctx, cont) == theirs._encode_pair(ctx, cont)
+    assert ours.prefix_token_id == theirs.prefix_token_id == 0
+    requests = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    for (a, ga), (b, gb) in zip(ours.loglikelihood(requests), theirs.loglikelihood(requests)):
+        assert a == pytest.approx(b, rel=1e-5) and ga == gb
+    text = "the router sends each token to two experts " * 3  # several windows of 16
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(theirs.loglikelihood_rolling(rolling)[0], rel=1e-5)
