@@ -79,26 +79,20 @@ class TextTokenizer:
     @property
     def doc_prefix(self) -> list[int]:
         """The special tokens the tokenizer's post-processor puts before a text (Llama's and
-        Mixtral's `<s>`; none for a tokenizer trained here): packed before each document, as the
-        model saw its documents begin. Encoding otherwise leaves them out (lm_eval does too)."""
+        Mixtral's `<s>`; none for a tokenizer trained here), found once on a probe text."""
         if not hasattr(self, "_doc_prefix"):
-            self._doc_prefix = self.encode_prompt("a")[: -len(self.tk.encode("a", add_special_tokens=False).ids)]
+            ids = self.tk.encode("a", add_special_tokens=True).ids
+            plain = self.tk.encode("a", add_special_tokens=False).ids
+            start = next((i for i in range(len(ids) - len(plain) + 1) if ids[i:i + len(plain)] == plain), 0)
+            self._doc_prefix = ids[:start]
         return self._doc_prefix
 
     def encode_prompt(self, text: str) -> list[int]:
-        """A prompt as transformers' `tokenizer(text)` encodes it: with the special tokens the
-        tokenizer's post-processor puts before it (a Llama- or Mixtral-style `<s>`; none for a
-        tokenizer trained here), so a model generates from what it saw at the start of its
-        documents. Not those it puts after (an `</s>` some tokenizers append): a prompt that
+        """A text as transformers' `tokenizer(text)` and lm_eval's transformers backend encode it:
+        after the tokens the tokenizer puts before a text (doc_prefix), as the model saw its
+        documents begin. Not those it puts after (an `</s>` some tokenizers append): a prompt that
         ended its document would have the model start another."""
-        ids = self.tk.encode(text, add_special_tokens=True).ids
-        plain = self.tk.encode(text, add_special_tokens=False).ids
-        if not plain:  # no text: what goes before a document (or nothing)
-            return [i for i in ids if i not in self.end_ids]
-        for start in range(len(ids) - len(plain) + 1):  # ids = before + plain + after
-            if ids[start:start + len(plain)] == plain:
-                return ids[:start + len(plain)]
-        return ids
+        return self.doc_prefix + self.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self.fast is not None:
