@@ -6,12 +6,15 @@
 #   train  benchmarks/train_throughput.py in bf16 at exp3 size, also compiled (tokens/s, ratio, MFU)
 #   big    the same (sdpa only) at a GPU-filling size (677M parameters, 192M active; 16x1024 tokens)
 #   loop   `moelab train` on the embedded corpus for 300 updates (the real loop's tokens/s and MFU)
+#   cpu    the CPU targets of issues 3 and 5 (exp3, bf16) on this machine's host CPU, the GPU hidden;
+#          its CPU flags (AMX?) first. Not in `all`: name it.
 # Each stage's output is also written to LOG_DIR (default gpu-logs).
 set -uo pipefail
 stage=${1:-all}
 log=${2:-gpu-logs}
 mkdir -p "$log"
 cd "$(dirname "$0")/.." || exit 2
+PY=${PYTHON:-python3}  # the interpreter that holds torch (some images have no plain `python`)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # A GPU-filling DeepSeek-V3-style size (MLA, sigmoid router, one shared expert).
@@ -21,12 +24,12 @@ BIG=(model.d_model=1024 model.n_layers=8 model.n_heads=16 model.q_lora_rank=384 
      data.vocab_size=32000)
 
 run() { echo "+ $*"; "$@"; }
-want() { [[ $stage == all || ",$stage," == *",$1,"* ]]; }
+want() { [[ $stage == all && $1 != cpu || ",$stage," == *",$1,"* ]]; }
 
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
+"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, torch.cuda.get_device_name())" | tee "$log/versions.txt"
 if want tests; then
-  python - <<'EOF' 2>&1 | tee "$log/grouped_mm.txt"
+  "$PY" - <<'EOF' 2>&1 | tee "$log/grouped_mm.txt"
 import torch
 for dt in (torch.float32, torch.bfloat16, torch.float16):
     x, w = torch.randn(64, 32, device="cuda", dtype=dt), torch.randn(4, 32, 48, device="cuda", dtype=dt)
@@ -38,26 +41,33 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
     except Exception as exc:
         print(f"torch._grouped_mm on CUDA {dt}: {type(exc).__name__}: {str(exc)[:100]}")
 EOF
-  run python -m pytest -q -x tests/models/test_cuda.py 2>&1 | tee "$log/tests.txt"
+  run "$PY" -m pytest -q tests/models/test_cuda.py 2>&1 | tee "$log/tests.txt"
 fi
 if want layer; then
   for arch in mixtral deepseek_v3; do
-    run python benchmarks/moe_layer.py --dtype bf16 --arch $arch 2>&1 | tee -a "$log/moe_layer.txt"
+    run "$PY" benchmarks/moe_layer.py --dtype bf16 --arch $arch 2>&1 | tee -a "$log/moe_layer.txt"
   done
-  run python benchmarks/moe_layer.py --dtype bf16 --arch qwen3_moe --set model.d_model=1024 \
+  run "$PY" benchmarks/moe_layer.py --dtype bf16 --arch qwen3_moe --set model.d_model=1024 \
     model.n_experts=64 model.top_k=8 model.expert_dim=512 train.seq_len=1024 2>&1 | tee -a "$log/moe_layer.txt"
 fi
 if want train; then
-  run python benchmarks/train_throughput.py --dtype bf16 --compile 2>&1 | tee "$log/train_throughput.txt"
+  run "$PY" benchmarks/train_throughput.py --dtype bf16 --compile 2>&1 | tee "$log/train_throughput.txt"
 fi
 if want big; then
-  run python benchmarks/train_throughput.py --dtype bf16 --iters 5 --compile --hf-attn sdpa --set "${BIG[@]}" \
+  run "$PY" benchmarks/train_throughput.py --dtype bf16 --iters 5 --compile --hf-attn sdpa --set "${BIG[@]}" \
     2>&1 | tee "$log/train_big.txt"
 fi
 if want loop; then
   rm -rf /tmp/moelab-gpu-run
-  run python -m moelab train --preset exp3 --device cuda --out /tmp/moelab-gpu-run train.precision=bf16 \
+  run "$PY" -m moelab train --preset exp3 --device cuda --out /tmp/moelab-gpu-run train.precision=bf16 \
     train.steps=300 train.eval_every=100 train.log_every=50 train.save_every=300 train.report=false \
     2>&1 | tee "$log/loop.txt"
   cp /tmp/moelab-gpu-run/metrics.jsonl "$log/loop_metrics.jsonl"
+fi
+if want cpu; then
+  { nproc; grep -m1 'model name' /proc/cpuinfo; grep -m1 -o -w 'amx_bf16\|avx512_bf16' /proc/cpuinfo | sort -u; } \
+    2>&1 | tee "$log/cpu.txt"
+  export CUDA_VISIBLE_DEVICES=
+  run "$PY" benchmarks/moe_layer.py --dtype bf16 --rounds 3 2>&1 | tee -a "$log/cpu.txt"
+  run "$PY" benchmarks/train_throughput.py --dtype bf16 --hf-attn sdpa --rounds 3 2>&1 | tee -a "$log/cpu.txt"
 fi

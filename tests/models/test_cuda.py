@@ -113,8 +113,8 @@ def test_cuda_model_built_on_gpu_has_the_cpu_models_weights():
     from tests.models.test_init import _config
 
     cfg = _config("mla-yarn-dense-first")
+    torch.manual_seed(3)  # seeds the CUDA generator too: read its state after
     cuda_rng = torch.cuda.get_rng_state()
-    torch.manual_seed(3)
     on_gpu = MoETransformer(cfg, device="cuda")
     torch.manual_seed(3)
     on_cpu = MoETransformer(cfg)
