@@ -14,7 +14,7 @@ stage=${1:-all}
 log=${2:-gpu-logs}
 mkdir -p "$log"
 cd "$(dirname "$0")/.." || exit 2
-PY=${PYTHON:-python3}  # the interpreter that holds torch (some images have no plain `python`)
+PY=${PYTHON:-python3}  # the interpreter that holds torch (PYTHON= to override)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # A GPU-filling DeepSeek-V3-style size (MLA, sigmoid router, one shared expert).
