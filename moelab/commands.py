@@ -62,11 +62,19 @@ def info(target: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
     return head + "\n" + format_table(parameter_table(build_meta_model(m)))
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    """The HF directory's TOKENIZER_FILES; without a generation_config.json, one holding the token
-    ids of its config.json, which moelab's model config has no place for."""
+def _generation_ids(src: Path) -> dict:
+    """The token ids to write as a generation_config.json for an HF directory that has none (those
+    of its config.json, which moelab's model config has no place for); {} where it has its own,
+    which is read here so that a damaged one is refused before the conversion, not at export."""
+    if (src / "generation_config.json").is_file():
+        _token_ids(src / "generation_config.json")
+        return {}
+    return _token_ids(src / "config.json")
+
+
+def _copy_tokenizer(src: Path, dst: Path, ids: dict) -> None:
+    """The HF directory's TOKENIZER_FILES, and a generation_config.json of `ids` (_generation_ids)."""
     files = [src / f for f in TOKENIZER_FILES if (src / f).is_file()]
-    ids = {} if (src / "generation_config.json").is_file() else _token_ids(src / "config.json")
     if files or ids:
         dst.mkdir(parents=True, exist_ok=True)
         for f in files:
@@ -96,6 +104,7 @@ def convert(hf_dir: str, out: str) -> Path:
         from moelab.hub import download_hint
 
         raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json){download_hint(hf_dir)}")
+    ids = _generation_ids(Path(hf_dir))
     run_dir = new_run_dir(out, "converted", resumable=False)
     model = load_hf(hf_dir)
     cfg = Config(preset="converted", model=model.cfg)
@@ -105,7 +114,7 @@ def convert(hf_dir: str, out: str) -> Path:
         with staged_folder(run_dir) as tmp:  # a full disk leaves no run directory without weights
             (tmp / "config.yaml").write_text(cfg.to_yaml())
             save_weights_only(tmp, model, cfg.to_yaml(), {"converted_from": str(hf_dir)})
-            _copy_tokenizer(Path(hf_dir), tmp / "tokenizer")
+            _copy_tokenizer(Path(hf_dir), tmp / "tokenizer", ids)
     except write_errors() as exc:
         raise cannot_write(f"the converted model to {run_dir}", exc, "nothing was left there", "convert again",
                            "choose another --out") from exc

@@ -583,6 +583,23 @@ def test_token_ids_generation_defaults_and_chat_template_survive_convert_and_exp
             assert (tmp_path / "ft_hf" / name).read_bytes() == (src / name).read_bytes(), name
 
 
+def test_a_damaged_generation_config_is_refused_by_convert_not_later_by_export(tmp_path):
+    """convert copied a generation_config.json that is not JSON as it was; only `export`, later and
+    from the run, refused it. Now convert says so at once, before any weight is read."""
+    from tests.conftest import run_cli
+
+    src = export_hf(_model("qwen3_moe-tiny", {}), tmp_path / "src")
+    (src / "generation_config.json").write_text('{"eos_token_id": 2,')
+    res = run_cli("convert", src, "--out", tmp_path / "run")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"moelab: error: cannot read {src / 'generation_config.json'}: ")
+    assert lines[0].endswith("; fix or remove it")
+    assert not (tmp_path / "run").exists()
+    (src / "generation_config.json").unlink()  # without one, convert writes one from config.json's ids
+    assert run_cli("convert", src, "--out", tmp_path / "run").returncode == 0
+
+
 def test_a_damaged_hf_weights_file_is_one_line(tmp_path):
     """A weights file cut short by an interrupted download or copy: eval and convert ended in a
     SafetensorError traceback from inside transformers."""
