@@ -50,9 +50,9 @@ def _require_transformers():
 
 def problems(cfg: ModelConfig, arch: str) -> list[str]:
     """Every field of `cfg` that `arch` cannot express exactly, as 'field=value (arch: need)'."""
-    need: dict[str, tuple[object, object]] = {  # field -> (ours, what the architecture has)
-        "ffn_glu": (cfg.ffn_glu, True), "noisy_gating": (cfg.noisy_gating, False),
-        "capacity_factor": (cfg.capacity_factor, 0.0)}
+    need: dict[str, tuple[object, object]] = {"ffn_glu": (cfg.ffn_glu, True)}  # field -> (ours, arch's)
+    if cfg.n_experts > 0:  # router settings: a dense model has no router they could change
+        need.update(noisy_gating=(cfg.noisy_gating, False), capacity_factor=(cfg.capacity_factor, 0.0))
     moe = arch in MOE_ARCHS
     if moe != (cfg.n_experts > 0):
         return [f"model.n_experts={cfg.n_experts} ({ARCHS[arch]} is {'an MoE' if moe else 'dense'})"]

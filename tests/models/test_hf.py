@@ -401,6 +401,15 @@ def test_inexpressible_config_is_refused_naming_the_field(field, value, arch, ma
         to_hf(model, arch)
 
 
+@pytest.mark.parametrize("field,value", [("capacity_factor", 1.25), ("noisy_gating", True)])
+def test_router_settings_of_a_dense_model_do_not_stop_its_export(field, value):
+    """A dense model (n_experts=0) has no router: its capacity factor or noisy gating change nothing,
+    and export refused it for them ('closest is llama: model.capacity_factor=1.25')."""
+    ours = _model("llama-tiny", {field: value})
+    assert pick_arch(ours.cfg) == "llama"
+    assert _max_diff(to_hf(ours), ours, torch.randint(0, V, (2, 24))) <= 1e-4
+
+
 def test_trained_run_exports_and_converts_via_cli(tmp_path):
     import subprocess
     import sys
