@@ -454,14 +454,28 @@ def _export_stream(model, hf_meta, dtype: torch.dtype, meta: bool) -> Iterator[t
     `dtype`. A tied head is left out, as save_pretrained leaves it out."""
     from transformers.core_model_loading import revert_weight_conversion
 
+    keep = _kept_in_fp32(hf_meta, dtype)
     for group in _hf_groups(model, meta, hf_meta.config.model_type):
         if model.cfg.tie_embeddings:
             group.pop("lm_head.weight", None)
-        reverted = revert_weight_conversion(hf_meta, {k: _cast(k, v, dtype) for k, v in group.items()})
+        reverted = revert_weight_conversion(hf_meta, {
+            k: _cast(k, v, torch.float32 if keep and keep.search(k) else dtype) for k, v in group.items()})
         del group  # the layer's gate_up_proj concatenation: its reverted copies are what is written
         while reverted:  # handed on, not held here: a written shard's tensors are freed with it
             name = next(iter(reverted))
             yield name, reverted.pop(name)
+
+
+def _kept_in_fp32(hf_meta, dtype: torch.dtype) -> re.Pattern | None:
+    """The tensors the architecture keeps in fp32 in a bf16/fp16 model (DeepSeek-V3, GLM4-MoE: the
+    router's weight and selection bias), matched as transformers matches them when it loads one:
+    its own bf16 model saves them in fp32, and a bf16 checkpoint holding them in fp32 converts and
+    exports back to itself bit for bit."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    globs = [*(getattr(hf_meta, "_keep_in_fp32_modules_strict", None) or ()),
+             *((getattr(hf_meta, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else ())]
+    return re.compile("|".join(f"(?:{g.replace('*', '.*')})" for g in globs)) if globs else None
 
 
 def _cast(name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

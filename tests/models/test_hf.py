@@ -230,15 +230,19 @@ def test_export_writes_what_save_pretrained_writes(tmp_path, case):
     """moelab writes the directory a layer at a time, not through save_pretrained (which holds a
     second copy of the experts): every tensor's name, dtype and value, config.json and
     generation_config.json equal what transformers' own save_pretrained writes, in fp32 and bf16,
-    in one file and in shards."""
+    in one file and in shards. In bf16, of transformers' own bf16 model, loaded as it loads one:
+    DeepSeek-V3 and GLM4-MoE keep their routers in fp32 there (moelab rounded them to bf16)."""
     import json
 
     ours = _model(*CASES[case])
     for dtype, shard in (("fp32", "5GB"), ("bf16", "60KB")):
         mine, ref = tmp_path / f"moelab-{dtype}", tmp_path / f"ref-{dtype}"
         export_hf(ours, mine, dtype=dtype, max_shard_size=shard)
-        to_hf(ours).to(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype])).save_pretrained(
-            ref, max_shard_size=shard)
+        if dtype == "fp32":
+            to_hf(ours).save_pretrained(ref, max_shard_size=shard)
+        else:
+            transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ref-fp32", dtype=torch.bfloat16) \
+                .save_pretrained(ref, max_shard_size=shard)
         a, b = _files(mine), _files(ref)
         assert a.keys() == b.keys()
         for k in a:
@@ -288,6 +292,30 @@ def test_bf16_checkpoint_converts_exactly_to_fp32_and_shares_nothing(tmp_path):
     with torch.no_grad():
         hf.model.embed_tokens.weight.zero_()
     assert torch.equal(copy.embed.weight, back.embed.weight)
+
+
+@pytest.mark.parametrize("case", ["deepseek_v3", "glm4_moe"])
+def test_a_bf16_checkpoint_with_fp32_routers_converts_and_exports_back_to_itself(tmp_path, case):
+    """transformers keeps these routers in fp32 in a bf16 model, and so in its bf16 checkpoints:
+    convert + export in bf16, and the export of the directory itself (dtype auto: its bf16), rounded
+    them to bf16."""
+    from tests.conftest import run_cli
+
+    export_hf(_model(*CASES[case]), tmp_path / "fp32")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16)
+    hf.save_pretrained(tmp_path / "src")
+    src = _files(tmp_path / "src")
+    assert {k for k, t in src.items() if t.dtype == torch.float32} == {
+        k for k in src if k.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))} != set()
+    assert run_cli("convert", tmp_path / "src", "--out", tmp_path / "run").returncode == 0
+    res = run_cli("export", tmp_path / "run", "--out", tmp_path / "back", "--dtype", "bf16")
+    assert res.returncode == 0, res.stderr
+    assert run_cli("export", tmp_path / "src", "--out", tmp_path / "again").returncode == 0
+    for folder in ("back", "again"):
+        back = _files(tmp_path / folder)
+        assert back.keys() == src.keys()
+        for k in src:
+            assert back[k].dtype == src[k].dtype and torch.equal(back[k], src[k]), (folder, k)
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
