@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dedup", action="store_true",
                    help="drop near-duplicate documents (MinHash) within the training split")
     p.add_argument("--no-near-dup-split", action="store_true",
-                   help="split near-copies independently (default: they share a side)")
+                   help="split near-copies independently (default: they share a side); exact copies always do")
     p.add_argument("--weights", type=float, nargs="+",
                    help="one weight per source: its share of the training tokens (documents are "
                         "repeated or subsampled); validation keeps the natural mixture")

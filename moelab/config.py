@@ -105,7 +105,7 @@ class DataConfig:
     # settings come from its manifest
     val_fraction: float = 0.05  # share of documents (not windows) held out for validation
     split_salt: str = "moelab"  # changes which documents land in validation
-    near_dup_split: bool = True  # near-copies (MinHash Jaccard >= 0.5) go to the same split
+    near_dup_split: bool = True  # near-copies (MinHash Jaccard >= 0.5) go to the same split; exact copies always
     max_docs: int = 0  # 0: all documents
     doc_chars: int = 0  # texts longer than this are cut at line breaks into documents of at most about
     # this many characters (one long file: a book, a log, a corpus in one .txt), so it can be split; 0: off

@@ -4,7 +4,8 @@ A document's side depends only on (salt, name), so adding documents never moves 
 and no validation window can share a document with training. Applied before any windowing.
 With `near_duplicates` (the default for training), documents that are near-copies of each other
 (MinHash, see neardup.py) are split as one unit, keyed by the group's smallest name; a new
-document can then only move the documents it is a near-copy of.
+document can then only move the documents it is a near-copy of. Without it, exact copies (the same
+bytes) are still split as one unit: one on each side would only ever be a leak.
 """
 
 from __future__ import annotations
@@ -21,22 +22,39 @@ def hash_unit(name: str, salt: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
+def exact_copy_groups(docs) -> list[int]:
+    """A group id per document, shared by documents of the same bytes (read one at a time)."""
+    first: dict[bytes, int] = {}
+    return [first.setdefault(hashlib.blake2b(_data(d), digest_size=16).digest(), i) for i, d in enumerate(docs)]
+
+
+def _data(doc) -> bytes:
+    data = getattr(doc, "data", None)  # prepare's documents keep their UTF-8 bytes on disk
+    return data if isinstance(data, bytes) else doc.text.encode("utf-8")
+
+
 def split_documents(docs: list[Document], val_fraction: float, salt: str = "moelab",
                     near_duplicates: bool = False, groups: list[int] | None = None
                     ) -> tuple[list[Document], list[Document]]:
-    """`groups`: near-duplicate group ids already computed for `docs` (implies near_duplicates)."""
+    """`groups`: near-duplicate group ids already computed for `docs` (implies near_duplicates);
+    without either, exact copies are grouped."""
     keys = [d.name for d in docs]
     if near_duplicates and groups is None:
         from moelab.data.neardup import near_duplicate_groups
 
         groups = near_duplicate_groups([d.text for d in docs])
-    if groups is not None:
-        first_name: dict[int, str] = {}
-        for g, name in zip(groups, keys):
-            first_name[g] = min(first_name.get(g, name), name)
-        keys = [first_name[g] for g in groups]
+    exact = groups is None
+    if exact:
+        groups = exact_copy_groups(docs)
+    first_name: dict[int, str] = {}
+    for g, name in zip(groups, keys):
+        first_name[g] = min(first_name.get(g, name), name)
+    keys = [first_name[g] for g in groups]
     unit = {k: hash_unit(k, salt) for k in keys}
     if len(docs) > 1 and len(unit) == 1:
+        if exact:
+            raise UserError(f"all {len(docs)} documents are copies of one text, so any validation split would "
+                            "repeat training text; add distinct documents")
         raise UserError(f"all {len(docs)} documents are near-copies of each other, so any validation split "
                         "would repeat training text; add distinct documents (or split them anyway: "
                         "data.near_dup_split=false, data prepare --no-near-dup-split)")

@@ -162,8 +162,8 @@ def test_data_check_on_prepared_directories(tmp_path, text_corpus):
     assert result["val_windows"] > 10 and result["leaked_windows"] == 0
     leaky_src = tmp_path / "leaky_src"
     shutil.copytree(text_corpus, leaky_src)
-    for p in sorted(text_corpus.iterdir())[:30]:  # every document twice, under another name
-        (leaky_src / f"copy_{p.name}").write_text(p.read_text())
+    for p in sorted(text_corpus.iterdir())[:30]:  # near-copies under other names (exact ones always
+        (leaky_src / f"copy_{p.name}").write_text(p.read_text() + "edited\n")  # share a side)
     leaky = prepare([str(leaky_src)], str(tmp_path / "leaky"), val_fraction=0.3, vocab_size=300,
                     near_dup_split=False)
     res = _cli("data", "check", str(leaky), "--seq-len", "64")

@@ -10,6 +10,7 @@ from moelab.data.loader import BatchLoader, make_windows, pack
 from moelab.data.pipeline import build_dataset
 from moelab.data.sources import Document, load_corpus
 from moelab.data.split import split_documents
+from moelab.errors import UserError
 
 
 def test_no_validation_document_in_training_windows(text_corpus, tmp_path):
@@ -29,9 +30,9 @@ def test_no_validation_document_in_training_windows(text_corpus, tmp_path):
 
 
 def test_split_is_stable_when_documents_are_added():
-    docs = [Document(f"d{i}.txt", "x") for i in range(200)]
+    docs = [Document(f"d{i}.txt", f"x{i}") for i in range(200)]
     _, val = split_documents(docs, 0.1)
-    _, val_more = split_documents(docs + [Document(f"new{i}.txt", "y") for i in range(100)], 0.1)
+    _, val_more = split_documents(docs + [Document(f"new{i}.txt", f"y{i}") for i in range(100)], 0.1)
     assert {d.name for d in val} <= {d.name for d in val_more}
     assert 5 <= len(val) <= 40
 
@@ -107,3 +108,27 @@ def test_tiny_corpora_hold_out_whole_near_duplicate_groups():
         split_documents(copies, 0.05, near_duplicates=True)
     train, val = split_documents(copies, 0.05)  # without near-duplicate grouping: documents as they are
     assert len(train) == 2 and len(val) == 1
+
+
+@pytest.mark.parametrize("near_duplicates", [False, True])
+def test_exact_copies_share_a_side_even_with_near_copy_grouping_off(near_duplicates):
+    """data.near_dup_split=false (--no-near-dup-split) split every document by its own name, so a
+    file copied under another name could sit in validation with its twin in training."""
+    import random
+
+    rng = random.Random(0)
+    texts = [" ".join(f"w{rng.randrange(5000)}" for _ in range(80)) for i in range(60)]
+    docs = [Document(f"d{i:02d}.txt", t) for i, t in enumerate(texts)]
+    copies = [Document(f"copy{i:02d}.txt", t) for i, t in enumerate(texts[:20])]
+    train, val = split_documents(docs + copies, 0.3, near_duplicates=near_duplicates)
+    assert val and train and len(train) + len(val) == 80
+    assert not {d.text for d in train} & {d.text for d in val}
+    assert sum(d.text in {c.text for c in copies} for d in val) % 2 == 0  # whole pairs
+    alone = {d.name for d in split_documents(docs, 0.3, near_duplicates=near_duplicates)[1]}
+    assert {d.name for d in val if d.name >= "d20"} == {n for n in alone if n >= "d20"}  # the others stay
+
+
+def test_a_corpus_of_one_text_copied_is_refused_with_near_copy_grouping_off():
+    docs = [Document(f"d{i}.txt", "the same text") for i in range(5)]
+    with pytest.raises(UserError, match="all 5 documents are copies of one text"):
+        split_documents(docs, 0.2)
