@@ -36,6 +36,16 @@ ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deeps
          "glm4_moe": "Glm4Moe", "llama": "Llama", "qwen3": "Qwen3"}
 MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe")
 ACTS = {"silu": "silu", "gelu": "gelu_pytorch_tanh"}
+# transformers' load-balancing loss (load_balancing_loss_func) of these counts every one of a token's
+# top-k picks, so it is top_k under uniform routing where moelab's (the share of picks) is 1: their
+# router_aux_loss_coef is moelab's aux_loss_coef / top_k, for the same balancing gradient.
+AUX_PER_PICK = ("mixtral", "qwen3_moe", "olmoe")
+
+
+def _aux_coef(coef: float, top_k: int, arch: str, to_hf: bool) -> float:
+    if arch not in AUX_PER_PICK:
+        return coef
+    return float(f"{coef / top_k if to_hf else coef * top_k:.12g}")  # 0.01 * 3 / 3 is 0.01 again
 
 
 def _require_transformers():
@@ -147,7 +157,7 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
         common.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
     if arch in ("qwen3_moe", "olmoe", "glm4_moe", "llama", "qwen3"):
         common["attention_bias"] = cfg.qkv_bias
-    moe = dict(num_experts_per_tok=cfg.top_k, router_aux_loss_coef=cfg.aux_loss_coef)
+    moe = dict(num_experts_per_tok=cfg.top_k, router_aux_loss_coef=_aux_coef(cfg.aux_loss_coef, cfg.top_k, arch, True))
     if arch == "mixtral":
         kw = dict(intermediate_size=cfg.expert_dim, num_local_experts=cfg.n_experts, sliding_window=None,
                   router_jitter_noise=0.0, **moe)
@@ -245,7 +255,7 @@ def model_config_from_hf(hf) -> ModelConfig:
             m.qk_norm = "head"
     if arch in MOE_ARCHS:
         m.top_k = hf.num_experts_per_tok
-        m.aux_loss_coef = float(g("router_aux_loss_coef", 0.0) or 0.0)
+        m.aux_loss_coef = _aux_coef(float(g("router_aux_loss_coef", 0.0) or 0.0), m.top_k, arch, False)
         m.norm_topk_prob = bool(g("norm_topk_prob", True))
         if arch == "mixtral":
             m.n_experts, m.expert_dim = hf.num_local_experts, hf.intermediate_size

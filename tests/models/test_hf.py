@@ -429,6 +429,22 @@ def test_inexpressible_config_is_refused_naming_the_field(field, value, arch, ma
         to_hf(model, arch)
 
 
+@pytest.mark.parametrize("preset", ["mixtral-tiny", "qwen3_moe-tiny", "olmoe-tiny"])
+def test_the_aux_loss_coefficient_converts_to_the_same_balancing_term(preset):
+    """transformers' load-balancing loss counts each of a token's top-k picks (top_k under uniform
+    routing), moelab's the share of picks (1): the coefficient passed through unchanged, so a
+    converted model was balanced top_k times more weakly than transformers trains it."""
+    ours = _model(preset, {"n_layers": 1, "first_k_dense": 0, "top_k": 3, "aux_loss_coef": 0.03})
+    hf = to_hf(ours)
+    assert hf.config.router_aux_loss_coef == 0.01
+    assert from_hf(hf).cfg.aux_loss_coef == 0.03
+    ids = torch.randint(0, V, (2, 40))
+    with torch.no_grad():
+        term = ours.cfg.aux_loss_coef * ours(ids, targets=ids).aux_loss
+        hf_term = hf.config.router_aux_loss_coef * hf(ids, output_router_logits=True).aux_loss
+    assert abs(float(term) - float(hf_term)) <= 1e-6 * float(hf_term)
+
+
 @pytest.mark.parametrize("field,value", [("capacity_factor", 1.25), ("noisy_gating", True)])
 def test_router_settings_of_a_dense_model_do_not_stop_its_export(field, value):
     """A dense model (n_experts=0) has no router: its capacity factor or noisy gating change nothing,
