@@ -273,6 +273,12 @@ def model_config_from_hf(hf) -> ModelConfig:
             m.n_group, m.topk_group = hf.n_group or 1, hf.topk_group or 1
             m.n_shared_experts, m.shared_expert_dim = hf.n_shared_experts or 0, hf.moe_intermediate_size
             m.first_k_dense = min(hf.first_k_dense_replace or 0, m.n_layers)
+            # transformers has no field for how these are balanced in training: their own recipe
+            # (aux-loss-free bias updates and a small sequence-wise loss), as the family presets have it
+            from moelab.models.presets import FAMILIES
+
+            m.seq_aux_loss_coef = FAMILIES[arch]["seq_aux_loss_coef"]
+            m.bias_update_rate = FAMILIES[arch]["bias_update_rate"]
     m.dense_dim = m.dense_dim or 4 * m.d_model
     m.shared_expert_dim = m.shared_expert_dim or m.expert_dim
     return m

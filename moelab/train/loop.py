@@ -717,6 +717,9 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
         say(note)
     if balance_terms(cfg.model):
         say("balancing: " + ", ".join(f"{k} {v:g}" for k, v in balance_terms(cfg.model).items()))
+    elif cfg.model.n_experts:
+        say("balancing: none; routers trained without a balancing term can collapse onto a few experts "
+            "(set model.aux_loss_coef, model.seq_aux_loss_coef or model.bias_update_rate)")
     if run.step == 0:
         first = run_eval(run)
         sinks.write({"step": 0, "split": "val", **first})

@@ -445,6 +445,19 @@ def test_the_aux_loss_coefficient_converts_to_the_same_balancing_term(preset):
     assert abs(float(term) - float(hf_term)) <= 1e-6 * float(hf_term)
 
 
+@pytest.mark.parametrize("preset", ["deepseek_v3-tiny", "glm4_moe-tiny"])
+def test_a_converted_deepseek_or_glm_model_trains_with_its_familys_balancing(preset):
+    """transformers' DeepSeek-V3 and GLM4-MoE configs have no balancing fields: a converted model
+    fine-tuned with no balancing at all, where its design updates the selection bias."""
+    from moelab.models.presets import FAMILIES
+
+    ours = _model(preset, {"seq_aux_loss_coef": 0.0, "bias_update_rate": 0.0})
+    cfg = from_hf(to_hf(ours)).cfg
+    family = FAMILIES[preset.removesuffix("-tiny")]
+    assert (cfg.seq_aux_loss_coef, cfg.bias_update_rate) == (family["seq_aux_loss_coef"], family["bias_update_rate"])
+    assert cfg.bias_update_rate > 0
+
+
 @pytest.mark.parametrize("field,value", [("capacity_factor", 1.25), ("noisy_gating", True)])
 def test_router_settings_of_a_dense_model_do_not_stop_its_export(field, value):
     """A dense model (n_experts=0) has no router: its capacity factor or noisy gating change nothing,

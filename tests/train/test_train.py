@@ -107,6 +107,14 @@ def test_deepseek_style_run_balances_with_bias_and_resumes_exactly(tmp_path):
         assert torch.equal(x, y), name
 
 
+def test_an_moe_trained_without_any_balancing_is_told_so(tmp_path, capsys):
+    train(_cfg("train.steps=1", "model.aux_loss_coef=0"), out=str(tmp_path / "none"))
+    assert "balancing: none; routers trained without a balancing term can collapse" in capsys.readouterr().err
+    train(_cfg("train.steps=1", "model.aux_loss_coef=0", "model.bias_update_rate=0.001"), out=str(tmp_path / "bias"))
+    err = capsys.readouterr().err
+    assert "balancing: bias_update_rate 0.001" in err and "balancing: none" not in err
+
+
 def test_more_threads_than_cores_runs_one_per_core(tmp_path, capsys):
     from moelab.data.parallel import cores
 
