@@ -17,6 +17,10 @@ from pathlib import Path
 from moelab.errors import UserError, first_line
 
 
+MAX_DIM = 2**31 - 1  # the largest size of a model dimension (torch indexes many kernels in 32 bits)
+MAX_LAYERS = 16384  # over 50 times the deepest published LMs; a model's layers are built one by one
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 0  # 0: take the tokenizer's vocabulary size
@@ -309,9 +313,20 @@ class Config:
         ]
         if m.n_experts:
             at_least.append(("model.expert_dim", m.expert_dim, 1))
+        at_least.append(("model.vocab_size", m.vocab_size, 0))
         for key, value, low in at_least:
             if value < low:
                 raise UserError(f"invalid config: {key} must be >= {low} (got {value})")
+        # sizes that become tensor dimensions (or a layer count that is built one by one): beyond
+        # these, torch overflows its 64-bit sizes with a traceback, or building never ends
+        at_most = [(f"model.{f.name}", getattr(m, f.name), MAX_LAYERS if f.name == "n_layers" else MAX_DIM)
+                   for f in dataclasses.fields(m) if f.type in (int, "int")]
+        at_most += [("train.seq_len", t.seq_len, MAX_DIM), ("train.batch_size", t.batch_size, MAX_DIM),
+                    ("data.vocab_size", d.vocab_size, MAX_DIM)]
+        for key, value, high in at_most:
+            if value > high:
+                raise UserError(f"invalid config: {key} must be <= {high:,} (got {value:,})" if value < 10**15
+                                else f"invalid config: {key} must be <= {high:,} (got {value:.3g})")
         below_one = [("optim.momentum", o.momentum), ("optim.beta1", o.beta1), ("optim.beta2", o.beta2)]
         for key, value in below_one:
             if not 0 <= value < 1:

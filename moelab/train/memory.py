@@ -39,7 +39,14 @@ def training_state_bytes(model, mode: str) -> dict[str, int]:
     n = {k: sum(p.numel() for _, p in v) for k, v in split_params(model, mode).items()}
     total = sum(n.values())
     return {"parameters": total, "weights": 4 * total, "gradients": 4 * total,
-            "optimizer": 4 * n["muon"] + 8 * (n["adamw_decay"] + n["adamw_no_decay"])}
+            "optimizer": 4 * n["muon"] + 8 * (n["adamw_decay"] + n["adamw_no_decay"]),
+            "buffers": buffer_bytes(model)}
+
+
+def buffer_bytes(model) -> int:
+    """The model's buffers: RoPE tables (model.max_seq_len rows: a long context's are not small),
+    selection biases."""
+    return sum(b.numel() * b.element_size() for b in model.buffers())
 
 
 def fused_loss_bytes(model, n_rows: int, autocast=contextlib.nullcontext) -> int | None:
@@ -182,7 +189,7 @@ def check_training_fits(cfg, device: torch.device, what: str, processes: int = 1
     probe = copy.deepcopy(cfg)
     probe.resolve(vocab_size=cfg.model.vocab_size or MIN_VOCAB)
     need = training_state_bytes(build_meta_model(probe.model), cfg.optim.mode)
-    total = need["weights"] + need["gradients"] + need["optimizer"]
+    total = need["weights"] + need["gradients"] + need["optimizer"] + need["buffers"]
     if total * processes <= available:
         return
     where = "this machine" if device.type == "cpu" else str(device)
@@ -192,9 +199,18 @@ def check_training_fits(cfg, device: torch.device, what: str, processes: int = 1
     raise UserError(
         f"{what} cannot fit: training its {need['parameters'] / 1e9:.2f}B parameters needs at least "
         f"{total / GB:.1f} GB (fp32 weights {need['weights'] / GB:.1f} GB, gradients {need['gradients'] / GB:.1f} GB, "
-        f"optimizer state {need['optimizer'] / GB:.1f} GB; activations come on top){each} and {where} has "
-        f"{available / GB:.1f} GB available; choose a smaller model (a -tiny preset, or fewer model.n_layers, "
-        f"model.n_experts, model.d_model){fewer} or a device with more memory")
+        f"optimizer state {need['optimizer'] / GB:.1f} GB{_rope(need['buffers'])}; activations come on top){each} "
+        f"and {where} has {available / GB:.1f} GB available; choose a smaller model (a -tiny preset, or fewer "
+        f"model.n_layers, model.n_experts, model.d_model{_shorter(need)}){fewer} or a device with more memory")
+
+
+def _rope(nbytes: int) -> str:
+    """The buffers' part of a memory message, where it is worth naming."""
+    return f", RoPE tables {nbytes / GB:.1f} GB" if nbytes >= 0.05 * GB else ""
+
+
+def _shorter(need: dict) -> str:
+    return ", a shorter model.max_seq_len" if need["buffers"] > need["weights"] else ""
 
 
 def check_weights_fit(model_cfg, device: torch.device | str, what: str) -> None:
@@ -206,9 +222,12 @@ def check_weights_fit(model_cfg, device: torch.device | str, what: str) -> None:
     available = available_bytes(device)
     if available is None:
         return
-    n = sum(p.numel() for p in build_meta_model(model_cfg).parameters())
-    if 4 * n <= available:
+    meta = build_meta_model(model_cfg)
+    n = sum(p.numel() for p in meta.parameters())
+    need = 4 * n + buffer_bytes(meta)
+    if need <= available:
         return
     where = "this machine" if device.type == "cpu" else str(device)
-    raise UserError(f"{what} cannot fit: its {n / 1e9:.2f}B parameters take {4 * n / GB:.1f} GB in fp32 and "
+    rope = f", its RoPE tables {(need - 4 * n) / GB:.1f} GB" if need - 4 * n >= 0.05 * GB else ""
+    raise UserError(f"{what} cannot fit: its {n / 1e9:.2f}B parameters take {4 * n / GB:.1f} GB in fp32{rope}, and "
                     f"{where} has {available / GB:.1f} GB available; use a machine or device with more memory")

@@ -29,6 +29,7 @@ def test_training_state_bytes_equal_a_real_step(mode):
     assert got["weights"] == sum(p.nbytes for p in params)
     assert got["gradients"] == sum(p.grad.nbytes for p in params)
     assert got["optimizer"] == state > 0
+    assert got["buffers"] == sum(b.nbytes for b in model.buffers()) > 0  # RoPE tables, selection biases
 
 
 def test_available_memory_is_within_the_machines():
@@ -50,6 +51,21 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_is_prepared(tmp_path
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
     assert "preset deepseek-v3 cannot fit: training its 671.03B parameters needs at least" in r.stderr
     assert "this machine has" in r.stderr and "GB available" in r.stderr
+    assert not out.exists()
+
+
+def test_a_context_whose_rope_tables_cannot_fit_is_refused_not_a_traceback(tmp_path):
+    """model.max_seq_len=1e9 on a small model: its RoPE tables (a buffer, not a parameter) took
+    64 GB and training ended in torch's allocation traceback."""
+    from tests.conftest import run_cli, write_corpus
+
+    if available_bytes(torch.device("cpu")) is None:
+        pytest.skip("no /proc/meminfo or cgroup files here")
+    out = tmp_path / "run"
+    r = run_cli("train", "--preset", "test", "--out", out, f"data.source={write_corpus(tmp_path / 'c', 8, 50)}",
+                "model.max_seq_len=1e9", "train.device=cpu")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "RoPE tables 128.0 GB" in r.stderr and "a shorter model.max_seq_len" in r.stderr
     assert not out.exists()
 
 
