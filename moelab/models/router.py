@@ -42,7 +42,9 @@ class RouterOutput:
 
 
 def expert_capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts: int) -> int:
-    return math.ceil(capacity_factor * n_tokens * top_k / n_experts)
+    """Slots per expert; never more than the tokens (a token picks an expert once): a factor of 1e30
+    overflowed torch's comparison with a traceback."""
+    return min(math.ceil(capacity_factor * n_tokens * top_k / n_experts), n_tokens)
 
 
 def capacity_keep(idx_TK: torch.Tensor, counts_E: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -805,7 +805,7 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
     if is_rank0():
         write_atomic(run.run_dir / "summary.json", json.dumps(summary, indent=1))
     if smoke:
-        summary["smoke"] = smoke_check(run)
+        summary["smoke"] = smoke_check(run, summary)
     elif t.report and not stopped and is_rank0():
         _write_report(run.run_dir, say)
     return summary
@@ -908,8 +908,9 @@ def _track_best(run: Run, ev: dict) -> bool:
     return t.patience > 0 and best["bad_evals"] >= t.patience
 
 
-def smoke_check(run: Run) -> dict:
-    """After a smoke run: the newest checkpoint must reload to the same logits as the live model."""
+def smoke_check(run: Run, summary: dict) -> dict:
+    """After a smoke run: the newest checkpoint must reload to the same logits as the live model,
+    and the model must not have diverged."""
     from moelab.train.checkpoint import load_model as load_ckpt
 
     ckpt = ck.list_checkpoints(run.run_dir)[-1]
@@ -917,9 +918,16 @@ def smoke_check(run: Run) -> dict:
     ids = run.data.val_windows[:2, :-1].to(run.device)
     run.model.eval()
     with torch.no_grad():
-        same = torch.equal(loaded(ids).logits, run.model(ids).logits)
+        a, b = loaded(ids).logits, run.model(ids).logits
+        same = bool(((a == b) | (a.isnan() & b.isnan())).all())  # NaN is NaN again, not a reload fault
     if not same:
         raise UserError(f"smoke check failed: {ckpt} does not reload to the trained weights")
+    loss = summary.get("val_loss")
+    if loss is not None and not math.isfinite(loss):
+        skipped = summary["skipped"].get("nonfinite", 0)
+        raise UserError(f"smoke check failed: the validation loss is {loss} after {run.step} updates ({skipped} "
+                        "skipped as non-finite): training diverged; lower the learning rates (optim.muon_lr, "
+                        "optim.adamw_lr) or check the data")
     return {"checkpoint_reloads": True, "checkpoint": str(ckpt)}
 
 

@@ -133,6 +133,16 @@ def test_capacity_drops_are_counted_on_a_hand_built_case():
     assert y[0, [0, 1, 2, 4]].abs().sum(dim=1).min() > 0  # kept tokens got expert output
 
 
+def test_a_capacity_factor_past_every_token_drops_nothing_and_does_not_overflow():
+    """capacity_factor=1e30 made a capacity torch could not compare with (an OverflowError)."""
+    x = torch.randn(2, 9, 32)
+    y0, r0 = _layer(_cfg(router="softmax", capacity_factor=0.0))(x)
+    for cf in (1e30, 100.0):
+        y, r = _layer(_cfg(router="softmax", capacity_factor=cf))(x)
+        assert int(r.dropped_E.sum()) == 0 and torch.equal(r.idx_TK, r0.idx_TK)
+        torch.testing.assert_close(y, y0, rtol=0, atol=0)
+
+
 def test_capacity_priority_takes_first_choices_of_all_tokens_before_second_choices():
     idx = torch.tensor([[0, 1], [1, 0], [0, 1]])  # expert 0: first choice of t0, t2; second of t1
     keep = capacity_keep(idx, torch.bincount(idx.flatten(), minlength=2), capacity=2)

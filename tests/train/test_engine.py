@@ -194,6 +194,15 @@ def test_smoke_checks_a_config_end_to_end(tmp_path, prepared):
     assert {p: p.read_bytes() for p in (tmp_path / "smoke").rglob("*") if p.is_file()} == before
 
 
+def test_a_smoke_run_that_diverges_fails_naming_the_divergence(tmp_path, prepared):
+    """optim.muon_lr=1e30 (a typo for 1e-3): the weights went to NaN, and the smoke check called it a
+    checkpoint that does not reload (NaN != NaN in its comparison)."""
+    with pytest.raises(UserError, match=r"smoke check failed: the validation loss is nan after 4 updates "
+                                        r"\(\d skipped as non-finite\): training diverged; lower the learning rates"):
+        train(build_config("test", None, [f"data.path={prepared}", "optim.muon_lr=1e30"]),
+              out=str(tmp_path / "smoke"), progress=False, smoke=True)
+
+
 def test_logged_metrics_at_the_cadence(tmp_path, prepared):
     """Training records every log_every updates with loss, balance terms, LR, gradient norm,
     tokens/s, FLOPs and MFU (against the given peak), peak memory and per-layer routing metrics;
