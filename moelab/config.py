@@ -322,7 +322,8 @@ class Config:
         at_most = [(f"model.{f.name}", getattr(m, f.name), MAX_LAYERS if f.name == "n_layers" else MAX_DIM)
                    for f in dataclasses.fields(m) if f.type in (int, "int")]
         at_most += [("train.seq_len", t.seq_len, MAX_DIM), ("train.batch_size", t.batch_size, MAX_DIM),
-                    ("data.vocab_size", d.vocab_size, MAX_DIM)]
+                    ("data.vocab_size", d.vocab_size, MAX_DIM),
+                    ("optim.ns_steps", o.ns_steps, 100)]  # iterations in every update (5 converge)
         for key, value, high in at_most:
             if value > high:
                 raise UserError(f"invalid config: {key} must be <= {high:,} (got {value:,})" if value < 10**15
