@@ -19,6 +19,7 @@ from moelab.errors import UserError, first_line
 
 MAX_DIM = 2**31 - 1  # the largest size of a model dimension (torch indexes many kernels in 32 bits)
 MAX_LAYERS = 16384  # over 50 times the deepest published LMs; a model's layers are built one by one
+MAX_INT = 2**62  # any other integer setting: torch, NumPy and deque sizes take 64-bit integers
 
 
 @dataclass
@@ -322,8 +323,11 @@ class Config:
         at_most = [(f"model.{f.name}", getattr(m, f.name), MAX_LAYERS if f.name == "n_layers" else MAX_DIM)
                    for f in dataclasses.fields(m) if f.type in (int, "int")]
         at_most += [("train.seq_len", t.seq_len, MAX_DIM), ("train.batch_size", t.batch_size, MAX_DIM),
-                    ("data.vocab_size", d.vocab_size, MAX_DIM),
+                    ("train.grad_accum", t.grad_accum, MAX_DIM), ("data.vocab_size", d.vocab_size, MAX_DIM),
                     ("optim.ns_steps", o.ns_steps, 100)]  # iterations in every update (5 converge)
+        at_most += [(f"{name}.{f.name}", getattr(sec, f.name), MAX_INT)  # any other count: a 64-bit integer
+                    for name, sec in (("data", d), ("optim", o), ("train", t))
+                    for f in dataclasses.fields(sec) if f.type in (int, "int")]
         for key, value, high in at_most:
             if value > high:
                 raise UserError(f"invalid config: {key} must be <= {high:,} (got {value:,})" if value < 10**15

@@ -83,6 +83,9 @@ def test_bad_values_and_invalid_configs():
     ("train.seq_len=3e9", "train.seq_len must be <= 2,147,483,647 (got 3,000,000,000)"),
     ("model.n_layers=1e6", "model.n_layers must be <= 16,384 (got 1,000,000)"),  # built one by one: never ended
     ("optim.ns_steps=1e30", "optim.ns_steps must be <= 100 (got 1e+30)"),  # the first update never ended
+    ("train.seed=1e30", "train.seed must be <= 4,611,686,018,427,387,904 (got 1e+30)"),  # torch's overflow
+    ("train.spike_window=1e30", "train.spike_window must be <= 4,611,686,018,427,387,904"),  # deque's overflow
+    ("train.grad_accum=1e30", "train.grad_accum must be <= 2,147,483,647"),
     ("model.n_group=0", "model.n_group must be >= 1 (got 0)"),  # ZeroDivisionError traceback
     ("train.batch_size=0", "train.batch_size must be >= 1 (got 0)"),  # named with its neighbours, not alone
     ("optim.adamw_lr=0", "optim.adamw_lr must be > 0 (got 0.0)"),
