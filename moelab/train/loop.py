@@ -925,6 +925,10 @@ def smoke_check(run: Run, summary: dict) -> dict:
     loss = summary.get("val_loss")
     if loss is not None and not math.isfinite(loss):
         skipped = summary["skipped"].get("nonfinite", 0)
+        if skipped >= run.step:  # not one finite update: the model, not the optimizer
+            raise UserError(f"smoke check failed: the validation loss is {loss} and all {run.step} updates had a "
+                            "non-finite loss or gradient: this model computes no finite loss; check its settings "
+                            "(model.init_std, model.rope_*/yarn_* scales, model.routed_scaling)")
         raise UserError(f"smoke check failed: the validation loss is {loss} after {run.step} updates ({skipped} "
                         "skipped as non-finite): training diverged; lower the learning rates (optim.muon_lr, "
                         "optim.adamw_lr) or check the data")

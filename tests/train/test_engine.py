@@ -201,6 +201,12 @@ def test_a_smoke_run_that_diverges_fails_naming_the_divergence(tmp_path, prepare
                                         r"\(\d skipped as non-finite\): training diverged; lower the learning rates"):
         train(build_config("test", None, [f"data.path={prepared}", "optim.muon_lr=1e30"]),
               out=str(tmp_path / "smoke"), progress=False, smoke=True)
+    # a model that is non-finite from its first update is pointed at its settings, not the optimizer
+    broken = ["model.attention=mla", "model.rope_scaling=yarn", "model.rope_factor=4",
+              "model.rope_original_max_len=16", "model.yarn_mscale_all_dim=1e30"]
+    with pytest.raises(UserError, match="all 4 updates had a non-finite loss or gradient: this model computes no"):
+        train(build_config("test", None, [f"data.path={prepared}", *broken]), out=str(tmp_path / "broken"),
+              progress=False, smoke=True)
 
 
 def test_logged_metrics_at_the_cadence(tmp_path, prepared):
