@@ -228,6 +228,6 @@ def check_weights_fit(model_cfg, device: torch.device | str, what: str) -> None:
     if need <= available:
         return
     where = "this machine" if device.type == "cpu" else str(device)
-    rope = f", its RoPE tables {(need - 4 * n) / GB:.1f} GB" if need - 4 * n >= 0.05 * GB else ""
-    raise UserError(f"{what} cannot fit: its {n / 1e9:.2f}B parameters take {4 * n / GB:.1f} GB in fp32{rope}, and "
-                    f"{where} has {available / GB:.1f} GB available; use a machine or device with more memory")
+    raise UserError(f"{what} cannot fit: its {n / 1e9:.2f}B parameters take {4 * n / GB:.1f} GB in fp32"
+                    f"{_rope(need - 4 * n)}, and {where} has {available / GB:.1f} GB available; use a machine or "
+                    "device with more memory")
