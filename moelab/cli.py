@@ -172,11 +172,13 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from moelab.eval.generate import Sampler, generate_text
+    from moelab.eval.generate import Sampler, check_prompt, generate_text
     from moelab.eval.target import load_target
 
-    target = load_target(args.target, args.device)
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
+    target = load_target(args.target, args.device)
+    for prompt in args.prompt:  # all refused before any text is printed
+        check_prompt(target.model, target.tokenizer.encode_prompt(prompt))
     for prompt in args.prompt:
         r = generate_text(target.model, target.tokenizer, prompt, args.max_new_tokens, sampler,
                           tuple(args.stop or ()), not args.no_cache)

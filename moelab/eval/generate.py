@@ -12,6 +12,7 @@ and one-token steps, and dropping a prompt token for lack of room helps no one a
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -40,7 +41,11 @@ def inference_routing(model):
 def next_token_probs(logits_V: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Sampling distribution over the vocabulary after temperature, top-k and top-p (nucleus: the
     smallest set of most likely tokens whose probability reaches top_p)."""
-    logits_V = logits_V.float() / temperature
+    logits_V = logits_V.float()
+    # shifted so the top logit is 0 before dividing: a tiny temperature then sends the others to -inf,
+    # not every logit to +-inf (softmax of inf is nan, and multinomial raised)
+    # (a temperature below float32's smallest normal number was 0 in float32: 0/0 is nan)
+    logits_V = (logits_V - logits_V.max()) / max(temperature, torch.finfo(torch.float32).tiny)
     if 0 < top_k < logits_V.numel():
         kth = logits_V.topk(top_k).values[-1]
         logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
@@ -56,6 +61,9 @@ def next_token_probs(logits_V: torch.Tensor, temperature: float, top_k: int, top
     return probs_V
 
 
+SEED_MIN, SEED_MAX = -2**63, 2**64 - 1
+
+
 @dataclass
 class Sampler:
     temperature: float = 0.0  # 0: greedy
@@ -64,9 +72,12 @@ class Sampler:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.temperature >= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:  # nan fails both
-            raise UserError(f"bad sampling settings: temperature {self.temperature} (>= 0), top-k "
+        # nan fails both; an infinite temperature drew uniformly from every token
+        if not 0 <= self.temperature < math.inf or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise UserError(f"bad sampling settings: temperature {self.temperature} (>= 0, finite), top-k "
                             f"{self.top_k} (>= 0), top-p {self.top_p} (in (0, 1])")
+        if not SEED_MIN <= self.seed <= SEED_MAX:  # torch's generator takes a 64-bit seed
+            raise UserError(f"seed {self.seed} is out of range; give a whole number from {SEED_MIN} to {SEED_MAX}")
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, logits_V: torch.Tensor) -> int:
@@ -74,6 +85,16 @@ class Sampler:
             return int(logits_V.argmax())
         probs_V = next_token_probs(logits_V.cpu(), self.temperature, self.top_k, self.top_p)
         return int(torch.multinomial(probs_V, 1, generator=self.generator))
+
+
+def check_prompt(model, prompt_ids: list[int]) -> int:
+    """Refuse a prompt generation cannot continue; returns the model's context length."""
+    if not prompt_ids:
+        raise UserError("empty prompt: give at least one token of text")
+    max_len = model.rope_cos.shape[0]
+    if len(prompt_ids) >= max_len:
+        raise UserError(f"prompt has {len(prompt_ids)} tokens; the model's context is {max_len}")
+    return max_len
 
 
 @torch.no_grad()
@@ -87,11 +108,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
     those rows were never a target, and no text decodes from them)."""
     sampler = sampler or Sampler()
     ends = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
-    if not prompt_ids:
-        raise UserError("empty prompt: give at least one token of text")
-    max_len = model.rope_cos.shape[0]
-    if len(prompt_ids) >= max_len:
-        raise UserError(f"prompt has {len(prompt_ids)} tokens; the model's context is {max_len}")
+    max_len = check_prompt(model, prompt_ids)
     if max_new_tokens < 0:
         raise UserError(f"max new tokens is {max_new_tokens}; give 0 or more")
     if max_new_tokens == 0:

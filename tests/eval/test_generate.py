@@ -106,6 +106,20 @@ def test_top_k_top_p_and_temperature():
         Sampler(temperature=float("nan"))
 
 
+def test_extreme_sampling_settings_are_greedy_or_refused():
+    logits = torch.tensor([1.0, 3.0, 2.5, -4.0])
+    # a tiny temperature is greedy (it was nan: every logit divided to +-inf, or by a float32 zero)
+    for t in (1e-30, 1e-39, 5e-324):
+        assert torch.equal(next_token_probs(logits, t, 0, 1.0), torch.tensor([0.0, 1.0, 0.0, 0.0])), t
+        assert Sampler(temperature=t, seed=1)(logits) == 1
+    # an infinite temperature drew uniformly from every token; a seed past 64 bits overflowed in torch
+    for bad, match in (({"temperature": float("inf")}, "temperature inf"), ({"seed": 2**64}, "seed"),
+                       ({"seed": -2**63 - 1}, "seed")):
+        with pytest.raises(Exception, match=match):
+            Sampler(**bad)
+    Sampler(seed=2**64 - 1)(logits), Sampler(seed=-2**63)(logits)  # torch's whole range is taken
+
+
 @needs_transformers
 def test_sampling_distribution_equals_transformers_warpers():
     """temperature -> top-k -> top-p as transformers' generate applies them, on random cases."""

@@ -259,6 +259,9 @@ def test_cli_generate_is_reproducible_and_stops(trained):
     stopped = run_cli("generate", run, "--prompt", "marker001x", "--temperature", "0", "--max-new-tokens", "20",
                      "--stop", word)
     assert word not in stopped.stdout[len("marker001x"):] and "stopped: stop" in stopped.stderr
+    # a bad second prompt is refused before the first one's text is printed
+    bad = run_cli("generate", run, "--prompt", "marker001x", "--prompt", "", "--max-new-tokens", "2")
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("moelab: error: empty prompt"), bad
 
 
 def test_python_load_gives_model_and_tokenizer_of_a_run_and_an_hf_export(trained):
