@@ -156,7 +156,7 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
     """Leakage audit of a run's own split (re-derived from its config) or of any two text sources.
     Returns the AuditResult."""
     from moelab.config import Config
-    from moelab.data.audit import audit
+    from moelab.data.audit import audit, check_lengths
     from moelab.data.sources import load_corpus
     from moelab.data.split import split_documents
     from moelab.data.tokenizer import load_tokenizer, train_bpe
@@ -171,9 +171,16 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
         from moelab.data.audit import audit_prepared
         from moelab.data.prepare import is_prepared
 
+        def prepared(path, length):
+            if tokenizer:  # it was ignored: the tokens are already there
+                raise UserError(f"--tokenizer does not apply to {path}: prepared data holds tokens already; "
+                                "drop it, or audit raw text with --train A --val B --tokenizer T")
+            check_lengths(ngram, length)
+            return audit_prepared(path, ngram, length, threshold)
+
         cfg_file = Path(run_dir) / "config.yaml"
         if is_prepared(run_dir):
-            return audit_prepared(run_dir, ngram, seq_len or 128, threshold)
+            return prepared(run_dir, seq_len or 128)
         if not cfg_file.is_file():
             raise UserError(f"{run_dir} is neither a run directory (no config.yaml) nor a prepared "
                             "data directory (no manifest.json)")
@@ -182,20 +189,20 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
 
         frozen = Path(run_dir) / RUN_PREPARED  # the copy a raw-source run trained on
         if cfg.data.path or is_prepared(frozen):
-            return audit_prepared(cfg.data.path or frozen, ngram, seq_len or cfg.train.seq_len, threshold)
+            return prepared(cfg.data.path or frozen, seq_len or cfg.train.seq_len)
         from moelab.data.pipeline import pdf_filters
 
+        seq_len = seq_len or cfg.train.seq_len
+        check_lengths(ngram, seq_len)  # before reading and tokenizing the corpus
         corpus = load_corpus(cfg.data.source, cfg.data.max_docs, cfg.data.text_field, pdf_filters(cfg.data))
         train_docs, val_docs = split_documents(corpus.documents, cfg.data.val_fraction, cfg.data.split_salt,
                                                cfg.data.near_dup_split)
         tok = load_tokenizer(tokenizer or Path(run_dir) / "tokenizer")
-        seq_len = seq_len or cfg.train.seq_len
     else:
+        seq_len = seq_len or 128
+        check_lengths(ngram, seq_len)
         train_docs, val_docs = (load_corpus(s, text_field=text_field).documents for s in (train, val))
         tok = load_tokenizer(tokenizer) if tokenizer else train_bpe((d.text for d in train_docs), 8192)
-        seq_len = seq_len or 128
-    if ngram < 2 or seq_len < ngram:  # (prepared directories are checked in audit_ids)
-        raise UserError(f"need 2 <= --ngram ({ngram}) <= --seq-len ({seq_len})")
     return audit(train_docs, val_docs, tok, ngram, seq_len, threshold)
 
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from moelab.data.sources import Document
+from moelab.errors import UserError
 
 _P = np.uint64(0x100000001B3)  # FNV prime: odd, so the hash is a bijection per position
 
@@ -87,10 +88,18 @@ def audit(train: list[Document], val: list[Document], tokenizer, ngram: int = 32
                      [_doc_key(d.text) for d in train], [_doc_key(d.text) for d in val])
 
 
+def check_lengths(ngram: int, seq_len: int) -> None:
+    """An n-gram longer than a window fits in none: the audit would pass without comparing anything."""
+    if ngram < 2 or seq_len < ngram:
+        raise UserError(f"need 2 <= --ngram ({ngram}) <= --seq-len ({seq_len}): a longer n-gram fits in no "
+                        "validation window, so nothing would be compared")
+
+
 def audit_ids(train_names, train_ids, val_names, val_ids, eos_id: int, ngram: int = 32, seq_len: int = 128,
               threshold: float = 0.05, train_keys=None, val_keys=None) -> AuditResult:
     """Audit token sequences (one per document). Duplicates are keyed by normalised text when the
     keys are given, else by the exact token sequence (prepared data stores tokens only)."""
+    check_lengths(ngram, seq_len)
     def key(ids):
         return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
@@ -110,12 +119,15 @@ def audit_ids(train_names, train_ids, val_names, val_ids, eos_id: int, ngram: in
     stream = np.concatenate([np.append(np.asarray(i, dtype=np.int64), eos_id) for i in val_ids]
                             or [np.zeros(0, np.int64)])
     windows = stream.shape[0] // seq_len
+    if not windows:  # (it said CLEAN: 0/0 windows leaked)
+        raise UserError(f"the validation split has {stream.shape[0]} tokens, fewer than one window of {seq_len}: "
+                        "there is no window to audit; lower --seq-len")
     leaked = 0
-    if windows and seq_len >= ngram:
+    if seq_len >= ngram:
         hit = np.isin(ngram_hashes(stream[: windows * seq_len], ngram), seen)
         hit = np.concatenate([hit, np.zeros(ngram - 1, dtype=bool)]).reshape(windows, seq_len)
         leaked = int(hit[:, : seq_len - ngram + 1].any(axis=1).sum())
-    share = leaked / windows if windows else 0.0
+    share = leaked / windows
     # Which validation documents overlap, and with which training document: makes it actionable.
     overlapping = []
     for name, ids in zip(val_names, val_ids):

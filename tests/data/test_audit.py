@@ -229,3 +229,13 @@ def test_data_check_rederives_a_runs_own_split(tmp_path):
     assert result["train_documents"] == split["splits"]["train"]["documents"]
     assert result["val_documents"] == split["splits"]["val"]["documents"]
     assert result["seq_len"] == 64 and not result["duplicate_documents"]
+    # audits that compare nothing are refused, not passed as CLEAN: an n-gram longer than the windows,
+    # a window longer than the whole validation split; and a --tokenizer prepared tokens never used
+    from tests.conftest import run_cli
+
+    for args, said in ((["--seq-len", "8"], "need 2 <= --ngram (32) <= --seq-len (8)"),
+                       (["--ngram", "100"], "need 2 <= --ngram (100) <= --seq-len (64)"),
+                       (["--seq-len", str(10**9)], "fewer than one window of 1000000000"),
+                       (["--tokenizer", str(run / "tokenizer")], "--tokenizer does not apply")):
+        res = run_cli("data", "check", run, *args)
+        assert res.returncode == 2 and said in res.stderr and res.stdout == "", (args, res.stderr)
