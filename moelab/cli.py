@@ -269,8 +269,13 @@ def write_json(path: str, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=1))
 
 
-def _at_least(low: int):
-    """An argparse type: a whole number >= low, else one line naming the option and the bound."""
+def _at_least(low: int, high: int | None = None):
+    """An argparse type: a whole number in [low, high], else one line naming the option and the bound.
+    `high` defaults to the config's bound on integers (a 20-digit --vocab-size overflowed in tokenizers)."""
+    from moelab.config import MAX_INT
+
+    high = MAX_INT if high is None else high
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -278,6 +283,8 @@ def _at_least(low: int):
             raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low} (got {value})")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high} (got {value})")
         return value
     return parse
 
@@ -301,7 +308,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moelab.config import SHARD_TOKENS, TOKENIZER_SAMPLE
+    from moelab.config import MAX_DIM, SHARD_TOKENS, TOKENIZER_SAMPLE
 
     parser = _Parser(
         prog="moelab", description="Train, evaluate and diagnose Mixture-of-Experts language models.")
@@ -430,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--salt", default="moelab", help="changes which documents land in validation")
     p.add_argument("--text-field", default="text", help="text field of JSONL/Parquet records")
     p.add_argument("--tokenizer", help="tokenizer.json or directory (default: train BPE on the train split)")
-    p.add_argument("--vocab-size", type=_at_least(260), default=8192,
+    p.add_argument("--vocab-size", type=_at_least(260, MAX_DIM), default=8192,
                    help="for BPE training (>= 260: bytes + specials)")
     p.add_argument("--max-docs", type=_at_least(0), default=0, help="0: all documents")
     p.add_argument("--doc-chars", type=_at_least(0), default=0,

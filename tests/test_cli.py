@@ -131,6 +131,8 @@ def test_generate_reads_shell_escapes_in_stop_strings(typed, meant):
     (["data", "check", "run", "--ngram", "1"], "argument --ngram: must be >= 2"),
     (["data", "check", "run", "--threshold", "2"], "argument --threshold: must be between 0 and 1"),
     (["data", "prepare", "stdlib", "--out", "d", "--vocab-size", "100"], "argument --vocab-size: must be >= 260"),
+    (["data", "prepare", "stdlib", "--out", "d", "--vocab-size", "9" * 20], "argument --vocab-size: must be <= 2147483647"),
+    (["eval", "run", "--windows", "9" * 20], "argument --windows: must be <= 4611686018427387904"),
     (["eval"], "required: target"),
     (["generate", "run", "--prompt", "x", "--stop", ""], "argument --stop: an empty stop string ends the text"),
     (["eval", "run", "--harness", " , "], "argument --harness: names no task"),
