@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def moelab(*args, cwd=None, env=None):
@@ -99,6 +100,16 @@ def test_train_device_flag_without_a_gpu(tmp_path):
     for device, msg in (("tpu", "tpu is not a device"), ("cuda:1", "no CUDA device"), ("xpu", "no xpu device")):
         res = run_cli("eval", tmp_path, "--device", device)  # a torch RuntimeError traceback for tpu and xpu
         assert res.returncode == 2 and msg in res.stderr and "--device" in res.stderr, res.stderr
+
+
+def test_an_indexed_cpu_device_is_the_cpu(tmp_path):
+    """--device cpu:0 trained 4 updates, then the checkpoint reload said the weights were damaged."""
+    from moelab.train.loop import resolve_device
+    from tests.conftest import run_cli
+
+    assert resolve_device("cpu:0") == resolve_device("cpu:3") == torch.device("cpu")
+    res = run_cli("train", "--preset", "test", "--smoke", "--device", "cpu:0", "--out", tmp_path / "r")
+    assert res.returncode == 0 and "smoke check passed" in res.stdout, res.stderr
 
 
 @pytest.mark.slow

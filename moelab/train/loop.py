@@ -94,6 +94,8 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"{key}={name} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":  # one device: cpu:0 trained, then safetensors refused it at the checkpoint reload
+        return torch.device("cpu")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
