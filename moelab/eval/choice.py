@@ -47,17 +47,34 @@ def _hellaswag_clean(text: str) -> str:
     return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
 
+def _index(value) -> int:
+    """A gold label: a whole number, or its digits as text (HellaSwag's labels are strings). Not a
+    bool or 1.7, which int() turned into 1."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"the label {value!r} is not a whole number")
+    return int(value)
+
+
+def _texts(value) -> list:
+    """The choices: a list (a string was split into its characters)."""
+    if not isinstance(value, list):
+        raise TypeError(f"the choices are a {type(value).__name__}, not a list of texts")
+    return list(value)
+
+
 def _item(rec: dict, fmt: str) -> Item:
     if fmt == "hellaswag":
         ctx = rec["ctx_a"] + " " + rec["ctx_b"].capitalize()
         return Item(_hellaswag_clean(rec["activity_label"] + ": " + ctx),
-                    [_hellaswag_clean(e) for e in rec["endings"]], int(rec["label"]))
+                    [_hellaswag_clean(e) for e in _texts(rec["endings"])], _index(rec["label"]))
     if fmt == "arc":
-        return Item(f"Question: {rec['question']}\nAnswer:", list(rec["choices"]["text"]),
-                    list(rec["choices"]["label"]).index(rec["answerKey"]))
+        return Item(f"Question: {rec['question']}\nAnswer:", _texts(rec["choices"]["text"]),
+                    _texts(rec["choices"]["label"]).index(rec["answerKey"]))
     if fmt == "piqa":
-        return Item(f"Question: {rec['goal']}\nAnswer:", [rec["sol1"], rec["sol2"]], int(rec["label"]))
-    return Item(rec.get("context", rec.get("query")), list(rec["choices"]), int(rec["gold"]))
+        return Item(f"Question: {rec['goal']}\nAnswer:", [rec["sol1"], rec["sol2"]], _index(rec["label"]))
+    return Item(rec.get("context", rec.get("query")), _texts(rec["choices"]), _index(rec["gold"]))
 
 
 def detect_format(rec: dict) -> str:
@@ -157,6 +174,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context = context[:-n_spaces]
     whole = tokenizer.encode_prompt(context + continuation)  # with the <s> a tokenizer puts first, as
     context_enc = tokenizer.encode_prompt(context)  # lm_eval's transformers backend encodes them
+    if not context_enc:  # an all-space context, and no <s>: end-of-text precedes, as lm_eval does for ""
+        return [tokenizer.eos_id], whole
     return context_enc, whole[len(context_enc):]
 
 
@@ -174,6 +193,12 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], batc
 
     max_len = max_len or model.cfg.max_seq_len
     device = next(model.parameters()).device
+    bad = next((i for i, (ctx, cont) in enumerate(requests) if not ctx or len(cont) > max_len), None)
+    if bad is not None:
+        ctx, cont = requests[bad]  # (a shape-mismatch traceback in the loss)
+        raise UserError(f"request {bad + 1} cannot be scored: a continuation of {len(cont)} tokens after "
+                        f"{len(ctx)} of context; it needs at least one token of context and at most "
+                        f"{max_len} (the model's context) of continuation")
     seqs = [((ctx + cont)[-(max_len + 1):][:-1], cont) for ctx, cont in requests]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # similar lengths share a batch
     results: list[tuple[float, bool] | None] = [None] * len(seqs)
@@ -204,6 +229,9 @@ def eval_choice(target, task: str, limit: int = 0, batch_size: int = 16, loaded=
             ctx, cont = encode_pair(tok, it.context, " " + choice)
             if not cont:
                 raise UserError(f"{task} item {n + 1}: a choice tokenizes to nothing")
+            if len(cont) > target.model.cfg.max_seq_len:  # the harness cannot score it either
+                raise UserError(f"{task} item {n + 1}: a choice of {len(cont)} tokens is longer than the "
+                                f"model's context ({target.model.cfg.max_seq_len}); shorten or drop the item")
             requests.append((ctx, cont))
     lls = [ll for ll, _ in score_continuations(target.model, requests, batch_size)]
     acc, acc_norm, pos = [], [], 0

@@ -147,7 +147,14 @@ def test_bad_task_files_are_one_line_errors(tmp_path, trained):
                       ('{"context": "a", "choices": ["x", ""], "gold": 0}\n', "item 1: choice 1 is empty"),
                       ('[1, 2]\n', "line 1 is a JSON list, not an object"),
                       ('{"context": "a", "choices": ["x"], "gold": 0}\n', "has 1 choice.* at least 2"),
-                      ('{"context": "", "choices": ["x", "y"], "gold": 0}\n', "context is empty")):
+                      ('{"context": "", "choices": ["x", "y"], "gold": 0}\n', "context is empty"),
+                      # these were read as something else: "xy" as the choices x and y, 1.7 and true as gold 1
+                      ('{"context": "a", "choices": "xy", "gold": 0}\n', "the choices are a str, not a list"),
+                      ('{"context": "a", "choices": ["x", "y"], "gold": 1.7}\n', "label 1.7 is not a whole number"),
+                      ('{"context": "a", "choices": ["x", "y"], "gold": true}\n', "label True is not a whole"),
+                      # a traceback: the continuation's positions ran off the front of the window
+                      ('{"context": "a", "choices": ["%s", "y"], "gold": 0}\n' % ("x " * 3000),
+                       "item 1: a choice of .* tokens is longer than the model's context")):
         bad.write_text(text)
         with pytest.raises(UserError, match=msg):
             eval_choice(target, str(bad))
@@ -156,6 +163,25 @@ def test_bad_task_files_are_one_line_errors(tmp_path, trained):
     bad.write_bytes(b'{"context": "caf\xe9", "choices": ["x", "y"], "gold": 0}\n')  # Latin-1, not UTF-8
     with pytest.raises(UserError, match="save it as UTF-8"):
         eval_choice(target, str(bad))
+
+
+def test_a_context_of_spaces_is_scored_after_end_of_text_as_lm_eval_scores_an_empty_one(tmp_path, trained):
+    """The spaces move to the continuation, leaving no context token: a shape-mismatch traceback."""
+    target = load_target(str(trained / "run"))
+    tok = target.tokenizer
+    assert not tok.doc_prefix  # (a tokenizer with <s> puts it first: there is always a context)
+    ctx, cont = encode_pair(tok, "  ", "the expert")
+    assert ctx == [tok.eos_id] and cont == tok.encode("  the expert")
+    (f := tmp_path / "t.jsonl").write_text('{"context": " ", "choices": ["the expert", "zq"], "gold": 0}\n')
+    got = eval_choice(target, str(f))
+    assert got["items"] == 1 and got["acc"] in (0.0, 1.0)
+    with torch.no_grad():  # the same log-likelihood as scoring the whole text after end-of-text by hand
+        ids = torch.tensor([[tok.eos_id] + cont])
+        logp = target.model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).sum()
+    (ll, _), = score_continuations(target.model, [(ctx, cont)])
+    assert ll == pytest.approx(float(logp), abs=1e-4)
+    with pytest.raises(UserError, match="request 2 cannot be scored"):
+        score_continuations(target.model, [(ctx, cont), ([], cont)])
 
 
 def test_task_file_with_byte_order_mark_and_line_separators_in_strings(tmp_path):
