@@ -337,6 +337,10 @@ def test_text_field_of_source_records_for_eval_routing_and_data_check(trained, t
     assert res.returncode == 2 and "no field 'text' (has body)" in res.stderr and "--text-field NAME" in res.stderr
     res = run_cli("eval", run, "--source", src, "--text-field", "body", "--no-xz")
     assert res.returncode == 0 and "(3 documents, all of them)" in res.stdout, res.stderr
+    with src.open("a") as f:  # records without the field are named, not silently left out
+        f.write(json.dumps({"text": "x"}) + "\n")
+    res = run_cli("eval", run, "--source", src, "--text-field", "body", "--no-xz")
+    assert "(3 documents, all of them; 1 skipped, such as a.jsonl#4: no field 'body' (has text))" in res.stdout
     res = run_cli("eval", run, "--text-field", "body")  # would be ignored: refused instead
     assert res.returncode == 2 and "give --source too" in res.stderr
     res = run_cli("routing", run, "--source", src, "--text-field", "body", "--no-plots", "--out", tmp_path / "r")

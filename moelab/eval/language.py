@@ -68,7 +68,11 @@ def eval_windows_for(target, split: str, data: str | None, source: str | None, s
         corpus = load_corpus(source, text_field=text_field or own)
         ids = target.tokenizer.encode_batch([d.text for d in corpus.documents])
         windows = make_windows(pack(ids, target.tokenizer.eos_id, target.tokenizer.doc_prefix), seq_len)
-        where = f"{source} ({len(corpus.documents)} documents, all of them)"
+        where = f"{source} ({len(corpus.documents)} documents, all of them"
+        if corpus.skipped:  # said, not silently measured on part of the source
+            name, reason = corpus.skipped[0]
+            where += f"; {len(corpus.skipped)} skipped, such as {name}: {reason}"
+        where += ")"
     else:
         if data is None:
             if target.run_dir is None:
