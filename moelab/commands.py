@@ -35,12 +35,9 @@ def model_config_for(target: str, overrides: list[str] | tuple[str, ...] = ()):
     if overrides:
         raise UserError(f"{target} is a trained model; key=value overrides apply to a preset or a config file")
     if is_hf_dir(target):
-        from moelab.models.hf import _require_transformers, model_config_from_hf
+        from moelab.models.hf import read_hf_model_config
 
-        hf = _require_transformers().AutoConfig.from_pretrained(target)
-        cfg = Config(model=model_config_from_hf(hf))
-        cfg.train.seq_len = min(cfg.train.seq_len, cfg.model.max_seq_len)
-        return cfg.resolve().model
+        return read_hf_model_config(target)
     ckpt = resolve_checkpoint(target, hf_too=True)
     return Config.from_yaml_file(ckpt / "config.yaml").resolve().model
 

@@ -217,6 +217,9 @@ def model_config_from_hf(hf) -> ModelConfig:
             continue  # Qwen3 keeps a window value but only uses it with use_sliding_window
         if have != want and not (name == "sliding_window" and have >= hf.max_position_embeddings):
             raise _refuse(arch, name, have, want)
+    if not (isinstance(hf.vocab_size, int) and hf.vocab_size >= 1):  # 0 is moelab's "the tokenizer's": it crashed
+        raise UserError(f"config.json gives vocab_size={hf.vocab_size!r}; a model needs at least 1 token: "
+                        "fix it, or use the model's own config.json")
     n_heads = hf.num_attention_heads
     m = ModelConfig(
         vocab_size=hf.vocab_size, d_model=hf.hidden_size, n_layers=hf.num_hidden_layers, n_heads=n_heads,
@@ -428,7 +431,13 @@ def _moelab_config(hf_config):
 def read_hf_model_config(path: str | Path) -> ModelConfig:
     """The moelab model config of a Hugging Face directory, from its config.json alone."""
     transformers = _require_transformers()
-    return _moelab_config(transformers.AutoConfig.from_pretrained(str(path)))
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(str(path))
+    except Exception as exc:  # no model_type, a field of the wrong type, not JSON: transformers' tracebacks
+        reason = " ".join(str(exc).split())[:240] or type(exc).__name__
+        raise UserError(f"cannot read {Path(path) / 'config.json'} as a transformers config ({reason}); "
+                        "fix it, or use the model's own config.json") from None
+    return _moelab_config(hf_config)
 
 
 def from_hf(hf_model):

@@ -666,6 +666,32 @@ def test_a_damaged_generation_config_is_refused_by_convert_not_later_by_export(t
     assert run_cli("convert", src, "--out", tmp_path / "run").returncode == 0
 
 
+def test_a_damaged_config_json_is_one_line_for_info_convert_and_eval(tmp_path):
+    """No model_type, a field of the wrong type, not JSON: transformers' tracebacks; vocab_size 0 (moelab's
+    "from the tokenizer") an AssertionError in the model build."""
+    import json
+    import re
+
+    from tests.conftest import run_cli
+
+    src = export_hf(_model("qwen3_moe-tiny", {}), tmp_path / "src")
+    good = json.loads((src / "config.json").read_text())
+    for text, said in ((json.dumps({k: v for k, v in good.items() if k != "model_type"}), "should have a `model_type`"),
+                       (json.dumps(good | {"hidden_size": "wide"}), "'hidden_size' expected int, got str"),
+                       (json.dumps(good)[:-5], "is not a valid JSON file"),
+                       (json.dumps(good | {"vocab_size": 0}), "config.json gives vocab_size=0")):
+        (src / "config.json").write_text(text)
+        for cmd in (["info", src], ["convert", src, "--out", tmp_path / "run"]):
+            res = run_cli(*cmd)
+            lines = res.stderr.strip().splitlines()
+            assert res.returncode == 2 and len(lines) == 1 and said.lower() in lines[0].lower(), (cmd, res.stderr)
+        assert not (tmp_path / "run").exists()
+        with pytest.raises(UserError, match="(?i)" + re.escape(said)):  # eval, generate, moelab.load
+            load_hf(src)
+    (src / "config.json").write_text(json.dumps(good))
+    assert run_cli("info", src).returncode == 0
+
+
 def test_a_damaged_hf_weights_file_is_one_line(tmp_path):
     """A weights file cut short by an interrupted download or copy: eval and convert ended in a
     SafetensorError traceback from inside transformers."""
