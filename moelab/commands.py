@@ -61,8 +61,15 @@ def info(target: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
 
 def _generation_ids(src: Path) -> dict:
     """The token ids to write as a generation_config.json for an HF directory that has none (those
-    of its config.json, which moelab's model config has no place for); {} where it has its own,
-    which is read here so that a damaged one is refused before the conversion, not at export."""
+    of its config.json, which moelab's model config has no place for); {} where it has its own.
+    The files convert copies (tokenizer.json, tokenizer_config.json, generation_config.json) are read
+    here, so a damaged one is refused before the conversion: it was copied, and the run failed later."""
+    if (src / "tokenizer.json").is_file():
+        from moelab.data.tokenizer import read_tokenizer_file
+
+        read_tokenizer_file(src / "tokenizer.json")
+    if (src / "tokenizer_config.json").is_file():
+        _token_ids(src / "tokenizer_config.json")
     if (src / "generation_config.json").is_file():
         _token_ids(src / "generation_config.json")
         return {}
@@ -86,7 +93,9 @@ def _token_ids(file: Path) -> dict:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read {file}: {exc}; fix or remove it") from None
-    return {k: data[k] for k in TOKEN_IDS if isinstance(data, dict) and data.get(k) is not None}
+    if not isinstance(data, dict):
+        raise UserError(f"cannot read {file}: it holds a JSON {type(data).__name__}, not an object; fix or remove it")
+    return {k: data[k] for k in TOKEN_IDS if data.get(k) is not None}
 
 
 def convert(hf_dir: str, out: str) -> Path:

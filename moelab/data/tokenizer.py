@@ -310,18 +310,23 @@ def fewer_tokens_note(learnt: int, asked: str) -> str:
             "pairs to merge (more or more varied text gives more)")
 
 
-def load_tokenizer(path: str | Path) -> TextTokenizer:
-    """From a tokenizer.json file, or a directory holding one (a Hugging Face tokenizer dir)."""
+def read_tokenizer_file(file: Path):
+    """A `tokenizers.Tokenizer` from a tokenizer.json; a damaged one is a one-line UserError."""
     from tokenizers import Tokenizer
 
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # tokenizers raises plain Exception subclasses
+        raise UserError(f"cannot read tokenizer {file}: {str(exc).splitlines()[0]}") from None
+
+
+def load_tokenizer(path: str | Path) -> TextTokenizer:
+    """From a tokenizer.json file, or a directory holding one (a Hugging Face tokenizer dir)."""
     p = Path(path).expanduser()
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise UserError(f"tokenizer not found: {path} (give a tokenizer.json or a directory with one)")
-    try:
-        tk = Tokenizer.from_file(str(file))
-    except Exception as exc:  # tokenizers raises plain Exception subclasses
-        raise UserError(f"cannot read tokenizer {file}: {str(exc).splitlines()[0]}") from None
+    tk = read_tokenizer_file(file)
     eos = None
     cfg_file = file.parent / "tokenizer_config.json"
     if cfg_file.is_file():
@@ -330,7 +335,7 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
             eos = eos.get("content") if isinstance(eos, dict) else eos
         except (json.JSONDecodeError, AttributeError):
             eos = None
-    tok = TextTokenizer(tk, eos)
+    tok = TextTokenizer(tk, eos if isinstance(eos, str) else None)  # (a number was a traceback in tokenizers)
     tok.end_ids |= _generation_end_ids(file.parent / "generation_config.json", tok.vocab_size)
     tok.origin = file.parent
     return tok

@@ -666,6 +666,33 @@ def test_a_damaged_generation_config_is_refused_by_convert_not_later_by_export(t
     assert run_cli("convert", src, "--out", tmp_path / "run").returncode == 0
 
 
+def test_damaged_tokenizer_files_are_refused_by_convert_not_copied(tmp_path):
+    """convert copied a cut tokenizer.json or a tokenizer_config.json that is not a JSON object into the
+    run, and reported success; the run failed at its first use."""
+    import shutil
+
+    from moelab.data.tokenizer import load_tokenizer
+    from tests.conftest import run_cli
+
+    good = export_hf(_model("qwen3_moe-tiny", {}), tmp_path / "good")
+    _hf_tokenizer(good)
+    whole = (good / "tokenizer.json").read_text()
+    for name, text, said in (("tokenizer.json", whole[:500], "cannot read tokenizer"),
+                             ("tokenizer_config.json", "{x", "tokenizer_config.json: Expecting property name"),
+                             ("tokenizer_config.json", "[1]", "tokenizer_config.json: it holds a JSON list")):
+        src = tmp_path / "src"
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(good, src)
+        (src / name).write_text(text)
+        res = run_cli("convert", src, "--out", tmp_path / "run")
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and said in lines[0], res.stderr
+        assert not (tmp_path / "run").exists()
+    (src / "tokenizer_config.json").write_text('{"eos_token": 5}')  # not a token's text: tokenizers' traceback
+    assert load_tokenizer(src).eos_token == "</s>"  # found among the usual names instead
+    assert run_cli("convert", src, "--out", tmp_path / "run").returncode == 0
+
+
 def test_a_damaged_config_json_is_one_line_for_info_convert_and_eval(tmp_path):
     """No model_type, a field of the wrong type, not JSON: transformers' tracebacks; vocab_size 0 (moelab's
     "from the tokenizer") an AssertionError in the model build."""
