@@ -37,7 +37,10 @@ class TextTokenizer:
     def __init__(self, tokenizer, eos_token: str | None = None):
         self.tk = tokenizer
         eos = eos_token or next((t for t in EOS_CANDIDATES if tokenizer.token_to_id(t) is not None), None)
-        if eos is None or tokenizer.token_to_id(eos) is None:
+        if eos_token and tokenizer.token_to_id(eos_token) is None:  # a tokenizer_config.json naming another
+            raise UserError(f"the tokenizer's end-of-text token {eos_token!r} (its tokenizer_config.json's eos_token) "
+                            "is not in its vocabulary; fix eos_token, or use the model's own tokenizer files")
+        if eos is None:
             raise UserError("tokenizer has no end-of-text token (looked for "
                             + ", ".join(EOS_CANDIDATES) + "); add one or train a new tokenizer")
         self.eos_token, self.eos_id = eos, tokenizer.token_to_id(eos)

@@ -690,6 +690,11 @@ def test_damaged_tokenizer_files_are_refused_by_convert_not_copied(tmp_path):
         assert not (tmp_path / "run").exists()
     (src / "tokenizer_config.json").write_text('{"eos_token": 5}')  # not a token's text: tokenizers' traceback
     assert load_tokenizer(src).eos_token == "</s>"  # found among the usual names instead
+    (src / "tokenizer_config.json").write_text('{"eos_token": "<|nope|>"}')  # it said: no end-of-text token
+    with pytest.raises(UserError, match=r"end-of-text token '<\|nope\|>' \(its tokenizer_config.json's eos_token\) "
+                                        "is not in its vocabulary"):
+        load_tokenizer(src)
+    (src / "tokenizer_config.json").write_text('{"eos_token": 5}')
     assert run_cli("convert", src, "--out", tmp_path / "run").returncode == 0
 
 
