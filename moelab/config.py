@@ -256,7 +256,8 @@ class Config:
              f"model.n_group must divide model.n_experts, and model.topk_group <= model.n_group "
              f"(got n_group {m.n_group}, n_experts {m.n_experts}, topk_group {m.topk_group})"),
             (m.n_group == 1 or m.n_experts == 0 or m.top_k <= m.topk_group * (m.n_experts // m.n_group),
-             "model.top_k exceeds the experts reachable in model.topk_group groups"),
+             f"model.top_k ({m.top_k}) exceeds the experts reachable in model.topk_group groups "
+             f"({m.topk_group} x {m.n_experts // max(m.n_group, 1)} experts per group)"),
             (m.expert_backend in ("auto", "grouped", "padded", "loop"),
              f"model.expert_backend must be auto, grouped, padded or loop (got {m.expert_backend!r})"),
             (bool(d.source.strip() or d.path), "data.source is empty: give stdlib, a file, a folder, a glob "
