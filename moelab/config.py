@@ -517,6 +517,8 @@ def apply_override(cfg: Config, item: str) -> None:
             prefix = ".".join(parts[:i]) + "." if i else ""
             raise _unknown_key(".".join(parts[: i + 1]), obj, prefix, "." + ".".join(parts[i + 1:]))
         obj = getattr(obj, part)
+    if isinstance(value, (dict, list)) and _field_types(obj).get(parts[-1]) is str:
+        node[parts[-1]] = raw  # data.source=hf: read as YAML is {'hf': None}: "expects str, got {'hf': None}"
     apply_mapping(cfg, nested, "")
 
 

@@ -54,6 +54,11 @@ def test_bad_values_and_invalid_configs():
     assert build_config("tiny", None, ["train.steps=1e4"]).train.steps == 10_000  # YAML reads 1e4 as text
     with pytest.raises(UserError, match="expects int, got 2.5"):
         build_config("tiny", None, ["train.steps=2.5e0"])
+    # a text setting keeps what was typed where YAML would read a mapping or a list ("expects str, got {'hf': None}")
+    for typed in ("hf:", "notes: a", "[a, b]"):
+        assert build_config("tiny", None, [f"data.source={typed}"]).data.source == typed
+    with pytest.raises(UserError, match=r"expects int, got \[1\]"):
+        build_config("tiny", None, ["model.n_experts=[1]"])
 
 
 @pytest.mark.parametrize("item, expect", [
