@@ -218,21 +218,27 @@ def score_continuations(model, requests: list[tuple[list[int], list[int]]], batc
     return results
 
 
+def choice_requests(tokenizer, items: list[Item], task: str, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) of every choice of every item, each checked to be scorable by a
+    model whose context is `max_len` (training checks its tasks with this before its first update)."""
+    requests = []
+    for n, it in enumerate(items):
+        for choice in it.choices:
+            ctx, cont = encode_pair(tokenizer, it.context, " " + choice)
+            if not cont:
+                raise UserError(f"{task} item {n + 1}: a choice tokenizes to nothing")
+            if len(cont) > max_len:  # the harness cannot score it either
+                raise UserError(f"{task} item {n + 1}: a choice of {len(cont)} tokens is longer than the "
+                                f"model's context ({max_len}); shorten or drop the item")
+            requests.append((ctx, cont))
+    return requests
+
+
 def eval_choice(target, task: str, limit: int = 0, batch_size: int = 16, loaded=None) -> dict:
     """acc and acc_norm (with standard errors) of a loaded model on a multiple-choice task
     (`loaded`: the task's (name, items) when already read)."""
     name, items = loaded or load_task(task, limit)
-    tok = target.tokenizer
-    requests = []
-    for n, it in enumerate(items):
-        for choice in it.choices:
-            ctx, cont = encode_pair(tok, it.context, " " + choice)
-            if not cont:
-                raise UserError(f"{task} item {n + 1}: a choice tokenizes to nothing")
-            if len(cont) > target.model.cfg.max_seq_len:  # the harness cannot score it either
-                raise UserError(f"{task} item {n + 1}: a choice of {len(cont)} tokens is longer than the "
-                                f"model's context ({target.model.cfg.max_seq_len}); shorten or drop the item")
-            requests.append((ctx, cont))
+    requests = choice_requests(target.tokenizer, items, task, target.model.cfg.max_seq_len)
     lls = [ll for ll, _ in score_continuations(target.model, requests, batch_size)]
     acc, acc_norm, pos = [], [], 0
     for it in items:

@@ -128,15 +128,16 @@ def autocast_for(device: torch.device, precision: str):
 
 def setup(cfg: Config, out: str | None = None, resume: str | None = None,
           overrides: tuple[str, ...] = (), smoke: bool = False, progress: bool | None = False,
-          config_given: bool = False) -> Run:
+          config_given: bool = False, choice: list | None = None) -> Run:
     """Build everything a run needs; on resume, restore it from the newest (or given) checkpoint.
     A run directory this call starts (new, or a fork) is removed again if setting up fails, so the
     corrected command can use the same --out. `progress`: the stages of preparing raw data are
-    said (None: on a terminal only, so a refusal in a log or pipe stays one line)."""
+    said (None: on a terminal only, so a refusal in a log or pipe stays one line). `choice`: the
+    multiple-choice tasks of train.choice_tasks as loaded, checked against the tokenizer and context."""
     if not is_rank0():
         return _follow_setup()
     try:
-        run = _setup_run(cfg, out, resume, overrides, smoke, progress, config_given)
+        run = _setup_run(cfg, out, resume, overrides, smoke, progress, config_given, choice)
     except BaseException as exc:
         why = str(exc) if isinstance(exc, UserError) else f"set-up failed on rank 0 ({type(exc).__name__})"
         dp.share({"error": why})
@@ -160,7 +161,7 @@ def _follow_setup() -> Run:
 
 
 def _setup_run(cfg: Config, out: str | None, resume: str | None, overrides: tuple[str, ...], smoke: bool,
-               progress: bool | None, config_given: bool = False) -> Run:
+               progress: bool | None, config_given: bool = False, choice: list | None = None) -> Run:
     ckpt = None
     if resume:
         run_dir, ckpt, cfg = _resume_target(resume, out, cfg, overrides, config_given)
@@ -189,6 +190,11 @@ def _setup_run(cfg: Config, out: str | None, resume: str | None, overrides: tupl
 
         setup_config = cfg.to_dict()  # what the other ranks set up from (before _setup resolves it)
         run = _setup(cfg, run_dir, ckpt, smoke, stage_printer(progress))
+        if choice:  # a choice longer than the context failed at the first multiple-choice evaluation
+            from moelab.eval.choice import choice_requests
+
+            for spec, (_, items) in choice:
+                choice_requests(run.data.tokenizer, items, spec, run.model.cfg.max_seq_len)
         run.restarted, run.setup_config = restart, setup_config
         run.started_new = bool(resume) and ckpt is None and not restart
     except BaseException:
@@ -676,7 +682,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
             raise
         if done is not None:
             return done
-        run = setup(cfg, out, resume, overrides, smoke, progress, config_given)
+        run = setup(cfg, out, resume, overrides, smoke, progress, config_given, choice)
         try:
             return _train(run, choice, asked, progress, smoke)
         finally:

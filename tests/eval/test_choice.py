@@ -210,6 +210,13 @@ def test_bad_choice_task_fails_before_training(tmp_path):
     res = run_cli("train", "--preset", "test", "--out", tmp_path / "r", "train.choice_tasks=missing.jsonl")
     assert res.returncode == 2 and "no such task file" in res.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+    # a choice longer than the context is known once the tokenizer is: before the first update, not at
+    # the first multiple-choice evaluation, and the run directory goes again, so the same --out works
+    (task := tmp_path / "long.jsonl").write_text(json.dumps({"context": "a", "choices": ["b " * 200, "c"], "gold": 0}))
+    res = run_cli("train", "--preset", "test", "--out", tmp_path / "r", f"train.choice_tasks={task}",
+                  "train.choice_every=1", "train.steps=2")
+    assert res.returncode == 2 and "long.jsonl item 1: a choice of" in res.stderr and "step 1" not in res.stdout
+    assert not (tmp_path / "r").exists()
 
 
 def test_continuations_are_projected_a_chunk_at_a_time(trained):
