@@ -250,12 +250,31 @@ def _output_dir(text: str) -> str:
     return text
 
 
+# the top-level keys of what `eval --json` and `data check --json` write: such a file is theirs to replace
+EVAL_RESULT_KEYS = frozenset({"model", "language", "choice", "harness"})
+AUDIT_RESULT_KEYS = frozenset({"ngram", "seq_len", "threshold", "verdict", "leaked_windows"})
+
+
+def _is_result_file(p: Path) -> bool:
+    import json
+
+    try:
+        old = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(old, dict) and ("model" in old and set(old) <= EVAL_RESULT_KEYS or AUDIT_RESULT_KEYS <= set(old))
+
+
 def _output_file(text: str) -> str:
     """An argparse type for a file the command writes at its end: refused at once if it cannot be one,
-    rather than as a traceback after the work is done."""
+    rather than as a traceback after the work is done. An existing file is replaced only if an earlier
+    --json wrote it (--json RUN/metrics.jsonl replaced the run's training log)."""
     p = Path(text).expanduser()
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
+    if p.exists() and not _is_result_file(p):
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a result file an earlier --json wrote; "
+                                         "give a new file name (it was left as it is)")
     _writable_parent(p, text)
     return str(p)
 
