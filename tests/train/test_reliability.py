@@ -199,7 +199,7 @@ def test_loss_spike_is_skipped_and_counted(prepared, tmp_path):
     assert res.returncode == 0, res.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["skipped"] == {"nonfinite": 0, "spike": 1, "overflow": 0}
-    assert "update 18: spike" in res.stderr
+    assert "update 18: spike loss/gradient, update skipped (skipped so far: spike 1)" in res.stderr
 
 
 def test_out_of_memory_names_the_micro_batch_to_try(prepared, tmp_path):
