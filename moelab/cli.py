@@ -259,7 +259,8 @@ def _is_result_file(p: Path) -> bool:
     import json
 
     try:
-        old = json.loads(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        old = json.loads(text) if text.strip() else {"model": ""}  # an empty file (mktemp's) holds nothing to lose
     except (OSError, UnicodeDecodeError, ValueError):
         return False
     return isinstance(old, dict) and ("model" in old and set(old) <= EVAL_RESULT_KEYS or AUDIT_RESULT_KEYS <= set(old))

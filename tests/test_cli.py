@@ -191,9 +191,10 @@ def test_json_output_path_is_checked_before_the_work_and_its_folder_made(tmp_pat
     res = run_cli(*check, "--json", tmp_path / "new" / "r.json")
     assert res.returncode in (0, 1) and "val_windows" in (tmp_path / "new" / "r.json").read_text()
     # an earlier result is replaced; any other file is left as it is (--json RUN/metrics.jsonl replaced the log)
-    (tmp_path / "new" / "r.json").write_text('{"model": "x", "language": {}}')
-    assert run_cli(*check, "--json", tmp_path / "new" / "r.json").returncode in (0, 1)
-    assert "val_windows" in (tmp_path / "new" / "r.json").read_text()
+    for earlier in ('{"model": "x", "language": {}}', ""):  # an eval result; an empty file (mktemp's)
+        (tmp_path / "new" / "r.json").write_text(earlier)
+        assert run_cli(*check, "--json", tmp_path / "new" / "r.json").returncode in (0, 1)
+        assert "val_windows" in (tmp_path / "new" / "r.json").read_text()
     for name, text in (("metrics.jsonl", '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'),
                        ("summary.json", '{"steps": 2, "val_loss": 1.5}'), ("notes.txt", "mine")):
         (tmp_path / name).write_text(text)
