@@ -220,6 +220,9 @@ def model_config_from_hf(hf) -> ModelConfig:
     if not (isinstance(hf.vocab_size, int) and hf.vocab_size >= 1):  # 0 is moelab's "the tokenizer's": it crashed
         raise UserError(f"config.json gives vocab_size={hf.vocab_size!r}; a model needs at least 1 token: "
                         "fix it, or use the model's own config.json")
+    if not (isinstance(hf.max_position_embeddings, int) and hf.max_position_embeddings >= 2):  # said as train.seq_len
+        raise UserError(f"config.json gives max_position_embeddings={hf.max_position_embeddings!r}; a model needs a "
+                        "context of at least 2 positions: fix it, or use the model's own config.json")
     n_heads = hf.num_attention_heads
     m = ModelConfig(
         vocab_size=hf.vocab_size, d_model=hf.hidden_size, n_layers=hf.num_hidden_layers, n_heads=n_heads,

@@ -711,7 +711,9 @@ def test_a_damaged_config_json_is_one_line_for_info_convert_and_eval(tmp_path):
     for text, said in ((json.dumps({k: v for k, v in good.items() if k != "model_type"}), "should have a `model_type`"),
                        (json.dumps(good | {"hidden_size": "wide"}), "'hidden_size' expected int, got str"),
                        (json.dumps(good)[:-5], "is not a valid JSON file"),
-                       (json.dumps(good | {"vocab_size": 0}), "config.json gives vocab_size=0")):
+                       (json.dumps(good | {"vocab_size": 0}), "config.json gives vocab_size=0"),
+                       # said as "train.seq_len must be >= 2 (got 0)", a setting the file does not have
+                       (json.dumps(good | {"max_position_embeddings": 0}), "gives max_position_embeddings=0")):
         (src / "config.json").write_text(text)
         for cmd in (["info", src], ["convert", src, "--out", tmp_path / "run"]):
             res = run_cli(*cmd)
