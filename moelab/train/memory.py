@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 from pathlib import Path
 
 import torch
@@ -72,19 +73,25 @@ def saved_activation_bytes(model, batch_size: int, n_tokens: int, autocast=conte
     Qwen3-0.6B measure on an AVX2 EPYC), and what they keep is known exactly."""
     counted = fused_loss_bytes(model, batch_size * n_tokens, autocast) if count_head else None
     own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    held: dict[int, int] = {}
+    saved: list[weakref.ref] = []
 
     def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in own:
-            held[s.data_ptr()] = max(held.get(s.data_ptr(), 0), s.nbytes())
+        saved.append(weakref.ref(t))  # alive while the graph holds it
         return t
 
     device = next(model.parameters()).device
     ids = torch.randint(0, model.cfg.vocab_size, (2, batch_size, n_tokens), generator=generator).to(device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
         out = model(ids[0], targets=ids[1]) if counted is None else model(ids[0], logits=False)
-    del out  # the graph and what it holds
+    # counted once the forward is done, over what is still held: counted as saved, a storage the
+    # graph had freed (a branch no output needs) and another allocated at its address later were
+    # taken for one, so the sum moved by some KB with the allocator's state
+    held: dict[int, int] = {}
+    t = None
+    for ref in saved:
+        if (t := ref()) is not None and (s := t.untyped_storage()).data_ptr() not in own:
+            held[s.data_ptr()] = max(held.get(s.data_ptr(), 0), s.nbytes())
+    del out, t  # the graph and what it holds
     return sum(held.values()) + (counted or 0)
 
 
