@@ -752,7 +752,8 @@ def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -
             window.end_first_update()
             if verdict != "ok":
                 so_far = ", ".join(f"{kind} {n}" for kind, n in run.guard.skipped.items() if n)  # not a dict's repr
-                _write(bar, say, f"update {step_no}: {verdict} loss/gradient, update skipped (skipped so far: {so_far})")
+                _write(bar, say, f"update {step_no}: {verdict} loss/gradient, update skipped "
+                                 f"(skipped so far: {so_far})")
             bar.update(1)
             if run.step % t.log_every == 0 or run.step == t.steps:
                 rec = window.flush(run.step, run.optimizer)
