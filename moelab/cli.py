@@ -250,20 +250,28 @@ def _output_dir(text: str) -> str:
     return text
 
 
-# the top-level keys of what `eval --json` and `data check --json` write: such a file is theirs to replace
-EVAL_RESULT_KEYS = frozenset({"model", "language", "choice", "harness"})
-AUDIT_RESULT_KEYS = frozenset({"ngram", "seq_len", "threshold", "verdict", "leaked_windows"})
+EVAL_RESULT_KEYS = frozenset({"model", "language", "choice", "harness"})  # what `eval --json` writes
 
 
 def _is_result_file(p: Path) -> bool:
+    """Whether an earlier `eval --json` or `data check --json` (an AuditResult) wrote `p`, or it is empty."""
+    import dataclasses
     import json
+
+    from moelab.data.audit import AuditResult
 
     try:
         text = p.read_text(encoding="utf-8")
-        old = json.loads(text) if text.strip() else {"model": ""}  # an empty file (mktemp's) holds nothing to lose
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError):
         return False
-    return isinstance(old, dict) and ("model" in old and set(old) <= EVAL_RESULT_KEYS or AUDIT_RESULT_KEYS <= set(old))
+    if not text.strip():  # an empty file (mktemp's) holds nothing to lose
+        return True
+    try:
+        old = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(old, dict) and (set(old) == {f.name for f in dataclasses.fields(AuditResult)}
+                                      or "model" in old and set(old) <= EVAL_RESULT_KEYS)
 
 
 def _output_file(text: str) -> str:
