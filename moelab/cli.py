@@ -235,9 +235,21 @@ def _task_list(text: str) -> str:
 
 
 def _writable_parent(p: Path, text: str) -> None:
-    parent = next((q for q in p.parents if q.exists()), Path("."))
+    """Refuse, before any work, a path the command could not write once the work is done: one below a
+    file, or in a folder that takes no new file (read-only, no permission, /proc). Tried by making and
+    removing a file there, since os.access says yes to root and knows nothing of special file systems."""
+    import tempfile
+
+    parent = p if p.is_dir() else next((q for q in p.parents if q.exists()), Path("."))
     if not parent.is_dir():
         raise argparse.ArgumentTypeError(f"{parent} is a file, so {text} cannot be written")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".moelab-probe-", dir=parent)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write in {parent} ({e.strerror or e}), so {text} "
+                                         "cannot be written; choose another place") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _output_dir(text: str) -> str:

@@ -189,8 +189,12 @@ def test_json_output_path_is_checked_before_the_work_and_its_folder_made(tmp_pat
     for bad, msg in ((tmp_path, "is a directory"), (tmp_path / "a.txt" / "r.json", "is a file")):
         res = moelab(*map(str, check), "--json", str(bad))
         assert res.returncode == 2 and msg in res.stderr and res.stdout == ""  # refused before the audit ran
+    if Path("/proc/self").is_dir():  # the temporary file beside it failed after the audit, naming that file
+        res = moelab(*map(str, check), "--json", "/proc/r.json")
+        assert res.returncode == 2 and "cannot write in /proc (" in res.stderr and res.stdout == "", res.stderr
     res = run_cli(*check, "--json", tmp_path / "new" / "r.json")
     assert res.returncode in (0, 1) and "val_windows" in (tmp_path / "new" / "r.json").read_text()
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["r.json"]  # the write probe left nothing
     # an earlier result is replaced; any other file is left as it is (--json RUN/metrics.jsonl replaced the log)
     for earlier in ('{"model": "x", "language": {}}', ""):  # an eval result; an empty file (mktemp's)
         (tmp_path / "new" / "r.json").write_text(earlier)
@@ -214,6 +218,10 @@ def test_out_that_is_a_file_is_refused_at_once(tmp_path, command):
         res = moelab(*command, "--out", str(tmp_path / out), cwd=tmp_path)
         assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    if Path("/proc/self").is_dir():  # a folder that takes no new file, even for root: refused at once too
+        res = moelab(*command, "--out", "/proc/moelab-out/sub", cwd=tmp_path)
+        assert res.returncode == 2 and "cannot write in /proc (" in res.stderr and res.stdout == "", res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the probe left nothing
 
 
 def test_fork_from_a_checkpoint_says_what_changed(trained, tmp_path):
