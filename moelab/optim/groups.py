@@ -72,8 +72,9 @@ class HybridOptimizer:
         r = self.report
         ns = [f" (Newton-Schulz in {o.ns_dtype_name})"
               for o in self.optimizers if isinstance(o, Muon)]
-        return (f"optimizer {self.mode}: Muon {r['muon']:,} params{''.join(ns)}, AdamW {r['adamw_decay']:,} "
-                f"(decay) + {r['adamw_no_decay']:,} (no decay)")
+        muon = f"Muon {r['muon']:,} params{''.join(ns)}, " if r["muon"] else ""  # not "Muon 0" under adamw
+        return (f"optimizer {self.mode}: {muon}AdamW {r['adamw_decay']:,} (decay) + {r['adamw_no_decay']:,} "
+                "(no decay)")
 
     def set_lr_factor(self, factor: float) -> None:
         for opt in self.optimizers:

@@ -247,6 +247,8 @@ def test_adamw_mode_equals_torch_adamw():
     for (n, a), b in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
     assert all(g["fused"] for o in ours.optimizers for g in o.param_groups)
+    n_decay, n_rest = sum(p.numel() for p in decay), sum(p.numel() for p in no_decay)
+    assert ours.describe() == f"optimizer adamw: AdamW {n_decay:,} (decay) + {n_rest:,} (no decay)"  # no "Muon 0"
 
 
 def test_resumed_optimizer_keeps_its_state_and_takes_the_configured_hyperparameters():
