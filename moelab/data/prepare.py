@@ -38,7 +38,7 @@ import numpy as np
 
 from moelab.config import SHARD_TOKENS, TOKENIZER_SAMPLE
 from moelab.data.parallel import batches
-from moelab.data.sources import cut_text, iter_corpus
+from moelab.data.sources import cut_text, iter_corpus, overlapping_sources
 from moelab.data.split import hash_unit, split_documents
 from moelab.data.tokenizer import load_tokenizer, train_bpe
 from moelab.errors import UserError
@@ -333,6 +333,9 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
     if weights is not None and (len(weights) != len(sources) or not all(0 < w < float("inf") for w in weights)):
         raise UserError(f"--weights needs one positive weight per source ({len(sources)} sources, "
                         f"got {' '.join(f'{w:g}' for w in weights)})")
+    overlap = overlapping_sources(sources)
+    if overlap:
+        raise UserError(overlap)
     if shard_tokens < 1:
         raise UserError("--shard-tokens must be at least 1")
     if doc_chars < 0:

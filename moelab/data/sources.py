@@ -316,6 +316,48 @@ def _hf_records(ds, label: str, text_field: str):
             yield name, value, ""
 
 
+def _read_root(source: str) -> tuple[Path, bool] | None:
+    """The folder or file a source reads, resolved, and whether it is the stdlib; None for a glob or
+    a Hugging Face dataset, whose files are not known before they are read."""
+    if source == "stdlib":
+        return stdlib_root().resolve(), True
+    if source.startswith("hf:") or any(c in source for c in "*?["):
+        return None
+    p = Path(source).expanduser()
+    return (p.resolve(), False) if p.exists() else None
+
+
+def _reads(root: Path, stdlib: bool, inner: Path) -> bool:
+    """Whether walking `root` as a source reaches `inner` (a folder or file below it): hidden parts
+    are never walked, the stdlib's test and site-packages folders neither, and the stdlib reads
+    .py files only."""
+    parts = inner.relative_to(root).parts
+    folders = parts if inner.is_dir() else parts[:-1]
+    if any(p.startswith(".") for p in parts) or (stdlib and any(p in SKIP_DIRS for p in folders)):
+        return False
+    suffixes = {".py"} if stdlib else TEXT_SUFFIXES | RECORD_SUFFIXES | PDF_SUFFIXES
+    return inner.is_dir() or _suffix(inner.name) in suffixes
+
+
+def overlapping_sources(sources: list[str]) -> str | None:
+    """Why two of `sources` would read the same files (the same folder spelt two ways, or one inside
+    the other), so that their documents would count twice; None when they do not."""
+    roots = [_read_root(s) for s in sources]
+    for i, a in enumerate(roots):
+        for j in range(i + 1, len(roots)):
+            b = roots[j]
+            if a is None or b is None:
+                continue
+            if a[0] == b[0]:
+                return (f"data source {a[0]} is given twice (as {sources[i]} and {sources[j]}); "
+                        "give each source once")
+            for (outer, stdlib, o), (inner, _, n) in (((*a, i), (*b, j)), ((*b, j), (*a, i))):
+                if outer.is_dir() and inner.is_relative_to(outer) and _reads(outer, stdlib, inner):
+                    return (f"data source {sources[n]} is inside data source {sources[o]}, so its documents "
+                            "would be read twice; give each once (--weights sets a source's share)")
+    return None
+
+
 def _is_saved_dataset(path: str) -> bool:
     p = Path(path).expanduser()
     return p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file())

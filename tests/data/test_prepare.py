@@ -2,6 +2,7 @@
 prepared directory; the output directory is never clobbered without --overwrite."""
 
 import json
+import re
 import resource
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import torch
 
 from moelab.data.loader import BatchLoader, make_windows, pack
 from moelab.data.prepare import load_prepared, prepare, split_streams
+from moelab.data.sources import overlapping_sources, stdlib_root
 from moelab.data.tokenizer import load_tokenizer
 from moelab.errors import UserError
 
@@ -188,6 +190,30 @@ def test_sources_with_the_same_folder_name_keep_apart(tmp_path):
     assert m["sources"][a]["bytes"] == sizes["a"] and m["sources"][b]["bytes"] == sizes["b"]
     with pytest.raises(UserError, match="given twice"):
         prepare([a, a + "/"], str(tmp_path / "q"), vocab_size=300)
+
+
+def test_sources_that_read_the_same_files_are_refused(tmp_path, monkeypatch):
+    """`notes notes/2024` or `./docs /abs/docs` read each file twice, so its documents counted double
+    in training without a word (only the same spelling twice was refused)."""
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / ".hidden").mkdir()
+    for i in range(8):
+        (docs / ("sub" if i % 2 else ".") / f"f{i}.txt").write_text(f"document {i} " + "alpha beta " * (50 + i))
+    (docs / ".hidden" / "h.txt").write_text("a hidden document " * 40)
+    (docs / "notes.csv").write_text("a,b\n1,2\n")
+    monkeypatch.chdir(tmp_path)
+    for sources, msg in (([str(docs), "docs"], "given twice (as "), ([str(docs), "docs/sub"], "docs/sub is inside"),
+                         (["docs/sub/f1.txt", "docs"], "docs/sub/f1.txt is inside data source docs,"),
+                         (["stdlib", str(stdlib_root() / "json")], "json is inside data source stdlib")):
+        with pytest.raises(UserError, match=re.escape(msg)):
+            prepare(sources, str(tmp_path / "q"), vocab_size=300)
+        assert not (tmp_path / "q").exists()
+    # what the folder's walk never reads does not overlap: hidden parts, files it skips, stdlib tests
+    for sources in (["docs", "docs/.hidden"], ["docs", "docs/notes.csv"]):
+        assert overlapping_sources(sources) is None, sources
+    assert overlapping_sources(["stdlib", str(stdlib_root() / "test")]) is None
+    assert overlapping_sources(["docs/*.txt", "docs", "hf:x"]) is None  # a glob's files are not known before
 
 
 def test_source_weights_set_the_training_token_shares(tmp_path, text_corpus):
