@@ -454,7 +454,7 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
             "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "fingerprint": h.hexdigest()[:16],
             "encoder": "tiktoken" if tok.fast is not None else "tokenizers",
             "splits": splits, "skipped": skipped, "near_duplicates_dropped": dropped, "mixing": mixing,
-            "request": request, "seconds": timings,
+            "doc_chars": doc_chars, "request": request, "seconds": timings,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out_dir

@@ -48,10 +48,116 @@ def check_own_data(path: str | Path) -> None:
             no_hf_data(f"{path} is a converted model and")
 
 
+def _run_data(target) -> Path | None:
+    """The prepared data a run trained on (None for an HF directory, or data no longer there)."""
+    from moelab.data.pipeline import RUN_PREPARED
+    from moelab.data.prepare import is_prepared
+
+    if target.run_dir is None or target.cfg is None:
+        return None
+    data = Path(target.cfg.data.path).expanduser() if target.cfg.data.path else target.run_dir / RUN_PREPARED
+    return data if is_prepared(data) else None
+
+
+def _doc_spans(streams):
+    """(stream, starts, lengths) of each shard: a document's tokens (its prefix and end-of-text
+    included) are stream[start:start + length]."""
+    import numpy as np
+
+    return [(stream, starts, np.diff(starts, append=stream.shape[0])) for stream, starts in streams]
+
+
+def _key(tokens) -> tuple[int, bytes]:
+    """(length, hash) of a document's tokens, the same for any integer dtype they are stored in."""
+    import hashlib
+
+    import numpy as np
+
+    a = np.ascontiguousarray(tokens, dtype="<u4")
+    return a.shape[0], hashlib.blake2b(a.tobytes(), digest_size=16).digest()
+
+
+def _training_split(target):
+    """(document spans of the run's training split, its manifest), or None where it cannot be
+    read: no run, its prepared data gone or damaged since, or another tokenizer than the model's."""
+    from moelab.data.prepare import read_manifest, split_streams
+    from moelab.data.tokenizer import load_tokenizer
+
+    data = _run_data(target)
+    if data is None:
+        return None
+    try:
+        manifest = read_manifest(data)
+        spans = _doc_spans(split_streams(data, "train", manifest))
+        same = load_tokenizer(data / "tokenizer").tk.to_str() == target.tokenizer.tk.to_str()
+    except UserError:  # damaged since: the evaluation does not need it, so it goes on
+        return None
+    return (spans, manifest) if same else None
+
+
+def _found(spans, wanted: dict) -> set[int]:
+    """The documents of `wanted` ({(length, hash): [their indices]}) that some document of `spans`
+    copies exactly. Only documents of a wanted length are read back and hashed."""
+    import numpy as np
+
+    lengths = np.fromiter({n for n, _ in wanted}, dtype=np.int64)
+    found: set[int] = set()
+    for stream, starts, lens in spans:
+        for k in np.flatnonzero(np.isin(lens, lengths)).tolist():
+            found.update(wanted.get(_key(stream[starts[k]:starts[k] + lens[k]]), ()))
+    return found
+
+
+def training_copies(target, texts: list[str], ids: list[list[int]]) -> int | None:
+    """How many of the documents `texts` (tokenized with the target's tokenizer: `ids`) the run
+    trained on: exact copies of a document of its training split, or of a piece of one where the
+    data was cut into documents (data.doc_chars). None where that cannot be known (see
+    _training_split). The check costs little beside tokenizing the texts."""
+    from moelab.data.sources import cut_text
+
+    train = _training_split(target)
+    if train is None:
+        return None
+    spans, manifest = train
+    tok = target.tokenizer
+    doc_chars = manifest.get("doc_chars") or (manifest.get("request") or {}).get("doc_chars") or 0
+    wanted: dict[tuple[int, bytes], list[int]] = {}  # each document's (or piece's) key -> its texts
+    for i, (text, doc_ids) in enumerate(zip(texts, ids)):
+        pieces = cut_text(text, doc_chars)
+        for piece_ids in ([doc_ids] if len(pieces) == 1 else tok.encode_batch(pieces)):
+            wanted.setdefault(_key(tok.doc_prefix + list(piece_ids) + [tok.eos_id]), []).append(i)  # as stored
+    return len(_found(spans, wanted))
+
+
+def split_copies(target, data: Path, split: str) -> tuple[int, int] | None:
+    """(documents of the prepared `data`'s `split` that the run trained on, documents of the split);
+    None where that cannot be known, or `data` is the run's own (its validation split is held out by
+    construction, its training split is what --split train asks for)."""
+    import numpy as np
+
+    from moelab.data.prepare import split_streams
+
+    own = _run_data(target)
+    train = _training_split(target)
+    if train is None or own.resolve() == Path(data).expanduser().resolve():
+        return None
+    spans = train[0]
+    train_lengths = np.unique(np.concatenate([lens for _, _, lens in spans]))
+    wanted: dict[tuple[int, bytes], list[int]] = {}
+    n = 0
+    for stream, starts, lens in _doc_spans(split_streams(data, split)):
+        for k in np.flatnonzero(np.isin(lens, train_lengths)).tolist():  # no other length can be a copy
+            wanted.setdefault(_key(stream[starts[k]:starts[k] + lens[k]]), []).append(n + k)
+        n += starts.shape[0]
+    return len(_found(spans, wanted)), n
+
+
 def eval_windows_for(target, split: str, data: str | None, source: str | None, seq_len: int,
-                     text_field: str | None = None):
+                     text_field: str | None = None, info: dict | None = None):
     """(windows, description) from --data, --source or the run's own prepared data. `text_field`:
-    of --source's JSONL/Parquet records (default: the run's data.text_field, else "text")."""
+    of --source's JSONL/Parquet records (default: the run's data.text_field, else "text"). With
+    `info` (a dict), a --source's documents that the run trained on are counted there
+    (`documents_in_training`, see training_copies)."""
     from moelab.data.prepare import is_prepared, load_prepared
 
     if split not in ("train", "val"):
@@ -69,6 +175,10 @@ def eval_windows_for(target, split: str, data: str | None, source: str | None, s
         ids = target.tokenizer.encode_batch([d.text for d in corpus.documents])
         windows = make_windows(pack(ids, target.tokenizer.eos_id, target.tokenizer.doc_prefix), seq_len)
         where = f"{source} ({len(corpus.documents)} documents, all of them"
+        copies = training_copies(target, [d.text for d in corpus.documents], ids) if info is not None else None
+        if copies:
+            where += f"; {copies} of them in the run's training split"
+            info.update(documents_in_training=copies, documents=len(corpus.documents))
         if corpus.skipped:  # said, not silently measured on part of the source
             name, reason = corpus.skipped[0]
             where += f"; {len(corpus.skipped)} skipped, such as {name}: {reason}"
@@ -90,6 +200,10 @@ def eval_windows_for(target, split: str, data: str | None, source: str | None, s
                             "give its raw text with --source instead (tokenized with the model's own)")
         windows = train_w if split == "train" else val_w
         where = f"{data} [{split}]"
+        copies = split_copies(target, Path(data), split) if info is not None else None
+        if copies and copies[0]:
+            where += f" ({copies[0]} of its {copies[1]} documents in the run's training split)"
+            info.update(documents_in_training=copies[0], documents=copies[1])
     if len(windows) == 0:
         raise UserError(f"{where} has fewer tokens than one window of {seq_len + 1}; lower --seq-len")
     return windows, where
@@ -108,7 +222,12 @@ def eval_language(target, split: str = "val", data: str | None = None, source: s
     precision = precision or (run_cfg.train.precision if run_cfg else "fp32")
     if precision not in AUTOCAST_DTYPES:
         raise UserError(f"--precision must be one of {', '.join(AUTOCAST_DTYPES)}")
-    windows, where = eval_windows_for(target, split, data, source, seq_len, text_field)
+    info = {}
+    windows, where = eval_windows_for(target, split, data, source, seq_len, text_field, info)
+    if info:  # the loss on what the model trained on reads as a held-out figure unless said
+        print(f"note: {info['documents_in_training']} of the {info['documents']} documents evaluated are in "
+              f"{target.label}'s training split, so this is not a held-out measure (it reads low); "
+              "without --source or --data, eval measures the run's validation split", file=sys.stderr)
     windows = spread_windows(windows, max_windows)
     table = target.tokenizer.token_bytes()
     token_bytes = torch.tensor([len(b) for b in table], dtype=torch.float64)
@@ -117,7 +236,7 @@ def eval_language(target, split: str = "val", data: str | None = None, source: s
     if note:
         print(note, file=sys.stderr)
     result = evaluate(target.model, windows, token_bytes, batch_size, device, AUTOCAST_DTYPES[precision])
-    result.update(windows=len(windows), seq_len=seq_len, data=where, model=target.label, precision=precision)
+    result.update(windows=len(windows), seq_len=seq_len, data=where, model=target.label, precision=precision, **info)
     if reference:
         result.update(xz_bits_per_byte(windows, table))
     return result

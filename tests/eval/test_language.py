@@ -205,6 +205,77 @@ def test_cli_eval_matches_the_runs_final_evaluation(trained, tmp_path):
     assert json.loads((tmp_path / "h.json").read_text())["language"]["loss"] == pytest.approx(r["loss"], abs=1e-4)
 
 
+def test_eval_on_a_source_says_how_many_of_its_documents_the_run_trained_on(trained, tmp_path):
+    """`eval RUN --source CORPUS` on the corpus the run trained on printed a loss below the
+    validation loss as if held out: the leak moelab exists to prevent, made at evaluation time."""
+    m = json.loads((trained / "run" / "data" / "prepared" / "manifest.json").read_text())
+    train_names, val_names = (m["splits"][s]["document_names"] for s in ("train", "val"))
+    res = run_cli("eval", trained / "run", "--source", trained / "corpus", "--json", tmp_path / "all.json")
+    assert res.returncode == 0, res.stderr
+    n, total = len(train_names), len(list((trained / "corpus").iterdir()))  # the run read the first 40 of 60
+    assert f"note: {n} of the {total} documents evaluated are in run/" in res.stderr
+    r = json.loads((tmp_path / "all.json").read_text())["language"]
+    assert (r["documents_in_training"], r["documents"]) == (n, total) and n < total
+    assert f"{n} of them in the run's training split" in r["data"]
+    # by content, not by name: the validation documents alone are none of it, a renamed training copy is
+    held = tmp_path / "held"
+    held.mkdir()
+    for name in val_names:
+        shutil.copy(trained / "corpus" / name, held / name)
+    res = run_cli("eval", trained / "run", "--source", held, "--json", tmp_path / "val.json")
+    assert res.returncode == 0 and "note:" not in res.stderr, res.stderr
+    assert "documents_in_training" not in json.loads((tmp_path / "val.json").read_text())["language"]
+    shutil.copy(trained / "corpus" / train_names[3], held / "renamed.txt")
+    res = run_cli("eval", trained / "run", "--source", held)
+    assert res.returncode == 0 and f"note: 1 of the {len(val_names) + 1} documents" in res.stderr, res.stderr
+    # prepared data with another split of the same corpus: its validation split holds training documents
+    from moelab.data.prepare import prepare
+
+    other = prepare([str(trained / "corpus")], str(tmp_path / "other"), val_fraction=0.5, salt="another",
+                    tokenizer=str(trained / "run" / "tokenizer"))
+    other_val = json.loads((other / "manifest.json").read_text())["splits"]["val"]["document_names"]
+    both = set(other_val) & set(train_names)
+    res = run_cli("eval", trained / "run", "--data", other, "--json", tmp_path / "d.json")
+    assert res.returncode == 0 and f"note: {len(both)} of the {len(other_val)} documents evaluated" in res.stderr
+    r = json.loads((tmp_path / "d.json").read_text())["language"]
+    assert (r["documents_in_training"], r["documents"]) == (len(both), len(other_val)) and 0 < len(both)
+    for args in (["--data", trained / "run" / "data" / "prepared"], ["--split", "train"]):  # the run's own
+        res = run_cli("eval", trained / "run", *args)
+        assert res.returncode == 0 and "note:" not in res.stderr, res.stderr
+    if HAS_TRANSFORMERS:  # an HF export has no training data of its own to compare with: nothing said
+        res = run_cli("eval", trained / "hf", "--source", trained / "corpus")
+        assert res.returncode == 0 and "note:" not in res.stderr, res.stderr
+
+
+def test_training_copies_finds_the_pieces_of_documents_cut_by_doc_chars(tmp_path):
+    """With data.doc_chars the run trained on pieces of each text, never on a whole one."""
+    from moelab.config import Config
+    from moelab.data.prepare import prepare
+    from moelab.data.sources import load_corpus
+    from moelab.data.tokenizer import load_tokenizer
+    from moelab.eval.language import training_copies
+    from moelab.eval.target import Target
+    from tests.conftest import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus", n_docs=24, words_per_doc=300)
+    data = prepare([str(corpus)], str(tmp_path / "p"), val_fraction=0.25, vocab_size=300, doc_chars=500)
+    m = json.loads((data / "manifest.json").read_text())
+    train = m["splits"]["train"]["document_names"]
+    assert m["doc_chars"] == 500 and all("#" in name for name in train)
+    whole = {name.split("#")[0] for name in train}  # the texts with a piece in training
+    cfg = Config()
+    cfg.data.path = str(data)
+    tok = load_tokenizer(data / "tokenizer")
+    target = Target(None, tok, "x", tmp_path, None, cfg)
+    docs = load_corpus(str(corpus)).documents
+    texts = [d.text for d in docs] + ["marker999x an unseen text " * 40]
+    assert training_copies(target, texts, tok.encode_batch(texts)) == len(whole) > 0
+    # without the cut, a whole text matches no piece
+    m["doc_chars"] = 0
+    (data / "manifest.json").write_text(json.dumps(m))
+    assert training_copies(target, texts, tok.encode_batch(texts)) == 0
+
+
 @pytest.mark.parametrize("args,msg", [
     pytest.param(["hf"], "has no data of its own", marks=needs_transformers),
     (["run", "--split", "test"], "--split must be train or val"),
