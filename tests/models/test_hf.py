@@ -478,6 +478,7 @@ def test_trained_run_exports_and_converts_via_cli(tmp_path):
     run = tmp_path / "run"
     train(build_config("test", None, ["train.steps=3", "train.eval_every=3"]), out=str(run), progress=False)
 
+    from tests.conftest import moelab
     from tests.conftest import run_cli as cli  # in this process: transformers is loaded once (6 s a call)
 
     res = cli("export", str(run), "--to", "hf", "--out", str(tmp_path / "hf"))
@@ -516,8 +517,10 @@ def test_trained_run_exports_and_converts_via_cli(tmp_path):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"moelab: error: cannot write the export to {tmp_path}") and "make room, then export" in last
     assert not (tmp_path / "new").exists()  # no half model that would load as garbage, no .tmp-*
-    res = cli("export", str(run), "--out", "/proc/moelab-nowhere/hf")  # a path refused: room would not help
-    assert res.returncode == 2 and "choose another --out, then export again" in res.stderr, res.stderr
+    res = moelab("export", str(run), "--out", "/proc/moelab-nowhere/hf")  # refused before the model loads
+    assert res.returncode == 2 and "cannot write in /proc (" in res.stderr and res.stdout == "", res.stderr
+    with pytest.raises(OSError, match="choose another --out, then export again"):  # a path refused: room won't help
+        export_hf(load_model(run), "/proc/moelab-nowhere/hf")
     res = subprocess.run([sys.executable, "-m", "moelab", "convert", str(tmp_path / "hf"), "--out",
                           str(tmp_path / "conv")], capture_output=True, text=True, preexec_fn=small_files)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
