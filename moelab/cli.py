@@ -234,6 +234,20 @@ def _task_list(text: str) -> str:
     return text
 
 
+def _output_path(text: str) -> Path:
+    """`text` as a Path, refused when the system refuses the name itself (too long, a symlink loop,
+    no permission to look): pathlib's is_dir and exists raise those (a 300-character name was a traceback)."""
+    import errno
+
+    p = Path(text).expanduser()
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise argparse.ArgumentTypeError(f"{text}: {e.strerror or e}; choose another name") from None
+    return p
+
+
 def _writable_parent(p: Path, text: str) -> None:
     """Refuse, before any work, a path the command could not write once the work is done: one below a
     file, or in a folder that takes no new file (read-only, no permission, /proc). Tried by making and
@@ -255,7 +269,7 @@ def _writable_parent(p: Path, text: str) -> None:
 def _output_dir(text: str) -> str:
     """An argparse type for a folder the command writes into: an existing file (or a path below one)
     is refused at once, not as a traceback once the work is done."""
-    p = Path(text).expanduser()
+    p = _output_path(text)
     if p.exists() and not p.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file; give a folder")
     _writable_parent(p, text)
@@ -290,7 +304,7 @@ def _output_file(text: str) -> str:
     """An argparse type for a file the command writes at its end: refused at once if it cannot be one,
     rather than as a traceback after the work is done. An existing file is replaced only if an earlier
     --json wrote it (--json RUN/metrics.jsonl replaced the run's training log)."""
-    p = Path(text).expanduser()
+    p = _output_path(text)
     if p.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
     if p.exists() and not _is_result_file(p):
