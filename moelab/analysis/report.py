@@ -80,8 +80,14 @@ def _metrics_blocks(target, summary: dict) -> list:
     rows = [["loss (nats/token)", f"{m['loss']:.4f}"], ["perplexity", f"{m['ppl']:.2f}"],
             ["token accuracy", f"{m['acc']:.3f}"], ["bits per byte", f"{m['bpb']:.3f}"],
             ["xz -9 bits per byte, same bytes", f"{m['xz_bpb']:.3f}"]]
+    from moelab.data.overlap import INIT_OVERLAP
+
+    trained_on = _read_json(target.run_dir / "data" / "split.json").get(INIT_OVERLAP)
+    held_out = (f" Not held out: {trained_on} validation documents are training documents of the model this run "
+                "started from (train.init_from), so these figures read low." if trained_on else "")
     return [("h2", "Final metrics"), ("p", f"Validation split, {where}. The model needs "
-            f"{m['bpb']:.3f} bits per byte where xz -9 needs {m['xz_bpb']:.3f}{versus_xz(m['bpb'], m['xz_bpb'])}."),
+            f"{m['bpb']:.3f} bits per byte where xz -9 needs {m['xz_bpb']:.3f}{versus_xz(m['bpb'], m['xz_bpb'])}."
+            + held_out),
             ("table", ["metric", "value"], rows)] + _choice_blocks(summary.get("choice") or [])
 
 

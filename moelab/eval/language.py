@@ -48,74 +48,16 @@ def check_own_data(path: str | Path) -> None:
             no_hf_data(f"{path} is a converted model and")
 
 
-def _run_data(target) -> Path | None:
-    """The prepared data a run trained on (None for an HF directory, or data no longer there)."""
-    from moelab.data.pipeline import RUN_PREPARED
-    from moelab.data.prepare import is_prepared
-
-    if target.run_dir is None or target.cfg is None:
-        return None
-    data = Path(target.cfg.data.path).expanduser() if target.cfg.data.path else target.run_dir / RUN_PREPARED
-    return data if is_prepared(data) else None
-
-
-def _doc_spans(streams):
-    """(stream, starts, lengths) of each shard: a document's tokens (its prefix and end-of-text
-    included) are stream[start:start + length]."""
-    import numpy as np
-
-    return [(stream, starts, np.diff(starts, append=stream.shape[0])) for stream, starts in streams]
-
-
-def _key(tokens) -> tuple[int, bytes]:
-    """(length, hash) of a document's tokens, the same for any integer dtype they are stored in."""
-    import hashlib
-
-    import numpy as np
-
-    a = np.ascontiguousarray(tokens, dtype="<u4")
-    return a.shape[0], hashlib.blake2b(a.tobytes(), digest_size=16).digest()
-
-
-def _training_split(target):
-    """(document spans of the run's training split, its manifest), or None where it cannot be
-    read: no run, its prepared data gone or damaged since, or another tokenizer than the model's."""
-    from moelab.data.prepare import read_manifest, split_streams
-    from moelab.data.tokenizer import load_tokenizer
-
-    data = _run_data(target)
-    if data is None:
-        return None
-    try:
-        manifest = read_manifest(data)
-        spans = _doc_spans(split_streams(data, "train", manifest))
-        same = load_tokenizer(data / "tokenizer").tk.to_str() == target.tokenizer.tk.to_str()
-    except UserError:  # damaged since: the evaluation does not need it, so it goes on
-        return None
-    return (spans, manifest) if same else None
-
-
-def _found(spans, wanted: dict) -> set[int]:
-    """The documents of `wanted` ({(length, hash): [their indices]}) that some document of `spans`
-    copies exactly. Only documents of a wanted length are read back and hashed."""
-    import numpy as np
-
-    lengths = np.fromiter({n for n, _ in wanted}, dtype=np.int64)
-    found: set[int] = set()
-    for stream, starts, lens in spans:
-        for k in np.flatnonzero(np.isin(lens, lengths)).tolist():
-            found.update(wanted.get(_key(stream[starts[k]:starts[k] + lens[k]]), ()))
-    return found
-
-
 def training_copies(target, texts: list[str], ids: list[list[int]]) -> int | None:
     """How many of the documents `texts` (tokenized with the target's tokenizer: `ids`) the run
     trained on: exact copies of a document of its training split, or of a piece of one where the
-    data was cut into documents (data.doc_chars). None where that cannot be known (see
-    _training_split). The check costs little beside tokenizing the texts."""
+    data was cut into documents (data.doc_chars). None where that cannot be known: no run, its
+    prepared data gone or damaged, another tokenizer (see moelab.data.overlap)."""
+    from moelab.data.overlap import copies, doc_key, run_data_dir, training_split
     from moelab.data.sources import cut_text
 
-    train = _training_split(target)
+    data = run_data_dir(target.run_dir, target.cfg) if target.run_dir and target.cfg else None
+    train = training_split(data, target.tokenizer) if data else None
     if train is None:
         return None
     spans, manifest = train
@@ -125,31 +67,20 @@ def training_copies(target, texts: list[str], ids: list[list[int]]) -> int | Non
     for i, (text, doc_ids) in enumerate(zip(texts, ids)):
         pieces = cut_text(text, doc_chars)
         for piece_ids in ([doc_ids] if len(pieces) == 1 else tok.encode_batch(pieces)):
-            wanted.setdefault(_key(tok.doc_prefix + list(piece_ids) + [tok.eos_id]), []).append(i)  # as stored
-    return len(_found(spans, wanted))
+            wanted.setdefault(doc_key(tok.doc_prefix + list(piece_ids) + [tok.eos_id]), []).append(i)  # as stored
+    return len(copies(spans, wanted))
 
 
 def split_copies(target, data: Path, split: str) -> tuple[int, int] | None:
     """(documents of the prepared `data`'s `split` that the run trained on, documents of the split);
     None where that cannot be known, or `data` is the run's own (its validation split is held out by
     construction, its training split is what --split train asks for)."""
-    import numpy as np
+    from moelab.data import overlap
 
-    from moelab.data.prepare import split_streams
-
-    own = _run_data(target)
-    train = _training_split(target)
-    if train is None or own.resolve() == Path(data).expanduser().resolve():
+    own = overlap.run_data_dir(target.run_dir, target.cfg) if target.run_dir and target.cfg else None
+    if own is None or own.resolve() == Path(data).expanduser().resolve():
         return None
-    spans = train[0]
-    train_lengths = np.unique(np.concatenate([lens for _, _, lens in spans]))
-    wanted: dict[tuple[int, bytes], list[int]] = {}
-    n = 0
-    for stream, starts, lens in _doc_spans(split_streams(data, split)):
-        for k in np.flatnonzero(np.isin(lens, train_lengths)).tolist():  # no other length can be a copy
-            wanted.setdefault(_key(stream[starts[k]:starts[k] + lens[k]]), []).append(n + k)
-        n += starts.shape[0]
-    return len(_found(spans, wanted)), n
+    return overlap.split_copies(own, Path(data).expanduser(), split, target.tokenizer)
 
 
 def eval_windows_for(target, split: str, data: str | None, source: str | None, seq_len: int,

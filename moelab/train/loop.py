@@ -230,9 +230,11 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
     if writer and ckpt is None:
         FaultPlan().data_preparation()
     data = build_dataset(cfg.data, t.seq_len, run_dir, write_report=False, say=say)
+    init_note = None
     if t.init_from:  # the vocabulary is the source model's (often padded past its tokenizer's)
         if ckpt is None:  # (a resume has its own weights: the source may be gone by then)
             _check_init_tokenizer(cfg, data.tokenizer)
+        init_note = _init_overlap_note(cfg, run_dir, data, resumed_from=ckpt)
         cfg.resolve()
     else:
         cfg.resolve(vocab_size=model_vocab(cfg.model.vocab_size, data.tokenizer.vocab_size))
@@ -255,6 +257,8 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
                                            device=device), provenance=origin,
               notes=[threads_note] if threads_note else [])
     run.rows = rows
+    if init_note:
+        run.notes.append(init_note)
     learnt, asked = data.tokenizer.vocab_size, cfg.data.vocab_size
     if ckpt is None and not (cfg.data.path or cfg.data.tokenizer or t.init_from) and learnt < asked:
         run.notes.append(fewer_tokens_note(learnt, f"data.vocab_size={asked}"))
@@ -328,6 +332,46 @@ def _check_init_tokenizer(cfg: Config, tokenizer) -> None:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model of train.init_from={src} "
                         f"only {cfg.model.vocab_size}; give the tokenizer it was trained with")
+
+
+def _recorded_overlap(run_dir: Path) -> int | None:
+    from moelab.data.overlap import INIT_OVERLAP
+
+    try:
+        n = json.loads((run_dir / "data" / "split.json").read_text()).get(INIT_OVERLAP)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) else None
+
+
+def _init_overlap_note(cfg: Config, run_dir: Path, data, resumed_from: Path | None = None) -> str | None:
+    """A run started from another run's weights (`train.init_from`) whose validation documents
+    that model trained on has no held-out validation loss: a note saying how many (recorded in
+    RUN/data/split.json, and said again on each resume from there, since the source may be gone by
+    then), or None. Checked only for a moelab run as the source, whose prepared data is still there;
+    an HF model's training data is not known."""
+    from moelab.data.overlap import INIT_OVERLAP, run_data_dir, split_copies
+
+    if resumed_from is not None:  # this run's record, or for a fork its home run's
+        n = _recorded_overlap(run_dir) or _recorded_overlap(resumed_from.parent.parent)
+        found = (n, None) if n else None
+    else:
+        src = Path(cfg.train.init_from).expanduser()
+        if ck.is_hf_dir(src):
+            return None
+        ckpt = ck.resolve_checkpoint(src, hf_too=True)
+        src_data = run_data_dir(ckpt.parent.parent, Config.from_yaml_file(ckpt / "config.yaml"))
+        own = run_data_dir(run_dir, cfg)
+        if src_data is None or own is None or src_data.resolve() == own.resolve():  # the same split: held out
+            return None
+        found = split_copies(src_data, own, "val", data.tokenizer)
+    if not found or found[0] < 1:
+        return None
+    data.report[INIT_OVERLAP] = found[0]
+    of = f" of the {found[1]}" if found[1] else ""
+    return (f"note: {found[0]}{of} validation documents are training documents of train.init_from="
+            f"{cfg.train.init_from}, so the validation loss is not held out for this model (it reads low); keep "
+            "the source run's split (its data.path, or the same data.source, data.split_salt and data.val_fraction)")
 
 
 def _initial_model(cfg: Config, device: torch.device) -> MoETransformer:

@@ -62,6 +62,32 @@ def test_a_run_starts_from_another_runs_weights_model_and_tokenizer(source, tmp_
         shutil.move(tmp_path / "moved", source)
 
 
+def test_validation_documents_the_source_trained_on_are_counted(source, prepared, tmp_path):
+    """Fine-tuning from a run on the same corpus split another way: most new validation documents
+    were the source model's training documents, and the validation loss read as held out."""
+    corpus = prepared.parent / "corpus"
+    run = tmp_path / "ft"
+    res = _moelab("train", "--out", str(run), f"train.init_from={source}", f"data.source={corpus}",
+                  "data.split_salt=another", "data.val_fraction=0.3", "train.steps=2", "train.eval_every=2", *FROZEN)
+    assert res.returncode == 0, res.stderr
+    def names(data, split):
+        return set(json.loads((data / "manifest.json").read_text())["splits"][split]["document_names"])
+
+    val = names(run / "data" / "prepared", "val")
+    both = len(val & names(prepared, "train"))  # the same files, so their names say which they are
+    assert 0 < both < len(val)
+    assert f"note: {both} of the {len(val)} validation documents are training documents of " in res.stderr
+    assert json.loads((run / "data" / "split.json").read_text())["val_documents_trained_on_by_init_from"] == both
+    assert f"Not held out: {both} validation documents" in (run / "report.md").read_text()
+    res = _moelab("train", "--resume", "auto", "--out", str(run), "train.steps=3")  # said again: still not held out
+    assert res.returncode == 0 and f"note: {both} validation documents are training documents" in res.stderr
+    # the source's own split (its data.path), or data the source never saw: nothing to say
+    for data in (f"data.path={prepared}", f"data.source={write_corpus(tmp_path / 'other', n_docs=30)}"):
+        res = _moelab("train", "--out", str(tmp_path / data[5:9]), f"train.init_from={source}", data,
+                      "train.steps=1", "train.eval_every=1", *FROZEN)
+        assert res.returncode == 0 and "validation documents are training documents" not in res.stderr, res.stderr
+
+
 def test_a_hugging_face_model_with_a_padded_vocabulary_is_a_source(source, tmp_path, prepared):
     """Released models pad the embedding past the tokenizer (Qwen3: 151,936 rows for 151,669 tokens):
     the run keeps the model's vocabulary, not the tokenizer's."""

@@ -1,0 +1,86 @@
+"""Which documents of one text a model trained on: exact copies, by their tokens, of documents of
+a prepared training split. Used where a loss would otherwise read as held out when it is not:
+`moelab eval` on `--source` text or another prepared `--data`, and a run started with
+`train.init_from` whose validation documents the source model trained on.
+
+A document is compared as prepare stores it (the tokenizer's document prefix, its tokens, end of
+text), by length and a 128-bit BLAKE2b hash. Lengths come from the shards' document offsets, so only
+documents of a length the other side also has are read back and hashed: the check costs little even
+beside a large training split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from moelab.errors import UserError
+
+INIT_OVERLAP = "val_documents_trained_on_by_init_from"  # RUN/data/split.json: see train's _init_overlap_note
+
+
+def run_data_dir(run_dir: Path, cfg) -> Path | None:
+    """The prepared data a run trained on (`data.path`, else its own copy), None when not there."""
+    from moelab.data.pipeline import RUN_PREPARED
+    from moelab.data.prepare import is_prepared
+
+    data = Path(cfg.data.path).expanduser() if cfg.data.path else Path(run_dir) / RUN_PREPARED
+    return data if is_prepared(data) else None
+
+
+def doc_key(tokens) -> tuple[int, bytes]:
+    """(length, hash) of a document's tokens, the same for any integer dtype they are stored in."""
+    a = np.ascontiguousarray(tokens, dtype="<u4")
+    return a.shape[0], hashlib.blake2b(a.tobytes(), digest_size=16).digest()
+
+
+def _spans(data: Path, split: str, manifest: dict | None = None):
+    """(stream, starts, lengths) of each shard of a prepared split: a document's tokens (prefix and
+    end of text included) are stream[start:start + length]."""
+    from moelab.data.prepare import split_streams
+
+    return [(s, starts, np.diff(starts, append=s.shape[0])) for s, starts in split_streams(data, split, manifest)]
+
+
+def training_split(data: Path, tokenizer):
+    """(document spans of `data`'s training split, its manifest), or None where it cannot be read
+    (damaged since) or was tokenized otherwise than with `tokenizer`."""
+    from moelab.data.prepare import read_manifest
+    from moelab.data.tokenizer import load_tokenizer
+
+    try:
+        manifest = read_manifest(data)
+        spans = _spans(data, "train", manifest)
+        same = load_tokenizer(data / "tokenizer").tk.to_str() == tokenizer.tk.to_str()
+    except UserError:  # the caller's work does not need it, so it goes on without the check
+        return None
+    return (spans, manifest) if same else None
+
+
+def copies(spans, wanted: dict) -> set:
+    """The values of `wanted` ({doc_key: [ids]}) whose key some document of `spans` has."""
+    lengths = np.fromiter({n for n, _ in wanted}, dtype=np.int64)
+    found = set()
+    for stream, starts, lens in spans:
+        for k in np.flatnonzero(np.isin(lens, lengths)).tolist():
+            found.update(wanted.get(doc_key(stream[starts[k]:starts[k] + lens[k]]), ()))
+    return found
+
+
+def split_copies(train_data: Path, other: Path, split: str, tokenizer) -> tuple[int, int] | None:
+    """(documents of prepared `other`'s `split` that are copies of documents of `train_data`'s
+    training split, documents of that split); None where unknown (see training_split)."""
+    train = training_split(train_data, tokenizer)
+    if train is None:
+        return None
+    spans = train[0]
+    train_lengths = np.unique(np.concatenate([lens for _, _, lens in spans] or [np.zeros(0, np.int64)]))
+    wanted: dict = {}
+    n = 0
+    for stream, starts, lens in _spans(other, split):
+        for k in np.flatnonzero(np.isin(lens, train_lengths)).tolist():  # no other length can be a copy
+            wanted.setdefault(doc_key(stream[starts[k]:starts[k] + lens[k]]), []).append(n + k)
+        n += starts.shape[0]
+    return len(copies(spans, wanted)), n
