@@ -80,9 +80,9 @@ def _metrics_blocks(target, summary: dict) -> list:
     rows = [["loss (nats/token)", f"{m['loss']:.4f}"], ["perplexity", f"{m['ppl']:.2f}"],
             ["token accuracy", f"{m['acc']:.3f}"], ["bits per byte", f"{m['bpb']:.3f}"],
             ["xz -9 bits per byte, same bytes", f"{m['xz_bpb']:.3f}"]]
-    from moelab.data.overlap import INIT_OVERLAP
+    from moelab.data.overlap import recorded_init_overlap
 
-    trained_on = _read_json(target.run_dir / "data" / "split.json").get(INIT_OVERLAP)
+    trained_on = recorded_init_overlap(target.run_dir)
     held_out = (f" Not held out: {trained_on} validation documents are training documents of the model this run "
                 "started from (train.init_from), so these figures read low." if trained_on else "")
     return [("h2", "Final metrics"), ("p", f"Validation split, {where}. The model needs "

@@ -30,6 +30,18 @@ def run_data_dir(run_dir: Path, cfg) -> Path | None:
     return data if is_prepared(data) else None
 
 
+def recorded_init_overlap(run_dir: Path) -> int | None:
+    """The validation documents of a run that the model it started from trained on, as its
+    RUN/data/split.json records them (None: none recorded)."""
+    import json
+
+    try:
+        n = json.loads((Path(run_dir) / "data" / "split.json").read_text()).get(INIT_OVERLAP)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
+
+
 def doc_key(tokens) -> tuple[int, bytes]:
     """(length, hash) of a document's tokens, the same for any integer dtype they are stored in."""
     a = np.ascontiguousarray(tokens, dtype="<u4")

@@ -155,7 +155,14 @@ def eval_language(target, split: str = "val", data: str | None = None, source: s
         raise UserError(f"--precision must be one of {', '.join(AUTOCAST_DTYPES)}")
     info = {}
     windows, where = eval_windows_for(target, split, data, source, seq_len, text_field, info)
-    if info:  # the loss on what the model trained on reads as a held-out figure unless said
+    if source is None and data is None and split == "val" and target.run_dir is not None:
+        from moelab.data.overlap import recorded_init_overlap
+
+        if n := recorded_init_overlap(target.run_dir):  # its own validation split, seen by its source model
+            info.update(documents_in_training=n)
+            print(f"note: {n} validation documents of {target.label} are training documents of the model it "
+                  "started from (train.init_from), so this is not a held-out measure (it reads low)", file=sys.stderr)
+    elif info:  # the loss on what the model trained on reads as a held-out figure unless said
         print(f"note: {info['documents_in_training']} of the {info['documents']} documents evaluated are in "
               f"{target.label}'s training split, so this is not a held-out measure (it reads low); "
               "without --source or --data, eval measures the run's validation split", file=sys.stderr)

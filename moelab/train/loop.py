@@ -334,26 +334,16 @@ def _check_init_tokenizer(cfg: Config, tokenizer) -> None:
                         f"only {cfg.model.vocab_size}; give the tokenizer it was trained with")
 
 
-def _recorded_overlap(run_dir: Path) -> int | None:
-    from moelab.data.overlap import INIT_OVERLAP
-
-    try:
-        n = json.loads((run_dir / "data" / "split.json").read_text()).get(INIT_OVERLAP)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return n if isinstance(n, int) else None
-
-
 def _init_overlap_note(cfg: Config, run_dir: Path, data, resumed_from: Path | None = None) -> str | None:
     """A run started from another run's weights (`train.init_from`) whose validation documents
     that model trained on has no held-out validation loss: a note saying how many (recorded in
     RUN/data/split.json, and said again on each resume from there, since the source may be gone by
     then), or None. Checked only for a moelab run as the source, whose prepared data is still there;
     an HF model's training data is not known."""
-    from moelab.data.overlap import INIT_OVERLAP, run_data_dir, split_copies
+    from moelab.data.overlap import INIT_OVERLAP, recorded_init_overlap, run_data_dir, split_copies
 
     if resumed_from is not None:  # this run's record, or for a fork its home run's
-        n = _recorded_overlap(run_dir) or _recorded_overlap(resumed_from.parent.parent)
+        n = recorded_init_overlap(run_dir) or recorded_init_overlap(resumed_from.parent.parent)
         found = (n, None) if n else None
     else:
         src = Path(cfg.train.init_from).expanduser()
