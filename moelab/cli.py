@@ -95,6 +95,12 @@ def _cmd_data_check(args) -> int:
     print(result.summary())
     for d in result.duplicate_documents[:10]:
         print(f"  duplicate: val {d['val']} == train {d['train']}")
+    if args.run is not None:
+        from moelab.data.overlap import recorded_init_overlap
+
+        if n := recorded_init_overlap(Path(args.run)):  # outside this audit of the run's own split
+            print(f"note: besides, {n} validation documents are training documents of the model the run started "
+                  "from (train.init_from): its validation loss is not held out either way")
     if args.json:
         write_json(args.json, result.to_dict())
     return 1 if result.leaked else 0

@@ -84,6 +84,8 @@ def test_validation_documents_the_source_trained_on_are_counted(source, prepared
     res = _moelab("eval", str(run), "--json", str(tmp_path / "e.json"))  # and by eval of its validation split
     assert res.returncode == 0 and f"note: {both} validation documents of ft/" in res.stderr, res.stderr
     assert json.loads((tmp_path / "e.json").read_text())["language"]["documents_in_training"] == both
+    res = _moelab("data", "check", str(run))  # and by the leakage audit of its split
+    assert f"note: besides, {both} validation documents are training documents of the model" in res.stdout
     # the source's own split (its data.path), or data the source never saw: nothing to say
     for data in (f"data.path={prepared}", f"data.source={write_corpus(tmp_path / 'other', n_docs=30)}"):
         res = _moelab("train", "--out", str(tmp_path / data[5:9]), f"train.init_from={source}", data,
