@@ -91,7 +91,7 @@ def _cmd_data_check(args) -> int:
     from moelab.commands import data_check
 
     result = data_check(args.run, args.train, args.val, args.ngram, args.seq_len, args.threshold,
-                        args.tokenizer, args.text_field)
+                        args.tokenizer, args.text_field, args.choice, args.choice_ngram)
     print(result.summary())
     for d in result.duplicate_documents[:10]:
         print(f"  duplicate: val {d['val']} == train {d['train']}")
@@ -302,7 +302,8 @@ def _is_result_file(p: Path) -> bool:
         old = json.loads(text)
     except ValueError:
         return False
-    return isinstance(old, dict) and (set(old) == {f.name for f in dataclasses.fields(AuditResult)}
+    audit = {f.name for f in dataclasses.fields(AuditResult)}
+    return isinstance(old, dict) and (audit - {"choice"} <= set(old) <= audit  # ("choice": since 12/2026)
                                       or "model" in old and set(old) <= EVAL_RESULT_KEYS)
 
 
@@ -541,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer.json or directory (default: the run's, or a BPE "
                                        "trained on --train)")
     p.add_argument("--text-field", default="text", help="text field of --train/--val JSONL/Parquet records")
+    p.add_argument("--choice", nargs="+", metavar="TASK",
+                   help="also check multiple-choice tasks (JSONL files as eval --choice reads them, or hub "
+                        "names) for contamination: items whose context and gold answer share a "
+                        "--choice-ngram-token sequence with the training data (exit 1 if any)")
+    p.add_argument("--choice-ngram", type=_at_least(2), default=13,
+                   help="n-gram length in tokens of the contamination check (default 13)")
     p.add_argument("--json", type=_output_file, help="also write the full result to this JSON file")
     p.set_defaults(func=_cmd_data_check)
     return parser

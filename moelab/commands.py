@@ -158,9 +158,26 @@ def export(run: str, to: str, out: str, arch: str = "auto", dtype: str = "auto")
 
 
 def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: int, seq_len: int | None,
-               threshold: float, tokenizer: str | None, text_field: str = "text"):
-    """Leakage audit of a run's own split (re-derived from its config) or of any two text sources.
-    Returns the AuditResult."""
+               threshold: float, tokenizer: str | None, text_field: str = "text", choice: list[str] | None = None,
+               choice_ngram: int = 13):
+    """Leakage audit of a run's own split (re-derived from its config) or of any two text sources,
+    and with `choice` (multiple-choice task files or hub names) of those tasks' items against the
+    training data (contamination, by `choice_ngram`-token sequences). Returns the AuditResult."""
+    from moelab.eval.choice import load_task
+
+    tasks = [load_task(t) for t in choice or []]  # a bad task file is said before the audit's work
+    result, tok, train_streams = _audit(run_dir, train, val, ngram, seq_len, threshold, tokenizer, text_field)
+    if tasks:
+        from moelab.data.audit import choice_contamination
+
+        result.choice = choice_contamination(tasks, tok, train_streams, choice_ngram)
+    return result
+
+
+def _audit(run_dir, train, val, ngram, seq_len, threshold, tokenizer, text_field):
+    """(AuditResult, the tokenizer, a callable giving the training split's token streams)."""
+    import numpy as np
+
     from moelab.config import Config
     from moelab.data.audit import audit, check_lengths
     from moelab.data.sources import load_corpus
@@ -175,14 +192,15 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
         raise UserError("give a run (or prepared) directory, or --train A --val B, not both")
     if run_dir is not None:
         from moelab.data.audit import audit_prepared
-        from moelab.data.prepare import is_prepared
+        from moelab.data.prepare import is_prepared, split_streams
 
         def prepared(path, length):
             if tokenizer:  # it was ignored: the tokens are already there
                 raise UserError(f"--tokenizer does not apply to {path}: prepared data holds tokens already; "
                                 "drop it, or audit raw text with --train A --val B --tokenizer T")
             check_lengths(ngram, length)
-            return audit_prepared(path, ngram, length, threshold)
+            return (audit_prepared(path, ngram, length, threshold), load_tokenizer(Path(path) / "tokenizer"),
+                    lambda: [s for s, _ in split_streams(path, "train")])
 
         cfg_file = Path(run_dir) / "config.yaml"
         if is_prepared(run_dir):
@@ -209,7 +227,12 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
         check_lengths(ngram, seq_len)
         train_docs, val_docs = (load_corpus(s, text_field=text_field).documents for s in (train, val))
         tok = load_tokenizer(tokenizer) if tokenizer else train_bpe((d.text for d in train_docs), 8192)
-    return audit(train_docs, val_docs, tok, ngram, seq_len, threshold)
+
+    def streams():  # the training documents' tokens, each followed by end-of-text (as a run packs them)
+        return [np.concatenate([np.append(np.asarray(ids, dtype=np.int64), tok.eos_id)
+                                for ids in tok.encode_batch([d.text for d in train_docs])] or [np.zeros(0, np.int64)])]
+
+    return audit(train_docs, val_docs, tok, ngram, seq_len, threshold), tok, streams
 
 
 def _json_safe(obj):

@@ -196,7 +196,11 @@ def test_json_output_path_is_checked_before_the_work_and_its_folder_made(tmp_pat
     assert res.returncode in (0, 1) and "val_windows" in (tmp_path / "new" / "r.json").read_text()
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["r.json"]  # the write probe left nothing
     # an earlier result is replaced; any other file is left as it is (--json RUN/metrics.jsonl replaced the log)
-    for earlier in ('{"model": "x", "language": {}}', ""):  # an eval result; an empty file (mktemp's)
+    import json
+
+    audit = json.loads((tmp_path / "new" / "r.json").read_text())
+    before_choice = json.dumps({k: v for k, v in audit.items() if k != "choice"})  # an audit of earlier versions
+    for earlier in ('{"model": "x", "language": {}}', "", before_choice):  # an eval result; mktemp's empty file
         (tmp_path / "new" / "r.json").write_text(earlier)
         assert run_cli(*check, "--json", tmp_path / "new" / "r.json").returncode in (0, 1)
         assert "val_windows" in (tmp_path / "new" / "r.json").read_text()

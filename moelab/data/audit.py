@@ -58,10 +58,13 @@ class AuditResult:
     duplicate_documents: list[dict] = field(default_factory=list)  # {"val": name, "train": name}
     overlapping_documents: list[dict] = field(default_factory=list)  # worst validation documents
     verdict: str = ""
+    # multiple-choice tasks (data check --choice): {"task", "items", "ngram", "contaminated": [item numbers],
+    # "too_short": items with fewer tokens than the n-gram}
+    choice: list[dict] = field(default_factory=list)
 
     @property
     def leaked(self) -> bool:
-        return self.verdict == "leakage"
+        return self.verdict == "leakage" or any(c["contaminated"] for c in self.choice)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +79,13 @@ class AuditResult:
         for d in self.overlapping_documents[:5]:
             lines.append(f"  {d['share']:.0%} of {d['val']}'s {self.ngram}-grams occur in training "
                          f"(most in {d['train']})")
+        for c in self.choice:
+            bad, short = c["contaminated"], c["too_short"]
+            shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+            lines.append(f"{'CONTAMINATED' if bad else 'clean'}: {len(bad)} of {c['items']} items of {c['task']} "
+                         f"(context and gold answer) share a {c['ngram']}-token sequence with the training data"
+                         + (f" (items {shown})" if bad else "")
+                         + (f"; {short} item(s) shorter than {c['ngram']} tokens were not checked" if short else ""))
         return "\n".join(lines)
 
 
@@ -86,6 +96,38 @@ def audit(train: list[Document], val: list[Document], tokenizer, ngram: int = 32
                      [d.name for d in val], tokenizer.encode_batch([d.text for d in val]),
                      tokenizer.eos_id, ngram, seq_len, threshold,
                      [_doc_key(d.text) for d in train], [_doc_key(d.text) for d in val])
+
+
+CHUNK_TOKENS = 1 << 22  # training tokens hashed at a time by `contaminated_items`
+
+
+def contaminated_items(train_streams, items_ids: list[list[int]], ngram: int) -> tuple[list[int], int]:
+    """(0-based indices of the items sharing an `ngram`-token sequence with the training token
+    streams, items shorter than `ngram` tokens). The items' n-grams (few) are the set looked up;
+    the training tokens (many) stream past it a chunk at a time, so memory does not grow with them."""
+    item_hashes = [ngram_hashes(np.asarray(ids), ngram) for ids in items_ids]
+    wanted = np.unique(np.concatenate(item_hashes or [np.zeros(0, np.uint64)]))
+    seen = []
+    for stream in train_streams:
+        for at in range(0, max(stream.shape[0] - ngram + 1, 0), CHUNK_TOKENS):  # chunks overlap by ngram - 1
+            h = ngram_hashes(np.asarray(stream[at:at + CHUNK_TOKENS + ngram - 1]), ngram)
+            seen.append(np.unique(h[np.isin(h, wanted)]))
+    seen = np.unique(np.concatenate(seen or [np.zeros(0, np.uint64)]))
+    hit = [i for i, h in enumerate(item_hashes) if h.shape[0] and np.isin(h, seen).any()]
+    return hit, sum(1 for h in item_hashes if not h.shape[0])
+
+
+def choice_contamination(tasks: list, tokenizer, train_streams, ngram: int) -> list[dict]:
+    """For each multiple-choice task ((name, items) as moelab.eval.choice.load_task gives them): which
+    items (context and gold answer, as one text) share an `ngram`-token sequence with the training
+    data; `train_streams` a callable giving its token streams afresh for each task."""
+    out = []
+    for name, items in tasks:
+        ids = tokenizer.encode_batch([f"{it.context} {it.choices[it.gold]}" for it in items])
+        hit, short = contaminated_items(train_streams(), ids, ngram)
+        out.append({"task": name, "items": len(items), "ngram": ngram, "contaminated": [i + 1 for i in hit],
+                    "too_short": short})
+    return out
 
 
 def check_lengths(ngram: int, seq_len: int) -> None:

@@ -239,3 +239,51 @@ def test_data_check_rederives_a_runs_own_split(tmp_path):
                        (["--tokenizer", str(run / "tokenizer")], "--tokenizer does not apply")):
         res = run_cli("data", "check", run, *args)
         assert res.returncode == 2 and said in res.stderr and res.stdout == "", (args, res.stderr)
+
+
+def test_data_check_finds_multiple_choice_items_the_training_data_holds(tmp_path, documents, monkeypatch):
+    """A benchmark whose items are in the training text scores high for having been read, not
+    understood; `data check --choice` names those items (exit 1), on prepared data and on raw text."""
+    import json
+
+    from moelab.data.prepare import prepare
+    from tests.conftest import run_cli
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for d in documents:
+        (corpus / d.name.replace("/", "_")).write_text(d.text)
+    data = prepare([str(corpus)], str(tmp_path / "p"), val_fraction=0.25, vocab_size=400)
+    m = json.loads((data / "manifest.json").read_text())
+    train_doc = (corpus / m["splits"]["train"]["document_names"][0]).read_text().split("\n")
+    val_doc = (corpus / m["splits"]["val"]["document_names"][0]).read_text().split("\n")
+
+    def item(lines, at):  # a context of lines and the next lines as the gold answer, verbatim
+        return {"context": "\n".join(lines[at:at + 6]), "choices": ["something else entirely",
+                                                                     "\n".join(lines[at + 6:at + 9])], "gold": 1}
+    items = [{"context": "Which colour is the sky of the planet Zorbia at noon?", "choices": ["green", "mauve"],
+              "gold": 0}, item(train_doc, 10), item(val_doc, 10), {"context": "a", "choices": ["b", "c"], "gold": 0}]
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps(it) + "\n" for it in items))
+    res = run_cli("data", "check", data, "--seq-len", "64", "--choice", task, "--json", tmp_path / "r.json")
+    assert res.returncode == 1, res.stdout + res.stderr  # contaminated, though the split itself is clean
+    line = next(ln for ln in res.stdout.splitlines() if "items of task" in ln)
+    assert line.startswith("CONTAMINATED: 1 of 4 items of task") and "(items 2);" in line, line
+    assert "1 item(s) shorter than 13 tokens were not checked" in line
+    got = json.loads((tmp_path / "r.json").read_text())["choice"]
+    assert got == [{"task": "task (generic)", "items": 4, "ngram": 13, "contaminated": [2], "too_short": 1}]
+    # raw text: the validation item counts once its document is training text
+    (tmp_path / "val.txt").write_text(" ".join(f"word{i % 97} novel{i % 13}" for i in range(300)))
+    res = run_cli("data", "check", "--train", corpus, "--val", tmp_path / "val.txt", "--seq-len", "64",
+                  "--tokenizer", data / "tokenizer", "--choice", task)
+    assert "CONTAMINATED: 2 of 4 items of task (generic) (context and gold answer) share" in res.stdout
+    assert "(items 2, 3);" in res.stdout and res.returncode == 1
+    # the training tokens stream past in chunks: an n-gram across a chunk's edge is still found
+    from moelab.data import audit as audit_mod
+
+    stream = np.arange(1000, dtype=np.int64)
+    for chunk in (7, 50, 1 << 22):
+        monkeypatch.setattr(audit_mod, "CHUNK_TOKENS", chunk)
+        assert audit_mod.contaminated_items([stream], [list(range(45, 60)), [5, 4, 3] * 5, [1]], 13) == ([0], 1)
+    res = run_cli("data", "check", data, "--choice", tmp_path / "none.jsonl")  # before the audit's work
+    assert res.returncode == 2 and "no such task file" in res.stderr and res.stdout == ""
