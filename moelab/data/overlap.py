@@ -21,13 +21,58 @@ from moelab.errors import UserError
 INIT_OVERLAP = "val_documents_trained_on_by_init_from"  # RUN/data/split.json: see train's _init_overlap_note
 
 
+def _recorded_path(text: str, run_dir: Path) -> Path:
+    """A path a run's config holds: as it stands, or where a relative one is not found from here,
+    from the folder the run was first started in (RUN/run.json)."""
+    import json
+
+    p = Path(text).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    try:
+        run = json.loads((Path(run_dir) / "run.json").read_text())
+        cwd = (run.get("history") or [run])[0].get("cwd")
+    except (OSError, ValueError, AttributeError, IndexError):
+        return p
+    return Path(cwd) / p if isinstance(cwd, str) else p
+
+
 def run_data_dir(run_dir: Path, cfg) -> Path | None:
     """The prepared data a run trained on (`data.path`, else its own copy), None when not there."""
     from moelab.data.pipeline import RUN_PREPARED
     from moelab.data.prepare import is_prepared
 
-    data = Path(cfg.data.path).expanduser() if cfg.data.path else Path(run_dir) / RUN_PREPARED
+    data = _recorded_path(cfg.data.path, run_dir) if cfg.data.path else Path(run_dir) / RUN_PREPARED
     return data if is_prepared(data) else None
+
+
+def init_lineage(init_from: str, depth: int = 8) -> list[Path]:
+    """The prepared data of the run `init_from` names and of each run it was itself started from
+    (its `train.init_from`, and so on), oldest last: every model whose training documents the
+    weights have seen. Stops at a Hugging Face model (its training data is not known), a source no
+    longer there, or a cycle."""
+    from moelab.config import Config
+    from moelab.train.checkpoint import is_hf_dir, resolve_checkpoint
+
+    out, seen, src = [], set(), Path(init_from).expanduser()
+    for _ in range(depth):
+        if is_hf_dir(src) or not src.is_dir():
+            break
+        try:
+            ckpt = resolve_checkpoint(src, hf_too=True)
+            cfg = Config.from_yaml_file(ckpt / "config.yaml")
+        except UserError:
+            break
+        run = ckpt.parent.parent
+        if run.resolve() in seen:
+            break
+        seen.add(run.resolve())
+        if (data := run_data_dir(run, cfg)) is not None:
+            out.append(data)
+        if not cfg.train.init_from:
+            break
+        src = _recorded_path(cfg.train.init_from, run)
+    return out
 
 
 def recorded_init_overlap(run_dir: Path) -> int | None:
@@ -84,6 +129,12 @@ def copies(spans, wanted: dict) -> set:
 def split_copies(train_data: Path, other: Path, split: str, tokenizer) -> tuple[int, int] | None:
     """(documents of prepared `other`'s `split` that are copies of documents of `train_data`'s
     training split, documents of that split); None where unknown (see training_split)."""
+    found = split_copy_ids(train_data, other, split, tokenizer)
+    return None if found is None else (len(found[0]), found[1])
+
+
+def split_copy_ids(train_data: Path, other: Path, split: str, tokenizer) -> tuple[set, int] | None:
+    """split_copies with the copies' indices in the split, in place of their number."""
     train = training_split(train_data, tokenizer)
     if train is None:
         return None
@@ -95,4 +146,4 @@ def split_copies(train_data: Path, other: Path, split: str, tokenizer) -> tuple[
         for k in np.flatnonzero(np.isin(lens, train_lengths)).tolist():  # no other length can be a copy
             wanted.setdefault(doc_key(stream[starts[k]:starts[k] + lens[k]]), []).append(n + k)
         n += starts.shape[0]
-    return len(copies(spans, wanted)), n
+    return copies(spans, wanted), n

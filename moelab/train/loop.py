@@ -340,28 +340,29 @@ def _init_overlap_note(cfg: Config, run_dir: Path, data, resumed_from: Path | No
     RUN/data/split.json, and said again on each resume from there, since the source may be gone by
     then), or None. Checked only for a moelab run as the source, whose prepared data is still there;
     an HF model's training data is not known."""
-    from moelab.data.overlap import INIT_OVERLAP, recorded_init_overlap, run_data_dir, split_copies
+    from moelab.data.overlap import INIT_OVERLAP, init_lineage, recorded_init_overlap, run_data_dir, split_copy_ids
 
     if resumed_from is not None:  # this run's record, or for a fork its home run's
         n = recorded_init_overlap(run_dir) or recorded_init_overlap(resumed_from.parent.parent)
         found = (n, None) if n else None
     else:
-        src = Path(cfg.train.init_from).expanduser()
-        if ck.is_hf_dir(src):
-            return None
-        ckpt = ck.resolve_checkpoint(src, hf_too=True)
-        src_data = run_data_dir(ckpt.parent.parent, Config.from_yaml_file(ckpt / "config.yaml"))
         own = run_data_dir(run_dir, cfg)
-        if src_data is None or own is None or src_data.resolve() == own.resolve():  # the same split: held out
+        if own is None:
             return None
-        found = split_copies(src_data, own, "val", data.tokenizer)
+        ids, of = set(), None
+        for src_data in init_lineage(cfg.train.init_from):  # the source run, and the runs it started from
+            if src_data.resolve() != own.resolve():  # the same split: held out from that model
+                if (got := split_copy_ids(src_data, own, "val", data.tokenizer)) is not None:
+                    ids, of = ids | got[0], got[1]
+        found = (len(ids), of)
     if not found or found[0] < 1:
         return None
     data.report[INIT_OVERLAP] = found[0]
     of = f" of the {found[1]}" if found[1] else ""
     return (f"note: {found[0]}{of} validation documents are training documents of train.init_from="
-            f"{cfg.train.init_from}, so the validation loss is not held out for this model (it reads low); keep "
-            "the source run's split (its data.path, or the same data.source, data.split_salt and data.val_fraction)")
+            f"{cfg.train.init_from} (or of a run it started from), so the validation loss is not held out for "
+            "this model (it reads low); keep the source run's split (its data.path, or the same data.source, "
+            "data.split_salt and data.val_fraction)")
 
 
 def _initial_model(cfg: Config, device: torch.device) -> MoETransformer:

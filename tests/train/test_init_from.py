@@ -86,6 +86,12 @@ def test_validation_documents_the_source_trained_on_are_counted(source, prepared
     assert json.loads((tmp_path / "e.json").read_text())["language"]["documents_in_training"] == both
     res = _moelab("data", "check", str(run))  # and by the leakage audit of its split
     assert f"note: besides, {both} validation documents are training documents of the model" in res.stdout
+    # a run started from that one, on its very data: its own source held them out, the source's source did not
+    res = _moelab("train", "--out", str(tmp_path / "next"), f"train.init_from={run}",
+                  f"data.path={run / 'data' / 'prepared'}", "train.steps=1", "train.eval_every=1", *FROZEN)
+    assert res.returncode == 0, res.stderr
+    assert f"note: {both} of the {len(val)} validation documents are training documents of " in res.stderr
+    assert "(or of a run it started from)" in res.stderr
     # the source's own split (its data.path), or data the source never saw: nothing to say
     for data in (f"data.path={prepared}", f"data.source={write_corpus(tmp_path / 'other', n_docs=30)}"):
         res = _moelab("train", "--out", str(tmp_path / data[5:9]), f"train.init_from={source}", data,
@@ -152,3 +158,20 @@ def test_what_cannot_start_from_the_weights_is_one_line(source, tmp_path, prepar
     assert "is not a directory: give a run" in refused(f"train.init_from={loose / 'model.safetensors'}")
     (tmp_path / "empty").mkdir()
     assert "no checkpoint found" in refused(f"train.init_from={tmp_path / 'empty'}")
+
+
+def test_a_source_runs_relative_data_path_is_found_from_where_it_was_started(prepared, tmp_path, monkeypatch):
+    """A run's config keeps data.path as typed; read from another folder, a relative one is looked
+    up from the folder the run was first started in (RUN/run.json), not from here."""
+    from moelab.config import Config
+    from moelab.data.overlap import run_data_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"cwd": "/elsewhere", "history": [{"cwd": str(prepared.parent.parent)}]}))
+    cfg = Config()
+    cfg.data.path = f"{prepared.parent.name}/{prepared.name}"
+    monkeypatch.chdir(tmp_path)  # where that relative path names nothing
+    assert run_data_dir(run, cfg) == prepared.parent.parent / cfg.data.path
+    (run / "run.json").write_text(json.dumps({"cwd": str(tmp_path)}))  # started here: not there
+    assert run_data_dir(run, cfg) is None
