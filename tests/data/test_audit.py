@@ -287,3 +287,15 @@ def test_data_check_finds_multiple_choice_items_the_training_data_holds(tmp_path
         assert audit_mod.contaminated_items([stream], [list(range(45, 60)), [5, 4, 3] * 5, [1]], 13) == ([0], 1)
     res = run_cli("data", "check", data, "--choice", tmp_path / "none.jsonl")  # before the audit's work
     assert res.returncode == 2 and "no such task file" in res.stderr and res.stdout == ""
+    # a run that tracks the task says so at its start, and past a size says how to check instead
+    from moelab.train import loop
+
+    train = ("train", "--preset", "test", f"data.path={data}", "train.steps=1", "train.eval_every=1",
+             "train.report=false", "model.max_seq_len=256", f"train.choice_tasks={task}", "--out")
+    res = run_cli(*train, tmp_path / "run")
+    assert res.returncode == 0, res.stderr
+    assert "note: 1 of the 4 items of task (generic) share a 13-token sequence with the training data" in res.stderr
+    assert f"`moelab data check {tmp_path / 'run'} --choice {task}` names them" in res.stderr
+    monkeypatch.setattr(loop, "CONTAMINATION_CHECK_TOKENS", 10)
+    res = run_cli(*train, tmp_path / "big")
+    assert res.returncode == 0 and "were not checked for contamination against" in res.stderr, res.stderr
