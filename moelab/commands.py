@@ -170,7 +170,7 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
     if tasks:
         from moelab.data.audit import choice_contamination
 
-        result.choice = choice_contamination(tasks, tok, train_streams, choice_ngram)
+        result.choice = choice_contamination(tasks, tok, train_streams(), choice_ngram)
     return result
 
 
@@ -200,7 +200,7 @@ def _audit(run_dir, train, val, ngram, seq_len, threshold, tokenizer, text_field
                                 "drop it, or audit raw text with --train A --val B --tokenizer T")
             check_lengths(ngram, length)
             return (audit_prepared(path, ngram, length, threshold), load_tokenizer(Path(path) / "tokenizer"),
-                    lambda: [s for s, _ in split_streams(path, "train")])
+                    lambda: (s for s, _ in split_streams(path, "train")))
 
         cfg_file = Path(run_dir) / "config.yaml"
         if is_prepared(run_dir):
@@ -228,11 +228,13 @@ def _audit(run_dir, train, val, ngram, seq_len, threshold, tokenizer, text_field
         train_docs, val_docs = (load_corpus(s, text_field=text_field).documents for s in (train, val))
         tok = load_tokenizer(tokenizer) if tokenizer else train_bpe((d.text for d in train_docs), 8192)
 
-    def streams():  # the training documents' tokens, each followed by end-of-text (as a run packs them)
-        return [np.concatenate([np.append(np.asarray(ids, dtype=np.int64), tok.eos_id)
-                                for ids in tok.encode_batch([d.text for d in train_docs])] or [np.zeros(0, np.int64)])]
+    train_ids = tok.encode_batch([d.text for d in train_docs])  # once, for the audit and for --choice
 
-    return audit(train_docs, val_docs, tok, ngram, seq_len, threshold), tok, streams
+    def streams():  # the training documents' tokens, each followed by end-of-text (as a run packs them)
+        return [np.concatenate([np.append(np.asarray(ids, dtype=np.int64), tok.eos_id) for ids in train_ids]
+                               or [np.zeros(0, np.int64)])]
+
+    return audit(train_docs, val_docs, tok, ngram, seq_len, threshold, train_ids), tok, streams
 
 
 def _json_safe(obj):

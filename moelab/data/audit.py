@@ -92,9 +92,11 @@ class AuditResult:
 
 
 def audit(train: list[Document], val: list[Document], tokenizer, ngram: int = 32, seq_len: int = 128,
-          threshold: float = 0.05) -> AuditResult:
-    """Audit two lists of text documents (tokenised with `tokenizer`)."""
-    return audit_ids([d.name for d in train], tokenizer.encode_batch([d.text for d in train]),
+          threshold: float = 0.05, train_ids: list[list[int]] | None = None) -> AuditResult:
+    """Audit two lists of text documents (tokenised with `tokenizer`; `train_ids`: the training
+    documents' tokens where the caller has them already)."""
+    train_ids = train_ids if train_ids is not None else tokenizer.encode_batch([d.text for d in train])
+    return audit_ids([d.name for d in train], train_ids,
                      [d.name for d in val], tokenizer.encode_batch([d.text for d in val]),
                      tokenizer.eos_id, ngram, seq_len, threshold,
                      [_doc_key(d.text) for d in train], [_doc_key(d.text) for d in val])
@@ -128,13 +130,17 @@ def contaminated_items(train_streams, items_ids: list[list[int]], ngram: int) ->
 def choice_contamination(tasks: list, tokenizer, train_streams, ngram: int) -> list[dict]:
     """For each multiple-choice task ((name, items) as moelab.eval.choice.load_task gives them): which
     items (context and gold answer, as one text) share an `ngram`-token sequence with the training
-    data; `train_streams` a callable giving its token streams afresh for each task."""
-    out = []
+    token streams. The items of all tasks are looked up in one pass over the training data."""
+    texts = [f"{it.context} {it.choices[it.gold]}" for _, items in tasks for it in items]
+    ids = tokenizer.encode_batch(texts)
+    hit, _ = contaminated_items(train_streams, ids, ngram)
+    hit, out, first = set(hit), [], 0
     for name, items in tasks:
-        ids = tokenizer.encode_batch([f"{it.context} {it.choices[it.gold]}" for it in items])
-        hit, short = contaminated_items(train_streams(), ids, ngram)
-        out.append({"task": name, "items": len(items), "ngram": ngram, "contaminated": [i + 1 for i in hit],
-                    "too_short": short})
+        mine = range(first, first + len(items))
+        out.append({"task": name, "items": len(items), "ngram": ngram,
+                    "contaminated": [i - first + 1 for i in mine if i in hit],
+                    "too_short": sum(1 for i in mine if len(ids[i]) < ngram)})
+        first += len(items)
     return out
 
 

@@ -231,7 +231,7 @@ def _contamination_notes(run: Run, choice: list) -> list[str]:
                 f"(minutes); `moelab data check {run.run_dir} --choice {tasks.replace(',', ' ')}` does"]
     notes = []
     results = choice_contamination([loaded for _, loaded in choice], run.data.tokenizer,
-                                   lambda: [s for s, _ in split_streams(data, "train")], 13)
+                                   (s for s, _ in split_streams(data, "train")), 13)
     for (spec, _), r in zip(choice, results):
         if bad := r["contaminated"]:
             notes.append(f"note: {len(bad)} of the {r['items']} items of {r['task']} share a 13-token sequence with "
