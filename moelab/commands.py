@@ -209,11 +209,11 @@ def _audit(run_dir, train, val, ngram, seq_len, threshold, tokenizer, text_field
             raise UserError(f"{run_dir} is neither a run directory (no config.yaml) nor a prepared "
                             "data directory (no manifest.json)")
         cfg = Config.from_yaml_file(cfg_file)
-        from moelab.data.pipeline import RUN_PREPARED
+        from moelab.data.overlap import run_data_path
 
-        frozen = Path(run_dir) / RUN_PREPARED  # the copy a raw-source run trained on
-        if cfg.data.path or is_prepared(frozen):
-            return prepared(cfg.data.path or frozen, seq_len or cfg.train.seq_len)
+        data = run_data_path(Path(run_dir), cfg)  # data.path, or the copy a raw-source run trained on
+        if cfg.data.path or is_prepared(data):
+            return prepared(data, seq_len or cfg.train.seq_len)
         from moelab.data.pipeline import pdf_filters
 
         seq_len = seq_len or cfg.train.seq_len

@@ -37,12 +37,19 @@ def _recorded_path(text: str, run_dir: Path) -> Path:
     return Path(cwd) / p if isinstance(cwd, str) else p
 
 
-def run_data_dir(run_dir: Path, cfg) -> Path | None:
-    """The prepared data a run trained on (`data.path`, else its own copy), None when not there."""
+def run_data_path(run_dir: Path, cfg) -> Path:
+    """Where the prepared data a run trained on is: its `data.path` (a relative one found as
+    _recorded_path finds it), else the run's own copy of its raw source."""
     from moelab.data.pipeline import RUN_PREPARED
+
+    return _recorded_path(cfg.data.path, run_dir) if cfg.data.path else Path(run_dir) / RUN_PREPARED
+
+
+def run_data_dir(run_dir: Path, cfg) -> Path | None:
+    """run_data_path, None when no prepared data is there."""
     from moelab.data.prepare import is_prepared
 
-    data = _recorded_path(cfg.data.path, run_dir) if cfg.data.path else Path(run_dir) / RUN_PREPARED
+    data = run_data_path(run_dir, cfg)
     return data if is_prepared(data) else None
 
 

@@ -71,7 +71,7 @@ def training_copies(target, texts: list[str], ids: list[list[int]]) -> int | Non
     return len(copies(spans, wanted))
 
 
-def split_copies(target, data: Path, split: str) -> tuple[int, int] | None:
+def _prepared_copies(target, data: Path, split: str) -> tuple[int, int] | None:
     """(documents of the prepared `data`'s `split` that the run trained on, documents of the split);
     None where that cannot be known, or `data` is the run's own (its validation split is held out by
     construction, its training split is what --split train asks for)."""
@@ -118,9 +118,9 @@ def eval_windows_for(target, split: str, data: str | None, source: str | None, s
         if data is None:
             if target.run_dir is None:
                 no_hf_data()
-            from moelab.data.pipeline import RUN_PREPARED
+            from moelab.data.overlap import run_data_path
 
-            data = target.cfg.data.path or str(target.run_dir / RUN_PREPARED)
+            data = str(run_data_path(target.run_dir, target.cfg))  # (a relative data.path from where it ran)
             if not is_prepared(data):
                 if getattr(target.cfg, "preset", "") == "converted":
                     no_hf_data(f"{target.label} is a converted model and")
@@ -131,7 +131,7 @@ def eval_windows_for(target, split: str, data: str | None, source: str | None, s
                             "give its raw text with --source instead (tokenized with the model's own)")
         windows = train_w if split == "train" else val_w
         where = f"{data} [{split}]"
-        copies = split_copies(target, Path(data), split) if info is not None else None
+        copies = _prepared_copies(target, Path(data), split) if info is not None else None
         if copies and copies[0]:
             where += f" ({copies[0]} of its {copies[1]} documents in the run's training split)"
             info.update(documents_in_training=copies[0], documents=copies[1])
