@@ -172,9 +172,25 @@ def _cmd_eval(args) -> int:
             results["choice"].append(r)
             print(f"{r['task']}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f} | acc_norm {r['acc_norm']:.4f} "
                   f"+- {r['acc_norm_stderr']:.4f} | {r['items']} items (chance {r['chance']:.3f})")
+        _choice_contamination(target, args.choice, tasks, results["choice"])
     if args.json:
         write_json(args.json, results)
     return 0
+
+
+def _choice_contamination(target, specs: list[str], tasks: list, results: list[dict]) -> None:
+    """For a run: the items of each task found in the training data its model has seen (its own
+    split, and with train.init_from the source's), counted into `results` (`contaminated_items`,
+    None where not checked) and said on stderr, since their accuracy measures recall as well."""
+    if target.run_dir is None or target.cfg is None:
+        return
+    from moelab.data.audit import contamination_notes, run_contamination
+
+    found, tokens = run_contamination(target.run_dir, target.cfg, tasks)
+    for i, r in enumerate(results):
+        r["contaminated_items"] = None if found is None else len(found[i]["contaminated"])
+    for note in contamination_notes(found, tokens, specs, target.run_dir):
+        print(note, file=sys.stderr)
 
 
 def _cmd_generate(args) -> int:

@@ -168,10 +168,24 @@ def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: i
     tasks = [load_task(t) for t in choice or []]  # a bad task file is said before the audit's work
     result, tok, train_streams = _audit(run_dir, train, val, ngram, seq_len, threshold, tokenizer, text_field)
     if tasks:
-        from moelab.data.audit import choice_contamination
+        from moelab.data.audit import choice_contamination, prepared_sources
 
-        result.choice = choice_contamination(tasks, tok, train_streams(), choice_ngram)
+        sources = [(tok, train_streams())] + prepared_sources(_init_from_data(run_dir))
+        result.choice = choice_contamination(tasks, sources, choice_ngram)
     return result
+
+
+def _init_from_data(run_dir: str | None) -> list[Path]:
+    """The prepared data a run's weights saw before it: that of its train.init_from run and the runs
+    that one started from (none for raw text, a prepared directory, or a run started from scratch)."""
+    from moelab.config import Config
+    from moelab.data.overlap import run_data_path, trained_data
+
+    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+        return []
+    cfg = Config.from_yaml_file(Path(run_dir) / "config.yaml")
+    own = run_data_path(Path(run_dir), cfg).resolve()
+    return [d for d in trained_data(Path(run_dir), cfg) if d.resolve() != own]
 
 
 def _audit(run_dir, train, val, ngram, seq_len, threshold, tokenizer, text_field):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -127,21 +128,73 @@ def contaminated_items(train_streams, items_ids: list[list[int]], ngram: int) ->
     return hit, sum(1 for h in item_hashes if not h.shape[0])
 
 
-def choice_contamination(tasks: list, tokenizer, train_streams, ngram: int) -> list[dict]:
+def choice_contamination(tasks: list, sources: list, ngram: int) -> list[dict]:
     """For each multiple-choice task ((name, items) as moelab.eval.choice.load_task gives them): which
     items (context and gold answer, as one text) share an `ngram`-token sequence with the training
-    token streams. The items of all tasks are looked up in one pass over the training data."""
+    data. `sources`: (tokenizer, training token streams) pairs, one for each training data the model
+    has seen (a model started from another's weights saw that one's too); an item counts when any
+    holds it, and is too short when under `ngram` tokens in every tokenizer. The items of all tasks
+    are looked up in one pass over each source."""
     texts = [f"{it.context} {it.choices[it.gold]}" for _, items in tasks for it in items]
-    ids = tokenizer.encode_batch(texts)
-    hit, _ = contaminated_items(train_streams, ids, ngram)
-    hit, out, first = set(hit), [], 0
+    hit, short = set(), set(range(len(texts)))
+    for tokenizer, streams in sources:
+        ids = tokenizer.encode_batch(texts)
+        hit.update(contaminated_items(streams, ids, ngram)[0])
+        short &= {i for i, x in enumerate(ids) if len(x) < ngram}
+    out, first = [], 0
     for name, items in tasks:
         mine = range(first, first + len(items))
         out.append({"task": name, "items": len(items), "ngram": ngram,
                     "contaminated": [i - first + 1 for i in mine if i in hit],
-                    "too_short": sum(1 for i in mine if len(ids[i]) < ngram)})
+                    "too_short": sum(1 for i in mine if i in short)})
         first += len(items)
     return out
+
+
+def prepared_sources(dirs) -> list:
+    """choice_contamination's sources for prepared data directories: each one's tokenizer and the
+    token streams of its training split (memory-mapped, read as the check goes). A directory that
+    cannot be read (damaged since it was prepared) is left out: the check goes on without it."""
+    from moelab.data.prepare import split_streams
+    from moelab.data.tokenizer import load_tokenizer
+
+    out = []
+    for d in dirs:
+        try:
+            out.append((load_tokenizer(Path(d) / "tokenizer"), [s for s, _ in split_streams(d, "train")]))
+        except UserError:
+            continue
+    return out
+
+
+CONTAMINATION_CHECK_TOKENS = 1 << 30  # train and eval check up to this many training tokens (~15 s on 2 CPU cores)
+
+
+def run_contamination(run_dir: Path, cfg, tasks: list, ngram: int = 13,
+                      max_tokens: int | None = None) -> tuple[list[dict] | None, int]:
+    """(choice_contamination of `tasks` against every training split the run's weights have seen, as
+    moelab.data.overlap.trained_data finds them; the training tokens those hold). The results are None
+    where no prepared data is left to read, or it holds over `max_tokens` (default
+    CONTAMINATION_CHECK_TOKENS) tokens: minutes of reading, for `moelab data check RUN --choice`."""
+    from moelab.data.overlap import trained_data
+
+    sources = prepared_sources(trained_data(run_dir, cfg))
+    tokens = sum(int(s.shape[0]) for _, streams in sources for s in streams)
+    if not sources or tokens > (CONTAMINATION_CHECK_TOKENS if max_tokens is None else max_tokens):
+        return None, tokens
+    return choice_contamination(tasks, sources, ngram), tokens
+
+
+def contamination_notes(results: list[dict] | None, tokens: int, specs: list[str], run_dir) -> list[str]:
+    """What train and eval say of run_contamination's answer for the tasks named `specs`: a note for
+    each task with items found in the training data, or, where that was too large to read, how to check."""
+    if results is None:
+        return [f"note: the multiple-choice tasks were not checked for contamination against {tokens:,} training "
+                f"tokens (minutes); `moelab data check {run_dir} --choice {' '.join(specs)}` does"] if tokens else []
+    return [f"note: {len(r['contaminated'])} of the {r['items']} items of {r['task']} share a {r['ngram']}-token "
+            "sequence with the training data this model has seen, so its accuracy measures recall as well as "
+            f"skill; `moelab data check {run_dir} --choice {spec}` names them"
+            for spec, r in zip(specs, results) if r["contaminated"]]
 
 
 def check_lengths(ngram: int, seq_len: int) -> None:

@@ -82,6 +82,22 @@ def init_lineage(init_from: str, depth: int = 8) -> list[Path]:
     return out
 
 
+def trained_data(run_dir: Path, cfg) -> list[Path]:
+    """The prepared data of every training split a run's weights have seen, each once: its own
+    (run_data_dir) and, for a run started with `train.init_from`, the source run's and those of the
+    runs that one started from (init_lineage)."""
+    own = run_data_dir(run_dir, cfg)
+    dirs = [own] if own is not None else []
+    if cfg.train.init_from:
+        dirs += init_lineage(str(_recorded_path(cfg.train.init_from, run_dir)))
+    out, seen = [], set()
+    for d in dirs:
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
 def recorded_init_overlap(run_dir: Path) -> int | None:
     """The validation documents of a run that the model it started from trained on, as its
     RUN/data/split.json records them (None: none recorded)."""

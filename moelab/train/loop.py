@@ -210,34 +210,16 @@ def _setup_run(cfg: Config, out: str | None, resume: str | None, overrides: tupl
     return run
 
 
-CONTAMINATION_CHECK_TOKENS = 1 << 30  # training splits up to this are checked at set-up (~15 s on 2 CPU cores)
-
-
 def _contamination_notes(run: Run, choice: list) -> list[str]:
     """A note for each train.choice_tasks task with items (context and gold answer) that share a
-    13-token sequence with the training split: its accuracy would measure recall as well as skill.
-    A training split over CONTAMINATION_CHECK_TOKENS is not read here; the note says how to check it."""
-    from moelab.data.audit import choice_contamination
-    from moelab.data.overlap import run_data_dir
-    from moelab.data.prepare import read_manifest, split_streams
+    13-token sequence with the training data the model has seen (its split, and with
+    train.init_from the source model's): its accuracy would measure recall as well as skill.
+    Training data over audit.CONTAMINATION_CHECK_TOKENS is not read here; the note says how to check it."""
+    from moelab.data.audit import contamination_notes, run_contamination
 
-    data = run_data_dir(run.run_dir, run.cfg)
-    if data is None:
-        return []
-    tokens = read_manifest(data)["splits"]["train"]["tokens"]
-    tasks = ",".join(spec for spec, _ in choice)
-    if tokens > CONTAMINATION_CHECK_TOKENS:
-        return [f"note: train.choice_tasks were not checked for contamination against {tokens:,} training tokens "
-                f"(minutes); `moelab data check {run.run_dir} --choice {tasks.replace(',', ' ')}` does"]
-    notes = []
-    results = choice_contamination([loaded for _, loaded in choice], run.data.tokenizer,
-                                   (s for s, _ in split_streams(data, "train")), 13)
-    for (spec, _), r in zip(choice, results):
-        if bad := r["contaminated"]:
-            notes.append(f"note: {len(bad)} of the {r['items']} items of {r['task']} share a 13-token sequence with "
-                         "the training data, so its accuracy measures recall as well as skill; `moelab data check "
-                         f"{run.run_dir} --choice {spec}` names them")
-    return notes
+    tasks = [loaded for _, loaded in choice]
+    results, tokens = run_contamination(run.run_dir, run.cfg, tasks)
+    return contamination_notes(results, tokens, [spec for spec, _ in choice], run.run_dir)
 
 
 def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None, writer: bool = True) -> Run:

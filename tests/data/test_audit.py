@@ -288,7 +288,6 @@ def test_data_check_finds_multiple_choice_items_the_training_data_holds(tmp_path
     res = run_cli("data", "check", data, "--choice", tmp_path / "none.jsonl")  # before the audit's work
     assert res.returncode == 2 and "no such task file" in res.stderr and res.stdout == ""
     # a run that tracks the task says so at its start, and past a size says how to check instead
-    from moelab.train import loop
 
     train = ("train", "--preset", "test", f"data.path={data}", "train.steps=1", "train.eval_every=1",
              "train.report=false", "model.max_seq_len=256", f"train.choice_tasks={task}", "--out")
@@ -296,6 +295,57 @@ def test_data_check_finds_multiple_choice_items_the_training_data_holds(tmp_path
     assert res.returncode == 0, res.stderr
     assert "note: 1 of the 4 items of task (generic) share a 13-token sequence with the training data" in res.stderr
     assert f"`moelab data check {tmp_path / 'run'} --choice {task}` names them" in res.stderr
-    monkeypatch.setattr(loop, "CONTAMINATION_CHECK_TOKENS", 10)
+    monkeypatch.setattr(audit_mod, "CONTAMINATION_CHECK_TOKENS", 10)
     res = run_cli(*train, tmp_path / "big")
     assert res.returncode == 0 and "were not checked for contamination against" in res.stderr, res.stderr
+
+
+def test_eval_and_init_from_runs_count_the_items_any_earlier_training_data_holds(tmp_path, documents, monkeypatch):
+    """`eval RUN --choice` says which items the run trained on. A run started from another run's
+    weights (train.init_from) has seen that run's training data too: its own data being clean does
+    not make the benchmark clean, so train, eval and `data check RUN` count both."""
+    import json
+
+    from moelab.data import audit as audit_mod
+    from moelab.data.prepare import prepare
+    from tests.conftest import run_cli
+
+    corpus, rest = tmp_path / "corpus", tmp_path / "rest"
+    corpus.mkdir()
+    rest.mkdir()
+    for d in documents:
+        (corpus / d.name.replace("/", "_")).write_text(d.text)
+    data = prepare([str(corpus)], str(tmp_path / "p"), val_fraction=0.25, vocab_size=400)
+    first = json.loads((data / "manifest.json").read_text())["splits"]["train"]["document_names"][0]
+    for f in corpus.iterdir():  # the same text without the training document the item is taken from
+        if f.name != first:
+            (rest / f.name).write_text(f.read_text())
+    data2 = prepare([str(rest)], str(tmp_path / "p2"), val_fraction=0.25, tokenizer=str(data / "tokenizer"))
+    lines = (corpus / first).read_text().split("\n")
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"context": "\n".join(lines[10:16]), "gold": 1,
+                                "choices": ["something else entirely", "\n".join(lines[16:19])]}) + "\n"
+                    + json.dumps({"context": "Which colour is the sky of the planet Zorbia at noon?",
+                                  "choices": ["green", "mauve"], "gold": 0}) + "\n")
+    res = run_cli("data", "check", data2, "--choice", task)
+    assert "clean: 0 of 2 items of task" in res.stdout, res.stdout + res.stderr  # the second data alone is clean
+    said = "note: 1 of the 2 items of task (generic) share a 13-token sequence with the training data this model"
+    common = ("--preset", "test", "train.steps=1", "train.eval_every=1", "train.report=false", "model.max_seq_len=256")
+    res = run_cli("train", *common, f"data.path={data}", "--out", tmp_path / "run")
+    assert res.returncode == 0 and said not in res.stderr, res.stderr  # not tracked, not checked
+    res = run_cli("eval", tmp_path / "run", "--choice", task, "--json", tmp_path / "e.json")
+    assert res.returncode == 0 and said in res.stderr, res.stderr
+    assert f"`moelab data check {tmp_path / 'run'} --choice {task}` names them" in res.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["choice"][0]["contaminated_items"] == 1
+    res = run_cli("train", *common, f"data.path={data2}", f"train.init_from={tmp_path / 'run'}",
+                  f"train.choice_tasks={task}", "--out", tmp_path / "ft")
+    assert res.returncode == 0 and said in res.stderr, res.stderr
+    res = run_cli("eval", tmp_path / "ft", "--choice", task, "--json", tmp_path / "e.json")
+    assert said in res.stderr and json.loads((tmp_path / "e.json").read_text())["choice"][0]["contaminated_items"] == 1
+    res = run_cli("data", "check", tmp_path / "ft", "--choice", task)
+    assert res.returncode == 1 and "CONTAMINATED: 1 of 2 items of task" in res.stdout, res.stdout + res.stderr
+    # past the size read at once, eval says how to check instead, and records that it did not
+    monkeypatch.setattr(audit_mod, "CONTAMINATION_CHECK_TOKENS", 10)
+    res = run_cli("eval", tmp_path / "ft", "--choice", task, "--json", tmp_path / "e.json")
+    assert res.returncode == 0 and "were not checked for contamination against" in res.stderr, res.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["choice"][0]["contaminated_items"] is None
