@@ -94,10 +94,23 @@ def _metrics_blocks(target, summary: dict) -> list:
 def _choice_blocks(results: list[dict]) -> list:
     if not results:
         return []
-    return [("p", "Multiple choice (log-likelihood, acc and acc_norm as lm-evaluation-harness defines them):"),
-            ("table", ["task", "items", "acc", "acc_norm", "chance"],
-             [[r["task"], str(r["items"]), f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}",
-               f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}", f"{r['chance']:.3f}"] for r in results])]
+    checked = any("contaminated_items" in r for r in results)  # recorded since 12/2026
+
+    def found(r):
+        n = r.get("contaminated_items")
+        return "not checked" if n is None else str(n)
+    blocks = [("p", "Multiple choice (log-likelihood, acc and acc_norm as lm-evaluation-harness defines them):"),
+              ("table", ["task", "items", "acc", "acc_norm", "chance"] + (["items in training data"] if checked else []),
+               [[r["task"], str(r["items"]), f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}",
+                 f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}", f"{r['chance']:.3f}"]
+                + ([found(r)] if checked else []) for r in results])]
+    if bad := [r for r in results if r.get("contaminated_items")]:
+        blocks.append(("p", "Contaminated: " + "; ".join(
+            f"{r['contaminated_items']} of the {r['items']} items of {r['task']}" for r in bad)
+            + " share a 13-token sequence (context and gold answer) with the training data this model has seen, "
+              "so those accuracies measure recall as well as skill (`moelab data check RUN --choice TASK` "
+              "names the items)."))
+    return blocks
 
 
 def _routing_blocks(run_dir: Path, windows: int) -> list:

@@ -71,6 +71,9 @@ class Run:
     # set-up's notes, said once training starts: torch's threads fitted to the usable cores, a tokenizer
     # smaller than asked, a resume that moves the LR schedule
     notes: list[str] = field(default_factory=list)
+    # each train.choice_tasks task's items found in the training data the model has seen (None: not
+    # checked), recorded with its scores: set-up's check (_contamination_notes)
+    choice_contaminated: dict = field(default_factory=dict)
 
 
 def config_changes(before: Config, after: Config) -> list[str]:
@@ -219,6 +222,8 @@ def _contamination_notes(run: Run, choice: list) -> list[str]:
 
     tasks = [loaded for _, loaded in choice]
     results, tokens = run_contamination(run.run_dir, run.cfg, tasks)
+    run.choice_contaminated = {spec: None if results is None else len(r["contaminated"])
+                               for (spec, _), r in zip(choice, results or [None] * len(choice))}
     return contamination_notes(results, tokens, [spec for spec, _ in choice], run.run_dir)
 
 
@@ -948,6 +953,8 @@ def _run_choice(run: Run, tasks: list, sinks, say) -> list[dict]:
     results = []
     for spec, loaded in tasks:
         r = eval_choice(target, spec, batch_size=run.cfg.train.batch_size, loaded=loaded)
+        if spec in run.choice_contaminated:  # as `moelab eval --choice` records it
+            r["contaminated_items"] = run.choice_contaminated[spec]
         sinks.write({"step": run.step, "split": "choice", **{k: v for k, v in r.items() if k != "model"}})
         say(f"step {run.step} {r['task']}: acc {r['acc']:.3f} acc_norm {r['acc_norm']:.3f} ({r['items']} items)")
         results.append(r)

@@ -340,6 +340,11 @@ def test_eval_and_init_from_runs_count_the_items_any_earlier_training_data_holds
     res = run_cli("train", *common, f"data.path={data2}", f"train.init_from={tmp_path / 'run'}",
                   f"train.choice_tasks={task}", "--out", tmp_path / "ft")
     assert res.returncode == 0 and said in res.stderr, res.stderr
+    # recorded with the scores, and said where they are shown
+    assert json.loads((tmp_path / "ft" / "summary.json").read_text())["choice"][0]["contaminated_items"] == 1
+    assert run_cli("report", tmp_path / "ft").returncode == 0
+    page = (tmp_path / "ft" / "report.md").read_text()
+    assert "items in training data" in page and "Contaminated: 1 of the 2 items of task (generic)" in page
     res = run_cli("eval", tmp_path / "ft", "--choice", task, "--json", tmp_path / "e.json")
     assert said in res.stderr and json.loads((tmp_path / "e.json").read_text())["choice"][0]["contaminated_items"] == 1
     res = run_cli("data", "check", tmp_path / "ft", "--choice", task)
