@@ -2,6 +2,7 @@
 step allocates, and a model that cannot fit is refused in one line before anything is prepared."""
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,7 +40,8 @@ def test_available_memory_is_within_the_machines():
     import os
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    swap = int(next(ln for ln in open("/proc/meminfo") if ln.startswith("SwapTotal")).split()[1]) * 1024
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    swap = int(next(ln for ln in meminfo if ln.startswith("SwapTotal")).split()[1]) * 1024
     assert 0 < avail <= ram + swap
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +37,7 @@ def test_a_killed_writers_temp_goes_even_while_its_process_is_an_unreaped_zombie
         assert remove_stale_temps(target) == [] and theirs.is_dir()  # running
         child.kill()
         deadline = time.monotonic() + 30
-        while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert remove_stale_temps(target) == [theirs] and not theirs.exists()  # killed, not yet reaped

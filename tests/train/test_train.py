@@ -51,6 +51,9 @@ def test_save_then_load_reproduces_logits(tmp_path):
     fresh = setup(_cfg(), out=str(tmp_path / "other"))  # untrained weights differ
     with torch.no_grad():
         assert not torch.allclose(fresh.model.eval()(ids).logits, a)
+    for r in (run, fresh):  # what train() would close at its end
+        r.sinks.close()
+        r.lock.release()
 
 
 def test_resume_continues_exactly(tmp_path):
