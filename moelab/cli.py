@@ -152,10 +152,14 @@ def _cmd_eval(args) -> int:
     if args.harness:  # first: a task whose data cannot be fetched fails before the other evaluations run
         from moelab.eval.harness import run_harness
 
+        texts = {}
         results["harness"] = run_harness(target, args.harness, limit=args.limit or None,
-                                         batch_size=args.batch_size, checked=harness)
+                                         batch_size=args.batch_size, checked=harness, texts=texts)
         for task, metrics in results["harness"].items():
             print(f"lm_eval {task}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        names = [t for t in texts if t in results["harness"]]
+        _contamination(target, names, [(t, [text for _, text in texts[t]]) for t in names],
+                       [results["harness"][t] for t in names], [[i for i, _ in texts[t]] for t in names])
     if not (args.choice or args.harness) or args.data or args.source or target.run_dir:
         from moelab.eval.language import eval_language, format_language
 
@@ -172,24 +176,25 @@ def _cmd_eval(args) -> int:
             results["choice"].append(r)
             print(f"{r['task']}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f} | acc_norm {r['acc_norm']:.4f} "
                   f"+- {r['acc_norm_stderr']:.4f} | {r['items']} items (chance {r['chance']:.3f})")
-        _choice_contamination(target, args.choice, tasks, results["choice"])
+        _contamination(target, args.choice, tasks, results["choice"])
     if args.json:
         write_json(args.json, results)
     return 0
 
 
-def _choice_contamination(target, specs: list[str], tasks: list, results: list[dict]) -> None:
-    """For a run: the items of each task found in the training data its model has seen (its own
-    split, and with train.init_from the source's), counted into `results` (`contaminated_items`,
-    None where not checked) and said on stderr, since their accuracy measures recall as well."""
-    if target.run_dir is None or target.cfg is None:
+def _contamination(target, specs: list[str], tasks: list, results: list[dict], doc_ids: list | None = None) -> None:
+    """For a run: the items of each task (multiple-choice, or lm_eval's with their `doc_ids`) found
+    in the training data its model has seen (its own split, and with train.init_from the source's),
+    counted into `results` (`contaminated_items`, None where not checked) and said on stderr, since
+    their scores measure recall as well."""
+    if target.run_dir is None or target.cfg is None or not tasks:
         return
     from moelab.data.audit import contamination_notes, run_contamination
 
     found, tokens = run_contamination(target.run_dir, target.cfg, tasks)
     for i, r in enumerate(results):
         r["contaminated_items"] = None if found is None else len(found[i]["contaminated"])
-    for note in contamination_notes(found, tokens, specs, target.run_dir):
+    for note in contamination_notes(found, tokens, specs, target.run_dir, doc_ids):
         print(note, file=sys.stderr)
 
 

@@ -129,13 +129,15 @@ def contaminated_items(train_streams, items_ids: list[list[int]], ngram: int) ->
 
 
 def choice_contamination(tasks: list, sources: list, ngram: int) -> list[dict]:
-    """For each multiple-choice task ((name, items) as moelab.eval.choice.load_task gives them): which
-    items (context and gold answer, as one text) share an `ngram`-token sequence with the training
-    data. `sources`: (tokenizer, training token streams) pairs, one for each training data the model
-    has seen (a model started from another's weights saw that one's too); an item counts when any
-    holds it, and is too short when under `ngram` tokens in every tokenizer. The items of all tasks
-    are looked up in one pass over each source."""
-    texts = [f"{it.context} {it.choices[it.gold]}" for _, items in tasks for it in items]
+    """For each multiple-choice task ((name, items) as moelab.eval.choice.load_task gives them, or
+    (name, texts) of items already joined into one text each): which items (context and gold answer,
+    as one text) share an `ngram`-token sequence with the training data. `sources`: (tokenizer,
+    training token streams) pairs, one for each training data the model has seen (a model started
+    from another's weights saw that one's too); an item counts when any holds it, and is too short
+    when under `ngram` tokens in every tokenizer. The items of all tasks are looked up in one pass
+    over each source."""
+    texts = [it if isinstance(it, str) else f"{it.context} {it.choices[it.gold]}"
+             for _, items in tasks for it in items]
     hit, short = set(), set(range(len(texts)))
     for tokenizer, streams in sources:
         ids = tokenizer.encode_batch(texts)
@@ -185,16 +187,30 @@ def run_contamination(run_dir: Path, cfg, tasks: list, ngram: int = 13,
     return choice_contamination(tasks, sources, ngram), tokens
 
 
-def contamination_notes(results: list[dict] | None, tokens: int, specs: list[str], run_dir) -> list[str]:
+def contamination_notes(results: list[dict] | None, tokens: int, specs: list[str], run_dir,
+                        doc_ids: list[list] | None = None) -> list[str]:
     """What train and eval say of run_contamination's answer for the tasks named `specs`: a note for
-    each task with items found in the training data, or, where that was too large to read, how to check."""
+    each task with items found in the training data, or, where that was too large to read, how to
+    check. `doc_ids`: lm_eval tasks' document ids, item by item, to name the items by (`moelab data
+    check --choice` reads JSONL tasks and hub names, not lm_eval's)."""
     if results is None:
+        how = (f"`moelab data check {run_dir} --choice TASK.jsonl` does for JSONL tasks" if doc_ids is not None
+               else f"`moelab data check {run_dir} --choice {' '.join(specs)}` does")
         return [f"note: the multiple-choice tasks were not checked for contamination against {tokens:,} training "
-                f"tokens (minutes); `moelab data check {run_dir} --choice {' '.join(specs)}` does"] if tokens else []
-    return [f"note: {len(r['contaminated'])} of the {r['items']} items of {r['task']} share a {r['ngram']}-token "
-            "sequence with the training data this model has seen, so its accuracy measures recall as well as "
-            f"skill; `moelab data check {run_dir} --choice {spec}` names them"
-            for spec, r in zip(specs, results) if r["contaminated"]]
+                f"tokens (minutes); {how}"] if tokens else []
+    notes = []
+    for n, (spec, r) in enumerate(zip(specs, results)):
+        if not (bad := r["contaminated"]):
+            continue
+        if doc_ids is None:
+            where = f"`moelab data check {run_dir} --choice {spec}` names them"
+        else:
+            ids = [str(doc_ids[n][i - 1]) for i in bad]
+            where = "lm_eval doc_id " + ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
+        notes.append(f"note: {len(bad)} of the {r['items']} items of {r['task']} share a {r['ngram']}-token sequence "
+                     "with the training data this model has seen, so its score measures recall as well as "
+                     f"skill; {where}")
+    return notes
 
 
 def check_lengths(ngram: int, seq_len: int) -> None:

@@ -127,10 +127,31 @@ def harness_tasks(tasks: str, include_path: str | None = None):
     return names, manager
 
 
+def sample_text(sample: dict) -> str:
+    """The text of one evaluated document of an lm_eval task (a `log_samples` record), as a
+    contamination check reads it: the context and its gold continuation for a multiple-choice task,
+    the context and its reference answer for a generation task, the whole text for a rolling
+    log-likelihood (perplexity) task."""
+    args = sample.get("arguments") or []
+    if isinstance(args, dict):  # {"gen_args_0": {"arg_0": context, "arg_1": continuation}, ...} in some versions
+        args = [tuple(a.values()) if isinstance(a, dict) else tuple(a) for a in args.values()]
+    args = [a if isinstance(a, (tuple, list)) else (a,) for a in args]
+    if not args:
+        return ""
+    gold, context = sample.get("target"), str(args[0][0])
+    if isinstance(gold, int) and not isinstance(gold, bool) and 0 <= gold < len(args) and len(args[gold]) > 1 \
+            and isinstance(args[gold][1], str):
+        return str(args[gold][0]) + args[gold][1]
+    if isinstance(gold, str) and gold:
+        return f"{context} {gold}"
+    return context
+
+
 def run_harness(target, tasks: str, include_path: str | None = None, limit: int | None = None,
-                batch_size: int = 16, device: str = "cpu", checked=None) -> dict:
+                batch_size: int = 16, device: str = "cpu", checked=None, texts: dict | None = None) -> dict:
     """Run lm_eval tasks on a moelab model (a path, or a target from `load_target`); returns
-    {task: {metric: value}}. `checked`: what `harness_tasks` returned for these tasks."""
+    {task: {metric: value}}. `checked`: what `harness_tasks` returned for these tasks. `texts`: a dict
+    to fill with each task's evaluated documents ({task: [(doc_id, sample_text), ...]})."""
     import lm_eval
 
     from moelab.hub import hub_access, offline_hint
@@ -141,9 +162,12 @@ def run_harness(target, tasks: str, include_path: str | None = None, limit: int 
     with hub_access() as offline:  # the tasks' datasets come from the hub or its cache
         try:
             res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
-                                          log_samples=False)
+                                          log_samples=texts is not None)
         except (KeyError, ValueError, ConnectionError, OSError) as exc:
             hint = f" ({offline_hint(offline)}?)" if offline else ""
             raise UserError(f"lm_eval could not run {tasks}: {first_line(exc, 200)}{hint}") from None
+    if texts is not None:
+        for task, samples in (res.get("samples") or {}).items():
+            texts[task] = sorted((sm.get("doc_id", n), sample_text(sm)) for n, sm in enumerate(samples))
     return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))}
             for task, metrics in res["results"].items()}

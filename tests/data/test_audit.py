@@ -4,6 +4,7 @@ same text; near-copies are grouped by MinHash and split together."""
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -354,3 +355,42 @@ def test_eval_and_init_from_runs_count_the_items_any_earlier_training_data_holds
     res = run_cli("eval", tmp_path / "ft", "--choice", task, "--json", tmp_path / "e.json")
     assert res.returncode == 0 and "were not checked for contamination against" in res.stderr, res.stderr
     assert json.loads((tmp_path / "e.json").read_text())["choice"][0]["contaminated_items"] is None
+
+
+@pytest.mark.slow
+def test_eval_harness_names_the_items_the_run_trained_on(tmp_path, documents, monkeypatch):
+    """`eval RUN --harness` checks the lm_eval tasks' evaluated documents (context and gold answer)
+    against the run's training data, as `--choice` does its JSONL tasks, and names them by doc_id."""
+    import json
+
+    lm_eval = pytest.importorskip("lm_eval")
+    from moelab.data.prepare import prepare
+    from tests.conftest import run_cli
+    from tests.eval.test_choice import _local_harness_task
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for d in documents:
+        (corpus / d.name.replace("/", "_")).write_text(d.text)
+    data = prepare([str(corpus)], str(tmp_path / "p"), val_fraction=0.25, vocab_size=400)
+    splits = json.loads((data / "manifest.json").read_text())["splits"]
+    seen, unseen = ((corpus / splits[s]["document_names"][0]).read_text().split("\n") for s in ("train", "val"))
+
+    def row(i, lines):  # a question and its gold answer (B) taken verbatim from a document
+        return {"id": f"q{i}", "question": "\n".join(lines[10:16]), "answerKey": "B", "choices": {
+            "text": ["something else entirely", "\n".join(lines[16:19]), "no", "yes"], "label": list("ABCD")}}
+    rows = [row(0, unseen), row(1, seen), row(2, unseen)]
+    (tmp_path / "arc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    name = _local_harness_task(Path(lm_eval.__file__).parent / "tasks", "arc", tmp_path / "arc.jsonl",
+                               tmp_path / "tasks")
+    res = run_cli("train", "--preset", "test", f"data.path={data}", "train.steps=1", "train.eval_every=1",
+                  "train.report=false", "model.max_seq_len=512", "--out", tmp_path / "run")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("eval", tmp_path / "run", "--harness", name, "--include-path", tmp_path / "tasks",
+                  "--json", tmp_path / "e.json")
+    assert res.returncode == 0, res.stderr
+    assert (f"note: 1 of the 3 items of {name} share a 13-token sequence with the training data this model has seen"
+            in res.stderr and "; lm_eval doc_id 1\n" in res.stderr), res.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["harness"][name]["contaminated_items"] == 1

@@ -105,6 +105,20 @@ def test_a_harness_task_whose_data_cannot_be_fetched_fails_before_the_other_eval
     assert "bits/byte" not in res.stdout, res.stdout  # no language evaluation before it
 
 
+def test_the_text_a_harness_sample_is_checked_by():
+    """lm_eval's logged samples, as its versions write them: multiple choice (arguments as tuples, or
+    as dicts), generation (a reference answer), rolling log-likelihood (the whole text)."""
+    from moelab.eval.harness import sample_text
+
+    mc = [("Question: 2+2?\nAnswer:", " 3"), ("Question: 2+2?\nAnswer:", " 4")]
+    assert sample_text({"target": 1, "arguments": mc}) == "Question: 2+2?\nAnswer: 4"
+    as_dicts = {f"gen_args_{i}": {"arg_0": c, "arg_1": x} for i, (c, x) in enumerate(mc)}
+    assert sample_text({"target": 0, "arguments": as_dicts}) == "Question: 2+2?\nAnswer: 3"
+    assert sample_text({"target": "42", "arguments": [("Q: 6*7?\nA:", {"until": ["\n"]})]}) == "Q: 6*7?\nA: 42"
+    assert sample_text({"target": "", "arguments": [("a whole page of text",)]}) == "a whole page of text"
+    assert sample_text({"target": 0, "arguments": []}) == ""
+
+
 def test_hub_task_without_the_hub_is_one_line_at_once(tmp_path):
     import os
     import subprocess
