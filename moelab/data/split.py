@@ -66,3 +66,22 @@ def split_documents(docs: list[Document], val_fraction: float, salt: str = "moel
     train = [d for d, k in zip(docs, keys) if k not in val_keys]
     val = [d for d, k in zip(docs, keys) if k in val_keys]
     return train, val
+
+
+MIN_VAL_DOCUMENTS = 5  # fewer, and the validation loss measures those few texts
+
+
+def few_val_note(val_docs: int, total_docs: int, val_tokens: int, val_fraction: float, setting: str) -> str | None:
+    """A note for a validation split of fewer than MIN_VAL_DOCUMENTS documents where a larger
+    `val_fraction` (at most 0.3) would hold out more: its loss, and so early stopping and the `best`
+    checkpoint, follow those few texts. `setting`: how to ask for a fraction, with {} for it."""
+    if val_docs >= MIN_VAL_DOCUMENTS:
+        return None
+    f = next((f for f in (0.1, 0.15, 0.2, 0.25, 0.3) if f > val_fraction and total_docs * f >= MIN_VAL_DOCUMENTS),
+             None)
+    if f is None:
+        return None
+    these = "that text" if val_docs == 1 else f"those {val_docs} texts"
+    return (f"note: the validation split is {val_docs} of {total_docs} documents ({val_tokens:,} tokens), so its loss "
+            f"measures {these}, and early stopping and the best checkpoint follow it; {setting.format(f)} would "
+            f"hold out about {round(total_docs * f)}")

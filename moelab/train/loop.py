@@ -281,6 +281,8 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
     learnt, asked = data.tokenizer.vocab_size, cfg.data.vocab_size
     if ckpt is None and not (cfg.data.path or cfg.data.tokenizer or t.init_from) and learnt < asked:
         run.notes.append(fewer_tokens_note(learnt, f"data.vocab_size={asked}"))
+    if ckpt is None and (note := _few_val_note(cfg, data)):
+        run.notes.append(note)
     if ckpt is not None:
         run.resumed_from = ckpt
         before = Config.from_yaml_file(ckpt / "config.yaml")
@@ -382,6 +384,21 @@ def _init_overlap_note(cfg: Config, run_dir: Path, data, resumed_from: Path | No
             f"{cfg.train.init_from} (or of a run it started from), so the validation loss is not held out for "
             "this model (it reads low); keep the source run's split (its data.path, or the same data.source, "
             "data.split_salt and data.val_fraction)")
+
+
+def _few_val_note(cfg: Config, data) -> str | None:
+    """A validation split of a handful of documents, said at a run's start (see few_val_note)."""
+    from moelab.data.prepare import read_manifest
+    from moelab.data.split import few_val_note
+
+    s = data.report["splits"]
+    if cfg.data.path:
+        fraction = read_manifest(cfg.data.path).get("val_fraction", 0.05)
+        setting = "`moelab data prepare ... --val-fraction {}`"
+    else:
+        fraction, setting = cfg.data.val_fraction, "data.val_fraction={}"
+    return few_val_note(s["val"]["documents"], s["train"]["documents"] + s["val"]["documents"], s["val"]["tokens"],
+                        fraction, setting)
 
 
 def _initial_model(cfg: Config, device: torch.device) -> MoETransformer:

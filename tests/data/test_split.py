@@ -132,3 +132,34 @@ def test_a_corpus_of_one_text_copied_is_refused_with_near_copy_grouping_off():
     docs = [Document(f"d{i}.txt", "the same text") for i in range(5)]
     with pytest.raises(UserError, match="all 5 documents are copies of one text"):
         split_documents(docs, 0.2)
+
+
+def test_a_validation_split_of_a_few_documents_is_said_with_the_fraction_that_holds_out_more(text_corpus, tmp_path):
+    """One held-out text decides early stopping and the best checkpoint without a word; the note names
+    the smallest fraction (to 0.3) that would hold out 5, and is not said where none would."""
+    from moelab.data.split import few_val_note
+    from tests.conftest import run_cli
+
+    assert "x=0.2 would hold out about 6" in few_val_note(1, 30, 4502, 0.05, "x={}")
+    for enough in ((5, 30, 0.05), (1, 12, 0.05), (2, 100, 0.3)):  # 5 held out; 0.3 of 12 is 3.6; 0.3 asked
+        assert few_val_note(enough[0], enough[1], 100, enough[2], "x={}") is None
+    # the tiny-corpus fallback holds out one document (60 in all): prepare and train say so
+    res = run_cli("data", "prepare", text_corpus, "--out", tmp_path / "p", "--val-fraction", "0.001",
+                  "--vocab-size", "300")
+    assert res.returncode == 0, res.stderr
+    said = "note: the validation split is 1 of 60 documents"
+    assert said in res.stderr and "`--val-fraction 0.1` would hold out about 6" in res.stderr, res.stderr
+    common = ("train", "--preset", "test", "train.steps=1", "train.eval_every=1", "train.report=false", "--out")
+    res = run_cli(*common, tmp_path / "run", f"data.path={tmp_path / 'p'}")
+    assert res.returncode == 0 and said in res.stderr and "data prepare ... --val-fraction 0.1`" in res.stderr
+    res = run_cli(*common, tmp_path / "raw", f"data.source={text_corpus}", "data.val_fraction=0.001",
+                  "data.vocab_size=300")
+    total = sum(json.loads((tmp_path / "raw" / "data" / "split.json").read_text())["splits"][k]["documents"]
+                for k in ("train", "val"))  # the test preset reads data.max_docs of them
+    f = next(f for f in (0.1, 0.15, 0.2) if total * f >= 5)
+    assert res.returncode == 0 and f"is 1 of {total} documents" in res.stderr, res.stderr
+    assert f"data.val_fraction={f} would hold out about {round(total * f)}" in res.stderr, res.stderr
+    res = run_cli(*common, tmp_path / "more", f"data.source={text_corpus}", "data.val_fraction=0.3",
+                  "data.vocab_size=300")
+    held = json.loads((tmp_path / "more" / "data" / "split.json").read_text())["splits"]["val"]["documents"]
+    assert res.returncode == 0 and (said[:33] in res.stderr) == (held < 5), (held, res.stderr)
