@@ -99,8 +99,10 @@ def _choice_blocks(results: list[dict]) -> list:
     def found(r):
         n = r.get("contaminated_items")
         return "not checked" if n is None else str(n)
+
+    head = ["task", "items", "acc", "acc_norm", "chance"] + (["items in training data"] if checked else [])
     blocks = [("p", "Multiple choice (log-likelihood, acc and acc_norm as lm-evaluation-harness defines them):"),
-              ("table", ["task", "items", "acc", "acc_norm", "chance"] + (["items in training data"] if checked else []),
+              ("table", head,
                [[r["task"], str(r["items"]), f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}",
                  f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}", f"{r['chance']:.3f}"]
                 + ([found(r)] if checked else []) for r in results])]
