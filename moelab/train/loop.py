@@ -74,6 +74,8 @@ class Run:
     # each train.choice_tasks task's items found in the training data the model has seen (None: not
     # checked), recorded with its scores: set-up's check (_contamination_notes)
     choice_contaminated: dict = field(default_factory=dict)
+    # train.choice_tasks as loaded ((spec, (task, items)) each), a resumed run's own saved ones included
+    choice: list = field(default_factory=list)
 
 
 def config_changes(before: Config, after: Config) -> list[str]:
@@ -167,7 +169,10 @@ def _setup_run(cfg: Config, out: str | None, resume: str | None, overrides: tupl
                progress: bool | None, config_given: bool = False, choice: list | None = None) -> Run:
     ckpt = None
     if resume:
+        asked = (cfg.train.choice_tasks, cfg.train.choice_limit)
         run_dir, ckpt, cfg = _resume_target(resume, out, cfg, overrides, config_given)
+        if (cfg.train.choice_tasks, cfg.train.choice_limit) != asked:  # the run's own saved tasks
+            choice = _load_choice_tasks(cfg.train, saved=True)
     # before any data is prepared or folder made: a model too large is said in one line, not killed
     device = resolve_device(cfg.train.device)
     check_training_fits(cfg, device, f"the model of {run_dir}" if resume else (
@@ -200,7 +205,7 @@ def _setup_run(cfg: Config, out: str | None, resume: str | None, overrides: tupl
                 choice_requests(run.data.tokenizer, items, spec, run.model.cfg.max_seq_len)
             if is_rank0():
                 run.notes += _contamination_notes(run, choice)
-        run.restarted, run.setup_config = restart, setup_config
+        run.restarted, run.setup_config, run.choice = restart, setup_config, choice or []
         run.started_new = bool(resume) and ckpt is None and not restart
     except BaseException:
         if fresh:
@@ -739,7 +744,6 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
     `_resume_target`: with --resume auto they must match an existing run's saved config)."""
     if smoke and resume:  # a smoke run's 4 updates and tiny evaluations would rewrite the run's config and summary
         raise UserError("--smoke checks a config in a new run directory of its own; it does not combine with --resume")
-    asked = (cfg.train.choice_tasks, cfg.train.choice_limit)
     choice = _load_choice_tasks(cfg.train)  # a bad task file fails before any data is prepared
     joined = dp.init(resolve_device(cfg.train.device))  # under torchrun: data parallel over its processes
     try:
@@ -755,7 +759,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
             return done
         run = setup(cfg, out, resume, overrides, smoke, progress, config_given, choice)
         try:
-            return _train(run, choice, asked, progress, smoke)
+            return _train(run, progress, smoke)
         finally:
             run.lock.release()
     finally:
@@ -763,10 +767,9 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
             dp.shutdown()
 
 
-def _train(run: Run, choice, asked: tuple, progress: bool | None, smoke: bool) -> dict:
+def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
     cfg, t = run.cfg, run.cfg.train
-    if (t.choice_tasks, t.choice_limit) != asked:  # a resumed run's own saved settings
-        choice = _load_choice_tasks(t)
+    choice = run.choice
     sinks = run.sinks
     say = _printer(progress)
     faults = FaultPlan()
@@ -955,10 +958,18 @@ def _update(run: Run, forward, autocast, window: "_Window", faults: FaultPlan, s
     return verdict
 
 
-def _load_choice_tasks(t) -> list:
+def _load_choice_tasks(t, saved: bool = False) -> list:
+    """(spec, (task, items)) of each train.choice_tasks task. `saved`: the settings are a resumed
+    run's own, so a task file gone since is said with how to resume without it."""
     from moelab.eval.choice import load_task
 
-    return [(spec, load_task(spec, t.choice_limit)) for spec in t.choice_tasks.split(",") if spec.strip()]
+    try:
+        return [(spec, load_task(spec, t.choice_limit)) for spec in t.choice_tasks.split(",") if spec.strip()]
+    except UserError as exc:
+        if not saved:
+            raise
+        raise UserError(f"{exc}; this run's train.choice_tasks={t.choice_tasks} names it: put it back, or resume "
+                        "with train.choice_tasks= (no tasks) or other tasks") from None
 
 
 def _run_choice(run: Run, tasks: list, sinks, say) -> list[dict]:

@@ -346,6 +346,17 @@ def test_eval_and_init_from_runs_count_the_items_any_earlier_training_data_holds
     assert run_cli("report", tmp_path / "ft").returncode == 0
     page = (tmp_path / "ft" / "report.md").read_text()
     assert "items in training data" in page and "Contaminated: 1 of the 2 items of task (generic)" in page
+    # a resume checks the run's own saved tasks again (it checked none, and recorded no count); one whose
+    # task file is gone says how to go on
+    res = run_cli("train", "--resume", "auto", "--out", tmp_path / "ft", "train.steps=2")
+    assert res.returncode == 0 and said in res.stderr, res.stderr
+    assert json.loads((tmp_path / "ft" / "summary.json").read_text())["choice"][0]["contaminated_items"] == 1
+    task.rename(tmp_path / "moved.jsonl")
+    res = run_cli("train", "--resume", "auto", "--out", tmp_path / "ft", "train.steps=3")
+    assert res.returncode == 2 and "put it back, or resume with train.choice_tasks= (no tasks)" in res.stderr
+    res = run_cli("train", "--resume", "auto", "--out", tmp_path / "ft", "train.steps=3", "train.choice_tasks=")
+    assert res.returncode == 0, res.stderr
+    task = (tmp_path / "moved.jsonl").rename(task)
     res = run_cli("eval", tmp_path / "ft", "--choice", task, "--json", tmp_path / "e.json")
     assert said in res.stderr and json.loads((tmp_path / "e.json").read_text())["choice"][0]["contaminated_items"] == 1
     res = run_cli("data", "check", tmp_path / "ft", "--choice", task)
