@@ -14,7 +14,9 @@ Importing this module registers the model name "moelab" with the harness
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import subprocess
 from pathlib import Path
 
 from moelab.errors import UserError, first_line
@@ -147,6 +149,32 @@ def sample_text(sample: dict) -> str:
     return context
 
 
+@contextlib.contextmanager
+def _quiet_git():
+    """lm_eval records the commit of the working folder with `git describe`, whose "fatal: not a
+    git repository" outside one lands among moelab's output and reads as its error: the same lookup,
+    with git's complaint dropped, while the harness runs."""
+    try:
+        from lm_eval.loggers import utils as lm_utils
+    except ImportError:
+        lm_utils = None
+    original = getattr(lm_utils, "get_git_commit_hash", None)
+    if original is None:
+        yield
+        return
+
+    def commit() -> str | None:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, OSError):
+            return None
+    lm_utils.get_git_commit_hash = commit
+    try:
+        yield
+    finally:
+        lm_utils.get_git_commit_hash = original
+
+
 def run_harness(target, tasks: str, include_path: str | None = None, limit: int | None = None,
                 batch_size: int = 16, device: str = "cpu", checked=None, texts: dict | None = None) -> dict:
     """Run lm_eval tasks on a moelab model (a path, or a target from `load_target`); returns
@@ -159,7 +187,7 @@ def run_harness(target, tasks: str, include_path: str | None = None, limit: int 
     names, manager = checked or harness_tasks(tasks, include_path)
     lm = MoelabLM(target, device, batch_size) if isinstance(target, str) else MoelabLM(
         target=target, batch_size=batch_size)
-    with hub_access() as offline:  # the tasks' datasets come from the hub or its cache
+    with hub_access() as offline, _quiet_git():  # the tasks' datasets come from the hub or its cache
         try:
             res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
                                           log_samples=texts is not None)

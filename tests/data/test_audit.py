@@ -369,9 +369,10 @@ def test_eval_and_init_from_runs_count_the_items_any_earlier_training_data_holds
 
 
 @pytest.mark.slow
-def test_eval_harness_names_the_items_the_run_trained_on(tmp_path, documents, monkeypatch):
+def test_eval_harness_names_the_items_the_run_trained_on(tmp_path, documents, monkeypatch, capfd):
     """`eval RUN --harness` checks the lm_eval tasks' evaluated documents (context and gold answer)
-    against the run's training data, as `--choice` does its JSONL tasks, and names them by doc_id."""
+    against the run's training data, as `--choice` does its JSONL tasks, and names them by doc_id.
+    Run outside a git repository, it prints no git "fatal:" line (lm_eval's commit lookup)."""
     import json
 
     lm_eval = pytest.importorskip("lm_eval")
@@ -399,9 +400,12 @@ def test_eval_harness_names_the_items_the_run_trained_on(tmp_path, documents, mo
     res = run_cli("train", "--preset", "test", f"data.path={data}", "train.steps=1", "train.eval_every=1",
                   "train.report=false", "model.max_seq_len=512", "--out", tmp_path / "run")
     assert res.returncode == 0, res.stderr
+    monkeypatch.chdir(tmp_path)  # not in a git repository
+    capfd.readouterr()
     res = run_cli("eval", tmp_path / "run", "--harness", name, "--include-path", tmp_path / "tasks",
                   "--json", tmp_path / "e.json")
     assert res.returncode == 0, res.stderr
+    assert "fatal:" not in capfd.readouterr().err  # git's own stderr, past Python's
     assert (f"note: 1 of the 3 items of {name} share a 13-token sequence with the training data this model has seen"
             in res.stderr and "; lm_eval doc_id 1\n" in res.stderr), res.stderr
     assert json.loads((tmp_path / "e.json").read_text())["harness"][name]["contaminated_items"] == 1
