@@ -85,10 +85,24 @@ def _metrics_blocks(target, summary: dict) -> list:
     trained_on = recorded_init_overlap(target.run_dir)
     held_out = (f" Not held out: {trained_on} validation documents are training documents of the model this run "
                 "started from (train.init_from), so these figures read low." if trained_on else "")
-    return [("h2", "Final metrics"), ("p", f"Validation split, {where}. The model needs "
+    return [("h2", "Final metrics"), ("p", f"Validation split{_split_size(target.run_dir)}, {where}. The model needs "
             f"{m['bpb']:.3f} bits per byte where xz -9 needs {m['xz_bpb']:.3f}{versus_xz(m['bpb'], m['xz_bpb'])}."
             + held_out),
             ("table", ["metric", "value"], rows)] + _choice_blocks(summary.get("choice") or [])
+
+
+def _split_size(run_dir: Path) -> str:
+    """' (N documents, T tokens)' of the run's validation split as RUN/data/split.json records it,
+    with a word where they are too few for the figures to measure more than those texts."""
+    from moelab.data.split import MIN_VAL_DOCUMENTS
+
+    try:
+        val = json.loads((Path(run_dir) / "data" / "split.json").read_text())["splits"]["val"]
+        docs, tokens = int(val["documents"]), int(val["tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    few = "; so few that these figures measure those texts" if docs < MIN_VAL_DOCUMENTS else ""
+    return f" ({docs:,} document{'s' if docs != 1 else ''}, {tokens:,} tokens{few})"
 
 
 def _choice_blocks(results: list[dict]) -> list:

@@ -159,6 +159,9 @@ def test_a_validation_split_of_a_few_documents_is_said_with_the_fraction_that_ho
     f = next(f for f in (0.1, 0.15, 0.2) if total * f >= 5)
     assert res.returncode == 0 and f"is 1 of {total} documents" in res.stderr, res.stderr
     assert f"data.val_fraction={f} would hold out about {round(total * f)}" in res.stderr, res.stderr
+    assert run_cli("report", tmp_path / "raw").returncode == 0  # the report's metrics say it too
+    page = (tmp_path / "raw" / "report.md").read_text()
+    assert "Validation split (1 document, " in page and "so few that these figures measure those texts" in page
     res = run_cli(*common, tmp_path / "more", f"data.source={text_corpus}", "data.val_fraction=0.3",
                   "data.vocab_size=300")
     held = json.loads((tmp_path / "more" / "data" / "split.json").read_text())["splits"]["val"]["documents"]
