@@ -195,11 +195,15 @@ def _contamination(target, specs: list[str], tasks: list, results: list[dict], d
     if target.run_dir is None or target.cfg is None or not tasks:
         return
     from moelab.data.audit import contamination_notes, run_contamination
+    from moelab.data.overlap import unread_origins
 
     found, tokens = run_contamination(target.run_dir, target.cfg, tasks)
+    unread = unread_origins(target.run_dir, target.cfg) if found is not None else []
     for i, r in enumerate(results):
         r["contaminated_items"] = None if found is None else len(found[i]["contaminated"])
-    for note in contamination_notes(found, tokens, specs, target.run_dir, doc_ids):
+        if unread:  # the count leaves out what these models trained on
+            r["training_data_not_read"] = unread
+    for note in contamination_notes(found, tokens, specs, target.run_dir, doc_ids, unread):
         print(note, file=sys.stderr)
 
 

@@ -120,6 +120,10 @@ def _choice_blocks(results: list[dict]) -> list:
                [[r["task"], str(r["items"]), f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}",
                  f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}", f"{r['chance']:.3f}"]
                 + ([found(r)] if checked else []) for r in results])]
+    if unread := next((r["training_data_not_read"] for r in results if r.get("training_data_not_read")), None):
+        blocks.append(("p", "The items in training data are counted in this run's training data (and that of the "
+                            "moelab runs it started from), not in that of " + ", ".join(unread) + ", whose weights "
+                            "it started from: what that model trained on is not known here."))
     if bad := [r for r in results if r.get("contaminated_items")]:
         blocks.append(("p", "Contaminated: " + "; ".join(
             f"{r['contaminated_items']} of the {r['items']} items of {r['task']}" for r in bad)

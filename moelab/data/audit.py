@@ -188,11 +188,17 @@ def run_contamination(run_dir: Path, cfg, tasks: list, ngram: int = 13,
 
 
 def contamination_notes(results: list[dict] | None, tokens: int, specs: list[str], run_dir,
-                        doc_ids: list[list] | None = None) -> list[str]:
+                        doc_ids: list[list] | None = None, unread: list[str] = ()) -> list[str]:
     """What train and eval say of run_contamination's answer for the tasks named `specs`: a note for
     each task with items found in the training data, or, where that was too large to read, how to
     check. `doc_ids`: lm_eval tasks' document ids, item by item, to name the items by (`moelab data
-    check --choice` reads JSONL tasks and hub names, not lm_eval's)."""
+    check --choice` reads JSONL tasks and hub names, not lm_eval's). `unread`: models the weights
+    come from whose training data could not be checked (overlap.unread_origins)."""
+    if results is not None and unread:
+        return [*contamination_notes(results, tokens, specs, run_dir, doc_ids),
+                f"note: the contamination check read this run's training data (and that of the moelab runs it "
+                f"started from), not that of {', '.join(unread)}, whose weights it started from: what that model "
+                "trained on is not known here"]
     if results is None:
         how = (f"`moelab data check {run_dir} --choice TASK.jsonl` does for JSONL tasks" if doc_ids is not None
                else f"`moelab data check {run_dir} --choice {' '.join(specs)}` does")

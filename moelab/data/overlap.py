@@ -53,33 +53,49 @@ def run_data_dir(run_dir: Path, cfg) -> Path | None:
     return data if is_prepared(data) else None
 
 
+def _lineage(init_from: str, depth: int = 8):
+    """(model, its prepared data or None) for the model `init_from` names and each one it was itself
+    started from (its `train.init_from`, and so on). None: training data moelab cannot read (a
+    Hugging Face model, a converted one, a run whose data is gone); a source no longer there ends
+    the walk with it, as does a cycle."""
+    from moelab.config import Config
+    from moelab.train.checkpoint import is_hf_dir, resolve_checkpoint
+
+    seen, src = set(), Path(init_from).expanduser()
+    for _ in range(depth):
+        if is_hf_dir(src) or not src.is_dir():
+            yield src, None
+            return
+        try:
+            ckpt = resolve_checkpoint(src, hf_too=True)
+            cfg = Config.from_yaml_file(ckpt / "config.yaml")
+        except UserError:
+            yield src, None
+            return
+        run = ckpt.parent.parent
+        if run.resolve() in seen:
+            return
+        seen.add(run.resolve())
+        yield run, run_data_dir(run, cfg)
+        if not cfg.train.init_from:
+            return
+        src = _recorded_path(cfg.train.init_from, run)
+
+
 def init_lineage(init_from: str, depth: int = 8) -> list[Path]:
     """The prepared data of the run `init_from` names and of each run it was itself started from
     (its `train.init_from`, and so on), oldest last: every model whose training documents the
     weights have seen. Stops at a Hugging Face model (its training data is not known), a source no
     longer there, or a cycle."""
-    from moelab.config import Config
-    from moelab.train.checkpoint import is_hf_dir, resolve_checkpoint
+    return [data for _, data in _lineage(init_from, depth) if data is not None]
 
-    out, seen, src = [], set(), Path(init_from).expanduser()
-    for _ in range(depth):
-        if is_hf_dir(src) or not src.is_dir():
-            break
-        try:
-            ckpt = resolve_checkpoint(src, hf_too=True)
-            cfg = Config.from_yaml_file(ckpt / "config.yaml")
-        except UserError:
-            break
-        run = ckpt.parent.parent
-        if run.resolve() in seen:
-            break
-        seen.add(run.resolve())
-        if (data := run_data_dir(run, cfg)) is not None:
-            out.append(data)
-        if not cfg.train.init_from:
-            break
-        src = _recorded_path(cfg.train.init_from, run)
-    return out
+
+def unread_origins(run_dir: Path, cfg) -> list[str]:
+    """The models up a run's `train.init_from` chain whose training data moelab cannot read (see
+    _lineage): what its weights learnt there no contamination or overlap check can see."""
+    if not cfg.train.init_from:
+        return []
+    return [str(src) for src, data in _lineage(str(_recorded_path(cfg.train.init_from, run_dir))) if data is None]
 
 
 def trained_data(run_dir: Path, cfg) -> list[Path]:

@@ -74,6 +74,7 @@ class Run:
     # each train.choice_tasks task's items found in the training data the model has seen (None: not
     # checked), recorded with its scores: set-up's check (_contamination_notes)
     choice_contaminated: dict = field(default_factory=dict)
+    choice_unread: list = field(default_factory=list)  # models up train.init_from whose data it could not read
     # train.choice_tasks as loaded ((spec, (task, items)) each), a resumed run's own saved ones included
     choice: list = field(default_factory=list)
 
@@ -225,11 +226,14 @@ def _contamination_notes(run: Run, choice: list) -> list[str]:
     Training data over audit.CONTAMINATION_CHECK_TOKENS is not read here; the note says how to check it."""
     from moelab.data.audit import contamination_notes, run_contamination
 
+    from moelab.data.overlap import unread_origins
+
     tasks = [loaded for _, loaded in choice]
     results, tokens = run_contamination(run.run_dir, run.cfg, tasks)
     run.choice_contaminated = {spec: None if results is None else len(r["contaminated"])
                                for (spec, _), r in zip(choice, results or [None] * len(choice))}
-    return contamination_notes(results, tokens, [spec for spec, _ in choice], run.run_dir)
+    run.choice_unread = unread_origins(run.run_dir, run.cfg) if results is not None else []
+    return contamination_notes(results, tokens, [spec for spec, _ in choice], run.run_dir, unread=run.choice_unread)
 
 
 def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None, writer: bool = True) -> Run:
@@ -983,6 +987,8 @@ def _run_choice(run: Run, tasks: list, sinks, say) -> list[dict]:
         r = eval_choice(target, spec, batch_size=run.cfg.train.batch_size, loaded=loaded)
         if spec in run.choice_contaminated:  # as `moelab eval --choice` records it
             r["contaminated_items"] = run.choice_contaminated[spec]
+            if run.choice_unread:
+                r["training_data_not_read"] = run.choice_unread
         sinks.write({"step": run.step, "split": "choice", **{k: v for k, v in r.items() if k != "model"}})
         say(f"step {run.step} {r['task']}: acc {r['acc']:.3f} acc_norm {r['acc_norm']:.3f} ({r['items']} items)")
         results.append(r)

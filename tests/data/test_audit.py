@@ -340,7 +340,7 @@ def test_eval_and_init_from_runs_count_the_items_any_earlier_training_data_holds
     assert json.loads((tmp_path / "e.json").read_text())["choice"][0]["contaminated_items"] == 1
     res = run_cli("train", *common, f"data.path={data2}", f"train.init_from={tmp_path / 'run'}",
                   f"train.choice_tasks={task}", "--out", tmp_path / "ft")
-    assert res.returncode == 0 and said in res.stderr, res.stderr
+    assert res.returncode == 0 and said in res.stderr and "not that of" not in res.stderr, res.stderr
     # recorded with the scores, and said where they are shown
     assert json.loads((tmp_path / "ft" / "summary.json").read_text())["choice"][0]["contaminated_items"] == 1
     assert run_cli("report", tmp_path / "ft").returncode == 0
@@ -361,6 +361,24 @@ def test_eval_and_init_from_runs_count_the_items_any_earlier_training_data_holds
     assert said in res.stderr and json.loads((tmp_path / "e.json").read_text())["choice"][0]["contaminated_items"] == 1
     res = run_cli("data", "check", tmp_path / "ft", "--choice", task)
     assert res.returncode == 1 and "CONTAMINATED: 1 of 2 items of task" in res.stdout, res.stdout + res.stderr
+    # a model whose training data is gone (or an HF model's, never known) is said to be left out of the count
+    import shutil
+
+    shutil.copytree(data, tmp_path / "gone")
+    assert run_cli("train", *common, f"data.path={tmp_path / 'gone'}", "--out", tmp_path / "g").returncode == 0
+    shutil.rmtree(tmp_path / "gone")
+    res = run_cli("train", *common, f"data.path={data2}", f"train.init_from={tmp_path / 'g'}",
+                  f"train.choice_tasks={task}", "--out", tmp_path / "g2")
+    left_out = f"the contamination check read this run's training data (and that of the moelab runs it started " \
+               f"from), not that of {tmp_path / 'g'}, whose weights it started from"
+    assert res.returncode == 0 and left_out in res.stderr and said not in res.stderr, res.stderr
+    got = json.loads((tmp_path / "g2" / "summary.json").read_text())["choice"][0]
+    assert got["contaminated_items"] == 0 and got["training_data_not_read"] == [str(tmp_path / "g")]
+    res = run_cli("eval", tmp_path / "g2", "--choice", task, "--json", tmp_path / "e.json")
+    assert left_out in res.stderr and json.loads((tmp_path / "e.json").read_text())["choice"][0][
+        "training_data_not_read"] == [str(tmp_path / "g")]
+    assert run_cli("report", tmp_path / "g2").returncode == 0
+    assert f"not in that of {tmp_path / 'g'}, whose weights" in (tmp_path / "g2" / "report.md").read_text()
     # past the size read at once, eval says how to check instead, and records that it did not
     monkeypatch.setattr(audit_mod, "CONTAMINATION_CHECK_TOKENS", 10)
     res = run_cli("eval", tmp_path / "ft", "--choice", task, "--json", tmp_path / "e.json")
