@@ -225,7 +225,6 @@ def _contamination_notes(run: Run, choice: list) -> list[str]:
     train.init_from the source model's): its accuracy would measure recall as well as skill.
     Training data over audit.CONTAMINATION_CHECK_TOKENS is not read here; the note says how to check it."""
     from moelab.data.audit import contamination_notes, run_contamination
-
     from moelab.data.overlap import unread_origins
 
     tasks = [loaded for _, loaded in choice]
