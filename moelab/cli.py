@@ -195,10 +195,8 @@ def _contamination(target, specs: list[str], tasks: list, results: list[dict], d
     if target.run_dir is None or target.cfg is None or not tasks:
         return
     from moelab.data.audit import contamination_notes, run_contamination
-    from moelab.data.overlap import unread_origins
 
-    found, tokens = run_contamination(target.run_dir, target.cfg, tasks)
-    unread = unread_origins(target.run_dir, target.cfg) if found is not None else []
+    found, tokens, unread = run_contamination(target.run_dir, target.cfg, tasks)
     for i, r in enumerate(results):
         r["contaminated_items"] = None if found is None else len(found[i]["contaminated"])
         if unread:  # the count leaves out what these models trained on

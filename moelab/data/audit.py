@@ -173,18 +173,21 @@ CONTAMINATION_CHECK_TOKENS = 1 << 30  # train and eval check up to this many tra
 
 
 def run_contamination(run_dir: Path, cfg, tasks: list, ngram: int = 13,
-                      max_tokens: int | None = None) -> tuple[list[dict] | None, int]:
+                      max_tokens: int | None = None) -> tuple[list[dict] | None, int, list[str]]:
     """(choice_contamination of `tasks` against every training split the run's weights have seen, as
-    moelab.data.overlap.trained_data finds them; the training tokens those hold). The results are None
-    where no prepared data is left to read, or it holds over `max_tokens` (default
-    CONTAMINATION_CHECK_TOKENS) tokens: minutes of reading, for `moelab data check RUN --choice`."""
-    from moelab.data.overlap import trained_data
+    moelab.data.overlap.seen_data finds them; the training tokens those hold; the models up its
+    train.init_from chain whose training data could not be read). The
+    results are None (and no model is named) where no prepared data is left to read, or it holds
+    over `max_tokens` (default CONTAMINATION_CHECK_TOKENS) tokens: minutes of reading, for
+    `moelab data check RUN --choice`."""
+    from moelab.data.overlap import seen_data
 
-    sources = prepared_sources(trained_data(run_dir, cfg))
+    dirs, unread = seen_data(run_dir, cfg)
+    sources = prepared_sources(dirs)
     tokens = sum(int(s.shape[0]) for _, streams in sources for s in streams)
     if not sources or tokens > (CONTAMINATION_CHECK_TOKENS if max_tokens is None else max_tokens):
-        return None, tokens
-    return choice_contamination(tasks, sources, ngram), tokens
+        return None, tokens, []
+    return choice_contamination(tasks, sources, ngram), tokens, unread
 
 
 def contamination_notes(results: list[dict] | None, tokens: int, specs: list[str], run_dir,
@@ -193,12 +196,7 @@ def contamination_notes(results: list[dict] | None, tokens: int, specs: list[str
     each task with items found in the training data, or, where that was too large to read, how to
     check. `doc_ids`: lm_eval tasks' document ids, item by item, to name the items by (`moelab data
     check --choice` reads JSONL tasks and hub names, not lm_eval's). `unread`: models the weights
-    come from whose training data could not be checked (overlap.unread_origins)."""
-    if results is not None and unread:
-        return [*contamination_notes(results, tokens, specs, run_dir, doc_ids),
-                f"note: the contamination check read this run's training data (and that of the moelab runs it "
-                f"started from), not that of {', '.join(unread)}, whose weights it started from: what that model "
-                "trained on is not known here"]
+    come from whose training data could not be checked (overlap.seen_data)."""
     if results is None:
         how = (f"`moelab data check {run_dir} --choice TASK.jsonl` does for JSONL tasks" if doc_ids is not None
                else f"`moelab data check {run_dir} --choice {' '.join(specs)}` does")
@@ -216,6 +214,10 @@ def contamination_notes(results: list[dict] | None, tokens: int, specs: list[str
         notes.append(f"note: {len(bad)} of the {r['items']} items of {r['task']} share a {r['ngram']}-token sequence "
                      "with the training data this model has seen, so its score measures recall as well as "
                      f"skill; {where}")
+    if unread:
+        notes.append(f"note: the contamination check read this run's training data (and that of the moelab runs it "
+                     f"started from), not that of {', '.join(unread)}, whose weights it started from: what that "
+                     "model trained on is not known here")
     return notes
 
 

@@ -90,28 +90,30 @@ def init_lineage(init_from: str, depth: int = 8) -> list[Path]:
     return [data for _, data in _lineage(init_from, depth) if data is not None]
 
 
-def unread_origins(run_dir: Path, cfg) -> list[str]:
-    """The models up a run's `train.init_from` chain whose training data moelab cannot read (see
-    _lineage): what its weights learnt there no contamination or overlap check can see."""
-    if not cfg.train.init_from:
-        return []
-    return [str(src) for src, data in _lineage(str(_recorded_path(cfg.train.init_from, run_dir))) if data is None]
-
-
-def trained_data(run_dir: Path, cfg) -> list[Path]:
-    """The prepared data of every training split a run's weights have seen, each once: its own
+def seen_data(run_dir: Path, cfg) -> tuple[list[Path], list[str]]:
+    """(the prepared data of every training split a run's weights have seen, each once: its own
     (run_data_dir) and, for a run started with `train.init_from`, the source run's and those of the
-    runs that one started from (init_lineage)."""
+    runs that one started from; the models up that chain whose training data moelab cannot read,
+    see _lineage), from one walk of the chain."""
     own = run_data_dir(run_dir, cfg)
-    dirs = [own] if own is not None else []
+    dirs, unread = [own] if own is not None else [], []
     if cfg.train.init_from:
-        dirs += init_lineage(str(_recorded_path(cfg.train.init_from, run_dir)))
+        for src, data in _lineage(str(_recorded_path(cfg.train.init_from, run_dir))):
+            if data is None:
+                unread.append(str(src))
+            else:
+                dirs.append(data)
     out, seen = [], set()
     for d in dirs:
         if d.resolve() not in seen:
             seen.add(d.resolve())
             out.append(d)
-    return out
+    return out, unread
+
+
+def trained_data(run_dir: Path, cfg) -> list[Path]:
+    """The first half of seen_data: the prepared data whose training splits the run's weights saw."""
+    return seen_data(run_dir, cfg)[0]
 
 
 def recorded_init_overlap(run_dir: Path) -> int | None:

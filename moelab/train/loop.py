@@ -225,13 +225,11 @@ def _contamination_notes(run: Run, choice: list) -> list[str]:
     train.init_from the source model's): its accuracy would measure recall as well as skill.
     Training data over audit.CONTAMINATION_CHECK_TOKENS is not read here; the note says how to check it."""
     from moelab.data.audit import contamination_notes, run_contamination
-    from moelab.data.overlap import unread_origins
 
     tasks = [loaded for _, loaded in choice]
-    results, tokens = run_contamination(run.run_dir, run.cfg, tasks)
+    results, tokens, run.choice_unread = run_contamination(run.run_dir, run.cfg, tasks)
     run.choice_contaminated = {spec: None if results is None else len(r["contaminated"])
                                for (spec, _), r in zip(choice, results or [None] * len(choice))}
-    run.choice_unread = unread_origins(run.run_dir, run.cfg) if results is not None else []
     return contamination_notes(results, tokens, [spec for spec, _ in choice], run.run_dir, unread=run.choice_unread)
 
 
