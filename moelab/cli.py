@@ -87,11 +87,20 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _harness_folder(args) -> None:
+    """--include-path names task YAMLs for --harness: alone it would be ignored without a word."""
+    if args.include_path and not args.harness:
+        raise UserError(f"--include-path {args.include_path} gives lm_eval task YAMLs to --harness: add --harness "
+                        "TASKS (the names of the tasks in it), or drop --include-path")
+
+
 def _cmd_data_check(args) -> int:
     from moelab.commands import data_check
 
+    _harness_folder(args)
     result = data_check(args.run, args.train, args.val, args.ngram, args.seq_len, args.threshold,
-                        args.tokenizer, args.text_field, args.choice, args.choice_ngram)
+                        args.tokenizer, args.text_field, args.choice, args.choice_ngram, args.harness,
+                        args.include_path)
     print(result.summary())
     for d in result.duplicate_documents[:10]:
         print(f"  duplicate: val {d['val']} == train {d['train']}")
@@ -141,6 +150,7 @@ def _cmd_eval(args) -> int:
     from moelab.eval.language import check_own_data
     from moelab.eval.target import load_target
 
+    _harness_folder(args)
     tasks = []
     if args.choice:  # read (and check) every task file before any evaluation runs
         from moelab.eval.choice import load_task
@@ -163,8 +173,9 @@ def _cmd_eval(args) -> int:
         for task, metrics in results["harness"].items():
             print(f"lm_eval {task}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         names = [t for t in texts if t in results["harness"]]
+        check = f"--harness {args.harness}" + (f" --include-path {args.include_path}" if args.include_path else "")
         _contamination(target, names, [(t, [text for _, text in texts[t]]) for t in names],
-                       [results["harness"][t] for t in names], [[i for i, _ in texts[t]] for t in names])
+                       [results["harness"][t] for t in names], [[i for i, _ in texts[t]] for t in names], check)
     if not (args.choice or args.harness) or args.data or args.source or target.run_dir:
         from moelab.eval.language import eval_language, format_language
 
@@ -187,11 +198,12 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _contamination(target, specs: list[str], tasks: list, results: list[dict], doc_ids: list | None = None) -> None:
+def _contamination(target, specs: list[str], tasks: list, results: list[dict], doc_ids: list | None = None,
+                   check: str | None = None) -> None:
     """For a run: the items of each task (multiple-choice, or lm_eval's with their `doc_ids`) found
     in the training data its model has seen (its own split, and with train.init_from the source's),
     counted into `results` (`contaminated_items`, None where not checked) and said on stderr, since
-    their scores measure recall as well."""
+    their scores measure recall as well. `check`: `moelab data check`'s arguments for these tasks."""
     if target.run_dir is None or target.cfg is None or not tasks:
         return
     from moelab.data.audit import contamination_notes, run_contamination
@@ -201,7 +213,7 @@ def _contamination(target, specs: list[str], tasks: list, results: list[dict], d
         r["contaminated_items"] = None if found is None else len(found[i]["contaminated"])
         if unread:  # the count leaves out what these models trained on
             r["training_data_not_read"] = unread
-    for note in contamination_notes(found, tokens, specs, target.run_dir, doc_ids, unread):
+    for note in contamination_notes(found, tokens, specs, target.run_dir, doc_ids, unread, check):
         print(note, file=sys.stderr)
 
 
@@ -574,6 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check multiple-choice tasks (JSONL files as eval --choice reads them, or hub "
                         "names) for contamination: items whose context and gold answer share a "
                         "--choice-ngram-token sequence with the training data (exit 1 if any)")
+    p.add_argument("--harness", metavar="TASKS", type=_task_list,
+                   help="also check comma-separated lm-evaluation-harness tasks (moelab[eval]) the same way, "
+                        "their items named by lm_eval doc_id")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (with --harness)")
     p.add_argument("--choice-ngram", type=_at_least(2), default=13,
                    help="n-gram length in tokens of the contamination check (default 13)")
     p.add_argument("--json", type=_output_file, help="also write the full result to this JSON file")

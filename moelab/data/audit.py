@@ -61,8 +61,9 @@ class AuditResult:
     duplicate_documents: list[dict] = field(default_factory=list)  # {"val": name, "train": name}
     overlapping_documents: list[dict] = field(default_factory=list)  # worst validation documents
     verdict: str = ""
-    # multiple-choice tasks (data check --choice): {"task", "items", "ngram", "contaminated": [item numbers],
-    # "too_short": items with fewer tokens than the n-gram}
+    # multiple-choice tasks (data check --choice, --harness): {"task", "items", "ngram", "contaminated": [item
+    # numbers], "too_short": items with fewer tokens than the n-gram; for lm_eval tasks "doc_ids": the
+    # contaminated items' doc_id}
     choice: list[dict] = field(default_factory=list)
 
     @property
@@ -84,10 +85,11 @@ class AuditResult:
                          f"(most in {d['train']})")
         for c in self.choice:
             bad, short = c["contaminated"], c["too_short"]
-            shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+            named = c.get("doc_ids", bad)  # an lm_eval task's items by its doc_id
+            shown = ", ".join(map(str, named[:10])) + (" ..." if len(bad) > 10 else "")
             lines.append(f"{'CONTAMINATED' if bad else 'clean'}: {len(bad)} of {c['items']} items of {c['task']} "
                          f"(context and gold answer) share a {c['ngram']}-token sequence with the training data"
-                         + (f" (items {shown})" if bad else "")
+                         + (f" ({'lm_eval doc_id' if 'doc_ids' in c else 'items'} {shown})" if bad else "")
                          + (f"; {short} item(s) shorter than {c['ngram']} tokens were not checked" if short else ""))
         return "\n".join(lines)
 
@@ -191,15 +193,15 @@ def run_contamination(run_dir: Path, cfg, tasks: list, ngram: int = 13,
 
 
 def contamination_notes(results: list[dict] | None, tokens: int, specs: list[str], run_dir,
-                        doc_ids: list[list] | None = None, unread: list[str] = ()) -> list[str]:
+                        doc_ids: list[list] | None = None, unread: list[str] = (),
+                        check: str | None = None) -> list[str]:
     """What train and eval say of run_contamination's answer for the tasks named `specs`: a note for
     each task with items found in the training data, or, where that was too large to read, how to
-    check. `doc_ids`: lm_eval tasks' document ids, item by item, to name the items by (`moelab data
-    check --choice` reads JSONL tasks and hub names, not lm_eval's). `unread`: models the weights
-    come from whose training data could not be checked (overlap.seen_data)."""
+    check (`moelab data check RUN` with `check`, default `--choice SPECS`). `doc_ids`: lm_eval tasks'
+    document ids, item by item, to name the items by. `unread`: models the weights come from whose
+    training data could not be checked (overlap.seen_data)."""
     if results is None:
-        how = (f"`moelab data check {run_dir} --choice TASK.jsonl` does for JSONL tasks" if doc_ids is not None
-               else f"`moelab data check {run_dir} --choice {' '.join(specs)}` does")
+        how = f"`moelab data check {run_dir} {check or '--choice ' + ' '.join(specs)}` does"
         return [f"note: the multiple-choice tasks were not checked for contamination against {tokens:,} training "
                 f"tokens (minutes); {how}"] if tokens else []
     notes = []

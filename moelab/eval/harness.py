@@ -175,6 +175,20 @@ def _quiet_git():
         lm_utils.get_git_commit_hash = original
 
 
+@contextlib.contextmanager
+def _harness_errors(tasks: str):
+    """While lm_eval loads `tasks` (their datasets come from the hub or its cache): hub access as
+    moelab allows it, no git complaint, and a dataset that cannot be had said in one line."""
+    from moelab.hub import hub_access, offline_hint
+
+    with hub_access() as offline, _quiet_git():
+        try:
+            yield
+        except (KeyError, ValueError, ConnectionError, OSError) as exc:
+            hint = f" ({offline_hint(offline)}?)" if offline else ""
+            raise UserError(f"lm_eval could not run {tasks}: {first_line(exc, 200)}{hint}") from None
+
+
 def run_harness(target, tasks: str, include_path: str | None = None, limit: int | None = None,
                 batch_size: int = 16, device: str = "cpu", checked=None, texts: dict | None = None) -> dict:
     """Run lm_eval tasks on a moelab model (a path, or a target from `load_target`); returns
@@ -182,20 +196,51 @@ def run_harness(target, tasks: str, include_path: str | None = None, limit: int 
     to fill with each task's evaluated documents ({task: [(doc_id, sample_text), ...]})."""
     import lm_eval
 
-    from moelab.hub import hub_access, offline_hint
-
     names, manager = checked or harness_tasks(tasks, include_path)
     lm = MoelabLM(target, device, batch_size) if isinstance(target, str) else MoelabLM(
         target=target, batch_size=batch_size)
-    with hub_access() as offline, _quiet_git():  # the tasks' datasets come from the hub or its cache
-        try:
-            res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
-                                          log_samples=texts is not None)
-        except (KeyError, ValueError, ConnectionError, OSError) as exc:
-            hint = f" ({offline_hint(offline)}?)" if offline else ""
-            raise UserError(f"lm_eval could not run {tasks}: {first_line(exc, 200)}{hint}") from None
+    with _harness_errors(tasks):
+        res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
+                                      log_samples=texts is not None)
     if texts is not None:
         for task, samples in (res.get("samples") or {}).items():
             texts[task] = sorted((sm.get("doc_id", n), sample_text(sm)) for n, sm in enumerate(samples))
     return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))}
             for task, metrics in res["results"].items()}
+
+
+def _leaf_tasks(tree):
+    """(name, Task) for every task in what lm_eval's TaskManager.load or get_task_dict returns: tasks
+    by name, within groups or a "tasks" dict (the nesting differs between lm_eval versions)."""
+    from lm_eval.api.task import Task
+
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaf_tasks(value)
+        elif isinstance(value, Task):
+            yield getattr(value, "task_name", None) or str(key), value
+
+
+def task_texts(tasks: str, include_path: str | None = None, limit: int | None = None, checked=None) -> dict:
+    """Each lm_eval task's documents as `run_harness` would evaluate them, without a model:
+    {task: [(doc_id, sample_text), ...]}, the texts its `texts` gives, for checking the tasks
+    against training data before (or without) running them. A group gives each of its tasks."""
+    names, manager = checked or harness_tasks(tasks, include_path)
+    out = {}
+    with _harness_errors(tasks):
+        if hasattr(manager, "load"):  # newer lm_eval: {"tasks": {name: Task}, "groups": ...}
+            loaded = manager.load(names)
+        else:
+            from lm_eval.tasks import get_task_dict
+
+            loaded = get_task_dict(names, manager)
+        for name, task in _leaf_tasks(loaded):
+            task.build_all_requests(limit=limit, rank=0, world_size=1)  # the requests simple_evaluate builds
+            docs: dict = {}
+            for inst in task.instances:
+                docs.setdefault(inst.doc_id, (inst.doc, []))[1].append(inst)
+            out[name] = sorted(
+                (doc_id, sample_text({"target": task.doc_to_target(doc),
+                                      "arguments": [r.args for r in sorted(reqs, key=lambda r: r.idx)]}))
+                for doc_id, (doc, reqs) in docs.items())
+    return out

@@ -390,7 +390,8 @@ def test_eval_and_init_from_runs_count_the_items_any_earlier_training_data_holds
 def test_eval_harness_names_the_items_the_run_trained_on(tmp_path, documents, monkeypatch, capfd):
     """`eval RUN --harness` checks the lm_eval tasks' evaluated documents (context and gold answer)
     against the run's training data, as `--choice` does its JSONL tasks, and names them by doc_id.
-    Run outside a git repository, it prints no git "fatal:" line (lm_eval's commit lookup)."""
+    Run outside a git repository, it prints no git "fatal:" line (lm_eval's commit lookup).
+    `data check --harness` reads the same documents from the tasks without a model."""
     import json
 
     lm_eval = pytest.importorskip("lm_eval")
@@ -427,3 +428,29 @@ def test_eval_harness_names_the_items_the_run_trained_on(tmp_path, documents, mo
     assert (f"note: 1 of the 3 items of {name} share a 13-token sequence with the training data this model has seen"
             in res.stderr and "; lm_eval doc_id 1\n" in res.stderr), res.stderr
     assert json.loads((tmp_path / "e.json").read_text())["harness"][name]["contaminated_items"] == 1
+    # the documents `data check` reads from the task without a model are those the harness evaluated
+    from moelab.eval.harness import run_harness, task_texts
+
+    texts = {}
+    run_harness(str(tmp_path / "run"), name, str(tmp_path / "tasks"), texts=texts)
+    assert task_texts(name, str(tmp_path / "tasks")) == texts and len(texts[name]) == 3
+    # so `data check` names the same item, on the run and on its prepared data alone
+    for checked in (tmp_path / "run", data):
+        res = run_cli("data", "check", checked, "--harness", name, "--include-path", tmp_path / "tasks",
+                      "--json", tmp_path / "c.json")
+        assert res.returncode == 1, res.stderr
+        assert (f"CONTAMINATED: 1 of 3 items of {name} (context and gold answer) share a 13-token sequence with "
+                "the training data (lm_eval doc_id 1)") in res.stdout, res.stdout
+        found = json.loads((tmp_path / "c.json").read_text())["choice"]
+        assert [(c["task"], c["contaminated"], c["doc_ids"]) for c in found] == [(name, [2], [1])]
+    res = run_cli("data", "check", data, "--include-path", tmp_path / "tasks")  # the folder alone does nothing
+    assert res.returncode == 2 and "add --harness TASKS" in res.stderr and not res.stdout
+    res = run_cli("data", "check", data, "--harness", "no_such_task", "--include-path", tmp_path / "tasks")
+    assert res.returncode == 2 and "unknown lm_eval task 'no_such_task'" in res.stderr and not res.stdout
+    # past the size eval reads at once, it gives that data check command
+    from moelab.data import audit as audit_mod
+
+    monkeypatch.setattr(audit_mod, "CONTAMINATION_CHECK_TOKENS", 10)
+    res = run_cli("eval", tmp_path / "run", "--harness", name, "--include-path", tmp_path / "tasks")
+    assert res.returncode == 0 and (f"`moelab data check {tmp_path / 'run'} --harness {name} --include-path "
+                                    f"{tmp_path / 'tasks'}` does") in res.stderr, res.stderr

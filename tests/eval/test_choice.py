@@ -87,6 +87,8 @@ def test_unknown_harness_task_fails_before_the_model_is_loaded(tmp_path):
     assert "'hellaswag'" not in r.stderr and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1
     r = run_cli("eval", missing, "--harness", "hellaswag", "--include-path", tmp_path / "nope")
     assert r.returncode == 2 and "--include-path" in r.stderr and "not a folder" in r.stderr
+    r = run_cli("eval", missing, "--include-path", tmp_path)  # a task folder without --harness did nothing
+    assert r.returncode == 2 and "add --harness TASKS" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
 
 
 def test_a_harness_task_whose_data_cannot_be_fetched_fails_before_the_other_evaluations(trained, tmp_path):
