@@ -190,21 +190,16 @@ def _harness_errors(tasks: str):
 
 
 def run_harness(target, tasks: str, include_path: str | None = None, limit: int | None = None,
-                batch_size: int = 16, device: str = "cpu", checked=None, texts: dict | None = None) -> dict:
+                batch_size: int = 16, device: str = "cpu", checked=None) -> dict:
     """Run lm_eval tasks on a moelab model (a path, or a target from `load_target`); returns
-    {task: {metric: value}}. `checked`: what `harness_tasks` returned for these tasks. `texts`: a dict
-    to fill with each task's evaluated documents ({task: [(doc_id, sample_text), ...]})."""
+    {task: {metric: value}}. `checked`: what `harness_tasks` returned for these tasks."""
     import lm_eval
 
     names, manager = checked or harness_tasks(tasks, include_path)
     lm = MoelabLM(target, device, batch_size) if isinstance(target, str) else MoelabLM(
         target=target, batch_size=batch_size)
     with _harness_errors(tasks):
-        res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
-                                      log_samples=texts is not None)
-    if texts is not None:
-        for task, samples in (res.get("samples") or {}).items():
-            texts[task] = sorted((sm.get("doc_id", n), sample_text(sm)) for n, sm in enumerate(samples))
+        res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit)
     return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float))}
             for task, metrics in res["results"].items()}
 
@@ -222,9 +217,11 @@ def _leaf_tasks(tree):
 
 
 def task_texts(tasks: str, include_path: str | None = None, limit: int | None = None, checked=None) -> dict:
-    """Each lm_eval task's documents as `run_harness` would evaluate them, without a model:
-    {task: [(doc_id, sample_text), ...]}, the texts its `texts` gives, for checking the tasks
-    against training data before (or without) running them. A group gives each of its tasks."""
+    """Each lm_eval task's documents as `run_harness` evaluates them, without a model, for checking
+    against training data: {task: [(doc_id, sample_text), ...]}. Each item's own text: its prompt as
+    the harness builds it with no few-shot examples and no task description, which are other text
+    (often other items) that every prompt of the task shares, so finding them in the training data
+    says nothing of this item. A group gives each of its tasks."""
     names, manager = checked or harness_tasks(tasks, include_path)
     out = {}
     with _harness_errors(tasks):
@@ -235,6 +232,9 @@ def task_texts(tasks: str, include_path: str | None = None, limit: int | None = 
 
             loaded = get_task_dict(names, manager)
         for name, task in _leaf_tasks(loaded):
+            for key in ("num_fewshot", "description"):
+                if getattr(task.config, key, None):
+                    task.set_config(key=key, value=0 if key == "num_fewshot" else "")
             task.build_all_requests(limit=limit, rank=0, world_size=1)  # the requests simple_evaluate builds
             docs: dict = {}
             for inst in task.instances:

@@ -416,33 +416,47 @@ def test_eval_harness_names_the_items_the_run_trained_on(tmp_path, documents, mo
     (tmp_path / "tasks").mkdir()
     name = _local_harness_task(Path(lm_eval.__file__).parent / "tasks", "arc", tmp_path / "arc.jsonl",
                                tmp_path / "tasks")
+    # the same task one-shot, with a description every prompt holds: text from the training data
+    desc = next("\n".join(seen[i:i + 6]) for i in range(20, len(seen)) if len("".join(seen[i:i + 6])) > 200
+                and not any(c in "".join(seen[i:i + 6]) for c in "{}%"))  # (no Jinja in the task YAML)
+    fs = f"{name}_fs"
+    (tmp_path / "tasks" / f"{fs}.yaml").write_text((tmp_path / "tasks" / f"{name}.yaml").read_text().replace(
+        f"task: {name}", f"task: {fs}") + f"num_fewshot: 1\ndescription: {json.dumps(desc + chr(10))}\n")
     res = run_cli("train", "--preset", "test", f"data.path={data}", "train.steps=1", "train.eval_every=1",
                   "train.report=false", "model.max_seq_len=512", "--out", tmp_path / "run")
     assert res.returncode == 0, res.stderr
     monkeypatch.chdir(tmp_path)  # not in a git repository
     capfd.readouterr()
-    res = run_cli("eval", tmp_path / "run", "--harness", name, "--include-path", tmp_path / "tasks",
+    res = run_cli("eval", tmp_path / "run", "--harness", f"{name},{fs}", "--include-path", tmp_path / "tasks",
                   "--json", tmp_path / "e.json")
     assert res.returncode == 0, res.stderr
     assert "fatal:" not in capfd.readouterr().err  # git's own stderr, past Python's
-    assert (f"note: 1 of the 3 items of {name} share a 13-token sequence with the training data this model has seen"
-            in res.stderr and "; lm_eval doc_id 1\n" in res.stderr), res.stderr
-    assert json.loads((tmp_path / "e.json").read_text())["harness"][name]["contaminated_items"] == 1
-    # the documents `data check` reads from the task without a model are those the harness evaluated
-    from moelab.eval.harness import run_harness, task_texts
+    for task in (name, fs):
+        assert (f"note: 1 of the 3 items of {task} share a 13-token sequence with the training data this model has "
+                "seen, so its score measures recall as well as skill; lm_eval doc_id 1\n" in res.stderr), res.stderr
+        assert json.loads((tmp_path / "e.json").read_text())["harness"][task]["contaminated_items"] == 1
+    # each item is checked by its own text: the harness's zero-shot prompt and gold answer; the
+    # one-shot prompts also hold another item and the description
+    from lm_eval.tasks import TaskManager
 
-    texts = {}
-    run_harness(str(tmp_path / "run"), name, str(tmp_path / "tasks"), texts=texts)
-    assert task_texts(name, str(tmp_path / "tasks")) == texts and len(texts[name]) == 3
+    from moelab.eval.harness import MoelabLM, sample_text, task_texts
+
+    logged = lm_eval.simple_evaluate(model=MoelabLM(str(tmp_path / "run")), tasks=[name, fs], log_samples=True,
+                                     task_manager=TaskManager(include_path=str(tmp_path / "tasks")))["samples"]
+    logged = {t: sorted((sm["doc_id"], sample_text(sm)) for sm in logged[t]) for t in (name, fs)}
+    ours = task_texts(f"{name},{fs}", str(tmp_path / "tasks"))
+    assert ours[name] == ours[fs] == logged[name] and len(ours[name]) == 3
+    assert all(text.startswith(desc) and text.count("Question:") == 2 for _, text in logged[fs])
     # so `data check` names the same item, on the run and on its prepared data alone
     for checked in (tmp_path / "run", data):
-        res = run_cli("data", "check", checked, "--harness", name, "--include-path", tmp_path / "tasks",
+        res = run_cli("data", "check", checked, "--harness", f"{name},{fs}", "--include-path", tmp_path / "tasks",
                       "--json", tmp_path / "c.json")
         assert res.returncode == 1, res.stderr
-        assert (f"CONTAMINATED: 1 of 3 items of {name} (context and gold answer) share a 13-token sequence with "
-                "the training data (lm_eval doc_id 1)") in res.stdout, res.stdout
+        for task in (name, fs):
+            assert (f"CONTAMINATED: 1 of 3 items of {task} (context and gold answer) share a 13-token sequence "
+                    "with the training data (lm_eval doc_id 1)") in res.stdout, res.stdout
         found = json.loads((tmp_path / "c.json").read_text())["choice"]
-        assert [(c["task"], c["contaminated"], c["doc_ids"]) for c in found] == [(name, [2], [1])]
+        assert [(c["task"], c["contaminated"], c["doc_ids"]) for c in found] == [(name, [2], [1]), (fs, [2], [1])]
     res = run_cli("data", "check", data, "--include-path", tmp_path / "tasks")  # the folder alone does nothing
     assert res.returncode == 2 and "add --harness TASKS" in res.stderr and not res.stdout
     res = run_cli("data", "check", data, "--harness", "no_such_task", "--include-path", tmp_path / "tasks")
