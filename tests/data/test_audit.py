@@ -419,9 +419,10 @@ def test_eval_harness_names_the_items_the_run_trained_on(tmp_path, documents, mo
     # the same task one-shot, with a description every prompt holds: text from the training data
     desc = next("\n".join(seen[i:i + 6]) for i in range(20, len(seen)) if len("".join(seen[i:i + 6])) > 200
                 and not any(c in "".join(seen[i:i + 6]) for c in "{}%"))  # (no Jinja in the task YAML)
-    fs = f"{name}_fs"
-    (tmp_path / "tasks" / f"{fs}.yaml").write_text((tmp_path / "tasks" / f"{name}.yaml").read_text().replace(
-        f"task: {name}", f"task: {fs}") + f"num_fewshot: 1\ndescription: {json.dumps(desc + chr(10))}\n")
+    fs, yaml_file = f"{name}_fs", tmp_path / "tasks" / f"{name}.yaml"
+    yaml_file.write_text(yaml_file.read_text() + "tag:\n  - moelab_both\n")  # both tasks by one name
+    (tmp_path / "tasks" / f"{fs}.yaml").write_text(yaml_file.read_text().replace(f"task: {name}", f"task: {fs}")
+                                                   + f"num_fewshot: 1\ndescription: {json.dumps(desc + chr(10))}\n")
     res = run_cli("train", "--preset", "test", f"data.path={data}", "train.steps=1", "train.eval_every=1",
                   "train.report=false", "model.max_seq_len=512", "--out", tmp_path / "run")
     assert res.returncode == 0, res.stderr
@@ -444,7 +445,7 @@ def test_eval_harness_names_the_items_the_run_trained_on(tmp_path, documents, mo
     logged = lm_eval.simple_evaluate(model=MoelabLM(str(tmp_path / "run")), tasks=[name, fs], log_samples=True,
                                      task_manager=TaskManager(include_path=str(tmp_path / "tasks")))["samples"]
     logged = {t: sorted((sm["doc_id"], sample_text(sm)) for sm in logged[t]) for t in (name, fs)}
-    ours = task_texts(f"{name},{fs}", str(tmp_path / "tasks"))
+    ours = task_texts("moelab_both", str(tmp_path / "tasks"))  # a tag: the tasks within it
     assert ours[name] == ours[fs] == logged[name] and len(ours[name]) == 3
     assert all(text.startswith(desc) and text.count("Question:") == 2 for _, text in logged[fs])
     # so `data check` names the same item, on the run and on its prepared data alone
