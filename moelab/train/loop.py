@@ -64,6 +64,9 @@ class Run:
     set_aside: Path | None = None  # where a rewind in place moved the abandoned later checkpoints
     lock: RunLock | None = None  # held from setup to the end of train()
     restarted: bool = False  # --resume auto on a run that had stopped before its first checkpoint
+    # a finished run extended (train.steps raised): it ended with its final evaluation, not the periodic
+    # one that a run going on past that update holds there, which the extension runs first
+    eval_due: bool = False
     started_new: bool = False  # --resume auto where --out held no run: a new one began there
     sinks: Sinks | None = None  # metrics.jsonl, TensorBoard, W&B: opened last in setup
     rows: slice = field(default_factory=lambda: slice(None))  # its rows of each batch (data parallel: 1/N)
@@ -294,6 +297,7 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
         before = Config.from_yaml_file(ckpt / "config.yaml")
         run.changed_on_resume = config_changes(before, cfg)
         _restore(run, ckpt)
+        run.eval_due = before.train.steps == run.step < t.steps and run.step % t.eval_every == 0
         if note := schedule_note(before, cfg, run.step):
             run.notes.append(note)
         if writer and run_dir == ckpt.parent.parent:
@@ -807,14 +811,15 @@ def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
         first = run_eval(run)
         sinks.write({"step": 0, "split": "val", **first})
         say(f"step 0 val loss {first['loss']:.4f} bpb {first['bpb']:.3f}")
+    early_stopped = run.eval_due and _periodic_eval(run, say)
     forward = torch.compile(run.model) if t.compile else run.model
     autocast = autocast_for(run.device, t.precision)
     bar = _progress_bar(progress, run.step, t.steps)
     run.model.train()
     window = _Window(run)
-    last_saved, stopped, early_stopped = run.step, None, False
+    last_saved, stopped = run.step, None
     with StopSignals() as signals:
-        while run.step < t.steps:
+        while run.step < t.steps and not early_stopped:
             step_no = run.step + 1
             try:
                 verdict = _update(run, forward, autocast, window, faults, step_no)
@@ -838,13 +843,7 @@ def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
                 if bar.disable:
                     say(_train_line(rec, t.steps))
             if run.step % t.eval_every == 0 and run.step < t.steps:
-                ev = run_eval(run)
-                sinks.write({"step": run.step, "split": "val", **ev})
-                _write(bar, say, f"step {run.step} val loss {ev['loss']:.4f} bpb {ev['bpb']:.3f}")
-                early_stopped = _track_best(run, ev)
-                if early_stopped:
-                    _write(bar, say, f"early stop: no validation improvement in {t.patience} evaluations "
-                                     f"(best {run.best['val_loss']:.4f} at step {run.best['step']})")
+                early_stopped = _periodic_eval(run, lambda m: _write(bar, say, m))
                 window.reset_clock()
             if choice and t.choice_every and run.step % t.choice_every == 0 and run.step < t.steps and is_rank0():
                 _run_choice(run, choice, sinks, lambda m: _write(bar, say, m))
@@ -990,6 +989,18 @@ def _run_choice(run: Run, tasks: list, sinks, say) -> list[dict]:
         say(f"step {run.step} {r['task']}: acc {r['acc']:.3f} acc_norm {r['acc_norm']:.3f} ({r['items']} items)")
         results.append(r)
     return results
+
+
+def _periodic_eval(run: Run, say) -> bool:
+    """The evaluation every train.eval_every updates: logged, said, and counted for the best
+    checkpoint and early stopping. True when patience ran out."""
+    ev = run_eval(run)
+    run.sinks.write({"step": run.step, "split": "val", **ev})
+    say(f"step {run.step} val loss {ev['loss']:.4f} bpb {ev['bpb']:.3f}")
+    if stop := _track_best(run, ev):
+        say(f"early stop: no validation improvement in {run.cfg.train.patience} evaluations "
+            f"(best {run.best['val_loss']:.4f} at step {run.best['step']})")
+    return stop
 
 
 def _track_best(run: Run, ev: dict) -> bool:

@@ -2,6 +2,7 @@
 checkpoints, early stopping, --smoke, logging (MFU, routing metrics, TensorBoard, curves)."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -173,6 +174,29 @@ def test_early_stopping_keeps_the_best(tmp_path, prepared):
     assert json.loads((best / "meta.json").read_text())["step"] == 5
     assert load_trainer_state(best)["step"] == 5
     assert list_checkpoints(tmp_path / "run")[-1].name == "step_0000015"
+
+
+def test_an_extended_run_evaluates_where_a_longer_run_does(tmp_path, prepared):
+    """A finished run ends with its full final evaluation in place of the periodic one. Extended
+    (train.steps raised), it runs that periodic evaluation first, so the best checkpoint and early
+    stopping count it as a run of the longer length does: here patience runs out there, at update
+    15, not at 20."""
+    args = ("train.eval_every=5", "train.patience=2", "train.min_delta=100", "optim.schedule=constant")
+    whole = _run(tmp_path, prepared, *args, "train.steps=30", name="whole")
+    assert whole["early_stopped"] and whole["steps"] == 15
+    _run(tmp_path, prepared, *args, "train.steps=10", name="ext")
+    s = _run(tmp_path, prepared, name="ext", resume="auto", overrides=("train.steps=30",))
+    assert s["early_stopped"] and s["steps"] == 15 and s["val_loss"] == whole["val_loss"]
+
+    def periodic(run):
+        return [(r["step"], r["loss"]) for r in _records(tmp_path / run) if r["split"] == "val" and not r.get("final")]
+    assert periodic("ext") == periodic("whole") and [st for st, _ in periodic("whole")] == [0, 5, 10, 15]
+    # a run stopped on its way (not finished) held its evaluation at update 10 already: no second one
+    _run(tmp_path, prepared, *args, "train.steps=30", "train.save_every=10", name="cut")
+    for later in list_checkpoints(tmp_path / "cut")[1:]:
+        shutil.rmtree(later)
+    _run(tmp_path, prepared, name="cut", resume="auto")
+    assert periodic("cut") == periodic("whole")
 
 
 def test_smoke_checks_a_config_end_to_end(tmp_path, prepared):
