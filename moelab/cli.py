@@ -165,12 +165,12 @@ def _cmd_eval(args) -> int:
     target = load_target(args.target, args.device)
     results = {"model": target.label}
     if args.harness:  # first: a task whose data cannot be fetched fails before the other evaluations run
-        from moelab.eval.harness import run_harness, task_texts
+        from moelab.eval.harness import format_metrics, run_harness, task_texts
 
         results["harness"] = run_harness(target, args.harness, limit=args.limit or None,
                                          batch_size=args.batch_size, checked=harness)
         for task, metrics in results["harness"].items():
-            print(f"lm_eval {task}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            print(format_metrics(task, metrics))
         texts = task_texts(args.harness, limit=args.limit or None, checked=harness) if target.run_dir else {}
         names = [t for t in texts if t in results["harness"]]
         check = f"--harness {args.harness}" + (f" --include-path {args.include_path}" if args.include_path else "")

@@ -204,6 +204,16 @@ def run_harness(target, tasks: str, include_path: str | None = None, limit: int 
             for task, metrics in res["results"].items()}
 
 
+def format_metrics(task: str, metrics: dict) -> str:
+    """One line of a task's run_harness results, as `eval --choice` prints its own: each metric with
+    its standard error, then the number of documents (lm_eval's `sample_len`, not a metric)."""
+    shown = [f"{k} {v:.4f}" + (f" +- {metrics[k + '_stderr']:.4f}" if k + "_stderr" in metrics else "")
+             for k, v in metrics.items() if not k.endswith("_stderr") and k != "sample_len"]
+    if "sample_len" in metrics:
+        shown.append(f"{int(metrics['sample_len'])} items")
+    return f"lm_eval {task}: " + " | ".join(shown)
+
+
 def _leaf_tasks(tree):
     """(name, Task) for every task in what lm_eval's TaskManager.load or get_task_dict returns: tasks
     by name, within groups or a "tasks" dict (the nesting differs between lm_eval versions)."""

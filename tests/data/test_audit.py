@@ -432,6 +432,8 @@ def test_eval_harness_names_the_items_the_run_trained_on(tmp_path, documents, mo
                   "--json", tmp_path / "e.json")
     assert res.returncode == 0, res.stderr
     assert "fatal:" not in capfd.readouterr().err  # git's own stderr, past Python's
+    assert f"lm_eval {name}: acc " in res.stdout and " +- " in res.stdout and "| 3 items\n" in res.stdout
+    assert "sample_len" not in res.stdout  # lm_eval's document count, printed as a metric
     for task in (name, fs):
         assert (f"note: 1 of the 3 items of {task} share a 13-token sequence with the training data this model has "
                 "seen, so its score measures recall as well as skill; lm_eval doc_id 1\n" in res.stderr), res.stderr

@@ -135,6 +135,13 @@ def test_hub_task_without_the_hub_is_one_line_at_once(tmp_path):
     assert "cannot load baber/piqa for task piqa" in res.stderr and "cannot be reached" in res.stderr
 
 
+def test_harness_results_print_each_metric_with_its_error_and_the_item_count():
+    from moelab.eval.harness import format_metrics
+
+    line = format_metrics("t", {"sample_len": 3, "acc": 0.5, "acc_stderr": 0.25, "word_perplexity": 12.0})
+    assert line == "lm_eval t: acc 0.5000 +- 0.2500 | word_perplexity 12.0000 | 3 items"
+
+
 def test_formats_are_parsed_as_the_harness_builds_prompts(choice_tasks):
     name, items = load_task(str(choice_tasks["hellaswag"]))
     assert name == "hellaswag_local (hellaswag)" and len(items) == 16
