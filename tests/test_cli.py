@@ -148,6 +148,7 @@ def test_generate_reads_shell_escapes_in_stop_strings(typed, meant):
     (["eval"], "required: target"),
     (["generate", "run", "--prompt", "x", "--stop", ""], "argument --stop: an empty stop string ends the text"),
     (["eval", "run", "--harness", " , "], "argument --harness: names no task"),
+    (["data", "check", "run", "--harness", ","], "argument --harness: names no task"),
 ])
 def test_bad_options_are_one_line_before_anything_runs(argv, needle, capsys):
     """Each of these crashed with a traceback (range() arg 3 must not be zero, ZeroDivisionError,
