@@ -242,9 +242,9 @@ def task_texts(tasks: str, include_path: str | None = None, limit: int | None = 
 
             loaded = get_task_dict(names, manager)
         for name, task in _leaf_tasks(loaded):
-            for key in ("num_fewshot", "description"):
+            for key, none in (("num_fewshot", 0), ("description", "")):
                 if getattr(task.config, key, None):
-                    task.set_config(key=key, value=0 if key == "num_fewshot" else "")
+                    task.set_config(key=key, value=none)
             task.build_all_requests(limit=limit, rank=0, world_size=1)  # the requests simple_evaluate builds
             docs: dict = {}
             for inst in task.instances:
