@@ -218,17 +218,21 @@ def _contamination(target, specs: list[str], tasks: list, results: list[dict], d
 
 
 def _cmd_generate(args) -> int:
-    from moelab.eval.generate import Sampler, check_prompt, generate_text
+    from moelab.eval.generate import Sampler, check_prompt, generate_text, prompt_ids
     from moelab.eval.target import load_target
 
+    if args.system is not None and not args.chat:
+        raise UserError("--system is a chat message: give it with --chat (without --chat, put the text in the "
+                        "--prompt)")
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     target = load_target(args.target, args.device)
-    for prompt in args.prompt:  # all refused before any text is printed
-        check_prompt(target.model, target.tokenizer.encode_prompt(prompt))
-    for prompt in args.prompt:
+    ids = [prompt_ids(target.tokenizer, prompt, args.system, args.chat) for prompt in args.prompt]
+    for each in ids:  # all refused before any text is printed
+        check_prompt(target.model, each)
+    for prompt, each in zip(args.prompt, ids):
         r = generate_text(target.model, target.tokenizer, prompt, args.max_new_tokens, sampler,
-                          tuple(args.stop or ()), not args.no_cache)
-        print(r["prompt"] + r["text"])
+                          tuple(args.stop or ()), not args.no_cache, each)
+        print(r["text"] if args.chat else r["prompt"] + r["text"])  # a chat prints the reply alone
         print(f"-- {r['new_tokens']} tokens, stopped: {r['stop_reason']}", file=sys.stderr)
     return 0
 
@@ -498,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", type=_stop_string,
                    help=r"stop string (repeatable); the text ends before it; \n, \t, \r, \\ read as "
                         r"newline, tab, return, backslash (--stop '\n\n': a blank line)")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user message, laid out by the model's chat template (an instruction-"
+                        "tuned HF model's, kept by convert); prints the reply (needs moelab[hf])")
+    p.add_argument("--system", help="with --chat: a system message before each prompt")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (for checks)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.set_defaults(func=_cmd_generate)

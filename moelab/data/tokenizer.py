@@ -97,6 +97,31 @@ class TextTokenizer:
         ended its document would have the model start another."""
         return self.doc_prefix + self.encode(text)
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """A conversation (`{"role", "content"}` dicts) as the model's chat template renders it,
+        ending with the opening of the assistant's turn: transformers' `apply_chat_template(messages,
+        add_generation_prompt=True)`, run by transformers on the tokenizer's own folder (its
+        chat_template.jinja, or tokenizer_config.json's chat_template)."""
+        where = self.origin or "this tokenizer"
+        try:
+            from transformers import PreTrainedTokenizerFast
+        except ImportError:
+            raise UserError("--chat renders the model's chat template with transformers: "
+                            "pip install 'moelab[hf]'") from None
+        hf = PreTrainedTokenizerFast.from_pretrained(str(self.origin)) if self.origin else None
+        if hf is None or not hf.chat_template:
+            raise UserError(f"{where} has no chat template (chat_template.jinja, or chat_template in "
+                            "tokenizer_config.json), so --chat cannot lay out the messages; give the prompt as "
+                            "plain text without --chat, or use a chat model's tokenizer files")
+        from jinja2 import TemplateError
+
+        try:
+            ids = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        except TemplateError as e:  # a template's own raise_exception(...), a syntax error, or jinja2's own
+            raise UserError(f"the chat template of {where} failed on these messages: "
+                            f"{type(e).__name__}: {e}") from None
+        return list(ids)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if self.fast is not None:
             return [a.tolist() for a in self.encode_arrays(texts)]

@@ -139,9 +139,20 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
                 logits = out.project(out.hidden[0, -1])
 
 
+def prompt_ids(tokenizer, prompt: str, system: str | None = None, chat: bool = False) -> list[int]:
+    """The ids generation starts from: the text as the model saw a document begin, or with `chat`,
+    the user message `prompt` (after a `system` one, if given) laid out by the model's chat template
+    up to the assistant's reply."""
+    if not chat:
+        return tokenizer.encode_prompt(prompt)
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return tokenizer.encode_chat(messages + [{"role": "user", "content": prompt}])
+
+
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
-                  stop_strings: tuple[str, ...] = (), use_cache: bool = True) -> dict:
-    """Continue `prompt`; the text is cut before the first stop string (which ends generation)."""
+                  stop_strings: tuple[str, ...] = (), use_cache: bool = True, ids: list[int] | None = None) -> dict:
+    """Continue `prompt` (from `ids` where given: see prompt_ids); the text is cut before the
+    first stop string (which ends generation)."""
     if "" in stop_strings:
         raise UserError("an empty stop string ends the text before it starts; give some text")
 
@@ -149,8 +160,9 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, sampl
         text = tokenizer.decode(new_ids)
         return any(s in text for s in stop_strings)
 
-    new, reason = generate_ids(model, tokenizer.encode_prompt(prompt), max_new_tokens, sampler, tokenizer.end_ids,
-                               use_cache, hit if stop_strings else None, vocab=tokenizer.vocab_size)
+    ids = tokenizer.encode_prompt(prompt) if ids is None else ids
+    new, reason = generate_ids(model, ids, max_new_tokens, sampler, tokenizer.end_ids, use_cache,
+                               hit if stop_strings else None, vocab=tokenizer.vocab_size)
     text = tokenizer.decode([t for t in new if t not in tokenizer.end_ids])
     if reason == "stop":
         text = text[:min(text.find(s) for s in stop_strings if s in text)]

@@ -601,6 +601,42 @@ def test_generation_from_an_hf_model_equals_transformers_generate(tmp_path):
     assert target.tokenizer.encode_prompt("") == [1]  # an empty prompt: generation from a document's start
 
 
+def test_chat_generation_lays_out_the_messages_as_transformers_does(tmp_path):
+    """generate --chat: the system and user messages through the model's own chat template, as
+    transformers' apply_chat_template(add_generation_prompt=True) lays them out, then the same greedy
+    reply as transformers' generate; from the HF directory and from the run converted from it."""
+    from moelab.eval.generate import prompt_ids
+    from moelab.eval.target import load_target
+    from tests.conftest import run_cli
+
+    src = export_hf(_model("qwen3_moe-tiny", {}), tmp_path / "src", token_ids={"bos_token_id": 1, "eos_token_id": 2})
+    _hf_tokenizer(src, "{{ bos_token }}{% for m in messages %}{{ m.role }} {{ m.content }}</s>{% endfor %}"
+                       "{% if add_generation_prompt %}the router{% endif %}")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src)
+    system, prompt = "two experts", "each token"
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    target = load_target(str(src))
+    assert prompt_ids(target.tokenizer, prompt, system, chat=True) == ids != target.tokenizer.encode_prompt(prompt)
+    assert ids[0] == 1 and ids.count(2) == 2  # the template's <s>, and each message ended by </s>
+    padded = list(range(len(hf_tok), V))  # rows past the tokenizer, which moelab never draws
+    want = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                       suppress_tokens=padded)[0, len(ids):].tolist()
+    reply = hf_tok.decode([t for t in want if t != 2])
+    assert run_cli("convert", src, "--out", tmp_path / "run").returncode == 0
+    for where in (src, tmp_path / "run"):
+        res = run_cli("generate", where, "--chat", "--system", system, "--prompt", prompt, "--temperature", "0",
+                      "--max-new-tokens", "12")
+        assert res.returncode == 0 and res.stdout == reply + "\n", res.stderr
+        assert f"-- {len(want)} tokens" in res.stderr
+    res = run_cli("generate", src, "--system", system, "--prompt", prompt)
+    assert res.returncode == 2 and "--system is a chat message: give it with --chat" in res.stderr
+    (tmp_path / "run" / "tokenizer" / "chat_template.jinja").unlink()  # a model without a template
+    res = run_cli("generate", tmp_path / "run", "--chat", "--prompt", prompt)
+    assert res.returncode == 2 and "has no chat template" in res.stderr and len(res.stderr.splitlines()) == 1
+
+
 @pytest.mark.parametrize("own_generation_config", [True, False])
 def test_token_ids_generation_defaults_and_chat_template_survive_convert_and_export(tmp_path, own_generation_config):
     """An HF model's end-of-text ids (what `generate` stops at), its sampling defaults and its chat
