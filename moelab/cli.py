@@ -98,9 +98,12 @@ def _cmd_data_check(args) -> int:
     from moelab.commands import data_check
 
     _harness_folder(args)
+    if args.limit and not (args.choice or args.harness):
+        raise UserError(f"--limit {args.limit} picks the items of --choice or --harness tasks to check: add the "
+                        "tasks, or drop --limit")
     result = data_check(args.run, args.train, args.val, args.ngram, args.seq_len, args.threshold,
                         args.tokenizer, args.text_field, args.choice, args.choice_ngram, args.harness,
-                        args.include_path)
+                        args.include_path, args.limit)
     print(result.summary())
     for d in result.duplicate_documents[:10]:
         print(f"  duplicate: val {d['val']} == train {d['train']}")
@@ -174,6 +177,7 @@ def _cmd_eval(args) -> int:
         texts = task_texts(args.harness, limit=args.limit or None, checked=harness) if target.run_dir else {}
         names = [t for t in texts if t in results["harness"]]
         check = f"--harness {args.harness}" + (f" --include-path {args.include_path}" if args.include_path else "")
+        check += f" --limit {args.limit}" if args.limit else ""  # the items evaluated, no more
         _contamination(target, names, [(t, [text for _, text in texts[t]]) for t in names],
                        [results["harness"][t] for t in names], [[i for i, _ in texts[t]] for t in names], check)
     if not (args.choice or args.harness) or args.data or args.source or target.run_dir:
@@ -192,7 +196,8 @@ def _cmd_eval(args) -> int:
             results["choice"].append(r)
             print(f"{r['task']}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f} | acc_norm {r['acc_norm']:.4f} "
                   f"+- {r['acc_norm_stderr']:.4f} | {r['items']} items (chance {r['chance']:.3f})")
-        _contamination(target, args.choice, tasks, results["choice"])
+        _contamination(target, args.choice, tasks, results["choice"],
+                       check="--choice " + " ".join(args.choice) + (f" --limit {args.limit}" if args.limit else ""))
     if args.json:
         write_json(args.json, results)
     return 0
@@ -600,6 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (with --harness)")
     p.add_argument("--choice-ngram", type=_at_least(2), default=13,
                    help="n-gram length in tokens of the contamination check (default 13)")
+    p.add_argument("--limit", type=_at_least(0), default=0,
+                   help="check the first N items of each --choice/--harness task, those `eval --limit N` "
+                        "scores (0: all)")
     p.add_argument("--json", type=_output_file, help="also write the full result to this JSON file")
     p.set_defaults(func=_cmd_data_check)
     return parser

@@ -159,19 +159,21 @@ def export(run: str, to: str, out: str, arch: str = "auto", dtype: str = "auto")
 
 def data_check(run_dir: str | None, train: str | None, val: str | None, ngram: int, seq_len: int | None,
                threshold: float, tokenizer: str | None, text_field: str = "text", choice: list[str] | None = None,
-               choice_ngram: int = 13, harness: str | None = None, include_path: str | None = None):
+               choice_ngram: int = 13, harness: str | None = None, include_path: str | None = None,
+               limit: int = 0):
     """Leakage audit of a run's own split (re-derived from its config) or of any two text sources,
     and with `choice` (multiple-choice task files or hub names) or `harness` (lm_eval tasks, with
     their `include_path`) of those tasks' items against the training data (contamination, by
-    `choice_ngram`-token sequences). Returns the AuditResult."""
+    `choice_ngram`-token sequences; `limit`: each task's first items only, as eval's). Returns the
+    AuditResult."""
     from moelab.eval.choice import load_task
 
-    tasks = [load_task(t) for t in choice or []]  # a bad task file is said before the audit's work
+    tasks = [load_task(t, limit) for t in choice or []]  # a bad task file is said before the audit's work
     doc_ids = [None] * len(tasks)
     if harness:
         from moelab.eval.harness import task_texts
 
-        for name, texts in task_texts(harness, include_path).items():
+        for name, texts in task_texts(harness, include_path, limit or None).items():
             tasks.append((name, [text for _, text in texts]))
             doc_ids.append([i for i, _ in texts])
     result, tok, train_streams = _audit(run_dir, train, val, ngram, seq_len, threshold, tokenizer, text_field)

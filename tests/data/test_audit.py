@@ -273,6 +273,13 @@ def test_data_check_finds_multiple_choice_items_the_training_data_holds(tmp_path
     assert "1 item(s) shorter than 13 tokens were not checked" in line
     got = json.loads((tmp_path / "r.json").read_text())["choice"]
     assert got == [{"task": "task (generic)", "items": 4, "ngram": 13, "contaminated": [2], "too_short": 1}]
+    # --limit N: the first N items, those `eval --limit N` scores
+    res = run_cli("data", "check", data, "--seq-len", "64", "--choice", task, "--limit", "1")
+    assert res.returncode == 0 and "clean: 0 of 1 items of task" in res.stdout, res.stdout + res.stderr
+    res = run_cli("data", "check", data, "--seq-len", "64", "--choice", task, "--limit", "2")
+    assert res.returncode == 1 and "CONTAMINATED: 1 of 2 items of task" in res.stdout, res.stdout + res.stderr
+    res = run_cli("data", "check", data, "--limit", "2")  # no task to pick items of
+    assert res.returncode == 2 and "--limit 2 picks the items of --choice or --harness tasks" in res.stderr
     # raw text: the validation item counts once its document is training text
     (tmp_path / "val.txt").write_text(" ".join(f"word{i % 97} novel{i % 13}" for i in range(300)))
     res = run_cli("data", "check", "--train", corpus, "--val", tmp_path / "val.txt", "--seq-len", "64",
@@ -299,6 +306,9 @@ def test_data_check_finds_multiple_choice_items_the_training_data_holds(tmp_path
     monkeypatch.setattr(audit_mod, "CONTAMINATION_CHECK_TOKENS", 10)
     res = run_cli(*train, tmp_path / "big")
     assert res.returncode == 0 and "were not checked for contamination against" in res.stderr, res.stderr
+    res = run_cli("eval", tmp_path / "run", "--choice", task, "--limit", "3")  # the command checks what eval scored
+    said = f"`moelab data check {tmp_path / 'run'} --choice {task} --limit 3` does"
+    assert res.returncode == 0 and said in res.stderr, res.stderr
 
 
 def test_eval_and_init_from_runs_count_the_items_any_earlier_training_data_holds(tmp_path, documents, monkeypatch):
@@ -460,6 +470,9 @@ def test_eval_harness_names_the_items_the_run_trained_on(tmp_path, documents, mo
                     "with the training data (lm_eval doc_id 1)") in res.stdout, res.stdout
         found = json.loads((tmp_path / "c.json").read_text())["choice"]
         assert [(c["task"], c["contaminated"], c["doc_ids"]) for c in found] == [(name, [2], [1]), (fs, [2], [1])]
+    for limit, code, said in (("1", 0, "clean: 0 of 1 items"), ("2", 1, "CONTAMINATED: 1 of 2 items")):
+        res = run_cli("data", "check", data, "--harness", name, "--include-path", tmp_path / "tasks", "--limit", limit)
+        assert res.returncode == code and f"{said} of {name}" in res.stdout, res.stdout + res.stderr
     res = run_cli("data", "check", data, "--include-path", tmp_path / "tasks")  # the folder alone does nothing
     assert res.returncode == 2 and "add --harness TASKS" in res.stderr and not res.stdout
     res = run_cli("data", "check", data, "--harness", "no_such_task", "--include-path", tmp_path / "tasks")
@@ -468,6 +481,6 @@ def test_eval_harness_names_the_items_the_run_trained_on(tmp_path, documents, mo
     from moelab.data import audit as audit_mod
 
     monkeypatch.setattr(audit_mod, "CONTAMINATION_CHECK_TOKENS", 10)
-    res = run_cli("eval", tmp_path / "run", "--harness", name, "--include-path", tmp_path / "tasks")
+    res = run_cli("eval", tmp_path / "run", "--harness", name, "--include-path", tmp_path / "tasks", "--limit", "2")
     assert res.returncode == 0 and (f"`moelab data check {tmp_path / 'run'} --harness {name} --include-path "
-                                    f"{tmp_path / 'tasks'}` does") in res.stderr, res.stderr
+                                    f"{tmp_path / 'tasks'} --limit 2` does") in res.stderr, res.stderr
