@@ -134,22 +134,30 @@ def _choice_blocks(results: list[dict]) -> list:
 
 
 def _routing_blocks(run_dir: Path, windows: int) -> list:
-    from moelab.analysis.routing import THRESHOLDS
+    from moelab.analysis.routing import THRESHOLDS, collapse_note
     from moelab.commands import routing
 
     a, out_dir = routing(str(run_dir), str(run_dir / "routing"), windows)
+    # a router with a capacity (Switch) drops the slots over it: their tokens skip the experts
+    drops = any("dropped" in s for layers in a["splits"].values() for s in layers)
     rows = []
     for split, layers in a["splits"].items():
         for name, s in zip(a["layers"], layers):
             mm = "inf" if s["max_min"] == float("inf") else f"{s['max_min']:.2f}"
             rows.append([split, name, f"{s['cv']:.3f}", mm, f"{s['max_mean']:.2f}", f"{s['entropy']:.3f}",
-                         f"{s['gini']:.3f}", str(len(s["dead"])), str(len(s["starved"])), s["verdict"]])
+                         f"{s['gini']:.3f}", str(len(s["dead"])), str(len(s["starved"]))]
+                        + ([f"{s['dropped_share']:.1%}" if "dropped" in s else "0.0%"] if drops else [])
+                        + [s["verdict"]])
+    dropped = (" Dropped: the share of slots over an expert's capacity (model.capacity_factor), whose tokens pass "
+               "through the residual without an expert." if drops else "")
     blocks = [("h2", "Routing"),
               ("p", f"Measured on {windows} training and {windows} validation windows; worst layer: "
                     f"{a['worst']}. CV is the population standard deviation of the slots per expert over their "
-                    "mean. Verdicts: " + "; ".join(f"{k}: {v}" for k, v in THRESHOLDS.items()) + "."),
-              ("table", ["split", "layer", "CV", "max/min", "max/mean", "entropy", "Gini", "dead", "starved",
-                         "verdict"], rows)]
+                    "mean. Verdicts: " + "; ".join(f"{k}: {v}" for k, v in THRESHOLDS.items()) + "." + dropped),
+              ("table", ["split", "layer", "CV", "max/min", "max/mean", "entropy", "Gini", "dead", "starved"]
+               + (["dropped"] if drops else []) + ["verdict"], rows)]
+    if note := collapse_note(a, "the table above"):
+        blocks.append(("p", "T" + note.removeprefix("note: t") + "."))
     if "train_val_js" in a:
         blocks.append(("p", "Train vs validation drift (Jensen-Shannon, bits): " + ", ".join(
             f"layer {n}: {v:.4f}" for n, v in zip(a["layers"], a["train_val_js"]))))
@@ -284,6 +292,18 @@ def render_html(blocks: list, run_dir: Path) -> str:
         elif kind == "details":
             out.append(f"<details><summary>{e(b[1])}</summary><pre>{e(b[2])}</pre></details>")
     return "".join(out) + "</body></html>\n"
+
+
+def report_collapse_note(run_dir: Path, page: Path) -> str | None:
+    """The line to say after writing a report whose routing analysis (RUN/routing/routing.json,
+    written with it) found a collapsed layer; None otherwise, or for a dense model (no analysis)."""
+    from moelab.analysis.routing import collapse_note
+
+    try:
+        analysis = json.loads((Path(run_dir) / "routing" / "routing.json").read_text())
+        return collapse_note(analysis, f"the Routing section of {page}")
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def write_report(run_dir: str | Path, routing_windows: int = 32, samples: int = 3,

@@ -136,6 +136,16 @@ def analyze(data) -> dict:
     return out
 
 
+def collapse_note(a: dict, where: str) -> str | None:
+    """One line naming the layers whose routing collapsed in any measured split (the failure a
+    balancing term exists to prevent, and easy to miss in a loss curve), pointing to `where`."""
+    layers = [n for i, n in enumerate(a["layers"]) if any(s[i]["verdict"] == "collapse" for s in a["splits"].values())]
+    if not layers:
+        return None
+    return (f"note: the routing of MoE layer{'s' if len(layers) > 1 else ''} {', '.join(layers)} collapsed "
+            f"({THRESHOLDS['collapse']}): most tokens go to few experts; see {where}")
+
+
 def _worst(out: dict, names: list[str]) -> str:
     order = list(THRESHOLDS)  # most severe first
     verdicts = [s["verdict"] for n in names for s in out["splits"][n]]

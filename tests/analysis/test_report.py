@@ -8,6 +8,7 @@ import re
 import shutil
 
 import pytest
+import torch
 
 from tests.conftest import HAS_TRANSFORMERS, moelab, run_cli
 
@@ -141,3 +142,41 @@ def test_sample_prompts_leave_out_the_document_start_token_generation_puts_back(
     body = tok.encode("the router sends")
     prompt = sample_prompt(tok, [1, 0, *body])  # the end of one document, the start of the next
     assert prompt == "the router sends" and tok.encode_prompt(prompt) == [0, *body]
+
+
+def test_the_report_shows_capacity_drops_and_says_when_a_layer_collapsed(tmp_path):
+    """A Switch router with a capacity drops the slots over it (their tokens skip the experts): the
+    report's routing table shows each layer's share, as `moelab routing` measures it. A layer whose
+    routing collapsed is said at the end of training and by `moelab report`, and in the report."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    common = ("train", "--preset", "test", "train.steps=2", "train.eval_every=2", "train.report=true", "--out")
+    res = run_cli(*common, tmp_path / "sw", "model.router=switch", "model.top_k=1", "model.capacity_factor=0.5")
+    assert res.returncode == 0, res.stderr
+    md = (tmp_path / "sw" / "report.md").read_text()
+    a = json.loads((tmp_path / "sw" / "routing" / "routing.json").read_text())
+    shares = [s["dropped_share"] for split in ("train", "val") for s in a["splits"][split]]
+    assert len(shares) == 4 and min(shares) >= 0.5  # capacity for half the tokens: at least half dropped
+    rows = [ln.split(" | ") for ln in md.splitlines() if ln.startswith(("| train |", "| val |"))]
+    assert "| dropped | verdict |" in md and [r[-2] for r in rows] == [f"{v:.1%}" for v in shares]
+    # a sigmoid router whose selection bias sends every token to experts 0 and 1 of 4: two dead
+    res = run_cli(*common, tmp_path / "sg", "model.router=sigmoid")
+    assert res.returncode == 0 and "collapsed" not in res.stderr, res.stderr
+    assert "| dropped |" not in (tmp_path / "sg" / "report.md").read_text()  # no capacity, nothing dropped
+    weights = tmp_path / "sg" / "checkpoints" / "step_0000002" / "model.safetensors"
+    with safe_open(weights, "pt") as f:
+        meta = f.metadata()
+    w = load_file(weights)
+    biased = [k for k in w if k.endswith("router.selection_bias")]
+    assert len(biased) == 2
+    for k in biased:
+        w[k] = torch.tensor([100.0, 100.0, 0.0, 0.0])
+    save_file(w, weights, metadata=meta)
+    said = ("note: the routing of MoE layers 0, 1 collapsed (normalised entropy < 0.5, or at least half the experts "
+            "dead or starved): most tokens go to few experts; see the Routing section of ")
+    res = run_cli("report", tmp_path / "sg")
+    assert res.returncode == 0 and said in res.stderr, res.stderr
+    assert "The routing of MoE layers 0, 1 collapsed" in (tmp_path / "sg" / "report.md").read_text()
+    res = run_cli("train", "--resume", "auto", "--out", tmp_path / "sg", "train.steps=3")
+    assert res.returncode == 0 and said + str(tmp_path / "sg" / "report.html") in res.stderr, res.stderr
