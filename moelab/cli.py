@@ -29,7 +29,7 @@ def _cmd_train(args) -> int:
             raise UserError("--print-config shows a new run's settings; a run's own are in RUN/config.yaml")
         print("# moelab train --config FILE reads this back. 0 is 'derive' where a key allows it (model.head_dim,\n"
               "# n_kv_heads, dense_dim, max_seq_len ...); model.vocab_size 0 takes the tokenizer's size.\n"
-              + cfg.to_yaml(), end="")
+              + cfg.to_yaml(comments=True), end="")
         return 0
     from moelab.train.loop import train  # after the config: a typo is refused before torch loads (2 s)
     from moelab.train.monitor import is_rank0, throughput_text

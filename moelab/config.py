@@ -25,15 +25,15 @@ MAX_INT = 2**62  # any other integer setting: torch, NumPy and deque sizes take 
 @dataclass
 class ModelConfig:
     vocab_size: int = 0  # 0: take the tokenizer's vocabulary size
-    d_model: int = 128
-    n_layers: int = 4
-    max_seq_len: int = 128
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = True
-    init_std: float = 0.02
+    d_model: int = 128  # width of the residual stream
+    n_layers: int = 4  # transformer blocks
+    max_seq_len: int = 128  # longest context the model takes (raised to train.seq_len where shorter)
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = True  # the output head shares the input embedding's weights
+    init_std: float = 0.02  # standard deviation of the normal initialisation of weight matrices
     # ---- attention ----
     attention: str = "gqa"  # gqa (MHA when n_kv_heads == n_heads) | mla (DeepSeek latent attention)
-    n_heads: int = 4
+    n_heads: int = 4  # query heads
     n_kv_heads: int = 0  # 0: same as n_heads (MHA); fewer gives GQA. Ignored by MLA.
     head_dim: int = 0  # 0: d_model // n_heads. Ignored by MLA.
     qk_norm: str = "none"  # none | head (RMSNorm per head: Qwen3, GLM4) | full (over all heads: OLMoE)
@@ -45,18 +45,18 @@ class ModelConfig:
     qk_rope_head_dim: int = 16  # MLA: per-head query/key dims with RoPE (the key part is shared)
     v_head_dim: int = 32  # MLA: per-head value dim
     # ---- rotary position embedding ----
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # RoPE base (wavelengths up to 2*pi*theta)
     partial_rotary: float = 1.0  # share of each head's dims that is rotated (GLM4: 0.5)
     rope_interleave: bool = False  # rotate (x0,x1),(x2,x3).. pairs (DeepSeek) instead of halves
     rope_scaling: str = "none"  # none | linear | yarn | llama3
     rope_factor: float = 1.0  # context extension factor (linear, yarn, llama3)
     rope_original_max_len: int = 0  # yarn, llama3: pre-extension context length
-    yarn_beta_fast: float = 32.0
-    yarn_beta_slow: float = 1.0
+    yarn_beta_fast: float = 32.0  # yarn: rotations per context above which a dim is kept as is
+    yarn_beta_slow: float = 1.0  # yarn: rotations per context below which a dim is interpolated
     yarn_mscale: float = 0.0  # 0: unset (attention factor from rope_factor alone)
     yarn_mscale_all_dim: float = 0.0  # 0: unset; with MLA also scales the softmax (DeepSeek-V3)
-    # llama3 (Llama 3.1+): wavelengths over original/low are stretched by rope_factor, those under
-    # original/high kept, those between blended
+    # llama3 (Llama 3.1+): wavelengths over original/low_freq_factor are stretched by rope_factor, those
+    # under original/high_freq_factor kept, those between blended
     llama3_low_freq_factor: float = 1.0
     llama3_high_freq_factor: float = 4.0
     # ---- feed-forward ----
@@ -65,7 +65,7 @@ class ModelConfig:
     dense_dim: int = 0  # hidden width of dense layers; 0: 4 * d_model
     first_k_dense: int = 0  # the first k layers use a dense MLP instead of an MoE
     n_experts: int = 4  # routed experts per MoE layer; 0 makes every layer dense
-    top_k: int = 2
+    top_k: int = 2  # routed experts per token
     expert_dim: int = 256  # hidden width of each routed expert
     n_shared_experts: int = 0  # always-on experts added to the routed output (DeepSeek, GLM4)
     shared_expert_dim: int = 0  # hidden width of each shared expert; 0: expert_dim
@@ -77,7 +77,7 @@ class ModelConfig:
     topk_group: int = 1  # ...and each token may only use experts of its best topk_group groups
     capacity_factor: float = 0.0  # 0: dropless; > 0: ceil(cf*T*K/E) slots per expert, rest dropped
     noisy_gating: bool = False  # Shazeer et al. 2017: learned Gaussian noise on logits in training
-    router_init_std: float = 0.02
+    router_init_std: float = 0.02  # standard deviation of the router weights' initialisation
     # ---- load balancing (each coefficient 0 disables it) ----
     aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss, averaged over MoE layers
     seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss, averaged over layers
@@ -101,23 +101,26 @@ SHARD_TOKENS = 1 << 27  # tokens per prepared shard file: 128M, 256 MB of uint16
 class DataConfig:
     source: str = "stdlib"  # "stdlib" (embedded default corpus), or a text/JSONL/Parquet file or directory
     text_field: str = "text"  # the text field of JSONL records / Parquet column
-    pdf_min_chars: int = 50  # PDF segments (paragraphs) outside these bounds are dropped
+    # PDF segments (paragraphs) outside these bounds of characters and words are dropped
+    pdf_min_chars: int = 50
     pdf_max_chars: int = 800
     pdf_min_words: int = 10
     pdf_max_words: int = 150
-    pdf_ascii_only: bool = False
-    path: str = ""  # a directory made by `moelab data prepare`; when set, source/split/tokenizer
-    # settings come from its manifest
+    pdf_ascii_only: bool = False  # drop PDF segments with any non-ASCII character
+    # a directory made by `moelab data prepare`; when set, source/split/tokenizer settings come from its manifest
+    path: str = ""
     val_fraction: float = 0.05  # share of documents (not windows) held out for validation
     split_salt: str = "moelab"  # changes which documents land in validation
     near_dup_split: bool = True  # near-copies (MinHash Jaccard >= 0.5) go to the same split; exact copies always
     max_docs: int = 0  # 0: all documents
-    doc_chars: int = 0  # texts longer than this are cut at line breaks into documents of at most about
-    # this many characters (one long file: a book, a log, a corpus in one .txt), so it can be split; 0: off
+    # texts longer than this are cut at line breaks into documents of at most about this many characters
+    # (one long file: a book, a log, a corpus in one .txt), so it can be split; 0: off
+    doc_chars: int = 0
     tokenizer: str = ""  # "": train BPE on the training split; else tokenizer.json or HF dir
     vocab_size: int = 8192  # for BPE training
-    tokenizer_train_bytes: int = TOKENIZER_SAMPLE  # BPE trains on a hash-ordered sample of this many
-    # characters of the training split (0: all of it); bounds BPE time on large corpora
+    # BPE trains on a hash-ordered sample of this many characters of the training split (0: all of it);
+    # bounds BPE time on large corpora
+    tokenizer_train_bytes: int = TOKENIZER_SAMPLE
 
 
 @dataclass
@@ -130,6 +133,7 @@ class OptimConfig:
     ns_steps: int = 5  # Newton-Schulz iterations
     ns_dtype: str = "auto"  # auto (bf16 where bf16 matmuls beat fp32: CUDA, AMX CPUs; else fp32) | bf16 | fp32
     muon_scale: str = "match_adamw"  # match_adamw (Moonlight: 0.2*sqrt(max dim)) | spectral
+    # AdamW's betas and epsilon
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -142,15 +146,15 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 600  # optimizer updates (not micro-batches)
-    seq_len: int = 128
+    seq_len: int = 128  # tokens per training window
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer update
     grad_clip: float = 1.0  # 0 disables
-    eval_every: int = 100
+    eval_every: int = 100  # updates between validation evaluations (and early-stopping checks)
     eval_windows: int = 128  # windows for periodic evaluation (0: all); the final one: final_eval_windows
-    log_every: int = 20
-    save_every: int = 200
-    seed: int = 1234
+    log_every: int = 20  # updates between log lines and metrics.jsonl records
+    save_every: int = 200  # updates between checkpoints (one is always saved at the end)
+    seed: int = 1234  # weight initialisation and data order
     # start from these weights (a run, a checkpoint or a Hugging Face directory): its model settings and
     # tokenizer are the base that model.* and data.tokenizer change; optimizer, schedule and data start fresh
     init_from: str = ""
@@ -365,10 +369,29 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_yaml(self) -> str:
+    def to_yaml(self, comments: bool = False) -> str:
+        """YAML that `from_dict(load_yaml(...))` reads back. `comments`: each setting with its
+        documentation (`field_notes`), as `moelab train --print-config` shows it."""
         import yaml
 
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if not comments:
+            return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        lines = []
+        for key, value in self.to_dict().items():
+            section = getattr(self, key)
+            if not dataclasses.is_dataclass(section):
+                lines += yaml.safe_dump({key: value}, sort_keys=False).splitlines()
+                continue
+            lines.append(f"{key}:")
+            notes = field_notes(type(section))
+            for name, v in value.items():
+                above, after = notes.get(name, ([], ""))
+                one = yaml.safe_dump({name: v}, sort_keys=False, width=1 << 30).splitlines()
+                if after and len(one) > 1:  # a value over several lines: its note goes above it
+                    above, after = [*above, after], ""
+                lines += [f"  # {c}".rstrip() for c in above]
+                lines += [f"  {one[0]}" + (f"  # {after}" if after else ""), *(f"  {ln}" for ln in one[1:])]
+        return "\n".join(lines) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict, base: "Config | None" = None) -> "Config":
@@ -381,6 +404,33 @@ class Config:
         """A config a run saved (RUN/config.yaml, or a checkpoint's), as written by `to_yaml`; a
         damaged one is a one-line error naming the file."""
         return cls.from_dict(load_yaml(path))
+
+
+def field_notes(cls) -> dict[str, tuple[list[str], str]]:
+    """The documentation of each field of a config section, read from this file's source: the
+    comment lines just above the field (a section heading, or a note too long for one line) and the
+    comment after it on its line. Empty where the source cannot be read (a build without .py files)."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+        tree = ast.parse(src).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return {}
+    comments = {t.start[0]: (t.string[1:].strip(), not t.line[:t.start[1]].strip())
+                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    notes, prev = {}, tree.lineno
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above = [comments[n][0] for n in range(prev + 1, node.lineno) if n in comments and comments[n][1]]
+            after = comments.get(node.end_lineno, ("", True))
+            notes[node.target.id] = (above, "" if after[1] else after[0])
+        prev = node.end_lineno
+    return notes
 
 
 def _field_types(obj) -> dict[str, type]:

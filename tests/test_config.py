@@ -228,6 +228,35 @@ def test_print_config_reads_back_and_trains_nothing(tmp_path, monkeypatch):
     assert res.returncode == 2 and "RUN/config.yaml" in res.stderr
 
 
+def test_print_config_documents_every_setting(monkeypatch):
+    """--print-config shows each setting with its note from moelab/config.py: the comment on its
+    line, or the note above it (a run of settings shares the note above its first one). A setting
+    added without a note fails here; so does a note that --print-config leaves out."""
+    import dataclasses
+
+    from moelab.config import field_notes
+    from tests.conftest import run_cli
+
+    res = run_cli("train", "--preset", "exp3", "--print-config")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "  vocab_size: 0  # 0: take the tokenizer's vocabulary size" in lines
+    assert "  # ---- attention ----" in lines and "  d_model: 256  # width of the residual stream" in lines
+    cfg = build_config("exp3")
+    for name in ("model", "data", "optim", "train"):
+        section, notes = getattr(cfg, name), field_notes(type(getattr(cfg, name)))
+        at = lines.index(f"{name}:")
+        grouped = False
+        for f in dataclasses.fields(section):
+            above, after = notes[f.name]
+            own = [a for a in above if not a.startswith("----")]  # a section heading documents nothing
+            grouped = bool(own) or (grouped and not after)
+            assert own or after or grouped, f"{name}.{f.name} has no note in moelab/config.py"
+            key = next(i for i in range(at, len(lines)) if lines[i].startswith(f"  {f.name}:"))
+            assert lines[key - len(above):key] == [f"  # {a}".rstrip() for a in above], f.name
+            assert lines[key].endswith(f"  # {after}") if after else "#" not in lines[key], lines[key]
+
+
 def test_a_damaged_saved_config_is_one_line_naming_the_file(tmp_path):
     """A run's or checkpoint's config.yaml cut or edited into invalid YAML: eval, resume and report
     read it with Config.from_yaml_file, which ended in a yaml traceback."""
