@@ -842,6 +842,8 @@ def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                 if bar.disable:
                     say(_train_line(rec, t.steps))
+                if note := window.collapse_note(rec):
+                    _write(bar, say, note)
             if run.step % t.eval_every == 0 and run.step < t.steps:
                 early_stopped = _periodic_eval(run, lambda m: _write(bar, say, m))
                 window.reset_clock()
@@ -1071,6 +1073,7 @@ class _Window:
         self.first_update_s, self.first_tokens = None, 0
         self.flops_per_token = flops_per_token(run.cfg.model, run.cfg.train.seq_len,
                                                parameter_table(run.model))
+        self.collapsed: set[int] = set()  # MoE layers whose collapse was said (collapse_note)
         self.peak = peak_tflops(run.device, run.cfg.train.precision, run.cfg.train.peak_tflops)
         if self.peak:  # tokens/s counts every rank's tokens: so does the peak
             self.peak *= dp.world()
@@ -1097,6 +1100,23 @@ class _Window:
         if self.first_update_s is not None and tokens > self.first_tokens and seconds > self.first_update_s:
             tokens, seconds = tokens - self.first_tokens, seconds - self.first_update_s
         return tokens / max(seconds, 1e-9)
+
+    def collapse_note(self, rec: dict) -> str | None:
+        """A line for the MoE layers whose routing collapsed over the interval `rec` logged (see
+        moelab.analysis.routing), each said once: a run can go on for hours with most experts idle
+        while its loss still falls."""
+        from moelab.analysis.routing import THRESHOLDS, layer_stats
+
+        names = self.run.cfg.model.moe_layers
+        new = [n for n, c in zip(names, rec.get("expert_counts") or [])
+               if n not in self.collapsed and layer_stats(c)["verdict"] == "collapse"]
+        if not new:
+            return None
+        self.collapsed.update(new)
+        layers = ", ".join(map(str, new))
+        return (f"note: the routing of MoE layer{'s' if len(new) > 1 else ''} {layers} collapsed by update "
+                f"{rec['step']} ({THRESHOLDS['collapse']}): most tokens go to few experts (expert_counts in "
+                f"metrics.jsonl; `moelab routing {self.run.run_dir}` for the table)")
 
     def reset_clock(self) -> None:  # exclude eval and checkpoint time from tokens/s
         self.clock = time.perf_counter()

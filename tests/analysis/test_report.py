@@ -147,7 +147,7 @@ def test_sample_prompts_leave_out_the_document_start_token_generation_puts_back(
 def test_the_report_shows_capacity_drops_and_says_when_a_layer_collapsed(tmp_path):
     """A Switch router with a capacity drops the slots over it (their tokens skip the experts): the
     report's routing table shows each layer's share, as `moelab routing` measures it. A layer whose
-    routing collapsed is said at the end of training and by `moelab report`, and in the report."""
+    routing collapsed is said while training, at its end and by `moelab report`, and in the report."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -180,3 +180,5 @@ def test_the_report_shows_capacity_drops_and_says_when_a_layer_collapsed(tmp_pat
     assert "The routing of MoE layers 0, 1 collapsed" in (tmp_path / "sg" / "report.md").read_text()
     res = run_cli("train", "--resume", "auto", "--out", tmp_path / "sg", "train.steps=3")
     assert res.returncode == 0 and said + str(tmp_path / "sg" / "report.html") in res.stderr, res.stderr
+    # and while it trains, as soon as a log interval's counts show it, once
+    assert res.stderr.count("note: the routing of MoE layers 0, 1 collapsed by update 3 (normalised entropy") == 1
