@@ -157,7 +157,7 @@ def _routing_blocks(run_dir: Path, windows: int) -> list:
               ("table", ["split", "layer", "CV", "max/min", "max/mean", "entropy", "Gini", "dead", "starved"]
                + (["dropped"] if drops else []) + ["verdict"], rows)]
     if note := collapse_note(a, "the table above"):
-        blocks.append(("p", "T" + note.removeprefix("note: t") + "."))
+        blocks.append(("p", note[0].upper() + note[1:] + "."))
     if "train_val_js" in a:
         blocks.append(("p", "Train vs validation drift (Jensen-Shannon, bits): " + ", ".join(
             f"layer {n}: {v:.4f}" for n, v in zip(a["layers"], a["train_val_js"]))))
@@ -301,9 +301,10 @@ def report_collapse_note(run_dir: Path, page: Path) -> str | None:
 
     try:
         analysis = json.loads((Path(run_dir) / "routing" / "routing.json").read_text())
-        return collapse_note(analysis, f"the Routing section of {page}")
+        note = collapse_note(analysis, f"the Routing section of {page}")
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
+    return note and f"note: {note}"
 
 
 def write_report(run_dir: str | Path, routing_windows: int = 32, samples: int = 3,

@@ -137,12 +137,16 @@ def analyze(data) -> dict:
 
 
 def collapse_note(a: dict, where: str) -> str | None:
-    """One line naming the layers whose routing collapsed in any measured split (the failure a
-    balancing term exists to prevent, and easy to miss in a loss curve), pointing to `where`."""
+    """A sentence naming the layers whose routing collapsed in any measured split of analysis `a`,
+    pointing to `where`; None where none did."""
     layers = [n for i, n in enumerate(a["layers"]) if any(s[i]["verdict"] == "collapse" for s in a["splits"].values())]
-    if not layers:
-        return None
-    return (f"note: the routing of MoE layer{'s' if len(layers) > 1 else ''} {', '.join(layers)} collapsed "
+    return collapsed_layers_sentence(layers, where) if layers else None
+
+
+def collapsed_layers_sentence(layers: list, where: str, when: str = "") -> str:
+    """The routing of these MoE layers collapsed (`when`: e.g. " by update 40"): the failure a
+    balancing term exists to prevent, and easy to miss in a loss curve, which goes on falling."""
+    return (f"the routing of MoE layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))} collapsed{when} "
             f"({THRESHOLDS['collapse']}): most tokens go to few experts; see {where}")
 
 

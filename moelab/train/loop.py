@@ -1105,7 +1105,7 @@ class _Window:
         """A line for the MoE layers whose routing collapsed over the interval `rec` logged (see
         moelab.analysis.routing), each said once: a run can go on for hours with most experts idle
         while its loss still falls."""
-        from moelab.analysis.routing import THRESHOLDS, layer_stats
+        from moelab.analysis.routing import collapsed_layers_sentence, layer_stats
 
         names = self.run.cfg.model.moe_layers
         new = [n for n, c in zip(names, rec.get("expert_counts") or [])
@@ -1113,10 +1113,8 @@ class _Window:
         if not new:
             return None
         self.collapsed.update(new)
-        layers = ", ".join(map(str, new))
-        return (f"note: the routing of MoE layer{'s' if len(new) > 1 else ''} {layers} collapsed by update "
-                f"{rec['step']} ({THRESHOLDS['collapse']}): most tokens go to few experts (expert_counts in "
-                f"metrics.jsonl; `moelab routing {self.run.run_dir}` for the table)")
+        return "note: " + collapsed_layers_sentence(new, f"`moelab routing {self.run.run_dir}` (expert_counts in "
+                                                         "metrics.jsonl)", f" by update {rec['step']}")
 
     def reset_clock(self) -> None:  # exclude eval and checkpoint time from tokens/s
         self.clock = time.perf_counter()
