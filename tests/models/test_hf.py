@@ -632,7 +632,12 @@ def test_chat_generation_lays_out_the_messages_as_transformers_does(tmp_path):
         assert f"-- {len(want)} tokens" in res.stderr
     res = run_cli("generate", src, "--system", system, "--prompt", prompt)
     assert res.returncode == 2 and "--system is a chat message: give it with --chat" in res.stderr
-    (tmp_path / "run" / "tokenizer" / "chat_template.jinja").unlink()  # a model without a template
+    template = tmp_path / "run" / "tokenizer" / "chat_template.jinja"  # one that refuses a system message
+    template.write_text("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}"
+                        "{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}")
+    res = run_cli("generate", tmp_path / "run", "--chat", "--system", system, "--prompt", prompt)
+    assert res.returncode == 2 and "failed on these messages: TemplateError: System role not supported" in res.stderr
+    template.unlink()  # a model without a template
     res = run_cli("generate", tmp_path / "run", "--chat", "--prompt", prompt)
     assert res.returncode == 2 and "has no chat template" in res.stderr and len(res.stderr.splitlines()) == 1
 
