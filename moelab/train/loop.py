@@ -705,8 +705,8 @@ def run_eval(run: Run, full: bool = False) -> dict:
 
 def routing_stats(counts_LE: torch.Tensor, dropped_LE: torch.Tensor) -> dict:
     """Per-MoE-layer load balance over the log interval (see moelab.analysis.routing): coefficient
-    of variation and max/mean of the expert loads, dead experts, the share of slots dropped for
-    capacity, and the counts themselves (for the routing heatmap over training steps)."""
+    of variation and max/mean of the expert loads, dead experts, the verdict, the share of slots
+    dropped for capacity, and the counts themselves (for the routing heatmap over training steps)."""
     from moelab.analysis.routing import layer_stats
 
     if counts_LE.numel() == 0:
@@ -715,7 +715,8 @@ def routing_stats(counts_LE: torch.Tensor, dropped_LE: torch.Tensor) -> dict:
     layers = [layer_stats(c, d) for c, d in zip(counts, dropped)]
     stats = {"load_cv": [round(s["cv"], 4) for s in layers],
              "load_max_mean": [round(s["max_mean"], 3) for s in layers],
-             "dead_experts": [len(s["dead"]) for s in layers], "expert_counts": counts}
+             "dead_experts": [len(s["dead"]) for s in layers], "routing_verdict": [s["verdict"] for s in layers],
+             "expert_counts": counts}
     if any(s["dropped"] for s in layers):
         stats["dropped_share"] = [round(s["dropped_share"], 4) for s in layers]
     return stats
@@ -1105,11 +1106,11 @@ class _Window:
         """A line for the MoE layers whose routing collapsed over the interval `rec` logged (see
         moelab.analysis.routing), each said once: a run can go on for hours with most experts idle
         while its loss still falls."""
-        from moelab.analysis.routing import collapsed_layers_sentence, layer_stats
+        from moelab.analysis.routing import collapsed_layers_sentence
 
         names = self.run.cfg.model.moe_layers
-        new = [n for n, c in zip(names, rec.get("expert_counts") or [])
-               if n not in self.collapsed and layer_stats(c)["verdict"] == "collapse"]
+        new = [n for n, v in zip(names, rec.get("routing_verdict") or [])
+               if n not in self.collapsed and v == "collapse"]
         if not new:
             return None
         self.collapsed.update(new)

@@ -248,6 +248,10 @@ def test_logged_metrics_at_the_cadence(tmp_path, prepared):
             assert key in r, key
         assert r["mfu"] == pytest.approx(r["tflops"] / 1.0) and r["peak_mem_gb"] > 0
         assert len(r["load_cv"]) == 2 and all(v >= 0 for v in r["load_cv"])
+        from moelab.analysis.routing import THRESHOLDS, layer_stats  # the interval's verdict, as routing gives it
+
+        assert r["routing_verdict"] == [layer_stats(c)["verdict"] for c in r["expert_counts"]]
+        assert set(r["routing_verdict"]) <= set(THRESHOLDS)
     if tensorboard:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
