@@ -254,12 +254,12 @@ def _cmd_routing(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from moelab.analysis.report import report_collapse_note, write_report
+    from moelab.analysis.report import write_report
 
-    md, page = write_report(args.run, args.windows, args.samples, args.max_new_tokens)
-    print(f"wrote {md} and {page}")
-    if note := report_collapse_note(Path(args.run).expanduser(), page):
-        print(note, file=sys.stderr)
+    written = write_report(args.run, args.windows, args.samples, args.max_new_tokens)
+    print(f"wrote {written.md} and {written.page}")
+    if written.note:
+        print(written.note, file=sys.stderr)
     return 0
 
 

@@ -17,6 +17,7 @@ import math
 import re
 import shlex
 from pathlib import Path
+from typing import NamedTuple
 
 from moelab.errors import UserError
 
@@ -133,7 +134,8 @@ def _choice_blocks(results: list[dict]) -> list:
     return blocks
 
 
-def _routing_blocks(run_dir: Path, windows: int) -> list:
+def _routing_blocks(run_dir: Path, windows: int) -> tuple[list, dict]:
+    """The Routing section, and the routing analysis it shows."""
     from moelab.analysis.routing import THRESHOLDS, collapse_note
     from moelab.commands import routing
 
@@ -167,7 +169,7 @@ def _routing_blocks(run_dir: Path, windows: int) -> list:
                 "coactivation": "Share of tokens sent to both experts"}
     for kind, name in a.get("plots", {}).items():
         blocks.append(("img", f"routing/{name}", captions[kind]))
-    return blocks
+    return blocks, a
 
 
 def sample_prompt(tok, ids: list[int]) -> str:
@@ -195,7 +197,9 @@ def _sample_blocks(target, n: int, max_new_tokens: int) -> list:
     return blocks
 
 
-def build_blocks(run_dir: Path, routing_windows: int = 32, samples: int = 3, max_new_tokens: int = 48) -> list:
+def build_blocks(run_dir: Path, routing_windows: int = 32, samples: int = 3,
+                 max_new_tokens: int = 48) -> tuple[list, dict | None]:
+    """The report's blocks, and its routing analysis (None for a dense model)."""
     from moelab.eval.target import load_target
     from moelab.models.accounting import parameter_table
     from moelab.train.monitor import plot_curves, throughput_text
@@ -236,11 +240,13 @@ def build_blocks(run_dir: Path, routing_windows: int = 32, samples: int = 3, max
     if (run_dir / "curves.png").is_file():
         blocks += [("h2", "Training curves"), ("img", "curves.png", "Loss, learning rate, gradient norm, tokens/s")]
     blocks += _metrics_blocks(target, summary)
+    routing = None
     if m.n_experts:
-        blocks += _routing_blocks(run_dir, routing_windows)
+        more, routing = _routing_blocks(run_dir, routing_windows)
+        blocks += more
     if samples:
         blocks += _sample_blocks(target, samples, max_new_tokens)
-    return blocks
+    return blocks, routing
 
 
 def render_markdown(blocks: list) -> str:
@@ -294,21 +300,14 @@ def render_html(blocks: list, run_dir: Path) -> str:
     return "".join(out) + "</body></html>\n"
 
 
-def report_collapse_note(run_dir: Path, page: Path) -> str | None:
-    """The line to say after writing a report whose routing analysis (RUN/routing/routing.json,
-    written with it) found a collapsed layer; None otherwise, or for a dense model (no analysis)."""
-    from moelab.analysis.routing import collapse_note
-
-    try:
-        analysis = json.loads((Path(run_dir) / "routing" / "routing.json").read_text())
-        note = collapse_note(analysis, f"the Routing section of {page}")
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return None
-    return note and f"note: {note}"
+class WrittenReport(NamedTuple):
+    md: Path
+    page: Path
+    note: str | None  # a line to say: the layers whose routing collapsed, or None
 
 
 def write_report(run_dir: str | Path, routing_windows: int = 32, samples: int = 3,
-                 max_new_tokens: int = 48) -> tuple[Path, Path]:
+                 max_new_tokens: int = 48) -> WrittenReport:
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -319,8 +318,11 @@ def write_report(run_dir: str | Path, routing_windows: int = 32, samples: int = 
     if converted and not (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"{run_dir} is a converted model: there is no training to report; measure it with "
                         f"`moelab eval {run_dir} --source TEXT` and `moelab routing {run_dir} --source TEXT`")
-    blocks = build_blocks(run_dir, routing_windows, samples, max_new_tokens)
+    from moelab.analysis.routing import collapse_note
+
+    blocks, routing = build_blocks(run_dir, routing_windows, samples, max_new_tokens)
     md, page = run_dir / "report.md", run_dir / "report.html"
     write_atomic(md, render_markdown(blocks))
     write_atomic(page, render_html(blocks, run_dir))
-    return md, page
+    note = routing and collapse_note(routing, f"the Routing section of {page}")
+    return WrittenReport(md, page, f"note: {note}" if note else None)

@@ -899,16 +899,16 @@ def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
 
 def _write_report(run_dir: Path, say) -> None:
     """The run is complete and saved by now: a failing report must not fail the run."""
-    from moelab.analysis.report import report_collapse_note, write_report
+    from moelab.analysis.report import write_report
 
     try:
-        _, page = write_report(run_dir)
-        say(f"report: {page}")
+        written = write_report(run_dir)
     except Exception as exc:  # noqa: BLE001 - reported, and `moelab report RUN` retries
         say(f"report not written ({type(exc).__name__}: {exc}); retry with `moelab report {run_dir}`")
         return
-    if note := report_collapse_note(run_dir, page):
-        say(note)
+    say(f"report: {written.page}")
+    if written.note:
+        say(written.note)
 
 
 def _update(run: Run, forward, autocast, window: "_Window", faults: FaultPlan, step_no: int) -> str:
