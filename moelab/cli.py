@@ -154,6 +154,7 @@ def _cmd_eval(args) -> int:
     from moelab.eval.target import load_target
 
     _harness_folder(args)
+    limit = f" --limit {args.limit}" if args.limit else ""  # data check of the items evaluated, no more
     tasks = []
     if args.choice:  # read (and check) every task file before any evaluation runs
         from moelab.eval.choice import load_task
@@ -177,7 +178,7 @@ def _cmd_eval(args) -> int:
         texts = task_texts(args.harness, limit=args.limit or None, checked=harness) if target.run_dir else {}
         names = [t for t in texts if t in results["harness"]]
         check = f"--harness {args.harness}" + (f" --include-path {args.include_path}" if args.include_path else "")
-        check += f" --limit {args.limit}" if args.limit else ""  # the items evaluated, no more
+        check += limit
         _contamination(target, names, [(t, [text for _, text in texts[t]]) for t in names],
                        [results["harness"][t] for t in names], [[i for i, _ in texts[t]] for t in names], check)
     if not (args.choice or args.harness) or args.data or args.source or target.run_dir:
@@ -197,7 +198,7 @@ def _cmd_eval(args) -> int:
             print(f"{r['task']}: acc {r['acc']:.4f} +- {r['acc_stderr']:.4f} | acc_norm {r['acc_norm']:.4f} "
                   f"+- {r['acc_norm_stderr']:.4f} | {r['items']} items (chance {r['chance']:.3f})")
         _contamination(target, args.choice, tasks, results["choice"],
-                       check="--choice " + " ".join(args.choice) + (f" --limit {args.limit}" if args.limit else ""))
+                       check="--choice " + " ".join(args.choice) + limit)
     if args.json:
         write_json(args.json, results)
     return 0

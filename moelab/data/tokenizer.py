@@ -103,12 +103,14 @@ class TextTokenizer:
         add_generation_prompt=True)`, run by transformers on the tokenizer's own folder (its
         chat_template.jinja, or tokenizer_config.json's chat_template)."""
         where = self.origin or "this tokenizer"
-        try:
-            from transformers import PreTrainedTokenizerFast
-        except ImportError:
-            raise UserError("--chat renders the model's chat template with transformers: "
-                            "pip install 'moelab[hf]'") from None
-        hf = PreTrainedTokenizerFast.from_pretrained(str(self.origin)) if self.origin else None
+        if not hasattr(self, "_chat"):  # read once, for every prompt
+            try:
+                from transformers import PreTrainedTokenizerFast
+            except ImportError:
+                raise UserError("--chat renders the model's chat template with transformers: "
+                                "pip install 'moelab[hf]'") from None
+            self._chat = PreTrainedTokenizerFast.from_pretrained(str(self.origin)) if self.origin else None
+        hf = self._chat
         if hf is None or not hf.chat_template:
             raise UserError(f"{where} has no chat template (chat_template.jinja, or chat_template in "
                             "tokenizer_config.json), so --chat cannot lay out the messages; give the prompt as "
