@@ -19,9 +19,11 @@ exactly is refused with every differing field named; never approximated. Trainin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -618,6 +620,26 @@ def _check_loaded(path, info: dict) -> None:
                         f"gives ({detail}); a config.json of another model size: fix it or use the model's own")
 
 
+@contextlib.contextmanager
+def _loading_bar():
+    """transformers' "Loading weights" bar only on a terminal, as moelab's own bars: piped or logged
+    (CI, a job's log file, `convert ... | tee`) each of its redraws lands in the text as a line."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    quiet = hf_logging.is_progress_bar_enabled() and not sys.stderr.isatty()
+    hub_off = hub_utils.are_progress_bars_disabled()
+    if quiet:
+        hf_logging.disable_progress_bar()  # transformers' and the hub's
+    try:
+        yield
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
+            if hub_off:  # the hub's as they were
+                hub_utils.disable_progress_bars()
+
+
 def load_hf(path: str | Path, device: str | torch.device = "cpu"):
     """A moelab model (fp32, on `device`) of a Hugging Face directory, checked to fit first."""
     _require_transformers()
@@ -636,7 +658,7 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu"):
     from safetensors import SafetensorError
 
     try:  # mismatched shapes reported below, not raised as transformers' traceback
-        with warnings.catch_warnings():  # torch on the zero-wide shared experts of ALWAYS_SHARED: not news
+        with warnings.catch_warnings(), _loading_bar():  # torch on ALWAYS_SHARED's zero-wide shared experts: not news
             warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
             hf, info = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", output_loading_info=True,
                                                             ignore_mismatched_sizes=True)

@@ -492,8 +492,12 @@ def test_trained_run_exports_and_converts_via_cli(tmp_path):
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 20))
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids).logits).abs().max().item() <= 1e-4
+    bars = transformers.utils.logging.is_progress_bar_enabled()
     res = cli("convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back"))
     assert res.returncode == 0, res.stderr
+    # not a terminal: no "Loading weights" bar redrawn into the log, and transformers' setting as it was
+    assert "Loading weights" not in res.stderr + res.stdout and res.stdout.strip().startswith("converted")
+    assert transformers.utils.logging.is_progress_bar_enabled() == bars
     back = load_model(tmp_path / "back")
     for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
         assert torch.equal(a, b), name
