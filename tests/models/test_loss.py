@@ -99,3 +99,26 @@ def test_compiled_model_keeps_the_fused_loss_and_equals_eager(dtype):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-7)
         else:  # bf16: inductor rounds its fused elementwise ops differently
             assert float((g - r).norm()) <= 0.02 * float(r.norm()) + 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_compiled_chunk_kernel_equals_float64(dtype):
+    """Under torch.compile the op computes each chunk's softmax and gradient in a compiled kernel
+    (`compiled=True`, what `linear_cross_entropy` passes while being compiled): loss and both
+    gradients as the float64 cross-entropy of the same (rounded) inputs, an uneven last chunk and
+    ignored rows included; without need_grad, the same loss."""
+    h, w, t = _inputs(N=50, D=16, V=40, dtype=torch.float32)
+    h, w = h.detach().to(dtype), w.detach()
+    hr, wr = h.double().requires_grad_(), w.to(dtype).double().requires_grad_()
+    ref = F.cross_entropy(hr @ wr.t(), t, ignore_index=-100, reduction="sum")
+    dh_ref, dw_ref = _grads(ref, hr, wr)
+    total, n_valid, dh, dw = _linear_cross_entropy_op(h, w, t, 16, True, True)
+    assert dh.dtype == dtype and dw.dtype == torch.float32 and int(n_valid) == int((t != -100).sum())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the logits and the gradient are rounded
+    torch.testing.assert_close(total.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(dh.double(), dh_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(dw.double(), dw_ref, rtol=tol, atol=tol)
+    eager = _linear_cross_entropy_op(h, w, t, 16, True, False)  # the eager chunk loop: the same
+    for a, b in zip((total, dh, dw), (eager[0], eager[2], eager[3])):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    torch.testing.assert_close(_linear_cross_entropy_op(h, w, t, 16, False, True)[0], total)
