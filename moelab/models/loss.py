@@ -22,7 +22,8 @@ CHUNK_ELEMENTS = 1 << 21  # logits per chunk (fp32: 8 MiB) ...
 # weight-sized tensor, while its GEMMs do 6 * rows * V * D flops; with fewer rows that pass,
 # not the GEMMs, sets the pace (2-core CPU, bf16: 256 rows 1.35x slower than 512).
 # So above V = 4096 the floor sets the chunk, and the per-chunk buffers (fp32 logits and
-# log-softmax, plus half logits and gradient under bf16/fp16: 8-12 bytes per logit) grow with V:
+# log-softmax, plus half logits and gradient under bf16/fp16: 8-12 bytes per logit; compiled on
+# CPU, only the logits and gradient in the matmul dtype: 4-8) grow with V:
 # 512 rows x 152K vocab ~ 0.9 GiB while the loss runs, freed after it; unfused fp32 logits of
 # the same batch are N/512 times that per (N, V) tensor. Pass `chunk` for a smaller peak.
 MIN_CHUNK_ROWS = 512
