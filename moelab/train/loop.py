@@ -191,6 +191,7 @@ def _setup_run(cfg: Config, out: str | None, resume: str | None, overrides: tupl
     lock = RunLock(run_dir)
     if is_rank0():
         lock.acquire()  # before anything is written; a failure here removes nothing
+    opened = None  # the run's metrics sinks, once set-up has opened them
     try:
         if restart:  # the earlier attempt's records would precede the new ones at the same steps
             for name in ("metrics.jsonl", "summary.json"):
@@ -202,6 +203,7 @@ def _setup_run(cfg: Config, out: str | None, resume: str | None, overrides: tupl
 
         setup_config = cfg.to_dict()  # what the other ranks set up from (before _setup resolves it)
         run = _setup(cfg, run_dir, ckpt, smoke, stage_printer(progress))
+        opened = run.sinks
         if choice:  # a choice longer than the context failed at the first multiple-choice evaluation
             from moelab.eval.choice import choice_requests
 
@@ -212,6 +214,8 @@ def _setup_run(cfg: Config, out: str | None, resume: str | None, overrides: tupl
         run.restarted, run.setup_config, run.choice = restart, setup_config, choice or []
         run.started_new = bool(resume) and ckpt is None and not restart
     except BaseException:
+        if opened is not None:  # before the directory they write into goes
+            opened.close(failed=True)
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
             if existed:
@@ -313,9 +317,13 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
     if not writer:
         return run
     # last: a resume refused above (another model shape, other data) leaves the run's files as they were
-    write_atomic(run_dir / "config.yaml", cfg.to_yaml())
-    write_atomic(run_dir / "run.json", json.dumps(_run_record(origin, ckpt, run.step), indent=1))
-    write_split_report(run_dir, data.report)
+    try:
+        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
+        write_atomic(run_dir / "run.json", json.dumps(_run_record(origin, ckpt, run.step), indent=1))
+        write_split_report(run_dir, data.report)
+    except BaseException:
+        run.sinks.close(failed=True)
+        raise
     return run
 
 
@@ -764,9 +772,13 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
         if done is not None:
             return done
         run = setup(cfg, out, resume, overrides, smoke, progress, config_given, choice)
+        finished = False
         try:
-            return _train(run, progress, smoke)
+            summary = _train(run, progress, smoke)
+            finished = True
+            return summary
         finally:
+            run.sinks.close(failed=not finished)  # closed already when training ended; on a failure, flushed here
             run.lock.release()
     finally:
         if joined:

@@ -114,7 +114,11 @@ class Sinks:
                                 f"{detail}); run `wandb login`, set WANDB_MODE=offline to log locally, "
                                 "or leave train.wandb empty") from None
         # last: on resume this drops the records after the resumed update, once nothing else can fail
-        self.jsonl = MetricsLog(run_dir / "metrics.jsonl", keep_until_step)
+        try:
+            self.jsonl = MetricsLog(run_dir / "metrics.jsonl", keep_until_step)
+        except BaseException:
+            self.close(failed=True)
+            raise
 
     def write(self, record: dict) -> None:
         if self.jsonl is None:
@@ -136,13 +140,20 @@ class Sinks:
             flat.update({f"routing/{k}/moe{i}": v for k, values in lists.items() for i, v in enumerate(values)})
             self.wandb.log(flat, step=record["step"])
 
-    def close(self) -> None:
-        if self.jsonl is not None:
-            self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+    def close(self, failed: bool = False) -> None:
+        """Flush and close each sink; a second call does nothing. Also when the run fails (set-up
+        after the sinks opened, an update that raises): TensorBoard's writer buffers its events (up
+        to 2 minutes) in a thread that dies with the process, so unclosed it lost the updates before
+        the failure, the ones a diverging run is read for. `failed`: W&B marks the run failed
+        (exit code 1) instead of finished."""
+        jsonl, tb, run = self.jsonl, self.tb, self.wandb
+        self.jsonl = self.tb = self.wandb = None
+        if jsonl is not None:
+            jsonl.close()
+        if tb is not None:
+            tb.close()
+        if run is not None:
+            run.finish(exit_code=1 if failed else 0)
 
 
 def _wandb_id(run_dir: Path) -> str:

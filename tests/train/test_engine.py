@@ -379,7 +379,7 @@ def test_a_run_that_fails_to_start_leaves_no_directory(tmp_path, prepared):
 
 
 def _wandb_history(run_dir):
-    """(run id, history rows) of each offline W&B run under `run_dir`, read from the .wandb files
+    """(run id, history rows, exit code or None) of each offline W&B run under `run_dir`, read from the .wandb files
     (a LevelDB-style log of protobuf records: 7-byte header, 32 KiB blocks, records that are whole
     or split FIRST/MIDDLE/LAST); wandb itself no longer ships a reader."""
     import struct
@@ -388,7 +388,7 @@ def _wandb_history(run_dir):
 
     runs = []
     for f in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
-        data, pos, buf, rows, run_id = f.read_bytes(), 7, b"", [], None
+        data, pos, buf, rows, run_id, exit_code = f.read_bytes(), 7, b"", [], None, None
         assert data[:4] == b":W&B"
         while pos + 7 <= len(data):
             left = 32768 - pos % 32768
@@ -409,7 +409,9 @@ def _wandb_history(run_dir):
                 run_id = rec.run.run_id
             elif rec.WhichOneof("record_type") == "history":
                 rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
-        runs.append((run_id, rows))
+            elif rec.WhichOneof("record_type") == "exit":
+                exit_code = rec.exit.exit_code
+        runs.append((run_id, rows, exit_code))
     return runs
 
 
@@ -427,8 +429,9 @@ def test_wandb_gets_the_logged_scalars_and_a_resume_continues_its_run(tmp_path, 
     run = tmp_path / "run"
     shutil.rmtree(list_checkpoints(run)[-1])  # lose steps 5-8, then resume from step 4
     _run(tmp_path, prepared, *args, resume="auto")
-    (first_id, first), (second_id, second) = _wandb_history(run)
+    (first_id, first, first_exit), (second_id, second, second_exit) = _wandb_history(run)
     assert first_id == second_id == (run / "wandb_id.txt").read_text().strip()
+    assert first_exit == second_exit == 0  # each finished
     logged = {r["_step"]: r for r in first + second if "train/loss" in r}
     recs = [r for r in _records(run) if r["split"] == "train"]
     assert [r["step"] for r in recs] == [2, 4, 6, 8] and sorted(logged) == [2, 4, 6, 8]
@@ -437,6 +440,32 @@ def test_wandb_gets_the_logged_scalars_and_a_resume_continues_its_run(tmp_path, 
         assert logged[r["step"]]["routing/load_cv/moe1"] == pytest.approx(r["load_cv"][1], rel=1e-6)
     val = [r for r in first + second if "val/loss" in r]
     assert {r["_step"] for r in val} >= {4, 8}
+
+
+def test_a_failed_run_flushes_its_sinks_and_wandb_marks_it_failed(tmp_path, prepared, monkeypatch):
+    """A run that stops on an error (here a NaN under train.nonfinite=raise) closes its sinks:
+    TensorBoard's writer buffered the updates before the failure in a thread that dies with the
+    process (they were lost, the ones a diverging run is read for), and W&B showed the run as
+    finished. Now TensorBoard has every logged update, and W&B the same rows and exit code 1."""
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MOELAB_FAULTS", "nan@5")
+    with pytest.raises(UserError, match="non-finite loss at update 5"):
+        _run(tmp_path, prepared, "train.steps=8", "train.log_every=1", "train.nonfinite=raise",
+             "train.tensorboard=true", "train.wandb=moelab-test")
+    run = tmp_path / "run"
+    recs = [r for r in _records(run) if r["split"] == "train"]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == \
+        [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in recs]
+    [(_, rows, exit_code)] = _wandb_history(run)
+    assert sorted(r["_step"] for r in rows if "train/loss" in r) == [1, 2, 3, 4] and exit_code == 1
 
 
 def test_wandb_that_cannot_start_is_one_line_and_leaves_no_run(tmp_path, prepared):
