@@ -352,6 +352,7 @@ def test_a_run_being_trained_is_refused_to_a_second_process(prepared, tmp_path):
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=120) == 0
+        first.stderr.close()
     step = load_trainer_state(list_checkpoints(run)[-1])["step"]
     res = _train(run, prepared, f"train.steps={step + 2}", resume=True)
     assert res.returncode == 0 and f"resumed at step {step}" in res.stderr, res.stderr
