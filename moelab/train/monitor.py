@@ -135,6 +135,7 @@ class Sinks:
             for k, values in lists.items():
                 for i, v in enumerate(values):
                     self.tb.add_scalar(f"routing/{k}/moe{i}", v, record["step"])
+            self.tb.flush()  # on disk at each record, as metrics.jsonl: a kill loses none of them
         if self.wandb is not None:
             flat = {f"{prefix}/{k}": v for k, v in scalars.items()}
             flat.update({f"routing/{k}/moe{i}": v for k, values in lists.items() for i, v in enumerate(values)})

@@ -146,6 +146,30 @@ def test_bf16_cpu_run_resumes_bit_identically(prepared, tmp_path):
     _assert_same_run(ref, run, steps=16)
 
 
+def test_tensorboard_keeps_the_updates_before_a_kill_and_a_resume_logs_each_once(prepared, tmp_path):
+    """TensorBoard after a SIGKILL (the kernel's out-of-memory killer, a preempted job) has every
+    update logged before it, as metrics.jsonl has (each record is flushed): 1-12 here. After the
+    resume (from step 10) it has each of 1-14 once, with metrics.jsonl's values: the redone 11-12
+    replace the killed process's (purge_step), which TensorBoard would otherwise plot twice."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def logged(run):
+        acc = EventAccumulator(str(run / "tensorboard"))
+        acc.Reload()
+        return [(e.step, e.value) for e in acc.Scalars("train/loss")]
+
+    run = tmp_path / "run"
+    args = ["train.steps=14", "train.tensorboard=true"]
+    assert _train(run, prepared, *args, faults="kill@13").returncode == -9
+    assert [step for step, _ in logged(run)] == list(range(1, 13))
+    res = _train(run, prepared, resume=True)
+    assert res.returncode == 0 and "resumed at step 10" in res.stderr, res.stderr
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in recs if r["split"] == "train"]
+    assert [step for step, _ in train] == list(range(1, 15)) and logged(run) == train
+
+
 def test_nan_update_is_skipped_and_counted(prepared, tmp_path):
     """NaN in the loss of update 12: the weights after it equal those after update 11."""
     args = ["train.steps=12", "train.save_every=11"]
