@@ -35,7 +35,7 @@ def load_target(path: str, device: str = "cpu") -> Target:
         if not (p / "tokenizer.json").is_file():
             raise UserError(f"{path} has no tokenizer.json; save the tokenizer beside the model "
                             "(tokenizer.save_pretrained(DIR))")
-        return Target(load_model(p, dev).eval(), load_tokenizer(p), p.name)
+        return _checked(Target(load_model(p, dev).eval(), load_tokenizer(p), p.name), path)
     if (p / "config.yaml").is_file() and not (p / "model.safetensors").is_file() and not list_checkpoints(p):
         raise UserError(f"run {path} has no checkpoint yet; let training save one "
                         f"(train.save_every) or continue it with `moelab train --resume auto --out {path}`")
@@ -47,4 +47,15 @@ def load_target(path: str, device: str = "cpu") -> Target:
                         "converted model has one only if its Hugging Face directory had it)")
     cfg = Config.from_yaml_file(ckpt / "config.yaml").resolve()
     label = f"{run_dir.name}/{ckpt.name}"
-    return Target(load_model(ckpt, dev).eval(), load_tokenizer(tok_dir), label, run_dir, ckpt, cfg)
+    return _checked(Target(load_model(ckpt, dev).eval(), load_tokenizer(tok_dir), label, run_dir, ckpt, cfg), path)
+
+
+def _checked(target: Target, path: str) -> Target:
+    """The target, refused where its tokenizer has more tokens than the model's vocabulary: a text
+    with one of those tokens gave an index error from the embedding, a traceback (on a GPU, a
+    device-side assert that ends the process). Training refuses the same pairing."""
+    have, rows = target.tokenizer.vocab_size, target.model.cfg.vocab_size
+    if have > rows:
+        raise UserError(f"{path}: the tokenizer has {have} tokens but the model's vocabulary only {rows}, so ids "
+                        f"{rows} and up have no embedding; use the tokenizer the model was trained with")
+    return target

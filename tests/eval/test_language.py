@@ -364,3 +364,26 @@ def test_converting_a_model_without_a_tokenizer_says_what_is_missing(trained, tm
     assert res.returncode == 0 and "has no tokenizer.json" in res.stderr, res.stderr
     res = run_cli("eval", tmp_path / "run", "--source", "stdlib")  # said "was it moved without it?"
     assert res.returncode == 2 and "put the model's tokenizer.json there" in res.stderr
+
+
+@needs_transformers
+def test_a_tokenizer_larger_than_the_model_is_refused(trained, tmp_path):
+    """A tokenizer with tokens past the model's vocabulary (a wrong tokenizer.json put beside the
+    weights, added tokens never given embeddings): generating from a prompt with one of them was an
+    IndexError traceback from the embedding (on a GPU, a device-side assert). Refused at load, in a
+    run as in a Hugging Face directory, as training refuses it."""
+    from tokenizers import Tokenizer
+
+    run, hf = tmp_path / "run", tmp_path / "hf"
+    shutil.copytree(trained / "run", run)
+    shutil.copytree(trained / "hf", hf)
+    for file in (run / "tokenizer" / "tokenizer.json", hf / "tokenizer.json"):
+        tok = Tokenizer.from_file(str(file))
+        assert tok.get_vocab_size() == 300
+        tok.add_tokens(["<extra_a>", "<extra_b>"])
+        tok.save(str(file))
+    res = run_cli("generate", run, "--prompt", "expert <extra_b>", "--max-new-tokens", "2")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{run}: the tokenizer has 302 tokens but the model's vocabulary only 300" in res.stderr, res.stderr
+    res = run_cli("eval", hf, "--source", str(trained / "corpus"))
+    assert res.returncode == 2 and "use the tokenizer the model was trained with" in res.stderr, res.stderr
