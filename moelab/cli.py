@@ -73,7 +73,23 @@ def _cmd_convert(args) -> int:
     if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
         print(f"note: {args.hf_dir} has no tokenizer.json, so {run_dir} has none: eval, generate and routing "
               f"need one in {run_dir / 'tokenizer'}", file=sys.stderr)
+    elif note := _tokenizer_past_vocab_note(run_dir):
+        print(note, file=sys.stderr)
     return 0
+
+
+def _tokenizer_past_vocab_note(run_dir) -> str | None:
+    """A converted model whose tokenizer has more tokens than its vocabulary: said at conversion,
+    since eval and generate refuse the pair (moelab.eval.target)."""
+    from moelab.config import Config
+    from moelab.data.tokenizer import read_tokenizer_file
+
+    have = read_tokenizer_file(run_dir / "tokenizer" / "tokenizer.json").get_vocab_size(with_added_tokens=True)
+    rows = Config.from_yaml_file(run_dir / "config.yaml").model.vocab_size
+    if have <= rows:
+        return None
+    return (f"note: its tokenizer has {have} tokens but the model's vocabulary only {rows}; eval and generate "
+            f"refuse that pair: put the tokenizer the model was trained with in {run_dir / 'tokenizer'}")
 
 
 def _cmd_export(args) -> int:

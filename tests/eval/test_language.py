@@ -387,3 +387,5 @@ def test_a_tokenizer_larger_than_the_model_is_refused(trained, tmp_path):
     assert f"{run}: the tokenizer has 302 tokens but the model's vocabulary only 300" in res.stderr, res.stderr
     res = run_cli("eval", hf, "--source", str(trained / "corpus"))
     assert res.returncode == 2 and "use the tokenizer the model was trained with" in res.stderr, res.stderr
+    res = run_cli("convert", hf, "--out", tmp_path / "converted")  # the weights convert; the pair is pointed out
+    assert res.returncode == 0 and "its tokenizer has 302 tokens but the model's vocabulary only 300" in res.stderr
