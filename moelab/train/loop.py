@@ -778,7 +778,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
             finished = True
             return summary
         finally:
-            run.sinks.close(failed=not finished)  # closed already when training ended; on a failure, flushed here
+            run.sinks.close(failed=not finished)  # the one place a run's sinks close: also on a failure
             run.lock.release()
     finally:
         if joined:
@@ -896,7 +896,6 @@ def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
         last = saved or run.run_dir / "checkpoints" / f"{ck.CKPT_PREFIX}{run.step:07d}"
         if is_rank0() and (last / "meta.json").is_file():  # the final metrics, with the weights they measured
             ck.add_to_meta(last, {"val": final})
-    sinks.close()
     if t.plot and is_rank0():
         plot_curves(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
     summary = _summary(run, final, window, stopped, early_stopped)
