@@ -384,8 +384,10 @@ def _wandb_history(run_dir):
     or split FIRST/MIDDLE/LAST); wandb itself no longer ships a reader."""
     import struct
 
+    import wandb
     from wandb.proto import wandb_internal_pb2 as pb
 
+    wandb.teardown()  # run.finish() returns before W&B's service process has written the whole file
     runs = []
     for f in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
         data, pos, buf, rows, run_id, exit_code = f.read_bytes(), 7, b"", [], None, None
