@@ -157,8 +157,11 @@ def _cmd_data_prepare(args) -> int:
         from moelab.data.tokenizer import fewer_tokens_note
 
         print(fewer_tokens_note(m["vocab_size"], f"--vocab-size {args.vocab_size}"), file=sys.stderr)
+    from moelab.data.prepare import MANIFEST, skipped_note
     from moelab.data.split import few_val_note
 
+    if note := skipped_note(m["skipped"], Path(out) / MANIFEST):
+        print(note, file=sys.stderr)
     if note := few_val_note(s["val"]["documents"], s["train"]["documents"] + s["val"]["documents"],
                             s["val"]["tokens"], args.val_fraction, "`--val-fraction {}`"):
         print(note, file=sys.stderr)

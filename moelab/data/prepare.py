@@ -460,6 +460,25 @@ def prepare(sources: list[str], out: str, val_fraction: float = 0.05, salt: str 
     return out_dir
 
 
+def skipped_note(skipped: list[dict], manifest: str | Path, kinds: int = 4) -> str | None:
+    """One line saying which inputs the data lacks and why, by kind of reason (most frequent first,
+    `kinds` of them, each with its first input), or None when nothing was skipped. The manifest
+    keeps every one; without this line a JSONL whose records name their text in two ways, or a
+    folder of encrypted PDFs, lost part of the data with only a count said."""
+    if not skipped:
+        return None
+    groups: dict[str, list] = {}
+    for s in skipped:  # "unreadable PDF: PdfReadError: ..." -> "unreadable PDF"
+        groups.setdefault(s["reason"].split(": ")[0], [0, s["name"]])[0] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])  # stable: ties keep their first seen order
+    parts = [f"{n:,} {why} ({'first: ' * (n > 1)}{first})" for why, (n, first) in ranked[:kinds]]
+    if len(ranked) > kinds:
+        rest = sum(n for _, (n, _) in ranked[kinds:])
+        parts.append(f"{rest} for {len(ranked) - kinds} other reason{'s' * (len(ranked) - kinds > 1)}")
+    return (f"note: {len(skipped):,} input{'s' * (len(skipped) > 1)} skipped, not in the data: " + "; ".join(parts)
+            + f" (each with its reason: {manifest}, \"skipped\")")
+
+
 def read_manifest(root: str | Path) -> dict:
     """A prepared directory's manifest, checked for the fields its readers use: a damaged or
     hand-broken one is a one-line error, not a traceback from deep in the loader."""

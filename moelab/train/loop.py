@@ -296,6 +296,8 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
         run.notes.append(fewer_tokens_note(learnt, f"data.vocab_size={asked}"))
     if ckpt is None and (note := _few_val_note(cfg, data)):
         run.notes.append(note)
+    if ckpt is None and not cfg.data.path and (note := _skipped_note(data, run_dir)):
+        run.notes.append(note)
     if ckpt is not None:
         run.resumed_from = ckpt
         before = Config.from_yaml_file(ckpt / "config.yaml")
@@ -402,6 +404,14 @@ def _init_overlap_note(cfg: Config, run_dir: Path, data, resumed_from: Path | No
             f"{cfg.train.init_from} (or of a run it started from), so the validation loss is not held out for "
             "this model (it reads low); keep the source run's split (its data.path, or the same data.source, "
             "data.split_salt and data.val_fraction)")
+
+
+def _skipped_note(data, run_dir: Path) -> str | None:
+    """The inputs a raw source lost when prepared into the run (`moelab data prepare` says it itself)."""
+    from moelab.data.pipeline import RUN_PREPARED
+    from moelab.data.prepare import MANIFEST, skipped_note
+
+    return skipped_note(data.report["skipped"], run_dir / RUN_PREPARED / MANIFEST)
 
 
 def _few_val_note(cfg: Config, data) -> str | None:

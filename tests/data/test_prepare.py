@@ -565,3 +565,38 @@ def test_documents_begin_with_the_tokens_the_tokenizer_puts_before_a_text(tmp_pa
         ref = make_windows(pack(tok.encode_batch([texts[f"other.jsonl/other.jsonl#{i + 1}"] for i in range(10)]),
                                 1, [0]), 16)
         assert windows[0, 0].item() == 0 and torch.equal(windows, ref)
+
+
+def test_skipped_inputs_are_said_by_reason_not_only_counted(tmp_path, text_corpus):
+    """Records in another field, broken JSON and damaged PDFs are left out of the data: both ways of
+    preparing it (`data prepare`, and `train` on a raw source) say how many, why and which one
+    first, most frequent reason first; the manifest keeps each."""
+    import shutil
+
+    from moelab.data.prepare import skipped_note
+    from tests.conftest import run_cli
+
+    src = tmp_path / "src"
+    shutil.copytree(text_corpus, src)
+    records = [{"text": f"record {i} " * 40} for i in range(6)] + [{"body": f"other {i} " * 40} for i in range(3)]
+    (src / "r.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n{broken\n")
+    for name in ("a.pdf", "b.pdf"):
+        (src / name).write_bytes(b"%PDF-1.4 not a PDF at all")
+    r = run_cli("data", "prepare", src, "--out", tmp_path / "p", "--vocab-size", "300")
+    m = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert r.returncode == 0 and len(m["skipped"]) == 6, r.stderr
+    note = (f"note: 6 inputs skipped, not in the data: 3 no field 'text' (has body) (first: r.jsonl#7); "
+            f"2 unreadable PDF (first: a.pdf); 1 invalid JSON (r.jsonl#10) (each with its reason: "
+            f"{tmp_path / 'p' / 'manifest.json'}, \"skipped\")")
+    assert note in r.stderr.splitlines(), r.stderr
+    r = run_cli("train", "--preset", "test", "--out", tmp_path / "run", f"data.source={src}", "data.max_docs=0",
+                "data.vocab_size=300", "train.steps=1", "train.report=false", "train.plot=false")
+    assert r.returncode == 0, r.stderr
+    assert note.replace(str(tmp_path / "p"), str(tmp_path / "run" / "data" / "prepared")) in r.stderr.splitlines()
+    # past `kinds` reasons, the rest are counted together; nothing skipped, nothing said
+    many = [{"name": f"f{i}", "reason": f"reason {i % 3}"} for i in range(7)]
+    assert skipped_note(many, "M", kinds=2).startswith("note: 7 inputs skipped, not in the data: 3 reason 0 "
+                                                       "(first: f0); 2 reason 1 (first: f1); 2 for 1 other reason (")
+    assert skipped_note([], "M") is None
+    r = run_cli("data", "prepare", text_corpus, "--out", tmp_path / "q", "--vocab-size", "300")
+    assert r.returncode == 0 and "skipped, not in the data" not in r.stderr, r.stderr
