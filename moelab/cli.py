@@ -648,8 +648,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(getattr(args, "overrides", None), list) and all(
                 "=" in x and not x.startswith("-") for x in extra):
             args.overrides += extra
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        else:  # said by the command's parser, so the line points to that command's --help
+            prog = " ".join(["moelab", *filter(None, (getattr(args, "command", None),
+                                                      getattr(args, "data_command", None)))])
+            _Parser(prog=prog).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

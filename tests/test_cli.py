@@ -176,6 +176,12 @@ def test_overrides_on_both_sides_of_an_option_all_apply(capsys):
     with pytest.raises(SystemExit) as exc:  # what is not key=value is still refused
         main(["train", "train.steps=7", "--out", "r", "--bogus"])
     assert exc.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    for cmd in (["routing", "run"], ["data", "check", "d"]):  # the line names that command's help, not moelab's
+        with pytest.raises(SystemExit) as exc:
+            main([*cmd, "--compare", "x"])
+        prog = " ".join(["moelab", *cmd[:-1]])
+        assert capsys.readouterr().err == (f"{prog}: error: unrecognized arguments: --compare x "
+                                           f"(`{prog} --help` lists the options)\n") and exc.value.code == 2
     with pytest.raises(SystemExit):  # and commands without overrides take none
         main(["eval", "run", "--limit", "1", "train.steps=7"])
 
