@@ -599,25 +599,41 @@ def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: st
     return out
 
 
+def _shown(names) -> str:
+    names = sorted(names)
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def _check_loaded(path, info: dict) -> None:
     """transformers fills a tensor missing from the weights files, or one of another shape, with a
     random initialisation and goes on (with a report in its log): a model that is partly random,
     whatever it is then converted to or evaluated as. Refused; tensors the architecture does not
     use are left out, as transformers does."""
-    def shown(names) -> str:
-        names = sorted(names)
-        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
     missing = info.get("missing_keys") or ()
     mismatched = info.get("mismatched_keys") or ()
     if missing:
         raise UserError(f"cannot load {path}: its weights files lack {len(missing)} tensor(s) its config.json needs "
-                        f"({shown(missing)}), which would start random; a partial download or copy, or a config.json "
+                        f"({_shown(missing)}), which would start random; a partial download or copy, or a config.json "
                         "of another model: complete the files or fix config.json")
     if mismatched:
-        detail = shown(f"{name} {tuple(have)} where config.json gives {tuple(want)}" for name, have, want in mismatched)
+        detail = _shown(f"{name} {tuple(have)} where config.json gives {tuple(want)}" for name, have, want in mismatched)
         raise UserError(f"cannot load {path}: {len(mismatched)} tensor(s) have another shape than its config.json "
                         f"gives ({detail}); a config.json of another model size: fix it or use the model's own")
+
+
+@contextlib.contextmanager
+def _no_load_report():
+    """transformers logs a multi-line table (in terminal colours, piped or not) of the tensors a
+    checkpoint lacks, has spare or holds in another shape. `load_hf` says each of those itself in
+    one line (`_check_loaded` refuses the first and last), so the table is kept out of its output."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(max(level, hf_logging.ERROR))
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 @contextlib.contextmanager
@@ -658,13 +674,16 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu"):
     from safetensors import SafetensorError
 
     try:  # mismatched shapes reported below, not raised as transformers' traceback
-        with warnings.catch_warnings(), _loading_bar():  # torch on ALWAYS_SHARED's zero-wide shared experts: not news
-            warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+        with warnings.catch_warnings(), _loading_bar(), _no_load_report():  # torch on ALWAYS_SHARED's zero-wide
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)  # shared experts
             hf, info = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", output_loading_info=True,
                                                             ignore_mismatched_sizes=True)
     except SafetensorError as exc:  # a weights file cut short by a download or a copy
         raise UserError(f"cannot load {path}: a weights file is damaged ({exc}); copy or download it again") from None
     _check_loaded(path, info)
+    if unused := info.get("unexpected_keys"):
+        print(f"note: {path} holds {len(unused)} tensor(s) that {type(hf).__name__} does not use ({_shown(unused)}), "
+              "left out as transformers does", file=sys.stderr)
     cfg, sd = _moelab_config(hf.config), {k: v.detach() for k, v in hf.state_dict().items()}
     del hf  # the moelab model takes over the loaded tensors instead of copying them
     return MoETransformer.from_weights(cfg, from_hf_state_dict(sd, consume=True, dtype=torch.float32)).to(device)

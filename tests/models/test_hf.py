@@ -796,10 +796,11 @@ def test_a_damaged_hf_weights_file_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["mixtral", "deepseek_v3"])
-def test_hf_weights_missing_or_of_another_shape_are_refused_not_filled_at_random(tmp_path, case):
+def test_hf_weights_missing_or_of_another_shape_are_refused_not_filled_at_random(tmp_path, case, capfd):
     """transformers starts a tensor missing from the files (or of another shape than config.json)
     from a random initialisation, with only a log report: convert, eval and init_from then went on
-    with a partly random model. A tensor the architecture does not use is left out, as there."""
+    with a partly random model. A tensor the architecture does not use is left out, as there, and
+    said in one line; transformers' report table (terminal colours in a log) is not printed."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -820,9 +821,14 @@ def test_hf_weights_missing_or_of_another_shape_are_refused_not_filled_at_random
         changed = dict(weights)
         edit(changed)
         save_file(changed, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        capfd.readouterr()
         if match is None:
             for a, b in zip(load_hf(tmp_path / name).state_dict().values(), ours.state_dict().values()):
                 assert torch.equal(a, b)
+            hf_class = {"mixtral": "MixtralForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}[case]
+            assert capfd.readouterr().err == (f"note: {tmp_path / name} holds 1 tensor(s) that {hf_class} does not "
+                                              "use (model.layers.0.unused.weight), left out as transformers does\n")
             continue
         with pytest.raises(UserError, match=rf"cannot load {tmp_path / name}: .*{match}"):
             load_hf(tmp_path / name)
+        assert capfd.readouterr().err == "", "the error is the whole output"
