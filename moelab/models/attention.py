@@ -17,6 +17,8 @@ to every cached position up to their own; without one, plain causal attention ov
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,7 @@ def _attend(q, k, v, cache: LayerCache | None, q_start: int, **kw) -> torch.Tens
 # 77 ms at S = 64 / 128 / 256 / 512 / 1024, `causal_attention_fp32_scores` 16 / 28 / 50 / 109 /
 # 280 ms); in fp32 flash is faster at every length tried (64 to 2048).
 FLASH_MIN_KEYS_CPU_HALF = 256
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 def short_half_cpu(q: torch.Tensor, n_keys: int) -> bool:
@@ -66,10 +69,12 @@ def causal_attention_fp32_scores(q_BHSD: torch.Tensor, k_BGSD: torch.Tensor, v_B
         mask_MS = mask_MS.repeat(R, 1)  # each head's rows of the group
     # autocast off: it runs baddbmm in bf16 whatever its inputs, which rounded the scores to bf16
     # in every autocast (train.precision=bf16) run
+    # a scale past fp32's range (a broken yarn mscale) is inf, as fp32 arithmetic makes it: the
+    # scores go non-finite, as SDPA's do, instead of baddbmm refusing the float
+    alpha = D ** -0.5 if scale is None else (math.inf if scale > FP32_MAX else scale)
     with torch.autocast(q_BHSD.device.type, enabled=False):
         scores = torch.baddbmm(mask_MS.expand(B * G, R * S, S), q_BHSD.reshape(B * G, R * S, D).float(),
-                               k_BGSD.reshape(B * G, S, D).transpose(1, 2).float(),
-                               alpha=D ** -0.5 if scale is None else scale)
+                               k_BGSD.reshape(B * G, S, D).transpose(1, 2).float(), alpha=alpha)
         probs = scores.softmax(-1).to(v_BGSV.dtype)
         return torch.bmm(probs, v_BGSV.reshape(B * G, S, V)).view(B, H, S, V)
 
