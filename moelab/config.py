@@ -164,6 +164,10 @@ class TrainConfig:
     # CPU on glibc: freed memory stays in the process for the next step instead of going back to
     # the kernel (fewer page faults; bit-identical results; moelab/train/host.py)
     keep_freed_memory: bool = True
+    # CPU: fp32 matrix products through oneDNN instead of the default BLAS where a start-up check
+    # finds that path exact to fp32 and faster on this machine, for models not too small to gain
+    # (moelab/hardware.py); a resume keeps its run's path
+    fast_fp32_matmul: bool = True
     activation_checkpointing: bool = False  # recompute each block in backward (saves activation memory)
     compile: bool = False  # torch.compile the model for training
     final_eval_windows: int = 0  # windows for the final evaluation; 0: the whole validation split

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import ModelConfig
+from moelab.hardware import onednn_fp32_active
 from moelab.models.kvcache import LayerCache, attention_mask
 from moelab.models.layers import RMSNorm, apply_rope, yarn_softmax_scale
 
@@ -31,7 +32,7 @@ from moelab.models.layers import RMSNorm, apply_rope, yarn_softmax_scale
 def _attend(q, k, v, cache: LayerCache | None, q_start: int, **kw) -> torch.Tensor:
     """Causal SDPA; with a cache, queries start at position `q_start` of the cached keys."""
     if cache is None or q_start == 0:
-        if short_half_cpu(q, k.shape[-2]) and q.shape[-2] == k.shape[-2]:
+        if explicit_scores_cpu(q, k.shape[-2]) and q.shape[-2] == k.shape[-2]:
             return causal_attention_fp32_scores(q, k, v, kw.get("scale"))
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1, **kw)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(q_start, q.shape[-2], q.device), **kw)
@@ -40,14 +41,20 @@ def _attend(q, k, v, cache: LayerCache | None, q_start: int, **kw) -> torch.Tens
 # In bf16/fp16 torch's CPU flash kernel is slower than explicit scores on short sequences
 # (measured, torch 2.13, 2 cores, fwd+bwd of 2048 tokens, 8 heads of 48: flash 53 / 67 / 49 / 66 /
 # 77 ms at S = 64 / 128 / 256 / 512 / 1024, `causal_attention_fp32_scores` 16 / 28 / 50 / 109 /
-# 280 ms); in fp32 flash is faster at every length tried (64 to 2048).
-FLASH_MIN_KEYS_CPU_HALF = 256
+# 280 ms). In fp32 flash is faster at every length tried (64 to 2048) while fp32 products go
+# through the default BLAS; through oneDNN (`moelab.hardware.fast_fp32_matmuls`, where it is
+# faster) the explicit scores' batched products run 2-3x faster and flash's own small blocked
+# ones slower, so short fp32 sequences take explicit scores too (AMD Zen 5, 2 cores, whole
+# training steps: tiny preset 1.28x, exp3 with MLA 1.42x against flash and the default BLAS).
+FLASH_MIN_KEYS_CPU = 256
 FP32_MAX = torch.finfo(torch.float32).max
 
 
-def short_half_cpu(q: torch.Tensor, n_keys: int) -> bool:
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) \
-        and n_keys < FLASH_MIN_KEYS_CPU_HALF
+def explicit_scores_cpu(q: torch.Tensor, n_keys: int) -> bool:
+    """Short CPU attention that runs faster as `causal_attention_fp32_scores` than in SDPA: half
+    precision, or fp32 while fp32 products go through oneDNN."""
+    return q.device.type == "cpu" and n_keys < FLASH_MIN_KEYS_CPU and (
+        q.dtype in (torch.bfloat16, torch.float16) or (q.dtype == torch.float32 and onednn_fp32_active()))
 
 
 def causal_attention_fp32_scores(q_BHSD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSV: torch.Tensor,
@@ -86,7 +93,7 @@ def pad_for_flash(q: torch.Tensor, v: torch.Tensor, n_keys: int, causal_only: bo
     causal attention (training, prefill): decoding with a mask keeps the unpadded path."""
     if q.device.type != "cpu" or q.shape[-1] == v.shape[-1] or not causal_only:
         return False
-    return not short_half_cpu(q, n_keys)  # short half-precision: explicit fp32 scores instead
+    return not explicit_scores_cpu(q, n_keys)  # explicit fp32 scores instead
 
 
 def rotary_dim(cfg: ModelConfig) -> int:

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from moelab.hardware import onednn_fp32_active
 from moelab.models.layers import activation, gated, init_normal_
 
 
@@ -176,8 +177,10 @@ def bucket_rows_here(x_TD: torch.Tensor) -> bool:
     and fp16 matmuls go through oneDNN, which builds (JIT-compiles) a kernel for every new row
     count: with routing, every expert's count is new at every step, and each matmul cost 4-5x
     its cached time (exp3: ~20 ms instead of ~4.5 ms per grouped call). fp32 (MKL) and CUDA do not
-    compile per shape. Under torch.compile too, with a static number of rows (`bucketed_layout`)."""
-    return x_TD.device.type == "cpu" and x_TD.dtype in (torch.bfloat16, torch.float16)
+    compile per shape, unless fp32 products go through oneDNN too (`fast_fp32_matmuls`). Under
+    torch.compile too, with a static number of rows (`bucketed_layout`)."""
+    return x_TD.device.type == "cpu" and (x_TD.dtype in (torch.bfloat16, torch.float16)
+                                          or (x_TD.dtype == torch.float32 and onednn_fp32_active()))
 
 
 def bucket_rows(counts_E: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from moelab.errors import UserError
 from moelab.eval.language import xz_bits_per_byte
 from moelab.eval.metrics import evaluate, spread_windows
 from moelab.files import write_atomic
+from moelab.hardware import FAST_FP32_MIN_WORK, fast_fp32_matmuls
 from moelab.models import MoETransformer
 from moelab.models.accounting import parameter_table
 from moelab.models.router import update_selection_bias
@@ -60,6 +61,11 @@ class Run:
     best: dict = field(default_factory=lambda: {"val_loss": math.inf, "step": -1, "bad_evals": 0})
     provenance: dict = field(default_factory=dict)
     resumed_from: Path | None = None
+    # fp32 products' path (moelab.hardware.fast_fp32_matmuls): "onednn" (then this much faster than
+    # the default BLAS) or "default"; a resume keeps its checkpoint's, so it computes the same numbers
+    fp32_path: str = "default"
+    fp32_speedup: float | None = None
+    saved_fp32_path: str | None = None
     changed_on_resume: list[str] = field(default_factory=list)  # "key old -> new" against the checkpoint
     set_aside: Path | None = None  # where a rewind in place moved the abandoned later checkpoints
     lock: RunLock | None = None  # held from setup to the end of train()
@@ -660,7 +666,7 @@ def trainer_state(run: Run) -> dict:
             "scaler": run.scaler.state_dict() if run.scaler is not None else {},
             "loader": run.loader.state_dict(), "rng": ck.rng_state(), "guard": run.guard.state_dict(),
             "expert_counts": run.expert_counts_LE.cpu(), "best": dict(run.best),
-            "fingerprint": run.data.fingerprint}
+            "fingerprint": run.data.fingerprint, "fp32_matmul": run.fp32_path}
 
 
 def _restore(run: Run, ckpt: Path) -> None:
@@ -686,6 +692,7 @@ def _restore(run: Run, ckpt: Path) -> None:
         raise UserError(f"cannot resume from {ckpt.name}: {exc}; a resume keeps the run's data order: drop that "
                         "override, or start a new run") from None
     ck.set_rng_state(state["rng"])
+    run.saved_fp32_path = state.get("fp32_matmul", "default")  # checkpoints from before the choice: default
     run.step, run.tokens = int(state["step"]), int(state.get("tokens", 0))
     if "guard" in state:
         run.guard.load_state_dict(state["guard"])
@@ -783,8 +790,15 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
             return done
         run = setup(cfg, out, resume, overrides, smoke, progress, config_given, choice)
         finished = False
-        try:
-            summary = _train(run, progress, smoke)
+        try:  # (the model is compiled, if at all, at its first call: inside, so for the path chosen here)
+            with fast_fp32_matmuls(_fp32_mode(run)) as (run.fp32_path, run.fp32_speedup):
+                if run.saved_fp32_path == "onednn" != run.fp32_path and run.device.type == "cpu":
+                    run.notes.append("note: this run's fp32 products went through oneDNN, which this machine "
+                                     + ("was told not to use (train.fast_fp32_matmul=false)"
+                                        if not cfg.train.fast_fp32_matmul else "cannot run exactly in fp32")
+                                     + ": from here on they use the default BLAS, so the later updates are not "
+                                       "bit-identical to an uninterrupted run's (they agree to fp32 rounding)")
+                summary = _train(run, progress, smoke)
             finished = True
             return summary
         finally:
@@ -793,6 +807,19 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
     finally:
         if joined:
             dp.shutdown()
+
+
+def _fp32_mode(run: Run) -> str:
+    """How `fast_fp32_matmuls` picks fp32 products' path for this run: measured for a new CPU run
+    whose micro-batches hold at least FAST_FP32_MIN_WORK tokens x model width; a resume takes its
+    checkpoint's (the same kernels, so bit-identical updates) unless train.fast_fp32_matmul=false;
+    else the default BLAS."""
+    t = run.cfg.train
+    if run.device.type != "cpu" or not t.fast_fp32_matmul:
+        return "default"
+    if run.saved_fp32_path is not None:
+        return run.saved_fp32_path
+    return "auto" if t.batch_size * t.seq_len * run.cfg.model.d_model >= FAST_FP32_MIN_WORK else "default"
 
 
 def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
@@ -805,7 +832,9 @@ def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
     say(f"run {run.run_dir} | {n_params['total'] / 1e6:.2f}M params ({n_params['active'] / 1e6:.2f}M "
         f"active) | {run.optimizer.describe()} | "
         f"{run.data.train_windows.shape[0]} train / {run.data.val_windows.shape[0]} val windows | "
-        f"{run.device} {t.precision}" + (f" | resumed at step {run.step}" if run.step else "")
+        f"{run.device} {t.precision}"
+        + (f" (fp32 products through oneDNN: {run.fp32_speedup:.1f}x the default BLAS here)" if run.fp32_speedup else "")
+        + (f" | resumed at step {run.step}" if run.step else "")
         + (f" | weights from {t.init_from}" if t.init_from and not run.step else ""))
     if run.resumed_from is not None:
         say(f"resumed from {run.resumed_from}; settings changed since: "

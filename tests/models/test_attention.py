@@ -51,14 +51,22 @@ def test_pad_for_flash_policy():
     assert attention.pad_for_flash(q, v, 8, True)
     assert not attention.pad_for_flash(q, q, 8, True)  # equal dims: nothing to pad
     assert not attention.pad_for_flash(q, v, 8, False)  # decoding with a mask
-    short, long_ = 8, attention.FLASH_MIN_KEYS_CPU_HALF
+    short, long_ = 8, attention.FLASH_MIN_KEYS_CPU
     assert not attention.pad_for_flash(q.bfloat16(), v.bfloat16(), short, True)
     assert attention.pad_for_flash(q.bfloat16(), v.bfloat16(), long_, True)
+    # fp32: short sequences take explicit scores only while fp32 products go through oneDNN
+    from moelab.hardware import fast_fp32_matmuls
+
+    with fast_fp32_matmuls("onednn") as (path, _):
+        assert attention.pad_for_flash(q, v, short, True) == (path == "default")
+        assert attention.explicit_scores_cpu(q, short) == (path == "onednn")
+        assert attention.pad_for_flash(q, v, long_, True) and not attention.explicit_scores_cpu(q, long_)
+    assert attention.pad_for_flash(q, v, short, True) and not attention.explicit_scores_cpu(q, short)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
 def test_short_half_cpu_attention_keeps_fp32_scores(heads, kv_heads):
-    """bf16 on CPU below FLASH_MIN_KEYS_CPU_HALF keys: explicit scores, not SDPA, and within bf16
+    """bf16 on CPU below FLASH_MIN_KEYS_CPU keys: explicit scores, not SDPA, and within bf16
     error of float64 in outputs and gradients: no worse than 1.6x SDPA's own bf16 error (scores
     rounded to bf16 before the softmax err ~4x more on these logits). The same under autocast, as
     bf16 training runs it (autocast ran the scores' matmul in bf16). With GQA the gradients of k

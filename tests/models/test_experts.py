@@ -194,13 +194,25 @@ def test_bucketed_layout_with_static_rows_always_fits_its_groups():
     assert int(bucket_rows(worst).sum()) - N > 0.95 * (N // 8)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_bucketed_grouped_path_matches_float64_reference(dtype):
-    """bf16/fp16 on CPU pad each expert's rows to a bucket: same outputs and gradients."""
+    """bf16/fp16 on CPU pad each expert's rows to a bucket: same outputs and gradients. So does
+    fp32 while its products go through oneDNN (which, as for bf16, builds a kernel per shape)."""
+    import contextlib
+
+    from moelab.hardware import fast_fp32_matmuls
     from moelab.models import experts as ex
 
     E, D, F = 4, 16, 24
     x, idx, w, counts = _inputs(T=203, D=D, E=E, starve=2)
+    assert not ex.bucket_rows_here(x.float())  # fp32 on the default BLAS: no padding
+    with contextlib.ExitStack() as stack:
+        if dtype == torch.float32 and stack.enter_context(fast_fp32_matmuls("onednn"))[0] == "default":
+            pytest.skip("oneDNN does not compute fp32 products in fp32 on this machine")
+        _check_bucketed(ex, dtype, x, idx, w, counts, E, D, F)
+
+
+def _check_bucketed(ex, dtype, x, idx, w, counts, E, D, F):
     assert ex.bucket_rows_here(x.to(dtype)) and not torch.equal(ex.bucket_rows(counts), counts)
     ref_ex = Experts(E, D, F, backend="loop").double()
     ref_ex.reset_parameters(0.2, 0.2)
@@ -214,7 +226,7 @@ def test_bucketed_grouped_path_matches_float64_reference(dtype):
     out = fast(x2, idx, w2, counts)
     grads = torch.autograd.grad((out * g.to(dtype)).sum(), [x2, w2, *fast.parameters()])
     rel = lambda a, b: float((a.detach().double() - b.detach()).norm() / b.detach().norm())  # noqa: E731
-    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    tol = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-5}[dtype]
     assert rel(out, ref) < tol
     for name, a, b in zip(["x", "w", "gate", "up", "down"], grads, ref_grads):
         assert rel(a, b) < tol, name

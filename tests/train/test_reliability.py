@@ -146,6 +146,39 @@ def test_bf16_cpu_run_resumes_bit_identically(prepared, tmp_path):
     _assert_same_run(ref, run, steps=16)
 
 
+def test_a_run_on_onednn_fp32_products_resumes_on_them_bit_identically(prepared, tmp_path):
+    """Where fp32 products run faster through oneDNN, a run wide enough uses that path: a resume
+    takes the path its checkpoint records (not a new measurement, which a busy machine could
+    tip), so every later update is bit-equal; one told train.fast_fp32_matmul=false says why it
+    no longer is."""
+    from moelab.hardware import onednn_fp32_speedup
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    wide = ["model.d_model=128", "train.batch_size=16", "train.steps=12", "train.save_every=5", "train.eval_every=6"]
+    res = _train(ref, prepared, *wide)
+    assert res.returncode == 0, res.stderr
+    path = "onednn" if "fp32 products through oneDNN" in res.stderr else "default"
+    if onednn_fp32_speedup() == 0.0:  # oneDNN would round fp32 here (or is missing): never switched
+        assert path == "default"
+    assert load_trainer_state(list_checkpoints(ref)[-1])["fp32_matmul"] == path
+    assert _train(run, prepared, *wide, faults="kill@8").returncode == -9
+    res = _train(run, prepared, resume=True)
+    assert res.returncode == 0 and "resumed at step 5" in res.stderr, res.stderr
+    _assert_same_run(ref, run, steps=12)
+    if path == "onednn":
+        res = _moelab("train", "--resume", str(list_checkpoints(ref)[0]), "--out", str(tmp_path / "blas"),
+                      "train.fast_fp32_matmul=false")
+        assert res.returncode == 0 and "was told not to use (train.fast_fp32_matmul=false)" in res.stderr, res.stderr
+        assert "fp32 products through oneDNN" not in res.stderr
+        # a checkpoint of the default BLAS resumes on it, though this machine would pick oneDNN
+        old = tmp_path / "old" / "checkpoints" / "step_0000005"
+        shutil.copytree(list_checkpoints(ref)[0], old)
+        state = torch.load(old / "trainer_state.pt", weights_only=True)
+        torch.save({**state, "fp32_matmul": "default"}, old / "trainer_state.pt")
+        res = _moelab("train", "--resume", str(old), "--out", str(tmp_path / "again"))
+        assert res.returncode == 0 and "fp32 products through oneDNN" not in res.stderr, res.stderr
+
+
 def test_tensorboard_keeps_the_updates_before_a_kill_and_a_resume_logs_each_once(prepared, tmp_path):
     """TensorBoard after a SIGKILL (the kernel's out-of-memory killer, a preempted job) has every
     update logged before it, as metrics.jsonl has (each record is flushed): 1-12 here. After the
