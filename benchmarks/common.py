@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 
 import torch
@@ -64,17 +66,29 @@ SAME_INPUT_HELP = ("time every call on one input, as these benchmarks did before
                    "not, and favours kernels built per shape (oneDNN's bf16 matmuls on CPU)")
 
 
-def add_keep_freed_memory(ap) -> None:
+def add_host_settings(ap) -> None:
     ap.add_argument("--keep-freed-memory", action="store_true",
                     help="apply moelab train's CPU malloc settings (train.keep_freed_memory) to this "
                          "process, so both sides run with them")
+    ap.add_argument("--fast-fp32-matmul", action="store_true",
+                    help="fp32 products through oneDNN where moelab train would switch to it "
+                         "(train.fast_fp32_matmul), for this whole process, so both sides run with it")
 
 
-def apply_keep_freed_memory(args) -> None:
+_HOST = contextlib.ExitStack()  # settings kept until the process ends
+
+
+def apply_host_settings(args) -> None:
     if args.keep_freed_memory:
         from moelab.train.host import keep_freed_memory
 
         print(f"malloc settings of moelab train: {'applied' if keep_freed_memory() else 'not applicable here'}")
+    if args.fast_fp32_matmul:
+        from moelab.hardware import fast_fp32_matmuls
+
+        path, speedup = _HOST.enter_context(fast_fp32_matmuls("auto"))
+        print("fp32 products: " + (f"through oneDNN ({speedup:.1f}x the default BLAS here)" if path == "onednn"
+                                   else "on the default BLAS (oneDNN not faster or not exact here)"))
 
 
 MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::baddbmm")

@@ -3,7 +3,7 @@ same size and weights.
 
 Run: python benchmarks/moe_layer.py [--preset exp3] [--arch mixtral|qwen3_moe|olmoe|deepseek_v3|glm4_moe]
                                     [--iters 20] [--rounds 3] [--dtype fp32|bf16] [--profile]
-                                    [--keep-freed-memory] [--same-input]
+                                    [--keep-freed-memory] [--fast-fp32-matmul] [--same-input]
                                     [--set model.d_model=1024 model.n_experts=64 train.seq_len=1024 ...]
 The preset gives the size (exp3: D=256, E=4 top-2, F=512, 16x128 tokens); --arch the design (router,
 shared experts) taken from that family's tiny preset.
@@ -20,7 +20,7 @@ import itertools
 
 import torch
 
-from common import SAME_INPUT_HELP, add_keep_freed_memory, apply_keep_freed_memory, compare, print_matmul_split
+from common import SAME_INPUT_HELP, add_host_settings, apply_host_settings, compare, print_matmul_split
 
 
 def main() -> None:
@@ -40,13 +40,13 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also split each step into matmul and other time (CPU), and print the "
                          "ratio's ceilings: at equal matmul speed and at this machine's peak GEMM rate")
-    add_keep_freed_memory(ap)
+    add_host_settings(ap)
     ap.add_argument("--same-input", action="store_true", help=SAME_INPUT_HELP)
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="size overrides of the preset, e.g. model.expert_dim=1024 train.batch_size=8")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    apply_keep_freed_memory(args)
+    apply_host_settings(args)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     cfg = build_config(args.preset, overrides=args.set)
     size = {k: getattr(cfg.model, k) for k in ("d_model", "n_heads", "n_experts", "top_k", "expert_dim")}

@@ -4,7 +4,7 @@ weights, same batches, same precision and the same optimizer (fused AdamW), in o
 Run: python benchmarks/train_throughput.py [--preset exp3] [--dtype fp32|bf16] [--iters 10] [--rounds 3]
                                            [--seq-len S] [--batch-size B]
                                            [--muon] [--compile] [--hf-compile] [--profile]
-                                           [--keep-freed-memory] [--same-input]
+                                           [--keep-freed-memory] [--fast-fp32-matmul] [--same-input]
                                            [--set model.d_model=1024 train.seq_len=1024 ...]
 A training step is forward + loss + backward + gradient clipping + optimizer update. Each side
 gets a new batch of random tokens at every step (the same sequence of batches on each side), so
@@ -27,7 +27,7 @@ import itertools
 
 import torch
 
-from common import SAME_INPUT_HELP, add_keep_freed_memory, apply_keep_freed_memory, compare, print_matmul_split
+from common import SAME_INPUT_HELP, add_host_settings, apply_host_settings, compare, print_matmul_split
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--hf-compile", action="store_true",
                     help="also time each transformers contender under torch.compile (the fair "
                          "reference for moelab compiled; minutes of compiling on CPU)")
-    add_keep_freed_memory(ap)
+    add_host_settings(ap)
     ap.add_argument("--same-input", action="store_true", help=SAME_INPUT_HELP)
     ap.add_argument("--hf-experts", nargs="+", default=["eager", "grouped_mm"],
                     help="transformers experts implementations to time (batched_mm copies each "
@@ -72,7 +72,7 @@ def main() -> None:
                     help="transformers attention implementations to time")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    apply_keep_freed_memory(args)
+    apply_host_settings(args)
     cfg = build_config(args.preset)
     for k, v in {**FAMILIES["deepseek_v3"], "n_group": 1, "topk_group": 1}.items():
         setattr(cfg.model, k, v)

@@ -616,7 +616,8 @@ def _check_loaded(path, info: dict) -> None:
                         f"({_shown(missing)}), which would start random; a partial download or copy, or a config.json "
                         "of another model: complete the files or fix config.json")
     if mismatched:
-        detail = _shown(f"{name} {tuple(have)} where config.json gives {tuple(want)}" for name, have, want in mismatched)
+        detail = _shown(f"{name} {tuple(have)} where config.json gives {tuple(want)}"
+                        for name, have, want in mismatched)
         raise UserError(f"cannot load {path}: {len(mismatched)} tensor(s) have another shape than its config.json "
                         f"gives ({detail}); a config.json of another model size: fix it or use the model's own")
 

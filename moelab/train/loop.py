@@ -833,7 +833,8 @@ def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
         f"active) | {run.optimizer.describe()} | "
         f"{run.data.train_windows.shape[0]} train / {run.data.val_windows.shape[0]} val windows | "
         f"{run.device} {t.precision}"
-        + (f" (fp32 products through oneDNN: {run.fp32_speedup:.1f}x the default BLAS here)" if run.fp32_speedup else "")
+        + (f" (fp32 products through oneDNN: {run.fp32_speedup:.1f}x the default BLAS here)"
+           if run.fp32_path == "onednn" else "")
         + (f" | resumed at step {run.step}" if run.step else "")
         + (f" | weights from {t.init_from}" if t.init_from and not run.step else ""))
     if run.resumed_from is not None:
