@@ -126,9 +126,9 @@ def fast_fp32_matmuls(mode: str = "auto"):
     explicit scores (`explicit_scores_cpu`), whose batched products gain the same way, and
     experts' row counts are bucketed as in bf16 (oneDNN builds a kernel per shape;
     `bucket_rows_here`). Yields (path, speedup): "onednn" with its measured speedup, or "default"
-    with None. Left alone: a switch the user set (`torch.
-    set_float32_matmul_precision("medium")` selects bf16 there too). Restored on exit. Whole fp32
-    training steps, AMD Zen 5, 2 cores: tiny preset 1.60x, exp3 with MLA 1.76x."""
+    with None. Left alone: a switch the user set (`set_float32_matmul_precision("medium")`
+    selects bf16 there too). Restored on exit. Whole fp32 training steps, AMD Zen 5, 2 cores:
+    tiny preset 1.60x, exp3 with MLA 1.76x."""
     global _onednn_fp32
     if mode == "default" or _fp32_precision() not in ("none", "ieee") or _onednn_fp32:
         yield "default", None
