@@ -793,9 +793,9 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
         try:  # (the model is compiled, if at all, at its first call: inside, so for the path chosen here)
             with fast_fp32_matmuls(_fp32_mode(run)) as (run.fp32_path, run.fp32_speedup):
                 if run.saved_fp32_path == "onednn" != run.fp32_path and run.device.type == "cpu":
-                    run.notes.append("note: this run's fp32 products went through oneDNN, which this machine "
-                                     + ("was told not to use (train.fast_fp32_matmul=false)"
-                                        if not cfg.train.fast_fp32_matmul else "cannot run exactly in fp32")
+                    run.notes.append("note: this run's fp32 products went through oneDNN, which "
+                                     + ("train.fast_fp32_matmul=false turns off" if not cfg.train.fast_fp32_matmul
+                                        else "cannot compute them exactly in fp32 on this machine")
                                      + ": from here on they use the default BLAS, so the later updates are not "
                                        "bit-identical to an uninterrupted run's (they agree to fp32 rounding)")
                 summary = _train(run, progress, smoke)
