@@ -474,7 +474,7 @@ def skipped_note(skipped: list[dict], manifest: str | Path, kinds: int = 4) -> s
     parts = [f"{n:,} {why} ({'first: ' * (n > 1)}{first})" for why, (n, first) in ranked[:kinds]]
     if len(ranked) > kinds:
         rest = sum(n for _, (n, _) in ranked[kinds:])
-        parts.append(f"{rest} for {len(ranked) - kinds} other reason{'s' * (len(ranked) - kinds > 1)}")
+        parts.append(f"{rest:,} for {len(ranked) - kinds} other reason{'s' * (len(ranked) - kinds > 1)}")
     return (f"note: {len(skipped):,} input{'s' * (len(skipped) > 1)} skipped, not in the data: " + "; ".join(parts)
             + f" (each with its reason: {manifest}, \"skipped\")")
 
