@@ -33,15 +33,21 @@ def cpu_matmul_slowdown(dtype: torch.dtype, n: int = 256, reps: int = 5) -> floa
 @functools.cache
 def _cpu_matmul_slowdown(dtype: torch.dtype, n: int, reps: int, _fp32_path: str) -> float:
     pairs = {dt: (torch.ones(n, n, dtype=dt), torch.ones(n, n, dtype=dt)) for dt in (dtype, torch.float32)}
-    best = dict.fromkeys(pairs, float("inf"))
-    for dt, (a, b) in pairs.items():
-        a @ b  # first call: kernel selection, page faults
-    for _ in range(reps):
-        for dt, (a, b) in pairs.items():
-            t = time.perf_counter()
-            a @ b
-            best[dt] = min(best[dt], time.perf_counter() - t)
+    best = _best_times({dt: lambda a=a, b=b: a @ b for dt, (a, b) in pairs.items()}, reps)
     return best[dtype] / max(best[torch.float32], 1e-9)
+
+
+def _best_times(calls: dict, reps: int) -> dict:
+    """The best of `reps` timings of each call, the calls interleaved so that a busy spell on a
+    shared machine slows them all; a first untimed round for kernel selection and page faults."""
+    best = dict.fromkeys(calls, float("inf"))
+    for i in range(reps + 1):
+        for key, call in calls.items():
+            t = time.perf_counter()
+            call()
+            if i:
+                best[key] = min(best[key], time.perf_counter() - t)
+    return best
 
 
 def fast_bf16_matmuls(device: torch.device) -> bool:
@@ -104,14 +110,12 @@ def onednn_fp32_speedup(shape: tuple[int, int, int] = (1024, 256, 256), reps: in
             return 0.0
         m, k, n = shape
         a, b = torch.rand(m, k), torch.rand(k, n)
-        best = {"none": float("inf"), "bf16": float("inf")}
-        for i in range(reps + 1):  # the first round untimed: kernel selection, page faults
-            for path in best:
-                _set_fp32_precision(path)
-                t = time.perf_counter()
-                a @ b
-                if i:
-                    best[path] = min(best[path], time.perf_counter() - t)
+
+        def product(path: str):
+            _set_fp32_precision(path)  # inside the timing: ~1 us against ~0.5 ms
+            return a @ b
+
+        best = _best_times({path: lambda path=path: product(path) for path in ("none", "bf16")}, reps)
         return best["none"] / max(best["bf16"], 1e-9)
     finally:
         _set_fp32_precision(before)
