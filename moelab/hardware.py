@@ -151,6 +151,13 @@ def fast_fp32_matmuls(mode: str = "auto"):
         _set_fp32_precision(before)
 
 
+def fp32_mode_for(device: torch.device, tokens: int, width: int) -> str:
+    """`fast_fp32_matmuls` mode for work of `tokens` x `width` activations per model call on
+    `device`: "auto" (measure, switch where faster) on CPU from FAST_FP32_MIN_WORK up, else
+    "default" (smaller products gain less than oneDNN's per-call overhead; GPUs are not concerned)."""
+    return "auto" if device.type == "cpu" and tokens * width >= FAST_FP32_MIN_WORK else "default"
+
+
 def onednn_fp32_active() -> bool:
     """Inside `fast_fp32_matmuls`, switched on."""
     return _onednn_fp32

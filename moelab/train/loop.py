@@ -29,7 +29,7 @@ from moelab.errors import UserError
 from moelab.eval.language import xz_bits_per_byte
 from moelab.eval.metrics import evaluate, spread_windows
 from moelab.files import write_atomic
-from moelab.hardware import FAST_FP32_MIN_WORK, fast_fp32_matmuls
+from moelab.hardware import fast_fp32_matmuls, fp32_mode_for
 from moelab.models import MoETransformer
 from moelab.models.accounting import parameter_table
 from moelab.models.router import update_selection_bias
@@ -811,7 +811,7 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
 
 def _fp32_mode(run: Run) -> str:
     """How `fast_fp32_matmuls` picks fp32 products' path for this run: measured for a new CPU run
-    whose micro-batches hold at least FAST_FP32_MIN_WORK tokens x model width; a resume takes its
+    whose micro-batches are large enough (`fp32_mode_for`); a resume takes its
     checkpoint's (the same kernels, so bit-identical updates) unless train.fast_fp32_matmul=false;
     else the default BLAS."""
     t = run.cfg.train
@@ -819,7 +819,7 @@ def _fp32_mode(run: Run) -> str:
         return "default"
     if run.saved_fp32_path is not None:
         return run.saved_fp32_path
-    return "auto" if t.batch_size * t.seq_len * run.cfg.model.d_model >= FAST_FP32_MIN_WORK else "default"
+    return fp32_mode_for(run.device, t.batch_size * t.seq_len, run.cfg.model.d_model)
 
 
 def _train(run: Run, progress: bool | None, smoke: bool) -> dict:

@@ -187,6 +187,36 @@ def test_xz_reference_equals_the_xz_program(trained, tmp_path):
         assert r["xz_bpb"] == pytest.approx(8 * size / len(data), abs=8 * 16 / len(data))  # same up to a few bytes
 
 
+def test_fp32_evaluation_takes_onednn_products_where_training_would_and_keeps_fp32_numbers(trained):
+    """Batches of at least FAST_FP32_MIN_WORK tokens x width evaluate with fp32 products through
+    oneDNN where `fast_fp32_matmuls` finds that exact and faster here (as training does), smaller
+    ones and a run that turned it off on the default BLAS; the metrics agree to fp32 rounding."""
+    import moelab.hardware as hw
+
+    target = load_target(str(trained / "run"))
+    seen = []
+    hook = target.model.register_forward_pre_hook(lambda m, a: seen.append(hw.onednn_fp32_active()))
+    fast = hw.onednn_fp32_speedup() >= hw.FAST_FP32_FACTOR  # AMD Zen 5, 2 cores: 1.9-2.3x
+    width = 64 * target.model.cfg.d_model  # 64-token windows
+    assert width * 32 >= hw.FAST_FP32_MIN_WORK > width * 4
+    try:
+        results = {}
+        for name, batch, switch in [("big", 32, True), ("small", 4, True), ("off", 32, False)]:
+            target.cfg.train.fast_fp32_matmul = switch
+            seen.clear()
+            results[name] = r = eval_language(target, split="train", max_windows=32, batch_size=batch, reference=False)
+            on = fast and name == "big"
+            assert seen and set(seen) == {on} and r.get("fp32_matmul") == ("onednn" if on else None), name
+        assert not hw.onednn_fp32_active()
+    finally:
+        hook.remove()
+        target.cfg.train.fast_fp32_matmul = True
+    assert results["big"]["tokens"] == results["off"]["tokens"] == 32 * 64
+    for key in ("loss", "bpb"):
+        assert results["big"][key] == pytest.approx(results["off"][key], rel=1e-6)
+        assert results["small"][key] == pytest.approx(results["off"][key], rel=1e-6)
+
+
 def test_cli_eval_matches_the_runs_final_evaluation(trained, tmp_path):
     summary = json.loads((trained / "run" / "summary.json").read_text())
     res = moelab("eval", trained / "run", "--json", tmp_path / "e.json", "--device", "cpu")
