@@ -29,7 +29,7 @@ from moelab.errors import UserError
 from moelab.eval.language import xz_bits_per_byte
 from moelab.eval.metrics import evaluate, spread_windows
 from moelab.files import write_atomic
-from moelab.hardware import fast_fp32_matmuls, fp32_mode_for
+from moelab.hardware import fast_fp32_matmuls, fp32_mode_for, measured_fp32_path
 from moelab.models import MoETransformer
 from moelab.models.accounting import parameter_table
 from moelab.models.router import update_selection_bias
@@ -811,15 +811,21 @@ def train(cfg: Config, out: str | None = None, resume: str | None = None,
 
 def _fp32_mode(run: Run) -> str:
     """How `fast_fp32_matmuls` picks fp32 products' path for this run: measured for a new CPU run
-    whose micro-batches are large enough (`fp32_mode_for`); a resume takes its
-    checkpoint's (the same kernels, so bit-identical updates) unless train.fast_fp32_matmul=false;
-    else the default BLAS."""
+    whose micro-batches are large enough (`fp32_mode_for`; under torchrun, rank 0 measures for
+    all); a resume takes its checkpoint's (the same kernels, so bit-identical updates) unless
+    train.fast_fp32_matmul=false; else the default BLAS."""
     t = run.cfg.train
     if run.device.type != "cpu" or not t.fast_fp32_matmul:
         return "default"
     if run.saved_fp32_path is not None:
         return run.saved_fp32_path
-    return fp32_mode_for(run.device, t.batch_size * t.seq_len, run.cfg.model.d_model)
+    mode = fp32_mode_for(run.device, t.batch_size // dp.world() * t.seq_len, run.cfg.model.d_model)
+    if mode == "auto" and dp.active():
+        # rank 0's measurement for every rank: each timing its own (on a shared, busy machine) could
+        # split them, and a resume, which takes the checkpoint's (rank 0's) path everywhere, would
+        # then not repeat the other ranks' products
+        mode = dp.share(measured_fp32_path() if dp.rank() == 0 else None)
+    return mode
 
 
 def _train(run: Run, progress: bool | None, smoke: bool) -> dict:

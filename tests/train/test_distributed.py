@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
 
 from moelab import load_model
+from moelab.hardware import FAST_FP32_FACTOR
 from moelab.train.checkpoint import list_checkpoints
 
 # grad_accum 2: accumulation and the per-micro-batch balancing loss over ranks; z-loss and the
@@ -91,3 +94,36 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_one_line(prepared, tmp_pa
     assert errors == ["moelab: error: train.batch_size=7 does not split evenly over 2 processes; "
                       "use a multiple of 2"], res.stderr
     assert not (tmp_path / "odd").exists()
+
+
+def _fp32_choice(rank: int, init: str, speedups: tuple, out: str):
+    """One gloo rank: the fp32 products' path a new run takes when this rank would time oneDNN at
+    speedups[rank] (a busy machine's measurements differ by process)."""
+    import torch.distributed as dist
+
+    import moelab.hardware as hw
+    from moelab.config import build_config
+    from moelab.train.loop import _fp32_mode
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        real = hw.onednn_fp32_speedup()
+        hw.onednn_fp32_speedup = lambda *a, **k: speedups[rank] if real else 0.0
+        run = types.SimpleNamespace(device=torch.device("cpu"), cfg=build_config("exp3"), saved_fp32_path=None)
+        with hw.fast_fp32_matmuls(_fp32_mode(run)) as (path, _):
+            Path(out, f"rank{rank}").write_text(f"{path} {bool(real)}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("speedups", [(2.0, 1.0), (1.0, 2.0)])
+def test_every_rank_takes_rank_0s_fp32_path(tmp_path, speedups):
+    """Under torchrun the ranks run fp32 products on the path rank 0 measured, not each its own:
+    a resume sets every rank to the checkpoint's (rank 0's) path, so a split would not repeat."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fp32_choice, args=(f"file://{tmp_path / 'init'}", speedups, str(tmp_path)), nprocs=2)
+    paths = [(tmp_path / f"rank{r}").read_text().split() for r in range(2)]
+    exact = paths[0][1] == "True"  # oneDNN computes fp32 exactly here (no AMX rounding): the choice is open
+    want = "onednn" if exact and speedups[0] >= FAST_FP32_FACTOR else "default"
+    assert [p[0] for p in paths] == [want, want]
