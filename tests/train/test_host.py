@@ -65,3 +65,23 @@ def test_the_users_own_malloc_settings_win():
     code = "from moelab.train.host import keep_freed_memory\nassert not keep_freed_memory()\n"
     faults = _faults(code, {"MALLOC_TRIM_THRESHOLD_": "131072"})  # glibc's default, chosen explicitly
     assert faults > PAGES / 2
+
+
+def test_a_cpu_evaluation_reuses_freed_memory_unless_its_run_turned_that_off(trained, tmp_path):
+    """`load_target` (eval, generate, routing) tunes malloc as training does, and keeps a run's
+    train.keep_freed_memory=false."""
+    import shutil
+
+    load = "from moelab.eval.target import load_target\nload_target({!r}, 'cpu')\n"
+    on = _faults(load.format(str(trained / "run")))
+    off_run = tmp_path / "run"
+    shutil.copytree(trained / "run" / "tokenizer", off_run / "tokenizer")
+    ckpt = sorted((trained / "run" / "checkpoints").iterdir())[-1]
+    shutil.copytree(ckpt, off_run / "checkpoints" / ckpt.name)
+    config = off_run / "checkpoints" / ckpt.name / "config.yaml"
+    text = config.read_text()
+    assert "keep_freed_memory: true" in text
+    config.write_text(text.replace("keep_freed_memory: true", "keep_freed_memory: false"))
+    off = _faults(load.format(str(off_run)))
+    assert off > PAGES / 2, f"glibc defaults should fault on reused blocks here ({off} per round)"
+    assert on < PAGES / 50, f"tuned process still faults {on} times per round of {PAGES} pages"
