@@ -30,8 +30,20 @@ def score_tokens(out, h_ND: torch.Tensor, y_N: torch.Tensor, vocab_size: int,
     for h_cD, y_c in zip(h_ND.split(rows), y_N.split(rows)):
         logits = out.project(h_cD).float()
         nll += F.cross_entropy(logits, y_c, reduction="sum").double()
-        hits += (logits.argmax(-1) == y_c).sum()
+        hits += argmax_hits(logits, y_c)
     return nll, hits
+
+
+def argmax_hits(logits_NV: torch.Tensor, y_N: torch.Tensor) -> torch.Tensor:
+    """How many rows' argmax (the first maximum, as `argmax` picks; NaN counts as the maximum) is
+    the target: `(logits.argmax(-1) == y).sum()`. On CPU, argmax runs only on the rows whose target
+    logit is the maximum (or that hold a NaN), the only rows that can count: argmax over a 512 x
+    8192 chunk took 2.2 ms against amax's 0.1 (2 cores), a tenth of `moelab eval`'s time."""
+    if logits_NV.device.type != "cpu":  # fast there; selecting rows would sync the device
+        return (logits_NV.argmax(-1) == y_N).sum()
+    top_N = logits_NV.amax(-1)
+    rows = ((logits_NV.gather(1, y_N[:, None])[:, 0] == top_N) | top_N.isnan()).nonzero()[:, 0]
+    return (logits_NV[rows].argmax(-1) == y_N[rows]).sum()
 
 
 def spread_windows(windows, n: int):

@@ -50,6 +50,32 @@ def _head_rows(model):
     return seen, model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
 
 
+def test_argmax_hits_counts_what_argmax_counts_with_ties_and_nans():
+    """Accuracy's hit count equals `(argmax == target).sum()`: rows whose target ties the maximum
+    after an earlier index (argmax takes the first: a miss), at it or before it (a hit), all-equal
+    rows (an untrained head), NaN rows, and ordinary ones."""
+    from moelab.eval.metrics import argmax_hits
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 97, generator=g)
+    y = torch.randint(0, 97, (400,), generator=g)
+    top = x.amax(-1, keepdim=True) + 1  # above every other logit of its row
+    y[:100] = x[:100].argmax(-1)  # hits
+    x[100:150, 5] = top[100:150, 0]  # target ties the maximum at index 5, the first: a hit
+    x[100:150, 70] = top[100:150, 0]
+    y[100:150] = 5
+    x[150:200, 3] = top[150:200, 0]  # ... after an earlier one at 3: a miss
+    x[150:200, 60] = top[150:200, 0]
+    y[150:200] = 60
+    x[200:220] = 1.5  # all equal: argmax is 0
+    y[200:210] = 0
+    x[220:230, 7] = float("nan")  # argmax is the NaN's index
+    y[220:225] = 7
+    expected = (x.argmax(-1) == y).sum().item()
+    assert argmax_hits(x, y).item() == expected
+    assert 100 + 50 + 10 + 5 <= expected < 200  # every kind of row above is there
+
+
 def test_evaluation_projects_chunks_of_positions_not_whole_batches(trained):
     """The head never sees more than `chunk_logits` / V positions at once (a whole batch's (B, S, V)
     logits were 10 GB for a 152K vocabulary), and chunking changes no metric."""
