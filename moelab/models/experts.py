@@ -139,6 +139,8 @@ class Experts(nn.Module):
             return experts_reference(x_TD, idx_TK, weights_TK, *self._weights(x_TD.dtype),
                                      act=self.act_name, glu=self.glu)
         T, K = idx_TK.shape
+        if T == 1 and device == "cpu" and not torch.is_grad_enabled():
+            return self._one_token(x_TD, idx_TK, weights_TK)
         order_N = idx_TK.flatten().argsort(stable=True)  # slots sorted by expert
         weights = self._weights(x_TD.dtype)
         backend = pick_backend(backend, x_TD.device, x_TD.dtype, tuple(self.down_proj.shape[1:]))
@@ -170,6 +172,22 @@ class Experts(nn.Module):
             h_NF = self.act(lin(x_ND, weights[0]))
         y_ND = lin(h_NF, weights[-1])
         return combine(y_ND, weights_TK, slot_R)
+
+
+    def _one_token(self, x_1D: torch.Tensor, idx_1K: torch.Tensor, weights_1K: torch.Tensor) -> torch.Tensor:
+        """One token without autograd on CPU (decoding one sequence): its K experts' products
+        directly, each expert's weights cast alone, summed in the grouped path's order. The grouped
+        path's sort, layout and per-expert calls (most of them on no rows) cost more than the
+        products here: exp3's MoE layer took 229 us a token, transformers' Mixtral block 136."""
+        w_K = weights_1K[0].to(x_1D.dtype)
+        out_1D = None
+        for k, e in enumerate(idx_1K[0].tolist()):  # K, a handful: not a loop over tokens or experts
+            w_in = [w[e].to(x_1D.dtype) for w in self._in_weights()]
+            h_1F = gated(x_1D @ w_in[0].t(), x_1D @ w_in[1].t(), act=self.act_name) if self.glu \
+                else self.act(x_1D @ w_in[0].t())
+            y_1D = h_1F @ self.down_proj[e].to(x_1D.dtype).t()
+            out_1D = y_1D.mul_(w_K[k]) if out_1D is None else out_1D.add_(y_1D.mul_(w_K[k]))
+        return out_1D
 
 
 def bucket_rows_here(x_TD: torch.Tensor) -> bool:

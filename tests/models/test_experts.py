@@ -133,6 +133,43 @@ def test_hand_written_backwards_pass_gradcheck():
     torch.testing.assert_close(combine(y, w, order), expected)
 
 
+@pytest.mark.parametrize("glu", [True, False])
+def test_one_token_without_gradients_runs_only_its_experts_products(glu):
+    """Decoding one sequence on CPU: the token's K experts' products alone (3 GEMMs each with a
+    gate, 2 without), no sort and no grouped call over every expert; the reference's outputs, in
+    fp32 and under bf16 autocast (each expert's weights cast alone, to the autocast dtype)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    E, D, F, K = 6, 16, 24, 2
+    experts = Experts(E, D, F, glu=glu)
+    experts.reset_parameters(0.2, 0.2)
+    x, idx, w, counts = _inputs(T=1, D=D, E=E, K=K)
+    x, w = x.float(), w.float()
+    weights = [experts.gate_proj, experts.up_proj, experts.down_proj] if glu else [experts.up_proj, experts.down_proj]
+    with torch.no_grad():
+        with Ops() as ops:
+            out = experts(x, idx, w, counts)
+        ref = experts_reference(x.double(), idx, w.double(), *(p.double() for p in weights), glu=glu)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = experts(x, idx, w, counts)
+        bf16 = Experts(E, D, F, glu=glu, backend="loop").to(torch.bfloat16)
+        bf16.load_state_dict(experts.state_dict())
+        half_ref = bf16(x.bfloat16(), idx, w, counts)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-6
+    assert half.dtype == torch.bfloat16 and float((half - half_ref).float().norm() / half_ref.float().norm()) < 1e-2
+    assert "_grouped_mm" not in ops.names and "sort" not in ops.names, ops.names
+    assert ops.names.count("mm") == K * (3 if glu else 2), ops.names
+
+
 @pytest.mark.parametrize("backend", ["grouped", "padded", "loop"])
 def test_experts_under_autocast_run_in_the_autocast_dtype(backend):
     """x arrives in fp32 (a norm's output) under bf16 autocast: the experts' matmuls must run in
