@@ -173,7 +173,6 @@ class Experts(nn.Module):
         y_ND = lin(h_NF, weights[-1])
         return combine(y_ND, weights_TK, slot_R)
 
-
     def _one_token(self, x_1D: torch.Tensor, idx_1K: torch.Tensor, weights_1K: torch.Tensor) -> torch.Tensor:
         """One token without autograd on CPU (decoding one sequence): its K experts' products
         directly, each expert's weights cast alone, summed in the grouped path's order. The grouped
