@@ -37,9 +37,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = MoETransformer(cfg.model, device=device).eval()
         prompt = torch.randint(0, 8192, (args.prompt,)).tolist()
-        same = generate_ids(model, prompt, args.new, use_cache=True)[0] == \
-            generate_ids(model, prompt, args.new, use_cache=False)[0]
         ours = generate_ids(model, prompt, args.new, use_cache=True)[0]
+        same = ours == generate_ids(model, prompt, args.new, use_cache=False)[0]
         fns = {"cache": lambda: generate_ids(model, prompt, args.new, use_cache=True),
                "full": lambda: generate_ids(model, prompt, args.new, use_cache=False)}
         hf = None if args.no_hf else _transformers_twin(model, device)
