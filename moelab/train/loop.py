@@ -59,6 +59,7 @@ class Run:
     tokens: int = 0  # training tokens consumed
     expert_counts_LE: torch.Tensor | None = None  # slots routed to each expert, whole run
     best: dict = field(default_factory=lambda: {"val_loss": math.inf, "step": -1, "bad_evals": 0})
+    evaluated_at: int = -1  # the update of the last periodic evaluation (-1: none, or a checkpoint from before)
     provenance: dict = field(default_factory=dict)
     resumed_from: Path | None = None
     # fp32 products' path (moelab.hardware.fast_fp32_matmuls): "onednn" (then this much faster than
@@ -70,8 +71,10 @@ class Run:
     set_aside: Path | None = None  # where a rewind in place moved the abandoned later checkpoints
     lock: RunLock | None = None  # held from setup to the end of train()
     restarted: bool = False  # --resume auto on a run that had stopped before its first checkpoint
-    # a finished run extended (train.steps raised): it ended with its final evaluation, not the periodic
-    # one that a run going on past that update holds there, which the extension runs first
+    # a finished run extended (train.steps raised): the periodic evaluation that a run going on past
+    # that update holds there is due first. The finished run held it at its last update (counted for
+    # the best checkpoint and patience), and the extension only checks patience; checkpoints from
+    # before evaluated_at was saved ended with the final evaluation alone, and the extension runs it
     eval_due: bool = False
     started_new: bool = False  # --resume auto where --out held no run: a new one began there
     sinks: Sinks | None = None  # metrics.jsonl, TensorBoard, W&B: opened last in setup
@@ -309,7 +312,8 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
         before = Config.from_yaml_file(ckpt / "config.yaml")
         run.changed_on_resume = config_changes(before, cfg)
         _restore(run, ckpt)
-        run.eval_due = before.train.steps == run.step < t.steps and run.step % t.eval_every == 0
+        run.eval_due = before.train.steps == run.step < t.steps and (
+            run.evaluated_at == run.step or run.step % t.eval_every == 0)
         if note := schedule_note(before, cfg, run.step):
             run.notes.append(note)
         if writer and run_dir == ckpt.parent.parent:
@@ -665,7 +669,7 @@ def trainer_state(run: Run) -> dict:
             "schedule": schedule_state(run.step, t.steps, o.warmup, o.schedule, o.min_lr_ratio, o.decay_frac),
             "scaler": run.scaler.state_dict() if run.scaler is not None else {},
             "loader": run.loader.state_dict(), "rng": ck.rng_state(), "guard": run.guard.state_dict(),
-            "expert_counts": run.expert_counts_LE.cpu(), "best": dict(run.best),
+            "expert_counts": run.expert_counts_LE.cpu(), "best": dict(run.best), "evaluated_at": run.evaluated_at,
             "fingerprint": run.data.fingerprint, "fp32_matmul": run.fp32_path}
 
 
@@ -698,6 +702,7 @@ def _restore(run: Run, ckpt: Path) -> None:
         run.guard.load_state_dict(state["guard"])
         run.expert_counts_LE.copy_(state["expert_counts"])
         run.best.update(state["best"])
+        run.evaluated_at = int(state.get("evaluated_at", -1))
     if run.scaler is not None and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
 
@@ -870,7 +875,8 @@ def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
         first = run_eval(run)
         sinks.write({"step": 0, "split": "val", **first})
         say(f"step 0 val loss {first['loss']:.4f} bpb {first['bpb']:.3f}")
-    early_stopped = run.eval_due and _periodic_eval(run, say)
+    early_stopped = run.eval_due and (_periodic_eval(run, say) if run.evaluated_at != run.step
+                                      else _patience_spent(run, say))
     forward = torch.compile(run.model) if t.compile else run.model
     autocast = autocast_for(run.device, t.precision)
     bar = _progress_bar(progress, run.step, t.steps)
@@ -903,8 +909,11 @@ def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
                     say(_train_line(rec, t.steps))
                 if note := window.collapse_note(rec):
                     _write(bar, say, note)
-            if run.step % t.eval_every == 0 and run.step < t.steps:
-                early_stopped = _periodic_eval(run, lambda m: _write(bar, say, m))
+            if run.step % t.eval_every == 0 or run.step == t.steps:
+                # the last update's too: `best` and the validation curve take in the final weights,
+                # measured on the same windows as every periodic evaluation (the final evaluation
+                # after the loop reads the whole split, which no earlier result can be ranked against)
+                early_stopped = _periodic_eval(run, lambda m: _write(bar, say, m), last=run.step == t.steps)
                 window.reset_clock()
             if choice and t.choice_every and run.step % t.choice_every == 0 and run.step < t.steps and is_rank0():
                 _run_choice(run, choice, sinks, lambda m: _write(bar, say, m))
@@ -1054,28 +1063,37 @@ def _run_choice(run: Run, tasks: list, sinks, say) -> list[dict]:
     return results
 
 
-def _periodic_eval(run: Run, say) -> bool:
-    """The evaluation every train.eval_every updates: logged, said, and counted for the best
-    checkpoint and early stopping. True when patience ran out."""
+def _periodic_eval(run: Run, say, last: bool = False) -> bool:
+    """The evaluation every train.eval_every updates and at the last one: logged, said, and counted
+    for the best checkpoint and early stopping. True when patience ran out with updates left to
+    skip (not at the `last` update: the run is complete, not stopped early)."""
     ev = run_eval(run)
+    run.evaluated_at = run.step
     run.sinks.write({"step": run.step, "split": "val", **ev})
     say(f"step {run.step} val loss {ev['loss']:.4f} bpb {ev['bpb']:.3f}")
-    if stop := _track_best(run, ev):
-        say(f"early stop: no validation improvement in {run.cfg.train.patience} evaluations "
-            f"(best {run.best['val_loss']:.4f} at step {run.best['step']})")
-    return stop
+    _track_best(run, ev)
+    return not last and _patience_spent(run, say)
 
 
-def _track_best(run: Run, ev: dict) -> bool:
-    """Record a validation result; save `best` on improvement. True when patience ran out."""
+def _track_best(run: Run, ev: dict) -> None:
+    """Record a validation result; save `best` on improvement, else count a bad evaluation."""
     t, best = run.cfg.train, run.best
     if ev["loss"] < best["val_loss"] - t.min_delta:
         best.update(val_loss=ev["loss"], step=run.step, bad_evals=0)
         if t.keep_best:
             save(run, {"val": ev}, name="best")
+    else:
+        best["bad_evals"] += 1
+
+
+def _patience_spent(run: Run, say) -> bool:
+    """Whether the evaluations since the best one have used up train.patience (0: never); said."""
+    t, best = run.cfg.train, run.best
+    if not (t.patience > 0 and best["bad_evals"] >= t.patience):
         return False
-    best["bad_evals"] += 1
-    return t.patience > 0 and best["bad_evals"] >= t.patience
+    say(f"early stop: no validation improvement in {t.patience} evaluations "
+        f"(best {best['val_loss']:.4f} at step {best['step']})")
+    return True
 
 
 def smoke_check(run: Run, summary: dict) -> dict:

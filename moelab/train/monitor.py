@@ -184,8 +184,13 @@ def plot_curves(metrics_path: Path, out_png: Path) -> Path | None:
     ax = axes[0][0]
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
-    if val:
-        ax.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation", ms=3)
+    periodic = [r for r in val if not r.get("final")]  # all on the same windows (train.eval_windows)
+    if periodic:
+        ax.plot([r["step"] for r in periodic], [r["loss"] for r in periodic], "o-", label="validation", ms=3)
+    final = [r for r in val if r.get("final")]  # the whole split: not points of the same curve
+    if final:
+        ax.plot([r["step"] for r in final], [r["loss"] for r in final], "k*", ms=9, ls="none",
+                label="final evaluation (whole validation split)")
     ax.set(title="loss (nats/token)", xlabel="update")
     ax.legend()
     for ax, key, title in ((axes[0][1], "lr", "learning rate (first group)"),

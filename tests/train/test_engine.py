@@ -138,7 +138,7 @@ def test_low_precision_trains_evaluates_and_resumes_exactly(tmp_path, prepared, 
     state = load_trainer_state(list_checkpoints(tmp_path / "full")[-1])
     if precision == "fp16":
         assert state["scaler"]["scale"] > 0
-        assert "loss_scale" in _records(tmp_path / "full")[-2]
+        assert "loss_scale" in [r for r in _records(tmp_path / "full") if r["split"] == "train"][-1]
     _run(tmp_path, prepared, *args, name="part")
     import shutil
 
@@ -197,6 +197,40 @@ def test_an_extended_run_evaluates_where_a_longer_run_does(tmp_path, prepared):
         shutil.rmtree(later)
     _run(tmp_path, prepared, name="cut", resume="auto")
     assert periodic("cut") == periodic("whole")
+
+
+def test_the_best_checkpoint_takes_in_the_last_update(tmp_path, prepared):
+    """The last update is evaluated on the periodic windows too, off the train.eval_every cadence
+    included: `best` could otherwise never be the final weights, the ones a decayed LR makes best,
+    and the validation curve stopped short of the run's end."""
+    _run(tmp_path, prepared, "train.steps=12", "train.eval_every=5")
+    periodic = {r["step"]: r["loss"] for r in _records(tmp_path / "run") if r["split"] == "val" and not r.get("final")}
+    assert sorted(periodic) == [0, 5, 10, 12]
+    del periodic[0]  # the untrained model is not a candidate
+    best = tmp_path / "run" / "checkpoints" / "best"
+    meta = json.loads((best / "meta.json").read_text())
+    assert meta["step"] == min(periodic, key=periodic.get) and meta["val"]["loss"] == min(periodic.values())
+    last = load_trainer_state(list_checkpoints(tmp_path / "run")[-1])
+    assert last["best"]["step"] == meta["step"] and last["evaluated_at"] == 12
+    if meta["step"] == 12:  # the usual case: then `best` holds the final weights
+        assert (best / "model.safetensors").read_bytes() == \
+            (list_checkpoints(tmp_path / "run")[-1] / "model.safetensors").read_bytes()
+
+
+def test_patience_spent_at_the_last_update_stops_an_extension_at_once(tmp_path, prepared):
+    """A run ending where its patience runs out is complete, not stopped early. Extended (train.steps
+    raised), it stops before any update, where a run of the longer length stopped."""
+    args = ("train.eval_every=5", "train.patience=2", "train.min_delta=100", "optim.schedule=constant")
+    whole = _run(tmp_path, prepared, *args, "train.steps=30", name="whole")
+    assert whole["early_stopped"] and whole["steps"] == 15
+    short = _run(tmp_path, prepared, *args, "train.steps=15", name="ext")
+    assert not short["early_stopped"] and short["best"]["bad_evals"] == 2
+    s = _run(tmp_path, prepared, name="ext", resume="auto", overrides=("train.steps=30",))
+    assert s["early_stopped"] and s["steps"] == 15 and s["val_loss"] == whole["val_loss"]
+
+    def periodic(run):
+        return [(r["step"], r["loss"]) for r in _records(tmp_path / run) if r["split"] == "val" and not r.get("final")]
+    assert periodic("ext") == periodic("whole")
 
 
 def test_smoke_checks_a_config_end_to_end(tmp_path, prepared):
@@ -327,7 +361,8 @@ def test_resume_from_a_checkpoint_into_a_new_folder_forks_the_run(tmp_path, text
     run keeps every byte."""
     def run(name, resume=None, steps=6):
         cfg = build_config("test", None, [f"data.source={text_corpus}", "data.vocab_size=300",
-                                          f"train.steps={steps}", "train.save_every=2", "train.eval_every=2"])
+                                          f"train.steps={steps}", "train.save_every=2", "train.eval_every=2",
+                                          "train.min_delta=100"])  # best: the first evaluation, update 2
         return train(cfg, out=str(tmp_path / name), resume=resume, overrides=(f"train.steps={steps}",),
                      progress=False)
 
@@ -345,10 +380,10 @@ def test_resume_from_a_checkpoint_into_a_new_folder_forks_the_run(tmp_path, text
         (src / "tokenizer" / "tokenizer.json").read_bytes()
     assert [p.name for p in list_checkpoints(tmp_path / "fork")][-1] == "step_0000006"
     best = src / "checkpoints" / "best"
-    assert json.loads((best / "meta.json").read_text())["step"] == 4
+    assert json.loads((best / "meta.json").read_text())["step"] == 2
     run("fork4", resume=str(src / "checkpoints" / "step_0000004"))  # the source's best is the fork's too
     fork_best = tmp_path / "fork4" / "checkpoints" / "best"
-    assert json.loads((fork_best / "meta.json").read_text())["step"] == 4
+    assert json.loads((fork_best / "meta.json").read_text())["step"] == 2
     assert (fork_best / "model.safetensors").read_bytes() == (best / "model.safetensors").read_bytes()
     assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
     (tmp_path / "taken").mkdir()
