@@ -40,9 +40,13 @@ def _cmd_train(args) -> int:
         return 0
     if s.get("already_complete"):
         unused = s.get("not_applied")
-        print(f"{s['run_dir']} is already complete ({s['steps']} updates, val loss {s['val_loss']:.4f}); "
-              "nothing changed" + (f", and the settings given were not applied ({', '.join(unused)})" if unused else "")
-              + f". To train further, raise train.steps (e.g. train.steps={2 * s['steps']})")
+        early = s.get("early_stopped")
+        further = (f"raise train.patience above {s['best']['bad_evals']} (or 0: no early stopping)" if early
+                   else f"raise train.steps (e.g. train.steps={2 * s['steps']})")
+        print(f"{s['run_dir']} is already complete ({s['steps']} updates{', early stop' if early else ''}, "
+              f"val loss {s['val_loss']:.4f}); nothing changed"
+              + (f", and the settings given were not applied ({', '.join(unused)})" if unused else "")
+              + f". To train further, {further}")
         return 0
     if s["stopped"]:  # SIGTERM/SIGINT: the step finished and was saved; not an error
         print(f"stopped by {s['stopped']} after {s['steps']} updates; checkpoint saved | run {s['run_dir']}")

@@ -71,10 +71,9 @@ class Run:
     set_aside: Path | None = None  # where a rewind in place moved the abandoned later checkpoints
     lock: RunLock | None = None  # held from setup to the end of train()
     restarted: bool = False  # --resume auto on a run that had stopped before its first checkpoint
-    # a finished run extended (train.steps raised): the periodic evaluation that a run going on past
-    # that update holds there is due first. The finished run held it at its last update (counted for
-    # the best checkpoint and patience), and the extension only checks patience; checkpoints from
-    # before evaluated_at was saved ended with the final evaluation alone, and the extension runs it
+    # a finished run extended (train.steps raised) from a checkpoint from before evaluated_at was saved:
+    # it ended with its final evaluation alone, not the periodic one that a run going on past that
+    # update holds there, which the extension runs first (newer runs hold it at their last update)
     eval_due: bool = False
     started_new: bool = False  # --resume auto where --out held no run: a new one began there
     sinks: Sinks | None = None  # metrics.jsonl, TensorBoard, W&B: opened last in setup
@@ -312,8 +311,10 @@ def _setup(cfg: Config, run_dir: Path, ckpt: Path | None, smoke: bool, say=None,
         before = Config.from_yaml_file(ckpt / "config.yaml")
         run.changed_on_resume = config_changes(before, cfg)
         _restore(run, ckpt)
-        run.eval_due = before.train.steps == run.step < t.steps and (
-            run.evaluated_at == run.step or run.step % t.eval_every == 0)
+        if run.evaluated_at < 0 and 0 < run.step < before.train.steps and run.step % before.train.eval_every == 0:
+            run.evaluated_at = run.step  # a checkpoint from before evaluated_at, saved after that evaluation
+        run.eval_due = before.train.steps == run.step < t.steps and run.step % t.eval_every == 0 \
+            and run.evaluated_at != run.step
         if note := schedule_note(before, cfg, run.step):
             run.notes.append(note)
         if writer and run_dir == ckpt.parent.parent:
@@ -644,8 +645,11 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def _already_complete(resume: str, out: str | None, cfg: Config, overrides, config_given: bool = False) -> dict | None:
     """The saved summary, marked `already_complete`, when the checkpoint to resume is the end of a
-    finished run (train.steps reached, final evaluation written): there is nothing to train, and
-    running the final evaluation again would only rewrite the run's summary, metrics and report."""
+    finished run (train.steps reached, or stopped early with its patience still spent under the
+    settings given now; final evaluation written): there is nothing to train, and running the final
+    evaluation again would only rewrite the run's summary, metrics and report. An early-stopped run
+    resumed as if unfinished trained train.eval_every more updates, stopped early again and
+    rewrote its results: at every requeue of a job that passes --resume auto."""
     run_dir, ckpt, saved = _resume_target(resume, out, cfg, overrides, config_given)
     if ckpt is None:
         return None
@@ -654,7 +658,10 @@ def _already_complete(resume: str, out: str | None, cfg: Config, overrides, conf
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    if step is None or step < saved.train.steps or summary.get("steps") != step or summary.get("stopped"):
+    if step is None or summary.get("steps") != step or summary.get("stopped"):
+        return None
+    t, best = saved.train, summary.get("best") or {}
+    if step < t.steps and not (summary.get("early_stopped") and 0 < t.patience <= best.get("bad_evals", 0)):
         return None
     # the overrides given take effect only in updates to come: say which were given to no effect
     unused = config_changes(Config.from_yaml_file(ckpt / "config.yaml"), saved)
@@ -875,8 +882,11 @@ def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
         first = run_eval(run)
         sinks.write({"step": 0, "split": "val", **first})
         say(f"step 0 val loss {first['loss']:.4f} bpb {first['bpb']:.3f}")
-    early_stopped = run.eval_due and (_periodic_eval(run, say) if run.evaluated_at != run.step
-                                      else _patience_spent(run, say))
+    if run.eval_due:
+        early_stopped = _periodic_eval(run, say)
+    else:  # resumed where an evaluation was held: its patience, under the settings given now
+        early_stopped = run.resumed_from is not None and run.evaluated_at == run.step < t.steps \
+            and _patience_spent(run, say)
     forward = torch.compile(run.model) if t.compile else run.model
     autocast = autocast_for(run.device, t.precision)
     bar = _progress_bar(progress, run.step, t.steps)

@@ -176,6 +176,27 @@ def test_early_stopping_keeps_the_best(tmp_path, prepared):
     assert list_checkpoints(tmp_path / "run")[-1].name == "step_0000015"
 
 
+def test_an_early_stopped_run_is_complete_until_its_patience_is_raised(tmp_path, prepared):
+    """--resume auto on a run that stopped early trained train.eval_every more updates, stopped
+    early again and rewrote its results: at every requeue of a job that always passes --resume
+    auto. It is complete, as a finished run is, until train.patience is raised past its count."""
+    from tests.conftest import run_cli
+
+    args = ("train.eval_every=5", "train.patience=2", "train.min_delta=100", "optim.schedule=constant")
+    s = _run(tmp_path, prepared, *args, "train.steps=40")
+    assert s["early_stopped"] and s["steps"] == 15 and s["best"]["bad_evals"] == 2
+    run = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = _run(tmp_path, prepared, name="run", resume="auto")
+    assert again["already_complete"] and again["steps"] == 15
+    res = run_cli("train", "--out", str(run), "--resume", "auto", "train.patience=2")
+    assert res.returncode == 0 and "already complete (15 updates, early stop" in res.stdout, res.stderr
+    assert "raise train.patience above 2" in res.stdout
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing rewritten
+    more = _run(tmp_path, prepared, name="run", resume="auto", overrides=("train.patience=3",))
+    assert more["early_stopped"] and more["steps"] == 20 and more["best"]["bad_evals"] == 3
+
+
 def test_an_extended_run_evaluates_where_a_longer_run_does(tmp_path, prepared):
     """A finished run ends with its full final evaluation in place of the periodic one. Extended
     (train.steps raised), it runs that periodic evaluation first, so the best checkpoint and early
