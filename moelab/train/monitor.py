@@ -128,7 +128,8 @@ class Sinks:
                    and k != "step"}
         lists = {k: v for k, v in record.items()  # per-layer scalars (not the per-expert counts)
                  if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)}
-        prefix = record.get("split", "train")
+        # the final evaluation (whole split) apart from the periodic curve (train.eval_windows)
+        prefix = record.get("split", "train") + ("_final" if record.get("final") else "")
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"{prefix}/{k}", v, record["step"])

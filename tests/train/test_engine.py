@@ -316,6 +316,11 @@ def test_logged_metrics_at_the_cadence(tmp_path, prepared):
         tb = [(e.step, e.value) for e in acc.Scalars("train/loss")]
         assert tb == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in recs]
         assert "routing/load_cv/moe1" in acc.Tags()["scalars"]
+        val = [r for r in _records(tmp_path / "run") if r["split"] == "val"]  # periodic: one set of windows
+        assert [(e.step, e.value) for e in acc.Scalars("val/loss")] == \
+            [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in val if not r.get("final")]
+        assert [(e.step, e.value) for e in acc.Scalars("val_final/loss")] == \
+            [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in val if r.get("final")]
     png = tmp_path / "run" / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
