@@ -71,7 +71,8 @@ def add_host_settings(ap) -> None:
                          "process, so both sides run with them")
     ap.add_argument("--fast-fp32-matmul", action="store_true",
                     help="fp32 products through oneDNN where moelab train would switch to it "
-                         "(train.fast_fp32_matmul), for this whole process, so both sides run with it")
+                         "(train.fast_fp32_matmul; in bf16 runs too, for the fp32 attention scores), for "
+                         "this whole process, so both sides run with it")
 
 
 _HOST = contextlib.ExitStack()  # settings kept until the process ends
