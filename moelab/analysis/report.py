@@ -230,6 +230,13 @@ def build_blocks(run_dir: Path, routing_windows: int = 32, samples: int = 3,
                          f"x seq {t.seq_len}, {t.precision}, "
                          f"{throughput_text(summary)}"],
             ["skipped updates", ", ".join(f"{k} {v}" for k, v in summary.get("skipped", {}).items()) or "n/a"]]
+    best = summary.get("best") or {}
+    if best.get("step", -1) >= 0:  # the periodic evaluations' best, which checkpoints/best holds
+        kept = " (checkpoints/best)" if (run_dir / "checkpoints" / "best").is_dir() else ""
+        rows.append(["best validation", f"update {best['step']}: loss {best['val_loss']:.4f} on the periodic "
+                                        f"evaluation's {t.eval_windows or 'all'} windows{kept}"
+                     + (f"; stopped early, {t.patience} evaluations without improvement"
+                        if summary.get("early_stopped") else "")])
     blocks += [("h2", "Configuration"), ("table", ["", ""], rows),
                ("details", "Full resolved config (config.yaml)", (run_dir / "config.yaml").read_text())]
     params = parameter_table(target.model)

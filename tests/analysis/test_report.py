@@ -28,6 +28,8 @@ def test_report_written_at_the_end_of_training(trained):
     assert provenance["git_sha"] is None or provenance["git_sha"] in md
     assert "moelab train --preset test --out" in md and "train.report=true" in md  # the exact command
     assert f"{summary['val_loss']:.4f}" in md and f"{summary['val_xz_bpb']:.3f}" in md
+    best = summary["best"]
+    assert f"| best validation | update {best['step']}: loss {best['val_loss']:.4f} on the periodic" in md
     assert f"{summary['params']['total']:,}" in md and f"{summary['params']['active']:,}" in md
     for verdict_word in ("balanced", "moderate", "high imbalance", "collapse"):
         assert verdict_word in md  # the thresholds are printed
