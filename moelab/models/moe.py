@@ -26,9 +26,10 @@ class MoE(nn.Module):
             self.shared = MLP(cfg.d_model, cfg.n_shared_experts * cfg.shared_expert_dim,
                               cfg.ffn_act, cfg.ffn_glu)
 
-    def forward(self, x_BSD: torch.Tensor, route_cache: dict | None = None) -> tuple[torch.Tensor, RouterOutput]:
+    def forward(self, x_BSD: torch.Tensor, route_cache: dict | None = None,
+                stats: bool = True) -> tuple[torch.Tensor, RouterOutput]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        r = self.router(x_TD, n_seqs=x_BSD.shape[0], route_cache=route_cache)
+        r = self.router(x_TD, n_seqs=x_BSD.shape[0], route_cache=route_cache, stats=stats)
         y_TD = self.experts(x_TD, r.idx_TK, r.weights_TK, r.counts_E)
         if hasattr(self, "shared"):
             y_TD = y_TD + self.shared(x_TD)

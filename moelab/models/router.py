@@ -35,9 +35,10 @@ class RouterOutput:
     idx_TK: torch.Tensor  # chosen expert ids (int64)
     counts_E: torch.Tensor  # slots routed to each expert before capacity (int64); reduce: sum
     dropped_E: torch.Tensor  # slots dropped at each expert for lack of capacity (int64); reduce: sum
-    aux_loss: torch.Tensor  # Switch/GShard load-balancing loss (scalar, fp32; 1.0 when uniform)
-    seq_aux_loss: torch.Tensor  # DeepSeek-V3 sequence-wise balance loss (0 unless its coef is set)
-    z_loss: torch.Tensor  # router z-loss: mean(logsumexp(logits)^2) (scalar, fp32)
+    # the balance terms; None from a forward that asked for no statistics (`Router.forward`)
+    aux_loss: torch.Tensor | None  # Switch/GShard load-balancing loss (scalar, fp32; 1.0 when uniform)
+    seq_aux_loss: torch.Tensor | None  # DeepSeek-V3 sequence-wise balance loss (0 unless its coef is set)
+    z_loss: torch.Tensor | None  # router z-loss: mean(logsumexp(logits)^2) (scalar, fp32)
     layer: int = -1  # index of the transformer layer this router belongs to
 
 
@@ -86,14 +87,18 @@ class Router(nn.Module):
         allowed_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_TG, True)
         return allowed_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
 
-    def forward(self, x_TD: torch.Tensor, n_seqs: int = 1, route_cache: dict | None = None) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, n_seqs: int = 1, route_cache: dict | None = None,
+                stats: bool = True) -> RouterOutput:
         """`route_cache`: under activation checkpointing, the first forward stores its expert choices
         there and the recomputation reuses them, so backward always sees the routing the forward
-        used (even if a recomputed logit would tip a top-k tie the other way)."""
+        used (even if a recomputed logit would tip a top-k tie the other way). `stats=False`: no
+        balance terms (None), for a forward that has no use for them: a decoded token spent 5% of
+        its time on them (exp3, CPU)."""
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return self._route(x_TD.float(), n_seqs, route_cache)
+            return self._route(x_TD.float(), n_seqs, route_cache, stats)
 
-    def _route(self, x_TD: torch.Tensor, n_seqs: int, route_cache: dict | None = None) -> RouterOutput:
+    def _route(self, x_TD: torch.Tensor, n_seqs: int, route_cache: dict | None = None,
+               stats: bool = True) -> RouterOutput:
         T, E, K = x_TD.shape[0], self.n_experts, self.top_k
         logits_TE = F.linear(x_TD, self.weight.float())
         if self.training and hasattr(self, "noise_weight"):
@@ -134,6 +139,8 @@ class Router(nn.Module):
             dropped_E = counts_E - counts_E.clamp(max=cap)
         else:
             dropped_E = torch.zeros_like(counts_E)
+        if not stats:
+            return RouterOutput(weights_TK, idx_TK, counts_E, dropped_E, None, None, None, self.layer)
         # aux = E * sum_e f_e * P_e, f_e = share of the T*K assignments (no gradient),
         # P_e = mean router probability (carries the gradient). Equals 1 when uniform.
         if self.training and self.batch_share is not None:  # recomputation reuses the forward's shares

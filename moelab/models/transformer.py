@@ -66,11 +66,12 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg.d_model, cfg.dense_dim, cfg.ffn_act, cfg.ffn_glu)
 
-    def forward(self, x_BSD, cos_SR, sin_SR, route_cache: dict | None = None, kv: LayerCache | None = None):
+    def forward(self, x_BSD, cos_SR, sin_SR, route_cache: dict | None = None, kv: LayerCache | None = None,
+                stats: bool = True):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR, kv)
         h_BSD = self.mlp_norm(x_BSD)
         if hasattr(self, "moe"):
-            y_BSD, routing = self.moe(h_BSD, route_cache)
+            y_BSD, routing = self.moe(h_BSD, route_cache, stats)
             return x_BSD + y_BSD, routing
         return x_BSD + self.mlp(h_BSD), None
 
@@ -215,11 +216,14 @@ class MoETransformer(nn.Module):
         x_BSD = self.embed(input_ids)
         routing = []
         ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        # the routers' balance terms where a loss or a gradient may use them (not decoding, say)
+        stats = targets is not None or torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
             if ckpt:
                 x_BSD, r = checkpoint(blk, x_BSD, cos_SR, sin_SR, {}, use_reentrant=False)
             else:
-                x_BSD, r = blk(x_BSD, cos_SR, sin_SR, kv=cache.layers[i] if cache is not None else None)
+                x_BSD, r = blk(x_BSD, cos_SR, sin_SR, kv=cache.layers[i] if cache is not None else None,
+                               stats=stats)
             if r is not None:
                 routing.append(r)
         h_BSD = self.norm(x_BSD)

@@ -224,3 +224,39 @@ def test_bias_update_uses_the_whole_update_under_gradient_accumulation(tmp_path)
     update_selection_bias([router], micro1 + micro2, 0.1)  # totals 6 vs 8: expert 1 overloaded
     assert router.selection_bias.tolist() == pytest.approx([0.1, -0.1])
     assert math.isclose(float(router.selection_bias.sum()), 0.0, abs_tol=1e-7)
+
+
+def test_balance_terms_only_where_a_loss_or_a_gradient_can_use_them():
+    """Decoding (no targets, no gradients) skips the routers' aux, sequence and z terms (5% of a
+    decoded token); the routing is the same, and with targets or gradients the terms are there, as
+    the router computes them alone, and in the loss."""
+    from moelab.config import Config
+    from moelab.models import MoETransformer
+
+    cfg = Config()
+    cfg.model.d_model, cfg.model.n_layers, cfg.model.expert_dim = 64, 2, 64
+    cfg.model.seq_aux_loss_coef, cfg.model.z_loss_coef = 0.01, 0.001
+    cfg.resolve(vocab_size=300)
+    torch.manual_seed(0)
+    model = MoETransformer(cfg.model).eval()
+    x = torch.randint(0, 300, (2, 16))
+    y = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        plain = model(x, logits=False)
+        scored = model(x, targets=y)
+    graded = model(x)
+    assert all(r.aux_loss is None and r.seq_aux_loss is None and r.z_loss is None for r in plain.router)
+    for a, b, c in zip(plain.router, scored.router, graded.router):
+        assert torch.equal(a.idx_TK, b.idx_TK) and torch.equal(a.counts_E, c.counts_E)
+        assert torch.equal(a.weights_TK, b.weights_TK)
+        for name in ("aux_loss", "seq_aux_loss", "z_loss"):
+            assert getattr(b, name) is not None and torch.equal(getattr(b, name), getattr(c, name).detach())
+    with torch.no_grad():  # the layer's router alone, on the layer's input, gives the same terms
+        inputs = []
+        hook = model.blocks[0].moe.router.register_forward_hook(lambda mod, args, out: inputs.append(args[0]))
+        model(x, targets=y)
+        hook.remove()
+        alone = model.blocks[0].moe.router(inputs[0], n_seqs=2)
+    assert torch.equal(alone.z_loss, scored.router[0].z_loss) and torch.equal(alone.aux_loss, scored.router[0].aux_loss)
+    terms = scored.lm_loss + 0.01 * scored.aux_loss + 0.01 * scored.seq_aux_loss + 0.001 * scored.z_loss
+    assert scored.aux_loss is not None and torch.allclose(scored.loss, terms, rtol=0, atol=1e-6)
