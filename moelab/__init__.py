@@ -8,7 +8,7 @@ __all__ = ["load", "load_model", "Config", "__version__"]
 
 
 def __getattr__(name):
-    if name == "load":  # load(path, device="cpu") -> .model (eval mode), .tokenizer, .run_dir, .cfg
+    if name == "load":  # load(path, device="cpu", dtype=None) -> .model (eval mode), .tokenizer, .run_dir, .cfg
         from moelab.eval.target import load_target
 
         return load_target

@@ -177,6 +177,9 @@ def _cmd_eval(args) -> int:
     from moelab.eval.target import load_target
 
     _harness_folder(args)
+    if args.dtype != "fp32" and args.precision not in (None, args.dtype):  # before the weights are read
+        raise UserError(f"--dtype {args.dtype} weights compute in {args.dtype}, not --precision {args.precision}: drop "
+                        "--precision, or keep the weights in fp32 (--dtype fp32)")
     limit = f" --limit {args.limit}" if args.limit else ""  # data check of the items evaluated, no more
     tasks = []
     if args.choice:  # read (and check) every task file before any evaluation runs
@@ -189,7 +192,7 @@ def _cmd_eval(args) -> int:
         harness = harness_tasks(args.harness, args.include_path)
     if not (args.choice or args.harness or args.data or args.source):
         check_own_data(args.target)  # before loading what may be gigabytes of weights
-    target = load_target(args.target, args.device)
+    target = load_target(args.target, args.device, args.dtype)
     results = {"model": target.label}
     if args.harness:  # first: a task whose data cannot be fetched fails before the other evaluations run
         from moelab.eval.harness import format_metrics, run_harness, task_texts
@@ -254,7 +257,7 @@ def _cmd_generate(args) -> int:
         raise UserError("--system is a chat message: give it with --chat (without --chat, put the text in the "
                         "--prompt)")
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
-    target = load_target(args.target, args.device)
+    target = load_target(args.target, args.device, args.dtype)
     ids = [prompt_ids(target.tokenizer, prompt, args.system, args.chat) for prompt in args.prompt]
     for each in ids:  # all refused before any text is printed
         check_prompt(target.model, each)
@@ -271,7 +274,7 @@ def _cmd_routing(args) -> int:
     from moelab.commands import routing
 
     analysis, out_dir = routing(args.target, args.out, args.windows, args.batch_size, args.device,
-                                not args.no_plots, args.data, args.source, args.text_field)
+                                not args.no_plots, args.data, args.source, args.text_field, args.dtype)
     print(format_analysis(analysis))
     print(f"wrote {out_dir / 'routing.json'}" + "".join(f", {out_dir / f}" for f in analysis.get("plots", {}).values()))
     return 0
@@ -509,8 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=_at_least(0), default=0,
                    help="evaluate this many evenly spaced windows (0: all)")
     p.add_argument("--batch-size", type=_at_least(1), default=8)
-    p.add_argument("--precision", help="fp32, bf16 or fp16 (default: the run's training precision)")
+    p.add_argument("--precision", help="fp32, bf16 or fp16 autocast, the weights in fp32 (default: the run's "
+                                       "training precision; with --dtype bf16/fp16: that)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="hold the weights in this dtype (default fp32): bf16 or fp16 take half the memory, for a "
+                        "model too large otherwise, and compute in it (routers in fp32)")
     p.add_argument("--no-xz", action="store_true", help="skip the xz -9 reference")
     p.add_argument("--choice", nargs="+", metavar="TASK",
                    help="multiple-choice tasks: JSONL files in HellaSwag/ARC/PIQA format, or a hub name "
@@ -539,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="with --chat: a system message before each prompt")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (for checks)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="hold the weights in this dtype (default fp32): bf16 or fp16 take half the memory, for a "
+                        "model too large otherwise, and compute in it (routers in fp32)")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("routing", help="routing analytics: load per expert, CV, entropy, Gini, dead/starved "
@@ -556,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows of each split to route (default 64; 0: all)")
     p.add_argument("--batch-size", type=_at_least(1), default=8)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="hold the weights in this dtype (default fp32): bf16 or fp16 take half the memory, for a "
+                        "model too large otherwise, and compute in it (routers in fp32)")
     p.add_argument("--no-plots", action="store_true", help="JSON and the table only")
     p.set_defaults(func=_cmd_routing)
 

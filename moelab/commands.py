@@ -295,9 +295,10 @@ def _run_routing_dir(target: Path, run_dir: Path, other_data: str | None) -> Pat
 
 def routing(target: str, out: str | None, windows: int = 64, batch_size: int = 8, device: str = "cpu",
             plots: bool = True, data: str | None = None, source: str | None = None,
-            text_field: str | None = None) -> tuple[dict, Path]:
-    """Routing analysis of a run or HF model (measured; on `data` or `source` if given) or a counts file;
-    writes routing.json and heatmaps into `out` (default: RUN/routing, or routing-<name> beside it)."""
+            text_field: str | None = None, dtype=None) -> tuple[dict, Path]:
+    """Routing analysis of a run or HF model (measured, its weights in `dtype`; on `data` or `source`
+    if given) or a counts file; writes routing.json and heatmaps into `out` (default: RUN/routing, or
+    routing-<name> beside it)."""
     import json
 
     from moelab.analysis.collect import load_routing
@@ -305,7 +306,7 @@ def routing(target: str, out: str | None, windows: int = 64, batch_size: int = 8
     from moelab.analysis.routing import analyze
     from moelab.files import write_atomic
 
-    counts = load_routing(target, windows, batch_size, device, data, source, text_field)
+    counts = load_routing(target, windows, batch_size, device, data, source, text_field, dtype)
     p = Path(target).expanduser()
     if out:
         out_dir = Path(out)

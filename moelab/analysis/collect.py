@@ -216,7 +216,8 @@ def from_run(target, n_windows: int = 64, batch_size: int = 8, max_checkpoints: 
         device = next(model.parameters()).device
         for ckpt in _spread(list_checkpoints(target.run_dir), max_checkpoints):
             step = int(ckpt.name.split("_")[-1])
-            out.checkpoints[step] = measure(load_model(ckpt, device), val, batch_size)["counts"]
+            out.checkpoints[step] = measure(load_model(ckpt, device, model.embed.weight.dtype), val,
+                                            batch_size)["counts"]  # held in the target's dtype
         out.steps = logged_counts(target.run_dir / "metrics.jsonl", len(layers), out.n_experts)
     return out
 
@@ -235,7 +236,10 @@ def logged_counts(metrics: Path, L: int, E: int) -> dict[int, np.ndarray]:
 
 
 def load_routing(target_path: str, n_windows: int = 64, batch_size: int = 8, device: str = "cpu",
-                 data: str | None = None, source: str | None = None, text_field: str | None = None) -> RoutingData:
+                 data: str | None = None, source: str | None = None, text_field: str | None = None,
+                 dtype=None) -> RoutingData:
+    """Routing counts of a counts file, or measured on a run or Hugging Face model (`from_run`),
+    its weights held in `dtype` (load_model: fp32 by default)."""
     p = Path(target_path).expanduser()
     if p.is_file():
         if data or source is not None:
@@ -246,6 +250,6 @@ def load_routing(target_path: str, n_windows: int = 64, batch_size: int = 8, dev
 
     if not (data or source):  # said before loading what may be gigabytes of weights
         check_own_data(p)
-    return from_run(load_target(target_path, device), n_windows, batch_size, data=data, source=source,
+    return from_run(load_target(target_path, device, dtype), n_windows, batch_size, data=data, source=source,
                     text_field=text_field)
 

@@ -34,17 +34,18 @@ def _require_lm_eval():
 
 
 class MoelabLM(TemplateLM):
-    """`pretrained`: a run, checkpoint or Hugging Face directory, loaded here; or `target`: one
-    already loaded by `moelab.eval.target.load_target` (not loaded twice)."""
+    """`pretrained`: a run, checkpoint or Hugging Face directory, loaded here with its weights in
+    `dtype` (fp32 by default; "bf16"/"bfloat16", "fp16"/"float16": half the memory); or `target`:
+    one already loaded by `moelab.eval.target.load_target` (not loaded twice)."""
 
     def __init__(self, pretrained: str | None = None, device: str = "cpu", batch_size: int | str = 16,
-                 max_gen_toks: int = 256, target=None, **_ignored):
+                 max_gen_toks: int = 256, target=None, dtype: str | None = None, **_ignored):
         _require_lm_eval()
         super().__init__()
         if target is None:
             from moelab.eval.target import load_target
 
-            target = load_target(str(pretrained), device)
+            target = load_target(str(pretrained), device, dtype)
         self.target = target
         self.model, self.tokenizer = self.target.model, self.target.tokenizer
         self._batch_size = int(batch_size) if str(batch_size).isdigit() else 16

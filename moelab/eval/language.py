@@ -151,6 +151,12 @@ def eval_language(target, split: str = "val", data: str | None = None, source: s
     seq_len = seq_len or (run_cfg.train.seq_len if run_cfg else min(target.model.cfg.max_seq_len, 1024))
     if seq_len > target.model.cfg.max_seq_len:
         raise UserError(f"--seq-len {seq_len} exceeds the model's context {target.model.cfg.max_seq_len}")
+    held = {v: k for k, v in AUTOCAST_DTYPES.items()}.get(target.model.embed.weight.dtype)  # bf16 weights
+    if held:  # (load_model's dtype, --dtype) compute in their dtype
+        if precision not in (None, held):
+            raise UserError(f"--dtype {held} weights compute in {held}, not --precision {precision}: drop "
+                            "--precision, or keep the weights in fp32 (--dtype fp32)")
+        precision = held
     precision = precision or (run_cfg.train.precision if run_cfg else "fp32")
     if precision not in AUTOCAST_DTYPES:
         raise UserError(f"--precision must be one of {', '.join(AUTOCAST_DTYPES)}")
@@ -171,7 +177,7 @@ def eval_language(target, split: str = "val", data: str | None = None, source: s
     table = target.tokenizer.token_bytes()
     token_bytes = torch.tensor([len(b) for b in table], dtype=torch.float64)
     device = next(target.model.parameters()).device
-    note = precision_note(device, precision, AUTOCAST_DTYPES[precision], "--precision fp32")
+    note = precision_note(device, precision, AUTOCAST_DTYPES[precision], "--dtype fp32" if held else "--precision fp32")
     if note:
         print(note, file=sys.stderr)
     # fp32 products through oneDNN where exact and faster here, as in training (moelab eval of the
@@ -182,7 +188,8 @@ def eval_language(target, split: str = "val", data: str | None = None, source: s
         result = evaluate(target.model, windows, token_bytes, batch_size, device, AUTOCAST_DTYPES[precision])
     if path == "onednn":
         result.update(fp32_matmul=path)
-    result.update(windows=len(windows), seq_len=seq_len, data=where, model=target.label, precision=precision, **info)
+    result.update(windows=len(windows), seq_len=seq_len, data=where, model=target.label, precision=precision,
+                  weights=held or "fp32", **info)
     if reference:
         result.update(xz_bits_per_byte(windows, table))
     return result
@@ -193,4 +200,7 @@ def format_language(r: dict) -> str:
             f"bits/byte {r['bpb']:.3f}")
     if "xz_bpb" in r:
         line += f" (xz -9: {r['xz_bpb']:.3f})"
-    return line + f" | {r['tokens']:,} tokens in {r['windows']:,} windows of {r['seq_len']}"
+    line += f" | {r['tokens']:,} tokens in {r['windows']:,} windows of {r['seq_len']}"
+    if r.get("weights", "fp32") != "fp32":
+        return line + f" | {r['weights']} weights"
+    return line + (f" | {r['precision']} autocast" if r.get("precision", "fp32") != "fp32" else "")

@@ -19,14 +19,15 @@ class Target:
     cfg: object = None  # the run's resolved Config (None for an HF directory)
 
 
-def load_target(path: str, device: str = "cpu") -> Target:
-    """The model at `path` on `device`, in eval mode, with its tokenizer. On CPU, glibc malloc is
-    tuned to keep freed memory for reuse as a training process is (`keep_freed_memory`, unless
-    the run set train.keep_freed_memory=false): evaluation allocates the same large logits
-    buffers batch after batch (`moelab eval` of the default run: 8.2 -> 5.9 s)."""
+def load_target(path: str, device: str = "cpu", dtype=None) -> Target:
+    """The model at `path` on `device`, in eval mode, its weights in `dtype` (`load_model`: fp32 by
+    default; bf16 or fp16 in half the memory), with its tokenizer. On CPU, glibc malloc is tuned
+    to keep freed memory for reuse as a training process is (`keep_freed_memory`, unless the run
+    set train.keep_freed_memory=false): evaluation allocates the same large logits buffers batch
+    after batch (`moelab eval` of the default run: 8.2 -> 5.9 s)."""
     from moelab.config import Config
     from moelab.data.tokenizer import load_tokenizer
-    from moelab.train.checkpoint import is_hf_dir, list_checkpoints, load_model, resolve_checkpoint
+    from moelab.train.checkpoint import is_hf_dir, list_checkpoints, resolve_checkpoint
     from moelab.train.loop import resolve_device
 
     p = Path(path).expanduser()
@@ -40,7 +41,7 @@ def load_target(path: str, device: str = "cpu") -> Target:
             raise UserError(f"{path} has no tokenizer.json; save the tokenizer beside the model "
                             "(tokenizer.save_pretrained(DIR))")
         _keep_freed_memory(dev, None)
-        return _checked(Target(load_model(p, dev).eval(), load_tokenizer(p), p.name), path)
+        return _checked(Target(_load(p, dev, dtype), load_tokenizer(p), p.name), path)
     if (p / "config.yaml").is_file() and not (p / "model.safetensors").is_file() and not list_checkpoints(p):
         raise UserError(f"run {path} has no checkpoint yet; let training save one "
                         f"(train.save_every) or continue it with `moelab train --resume auto --out {path}`")
@@ -53,7 +54,21 @@ def load_target(path: str, device: str = "cpu") -> Target:
     cfg = Config.from_yaml_file(ckpt / "config.yaml").resolve()
     _keep_freed_memory(dev, cfg)
     label = f"{run_dir.name}/{ckpt.name}"
-    return _checked(Target(load_model(ckpt, dev).eval(), load_tokenizer(tok_dir), label, run_dir, ckpt, cfg), path)
+    return _checked(Target(_load(ckpt, dev, dtype), load_tokenizer(tok_dir), label, run_dir, ckpt, cfg), path)
+
+
+def _load(path: Path, device, dtype):
+    """load_model, whose refusal of weights too large for the device says where --dtype bf16 fits."""
+    from moelab.train.checkpoint import load_model
+    from moelab.train.memory import WeightsWontFit
+
+    try:
+        return load_model(path, device, dtype).eval()
+    except WeightsWontFit as exc:
+        if not exc.fits_in_half:
+            raise
+        raise UserError(f"{exc}, or hold the weights in bf16, where they fit (--dtype bf16, or dtype='bf16' in "
+                        "Python: half the memory, computed in bf16)") from None
 
 
 def _keep_freed_memory(device, cfg) -> None:

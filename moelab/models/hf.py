@@ -33,6 +33,7 @@ import torch
 from moelab.config import ModelConfig
 from moelab.errors import UserError, cannot_write, write_errors
 from moelab.files import staged_folder
+from moelab.models.transformer import WEIGHT_DTYPES, held_as
 
 ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
          "glm4_moe": "Glm4Moe", "llama": "Llama", "qwen3": "Qwen3"}
@@ -368,16 +369,17 @@ def to_hf_state_dict(model, arch: str | None = None) -> dict[str, torch.Tensor]:
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], consume: bool = False,
                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """moelab names and layout for a transformers state dict, optionally cast to `dtype`. The
-    fused gate_up_proj is split into two contiguous tensors; `consume` pops each tensor from `sd`
-    as it is mapped, so a caller that holds no other reference frees it at once (peak memory:
-    the result, plus the source tensors not yet mapped)."""
+    """moelab names and layout for a transformers state dict, optionally cast to `dtype` (the
+    routers' tensors to fp32 whatever it is: `held_as`). The fused gate_up_proj is split into two
+    contiguous tensors; `consume` pops each tensor from `sd` as it is mapped, so a caller that
+    holds no other reference frees it at once (peak memory: the result, plus the source tensors
+    not yet mapped)."""
     out = {}
     for name in list(sd):
         t = sd.pop(name) if consume else sd[name]
-        t = t if dtype is None else t.to(dtype)
         if name.endswith("mlp.experts.gate_up_proj"):
             base = _rename(name.replace("gate_up_proj", "down_proj"), False)[: -len("down_proj")]
+            t = t if dtype is None else t.to(dtype)
             gate, up = t.chunk(2, dim=1)
             out[base + "gate_proj"], out[base + "up_proj"] = gate.contiguous(), up.contiguous()
             del t, gate, up
@@ -387,7 +389,7 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], consume: bool = False,
             raise UserError(f"unexpected tensor '{name}' in the Hugging Face checkpoint")
         if ".moe.shared." in ours and t.numel() == 0:
             continue  # zero-wide shared experts (n_shared_experts 0 in an ALWAYS_SHARED architecture): none
-        out[ours] = t
+        out[ours] = t if dtype is None else t.to(held_as(ours, dtype))
     if "lm_head.weight" not in out:
         out["lm_head.weight"] = out["embed.weight"]
     return out
@@ -453,7 +455,7 @@ def from_hf(hf_model):
     return MoETransformer.from_weights(_moelab_config(hf_model.config), from_hf_state_dict(sd, consume=True))
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = WEIGHT_DTYPES
 
 
 def stored_dtype(path: str | Path) -> str:
@@ -657,8 +659,9 @@ def _loading_bar():
                 hub_utils.disable_progress_bars()
 
 
-def load_hf(path: str | Path, device: str | torch.device = "cpu"):
-    """A moelab model (fp32, on `device`) of a Hugging Face directory, checked to fit first."""
+def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A moelab model (on `device`, its weights in `dtype`, the routers' in fp32) of a Hugging Face
+    directory, checked to fit first."""
     _require_transformers()
     from transformers import AutoModelForCausalLM
 
@@ -666,12 +669,14 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu"):
     from moelab.train.memory import check_weights_fit
 
     model_cfg = read_hf_model_config(path)
-    for where in {torch.device("cpu"), torch.device(device)}:  # read into host memory, then moved
-        check_weights_fit(model_cfg, where, str(path))
+    stored = DTYPES[stored_dtype(path)]
+    check_weights_fit(model_cfg, "cpu", str(path), dtype, read_as=stored)  # read into host memory,
+    if torch.device(device).type != "cpu":  # then moved
+        check_weights_fit(model_cfg, device, str(path), dtype)
 
-    # Loaded in the checkpoint's own dtype and widened to fp32 one tensor at a time (exact for
-    # bf16/fp16), each freed as it is converted: transformers widening the whole model at load
-    # time peaks at about 2.5x the fp32 size.
+    # Loaded in the checkpoint's own dtype and cast to `dtype` one tensor at a time (exact from
+    # bf16/fp16 to fp32), each freed as it is converted: transformers widening the whole model at
+    # load time peaks at about 2.5x the fp32 size.
     from safetensors import SafetensorError
 
     try:  # mismatched shapes reported below, not raised as transformers' traceback
@@ -687,4 +692,4 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu"):
               "left out as transformers does", file=sys.stderr)
     cfg, sd = _moelab_config(hf.config), {k: v.detach() for k, v in hf.state_dict().items()}
     del hf  # the moelab model takes over the loaded tensors instead of copying them
-    return MoETransformer.from_weights(cfg, from_hf_state_dict(sd, consume=True, dtype=torch.float32)).to(device)
+    return MoETransformer.from_weights(cfg, from_hf_state_dict(sd, consume=True, dtype=dtype)).to(device)

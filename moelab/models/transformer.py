@@ -78,6 +78,27 @@ class Block(nn.Module):
 
 # torch's CPU allocator starts every tensor on a 64-byte boundary (a cache line, an AVX-512 load).
 ALIGNMENT = 64
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def weights_dtype(value: torch.dtype | str | None) -> torch.dtype:
+    """The dtype to hold a loaded model's weights in: a torch dtype or its name ("fp32", "bf16",
+    "fp16", "bfloat16", ...); None is fp32."""
+    if value is None:
+        return torch.float32
+    named = {**WEIGHT_DTYPES, **{str(d).removeprefix("torch."): d for d in WEIGHT_DTYPES.values()}}
+    dtype = named.get(value) if isinstance(value, str) else value
+    if dtype not in WEIGHT_DTYPES.values():
+        raise ValueError(f"weights dtype {value!r}: give fp32, bf16 or fp16")
+    return dtype
+
+
+def held_as(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the tensor `name` (moelab's name) is held in when a model's weights are loaded
+    in `dtype`: the routers' (weights, noise weights, selection bias) stay fp32, since router math
+    is fp32 and a rounded weight or bias flips top-k choices (transformers' DeepSeek-V3 and
+    GLM4-MoE keep theirs in fp32 too); a few thousand numbers per layer."""
+    return torch.float32 if ".router." in name else dtype
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
@@ -145,14 +166,17 @@ class MoETransformer(nn.Module):
         return tuple(t.to(device) for t in tables)
 
     @classmethod
-    def from_weights(cls, cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> "MoETransformer":
+    def from_weights(cls, cfg: ModelConfig, state_dict: dict[str, torch.Tensor],
+                     dtype: torch.dtype | None = None) -> "MoETransformer":
         """The model holding these tensors (assigned, not copied), in eval mode. Built on the meta
         device, so no memory is allocated and no time spent on a random init that the weights would
         replace: loading needs the weights' memory once, not twice. With tied embeddings either
         of the two names may be given (safetensors keeps one of a shared pair). A tensor that does
         not start on a 64-byte boundary (a safetensors file mapped from disk puts each at an
-        8-byte offset) is copied to one that does (`aligned`)."""
-        sd = {name: aligned(t) for name, t in state_dict.items()}
+        8-byte offset) is copied to one that does (`aligned`). `dtype`: each tensor cast to
+        `held_as(name, dtype)` (bf16 or fp16 for inference in half the memory); the RoPE tables
+        are fp32 either way."""
+        sd = {name: aligned(t if dtype is None else t.to(held_as(name, dtype))) for name, t in state_dict.items()}
         if cfg.tie_embeddings:
             for a, b in (("embed.weight", "lm_head.weight"), ("lm_head.weight", "embed.weight")):
                 if a not in sd and b in sd:

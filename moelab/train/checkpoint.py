@@ -246,18 +246,37 @@ def save_weights_only(run_dir: Path, model, config_yaml: str, meta: dict) -> Pat
     return final
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
     """Load a model, in eval mode, from a run directory (its newest checkpoint), a checkpoint
-    directory, or a Hugging Face directory of a supported architecture."""
+    directory, or a Hugging Face directory of a supported architecture. `dtype`: what its weights
+    are held in, fp32 (the default) or, for inference in half the memory, bf16 or fp16 (a torch
+    dtype or "bf16"...), the routers' in fp32 either way (`held_as`); such a model computes in that
+    dtype, as transformers' models loaded in it do."""
     from moelab.config import Config
     from moelab.models import MoETransformer
+    from moelab.models.transformer import weights_dtype
     from moelab.train.memory import check_weights_fit
 
+    try:
+        dtype = weights_dtype(dtype)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if is_hf_dir(path):
         from moelab.models.hf import load_hf
 
-        return load_hf(path, device)
+        return load_hf(path, device, dtype)
     ckpt = resolve_checkpoint(path, hf_too=True)
     cfg = Config.from_yaml_file(ckpt / "config.yaml").resolve()
-    check_weights_fit(cfg.model, device, str(path))  # before reading: not killed halfway
-    return MoETransformer.from_weights(cfg.model, load_weights(ckpt, device))
+    check_weights_fit(cfg.model, device, str(path), dtype)  # before reading: not killed halfway
+    return MoETransformer.from_weights(cfg.model, read_model_file(ckpt, lambda f: _read_as(f, device, dtype)), dtype)
+
+
+def _read_as(file: str, device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors on `device`, each cast to `held_as(name, dtype)` as it is read:
+    on a GPU the whole file is never there in its stored (fp32) dtype."""
+    from safetensors import safe_open
+
+    from moelab.models.transformer import held_as
+
+    with safe_open(file, "pt", device=str(torch.device(device))) as f:
+        return {name: f.get_tensor(name).to(held_as(name, dtype)) for name in f.keys()}

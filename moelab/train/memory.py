@@ -220,21 +220,43 @@ def _shorter(need: dict) -> str:
     return ", a shorter model.max_seq_len" if need["buffers"] > need["weights"] else ""
 
 
-def check_weights_fit(model_cfg, device: torch.device | str, what: str) -> None:
-    """UserError when `model_cfg`'s fp32 weights alone exceed what `device` has available (a loaded
-    model is fp32 whatever its file's dtype; `what`: the model, as the message names it)."""
+class WeightsWontFit(UserError):
+    """check_weights_fit's refusal; `fits_in_half`: whether the weights would fit held in bf16/fp16."""
+
+    def __init__(self, message: str, fits_in_half: bool):
+        super().__init__(message)
+        self.fits_in_half = fits_in_half
+
+
+def check_weights_fit(model_cfg, device: torch.device | str, what: str, dtype: torch.dtype = torch.float32,
+                      read_as: torch.dtype | None = None) -> None:
+    """WeightsWontFit (a UserError) when `model_cfg`'s weights alone, held in `dtype` (the routers'
+    in fp32 whatever it is: moelab.models.transformer.held_as), exceed what `device` has
+    available. `read_as`: the dtype they are read in before they are cast one tensor at a time,
+    where wider (a Hugging Face checkpoint: its own dtype); `what`: the model, as the message
+    names it."""
     from moelab.models.accounting import build_meta_model
+    from moelab.models.transformer import WEIGHT_DTYPES, held_as
 
     device = torch.device(device)
     available = available_bytes(device)
     if available is None:
         return
     meta = build_meta_model(model_cfg)
+
+    def weight_bytes(held: torch.dtype) -> int:  # peak: each tensor read, then cast
+        return sum(p.numel() * max(read, held_as(name, held).itemsize) for name, p in meta.named_parameters())
+
+    read = read_as.itemsize if read_as is not None else 0
     n = sum(p.numel() for p in meta.parameters())
-    need = 4 * n + buffer_bytes(meta)
-    if need <= available:
+    buffers = buffer_bytes(meta)
+    need = weight_bytes(dtype)
+    if need + buffers <= available:
         return
     where = "this machine" if device.type == "cpu" else str(device)
-    raise UserError(f"{what} cannot fit: its {n / 1e9:.2f}B parameters take {4 * n / GB:.1f} GB in fp32"
-                    f"{_rope(need - 4 * n)}, and {where} has {available / GB:.1f} GB available; use a machine or "
-                    "device with more memory")
+    name = {v: k for k, v in WEIGHT_DTYPES.items()}
+    wider = f" (read in {name[read_as]}, then cast)" if read > dtype.itemsize else ""
+    raise WeightsWontFit(f"{what} cannot fit: its {n / 1e9:.2f}B parameters take {need / GB:.1f} GB in "
+                         f"{name[dtype]}{wider}{_rope(buffers)}, and {where} has {available / GB:.1f} GB available; "
+                         "use a machine or device with more memory",
+                         fits_in_half=dtype.itemsize > 2 and weight_bytes(torch.bfloat16) + buffers <= available)

@@ -339,6 +339,7 @@ def test_training_copies_finds_the_pieces_of_documents_cut_by_doc_chars(tmp_path
     (["nowhere"], "no such run"),
     (["run", "--source", ""], "data source is empty"),  # not silently the run's own data
     (["run", "--source", "stdlib", "--data", "run"], "not both"),  # --data was silently ignored
+    (["run", "--dtype", "bf16", "--precision", "fp32"], "--dtype bf16 weights compute in bf16, not --precision"),
     (["run", "--choice", "mc.jsonl", "missing.jsonl"], "no such task file"),
 ])
 def test_bad_eval_input_is_one_line(trained, args, msg):
@@ -347,6 +348,40 @@ def test_bad_eval_input_is_one_line(trained, args, msg):
     assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr
     assert res.stdout == ""  # found before any evaluation ran, none of it printed
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # nor any model loaded (no progress bar)
+
+
+def test_a_run_held_in_bf16_evaluates_generates_and_routes_in_bf16(trained, tmp_path):
+    """--dtype bf16 (load_model's dtype): the weights rounded once from the checkpoint's fp32, routers
+    and RoPE tables fp32; eval computes in bf16, within bf16 error of the fp32 loss, and says so;
+    generate and routing run on the bf16 model."""
+    import moelab
+    from moelab.eval.generate import Sampler, generate_ids
+
+    run = trained / "run"
+    half, wide = moelab.load_model(str(run), dtype="bf16"), moelab.load_model(str(run))
+    for name, t in half.state_dict().items():
+        held = torch.float32 if ".router." in name else torch.bfloat16
+        assert t.dtype == held and torch.equal(t, wide.state_dict()[name].to(held)), name
+    assert half.rope_cos.dtype == torch.float32 and half.lm_head.weight.dtype == torch.bfloat16
+    args = ("--windows", "16", "--no-xz", "--device", "cpu")
+    assert run_cli("eval", run, *args, "--json", tmp_path / "w.json").returncode == 0
+    res = run_cli("eval", run, *args, "--dtype", "bf16", "--json", tmp_path / "h.json")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.rstrip().endswith("| bf16 weights")
+    r, w = (json.loads((tmp_path / f).read_text())["language"] for f in ("h.json", "w.json"))
+    assert (r["weights"], r["precision"], w["weights"], w["precision"]) == ("bf16", "bf16", "fp32", "fp32")
+    assert r["loss"] != w["loss"] and r["loss"] == pytest.approx(w["loss"], abs=0.02)
+    # generation: the CLI's text is what the bf16 model decodes (greedy), through its bf16 KV cache
+    prompt = "marker002x router"
+    res = run_cli("generate", run, "--dtype", "bf16", "--prompt", prompt, "--temperature", "0",
+                  "--max-new-tokens", "12", "--device", "cpu")
+    assert res.returncode == 0, res.stderr
+    tok = moelab.load(str(run)).tokenizer
+    new, _ = generate_ids(half, tok.encode(prompt), 12, Sampler(0.0))
+    assert res.stdout == prompt + tok.decode(new) + "\n"
+    res = run_cli("routing", run, "--dtype", "bf16", "--windows", "8", "--no-plots", "--out", tmp_path / "r")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "r" / "routing.json").read_text())
 
 
 @needs_transformers

@@ -10,8 +10,8 @@ import torch
 from moelab.config import build_config
 from moelab.models import MoETransformer
 from moelab.optim.groups import HybridOptimizer
-from moelab.train.memory import (activation_bytes, available_bytes, fused_loss_bytes, saved_activation_bytes,
-                                 training_state_bytes)
+from moelab.train.memory import (WeightsWontFit, activation_bytes, available_bytes, check_weights_fit,
+                                 fused_loss_bytes, saved_activation_bytes, training_state_bytes)
 
 
 @pytest.mark.parametrize("mode", ["hybrid", "muon", "adamw"])
@@ -129,6 +129,55 @@ def test_a_model_that_cannot_fit_is_refused_before_its_weights_are_read(tmp_path
         assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, (args, r.stderr)
         assert "cannot fit: its 671.03B parameters take 2684.1 GB in fp32" in r.stderr, r.stderr
     assert not (tmp_path / "cv").exists() and not (tmp_path / "ex").exists()
+
+
+def test_weights_that_fit_only_in_bf16_are_refused_with_dtype_bf16_named(tmp_path):
+    """A run (weights file a stub) whose fp32 weights are 1.5x this machine's available memory: eval
+    is refused before any read, naming --dtype bf16; with --dtype bf16 (0.75x) the check passes and
+    the read is tried (the stub then fails as a damaged file). The sizes in the message are those
+    of the weights held in each dtype, the routers' in fp32."""
+    from moelab.data.tokenizer import train_bpe
+    from moelab.models.accounting import build_meta_model
+    from tests.conftest import run_cli
+
+    available = available_bytes(torch.device("cpu"))
+    if available is None:
+        pytest.skip("this machine does not say how much memory it has")
+    cfg = build_config("test")
+    cfg.model.d_model, cfg.model.tie_embeddings = 4096, False
+
+    def count(vocab):
+        return sum(p.numel() for p in build_meta_model(cfg.resolve(vocab_size=vocab).model).parameters())
+
+    per_token = count(2000) - count(1000)  # 2 x d_model: an embedding row and a head row
+    vocab = int((1.5 * available / 4 - count(1000)) / per_token * 1000) + 1000
+    cfg.resolve(vocab_size=vocab)
+    meta = build_meta_model(cfg.model)
+    router = sum(p.numel() for name, p in meta.named_parameters() if ".router." in name)
+    n = sum(p.numel() for p in meta.parameters())
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000001"
+    ckpt.mkdir(parents=True)
+    train_bpe(["a few words to train a tokenizer on"], 300).save(tmp_path / "run" / "tokenizer")
+    (ckpt / "config.yaml").write_text(cfg.to_yaml())
+    (ckpt / "model.safetensors").write_bytes(b"stub")
+    r = run_cli("eval", ckpt, "--source", "stdlib")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert f"take {4 * n / 1e9:.1f} GB in fp32" in r.stderr, r.stderr
+    assert "or hold the weights in bf16, where they fit (--dtype bf16" in r.stderr
+    r = run_cli("generate", ckpt, "--prompt", "hi", "--dtype", "bf16")
+    assert r.returncode == 2 and "damaged" in r.stderr and "cannot fit" not in r.stderr, r.stderr
+    assert router and check_weights_fit(cfg.model, "cpu", "it", torch.bfloat16) is None
+    with pytest.raises(WeightsWontFit) as exc:  # an fp32 HF checkpoint is read whole, then cast: 4 bytes each
+        check_weights_fit(cfg.model, "cpu", "it", torch.bfloat16, read_as=torch.float32)
+    assert f"take {4 * n / 1e9:.1f} GB in bf16 (read in fp32, then cast)" in str(exc.value)
+    cfg.resolve(vocab_size=2 * vocab)  # twice the size: 1.5x in bf16 too
+    n = sum(p.numel() for p in build_meta_model(cfg.model).parameters())
+    with pytest.raises(WeightsWontFit) as exc:
+        check_weights_fit(cfg.model, "cpu", "it", torch.bfloat16)
+    assert f"take {(2 * n + 2 * router) / 1e9:.1f} GB in bf16, and this machine" in str(exc.value)
+    with pytest.raises(WeightsWontFit) as exc:
+        check_weights_fit(cfg.model, "cpu", "it")
+    assert exc.value.fits_in_half is False  # so eval does not suggest --dtype bf16
 
 
 @pytest.mark.parametrize("preset", ["test", "deepseek_v3-tiny", "switch-tiny"])
