@@ -446,6 +446,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
+def _dtype_argument(p) -> None:
+    """--dtype of the commands that load a model to run it (eval, generate, routing)."""
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="hold the weights in this dtype (default fp32): bf16 or fp16 take half the memory, for a "
+                        "model too large otherwise, and compute in it (routers in fp32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from moelab.config import MAX_DIM, SHARD_TOKENS, TOKENIZER_SAMPLE
 
@@ -515,9 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", help="fp32, bf16 or fp16 autocast, the weights in fp32 (default: the run's "
                                        "training precision; with --dtype bf16/fp16: that)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="hold the weights in this dtype (default fp32): bf16 or fp16 take half the memory, for a "
-                        "model too large otherwise, and compute in it (routers in fp32)")
+    _dtype_argument(p)
     p.add_argument("--no-xz", action="store_true", help="skip the xz -9 reference")
     p.add_argument("--choice", nargs="+", metavar="TASK",
                    help="multiple-choice tasks: JSONL files in HellaSwag/ARC/PIQA format, or a hub name "
@@ -546,9 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="with --chat: a system message before each prompt")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (for checks)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="hold the weights in this dtype (default fp32): bf16 or fp16 take half the memory, for a "
-                        "model too large otherwise, and compute in it (routers in fp32)")
+    _dtype_argument(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("routing", help="routing analytics: load per expert, CV, entropy, Gini, dead/starved "
@@ -566,9 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="windows of each split to route (default 64; 0: all)")
     p.add_argument("--batch-size", type=_at_least(1), default=8)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="hold the weights in this dtype (default fp32): bf16 or fp16 take half the memory, for a "
-                        "model too large otherwise, and compute in it (routers in fp32)")
+    _dtype_argument(p)
     p.add_argument("--no-plots", action="store_true", help="JSON and the table only")
     p.set_defaults(func=_cmd_routing)
 
