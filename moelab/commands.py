@@ -56,7 +56,20 @@ def info(target: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
         ffn = f"dense MLP width {m.dense_dim}"
     head = (f"{target}: d_model {m.d_model}, {m.n_layers} layers, {attn}, {ffn}, "
             f"vocab {m.vocab_size}, tied embeddings {m.tie_embeddings}")
-    return head + "\n" + format_table(parameter_table(build_meta_model(m)))
+    meta = build_meta_model(m)
+    return head + "\n" + format_table(parameter_table(meta)) + "\n\n" + _memory_table(meta)
+
+
+def _memory_table(meta) -> str:
+    from moelab.train.memory import memory_rows
+
+    rows = memory_rows(meta)
+    width = max(len(what) for what, _, _ in rows)
+    return "memory\n" + "\n".join(f"{what:<{width}} {_size(n):>12}   {note}" for what, n, note in rows)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
 def _generation_ids(src: Path) -> dict:

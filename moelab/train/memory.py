@@ -236,21 +236,17 @@ def check_weights_fit(model_cfg, device: torch.device | str, what: str, dtype: t
     where wider (a Hugging Face checkpoint: its own dtype); `what`: the model, as the message
     names it."""
     from moelab.models.accounting import build_meta_model
-    from moelab.models.transformer import WEIGHT_DTYPES, held_as
+    from moelab.models.transformer import WEIGHT_DTYPES
 
     device = torch.device(device)
     available = available_bytes(device)
     if available is None:
         return
     meta = build_meta_model(model_cfg)
-
-    def weight_bytes(held: torch.dtype) -> int:  # peak: each tensor read, then cast
-        return sum(p.numel() * max(read, held_as(name, held).itemsize) for name, p in meta.named_parameters())
-
     read = read_as.itemsize if read_as is not None else 0
     n = sum(p.numel() for p in meta.parameters())
     buffers = buffer_bytes(meta)
-    need = weight_bytes(dtype)
+    need = held_weight_bytes(meta, dtype, read)  # peak: each tensor read, then cast
     if need + buffers <= available:
         return
     where = "this machine" if device.type == "cpu" else str(device)
@@ -259,4 +255,30 @@ def check_weights_fit(model_cfg, device: torch.device | str, what: str, dtype: t
     raise WeightsWontFit(f"{what} cannot fit: its {n / 1e9:.2f}B parameters take {need / GB:.1f} GB in "
                          f"{name[dtype]}{wider}{_rope(buffers)}, and {where} has {available / GB:.1f} GB available; "
                          "use a machine or device with more memory",
-                         fits_in_half=dtype.itemsize > 2 and weight_bytes(torch.bfloat16) + buffers <= available)
+                         fits_in_half=dtype.itemsize > 2 and held_weight_bytes(meta, torch.bfloat16, read) + buffers
+                         <= available)
+
+
+def held_weight_bytes(model, dtype: torch.dtype, read: int = 0) -> int:
+    """Bytes of `model`'s parameters (meta is fine) held in `dtype`, the routers' in fp32
+    (moelab.models.transformer.held_as); `read`: bytes per number they are read in first, where
+    more (a checkpoint read whole, then cast one tensor at a time)."""
+    from moelab.models.transformer import held_as
+
+    return sum(p.numel() * max(read, held_as(name, dtype).itemsize) for name, p in model.named_parameters())
+
+
+def memory_rows(model) -> list[tuple[str, int, str]]:
+    """(what, bytes, note) for `moelab info`: `model`'s weights held in fp32 and in bf16, and its
+    training state (fp32 weights, gradients and optimizer state) under the two optim.modes that
+    differ, each with the buffers (RoPE tables). Activations come on top."""
+    buffers = buffer_bytes(model)
+    rows = [("weights, fp32", held_weight_bytes(model, torch.float32) + buffers,
+             "train; eval, generate and routing by default"),
+            ("weights, bf16", held_weight_bytes(model, torch.bfloat16) + buffers,
+             "eval, generate and routing with --dtype bf16 (routers fp32)")]
+    for mode, how in (("hybrid", "Muon momentum and AdamW moments"), ("adamw", "AdamW moments")):
+        need = training_state_bytes(model, mode)
+        rows.append((f"training, optim.mode={mode}", need["weights"] + need["gradients"] + need["optimizer"] + buffers,
+                     f"fp32 weights, gradients, {how}; activations on top"))
+    return rows

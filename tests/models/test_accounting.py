@@ -52,3 +52,39 @@ def test_info_on_a_config_file_and_with_overrides(tmp_path):
     (run / "config.yaml").write_text(plan.read_text())
     res = run_cli("info", run, "model.n_layers=3")
     assert res.returncode == 0 and total in res.stdout and "3 layers" in res.stdout, res.stderr
+
+
+def test_info_lists_the_memory_of_the_weights_in_fp32_and_bf16_and_of_training():
+    """fp32: 4 bytes a parameter; bf16: 2, the routers' 4 (what load_model(dtype="bf16") holds);
+    training: fp32 weights and gradients, Muon's one buffer and AdamW's two (what the memory check
+    before training counts); each with the RoPE tables."""
+    import torch
+
+    from moelab.models import MoETransformer
+    from moelab.optim.groups import HybridOptimizer
+    from tests.conftest import run_cli
+
+    res = run_cli("info", "deepseek_v3-tiny")
+    assert res.returncode == 0, res.stderr
+    cfg = build_config("deepseek_v3-tiny").resolve(vocab_size=8192)
+    model = MoETransformer(cfg.model)
+    n = sum(p.numel() for p in model.parameters())
+    router = sum(p.numel() for name, p in model.named_parameters() if ".router." in name)
+    rope = model.rope_cos.nbytes + model.rope_sin.nbytes + sum(
+        r.selection_bias.nbytes for r in model.routers)
+    half = MoETransformer.from_weights(cfg.model, model.state_dict(), torch.bfloat16)
+    assert sum(p.nbytes for p in half.parameters()) == 2 * n + 2 * router > 0
+    expect = {"weights, fp32": 4 * n + rope, "weights, bf16": 2 * n + 2 * router + rope}
+    for mode in ("hybrid", "adamw"):
+        cfg.optim.mode = mode
+        opt = HybridOptimizer(model, cfg.optim, torch.device("cpu"))
+        ids = torch.randint(0, 8192, (1, 9))
+        model(ids[:, :-1], targets=ids[:, 1:]).loss.backward()
+        opt.step()
+        state = sum(t.nbytes for o in opt.optimizers for p, st in o.state.items() for t in st.values()
+                    if torch.is_tensor(t) and t.shape == p.shape)
+        expect[f"training, optim.mode={mode}"] = 8 * n + state + rope
+        model.zero_grad(set_to_none=True)
+    for what, size in expect.items():
+        line = next(ln for ln in res.stdout.splitlines() if ln.startswith(what))
+        assert f"{size / 1e6:,.1f} MB" in line, (line, size)
