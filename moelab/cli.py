@@ -265,7 +265,9 @@ def _cmd_generate(args) -> int:
         r = generate_text(target.model, target.tokenizer, prompt, args.max_new_tokens, sampler,
                           tuple(args.stop or ()), not args.no_cache, each)
         print(r["text"] if args.chat else r["prompt"] + r["text"])  # a chat prints the reply alone
-        print(f"-- {r['new_tokens']} tokens, stopped: {r['stop_reason']}", file=sys.stderr)
+        rate = f", {r['new_tokens'] / r['seconds']:,.0f} tokens/s" if r["new_tokens"] and r["seconds"] > 0 else ""
+        print(f"-- {r['new_tokens']} tokens, stopped: {r['stop_reason']} ({r['prompt_tokens']}-token prompt and "
+              f"decoding in {r['seconds']:.3f} s{rate})", file=sys.stderr)
     return 0
 
 

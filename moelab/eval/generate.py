@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -152,7 +153,8 @@ def prompt_ids(tokenizer, prompt: str, system: str | None = None, chat: bool = F
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
                   stop_strings: tuple[str, ...] = (), use_cache: bool = True, ids: list[int] | None = None) -> dict:
     """Continue `prompt` (from `ids` where given: see prompt_ids); the text is cut before the
-    first stop string (which ends generation)."""
+    first stop string (which ends generation). Also returned: the token counts, and the seconds the
+    prompt's forward and the decoding took together."""
     if "" in stop_strings:
         raise UserError("an empty stop string ends the text before it starts; give some text")
 
@@ -161,9 +163,12 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, sampl
         return any(s in text for s in stop_strings)
 
     ids = tokenizer.encode_prompt(prompt) if ids is None else ids
+    start = time.perf_counter()
     new, reason = generate_ids(model, ids, max_new_tokens, sampler, tokenizer.end_ids, use_cache,
                                hit if stop_strings else None, vocab=tokenizer.vocab_size)
+    seconds = time.perf_counter() - start
     text = tokenizer.decode([t for t in new if t not in tokenizer.end_ids])
     if reason == "stop":
         text = text[:min(text.find(s) for s in stop_strings if s in text)]
-    return {"prompt": prompt, "text": text, "new_tokens": len(new), "stop_reason": reason}
+    return {"prompt": prompt, "text": text, "new_tokens": len(new), "stop_reason": reason,
+            "prompt_tokens": len(ids), "seconds": seconds}

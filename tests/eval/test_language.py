@@ -415,6 +415,15 @@ def test_cli_generate_is_reproducible_and_stops(trained):
                "--no-cache")
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.startswith("marker001x expert")
+    import re
+
+    import moelab
+
+    said = re.fullmatch(r"-- 12 tokens, stopped: length \((\d+)-token prompt and decoding in ([\d.]+) s, "
+                        r"([\d,]+) tokens/s\)", a.stderr.strip().splitlines()[-1])
+    assert said, a.stderr
+    assert int(said[1]) == len(moelab.load(str(run)).tokenizer.encode_prompt("marker001x expert"))
+    assert float(said[3].replace(",", "")) == pytest.approx(12 / float(said[2]), rel=0.3)  # (3 decimals shown)
     greedy = run_cli("generate", run, "--prompt", "marker001x", "--temperature", "0", "--max-new-tokens", "20")
     text = greedy.stdout[len("marker001x"):]
     word = text.split()[1] if len(text.split()) > 1 else text.split()[0]
