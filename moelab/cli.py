@@ -72,7 +72,7 @@ def _cmd_info(args) -> int:
 def _cmd_convert(args) -> int:
     from moelab.commands import convert
 
-    run_dir = convert(args.hf_dir, args.out)
+    run_dir = convert(args.hf_dir, args.out, args.dtype)
     print(f"converted {args.hf_dir} -> {run_dir}")
     if not (run_dir / "tokenizer" / "tokenizer.json").is_file():
         print(f"note: {args.hf_dir} has no tokenizer.json, so {run_dir} has none: eval, generate and routing "
@@ -497,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "OLMoE, DeepSeek-V3, GLM4-MoE, Llama, Qwen3) to a moelab run")
     p.add_argument("hf_dir")
     p.add_argument("--out", type=_output_dir, required=True, help="new run directory")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16", "auto"),
+                   help="the weights' dtype in the run (default fp32, exact from any source); auto: the "
+                        "directory's own (a bf16 model in half the memory and disk, unrounded); routers in fp32")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("export", help="export a run to a Hugging Face directory (save_pretrained layout)")
@@ -507,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixtral|qwen3_moe|olmoe|deepseek_v3|glm4_moe|llama|qwen3; auto: the one that "
                         "expresses the model exactly")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="weights' dtype; auto: fp32 for a run (exact), an HF directory's own")
+                   help="weights' dtype; auto: the stored one, exactly (fp32 for a trained run; a run converted in "
+                        "bf16, or an HF directory: its own)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("eval", help="loss, perplexity, accuracy and bits per byte (with xz -9 as reference), "

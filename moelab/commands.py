@@ -111,12 +111,16 @@ def _token_ids(file: Path) -> dict:
     return {k: data[k] for k in TOKEN_IDS if data.get(k) is not None}
 
 
-def convert(hf_dir: str, out: str) -> Path:
-    """HF directory -> moelab run directory (config.yaml, tokenizer/, checkpoints/step_0000000)."""
+def convert(hf_dir: str, out: str, dtype: str = "fp32") -> Path:
+    """HF directory -> moelab run directory (config.yaml, tokenizer/, checkpoints/step_0000000), its
+    weights stored in `dtype`: fp32 (exact from any source), bf16 or fp16 (the routers' in fp32:
+    `held_as`), or auto: the directory's own (a bf16 model converts in half the memory and disk, and
+    unrounded)."""
     from moelab.config import Config
     from moelab.files import staged_folder
-    from moelab.models.hf import load_hf
+    from moelab.models.hf import DTYPES, load_hf, stored_dtype
     from moelab.train.checkpoint import save_weights_only
+    from moelab.train.memory import WeightsWontFit
     from moelab.train.rundir import new_run_dir
 
     if not Path(hf_dir, "config.json").is_file():
@@ -125,14 +129,21 @@ def convert(hf_dir: str, out: str) -> Path:
         raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json){download_hint(hf_dir)}")
     ids = _generation_ids(Path(hf_dir))
     run_dir = new_run_dir(out, "converted", resumable=False)
-    model = load_hf(hf_dir)
+    if dtype == "auto":
+        dtype = stored_dtype(Path(hf_dir))
+    try:
+        model = load_hf(hf_dir, dtype=DTYPES[dtype])
+    except WeightsWontFit as exc:
+        if not exc.fits_in_half:
+            raise
+        raise UserError(f"{exc}, or convert it in bf16, where it fits (--dtype bf16)") from None
     cfg = Config(preset="converted", model=model.cfg)
     # within its context: a longer train.seq_len would widen max_seq_len (max_position_embeddings) on load
     cfg.train.seq_len = min(cfg.train.seq_len, model.cfg.max_seq_len)
     try:
         with staged_folder(run_dir) as tmp:  # a full disk leaves no run directory without weights
             (tmp / "config.yaml").write_text(cfg.to_yaml())
-            save_weights_only(tmp, model, cfg.to_yaml(), {"converted_from": str(hf_dir)})
+            save_weights_only(tmp, model, cfg.to_yaml(), {"converted_from": str(hf_dir), "weights_dtype": dtype})
             _copy_tokenizer(Path(hf_dir), tmp / "tokenizer", ids)
     except write_errors() as exc:
         raise cannot_write(f"the converted model to {run_dir}", exc, "nothing was left there", "convert again",
@@ -141,10 +152,11 @@ def convert(hf_dir: str, out: str) -> Path:
 
 
 def export(run: str, to: str, out: str, arch: str = "auto", dtype: str = "auto") -> tuple[Path, str]:
-    """Export to a Hugging Face directory in `dtype`; auto: fp32 for a run (its weights, exactly),
-    an HF directory's own dtype for one (so bf16 in, bf16 out). Returns (directory, dtype)."""
+    """Export to a Hugging Face directory in `dtype`; auto: the dtype the weights are stored in, so
+    exactly them (fp32 for a trained run; a run converted in bf16, and an HF directory in bf16:
+    bf16 in, bf16 out). Returns (directory, dtype)."""
     from moelab.models.hf import check_export_target, export_hf, stored_dtype
-    from moelab.train.checkpoint import is_hf_dir, load_model, resolve_checkpoint
+    from moelab.train.checkpoint import is_hf_dir, load_model, resolve_checkpoint, stored_weights_dtype
 
     if to != "hf":
         from moelab.models.hf import ARCHS
@@ -152,11 +164,14 @@ def export(run: str, to: str, out: str, arch: str = "auto", dtype: str = "auto")
         hint = f"; for that architecture: --to hf --arch {to}" if to in ARCHS else ""
         raise UserError(f"unknown export format '{to}' (supported: hf){hint}")
     check_export_target(out, "fp32" if dtype == "auto" else dtype)  # before the weights are read
-    model = load_model(run)  # an HF directory too (written again in moelab's layout: 5 GB shards, its tokenizer)
     hf_in = is_hf_dir(run)
-    tok = Path(run).expanduser() if hf_in else resolve_checkpoint(run).parent.parent / "tokenizer"
     if dtype == "auto":
-        dtype = stored_dtype(Path(run).expanduser()) if hf_in else "fp32"
+        dtype = stored_dtype(Path(run).expanduser()) if hf_in else stored_weights_dtype(resolve_checkpoint(run))
+    # an HF directory too (written again in moelab's layout: 5 GB shards, its tokenizer); held in bf16
+    # for a bf16 export (the same rounding, half the memory), else fp32 (fp16's range is checked on the
+    # fp32 values)
+    model = load_model(run, dtype="bf16" if dtype == "bf16" else None)
+    tok = Path(run).expanduser() if hf_in else resolve_checkpoint(run).parent.parent / "tokenizer"
     files = tuple(tok / f for f in TOKENIZER_FILES if (tok / f).is_file())
     if (tok / "generation_config.json").is_file():  # an HF model's own (copied as it is)
         ids = _token_ids(tok / "generation_config.json")

@@ -221,15 +221,23 @@ def init_source(path: str | Path):
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The state dict (moelab names, fp32) of a run's newest checkpoint, a checkpoint, or a Hugging
     Face directory; a checkpoint's tensors are read straight onto `device`, one at a time (a GPU
-    model is never whole in host memory)."""
-    from safetensors.torch import load_file
-
+    model is never whole in host memory), and widened to fp32 where stored narrower (a run
+    converted with `convert --dtype bf16`)."""
     if is_hf_dir(path):
         from moelab.models.hf import load_hf
 
         return load_hf(path, device).state_dict()
-    return read_model_file(resolve_checkpoint(path, hf_too=True),
-                           lambda f: load_file(f, device=str(torch.device(device))))
+    return read_model_file(resolve_checkpoint(path, hf_too=True), lambda f: _read_as(f, device, torch.float32))
+
+
+def stored_weights_dtype(ckpt: Path) -> str:
+    """"fp32", "bf16" or "fp16": the dtype a checkpoint's weights are stored in (the routers' may be
+    wider), as its meta.json records it: fp32 for every trained run, a converted one's
+    `convert --dtype`. Read without opening the weights (a model too large is refused before that)."""
+    try:
+        return json.loads((ckpt / "meta.json").read_text()).get("weights_dtype", "fp32")
+    except (OSError, ValueError, AttributeError):
+        return "fp32"
 
 
 def save_weights_only(run_dir: Path, model, config_yaml: str, meta: dict) -> Path:
@@ -267,7 +275,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         return load_hf(path, device, dtype)
     ckpt = resolve_checkpoint(path, hf_too=True)
     cfg = Config.from_yaml_file(ckpt / "config.yaml").resolve()
-    check_weights_fit(cfg.model, device, str(path), dtype)  # before reading: not killed halfway
+    check_weights_fit(cfg.model, device, str(path), dtype)  # before reading (one tensor at a time): not killed halfway
     return MoETransformer.from_weights(cfg.model, read_model_file(ckpt, lambda f: _read_as(f, device, dtype)), dtype)
 
 

@@ -328,28 +328,46 @@ def test_a_bf16_checkpoint_held_in_bf16_keeps_its_tensors_and_errs_as_transforme
     assert 0 < err <= 1.25 * hf_err, (err, hf_err)
 
 
-@pytest.mark.parametrize("case", ["deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("case", ["deepseek_v3", "glm4_moe", "qwen3_moe"])
 def test_a_bf16_checkpoint_with_fp32_routers_converts_and_exports_back_to_itself(tmp_path, case):
-    """transformers keeps these routers in fp32 in a bf16 model, and so in its bf16 checkpoints:
-    convert + export in bf16, and the export of the directory itself (dtype auto: its bf16), rounded
-    them to bf16."""
+    """transformers keeps DeepSeek-V3's and GLM4-MoE's routers in fp32 in a bf16 model, and so in its
+    bf16 checkpoints (Qwen3-MoE's: bf16): convert + export in bf16, and the export of the directory
+    itself (dtype auto: its bf16), rounded them to bf16. A conversion in the directory's own dtype
+    (`convert --dtype auto`) stores bf16, routers in fp32 (widened where stored in bf16), and
+    exports back to the same files."""
     from tests.conftest import run_cli
 
     export_hf(_model(*CASES[case]), tmp_path / "fp32")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16)
     hf.save_pretrained(tmp_path / "src")
     src = _files(tmp_path / "src")
+    fp32_routers = case != "qwen3_moe"
     assert {k for k, t in src.items() if t.dtype == torch.float32} == {
-        k for k in src if k.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))} != set()
+        k for k in src if fp32_routers and k.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))}
     assert run_cli("convert", tmp_path / "src", "--out", tmp_path / "run").returncode == 0
     res = run_cli("export", tmp_path / "run", "--out", tmp_path / "back", "--dtype", "bf16")
     assert res.returncode == 0, res.stderr
     assert run_cli("export", tmp_path / "src", "--out", tmp_path / "again").returncode == 0
-    for folder in ("back", "again"):
+    # converted in its own dtype (auto): bf16 on disk, the routers fp32 as stored, and exported as it
+    # is (auto: the run's stored bf16) with no --dtype
+    res = run_cli("convert", tmp_path / "src", "--out", tmp_path / "half", "--dtype", "auto")
+    assert res.returncode == 0, res.stderr
+    assert run_cli("export", tmp_path / "half", "--out", tmp_path / "half_back").returncode == 0
+    for folder in ("back", "again", "half_back"):
         back = _files(tmp_path / folder)
         assert back.keys() == src.keys()
         for k in src:
             assert back[k].dtype == src[k].dtype and torch.equal(back[k], src[k]), (folder, k)
+    (half,), (wide,) = ((tmp_path / r).glob("checkpoints/*/model.safetensors") for r in ("half", "run"))
+    stored = _files(half.parent)
+    assert {k for k, t in stored.items() if t.dtype == torch.float32} == {k for k in stored if ".router." in k}
+    assert half.stat().st_size < 0.55 * wide.stat().st_size
+    from moelab.train.checkpoint import load_weights
+
+    widened, exact = load_weights(tmp_path / "half"), load_weights(tmp_path / "run")  # train.init_from's read
+    assert widened.keys() == exact.keys()
+    for k, t in widened.items():
+        assert t.dtype == torch.float32 and torch.equal(t, exact[k]), k
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))

@@ -166,6 +166,17 @@ def test_weights_that_fit_only_in_bf16_are_refused_with_dtype_bf16_named(tmp_pat
     assert "or hold the weights in bf16, where they fit (--dtype bf16" in r.stderr
     r = run_cli("generate", ckpt, "--prompt", "hi", "--dtype", "bf16")
     assert r.returncode == 2 and "damaged" in r.stderr and "cannot fit" not in r.stderr, r.stderr
+    pytest.importorskip("transformers")
+    from moelab.models.hf import hf_config
+
+    hf = tmp_path / "hf"  # the same model as a bf16 Hugging Face directory: convert says --dtype bf16 fits
+    config = hf_config(cfg.model)
+    config.dtype = "bfloat16"
+    config.save_pretrained(hf)
+    (hf / "model.safetensors").write_bytes(b"stub")
+    r = run_cli("convert", hf, "--out", tmp_path / "cv")
+    assert r.returncode == 2 and "or convert it in bf16, where it fits (--dtype bf16)" in r.stderr, r.stderr
+    assert not (tmp_path / "cv").exists()
     assert router and check_weights_fit(cfg.model, "cpu", "it", torch.bfloat16) is None
     with pytest.raises(WeightsWontFit) as exc:  # an fp32 HF checkpoint is read whole, then cast: 4 bytes each
         check_weights_fit(cfg.model, "cpu", "it", torch.bfloat16, read_as=torch.float32)
