@@ -177,7 +177,7 @@ def _cmd_eval(args) -> int:
     from moelab.eval.target import load_target
 
     _harness_folder(args)
-    if args.dtype != "fp32" and args.precision not in (None, args.dtype):  # before the weights are read
+    if args.dtype in ("bf16", "fp16") and args.precision not in (None, args.dtype):  # before the weights are read
         raise UserError(f"--dtype {args.dtype} weights compute in {args.dtype}, not --precision {args.precision}: drop "
                         "--precision, or keep the weights in fp32 (--dtype fp32)")
     limit = f" --limit {args.limit}" if args.limit else ""  # data check of the items evaluated, no more
@@ -450,9 +450,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _dtype_argument(p) -> None:
     """--dtype of the commands that load a model to run it (eval, generate, routing)."""
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "auto"), default="fp32",
                    help="hold the weights in this dtype (default fp32): bf16 or fp16 take half the memory, for a "
-                        "model too large otherwise, and compute in it (routers in fp32)")
+                        "model too large otherwise, and compute in it (routers in fp32); auto: the stored one (an "
+                        "HF directory's own, a converted run's)")
 
 
 def build_parser() -> argparse.ArgumentParser:

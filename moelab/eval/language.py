@@ -154,8 +154,8 @@ def eval_language(target, split: str = "val", data: str | None = None, source: s
     held = {v: k for k, v in AUTOCAST_DTYPES.items()}.get(target.model.embed.weight.dtype)  # bf16 weights
     if held:  # (load_model's dtype, --dtype) compute in their dtype
         if precision not in (None, held):
-            raise UserError(f"--dtype {held} weights compute in {held}, not --precision {precision}: drop "
-                            "--precision, or keep the weights in fp32 (--dtype fp32)")
+            raise UserError(f"the weights are held in {held}, so they compute in {held}, not --precision "
+                            f"{precision}: drop --precision, or hold them in fp32 (--dtype fp32)")
         precision = held
     precision = precision or (run_cfg.train.precision if run_cfg else "fp32")
     if precision not in AUTOCAST_DTYPES:

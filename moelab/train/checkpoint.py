@@ -259,12 +259,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     directory, or a Hugging Face directory of a supported architecture. `dtype`: what its weights
     are held in, fp32 (the default) or, for inference in half the memory, bf16 or fp16 (a torch
     dtype or "bf16"...), the routers' in fp32 either way (`held_as`); such a model computes in that
-    dtype, as transformers' models loaded in it do."""
+    dtype, as transformers' models loaded in it do. "auto": the dtype they are stored in (an HF
+    directory's own, a converted run's `convert --dtype`; fp32 for a trained run)."""
     from moelab.config import Config
     from moelab.models import MoETransformer
     from moelab.models.transformer import weights_dtype
     from moelab.train.memory import check_weights_fit
 
+    if dtype == "auto":
+        from moelab.models.hf import stored_dtype
+
+        dtype = stored_dtype(path) if is_hf_dir(path) else stored_weights_dtype(resolve_checkpoint(path, hf_too=True))
     try:
         dtype = weights_dtype(dtype)
     except ValueError as exc:

@@ -363,6 +363,9 @@ def test_a_run_held_in_bf16_evaluates_generates_and_routes_in_bf16(trained, tmp_
         held = torch.float32 if ".router." in name else torch.bfloat16
         assert t.dtype == held and torch.equal(t, wide.state_dict()[name].to(held)), name
     assert half.rope_cos.dtype == torch.float32 and half.lm_head.weight.dtype == torch.bfloat16
+    assert moelab.load_model(str(run), dtype="auto").embed.weight.dtype == torch.float32  # as trained
+    res = run_cli("eval", run, "--dtype", "auto", "--precision", "bf16", "--windows", "2", "--no-xz")
+    assert res.returncode == 0 and res.stdout.rstrip().endswith("| bf16 autocast"), res.stderr
     args = ("--windows", "16", "--no-xz", "--device", "cpu")
     assert run_cli("eval", run, *args, "--json", tmp_path / "w.json").returncode == 0
     res = run_cli("eval", run, *args, "--dtype", "bf16", "--json", tmp_path / "h.json")

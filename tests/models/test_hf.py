@@ -307,6 +307,9 @@ def test_a_bf16_checkpoint_held_in_bf16_keeps_its_tensors_and_errs_as_transforme
     hf.save_pretrained(tmp_path / "hf")
     half, wide = load_model(tmp_path / "hf", dtype="bf16"), load_model(tmp_path / "hf")
     assert half.state_dict().keys() == wide.state_dict().keys()
+    auto = load_model(tmp_path / "hf", dtype="auto")  # the directory's own: bf16
+    assert all(t.dtype == half.state_dict()[k].dtype for k, t in auto.state_dict().items())
+    assert load_model(tmp_path / "fp32", dtype="auto").embed.weight.dtype == torch.float32
     for name, t in half.state_dict().items():
         assert t.dtype == (torch.float32 if ".router." in name else torch.bfloat16), name
         assert torch.equal(t.float(), wide.state_dict()[name]), name  # wide: the file's values, exactly
@@ -362,8 +365,9 @@ def test_a_bf16_checkpoint_with_fp32_routers_converts_and_exports_back_to_itself
     stored = _files(half.parent)
     assert {k for k, t in stored.items() if t.dtype == torch.float32} == {k for k in stored if ".router." in k}
     assert half.stat().st_size < 0.55 * wide.stat().st_size
-    from moelab.train.checkpoint import load_weights
+    from moelab.train.checkpoint import load_model, load_weights
 
+    assert load_model(tmp_path / "half", dtype="auto").embed.weight.dtype == torch.bfloat16  # as stored
     widened, exact = load_weights(tmp_path / "half"), load_weights(tmp_path / "run")  # train.init_from's read
     assert widened.keys() == exact.keys()
     for k, t in widened.items():
