@@ -141,6 +141,35 @@ def test_cuda_load_model_reads_a_checkpoint_straight_onto_the_gpu(tmp_path):
         assert torch.equal(a.cpu(), b), name
 
 
+@pytest.mark.parametrize("variant", ["mla-yarn-dense-first", "gqa"])
+def test_cuda_a_model_held_in_bf16_runs_on_the_gpu_within_bf16_error_of_fp32(tmp_path, variant):
+    """load_model(dtype="bf16") onto a GPU: tensors read and cast one at a time, the routers and
+    RoPE tables fp32; forward (grouped or padded bf16 experts, no autocast) and cached decoding
+    within bf16 error of the fp32 model's logits."""
+    from moelab import load_model
+    from moelab.config import Config
+    from moelab.eval.generate import inference_routing
+    from moelab.models import MoETransformer
+    from moelab.train.checkpoint import save_weights_only
+    from tests.models.test_init import _config
+
+    cfg = Config(model=_config(variant))
+    torch.manual_seed(0)
+    save_weights_only(tmp_path, MoETransformer(cfg.model), cfg.to_yaml(), {})
+    half, wide = load_model(tmp_path, "cuda", dtype="bf16"), load_model(tmp_path, "cuda")
+    for name, t in half.state_dict().items():
+        assert t.is_cuda and t.dtype == (torch.float32 if ".router." in name else torch.bfloat16), name
+    assert half.rope_cos.dtype == torch.float32
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 24), device="cuda")
+    with torch.no_grad(), inference_routing(half):
+        ref, full = wide(ids).logits, half(ids).logits
+        cache = half.new_cache(24)
+        parts = [half(ids[:, :16], cache=cache).logits] + [half(ids[:, t:t + 1], cache=cache).logits
+                                                           for t in range(16, 24)]
+    assert _rel(full, ref) < REL_TOL[torch.bfloat16]
+    assert _rel(torch.cat(parts, dim=1), ref) < REL_TOL[torch.bfloat16]
+
+
 def test_cuda_fp32_run_is_pointed_to_the_tensor_cores():
     from moelab.train.host import precision_note, tensor_core_note
 
