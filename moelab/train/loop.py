@@ -892,6 +892,7 @@ def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
     bar = _progress_bar(progress, run.step, t.steps)
     run.model.train()
     window = _Window(run)
+    started_at = run.step
     last_saved, stopped = run.step, None
     with StopSignals() as signals:
         while run.step < t.steps and not early_stopped:
@@ -954,8 +955,10 @@ def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
         with StopSignals():
             if faults:
                 faults.final_eval(run.step)
-            final = run_eval(run, full=True)
-            sinks.write({"step": run.step, "split": "val", "final": True, **final})
+            final = _recorded_final(run) if run.step == started_at and not choice else None
+            if final is None:
+                final = run_eval(run, full=True)
+                sinks.write({"step": run.step, "split": "val", "final": True, **final})
             if choice and is_rank0():
                 final["choice"] = _run_choice(run, choice, sinks, say)
         last = saved or run.run_dir / "checkpoints" / f"{ck.CKPT_PREFIX}{run.step:07d}"
@@ -971,6 +974,27 @@ def _train(run: Run, progress: bool | None, smoke: bool) -> dict:
     elif t.report and not stopped and is_rank0():
         _write_report(run.run_dir, say)
     return summary
+
+
+# settings a resume may change that leave the final evaluation of the same weights as it was
+_FINAL_EVAL_UNCHANGED_BY = {"train.steps", "train.patience", "train.min_delta", "train.eval_every",
+                            "train.eval_windows", "train.save_every", "train.log_every", "train.keep_last",
+                            "train.plot", "train.report"}
+
+
+def _recorded_final(run: Run) -> dict | None:
+    """The final evaluation already recorded (meta.json "val") with the checkpoint of this update,
+    where a resume that ran no update (an extension stopped at once by spent patience) would only
+    repeat it: the same weights, data and evaluation settings. None where it must run: nothing
+    recorded, or a setting that changes it (precision, final_eval_windows, batch size...) changed."""
+    if any(c.split(" ", 1)[0] not in _FINAL_EVAL_UNCHANGED_BY for c in run.changed_on_resume):
+        return None
+    meta = run.run_dir / "checkpoints" / f"{ck.CKPT_PREFIX}{run.step:07d}" / "meta.json"
+    try:
+        val = json.loads(meta.read_text())["val"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return dict(val) if isinstance(val, dict) and "loss" in val else None
 
 
 def _write_report(run_dir: Path, say) -> None:

@@ -253,6 +253,18 @@ def test_patience_spent_at_the_last_update_stops_an_extension_at_once(tmp_path, 
         return [(r["step"], r["loss"]) for r in _records(tmp_path / run) if r["split"] == "val" and not r.get("final")]
     assert periodic("ext") == periodic("whole")
 
+    def finals(run):
+        return [r for r in _records(tmp_path / run) if r.get("final")]
+    # the same weights' final evaluation, recorded once: the extension ran no update, so it is not
+    # repeated (it appended a second record at step 15 before)
+    assert [r["step"] for r in finals("ext")] == [15] and finals("ext")[0]["loss"] == s["val_loss"]
+    # a setting that changes the final evaluation makes it run again, on what it now names
+    _run(tmp_path, prepared, *args, "train.steps=15", name="ext2")
+    again = _run(tmp_path, prepared, name="ext2", resume="auto",
+                 overrides=("train.steps=30", "train.final_eval_windows=3"))
+    assert again["early_stopped"] and [r["step"] for r in finals("ext2")] == [15, 15]
+    assert finals("ext2")[1]["tokens"] < finals("ext2")[0]["tokens"] and again["val_loss"] == finals("ext2")[1]["loss"]
+
 
 def test_smoke_checks_a_config_end_to_end(tmp_path, prepared):
     res = subprocess.run([sys.executable, "-m", "moelab", "train", "--preset", "test", "--smoke", "--out",
