@@ -155,7 +155,7 @@ def export(run: str, to: str, out: str, arch: str = "auto", dtype: str = "auto")
     """Export to a Hugging Face directory in `dtype`; auto: the dtype the weights are stored in, so
     exactly them (fp32 for a trained run; a run converted in bf16, and an HF directory in bf16:
     bf16 in, bf16 out). Returns (directory, dtype)."""
-    from moelab.models.hf import check_export_target, export_hf, stored_dtype
+    from moelab.models.hf import check_export_target, export_hf
     from moelab.train.checkpoint import is_hf_dir, load_model, resolve_checkpoint, stored_weights_dtype
 
     if to != "hf":
@@ -166,7 +166,7 @@ def export(run: str, to: str, out: str, arch: str = "auto", dtype: str = "auto")
     check_export_target(out, "fp32" if dtype == "auto" else dtype)  # before the weights are read
     hf_in = is_hf_dir(run)
     if dtype == "auto":
-        dtype = stored_dtype(Path(run).expanduser()) if hf_in else stored_weights_dtype(resolve_checkpoint(run))
+        dtype = stored_weights_dtype(run)
     # an HF directory too (written again in moelab's layout: 5 GB shards, its tokenizer); held in bf16
     # for a bf16 export (the same rounding, half the memory), else fp32 (fp16's range is checked on the
     # fp32 values)

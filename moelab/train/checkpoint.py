@@ -230,12 +230,18 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     return read_model_file(resolve_checkpoint(path, hf_too=True), lambda f: _read_as(f, device, torch.float32))
 
 
-def stored_weights_dtype(ckpt: Path) -> str:
-    """"fp32", "bf16" or "fp16": the dtype a checkpoint's weights are stored in (the routers' may be
-    wider), as its meta.json records it: fp32 for every trained run, a converted one's
+def stored_weights_dtype(path: str | Path) -> str:
+    """"fp32", "bf16" or "fp16": the dtype the weights of a Hugging Face directory (its config.json's),
+    a run (its newest checkpoint) or a checkpoint are stored in (the routers' may be wider); for a
+    checkpoint as its meta.json records it: fp32 for every trained run, a converted one's
     `convert --dtype`. Read without opening the weights (a model too large is refused before that)."""
+    if is_hf_dir(path):
+        from moelab.models.hf import stored_dtype
+
+        return stored_dtype(Path(path).expanduser())
+    meta = resolve_checkpoint(path, hf_too=True) / "meta.json"
     try:
-        return json.loads((ckpt / "meta.json").read_text()).get("weights_dtype", "fp32")
+        return json.loads(meta.read_text()).get("weights_dtype", "fp32")
     except (OSError, ValueError, AttributeError):
         return "fp32"
 
@@ -267,9 +273,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     from moelab.train.memory import check_weights_fit
 
     if dtype == "auto":
-        from moelab.models.hf import stored_dtype
-
-        dtype = stored_dtype(path) if is_hf_dir(path) else stored_weights_dtype(resolve_checkpoint(path, hf_too=True))
+        dtype = stored_weights_dtype(path)
     try:
         dtype = weights_dtype(dtype)
     except ValueError as exc:
