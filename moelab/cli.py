@@ -9,6 +9,7 @@ import argparse
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from moelab.errors import UserError
@@ -250,7 +251,7 @@ def _contamination(target, specs: list[str], tasks: list, results: list[dict], d
 
 
 def _cmd_generate(args) -> int:
-    from moelab.eval.generate import Sampler, check_prompt, generate_text, prompt_ids
+    from moelab.eval.generate import Sampler, check_prompt, generate_texts, prompt_ids
     from moelab.eval.target import load_target
 
     if args.system is not None and not args.chat:
@@ -261,14 +262,24 @@ def _cmd_generate(args) -> int:
     ids = [prompt_ids(target.tokenizer, prompt, args.system, args.chat) for prompt in args.prompt]
     for each in ids:  # all refused before any text is printed
         check_prompt(target.model, each)
-    for prompt, each in zip(args.prompt, ids):
-        r = generate_text(target.model, target.tokenizer, prompt, args.max_new_tokens, sampler,
-                          tuple(args.stop or ()), not args.no_cache, each)
-        print(r["text"] if args.chat else r["prompt"] + r["text"])  # a chat prints the reply alone
-        rate = f", {r['new_tokens'] / r['seconds']:,.0f} tokens/s" if r["new_tokens"] and r["seconds"] > 0 else ""
-        print(f"-- {r['new_tokens']} tokens, stopped: {r['stop_reason']} ({r['prompt_tokens']}-token prompt and "
-              f"decoding in {r['seconds']:.3f} s{rate})", file=sys.stderr)
+    n = args.batch_size
+    tokens, started = 0, time.perf_counter()
+    for b in range(0, len(ids), n):  # in the given order, each batch printed when it is done
+        for r in generate_texts(target.model, target.tokenizer, args.prompt[b:b + n], args.max_new_tokens, sampler,
+                                tuple(args.stop or ()), not args.no_cache, ids[b:b + n], n):
+            print(r["text"] if args.chat else r["prompt"] + r["text"])  # a chat prints the reply alone
+            tokens += r["new_tokens"]
+            print(f"-- {r['new_tokens']} tokens, stopped: {r['stop_reason']} ({r['prompt_tokens']}-token prompt and "
+                  f"decoding in {r['seconds']:.3f} s{_rate(r['new_tokens'], r['seconds'])})", file=sys.stderr)
+    if len(ids) > 1:
+        seconds = time.perf_counter() - started
+        print(f"-- {len(ids)} prompts, {tokens} tokens in {seconds:.3f} s{_rate(tokens, seconds)}, up to {n} "
+              "decoded together (--batch-size)", file=sys.stderr)
     return 0
+
+
+def _rate(tokens: int, seconds: float) -> str:
+    return f", {tokens / seconds:,.0f} tokens/s" if tokens and seconds > 0 else ""
 
 
 def _cmd_routing(args) -> int:
@@ -548,7 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=_at_least(0), default=50, help="0: off")
     p.add_argument("--top-p", type=float, default=0.95, help="1: off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="each prompt samples from a generator of its own at this seed: its text does not "
+                        "depend on the other prompts or the batching")
+    p.add_argument("--batch-size", type=_at_least(1), default=8,
+                   help="prompts decoded together (default 8), each to the tokens it gets alone; on a CPU a "
+                        "batch's decoding step takes little longer than one prompt's")
     p.add_argument("--stop", action="append", type=_stop_string,
                    help=r"stop string (repeatable); the text ends before it; \n, \t, \r, \\ read as "
                         r"newline, tab, return, backslash (--stop '\n\n': a blank line)")

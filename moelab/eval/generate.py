@@ -1,7 +1,10 @@
 """Text generation: greedy or sampled (temperature, top-k, top-p), with or without a KV cache.
 
 The cached path feeds the prompt once, then one token per step; the uncached path re-runs the whole
-sequence every step. Both give the same tokens (a test checks every attention type).
+sequence every step. Both give the same tokens (a test checks every attention type). Several
+prompts decode together in one batch, left-padded (`generate_batch`): each gets the tokens it gets
+alone, and one that is done leaves the batch. On a CPU a decoding step is bound by reading the
+weights, so a batch of prompts takes little longer per step than one.
 
 Sampling draws from a seeded CPU generator over fp32 probabilities, so a seed gives the same text
 on any device. Capacity-limited routers route without a capacity while generating: which tokens
@@ -81,6 +84,10 @@ class Sampler:
             raise UserError(f"seed {self.seed} is out of range; give a whole number from {SEED_MIN} to {SEED_MAX}")
         self.generator = torch.Generator().manual_seed(self.seed)
 
+    def fresh(self) -> "Sampler":
+        """These settings, with a generator of its own at the seed."""
+        return Sampler(self.temperature, self.top_k, self.top_p, self.seed)
+
     def __call__(self, logits_V: torch.Tensor) -> int:
         if self.temperature == 0:
             return int(logits_V.argmax())
@@ -98,7 +105,6 @@ def check_prompt(model, prompt_ids: list[int]) -> int:
     return max_len
 
 
-@torch.no_grad()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler | None = None,
                  eos_id: int | Iterable[int] | None = None, use_cache: bool = True, stop=None,
                  vocab: int | None = None) -> tuple[list[int], str]:
@@ -107,37 +113,76 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
     `stop(new_ids)` -> True ends generation. `vocab`:
     only ids below it are drawn (a tokenizer's size, where the model's vocabulary is padded past it:
     those rows were never a target, and no text decodes from them)."""
-    sampler = sampler or Sampler()
+    new, why, _ = generate_batch(model, [prompt_ids], max_new_tokens, [sampler or Sampler()], eos_id, use_cache,
+                                 [stop], vocab)[0]
+    return new, why
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, samplers: list[Sampler] | None = None,
+                   eos_id: int | Iterable[int] | None = None, use_cache: bool = True, stops: list | None = None,
+                   vocab: int | None = None) -> list[tuple[list[int], str, float]]:
+    """`generate_ids` for several prompts decoded together, as one batch (left-padded; see
+    moelab.models.kvcache): for each, its new ids, why it stopped and the seconds from the start
+    until it did. Each prompt's tokens are those it gets alone, up to floating-point rounding of the
+    batched products. `samplers[i]` and `stops[i]` are prompt i's; a finished prompt leaves the batch,
+    so the others run on without its rows. Without the cache the prompts run one after another."""
+    samplers = samplers or [Sampler() for _ in prompts]
+    stops = stops or [None] * len(prompts)
     ends = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
-    max_len = check_prompt(model, prompt_ids)
+    max_len = max(check_prompt(model, p) for p in prompts)
     if max_new_tokens < 0:
         raise UserError(f"max new tokens is {max_new_tokens}; give 0 or more")
+    if not use_cache and len(prompts) > 1:
+        return [generate_batch(model, [p], max_new_tokens, [s], eos_id, False, [st], vocab)[0]
+                for p, s, st in zip(prompts, samplers, stops)]
+    start = time.perf_counter()
     if max_new_tokens == 0:
-        return [], "length"
+        return [([], "length", 0.0) for _ in prompts]
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], device=device)
-    new: list[int] = []
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], device=device)
+    done: list = [None] * len(prompts)
+    new: list[list[int]] = [[] for _ in prompts]
+    rows = list(range(len(prompts)))  # the prompt of each batch row
     with inference_routing(model):
-        cache = model.new_cache(len(prompt_ids) + max_new_tokens) if use_cache else None
-        out = model(ids, cache=cache, logits=False)  # the prompt's last position only
-        logits = out.project(out.hidden[0, -1])
+        cache = None
+        if use_cache:
+            cache = model.new_cache(width + max_new_tokens, torch.tensor([width - len(p) for p in prompts],
+                                                                         device=device))
+        out = model(ids, cache=cache, logits=False)  # each prompt's last position only
+        logits_BV = out.project(out.hidden[:, -1])
         while True:
-            tok = sampler(logits[:vocab])
-            new.append(tok)
-            if tok in ends:
-                return new, "eos"
-            if stop is not None and stop(new):
-                return new, "stop"
-            if len(new) >= max_new_tokens:
-                return new, "length"
-            if len(prompt_ids) + len(new) >= max_len:
-                return new, "context"
+            going = []
+            for j, (i, tok) in enumerate(zip(rows, _draw(logits_BV, [samplers[i] for i in rows], vocab))):
+                new[i].append(tok)
+                why = ("eos" if tok in ends else "stop" if stops[i] is not None and stops[i](new[i])
+                       else "length" if len(new[i]) >= max_new_tokens
+                       else "context" if len(prompts[i]) + len(new[i]) >= max_len else None)
+                if why is None:
+                    going.append(j)
+                else:
+                    done[i] = (new[i], why, time.perf_counter() - start)
+            if not going:
+                return done
+            if len(going) < len(rows):
+                rows = [rows[j] for j in going]
+                if cache is not None:
+                    cache.keep(going)
+            next_B1 = torch.tensor([[new[i][-1]] for i in rows], device=device)
             if use_cache:
-                logits = model(torch.tensor([[tok]], device=device), cache=cache).logits[0, -1]
-            else:
-                ids = torch.cat([ids, torch.tensor([[tok]], device=device)], dim=1)
+                logits_BV = model(next_B1, cache=cache).logits[:, -1]
+            else:  # one prompt, no padding
+                ids = torch.cat([ids, next_B1], dim=1)
                 out = model(ids, logits=False)
-                logits = out.project(out.hidden[0, -1])
+                logits_BV = out.project(out.hidden[:, -1])
+
+
+def _draw(logits_BV: torch.Tensor, samplers: list[Sampler], vocab: int | None) -> list[int]:
+    """Each row's next token by its sampler (greedy rows in one argmax)."""
+    if all(s.temperature == 0 for s in samplers):
+        return logits_BV[:, :vocab].argmax(-1).tolist()
+    return [s(row[:vocab]) for s, row in zip(samplers, logits_BV)]
 
 
 def prompt_ids(tokenizer, prompt: str, system: str | None = None, chat: bool = False) -> list[int]:
@@ -152,23 +197,42 @@ def prompt_ids(tokenizer, prompt: str, system: str | None = None, chat: bool = F
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
                   stop_strings: tuple[str, ...] = (), use_cache: bool = True, ids: list[int] | None = None) -> dict:
-    """Continue `prompt` (from `ids` where given: see prompt_ids); the text is cut before the
-    first stop string (which ends generation). Also returned: the token counts, and the seconds the
-    prompt's forward and the decoding took together."""
+    """Continue `prompt` (from `ids` where given: see prompt_ids); see generate_texts."""
+    return generate_texts(model, tokenizer, [prompt], max_new_tokens, sampler, stop_strings, use_cache,
+                          None if ids is None else [ids])[0]
+
+
+def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, sampler: Sampler | None = None,
+                   stop_strings: tuple[str, ...] = (), use_cache: bool = True, ids: list[list[int]] | None = None,
+                   batch_size: int = 8) -> list[dict]:
+    """Continue each prompt (from ids[i] where given: see prompt_ids), up to `batch_size` of them
+    decoded together (longest first, so a batch holds prompts of similar lengths: little padding).
+    Each text is cut before the first stop string (which ends generation). Each prompt samples
+    from its own generator at the sampler's seed, so its text depends on it and the seed alone:
+    not on the other prompts, their order or the batching. Also returned: the token counts, and
+    the seconds from its batch's start until it was done."""
     if "" in stop_strings:
         raise UserError("an empty stop string ends the text before it starts; give some text")
+    if batch_size < 1:
+        raise UserError(f"batch size {batch_size}: give 1 or more prompts per batch")
 
     def hit(new_ids):
         text = tokenizer.decode(new_ids)
         return any(s in text for s in stop_strings)
 
-    ids = tokenizer.encode_prompt(prompt) if ids is None else ids
-    start = time.perf_counter()
-    new, reason = generate_ids(model, ids, max_new_tokens, sampler, tokenizer.end_ids, use_cache,
-                               hit if stop_strings else None, vocab=tokenizer.vocab_size)
-    seconds = time.perf_counter() - start
-    text = tokenizer.decode([t for t in new if t not in tokenizer.end_ids])
-    if reason == "stop":
-        text = text[:min(text.find(s) for s in stop_strings if s in text)]
-    return {"prompt": prompt, "text": text, "new_tokens": len(new), "stop_reason": reason,
-            "prompt_tokens": len(ids), "seconds": seconds}
+    sampler = sampler or Sampler()
+    ids = [tokenizer.encode_prompt(p) for p in prompts] if ids is None else ids
+    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
+    out: list = [None] * len(prompts)
+    for b in range(0, len(order), batch_size):
+        batch = order[b:b + batch_size]
+        results = generate_batch(model, [ids[i] for i in batch], max_new_tokens, [sampler.fresh() for _ in batch],
+                                 tokenizer.end_ids, use_cache, [hit if stop_strings else None] * len(batch),
+                                 vocab=tokenizer.vocab_size)
+        for i, (new, reason, seconds) in zip(batch, results):
+            text = tokenizer.decode([t for t in new if t not in tokenizer.end_ids])
+            if reason == "stop":
+                text = text[:min(text.find(s) for s in stop_strings if s in text)]
+            out[i] = {"prompt": prompts[i], "text": text, "new_tokens": len(new), "stop_reason": reason,
+                      "prompt_tokens": len(ids[i]), "seconds": seconds}
+    return out

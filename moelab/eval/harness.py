@@ -91,16 +91,25 @@ class MoelabLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from moelab.eval.generate import Sampler, generate_text
+        """Requests with the same generation settings (a task's) are decoded `batch_size` at a time
+        (moelab.eval.generate.generate_texts): each gets the text it gets alone."""
+        from moelab.eval.generate import Sampler, generate_texts
 
-        out = []
-        for context, kwargs in (r.args for r in requests):
+        groups: dict[tuple, list[int]] = {}
+        contexts = []
+        for n, (context, kwargs) in enumerate(r.args for r in requests):
             until = kwargs.get("until") or []
             until = [u for u in ([until] if isinstance(until, str) else until) if u]  # "" would stop at once
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
-            r = generate_text(self.model, self.tokenizer, context, int(kwargs.get("max_gen_toks", self.max_gen_toks)),
-                              Sampler(temperature=temperature), tuple(until))
-            out.append(r["text"])
+            key = (tuple(until), int(kwargs.get("max_gen_toks", self.max_gen_toks)), temperature)
+            groups.setdefault(key, []).append(n)
+            contexts.append(context)
+        out: list = [None] * len(contexts)
+        for (until, max_gen, temperature), members in groups.items():
+            texts = generate_texts(self.model, self.tokenizer, [contexts[n] for n in members], max_gen,
+                                   Sampler(temperature=temperature), until, batch_size=self._batch_size)
+            for n, r in zip(members, texts):
+                out[n] = r["text"]
         return out
 
 

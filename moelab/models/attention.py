@@ -9,7 +9,8 @@ a low-rank bottleneck with its own norm. Keys and values come from one compresse
 so that SDPA runs its fused kernel; see `pad_for_flash`).
 
 Shapes: B batch, S sequence, H query heads, G key/value heads, Dh head dim, D model dim,
-R rotated dims (cos/sin come in as (S, R), already offset to the positions of x).
+R rotated dims (cos/sin come in as (S, R), already offset to the positions of x, or as (B, 1, S, R)
+where the rows of a batch are at different positions: left-padded prompts decoded together).
 
 With a `LayerCache` (incremental decoding) the new keys/values are appended and the queries attend
 to every cached position up to their own; without one, plain causal attention over x.
@@ -30,7 +31,10 @@ from moelab.models.layers import RMSNorm, apply_rope, yarn_softmax_scale
 
 
 def _attend(q, k, v, cache: LayerCache | None, q_start: int, **kw) -> torch.Tensor:
-    """Causal SDPA; with a cache, queries start at position `q_start` of the cached keys."""
+    """Causal SDPA; with a cache, queries start at position `q_start` of the cached keys (and
+    left-padded rows see their own keys only: the cache's mask)."""
+    if cache is not None and cache.mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, **kw)
     if cache is None or q_start == 0:
         if explicit_scores_cpu(q, k.shape[-2]) and q.shape[-2] == k.shape[-2]:
             return causal_attention_fp32_scores(q, k, v, kw.get("scale"))
@@ -189,7 +193,7 @@ class LatentAttention(nn.Module):
         k_nope, v_BHSV = kv_BHSX.split([self.nope, self.v_dim], dim=-1)
         q_BHSQ = torch.cat([q_nope, q_rot], dim=-1)
         k_BHSQ = torch.cat([k_nope, k_rot_BSR.unsqueeze(1).expand(B, H, Sk, self.rope)], dim=-1)
-        if pad_for_flash(q_BHSQ, v_BHSV, Sk, cache is None or start == 0):
+        if pad_for_flash(q_BHSQ, v_BHSV, Sk, cache is None or (start == 0 and cache.mask is None)):
             # Equal head dims let SDPA take its fused kernel instead of the math path, which
             # materialises (B, H, S, S) scores and probabilities. The padding is zeros, so with the
             # explicit scale q.k and the first v_dim output dims are unchanged.

@@ -223,9 +223,10 @@ class MoETransformer(nn.Module):
                     nn.init.zeros_(router.selection_bias)
                 blk.moe.experts.reset_parameters(c.init_std, out_std)
 
-    def new_cache(self, max_len: int | None = None) -> KVCache:
-        """An empty KV cache for incremental decoding (up to model.max_seq_len positions)."""
-        return KVCache(len(self.blocks), min(max_len or self.rope_cos.shape[0], self.rope_cos.shape[0]))
+    def new_cache(self, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
+        """An empty KV cache for incremental decoding (up to model.max_seq_len positions). `pad`:
+        each batch row's left padding, for prompts of different lengths decoded together."""
+        return KVCache(len(self.blocks), min(max_len or self.rope_cos.shape[0], self.rope_cos.shape[0]), pad)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 cache: KVCache | None = None, logits: bool = True) -> ModelOutput:
@@ -236,7 +237,11 @@ class MoETransformer(nn.Module):
         start = cache.pos if cache is not None else 0
         if start + S > self.rope_cos.shape[0]:
             raise ValueError(f"sequence length {start + S} exceeds model.max_seq_len {self.rope_cos.shape[0]}")
-        cos_SR, sin_SR = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
+        pos_BS = cache.next_positions(S) if cache is not None else None  # left-padded rows only
+        if pos_BS is None:
+            cos_SR, sin_SR = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
+        else:  # (B, 1, S, R): each row from its own first token
+            cos_SR, sin_SR = self.rope_cos[pos_BS].unsqueeze(1), self.rope_sin[pos_BS].unsqueeze(1)
         x_BSD = self.embed(input_ids)
         routing = []
         ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()

@@ -85,6 +85,21 @@ def test_report_command_and_bad_inputs(trained, tmp_path):
     assert res.returncode == 2 and "converted model: there is no training to report" in res.stderr
 
 
+def test_report_samples_are_what_moelab_generate_gives_their_prompts(trained):
+    """The report says `moelab generate` reproduces its samples (decoded as one batch there): the
+    command's defaults (temperature 0.8, top-k 50, top-p 0.95, seed 0) on the same prompts, given
+    together, print the same texts."""
+    from moelab.analysis.report import _sample_blocks
+    from moelab.eval.target import load_target
+
+    blocks = [b for kind, b in _sample_blocks(load_target(str(trained / "run")), 3, 12) if kind == "pre"]
+    pairs = [re.fullmatch(r"prompt: (.*?)\nmodel:  (.*)", b, re.S).groups() for b in blocks]
+    assert len(pairs) == 3
+    res = run_cli("generate", trained / "run", *[f"--prompt={p}" for p, _ in pairs], "--max-new-tokens", "12")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "".join(f"{p}{t}\n" for p, t in pairs)
+
+
 def test_model_versus_xz_wording_has_the_right_direction():
     from moelab.analysis.report import versus_xz
 

@@ -1,11 +1,11 @@
 """Generation: the KV cache gives the same logits and tokens as re-running the whole sequence, for
-every attention type (MHA, GQA, QK-norm, MLA with and without query low-rank, yarn); sampling
-settings do what they say."""
+every attention type (MHA, GQA, QK-norm, MLA with and without query low-rank, yarn); prompts decoded
+together get what each gets alone; sampling settings do what they say."""
 
 import pytest
 import torch
 
-from moelab.eval.generate import Sampler, generate_ids, inference_routing, next_token_probs
+from moelab.eval.generate import Sampler, generate_batch, generate_ids, inference_routing, next_token_probs
 from tests.conftest import needs_transformers
 from tests.models.variants import VARIANTS, tiny_model
 
@@ -59,6 +59,61 @@ def test_cached_and_uncached_generation_give_identical_tokens(variant):
         uncached, why_u = generate_ids(model, prompt, 30, sampler(), use_cache=False)
         assert cached == uncached and why_c == why_u == "length" and len(cached) == 30
     assert len(set(cached)) > 5  # sampling explored the vocabulary
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_left_padded_rows_get_the_logits_each_prompt_gets_alone(variant):
+    """Prompts of different lengths in one batch, left-padded (KVCache(pad=...)): each real position's
+    logits, at the prefill and at every decoding step, equal those of the prompt's own forward. A row
+    that saw its padding is off by about the logits' scale."""
+    model = _model(variant)
+    g = torch.Generator().manual_seed(0)
+    lens = [9, 4, 13, 1]
+    prompts = [torch.randint(0, 97, (n,), generator=g) for n in lens]
+    width = max(lens)
+    ids = torch.stack([torch.cat([torch.zeros(width - n, dtype=torch.long), p]) for n, p in zip(lens, prompts)])
+    more = torch.randint(0, 97, (len(lens), 5), generator=g)
+    with torch.no_grad(), inference_routing(model):
+        cache = model.new_cache(width + 5, pad=torch.tensor([width - n for n in lens]))
+        first = model(ids, cache=cache).logits
+        steps = torch.cat([model(more[:, t:t + 1], cache=cache).logits for t in range(5)], dim=1)
+        for b, (n, p) in enumerate(zip(lens, prompts)):
+            alone = model(torch.cat([p, more[b]])[None]).logits[0]
+            torch.testing.assert_close(first[b, width - n:], alone[:n], rtol=0, atol=2e-5)
+            torch.testing.assert_close(steps[b], alone[n:], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prompts_decoded_together_get_the_tokens_each_gets_alone(variant):
+    """generate_batch, greedy and sampled: each prompt's tokens and stop reason are those of
+    generate_ids on it alone, with prompts stopping at an end id, a stop condition, the length and
+    the context (the 120-token prompt: the model's context is 128) at different steps. The short
+    prompts decode on past the long one's context: its leading positions are dropped with it."""
+    model = _model(variant)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (9, 4, 13, 1, 120)]
+    eos = generate_ids(model, prompts[2], 30)[0][6]
+    stops = [None, lambda new: len(new) == 3, None, None, None]
+    for make in (Sampler, lambda: Sampler(temperature=1.0, top_k=20, top_p=0.9, seed=3)):
+        alone = [generate_ids(model, p, 30, make(), eos_id=eos, stop=st) for p, st in zip(prompts, stops)]
+        together = generate_batch(model, prompts, 30, [make() for _ in prompts], eos_id=eos, stops=stops)
+        assert [(new, why) for new, why, _ in together] == alone
+        assert all(sec > 0 for *_, sec in together)
+        if make is Sampler:
+            assert {"eos", "stop", "length", "context"} <= {why for _, why in alone}
+            assert max(len(new) for new, _ in alone) == 30
+
+
+def test_a_prompt_that_is_done_leaves_the_batch():
+    model = _model("mla-q-lowrank-interleaved")
+    fed = []
+    hook = model.embed.register_forward_hook(lambda mod, args, out: fed.append(tuple(args[0].shape)))
+    try:
+        done = generate_batch(model, [[1, 2, 3], [4, 5]], 10, stops=[lambda new: len(new) == 2, None])
+    finally:
+        hook.remove()
+    assert [len(new) for new, *_ in done] == [2, 10]
+    assert fed == [(2, 3), (2, 1)] + [(1, 1)] * 8  # the prefill, one step of both, then the second alone
 
 
 def test_mla_cache_holds_the_latent_not_per_head_keys():

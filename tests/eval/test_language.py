@@ -438,6 +438,51 @@ def test_cli_generate_is_reproducible_and_stops(trained):
     assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("moelab: error: empty prompt"), bad
 
 
+def test_cli_generate_decodes_prompts_together_as_each_alone(trained):
+    """--batch-size: prompts of different lengths decoded together print, in the given order, what
+    each prints alone, sampled too (each prompt samples at the seed, whatever the batching); a
+    closing line counts them."""
+    import re
+
+    run = trained / "run"
+    prompts = ["marker001x expert router token layer", "marker002x", "marker003x layer"]
+    args = ("--max-new-tokens", "10", "--seed", "5", *[a for p in prompts for a in ("--prompt", p)])
+    together = run_cli("generate", run, *args, "--batch-size", "3")
+    assert together.returncode == 0, together.stderr
+    alone = [run_cli("generate", run, "--prompt", p, "--max-new-tokens", "10", "--seed", "5") for p in prompts]
+    assert together.stdout == "".join(a.stdout for a in alone) and together.stdout.count("marker") >= 3
+    assert run_cli("generate", run, *args, "--batch-size", "2").stdout == together.stdout
+    lines = together.stderr.strip().splitlines()
+    assert [line.split(" (")[0] for line in lines[:-1]] == [a.stderr.strip().split(" (")[0] for a in alone]
+    assert re.fullmatch(r"-- 3 prompts, \d+ tokens in [\d.]+ s, [\d,]+ tokens/s, up to 3 decoded together "
+                        r"\(--batch-size\)", lines[-1]), lines[-1]
+
+
+def test_harness_generate_until_decodes_requests_together_as_each_alone(trained):
+    """MoelabLM.generate_until batches requests with the same generation settings: each text is
+    what generate_text gives the request alone, in the requests' order."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from moelab.eval.generate import Sampler, generate_text
+    from moelab.eval.harness import MoelabLM
+
+    target = load_target(str(trained / "run"))
+    lm = MoelabLM(target=target, batch_size=2, max_gen_toks=9)
+    asks = [("marker001x expert", {"until": ["router"], "max_gen_toks": 12}), ("marker004x", {"until": "\n\n"}),
+            ("marker002x gradient batch", {"until": ["router"], "max_gen_toks": 12}),
+            ("marker003x", {"until": [], "do_sample": True, "temperature": 0.7}), ("marker005x token", {})]
+    got = lm.generate_until([Instance("generate_until", {}, (c, kw), i) for i, (c, kw) in enumerate(asks)])
+    want = []
+    for context, kw in asks:
+        until = kw.get("until") or []
+        until = tuple([until] if isinstance(until, str) else until)
+        sampler = Sampler(temperature=kw.get("temperature", 0.0) if kw.get("do_sample") else 0.0)
+        want.append(generate_text(target.model, target.tokenizer, context, kw.get("max_gen_toks", 9), sampler,
+                                  until)["text"])
+    assert got == want and len(set(got)) > 2
+
+
 def test_python_load_gives_model_and_tokenizer_of_a_run_and_an_hf_export(trained):
     """The README's Python snippet: moelab.load(run).model/.tokenizer, the same model as load_model."""
     import moelab

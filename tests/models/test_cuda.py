@@ -170,6 +170,30 @@ def test_cuda_a_model_held_in_bf16_runs_on_the_gpu_within_bf16_error_of_fp32(tmp
     assert _rel(torch.cat(parts, dim=1), ref) < REL_TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("variant", ["mla-q-lowrank-interleaved", "gqa"])
+def test_cuda_prompts_decoded_together_get_the_logits_each_gets_alone(variant):
+    """Left-padded batched decoding on a GPU (SDPA with the rows' boolean mask): each prompt's
+    prefill and decoding logits equal its own forward's, in fp32."""
+    from moelab.eval.generate import inference_routing
+    from tests.models.variants import tiny_model
+
+    model = tiny_model(variant, init_std=0.2).cuda()
+    model.reset_parameters()
+    lens = [7, 2, 11]
+    prompts = [torch.randint(0, 97, (n,), device="cuda") for n in lens]
+    width = max(lens)
+    ids = torch.stack([torch.cat([prompts[b].new_zeros(width - n), prompts[b]]) for b, n in enumerate(lens)])
+    more = torch.randint(0, 97, (len(lens), 4), device="cuda")
+    with torch.no_grad(), inference_routing(model):
+        cache = model.new_cache(width + 4, pad=torch.tensor([width - n for n in lens], device="cuda"))
+        first = model(ids, cache=cache).logits
+        steps = torch.cat([model(more[:, t:t + 1], cache=cache).logits for t in range(4)], dim=1)
+        for b, n in enumerate(lens):
+            alone = model(torch.cat([prompts[b], more[b]])[None]).logits[0]
+            torch.testing.assert_close(first[b, width - n:], alone[:n], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(steps[b], alone[n:], rtol=1e-4, atol=1e-4)
+
+
 def test_cuda_fp32_run_is_pointed_to_the_tensor_cores():
     from moelab.train.host import precision_note, tensor_core_note
 
