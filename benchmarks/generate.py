@@ -4,11 +4,15 @@ on the same weights converted to its architecture (Mixtral for exp3, DeepseekV3 
 deepseek_v3-tiny), same prompt, in one process; each says whether it produced the same tokens.
 
     python benchmarks/generate.py [--presets exp3 deepseek_v3-tiny] [--prompt 64] [--new 128] [--threads 2]
-                                  [--no-hf] [--dtype bf16]
+                                  [--no-hf] [--dtype bf16] [--batch 8]
 
 --dtype bf16: both models hold their weights in bf16 (moelab's as `moelab generate --dtype bf16`
 loads them: routers in fp32; transformers' whole model cast, as `.to(torch.bfloat16)` does), where
 "same tokens" may then differ by rounding.
+--batch N: N prompts of lengths spread from half of --prompt to --prompt, decoded together
+(`generate_batch`, left-padded) against one at a time, and against transformers' batched `generate`
+(left padding, its attention mask); tokens/s count every prompt's new tokens, and "same tokens" is
+each prompt's against moelab's decoding of it alone.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import argparse
 import torch
 
 from common import compare
-from moelab.eval.generate import generate_ids
+from moelab.eval.generate import generate_batch, generate_ids
 from moelab.models import MoETransformer
 from moelab.models.presets import get_preset
 
@@ -32,6 +36,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best counts")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the weights' dtype, both sides")
+    ap.add_argument("--batch", type=int, default=1, help="prompts decoded together (see above)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,6 +48,9 @@ def main() -> None:
         model = MoETransformer(cfg.model, device=device).eval()
         if args.dtype == "bf16":  # held as load_model(dtype="bf16") holds them
             model = MoETransformer.from_weights(cfg.model, model.state_dict(), torch.bfloat16)
+        if args.batch > 1:
+            _batched(model, preset, args, device)
+            continue
         prompt = torch.randint(0, 8192, (args.prompt,)).tolist()
         ours = generate_ids(model, prompt, args.new, use_cache=True)[0]
         same = ours == generate_ids(model, prompt, args.new, use_cache=False)[0]
@@ -67,6 +75,40 @@ def main() -> None:
             print(f"  transformers {type(hf).__name__}.generate {args.new / t['transformers']:.0f} tok/s | "
                   f"moelab / transformers {t['transformers'] / t['cache']:.2f}x (single rounds: {lo:.2f}-{hi:.2f}x) | "
                   f"same tokens: {hf_same}")
+
+
+def _batched(model, preset: str, args, device) -> None:
+    n, new = args.batch, args.new
+    lengths = [round(args.prompt / 2 + args.prompt / 2 * i / max(n - 1, 1)) for i in range(n)]
+    prompts = [torch.randint(1, 8192, (k,)).tolist() for k in lengths]
+    alone = [generate_ids(model, p, new)[0] for p in prompts]
+    same = [r[0] for r in generate_batch(model, prompts, new)] == alone
+    fns = {"batch": lambda: generate_batch(model, prompts, new),
+           "one by one": lambda: [generate_ids(model, p, new) for p in prompts]}
+    hf = None if args.no_hf else _transformers_twin(model, device)
+    if hf is not None:
+        width = max(lengths)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+
+        @torch.no_grad()
+        def hf_generate():
+            return hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                               pad_token_id=0)[:, width:]
+        fns["transformers"] = hf_generate
+        hf_same = hf_generate().tolist() == alone
+    t = compare(fns, iters=3, rounds=args.rounds, warmup=1)
+    lo, hi = t.ratio_range("batch", "one by one")
+    rate = n * new
+    print(f"{preset} ({model.cfg.attention}, {args.dtype} weights) on {device}: {n} prompts of {lengths[0]}-{lengths[-1]} "
+          f"tokens, {new} new tokens each | together {rate / t['batch']:.0f} tok/s | one by one "
+          f"{rate / t['one by one']:.0f} tok/s | speed-up {t['one by one'] / t['batch']:.2f}x (single rounds: "
+          f"{lo:.2f}-{hi:.2f}x) | same tokens as alone: {same}")
+    if hf is not None:
+        lo, hi = t.ratio_range("batch", "transformers")
+        print(f"  transformers {type(hf).__name__}.generate, batched {rate / t['transformers']:.0f} tok/s | "
+              f"moelab / transformers {t['transformers'] / t['batch']:.2f}x (single rounds: {lo:.2f}-{hi:.2f}x) | "
+              f"same tokens: {hf_same}")
 
 
 def _transformers_twin(model, device):
