@@ -100,8 +100,8 @@ def _batched(model, preset: str, args, device) -> None:
     t = compare(fns, iters=3, rounds=args.rounds, warmup=1)
     lo, hi = t.ratio_range("batch", "one by one")
     rate = n * new
-    print(f"{preset} ({model.cfg.attention}, {args.dtype} weights) on {device}: {n} prompts of {lengths[0]}-{lengths[-1]} "
-          f"tokens, {new} new tokens each | together {rate / t['batch']:.0f} tok/s | one by one "
+    print(f"{preset} ({model.cfg.attention}, {args.dtype} weights) on {device}: {n} prompts of "
+          f"{lengths[0]}-{lengths[-1]} tokens, {new} new tokens each | together {rate / t['batch']:.0f} tok/s | one by one "
           f"{rate / t['one by one']:.0f} tok/s | speed-up {t['one by one'] / t['batch']:.2f}x (single rounds: "
           f"{lo:.2f}-{hi:.2f}x) | same tokens as alone: {same}")
     if hf is not None:

@@ -266,7 +266,8 @@ def _cmd_generate(args) -> int:
     tokens, started = 0, time.perf_counter()
     for b in range(0, len(ids), n):  # in the given order, each batch printed when it is done
         for r in generate_texts(target.model, target.tokenizer, args.prompt[b:b + n], args.max_new_tokens, sampler,
-                                tuple(args.stop or ()), not args.no_cache, ids[b:b + n], n):
+                                tuple(args.stop or ()), not args.no_cache, ids[b:b + n], n,
+                                [args.seed + i for i in range(b, b + len(ids[b:b + n]))]):
             print(r["text"] if args.chat else r["prompt"] + r["text"])  # a chat prints the reply alone
             tokens += r["new_tokens"]
             print(f"-- {r['new_tokens']} tokens, stopped: {r['stop_reason']} ({r['prompt_tokens']}-token prompt and "
@@ -560,8 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_at_least(0), default=50, help="0: off")
     p.add_argument("--top-p", type=float, default=0.95, help="1: off")
     p.add_argument("--seed", type=int, default=0,
-                   help="each prompt samples from a generator of its own at this seed: its text does not "
-                        "depend on the other prompts or the batching")
+                   help="prompt i (from 0) samples from a generator of its own at this seed + i: its text "
+                        "does not depend on the batching, and a prompt given twice gets two samples")
     p.add_argument("--batch-size", type=_at_least(1), default=8,
                    help="prompts decoded together (default 8), each to the tokens it gets alone; on a CPU a "
                         "batch's decoding step takes little longer than one prompt's")

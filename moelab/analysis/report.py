@@ -181,7 +181,7 @@ def sample_prompt(tok, ids: list[int]) -> str:
 
 
 def _sample_blocks(target, n: int, max_new_tokens: int) -> list:
-    """Continuations of the starts of evenly spaced validation windows (seed 0, temperature 0.8)."""
+    """Continuations of the starts of evenly spaced validation windows (seeds 0, 1, ..., temperature 0.8)."""
     from moelab.eval.generate import Sampler, generate_texts
     from moelab.eval.language import eval_windows_for
     from moelab.eval.metrics import spread_windows
@@ -189,9 +189,10 @@ def _sample_blocks(target, n: int, max_new_tokens: int) -> list:
     windows = spread_windows(eval_windows_for(target, "val", None, None, target.cfg.train.seq_len)[0], n)
     tok, blocks = target.tokenizer, [("h2", "Sample generations")]
     blocks.append(("p", f"Prompt: the first 16 tokens of {len(windows)} validation windows; {max_new_tokens} new "
-                        "tokens, temperature 0.8, top-k 50, top-p 0.95, seed 0 (`moelab generate` reproduces them)."))
+                        "tokens, temperature 0.8, top-k 50, top-p 0.95 (`moelab generate` with these prompts in "
+                        "this order reproduces them: prompt i samples at seed i)."))
     prompts = [sample_prompt(tok, w[:16].tolist()) for w in windows]
-    for r in generate_texts(target.model, tok, prompts, max_new_tokens, Sampler(0.8, 50, 0.95, 0)):  # one batch
+    for r in generate_texts(target.model, tok, prompts, max_new_tokens, Sampler(0.8, 50, 0.95, 0)):  # together
         blocks.append(("pre", f"prompt: {r['prompt']}\nmodel:  {r['text']}"))
     return blocks
 

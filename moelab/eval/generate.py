@@ -84,9 +84,11 @@ class Sampler:
             raise UserError(f"seed {self.seed} is out of range; give a whole number from {SEED_MIN} to {SEED_MAX}")
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def fresh(self) -> "Sampler":
-        """These settings, with a generator of its own at the seed."""
-        return Sampler(self.temperature, self.top_k, self.top_p, self.seed)
+    def fresh(self, seed: int | None = None) -> "Sampler":
+        """These settings, with a generator of its own at `seed` (default: this sampler's; one past
+        the 64-bit range wraps around, as torch's generator takes it)."""
+        seed = self.seed if seed is None else seed if seed <= SEED_MAX else seed - 2**64
+        return Sampler(self.temperature, self.top_k, self.top_p, seed)
 
     def __call__(self, logits_V: torch.Tensor) -> int:
         if self.temperature == 0:
@@ -204,12 +206,12 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, sampl
 
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, sampler: Sampler | None = None,
                    stop_strings: tuple[str, ...] = (), use_cache: bool = True, ids: list[list[int]] | None = None,
-                   batch_size: int = 8) -> list[dict]:
+                   batch_size: int = 8, seeds: list[int] | None = None) -> list[dict]:
     """Continue each prompt (from ids[i] where given: see prompt_ids), up to `batch_size` of them
     decoded together (longest first, so a batch holds prompts of similar lengths: little padding).
-    Each text is cut before the first stop string (which ends generation). Each prompt samples
-    from its own generator at the sampler's seed, so its text depends on it and the seed alone:
-    not on the other prompts, their order or the batching. Also returned: the token counts, and
+    Each text is cut before the first stop string (which ends generation). Prompt i samples from a
+    generator of its own at seeds[i] (default: the sampler's seed + i, so a prompt given twice gets
+    two samples), so its text does not depend on the batching. Also returned: the token counts, and
     the seconds from its batch's start until it was done."""
     if "" in stop_strings:
         raise UserError("an empty stop string ends the text before it starts; give some text")
@@ -221,12 +223,14 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
         return any(s in text for s in stop_strings)
 
     sampler = sampler or Sampler()
+    seeds = [sampler.seed + i for i in range(len(prompts))] if seeds is None else seeds
     ids = [tokenizer.encode_prompt(p) for p in prompts] if ids is None else ids
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     out: list = [None] * len(prompts)
     for b in range(0, len(order), batch_size):
         batch = order[b:b + batch_size]
-        results = generate_batch(model, [ids[i] for i in batch], max_new_tokens, [sampler.fresh() for _ in batch],
+        results = generate_batch(model, [ids[i] for i in batch], max_new_tokens,
+                                 [sampler.fresh(seeds[i]) for i in batch],
                                  tokenizer.end_ids, use_cache, [hit if stop_strings else None] * len(batch),
                                  vocab=tokenizer.vocab_size)
         for i, (new, reason, seconds) in zip(batch, results):

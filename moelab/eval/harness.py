@@ -107,7 +107,8 @@ class MoelabLM(TemplateLM):
         out: list = [None] * len(contexts)
         for (until, max_gen, temperature), members in groups.items():
             texts = generate_texts(self.model, self.tokenizer, [contexts[n] for n in members], max_gen,
-                                   Sampler(temperature=temperature), until, batch_size=self._batch_size)
+                                   Sampler(temperature=temperature), until, batch_size=self._batch_size,
+                                   seeds=[0] * len(members))  # each request at seed 0, as alone
             for n, r in zip(members, texts):
                 out[n] = r["text"]
         return out

@@ -9,8 +9,9 @@ shared rotated key (B, S, R); per-head keys and values are expanded from the lat
 Several prompts of different lengths decode together left-padded (`KVCache(pad=...)`): row b's
 first `pad[b]` cached positions are padding. Its queries see only its own keys (`rows_mask`); a
 padding position sees itself alone, so its (unused) keys and values stay finite. Its tokens take
-RoPE positions counted from its own first token: the rotations, and so their rounding, it gets alone. `keep` drops the rows that are done and the
-padding no remaining row needs, so a batch runs as far as each of its prompts would alone.
+RoPE positions counted from its own first token: the rotations, and so their rounding, it gets
+alone. `keep` drops the rows that are done and the padding no remaining row needs, so a batch runs
+as far as each of its prompts would alone.
 """
 
 from __future__ import annotations

@@ -440,8 +440,8 @@ def test_cli_generate_is_reproducible_and_stops(trained):
 
 def test_cli_generate_decodes_prompts_together_as_each_alone(trained):
     """--batch-size: prompts of different lengths decoded together print, in the given order, what
-    each prints alone, sampled too (each prompt samples at the seed, whatever the batching); a
-    closing line counts them."""
+    each prints alone, sampled too (prompt i samples at the seed + i, whatever the batching); a
+    prompt given twice gets two samples; a closing line counts the prompts."""
     import re
 
     run = trained / "run"
@@ -449,13 +449,18 @@ def test_cli_generate_decodes_prompts_together_as_each_alone(trained):
     args = ("--max-new-tokens", "10", "--seed", "5", *[a for p in prompts for a in ("--prompt", p)])
     together = run_cli("generate", run, *args, "--batch-size", "3")
     assert together.returncode == 0, together.stderr
-    alone = [run_cli("generate", run, "--prompt", p, "--max-new-tokens", "10", "--seed", "5") for p in prompts]
+    alone = [run_cli("generate", run, "--prompt", p, "--max-new-tokens", "10", "--seed", str(5 + i))
+             for i, p in enumerate(prompts)]
     assert together.stdout == "".join(a.stdout for a in alone) and together.stdout.count("marker") >= 3
     assert run_cli("generate", run, *args, "--batch-size", "2").stdout == together.stdout
     lines = together.stderr.strip().splitlines()
     assert [line.split(" (")[0] for line in lines[:-1]] == [a.stderr.strip().split(" (")[0] for a in alone]
     assert re.fullmatch(r"-- 3 prompts, \d+ tokens in [\d.]+ s, [\d,]+ tokens/s, up to 3 decoded together "
                         r"\(--batch-size\)", lines[-1]), lines[-1]
+    twice = run_cli("generate", run, "--prompt", "marker001x", "--prompt", "marker001x", "--max-new-tokens", "10")
+    seeds = [run_cli("generate", run, "--prompt", "marker001x", "--max-new-tokens", "10", "--seed", s).stdout
+             for s in ("0", "1")]
+    assert twice.stdout == "".join(seeds) and seeds[0] != seeds[1]
 
 
 def test_harness_generate_until_decodes_requests_together_as_each_alone(trained):
