@@ -129,6 +129,8 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, sampler
     until it did. Each prompt's tokens are those it gets alone, up to floating-point rounding of the
     batched products. `samplers[i]` and `stops[i]` are prompt i's; a finished prompt leaves the batch,
     so the others run on without its rows. Without the cache the prompts run one after another."""
+    if not prompts:
+        return []
     samplers = samplers or [Sampler() for _ in prompts]
     stops = stops or [None] * len(prompts)
     ends = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)

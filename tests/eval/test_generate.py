@@ -114,6 +114,7 @@ def test_a_prompt_that_is_done_leaves_the_batch():
         hook.remove()
     assert [len(new) for new, *_ in done] == [2, 10]
     assert fed == [(2, 3), (2, 1)] + [(1, 1)] * 8  # the prefill, one step of both, then the second alone
+    assert generate_batch(model, [], 10) == []
 
 
 def test_mla_cache_holds_the_latent_not_per_head_keys():
