@@ -80,14 +80,19 @@ class MoelabLM(TemplateLM):
         return score_continuations(self.model, pairs, override_bs or self._batch_size, self.max_length)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Every document's rolling windows scored in shared batches (a perplexity task's documents
+        are mostly a window or two each), then summed per document in its windows' order."""
         from lm_eval import utils
 
-        out = []
-        for (string,) in (r.args for r in requests):
-            windows = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
-                self.tok_encode(string), self.prefix_token_id, self.max_length, context_len=1)]
-            scores = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows])
-            out.append(sum(ll for ll, _ in scores))
+        windows, owner = [], []
+        for n, (string,) in enumerate(r.args for r in requests):
+            for w in utils.get_rolling_token_windows(self.tok_encode(string), self.prefix_token_id, self.max_length,
+                                                     context_len=1):
+                windows.append((None, *utils.make_disjoint_window(w)))
+                owner.append(n)
+        out = [0.0] * len(requests)
+        for n, (ll, _) in zip(owner, self._loglikelihood_tokens(windows)):
+            out[n] += ll
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

@@ -288,6 +288,27 @@ def test_rolling_loglikelihood_equals_transformers_through_the_harness(trained):
         assert a == pytest.approx(b, rel=1e-5)
 
 
+def test_rolling_windows_of_several_documents_share_batches(trained):
+    """A perplexity task's documents are a window or two each: their windows are scored together
+    (one forward for four short documents, not one or more each), each document's sum as when scored alone."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from moelab.eval.harness import MoelabLM
+
+    ours = MoelabLM(target=load_target(str(trained / "run")), batch_size=8)
+    texts = [doc.read_text()[:150] for doc in sorted((trained / "corpus").iterdir())[:4]]
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    alone = [ours.loglikelihood_rolling([r])[0] for r in requests]
+    fed = []
+    hook = ours.model.embed.register_forward_hook(lambda mod, args, out: fed.append(args[0].shape[0]))
+    try:
+        together = ours.loglikelihood_rolling(requests)
+    finally:
+        hook.remove()
+    assert len(fed) == 1 and fed[0] >= 4 and together == pytest.approx(alone, rel=1e-5) and len(set(together)) == 4
+
+
 def test_harness_generation_ignores_an_empty_until_string(trained):
     """generate_until with until=["", ...] (a task's stop list) stopped every answer after one token."""
     pytest.importorskip("lm_eval")
