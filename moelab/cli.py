@@ -251,24 +251,29 @@ def _contamination(target, specs: list[str], tasks: list, results: list[dict], d
 
 
 def _cmd_generate(args) -> int:
-    from moelab.eval.generate import Sampler, check_prompt, generate_texts, prompt_ids
+    from moelab.eval.generate import Sampler, check_prompt, generate_texts, prompt_ids, read_prompts
     from moelab.eval.target import load_target
 
     if args.system is not None and not args.chat:
         raise UserError("--system is a chat message: give it with --chat (without --chat, put the text in the "
                         "--prompt)")
+    if not args.prompt and not args.prompt_file:
+        raise UserError("no prompt: give --prompt TEXT (repeatable) or --prompt-file FILE")
+    prompts = (args.prompt or []) + (read_prompts(args.prompt_file) if args.prompt_file else [])
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.seed)
     target = load_target(args.target, args.device, args.dtype)
-    ids = [prompt_ids(target.tokenizer, prompt, args.system, args.chat) for prompt in args.prompt]
+    ids = [prompt_ids(target.tokenizer, prompt, args.system, args.chat) for prompt in prompts]
     for each in ids:  # all refused before any text is printed
         check_prompt(target.model, each)
     n = args.batch_size
-    tokens, started = 0, time.perf_counter()
+    tokens, started, results = 0, time.perf_counter(), []
     for b in range(0, len(ids), n):  # in the given order, each batch printed when it is done
-        for r in generate_texts(target.model, target.tokenizer, args.prompt[b:b + n], args.max_new_tokens, sampler,
-                                tuple(args.stop or ()), not args.no_cache, ids[b:b + n], n,
-                                [args.seed + i for i in range(b, b + len(ids[b:b + n]))]):
+        seeds = [args.seed + i for i in range(b, b + len(ids[b:b + n]))]
+        for r, seed in zip(generate_texts(target.model, target.tokenizer, prompts[b:b + n], args.max_new_tokens,
+                                          sampler, tuple(args.stop or ()), not args.no_cache, ids[b:b + n], n, seeds),
+                           seeds):
             print(r["text"] if args.chat else r["prompt"] + r["text"])  # a chat prints the reply alone
+            results.append({**r, "seed": seed})
             tokens += r["new_tokens"]
             print(f"-- {r['new_tokens']} tokens, stopped: {r['stop_reason']} ({r['prompt_tokens']}-token prompt and "
                   f"decoding in {r['seconds']:.3f} s{_rate(r['new_tokens'], r['seconds'])})", file=sys.stderr)
@@ -276,6 +281,10 @@ def _cmd_generate(args) -> int:
         seconds = time.perf_counter() - started
         print(f"-- {len(ids)} prompts, {tokens} tokens in {seconds:.3f} s{_rate(tokens, seconds)}, up to {n} "
               "decoded together (--batch-size)", file=sys.stderr)
+    if args.json:
+        settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop",
+                                                  "chat", "system", "batch_size", "dtype")}
+        write_json(args.json, {"model": str(args.target), "settings": settings, "generations": results})
     return 0
 
 
@@ -375,10 +384,12 @@ def _output_dir(text: str) -> str:
 
 
 EVAL_RESULT_KEYS = frozenset({"model", "language", "choice", "harness"})  # what `eval --json` writes
+GENERATE_RESULT_KEYS = frozenset({"model", "settings", "generations"})  # what `generate --json` writes
 
 
 def _is_result_file(p: Path) -> bool:
-    """Whether an earlier `eval --json` or `data check --json` (an AuditResult) wrote `p`, or it is empty."""
+    """Whether an earlier `eval --json`, `generate --json` or `data check --json` (an AuditResult) wrote
+    `p`, or it is empty."""
     import dataclasses
     import json
 
@@ -396,7 +407,8 @@ def _is_result_file(p: Path) -> bool:
         return False
     audit = {f.name for f in dataclasses.fields(AuditResult)}
     return isinstance(old, dict) and (audit - {"choice"} <= set(old) <= audit  # ("choice": since 12/2026)
-                                      or "model" in old and set(old) <= EVAL_RESULT_KEYS)
+                                      or "model" in old and set(old) <= EVAL_RESULT_KEYS
+                                      or set(old) == GENERATE_RESULT_KEYS)
 
 
 def _output_file(text: str) -> str:
@@ -555,7 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a run, checkpoint or Hugging Face directory")
     p.add_argument("target", help="run directory (newest checkpoint), checkpoint or Hugging Face directory")
-    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
+    p.add_argument("--prompt-file", metavar="FILE",
+                   help="prompts from a file, after any --prompt: one per line (blank lines skipped), or a .jsonl "
+                        "file of {\"prompt\": ...} objects (prompts with line breaks)")
     p.add_argument("--max-new-tokens", type=_at_least(0), default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=_at_least(0), default=50, help="0: off")
@@ -574,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "tuned HF model's, kept by convert); prints the reply (needs moelab[hf])")
     p.add_argument("--system", help="with --chat: a system message before each prompt")
     p.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (for checks)")
+    p.add_argument("--json", type=_output_file,
+                   help="also write each prompt's text, token counts, stop reason, seconds and seed, and the "
+                        "settings, to this JSON file")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     _dtype_argument(p)
     p.set_defaults(func=_cmd_generate)

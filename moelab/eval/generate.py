@@ -189,6 +189,39 @@ def _draw(logits_BV: torch.Tensor, samplers: list[Sampler], vocab: int | None) -
     return [s(row[:vocab]) for s, row in zip(samplers, logits_BV)]
 
 
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a file: one per line (blank lines skipped), or for a .jsonl file one JSON object
+    per line with a "prompt" string (for prompts with line breaks of their own)."""
+    import json
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"cannot read prompt file {path} ({e.strerror or e}); give a text or .jsonl file "
+                        "of prompts") from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if p.suffix.lower() != ".jsonl":
+        prompts = [line for _, line in lines]
+    else:
+        prompts = []
+        for n, line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise UserError(f"{path} line {n}: not a JSON object with a \"prompt\" string; give one "
+                                "object per line, e.g. {\"prompt\": \"def parse(\"}")
+            prompts.append(record["prompt"])
+    if not prompts:
+        raise UserError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
 def prompt_ids(tokenizer, prompt: str, system: str | None = None, chat: bool = False) -> list[int]:
     """The ids generation starts from: the text as the model saw a document begin, or with `chat`,
     the user message `prompt` (after a `system` one, if given) laid out by the model's chat template

@@ -463,6 +463,41 @@ def test_cli_generate_decodes_prompts_together_as_each_alone(trained):
     assert twice.stdout == "".join(seeds) and seeds[0] != seeds[1]
 
 
+def test_cli_generate_reads_a_prompt_file_and_writes_json(trained, tmp_path):
+    """--prompt-file (lines, or .jsonl for prompts with line breaks) continues the --prompt list;
+    --json records each prompt's text, counts, stop reason and seed. Bad files are refused in one
+    line, and --json does not overwrite a file it did not write."""
+    run = trained / "run"
+    (tmp_path / "p.txt").write_text("marker001x expert\n\nmarker002x\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "marker003x\\nlayer"}\n')
+    args = ("--max-new-tokens", "6", "--seed", "3")
+    res = run_cli("generate", run, "--prompt", "marker004x", "--prompt-file", tmp_path / "p.txt", *args,
+                  "--json", tmp_path / "g.json")
+    assert res.returncode == 0, res.stderr
+    same = run_cli("generate", run, *[a for p in ("marker004x", "marker001x expert", "marker002x")
+                                      for a in ("--prompt", p)], *args)
+    assert res.stdout == same.stdout
+    got = json.loads((tmp_path / "g.json").read_text())
+    assert [(g["prompt"], g["seed"]) for g in got["generations"]] == [("marker004x", 3), ("marker001x expert", 4),
+                                                                      ("marker002x", 5)]
+    assert "".join(g["prompt"] + g["text"] + "\n" for g in got["generations"]) == res.stdout
+    assert got["settings"]["max_new_tokens"] == 6 and all(g["new_tokens"] <= 6 for g in got["generations"])
+    assert run_cli("generate", run, "--prompt", "x", "--json", tmp_path / "g.json").returncode == 0  # its own
+    lines = run_cli("generate", run, "--prompt-file", tmp_path / "p.jsonl", *args)
+    assert lines.returncode == 0 and lines.stdout.startswith("marker003x\nlayer")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n[1]\n')
+    (tmp_path / "empty.txt").write_text("\n \n")
+    for extra, said in ((("--prompt-file", tmp_path / "bad.jsonl"), "bad.jsonl line 2: not a JSON object"),
+                        (("--prompt-file", tmp_path / "empty.txt"), "holds no prompts"),
+                        (("--prompt-file", tmp_path / "missing.txt"), "cannot read prompt file"),
+                        ((), "no prompt: give --prompt TEXT")):
+        r = run_cli("generate", run, *extra)
+        assert r.returncode == 2 and said in r.stderr and r.stderr.count("\n") == 1 and r.stdout == "", (said, r)
+    r = moelab("generate", run, "--prompt", "x", "--json", tmp_path / "p.txt")  # (argparse's refusal: a process)
+    assert r.returncode == 2 and "is not a result file" in r.stderr and r.stdout == ""
+    assert (tmp_path / "p.txt").read_text() == "marker001x expert\n\nmarker002x\n"
+
+
 def test_harness_generate_until_decodes_requests_together_as_each_alone(trained):
     """MoelabLM.generate_until batches requests with the same generation settings: each text is
     what generate_text gives the request alone, in the requests' order."""
