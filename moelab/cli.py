@@ -267,12 +267,19 @@ def _cmd_generate(args) -> int:
         check_prompt(target.model, each)
     n = args.batch_size
     tokens, started, results = 0, time.perf_counter(), []
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
     for b in range(0, len(ids), n):  # in the given order, each batch printed when it is done
         seeds = [args.seed + i for i in range(b, b + len(ids[b:b + n]))]
+        alone = len(seeds) == 1  # its text is written as it is decoded
+        if alone and not args.chat:  # a chat prints the reply alone
+            write(prompts[b])
         for r, seed in zip(generate_texts(target.model, target.tokenizer, prompts[b:b + n], args.max_new_tokens,
-                                          sampler, tuple(args.stop or ()), not args.no_cache, ids[b:b + n], n, seeds),
-                           seeds):
-            print(r["text"] if args.chat else r["prompt"] + r["text"])  # a chat prints the reply alone
+                                          sampler, tuple(args.stop or ()), not args.no_cache, ids[b:b + n], n, seeds,
+                                          write if alone else None), seeds):
+            print("" if alone else r["text"] if args.chat else r["prompt"] + r["text"])
             results.append({**r, "seed": seed})
             tokens += r["new_tokens"]
             print(f"-- {r['new_tokens']} tokens, stopped: {r['stop_reason']} ({r['prompt_tokens']}-token prompt and "
@@ -580,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "does not depend on the batching, and a prompt given twice gets two samples")
     p.add_argument("--batch-size", type=_at_least(1), default=8,
                    help="prompts decoded together (default 8), each to the tokens it gets alone; on a CPU a "
-                        "batch's decoding step takes little longer than one prompt's")
+                        "batch's decoding step takes little longer than one prompt's. A prompt decoded alone is "
+                        "written as it comes")
     p.add_argument("--stop", action="append", type=_stop_string,
                    help=r"stop string (repeatable); the text ends before it; \n, \t, \r, \\ read as "
                         r"newline, tab, return, backslash (--stop '\n\n': a blank line)")

@@ -123,12 +123,13 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, samplers: list[Sampler] | None = None,
                    eos_id: int | Iterable[int] | None = None, use_cache: bool = True, stops: list | None = None,
-                   vocab: int | None = None) -> list[tuple[list[int], str, float]]:
+                   vocab: int | None = None, on_token=None) -> list[tuple[list[int], str, float]]:
     """`generate_ids` for several prompts decoded together, as one batch (left-padded; see
     moelab.models.kvcache): for each, its new ids, why it stopped and the seconds from the start
     until it did. Each prompt's tokens are those it gets alone, up to floating-point rounding of the
     batched products. `samplers[i]` and `stops[i]` are prompt i's; a finished prompt leaves the batch,
-    so the others run on without its rows. Without the cache the prompts run one after another."""
+    so the others run on without its rows. Without the cache the prompts run one after another.
+    `on_token(i, new_ids)` is called with prompt i's new ids after each one it draws."""
     if not prompts:
         return []
     samplers = samplers or [Sampler() for _ in prompts]
@@ -138,8 +139,9 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, sampler
     if max_new_tokens < 0:
         raise UserError(f"max new tokens is {max_new_tokens}; give 0 or more")
     if not use_cache and len(prompts) > 1:
-        return [generate_batch(model, [p], max_new_tokens, [s], eos_id, False, [st], vocab)[0]
-                for p, s, st in zip(prompts, samplers, stops)]
+        return [generate_batch(model, [p], max_new_tokens, [s], eos_id, False, [st], vocab,
+                               on_token and (lambda _, new, i=i: on_token(i, new)))[0]
+                for i, (p, s, st) in enumerate(zip(prompts, samplers, stops))]
     start = time.perf_counter()
     if max_new_tokens == 0:
         return [([], "length", 0.0) for _ in prompts]
@@ -160,6 +162,8 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, sampler
             going = []
             for j, (i, tok) in enumerate(zip(rows, _draw(logits_BV, [samplers[i] for i in rows], vocab))):
                 new[i].append(tok)
+                if on_token is not None:
+                    on_token(i, new[i])
                 why = ("eos" if tok in ends else "stop" if stops[i] is not None and stops[i](new[i])
                        else "length" if len(new[i]) >= max_new_tokens
                        else "context" if len(prompts[i]) + len(new[i]) >= max_len else None)
@@ -187,6 +191,39 @@ def _draw(logits_BV: torch.Tensor, samplers: list[Sampler], vocab: int | None) -
     if all(s.temperature == 0 for s in samplers):
         return logits_BV[:, :vocab].argmax(-1).tolist()
     return [s(row[:vocab]) for s, row in zip(samplers, logits_BV)]
+
+
+class TextStream:
+    """A prompt's new text written as it is decoded, every piece final: a character whose bytes are
+    not all drawn yet (a trailing U+FFFD) waits for them, and the last len(longest stop string) - 1
+    characters wait in case a stop string starts there (text from the stop string on is cut).
+    Called with the new ids after each token, before generation checks its stop strings.
+    A decoder that rewrites text already written (none of the byte-level or SentencePiece ones)
+    makes the rest wait for the end; should the final text then not continue what was written,
+    it is written again whole on a line of its own."""
+
+    def __init__(self, tokenizer, stop_strings: tuple[str, ...], write):
+        self.tokenizer, self.write, self.stops = tokenizer, write, stop_strings
+        self.hold = max((len(s) for s in stop_strings), default=1) - 1
+        self.written, self.live = "", True
+
+    def update(self, new_ids: list[int]) -> None:
+        if not self.live:
+            return
+        text = self.tokenizer.decode([t for t in new_ids if t not in self.tokenizer.end_ids])
+        if found := [text.find(s) for s in self.stops if s in text]:
+            text = text[:min(found)]  # the final text: generation stops here
+        else:
+            text = text.rstrip("\ufffd")
+            text = text[:max(len(text) - self.hold, 0)]
+        if not text.startswith(self.written):
+            self.live = False
+        elif len(text) > len(self.written):
+            self.write(text[len(self.written):])
+            self.written = text
+
+    def finish(self, text: str) -> None:
+        self.write(text[len(self.written):] if text.startswith(self.written) else "\n" + text)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -241,13 +278,14 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, sampl
 
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, sampler: Sampler | None = None,
                    stop_strings: tuple[str, ...] = (), use_cache: bool = True, ids: list[list[int]] | None = None,
-                   batch_size: int = 8, seeds: list[int] | None = None) -> list[dict]:
+                   batch_size: int = 8, seeds: list[int] | None = None, stream=None) -> list[dict]:
     """Continue each prompt (from ids[i] where given: see prompt_ids), up to `batch_size` of them
     decoded together (longest first, so a batch holds prompts of similar lengths: little padding).
     Each text is cut before the first stop string (which ends generation). Prompt i samples from a
     generator of its own at seeds[i] (default: the sampler's seed + i, so a prompt given twice gets
     two samples), so its text does not depend on the batching. Also returned: the token counts, and
-    the seconds from its batch's start until it was done."""
+    the seconds from its batch's start until it was done. `stream(text)`, for a single prompt: its
+    text written as it is decoded (see TextStream), the pieces adding up to the returned text."""
     if "" in stop_strings:
         raise UserError("an empty stop string ends the text before it starts; give some text")
     if batch_size < 1:
@@ -257,6 +295,9 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
         text = tokenizer.decode(new_ids)
         return any(s in text for s in stop_strings)
 
+    if stream is not None and len(prompts) != 1:
+        raise ValueError("stream takes a single prompt's text")
+    live = TextStream(tokenizer, stop_strings, stream) if stream is not None else None
     sampler = sampler or Sampler()
     seeds = [sampler.seed + i for i in range(len(prompts))] if seeds is None else seeds
     ids = [tokenizer.encode_prompt(p) for p in prompts] if ids is None else ids
@@ -267,11 +308,14 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 6
         results = generate_batch(model, [ids[i] for i in batch], max_new_tokens,
                                  [sampler.fresh(seeds[i]) for i in batch],
                                  tokenizer.end_ids, use_cache, [hit if stop_strings else None] * len(batch),
-                                 vocab=tokenizer.vocab_size)
+                                 vocab=tokenizer.vocab_size,
+                                 on_token=None if live is None else lambda _, new: live.update(new))
         for i, (new, reason, seconds) in zip(batch, results):
             text = tokenizer.decode([t for t in new if t not in tokenizer.end_ids])
             if reason == "stop":
                 text = text[:min(text.find(s) for s in stop_strings if s in text)]
+            if live is not None:
+                live.finish(text)
             out[i] = {"prompt": prompts[i], "text": text, "new_tokens": len(new), "stop_reason": reason,
                       "prompt_tokens": len(ids[i]), "seconds": seconds}
     return out

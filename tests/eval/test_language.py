@@ -450,7 +450,7 @@ def test_cli_generate_decodes_prompts_together_as_each_alone(trained):
     together = run_cli("generate", run, *args, "--batch-size", "3")
     assert together.returncode == 0, together.stderr
     alone = [run_cli("generate", run, "--prompt", p, "--max-new-tokens", "10", "--seed", str(5 + i))
-             for i, p in enumerate(prompts)]
+             for i, p in enumerate(prompts)]  # each written as it is decoded (TextStream)
     assert together.stdout == "".join(a.stdout for a in alone) and together.stdout.count("marker") >= 3
     assert run_cli("generate", run, *args, "--batch-size", "2").stdout == together.stdout
     lines = together.stderr.strip().splitlines()
@@ -461,6 +461,32 @@ def test_cli_generate_decodes_prompts_together_as_each_alone(trained):
     seeds = [run_cli("generate", run, "--prompt", "marker001x", "--max-new-tokens", "10", "--seed", s).stdout
              for s in ("0", "1")]
     assert twice.stdout == "".join(seeds) and seeds[0] != seeds[1]
+    # stop strings: each streamed text is cut where the batch's is
+    cut = ("--max-new-tokens", "24", "--stop", "er", "--stop", "ou")
+    batch = run_cli("generate", run, *[a for p in prompts for a in ("--prompt", p)], *cut)
+    streamed = [run_cli("generate", run, "--prompt", p, "--seed", str(i), *cut) for i, p in enumerate(prompts)]
+    assert batch.stdout == "".join(r.stdout for r in streamed) and batch.stderr.count("stopped: stop") >= 2
+
+
+def test_a_prompt_decoded_alone_is_written_as_it_comes_in_final_pieces(trained):
+    """TextStream (generate's output for a prompt decoded alone): each piece is final. A character
+    whose bytes are split across tokens waits for all of them, text that could start a stop string
+    waits, and the pieces add up to the text generation returns, cut before the stop string."""
+    from moelab.eval.generate import TextStream
+
+    tok = load_target(str(trained / "run")).tokenizer
+    ids = tok.encode("marker001x é€ 世界 expert router model")
+    assert any(tok.decode(ids[:n]).endswith("\ufffd") for n in range(1, len(ids)))  # split characters
+    text = tok.decode(ids)
+    cut = text[:text.find("router")]
+    assert cut == "marker001x é€ 世界 expert "
+    pieces = []
+    live = TextStream(tok, ("router", "xyz"), pieces.append)
+    for n in range(1, len(ids) + 1):
+        live.update(ids[:n])
+        assert cut.startswith("".join(pieces))  # nothing past the cut, no half character
+    live.finish(cut)
+    assert "".join(pieces) == cut and len(pieces) > 5 and not any("\ufffd" in p for p in pieces)
 
 
 def test_cli_generate_reads_a_prompt_file_and_writes_json(trained, tmp_path):
