@@ -267,6 +267,7 @@ def _cmd_generate(args) -> int:
         check_prompt(target.model, each)
     n = args.batch_size
     tokens, started, results = 0, time.perf_counter(), []
+
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
