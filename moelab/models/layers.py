@@ -174,13 +174,15 @@ class _FusedSwiGLU(torch.autograd.Function):
 
 def gated(gate: torch.Tensor, up: torch.Tensor | None = None, act: str = "silu") -> torch.Tensor:
     """act(gate) * up; with up=None, gate is one fused GEMM output [gate | up] on the last axis.
-    Under torch.compile the plain ops are traced instead: inductor fuses them itself."""
-    compiling = torch.compiler.is_compiling()
+    Under torch.compile the plain ops are traced instead: inductor fuses them itself. Without
+    gradients (inference) too: the hand-written backward is not needed, and the autograd Function
+    around the two ops cost a decoded token 4-9% (exp3, deepseek_v3-tiny on CPU, with `combine`)."""
+    plain = torch.compiler.is_compiling() or not torch.is_grad_enabled()
     if up is None:
-        if act == "silu" and not compiling:
+        if act == "silu" and not plain:
             return _FusedSwiGLU.apply(gate)
         gate, up = gate.chunk(2, dim=-1)
-    if act == "silu" and not compiling:
+    if act == "silu" and not plain:
         return _SwiGLU.apply(gate, up)
     return activation(act)(gate) * up
 

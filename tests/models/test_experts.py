@@ -287,3 +287,25 @@ def test_grouped_linear_op_zeroes_the_rows_after_the_last_group():
         torch.testing.assert_close(y[a:b], x[a:b] @ w[e].T)
     y.backward(torch.randn_like(y))
     assert (x.grad[29:] == 0).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_runs_the_training_paths_forward_bit_for_bit(dtype):
+    """Without gradients (decoding, evaluation) the experts' SwiGLU and combine skip their autograd
+    Functions: the same values as the training path's forward, bit for bit."""
+    from moelab.models.experts import combine
+    from moelab.models.layers import gated
+
+    g = torch.Generator().manual_seed(0)
+    gu = torch.randn(37, 64, generator=g).to(dtype)
+    y = torch.randn(37 * 2 + 5, 16, generator=g).to(dtype)  # (5 padding rows of a bucketed layout)
+    w = torch.rand(37, 2, generator=g)
+    slot = torch.cat([torch.randperm(74, generator=g), torch.full((5,), 74)])[torch.randperm(79, generator=g)]
+    with torch.no_grad():
+        fast = gated(gu), gated(*gu.chunk(2, dim=-1)), combine(y, w, slot)
+    with torch.enable_grad():
+        slow = (gated(gu.clone().requires_grad_()), gated(*gu.clone().requires_grad_().chunk(2, dim=-1)),
+                combine(y.clone().requires_grad_(), w, slot))
+    assert all(s.grad_fn is not None for s in slow)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b.detach())
