@@ -6,6 +6,8 @@
 #   train  benchmarks/train_throughput.py in bf16 at exp3 size, also compiled (tokens/s, ratio, MFU)
 #   big    the same (sdpa only) at a GPU-filling size (677M parameters, 192M active; 16x1024 tokens)
 #   loop   `moelab train` on the embedded corpus for 300 updates (the real loop's tokens/s and MFU)
+#   decode benchmarks/generate.py: one prompt, then 16 decoded together, fp32 and bf16 weights,
+#          against transformers' generate (same tokens?)
 #   cpu    the CPU targets of issues 3 and 5 (exp3, bf16) on this machine's host CPU, the GPU hidden;
 #          its CPU flags (AMX?) first. Not in `all`: name it.
 # Each stage's output is also written to LOG_DIR (default gpu-logs).
@@ -63,6 +65,12 @@ if want loop; then
     train.steps=300 train.eval_every=100 train.log_every=50 train.save_every=300 train.report=false \
     2>&1 | tee "$log/loop.txt"
   cp /tmp/moelab-gpu-run/metrics.jsonl "$log/loop_metrics.jsonl"
+fi
+if want decode; then
+  for dtype in fp32 bf16; do
+    run "$PY" benchmarks/generate.py --dtype $dtype 2>&1 | tee -a "$log/generate.txt"
+    run "$PY" benchmarks/generate.py --dtype $dtype --batch 16 --new 64 2>&1 | tee -a "$log/generate.txt"
+  done
 fi
 if want cpu; then
   { nproc; grep -m1 'model name' /proc/cpuinfo; grep -m1 -o -w 'amx_bf16\|avx512_bf16' /proc/cpuinfo | sort -u; } \
