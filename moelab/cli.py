@@ -6,6 +6,7 @@ User errors (bad config, missing files, unusable data) print one line and exit w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -738,6 +739,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moelab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output's reader went away (`moelab generate ... | head`): stop quietly
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # (the exit's flush would raise again)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a process killed by SIGPIPE reports it
     except OSError as exc:  # the machine said no: permissions, a full disk, a path that cannot exist
         if os.environ.get("MOELAB_DEBUG"):
             raise

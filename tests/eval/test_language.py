@@ -489,6 +489,23 @@ def test_a_prompt_decoded_alone_is_written_as_it_comes_in_final_pieces(trained):
     assert "".join(pieces) == cut and len(pieces) > 5 and not any("\ufffd" in p for p in pieces)
 
 
+def test_generate_into_a_closed_pipe_stops_quietly(trained):
+    """`moelab generate ... | head`: once the reader has gone, the command stops without an error
+    line, with the status of a process SIGPIPE ended (it said "moelab: error: Broken pipe")."""
+    import os
+    import sys
+
+    prompts = [a for i in range(40) for a in ("--prompt", f"marker{i:03d}x")]
+    p = subprocess.Popen([sys.executable, "-m", "moelab", "generate", str(trained / "run"), *prompts,
+                          "--batch-size", "1", "--max-new-tokens", "20"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, MOELAB_FAULTS=""))
+    assert p.stdout.read(3) == "mar"
+    p.stdout.close()
+    err = p.stderr.read()
+    p.wait(timeout=120)
+    assert p.returncode == 141 and "error" not in err and "Traceback" not in err, err
+
+
 def test_cli_generate_reads_a_prompt_file_and_writes_json(trained, tmp_path):
     """--prompt-file (lines, or .jsonl for prompts with line breaks) continues the --prompt list;
     --json records each prompt's text, counts, stop reason and seed. Bad files are refused in one
