@@ -38,7 +38,9 @@ def _attend(q, k, v, cache: LayerCache | None, q_start: int, **kw) -> torch.Tens
     if cache is None or q_start == 0:
         if explicit_scores_cpu(q, k.shape[-2]) and q.shape[-2] == k.shape[-2]:
             return causal_attention_fp32_scores(q, k, v, kw.get("scale"))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[-2] > 1, **kw)
+        # causal even for one query (it sees its one key): a bool, where `S > 1` is a SymBool under
+        # torch.compile once the sequence length is dynamic, which SDPA refuses
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(q_start, q.shape[-2], q.device), **kw)
 
 

@@ -62,3 +62,27 @@ def test_bf16_bucketed_experts_under_torch_compile_match_fp32():
         assert rel(y, y_ref) < 1e-2, name
         for (pname, _), a, b in zip(moe.named_parameters(), grads, g_ref):
             assert rel(a, b) < 2e-2, f"{name}: {pname}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["mla-yarn-dense-first", "gqa"])
+def test_compiled_model_takes_changing_sequence_lengths(variant):
+    """A compiled model called with a second sequence length recompiles with the length dynamic:
+    attention then stays causal (it asked SDPA for is_causal=S > 1, a SymBool, and failed), and
+    each length's loss and gradients equal eager's."""
+    from tests.models.variants import tiny_model
+
+    model = tiny_model(variant).train()
+    compiled = torch.compile(model, fullgraph=True)
+    for S in (20, 12, 9):
+        x, y = torch.randint(0, 97, (3, S)), torch.randint(0, 97, (3, S))
+        runs = []
+        for fn in (model, compiled):
+            model.zero_grad()
+            out = fn(x, targets=y)
+            out.loss.backward()
+            runs.append((out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        (ref, ref_grads), (got, grads) = runs
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
