@@ -71,10 +71,7 @@ def main() -> None:
               f"KV cache {args.new / t['cache']:.0f} tok/s | no cache {args.new / t['full']:.0f} tok/s | "
               f"speed-up {t['full'] / t['cache']:.2f}x (single rounds: {lo:.2f}-{hi:.2f}x) | same tokens: {same}")
         if hf is not None:
-            lo, hi = t.ratio_range("cache", "transformers")
-            print(f"  transformers {type(hf).__name__}.generate {args.new / t['transformers']:.0f} tok/s | "
-                  f"moelab / transformers {t['transformers'] / t['cache']:.2f}x (single rounds: {lo:.2f}-{hi:.2f}x) | "
-                  f"same tokens: {hf_same}")
+            _versus_transformers(t, "cache", hf, args.new, hf_same)
 
 
 def _batched(model, preset: str, args, device) -> None:
@@ -105,10 +102,14 @@ def _batched(model, preset: str, args, device) -> None:
           f"{rate / t['one by one']:.0f} tok/s | speed-up {t['one by one'] / t['batch']:.2f}x (single rounds: "
           f"{lo:.2f}-{hi:.2f}x) | same tokens as alone: {same}")
     if hf is not None:
-        lo, hi = t.ratio_range("batch", "transformers")
-        print(f"  transformers {type(hf).__name__}.generate, batched {rate / t['transformers']:.0f} tok/s | "
-              f"moelab / transformers {t['transformers'] / t['batch']:.2f}x (single rounds: {lo:.2f}-{hi:.2f}x) | "
-              f"same tokens: {hf_same}")
+        _versus_transformers(t, "batch", hf, rate, hf_same, ", batched")
+
+
+def _versus_transformers(t, ours: str, hf, tokens: int, same: bool, how: str = "") -> None:
+    lo, hi = t.ratio_range(ours, "transformers")
+    print(f"  transformers {type(hf).__name__}.generate{how} {tokens / t['transformers']:.0f} tok/s | "
+          f"moelab / transformers {t['transformers'] / t[ours]:.2f}x (single rounds: {lo:.2f}-{hi:.2f}x) | "
+          f"same tokens: {same}")
 
 
 def _transformers_twin(model, device):
