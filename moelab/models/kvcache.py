@@ -80,14 +80,15 @@ class KVCache:
     def keep(self, rows: list[int]) -> None:
         """Go on with these batch rows only, dropping the leading positions that are padding in
         every one of them."""
+        held = [layer for layer in self.layers if layer.buffers]
+        rows_B = torch.tensor(rows, device=held[0].buffers[0].device if held else None)
         drop = 0
         if self.pad is not None:
-            self.pad = self.pad.index_select(0, torch.tensor(rows, device=self.pad.device))
+            self.pad = self.pad.index_select(0, rows_B.to(self.pad.device))
             drop = int(self.pad.min())
             self.pad -= drop
-        for layer in self.layers:
-            if layer.buffers:
-                layer.keep(torch.tensor(rows, device=layer.buffers[0].device), drop)
+        for layer in held:
+            layer.keep(rows_B, drop)
         if self.pad is not None and not bool(self.pad.any()):
             self.pad = None
             for layer in self.layers:
