@@ -50,7 +50,7 @@ def info(target: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
             if m.attention == "mla" else f"{m.n_heads} heads ({m.n_kv_heads} kv)")
     if m.n_experts:
         ffn = (f"{m.n_experts} experts top-{m.top_k} x width {m.expert_dim}, {m.router} router"
-               + (f", {m.n_shared_experts} shared" if m.n_shared_experts else "")
+               + m.shared_text
                + (f", first {m.first_k_dense} dense" if m.first_k_dense else ""))
     else:
         ffn = f"dense MLP width {m.dense_dim}"

@@ -69,6 +69,8 @@ class ModelConfig:
     expert_dim: int = 256  # hidden width of each routed expert
     n_shared_experts: int = 0  # always-on experts added to the routed output (DeepSeek, GLM4)
     shared_expert_dim: int = 0  # hidden width of each shared expert; 0: expert_dim
+    # scale the shared experts' output per token by sigmoid(w . x), a learned gate (Qwen1.5/Qwen2-MoE)
+    shared_expert_gate: bool = False
     # ---- router ----
     router: str = "softmax"  # softmax (then top-k) | topk_softmax | sigmoid (+bias, groups) | switch
     norm_topk_prob: bool = True  # renormalise the chosen k weights to sum to 1 (softmax, sigmoid)
@@ -91,6 +93,14 @@ class ModelConfig:
     @property
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    @property
+    def shared_text(self) -> str:
+        """', N shared x width W' (', gated' with a shared-expert gate) for a model summary; '' without."""
+        if not (self.n_experts and self.n_shared_experts):
+            return ""
+        return (f", {self.n_shared_experts} shared x width {self.shared_expert_dim}"
+                + (", gated" if self.shared_expert_gate else ""))
 
 
 TOKENIZER_SAMPLE = 64_000_000  # default BPE training sample (characters of the training split)
@@ -365,6 +375,9 @@ class Config:
         if m.n_experts == 0 and m.n_shared_experts:
             raise UserError("invalid config: model.n_shared_experts needs routed experts (model.n_experts > 0); "
                             "a dense model's MLP width is model.dense_dim")
+        if m.shared_expert_gate and not (m.n_experts and m.n_shared_experts):
+            raise UserError("invalid config: model.shared_expert_gate gates the shared experts, and this model has "
+                            "none: set model.n_shared_experts (and model.n_experts) > 0, or shared_expert_gate=false")
         if m.n_experts and m.first_k_dense >= m.n_layers:
             raise UserError("invalid config: model.first_k_dense leaves no MoE layer; for a dense model set "
                             "model.n_experts=0")

@@ -79,6 +79,7 @@ def test_bad_values_and_invalid_configs():
     ("train.grad_clip=nan", "train.grad_clip' expects a finite number"),  # nan passes every comparison
     ("optim.adamw_lr=.nan", "optim.adamw_lr' expects a finite number"),
     (("model.n_shared_experts=2", "model.n_experts=0"), "n_shared_experts needs routed experts"),  # ignored
+    ("model.shared_expert_gate=true", "shared_expert_gate gates the shared experts, and this model has none"),
     ("model.first_k_dense=4", "leaves no MoE layer"),  # 4 experts configured, none used; routing crashed
     ("data.source=", "data.source is empty"),  # Path('') is the current folder: it trained on that
     ("data.source=  ", "data.source is empty"),

@@ -218,7 +218,7 @@ def build_blocks(run_dir: Path, routing_windows: int = 32, samples: int = 3,
     attn = f"MLA (kv rank {m.kv_lora_rank})" if m.attention == "mla" else f"{m.n_heads} heads / {m.n_kv_heads} kv"
     t, o = cfg.train, cfg.optim
     moe = (f"{m.n_experts} experts top-{m.top_k}, width {m.expert_dim}, {m.router} router"
-           + (f", {m.n_shared_experts} shared" if m.n_shared_experts else "")) if m.n_experts else "dense"
+           + m.shared_text) if m.n_experts else "dense"
     rows = [["model", f"d_model {m.d_model}, {m.n_layers} layers, {attn}, vocab {m.vocab_size}"
                       + (f"; weights from {t.init_from}" if t.init_from else "")], ["MoE", moe],
             ["balancing", f"aux {m.aux_loss_coef:g}, seq aux {m.seq_aux_loss_coef:g}, z {m.z_loss_coef:g}, "

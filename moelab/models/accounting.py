@@ -23,7 +23,7 @@ def component_of(name: str) -> str:
         return "attention"
     if ".moe.experts." in name:
         return "routed_experts"
-    if ".moe.shared." in name:
+    if ".moe.shared." in name or ".moe.shared_gate." in name:
         return "shared_experts"
     if ".mlp." in name:
         return "dense_mlp"

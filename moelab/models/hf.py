@@ -3,6 +3,8 @@
 Architectures (transformers model_type -> class):
   mixtral      MixtralForCausalLM     GQA, softmax top-k router renormalised, SwiGLU experts
   qwen3_moe    Qwen3MoeForCausalLM    GQA + per-head QK-norm, softmax router, leading dense layers
+  qwen2_moe    Qwen2MoeForCausalLM    GQA + qkv bias, softmax router, a shared expert scaled by a
+                                      sigmoid gate per token (Qwen1.5-MoE, Qwen2-57B-A14B)
   olmoe        OlmoeForCausalLM       GQA + QK-norm over all heads, softmax router
   deepseek_v3  DeepseekV3ForCausalLM  MLA, sigmoid router with selection bias and groups, shared
                                       experts, first_k_dense, (interleaved) RoPE, yarn
@@ -36,13 +38,13 @@ from moelab.files import staged_folder
 from moelab.models.transformer import WEIGHT_DTYPES, held_as
 
 ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
-         "glm4_moe": "Glm4Moe", "llama": "Llama", "qwen3": "Qwen3"}
-MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe")
+         "glm4_moe": "Glm4Moe", "qwen2_moe": "Qwen2Moe", "llama": "Llama", "qwen3": "Qwen3"}
+MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "qwen2_moe")
 ACTS = {"silu": "silu", "gelu": "gelu_pytorch_tanh"}
 # transformers' load-balancing loss (load_balancing_loss_func) of these counts every one of a token's
 # top-k picks, so it is top_k under uniform routing where moelab's (the share of picks) is 1: their
 # router_aux_loss_coef is moelab's aux_loss_coef / top_k, for the same balancing gradient.
-AUX_PER_PICK = ("mixtral", "qwen3_moe", "olmoe")
+AUX_PER_PICK = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
 
 
 def _aux_coef(coef: float, top_k: int, arch: str, to_hf: bool) -> float:
@@ -87,7 +89,11 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
     if arch == "glm4_moe":
         need["qk_norm"] = (cfg.qk_norm if cfg.qk_norm != "head" else "none", "none")
         need["out_bias"] = (cfg.out_bias, False)
+    if arch == "qwen2_moe":
+        need["qk_norm"] = (cfg.qk_norm, "none")
+        need["out_bias"] = (cfg.out_bias, False)
     if moe:
+        need["shared_expert_gate"] = (cfg.shared_expert_gate, arch == "qwen2_moe")
         if arch in ("deepseek_v3", "glm4_moe"):
             need["router"] = (cfg.router, "sigmoid")
             need["shared_expert_dim"] = (cfg.shared_expert_dim, cfg.expert_dim)
@@ -97,7 +103,10 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
             need["router"] = (cfg.router if cfg.router != "topk_softmax" else "softmax", "softmax")
             need["routed_scaling"] = (cfg.routed_scaling, 1.0)
             need["n_group"] = (cfg.n_group, 1)
-            need["n_shared_experts"] = (cfg.n_shared_experts, 0)
+            if arch == "qwen2_moe":  # one shared expert of n_shared_experts * shared_expert_dim
+                need["n_shared_experts > 0"] = (cfg.n_shared_experts > 0, True)
+            else:
+                need["n_shared_experts"] = (cfg.n_shared_experts, 0)
             need["bias_update_rate"] = (cfg.bias_update_rate, 0.0)  # a selection bias changes routing
             if cfg.router == "topk_softmax":  # equals softmax-then-top-k renormalised
                 need["norm_topk_prob"] = (True, True)
@@ -160,12 +169,20 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
         common.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
     if arch in ("qwen3_moe", "olmoe", "glm4_moe", "llama", "qwen3"):
         common["attention_bias"] = cfg.qkv_bias
+    if arch == "qwen2_moe":
+        common["qkv_bias"] = cfg.qkv_bias
     moe = dict(num_experts_per_tok=cfg.top_k, router_aux_loss_coef=_aux_coef(cfg.aux_loss_coef, cfg.top_k, arch, True))
     if arch == "mixtral":
         kw = dict(intermediate_size=cfg.expert_dim, num_local_experts=cfg.n_experts, sliding_window=None,
                   router_jitter_noise=0.0, **moe)
     elif arch == "qwen3_moe":
         kw = dict(intermediate_size=cfg.dense_dim, moe_intermediate_size=cfg.expert_dim,
+                  num_experts=cfg.n_experts, norm_topk_prob=cfg.norm_topk_prob or cfg.router == "topk_softmax",
+                  decoder_sparse_step=1, mlp_only_layers=list(range(cfg.first_k_dense)),
+                  use_sliding_window=False, **moe)
+    elif arch == "qwen2_moe":
+        kw = dict(intermediate_size=cfg.dense_dim, moe_intermediate_size=cfg.expert_dim,
+                  shared_expert_intermediate_size=cfg.n_shared_experts * cfg.shared_expert_dim,
                   num_experts=cfg.n_experts, norm_topk_prob=cfg.norm_topk_prob or cfg.router == "topk_softmax",
                   decoder_sparse_step=1, mlp_only_layers=list(range(cfg.first_k_dense)),
                   use_sliding_window=False, **moe)
@@ -257,8 +274,8 @@ def model_config_from_hf(hf) -> ModelConfig:
     else:
         m.head_dim = g("head_dim") or hf.hidden_size // n_heads
         m.n_kv_heads = g("num_key_value_heads") or n_heads
-        bias = bool(g("attention_bias", False))
-        m.qkv_bias, m.out_bias = bias, bias and arch != "glm4_moe"
+        bias = bool(g("qkv_bias", False) if arch == "qwen2_moe" else g("attention_bias", False))
+        m.qkv_bias, m.out_bias = bias, bias and arch not in ("glm4_moe", "qwen2_moe")
         m.qk_norm = {"qwen3_moe": "head", "qwen3": "head", "olmoe": "full"}.get(arch, "none")
         if arch == "glm4_moe" and hf.use_qk_norm:
             m.qk_norm = "head"
@@ -270,8 +287,14 @@ def model_config_from_hf(hf) -> ModelConfig:
             m.n_experts, m.expert_dim = hf.num_local_experts, hf.intermediate_size
         elif arch == "olmoe":
             m.n_experts, m.expert_dim = hf.num_experts, hf.intermediate_size
-        elif arch == "qwen3_moe":
+        elif arch in ("qwen3_moe", "qwen2_moe"):
             m.n_experts, m.expert_dim = hf.num_experts, hf.moe_intermediate_size
+            if arch == "qwen2_moe":
+                if not hf.shared_expert_intermediate_size:
+                    raise _refuse(arch, "shared_expert_intermediate_size", hf.shared_expert_intermediate_size,
+                                  "a shared expert of width > 0")
+                m.n_shared_experts, m.shared_expert_dim = 1, hf.shared_expert_intermediate_size
+                m.shared_expert_gate = True
             k = len(hf.mlp_only_layers)
             if sorted(hf.mlp_only_layers) != list(range(k)):
                 raise _refuse(arch, "mlp_only_layers", hf.mlp_only_layers, "the first k layers")
@@ -301,14 +324,16 @@ _LAYER_RENAMES = [
     ("attn.kv_a_proj.", "self_attn.kv_a_proj_with_mqa."), ("attn.kv_a_norm.", "self_attn.kv_a_layernorm."),
     ("attn.q_a_norm.", "self_attn.q_a_layernorm."), ("attn.", "self_attn."),
     ("moe.router.weight", "mlp.gate.weight"), ("moe.router.selection_bias", "mlp.gate.e_score_correction_bias"),
-    ("moe.shared.", "mlp.shared_experts."), ("moe.experts.down_proj", "mlp.experts.down_proj"),
+    ("moe.shared.", "mlp.shared_experts."), ("moe.shared.", "mlp.shared_expert."),  # Qwen2-MoE's: singular
+    ("moe.shared_gate.", "mlp.shared_expert_gate."), ("moe.experts.down_proj", "mlp.experts.down_proj"),
     ("mlp.", "mlp."),
 ]
 _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "lm_head.weight": "lm_head.weight"}
 
 
-def _rename(name: str, to_hf: bool) -> str | None:
+def _rename(name: str, to_hf: bool, arch: str | None = None) -> str | None:
+    """transformers' name of a moelab tensor (`to_hf`, for `arch`), or moelab's of a transformers one."""
     src_block, dst_block = ((r"blocks\.(\d+)\.", "model.layers.{}.") if to_hf
                             else (r"model\.layers\.(\d+)\.", "blocks.{}."))
     top = _TOP if to_hf else {v: k for k, v in _TOP.items()}
@@ -321,6 +346,8 @@ def _rename(name: str, to_hf: bool) -> str | None:
     for ours, theirs in _LAYER_RENAMES:
         src, dst = (ours, theirs) if to_hf else (theirs, ours)
         if rest.startswith(src):
+            if to_hf and arch == "qwen2_moe" and dst == "mlp.shared_experts.":
+                dst = "mlp.shared_expert."
             return dst_block.format(match.group(1)) + dst + rest[len(src):]
     return None
 
@@ -356,7 +383,7 @@ def _hf_groups(model, meta: bool = False, arch: str | None = None) -> Iterator[d
                 hf_name = _rename(base + "down_proj", True).replace("down_proj", "gate_up_proj")
                 out[hf_name] = torch.cat([sd[name], sd[base + "up_proj"]], dim=1)
                 continue
-            hf_name = _rename(name, True)
+            hf_name = _rename(name, True, arch)
             if hf_name is None:
                 raise AssertionError(f"no Hugging Face name for {name}")
             out[hf_name] = sd[name]

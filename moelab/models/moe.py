@@ -3,6 +3,8 @@
 Legend: B batch, S sequence, T = B*S tokens, D model dim.
 Shared experts (DeepSeek, GLM4) see every token; they are one MLP of width
 n_shared_experts * shared_expert_dim, which equals the sum of that many separate experts.
+With `shared_expert_gate` (Qwen1.5/Qwen2-MoE) their output is scaled per token by
+sigmoid(shared_gate(x)), a learned (1, D) row: how much of the always-on path each token takes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class MoE(nn.Module):
         if cfg.n_shared_experts:
             self.shared = MLP(cfg.d_model, cfg.n_shared_experts * cfg.shared_expert_dim,
                               cfg.ffn_act, cfg.ffn_glu)
+            if cfg.shared_expert_gate:
+                self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, route_cache: dict | None = None,
                 stats: bool = True) -> tuple[torch.Tensor, RouterOutput]:
@@ -32,5 +36,8 @@ class MoE(nn.Module):
         r = self.router(x_TD, n_seqs=x_BSD.shape[0], route_cache=route_cache, stats=stats)
         y_TD = self.experts(x_TD, r.idx_TK, r.weights_TK, r.counts_E)
         if hasattr(self, "shared"):
-            y_TD = y_TD + self.shared(x_TD)
+            s_TD = self.shared(x_TD)
+            if hasattr(self, "shared_gate"):
+                s_TD = torch.sigmoid(self.shared_gate(x_TD)) * s_TD
+            y_TD = y_TD + s_TD
         return y_TD.view_as(x_BSD), r

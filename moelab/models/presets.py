@@ -70,6 +70,8 @@ FAMILIES = {
     "glm4_moe": dict(router="sigmoid", n_shared_experts=1, qkv_bias=True, partial_rotary=0.5,
                      norm_topk_prob=True, tie_embeddings=False, aux_loss_coef=0.0, seq_aux_loss_coef=1e-4,
                      bias_update_rate=1e-3),
+    "qwen2_moe": dict(qkv_bias=True, n_shared_experts=1, shared_expert_gate=True, norm_topk_prob=False,
+                      tie_embeddings=False),
     "switch": dict(router="switch", top_k=1, capacity_factor=1.25, ffn_glu=False, ffn_act="gelu"),
     "llama": dict(n_experts=0, n_kv_heads=2, tie_embeddings=False),
     "qwen3": dict(n_experts=0, n_kv_heads=2, qk_norm="head", tie_embeddings=True),
@@ -84,12 +86,13 @@ TINY = {
                         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
     "glm4_moe": dict(n_experts=8, top_k=2, expert_dim=96, n_group=2, topk_group=1, first_k_dense=1,
                      dense_dim=256, qk_norm="head"),
+    "qwen2_moe": dict(n_experts=8, top_k=2, expert_dim=64, shared_expert_dim=256),
     "switch": dict(n_experts=8, expert_dim=256),
     "llama": dict(dense_dim=384),
     "qwen3": dict(dense_dim=384),
 }
 
-# Published sizes: Mixtral-8x7B, Qwen3-30B-A3B, OLMoE-1B-7B, DeepSeek-V3 (671B), GLM-4.5-Air,
+# Published sizes: Mixtral-8x7B, Qwen3-30B-A3B, OLMoE-1B-7B, DeepSeek-V3 (671B), GLM-4.5-Air, Qwen1.5-MoE-A2.7B,
 # a decoder-only Switch-Base-8 analogue, Llama-3-8B, Llama-3.2-1B (Llama 3.1's RoPE scaling), Qwen3-0.6B.
 PUBLISHED = {
     "mixtral-8x7b": ("mixtral", dict(
@@ -111,6 +114,10 @@ PUBLISHED = {
         vocab_size=151552, d_model=4096, n_layers=46, n_heads=96, n_kv_heads=8, head_dim=128,
         n_experts=128, top_k=8, expert_dim=1408, dense_dim=10944, first_k_dense=1, rope_theta=1e6,
         norm_eps=1e-5, max_seq_len=131072)),
+    # its aux_loss_coef is transformers' router_aux_loss_coef 0.001 per pick, x top_k (see models/hf.py)
+    "qwen1.5-moe-a2.7b": ("qwen2_moe", dict(
+        vocab_size=151936, d_model=2048, n_layers=24, n_heads=16, n_experts=60, top_k=4, expert_dim=1408,
+        shared_expert_dim=5632, dense_dim=5632, rope_theta=1e6, max_seq_len=8192, aux_loss_coef=0.004)),
     "switch-base-8": ("switch", dict(
         vocab_size=32128, d_model=768, n_layers=12, n_heads=12, n_experts=8, expert_dim=3072,
         max_seq_len=2048)),

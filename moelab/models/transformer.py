@@ -221,6 +221,8 @@ class MoETransformer(nn.Module):
                     nn.init.zeros_(router.noise_weight)
                 if hasattr(router, "selection_bias"):
                     nn.init.zeros_(router.selection_bias)
+                if hasattr(blk.moe, "shared_gate"):
+                    init_normal_(blk.moe.shared_gate.weight, std=c.init_std)
                 blk.moe.experts.reset_parameters(c.init_std, out_std)
 
     def new_cache(self, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:

@@ -5,7 +5,8 @@ The rule (`optim.mode`):
                     shared-expert matrices, and each routed expert's matrices (3-D, orthogonalised
                     per expert in one batched call). AdamW takes the rest: the token embedding and
                     output head (lookup/readout tables, not maps between hidden spaces), the router
-                    (small, and its probabilities must stay precise), norms and biases.
+                    (small, and its probabilities must stay precise), the shared-expert gate (one
+                    row, a readout to a scalar, as the router's), norms and biases.
                     LRs: optim.muon_lr for Muon, optim.adamw_lr for AdamW.
   muon              Muon takes every matrix, embedding, head and router included; vectors (norms,
                     biases), which cannot be orthogonalised, go to AdamW. One LR: optim.muon_lr
@@ -23,7 +24,8 @@ from torch import nn
 from moelab.config import OptimConfig
 from moelab.optim.muon import Muon
 
-ADAMW_MATRIX_SUFFIXES = ("embed.weight", "lm_head.weight", "router.weight", "router.noise_weight")
+ADAMW_MATRIX_SUFFIXES = ("embed.weight", "lm_head.weight", "router.weight", "router.noise_weight",
+                         "shared_gate.weight")
 MODES = ("hybrid", "muon", "adamw")
 
 

@@ -20,6 +20,12 @@ CASES = {
     "mixtral": ("mixtral-tiny", {}),
     "mixtral-tied-mha": ("mixtral-tiny", {"tie_embeddings": True, "n_kv_heads": 4}),
     "qwen3_moe": ("qwen3_moe-tiny", {"norm_topk_prob": False, "qkv_bias": True, "out_bias": True}),
+    # Qwen1.5-MoE: qkv bias, a shared expert scaled per token by a sigmoid gate; then GQA, a wider head
+    # than d_model / n_heads, a leading dense layer, renormalised top-k, no qkv bias, 2 shared experts' width
+    "qwen2_moe": ("qwen2_moe-tiny", {}),
+    "qwen2_moe-gqa-dense-first": ("qwen2_moe-tiny", {"n_kv_heads": 2, "head_dim": 24, "first_k_dense": 1,
+                                                     "norm_topk_prob": True, "qkv_bias": False,
+                                                     "n_shared_experts": 2, "shared_expert_dim": 40}),
     "olmoe": ("olmoe-tiny", {"n_kv_heads": 2}),
     "deepseek_v3": ("deepseek_v3-tiny", {}),
     "deepseek_v3-full-q-yarn": ("deepseek_v3-tiny", {
@@ -40,6 +46,7 @@ CASES = {
     "qwen3-yarn": ("qwen3-tiny", {"rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_max_len": 16}),  # GQA
 }
 EXPECTED_ARCH = {"mixtral-tied-mha": "mixtral", "deepseek_v3-full-q-yarn": "deepseek_v3",
+                 "qwen2_moe-gqa-dense-first": "qwen2_moe",
                  "glm4_moe-full-rotary-no-shared": "glm4_moe", "deepseek_v3-no-shared": "deepseek_v3",
                  "llama-llama3-rope": "llama", "qwen3_moe-linear-rope": "qwen3_moe", "qwen3-yarn": "qwen3"}
 
@@ -60,7 +67,7 @@ def _model(preset: str, overrides: dict, seed: int = 0) -> MoETransformer:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-            elif "router.weight" in name:
+            elif "router.weight" in name or "shared_gate" in name:  # gates far from 0.5
                 p.normal_(std=0.5)
             elif name.endswith("bias"):
                 p.normal_(std=0.1)
@@ -123,6 +130,10 @@ SWEEP = {
                            first_k_dense=[0, 1, 2], top_k=[1, 2, 4], n_experts=[4, 8],
                            rope_scaling=["none", "linear", "yarn"]),
     "olmoe-tiny": dict(n_kv_heads=[1, 2, 4], norm_topk_prob=[False, True], top_k=[1, 2, 3], n_experts=[4, 8]),
+    "qwen2_moe-tiny": dict(n_kv_heads=[1, 2, 4], head_dim=[0, 8, 24], qkv_bias=[False, True],
+                           norm_topk_prob=[False, True], first_k_dense=[0, 1, 2], top_k=[1, 2, 4], n_experts=[4, 8],
+                           n_shared_experts=[1, 2], shared_expert_dim=[8, 48], tie_embeddings=[False, True],
+                           rope_scaling=["none", "linear", "yarn"]),
     "deepseek_v3-tiny": dict(q_lora_rank=[0, 16], kv_lora_rank=[8, 32], n_shared_experts=[0, 1, 2],
                              first_k_dense=[0, 1, 2], n_group=[1, 2, 4], topk_group=[1, 2], n_experts=[8, 16],
                              top_k=[1, 2], routed_scaling=[1.0, 2.5], rope_interleave=[False, True],
@@ -149,6 +160,44 @@ def test_random_combinations_of_settings_match_transformers(seed):
         ours = _model(preset, over, seed=i)
         ids = torch.randint(0, V, (2, 40))
         assert _max_diff(to_hf(ours), ours, ids) <= 1e-4, (preset, over)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_gradients_equal_transformers(case):
+    """Fine-tuning a converted model takes the gradients transformers' own model would: the
+    next-token loss's gradient of every weight (the shared-expert gate, routers, experts, biases)
+    equals that of the same weights in transformers, under its name."""
+    from moelab.models.hf import to_hf_state_dict
+
+    ours = _model(*CASES[case]).train()
+    hf = to_hf(ours).train()
+    ids = torch.randint(0, V, (2, 40))
+
+    def loss(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+
+    loss(ours(ids).logits).backward()
+    loss(hf(ids).logits).backward()
+    ours_named = dict(ours.named_parameters())
+    grads = {k: v.grad for k, v in hf.named_parameters()}
+    for name, p in ours_named.items():
+        # the gradients under transformers' names, laid out as it lays out its weights (none: zero)
+        p.data = p.grad if p.grad is not None else torch.zeros_like(p)
+    expected = to_hf_state_dict(ours, hf.config.model_type)
+    assert grads.keys() <= expected.keys()  # every weight transformers trains (not its buffers: a selection bias)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    gate = [k for k in grads if "shared_expert_gate" in k]
+    assert bool(gate) == (case.startswith("qwen2_moe")) and all(grads[k].abs().sum() > 0 for k in gate)
+
+
+def test_a_qwen2_moe_without_a_shared_expert_is_refused_on_convert():
+    from moelab.models.hf import model_config_from_hf
+
+    config = hf_config(_model(*CASES["qwen2_moe"]).cfg)
+    config.shared_expert_intermediate_size = 0
+    with pytest.raises(UserError, match="shared_expert_intermediate_size=0"):
+        model_config_from_hf(config)
 
 
 @pytest.mark.parametrize("case", ["mixtral", "mixtral-tied-mha", "deepseek_v3"])
@@ -294,7 +343,7 @@ def test_bf16_checkpoint_converts_exactly_to_fp32_and_shares_nothing(tmp_path):
     assert torch.equal(copy.embed.weight, back.embed.weight)
 
 
-@pytest.mark.parametrize("case", ["qwen3_moe", "deepseek_v3", "mixtral-tied-mha"])
+@pytest.mark.parametrize("case", ["qwen3_moe", "deepseek_v3", "mixtral-tied-mha", "qwen2_moe"])
 def test_a_bf16_checkpoint_held_in_bf16_keeps_its_tensors_and_errs_as_transformers_does(tmp_path, case):
     """load_model(dtype="bf16"): every tensor the checkpoint's own (no rounding on the way), the
     routers' in fp32 (DeepSeek-V3 stores its in fp32; Qwen3-MoE's bf16 ones are widened), RoPE
@@ -475,17 +524,19 @@ def test_a_rope_type_moelab_cannot_compute_is_refused_on_convert(rope):
     ("ffn_glu", False, "auto", "ffn_glu"),
     ("router", "softmax", "deepseek_v3", "router"),
     ("partial_rotary", 0.5, "qwen3_moe", "partial_rotary"),
+    ("shared_expert_gate", False, "qwen2_moe", "shared_expert_gate=False"),  # its shared expert is always gated
+    ("out_bias", True, "qwen2_moe", "out_bias"),
+    ("shared_expert_gate", True, "deepseek_v3", "shared_expert_gate=True"),
 ])
 def test_inexpressible_config_is_refused_naming_the_field(field, value, arch, match):
-    model = _model("mixtral-tiny", {}) if arch != "deepseek_v3" else _model("deepseek_v3-tiny", {})
-    if arch == "qwen3_moe":
-        model = _model("qwen3_moe-tiny", {})
+    preset = {"deepseek_v3": "deepseek_v3-tiny", "qwen3_moe": "qwen3_moe-tiny", "qwen2_moe": "qwen2_moe-tiny"}
+    model = _model(preset.get(arch, "mixtral-tiny"), {})
     setattr(model.cfg, field, value)
     with pytest.raises(UserError, match=match):
         to_hf(model, arch)
 
 
-@pytest.mark.parametrize("preset", ["mixtral-tiny", "qwen3_moe-tiny", "olmoe-tiny"])
+@pytest.mark.parametrize("preset", ["mixtral-tiny", "qwen3_moe-tiny", "olmoe-tiny", "qwen2_moe-tiny"])
 def test_the_aux_loss_coefficient_converts_to_the_same_balancing_term(preset):
     """transformers' load-balancing loss counts each of a token's top-k picks (top_k under uniform
     routing), moelab's the share of picks (1): the coefficient passed through unchanged, so a

@@ -17,6 +17,8 @@ ROUTERS = {
     "topk_softmax": dict(router="topk_softmax"),
     "sigmoid-groups-shared": dict(router="sigmoid", n_group=4, topk_group=2, routed_scaling=2.5,
                                   n_shared_experts=2),
+    "softmax-gated-shared": dict(router="softmax", norm_topk_prob=False, n_shared_experts=1, shared_expert_dim=40,
+                                 shared_expert_gate=True),  # Qwen1.5/Qwen2-MoE
     "switch-capacity": dict(router="switch", top_k=1, capacity_factor=1.0),
     "softmax-capacity-top2": dict(router="softmax", capacity_factor=0.75),
     "noisy": dict(router="softmax", noisy_gating=True),
@@ -43,6 +45,8 @@ def _layer(cfg: ModelConfig, seed: int = 1) -> MoE:
     if hasattr(moe, "shared"):
         for p in moe.shared.parameters():
             torch.nn.init.normal_(p, std=0.1)
+    if hasattr(moe, "shared_gate"):
+        torch.nn.init.normal_(moe.shared_gate.weight, std=0.5)
     return moe
 
 

@@ -181,13 +181,16 @@ def test_param_groups_rule():
 
     cfg = Config()
     cfg.model.tie_embeddings = False
+    cfg.model.n_shared_experts, cfg.model.shared_expert_gate = 1, True
     cfg.resolve(vocab_size=300)
     groups = split_params(MoETransformer(cfg.model))
     muon = {n for n, _ in groups["muon"]}
     adamw = {n for n, _ in groups["adamw_decay"] + groups["adamw_no_decay"]}
     assert "embed.weight" in adamw and "lm_head.weight" in adamw
     assert "blocks.0.moe.router.weight" in adamw and "blocks.0.attn_norm.weight" in adamw
+    assert "blocks.0.moe.shared_gate.weight" in adamw  # a (1, D) readout to one number per token
     assert "blocks.0.attn.q_proj.weight" in muon and "blocks.0.moe.experts.gate_proj" in muon
+    assert "blocks.0.moe.shared.up_proj.weight" in muon
     n_all = sum(1 for _ in MoETransformer(cfg.model).parameters())
     assert len(muon) + len(adamw) == n_all
 
