@@ -77,6 +77,8 @@ class ModelConfig:
     routed_scaling: float = 1.0  # multiplies the routed weights (DeepSeek-V3: 2.5)
     n_group: int = 1  # group-limited routing: experts split into n_group groups...
     topk_group: int = 1  # ...and each token may only use experts of its best topk_group groups
+    # a group's score: the sum of its best group_score_top experts' scores (DeepSeek-V3: 2; V2: 1, its best)
+    group_score_top: int = 2
     capacity_factor: float = 0.0  # 0: dropless; > 0: ceil(cf*T*K/E) slots per expert, rest dropped
     noisy_gating: bool = False  # Shazeer et al. 2017: learned Gaussian noise on logits in training
     router_init_std: float = 0.02  # standard deviation of the router weights' initialisation
@@ -307,6 +309,7 @@ class Config:
             ("model.d_model", m.d_model, 1), ("model.n_layers", m.n_layers, 1), ("model.n_heads", m.n_heads, 1),
             ("model.n_experts", m.n_experts, 0), ("model.n_shared_experts", m.n_shared_experts, 0),
             ("model.n_group", m.n_group, 1), ("model.topk_group", m.topk_group, 1),
+            ("model.group_score_top", m.group_score_top, 1),
             ("model.capacity_factor", m.capacity_factor, 0), ("model.aux_loss_coef", m.aux_loss_coef, 0),
             ("model.seq_aux_loss_coef", m.seq_aux_loss_coef, 0), ("model.z_loss_coef", m.z_loss_coef, 0),
             ("model.bias_update_rate", m.bias_update_rate, 0),

@@ -93,6 +93,7 @@ def test_bad_values_and_invalid_configs():
     ("train.spike_window=1e30", "train.spike_window must be <= 4,611,686,018,427,387,904"),  # deque's overflow
     ("train.grad_accum=1e30", "train.grad_accum must be <= 2,147,483,647"),
     ("model.n_group=0", "model.n_group must be >= 1 (got 0)"),  # ZeroDivisionError traceback
+    ("model.group_score_top=0", "model.group_score_top must be >= 1 (got 0)"),  # every group scored 0
     ("model.n_group=4", "model.top_k (2) exceeds the experts reachable in model.topk_group groups (1 x 1 experts"),
     ("train.batch_size=0", "train.batch_size must be >= 1 (got 0)"),  # named with its neighbours, not alone
     ("optim.adamw_lr=0", "optim.adamw_lr must be > 0 (got 0.0)"),

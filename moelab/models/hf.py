@@ -8,6 +8,8 @@ Architectures (transformers model_type -> class):
   olmoe        OlmoeForCausalLM       GQA + QK-norm over all heads, softmax router
   deepseek_v3  DeepseekV3ForCausalLM  MLA, sigmoid router with selection bias and groups, shared
                                       experts, first_k_dense, (interleaved) RoPE, yarn
+  deepseek_v2  DeepseekV2ForCausalLM  MLA (interleaved RoPE), softmax router without renormalisation,
+                                      groups scored by their best expert, shared experts (DeepSeek-V2, -Lite)
   glm4_moe     Glm4MoeForCausalLM     GQA + qkv bias, optional QK-norm, partial rotary, DeepSeek MoE
   llama        LlamaForCausalLM       dense baseline
   qwen3        Qwen3ForCausalLM       dense baseline with per-head QK-norm
@@ -38,8 +40,10 @@ from moelab.files import staged_folder
 from moelab.models.transformer import WEIGHT_DTYPES, held_as
 
 ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
-         "glm4_moe": "Glm4Moe", "qwen2_moe": "Qwen2Moe", "llama": "Llama", "qwen3": "Qwen3"}
-MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "qwen2_moe")
+         "glm4_moe": "Glm4Moe", "qwen2_moe": "Qwen2Moe", "deepseek_v2": "DeepseekV2", "llama": "Llama",
+         "qwen3": "Qwen3"}
+MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "qwen2_moe", "deepseek_v2")
+MLA_ARCHS = ("deepseek_v3", "deepseek_v2")
 ACTS = {"silu": "silu", "gelu": "gelu_pytorch_tanh"}
 # transformers' load-balancing loss (load_balancing_loss_func) of these counts every one of a token's
 # top-k picks, so it is top_k under uniform routing where moelab's (the share of picks) is 1: their
@@ -71,7 +75,7 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
     moe = arch in MOE_ARCHS
     if moe != (cfg.n_experts > 0):
         return [f"model.n_experts={cfg.n_experts} ({ARCHS[arch]} is {'an MoE' if moe else 'dense'})"]
-    if arch != "deepseek_v3":
+    if arch not in MLA_ARCHS:
         need["attention"] = (cfg.attention, "gqa")
         need["rope_interleave"] = (cfg.rope_interleave, False)
     if arch != "glm4_moe":
@@ -84,8 +88,11 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
             need["qkv_bias"] = (cfg.qkv_bias, False)
     if arch == "olmoe":
         need["n_heads*head_dim"] = (cfg.n_heads * cfg.head_dim, cfg.d_model)
-    if arch == "deepseek_v3":
+    if arch in MLA_ARCHS:
         need["attention"] = (cfg.attention, "mla")
+    if arch == "deepseek_v2":  # its RoPE rotates (x0, x1), (x2, x3).. pairs; its config wants whole heads
+        need["rope_interleave"] = (cfg.rope_interleave, True)
+        need["d_model divisible by n_heads"] = (cfg.d_model % cfg.n_heads == 0, True)
     if arch == "glm4_moe":
         need["qk_norm"] = (cfg.qk_norm if cfg.qk_norm != "head" else "none", "none")
         need["out_bias"] = (cfg.out_bias, False)
@@ -99,6 +106,14 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
             need["shared_expert_dim"] = (cfg.shared_expert_dim, cfg.expert_dim)
             if cfg.n_group > 1:
                 need["experts per group"] = (cfg.n_experts // cfg.n_group >= 2, True)
+                need["group_score_top"] = (cfg.group_score_top, 2)
+        elif arch == "deepseek_v2":  # softmax, top-k, never renormalised, then scaled
+            need["router"] = (cfg.router, "softmax")
+            need["norm_topk_prob"] = (cfg.norm_topk_prob, False)
+            need["shared_expert_dim"] = (cfg.shared_expert_dim, cfg.expert_dim)
+            need["bias_update_rate"] = (cfg.bias_update_rate, 0.0)
+            if cfg.n_group > 1:
+                need["group_score_top"] = (cfg.group_score_top, 1)
         else:
             need["router"] = (cfg.router if cfg.router != "topk_softmax" else "softmax", "softmax")
             need["routed_scaling"] = (cfg.routed_scaling, 1.0)
@@ -165,7 +180,7 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
                   rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
                   hidden_act=ACTS[cfg.ffn_act], rope_parameters=_rope_parameters(cfg, arch),
                   attention_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    if arch != "deepseek_v3":
+    if arch not in MLA_ARCHS:
         common.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
     if arch in ("qwen3_moe", "olmoe", "glm4_moe", "llama", "qwen3"):
         common["attention_bias"] = cfg.qkv_bias
@@ -189,17 +204,20 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
     elif arch == "olmoe":
         kw = dict(intermediate_size=cfg.expert_dim, num_experts=cfg.n_experts, clip_qkv=None,
                   norm_topk_prob=cfg.norm_topk_prob or cfg.router == "topk_softmax", **moe)
-    elif arch in ("deepseek_v3", "glm4_moe"):
+    elif arch in ("deepseek_v3", "glm4_moe", "deepseek_v2"):
         kw = dict(intermediate_size=cfg.dense_dim, moe_intermediate_size=cfg.expert_dim,
                   n_routed_experts=cfg.n_experts, n_shared_experts=cfg.n_shared_experts,
                   routed_scaling_factor=cfg.routed_scaling, n_group=cfg.n_group, topk_group=cfg.topk_group,
                   first_k_dense_replace=cfg.first_k_dense, norm_topk_prob=cfg.norm_topk_prob,
                   num_experts_per_tok=cfg.top_k)
-        if arch == "deepseek_v3":
+        if arch in MLA_ARCHS:
             kw.update(num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None,
                       kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
-                      qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.v_head_dim,
-                      rope_interleave=cfg.rope_interleave, attention_bias=False)
+                      qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.v_head_dim, attention_bias=False)
+        if arch == "deepseek_v3":
+            kw["rope_interleave"] = cfg.rope_interleave
+        elif arch == "deepseek_v2":
+            kw.update(topk_method="group_limited_greedy" if cfg.n_group > 1 else "greedy", mlp_bias=False)
         else:
             kw.update(use_qk_norm=cfg.qk_norm == "head")
     else:  # llama, qwen3
@@ -260,12 +278,12 @@ def model_config_from_hf(hf) -> ModelConfig:
         dense_dim=g("intermediate_size"), n_experts=0, aux_loss_coef=0.0)
     if rope_type == "yarn" and rope.get("attention_factor") is not None:
         raise _refuse(arch, "rope_parameters.attention_factor", rope["attention_factor"], None)
-    if arch == "deepseek_v3":
+    if arch in MLA_ARCHS:
         m.attention = "mla"
         m.q_lora_rank = hf.q_lora_rank or 0
         m.kv_lora_rank, m.qk_rope_head_dim = hf.kv_lora_rank, hf.qk_rope_head_dim
         m.qk_nope_head_dim, m.v_head_dim = hf.qk_nope_head_dim, hf.v_head_dim
-        m.rope_interleave = bool(hf.rope_interleave)
+        m.rope_interleave = arch == "deepseek_v2" or bool(hf.rope_interleave)  # V2's is always interleaved
         m.head_dim, m.n_kv_heads = m.qk_nope_head_dim + m.qk_rope_head_dim, n_heads
         if hf.attention_bias:
             raise _refuse(arch, "attention_bias", True, False)
@@ -299,7 +317,7 @@ def model_config_from_hf(hf) -> ModelConfig:
             if sorted(hf.mlp_only_layers) != list(range(k)):
                 raise _refuse(arch, "mlp_only_layers", hf.mlp_only_layers, "the first k layers")
             m.first_k_dense = k
-        else:  # deepseek_v3, glm4_moe
+        else:  # deepseek_v3, glm4_moe, deepseek_v2
             m.n_experts, m.expert_dim = hf.n_routed_experts, hf.moe_intermediate_size
             m.router, m.routed_scaling = "sigmoid", float(hf.routed_scaling_factor)
             m.n_group, m.topk_group = hf.n_group or 1, hf.topk_group or 1
@@ -311,9 +329,33 @@ def model_config_from_hf(hf) -> ModelConfig:
 
             m.seq_aux_loss_coef = FAMILIES[arch]["seq_aux_loss_coef"]
             m.bias_update_rate = FAMILIES[arch]["bias_update_rate"]
+            if arch == "deepseek_v2":
+                _deepseek_v2_routing(hf, m)
     m.dense_dim = m.dense_dim or 4 * m.d_model
     m.shared_expert_dim = m.shared_expert_dim or m.expert_dim
     return m
+
+
+def _deepseek_v2_routing(hf, m: ModelConfig) -> None:
+    """DeepSeek-V2's router as transformers runs it: softmax, top-k (within the topk_group groups
+    whose best expert scores highest, for topk_method group_limited_greedy), never renormalised
+    (it ignores norm_topk_prob), times routed_scaling_factor. Its balancing, where the Hub config
+    gives aux_loss_alpha: the expert-level loss on each sequence (moelab's sequence-wise loss; on the
+    batch without seq_aux), alpha in every MoE layer; moelab averages the layers' terms, so its
+    coefficient is alpha x the MoE layers, for the same gradient."""
+    method = getattr(hf, "topk_method", "greedy") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise _refuse("deepseek_v2", "topk_method", method, ["greedy", "group_limited_greedy"])
+    m.router, m.norm_topk_prob, m.bias_update_rate = "softmax", False, 0.0
+    if method == "greedy":
+        m.n_group = m.topk_group = 1
+    else:
+        m.group_score_top = 1
+    alpha = getattr(hf, "aux_loss_alpha", None)
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha >= 0:
+        coef = float(f"{alpha * len(m.moe_layers):.12g}")
+        per_seq = getattr(hf, "seq_aux", True) is not False
+        m.seq_aux_loss_coef, m.aux_loss_coef = (coef, 0.0) if per_seq else (0.0, coef)
 
 
 # ---------------------------------------------------------------- weights
@@ -354,7 +396,7 @@ def _rename(name: str, to_hf: bool, arch: str | None = None) -> str | None:
 
 # Architectures whose MoE layers always hold shared experts: a model without any has them zero
 # wide (no rows, so they add exactly zero), as transformers builds and saves them.
-ALWAYS_SHARED = ("deepseek_v3", "glm4_moe")
+ALWAYS_SHARED = ("deepseek_v3", "glm4_moe", "deepseek_v2")
 
 
 def _hf_groups(model, meta: bool = False, arch: str | None = None) -> Iterator[dict[str, torch.Tensor]]:

@@ -70,6 +70,11 @@ FAMILIES = {
     "glm4_moe": dict(router="sigmoid", n_shared_experts=1, qkv_bias=True, partial_rotary=0.5,
                      norm_topk_prob=True, tie_embeddings=False, aux_loss_coef=0.0, seq_aux_loss_coef=1e-4,
                      bias_update_rate=1e-3),
+    # DeepSeek-V2(-Lite) balanced experts with a per-sequence loss (seq_aux), alpha 0.001-0.003 in every MoE
+    # layer: 0.03-0.18 as moelab's average over layers; 0.01 at the tiny size (1e-3 let its routing collapse)
+    "deepseek_v2": dict(attention="mla", router="softmax", norm_topk_prob=False, n_shared_experts=2,
+                        rope_interleave=True, tie_embeddings=False, aux_loss_coef=0.0, seq_aux_loss_coef=0.01,
+                        bias_update_rate=0.0),
     "qwen2_moe": dict(qkv_bias=True, n_shared_experts=1, shared_expert_gate=True, norm_topk_prob=False,
                       tie_embeddings=False),
     "switch": dict(router="switch", top_k=1, capacity_factor=1.25, ffn_glu=False, ffn_act="gelu"),
@@ -86,13 +91,17 @@ TINY = {
                         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
     "glm4_moe": dict(n_experts=8, top_k=2, expert_dim=96, n_group=2, topk_group=1, first_k_dense=1,
                      dense_dim=256, qk_norm="head"),
+    "deepseek_v2": dict(n_experts=8, top_k=2, expert_dim=96, n_group=4, topk_group=2, group_score_top=1,
+                        first_k_dense=1, dense_dim=256, routed_scaling=1.5, q_lora_rank=0, kv_lora_rank=48,
+                        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
     "qwen2_moe": dict(n_experts=8, top_k=2, expert_dim=64, shared_expert_dim=256),
     "switch": dict(n_experts=8, expert_dim=256),
     "llama": dict(dense_dim=384),
     "qwen3": dict(dense_dim=384),
 }
 
-# Published sizes: Mixtral-8x7B, Qwen3-30B-A3B, OLMoE-1B-7B, DeepSeek-V3 (671B), GLM-4.5-Air, Qwen1.5-MoE-A2.7B,
+# Published sizes: Mixtral-8x7B, Qwen3-30B-A3B, OLMoE-1B-7B, DeepSeek-V3 (671B), GLM-4.5-Air, DeepSeek-V2-Lite,
+# Qwen1.5-MoE-A2.7B,
 # a decoder-only Switch-Base-8 analogue, Llama-3-8B, Llama-3.2-1B (Llama 3.1's RoPE scaling), Qwen3-0.6B.
 PUBLISHED = {
     "mixtral-8x7b": ("mixtral", dict(
@@ -114,6 +123,12 @@ PUBLISHED = {
         vocab_size=151552, d_model=4096, n_layers=46, n_heads=96, n_kv_heads=8, head_dim=128,
         n_experts=128, top_k=8, expert_dim=1408, dense_dim=10944, first_k_dense=1, rope_theta=1e6,
         norm_eps=1e-5, max_seq_len=131072)),
+    # seq_aux_loss_coef: its aux_loss_alpha 0.001 in each of its 26 MoE layers, as moelab's average over layers
+    "deepseek-v2-lite": ("deepseek_v2", dict(
+        vocab_size=102400, d_model=2048, n_layers=27, n_heads=16, q_lora_rank=0, kv_lora_rank=512,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_experts=64, top_k=6, expert_dim=1408,
+        dense_dim=10944, first_k_dense=1, rope_scaling="yarn", rope_factor=40.0, rope_original_max_len=4096,
+        yarn_mscale=0.707, yarn_mscale_all_dim=0.707, max_seq_len=163840, seq_aux_loss_coef=0.026)),
     # its aux_loss_coef is transformers' router_aux_loss_coef 0.001 per pick, x top_k (see models/hf.py)
     "qwen1.5-moe-a2.7b": ("qwen2_moe", dict(
         vocab_size=151936, d_model=2048, n_layers=24, n_heads=16, n_experts=60, top_k=4, expert_dim=1408,

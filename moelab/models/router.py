@@ -8,8 +8,8 @@ Kinds (`model.router`):
   sigmoid       sigmoid scores; selection uses score + a per-expert bias (aux-loss-free balancing),
                 weights use the raw scores, renormalised and scaled (DeepSeek-V3, GLM4-MoE)
   switch        softmax top-1 with the raw probability as weight and a capacity (Switch Transformer)
-Any kind can be group-limited (n_group/topk_group: a group scores the sum of its two best experts,
-tokens pick only from their best topk_group groups), capacity-limited (tokens over an expert's
+Any kind can be group-limited (n_group/topk_group: a group scores the sum of its group_score_top best
+experts, two in DeepSeek-V3, the best alone in V2; tokens pick only from their best topk_group groups), capacity-limited (tokens over an expert's
 capacity are dropped and counted) and noisy (Shazeer et al. 2017, in training only).
 
 Router math runs in fp32 whatever the autocast dtype, since small logit errors flip top-k choices.
@@ -69,6 +69,7 @@ class Router(nn.Module):
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
         self.norm_topk_prob = cfg.norm_topk_prob and cfg.router in ("softmax", "sigmoid")
         self.scaling, self.n_group, self.topk_group = cfg.routed_scaling, cfg.n_group, cfg.topk_group
+        self.group_score_top = cfg.group_score_top
         self.capacity_factor, self.seq_aux = cfg.capacity_factor, cfg.seq_aux_loss_coef > 0
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         if cfg.noisy_gating:
@@ -82,7 +83,7 @@ class Router(nn.Module):
     def _group_mask(self, choice_TE: torch.Tensor) -> torch.Tensor:
         T, E, G = choice_TE.shape[0], self.n_experts, self.n_group
         per_group = choice_TE.view(T, G, E // G)
-        group_score_TG = per_group.topk(min(2, E // G), dim=-1).values.sum(dim=-1)
+        group_score_TG = per_group.topk(min(self.group_score_top, E // G), dim=-1).values.sum(dim=-1)
         best_TG = group_score_TG.topk(self.topk_group, dim=-1).indices
         allowed_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, best_TG, True)
         return allowed_TG.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)

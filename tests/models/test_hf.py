@@ -23,6 +23,12 @@ CASES = {
     # Qwen1.5-MoE: qkv bias, a shared expert scaled per token by a sigmoid gate; then GQA, a wider head
     # than d_model / n_heads, a leading dense layer, renormalised top-k, no qkv bias, 2 shared experts' width
     "qwen2_moe": ("qwen2_moe-tiny", {}),
+    # DeepSeek-V2: MLA, softmax routing within the groups whose best expert scores highest, unnormalised
+    # weights scaled; then V2-Lite's design: no groups, full-rank... here low-rank queries, yarn with both mscales
+    "deepseek_v2": ("deepseek_v2-tiny", {}),
+    "deepseek_v2-lite-yarn": ("deepseek_v2-tiny", {
+        "n_group": 1, "topk_group": 1, "q_lora_rank": 16, "n_shared_experts": 1, "rope_scaling": "yarn",
+        "rope_factor": 4.0, "rope_original_max_len": 16, "yarn_mscale": 0.707, "yarn_mscale_all_dim": 0.707}),
     "qwen2_moe-gqa-dense-first": ("qwen2_moe-tiny", {"n_kv_heads": 2, "head_dim": 24, "first_k_dense": 1,
                                                      "norm_topk_prob": True, "qkv_bias": False,
                                                      "n_shared_experts": 2, "shared_expert_dim": 40}),
@@ -46,7 +52,7 @@ CASES = {
     "qwen3-yarn": ("qwen3-tiny", {"rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_max_len": 16}),  # GQA
 }
 EXPECTED_ARCH = {"mixtral-tied-mha": "mixtral", "deepseek_v3-full-q-yarn": "deepseek_v3",
-                 "qwen2_moe-gqa-dense-first": "qwen2_moe",
+                 "qwen2_moe-gqa-dense-first": "qwen2_moe", "deepseek_v2-lite-yarn": "deepseek_v2",
                  "glm4_moe-full-rotary-no-shared": "glm4_moe", "deepseek_v3-no-shared": "deepseek_v3",
                  "llama-llama3-rope": "llama", "qwen3_moe-linear-rope": "qwen3_moe", "qwen3-yarn": "qwen3"}
 
@@ -130,6 +136,10 @@ SWEEP = {
                            first_k_dense=[0, 1, 2], top_k=[1, 2, 4], n_experts=[4, 8],
                            rope_scaling=["none", "linear", "yarn"]),
     "olmoe-tiny": dict(n_kv_heads=[1, 2, 4], norm_topk_prob=[False, True], top_k=[1, 2, 3], n_experts=[4, 8]),
+    "deepseek_v2-tiny": dict(q_lora_rank=[0, 16], kv_lora_rank=[8, 32], n_shared_experts=[0, 1, 2],
+                             first_k_dense=[0, 1, 2], n_group=[1, 2, 4], topk_group=[1, 2], n_experts=[8, 16],
+                             top_k=[1, 2, 3], routed_scaling=[1.0, 2.5], qk_rope_head_dim=[8, 16], v_head_dim=[8, 32],
+                             rope_scaling=["none", "yarn"], tie_embeddings=[False, True]),
     "qwen2_moe-tiny": dict(n_kv_heads=[1, 2, 4], head_dim=[0, 8, 24], qkv_bias=[False, True],
                            norm_topk_prob=[False, True], first_k_dense=[0, 1, 2], top_k=[1, 2, 4], n_experts=[4, 8],
                            n_shared_experts=[1, 2], shared_expert_dim=[8, 48], tie_embeddings=[False, True],
@@ -450,6 +460,7 @@ def test_published_presets_count_parameters_like_transformers(name):
                        llama3_low_freq_factor=2.0, llama3_high_freq_factor=6.0, max_seq_len=131072)),
     ("qwen3-0.6b", dict(rope_scaling="linear", rope_factor=4.0)),
     ("deepseek-v3", {}),  # yarn, mscale and mscale_all_dim as published
+    ("deepseek-v2-lite", {}),  # the same, in DeepSeek-V2's complex-number RoPE
     ("glm-4.5-air", dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=32768)),  # partial rotary
 ])
 def test_rope_frequencies_equal_transformers_at_published_sizes(preset, rope):
@@ -478,6 +489,7 @@ def test_rope_frequencies_equal_transformers_at_published_sizes(preset, rope):
 
 
 @pytest.mark.parametrize("case,type_key", [("llama-llama3-rope", "rope_type"), ("deepseek_v3-full-q-yarn", "type"),
+                                           ("deepseek_v2-lite-yarn", "type"),
                                            ("glm4_moe", "rope_type")])
 def test_a_config_json_in_the_hubs_legacy_rope_layout_converts(tmp_path, case, type_key):
     """Llama 3.1/3.2, DeepSeek-V3 and GLM-4.5 checkpoints on the Hub carry their RoPE the legacy way:
@@ -527,9 +539,14 @@ def test_a_rope_type_moelab_cannot_compute_is_refused_on_convert(rope):
     ("shared_expert_gate", False, "qwen2_moe", "shared_expert_gate=False"),  # its shared expert is always gated
     ("out_bias", True, "qwen2_moe", "out_bias"),
     ("shared_expert_gate", True, "deepseek_v3", "shared_expert_gate=True"),
+    ("norm_topk_prob", True, "deepseek_v2", "norm_topk_prob=True"),  # transformers' V2 never renormalises
+    ("group_score_top", 2, "deepseek_v2", "group_score_top=2"),  # V2 scores a group by its best expert
+    ("group_score_top", 1, "deepseek_v3", "group_score_top=1"),  # V3 by its best two
+    ("rope_interleave", False, "deepseek_v2", "rope_interleave=False"),
 ])
 def test_inexpressible_config_is_refused_naming_the_field(field, value, arch, match):
-    preset = {"deepseek_v3": "deepseek_v3-tiny", "qwen3_moe": "qwen3_moe-tiny", "qwen2_moe": "qwen2_moe-tiny"}
+    preset = {"deepseek_v3": "deepseek_v3-tiny", "qwen3_moe": "qwen3_moe-tiny", "qwen2_moe": "qwen2_moe-tiny",
+              "deepseek_v2": "deepseek_v2-tiny"}
     model = _model(preset.get(arch, "mixtral-tiny"), {})
     setattr(model.cfg, field, value)
     with pytest.raises(UserError, match=match):
@@ -563,6 +580,39 @@ def test_a_converted_deepseek_or_glm_model_trains_with_its_familys_balancing(pre
     family = FAMILIES[preset.removesuffix("-tiny")]
     assert (cfg.seq_aux_loss_coef, cfg.bias_update_rate) == (family["seq_aux_loss_coef"], family["bias_update_rate"])
     assert cfg.bias_update_rate > 0
+
+
+@pytest.mark.parametrize("method,alpha,seq_aux", [("greedy", 0.001, True), ("group_limited_greedy", 0.003, True),
+                                                  ("greedy", 0.002, False), ("greedy", None, None)])
+def test_a_deepseek_v2_hub_config_converts_its_routing_and_balancing(tmp_path, method, alpha, seq_aux):
+    """DeepSeek-V2's config.json on the Hub says its routing by topk_method (groups only with
+    group_limited_greedy) and its balance loss by aux_loss_alpha and seq_aux, fields transformers'
+    config keeps but its model does not train with: the loss per sequence, or per batch without seq_aux.
+    DeepSeek adds the loss at alpha in every MoE layer, moelab averages the layers': alpha x the MoE
+    layers gives the same gradient. Without them, the family's recipe."""
+    import json
+
+    from moelab.models.presets import FAMILIES
+
+    model = _model(*CASES["deepseek_v2"])
+    to_hf(model).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["topk_method"] = method
+    for key, value in (("aux_loss_alpha", alpha), ("seq_aux", seq_aux)):
+        if value is not None:
+            raw[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    ours = load_hf(tmp_path)
+    grouped = method == "group_limited_greedy"
+    assert (ours.cfg.n_group, ours.cfg.topk_group) == ((4, 2) if grouped else (1, 1))
+    want = alpha * 2 if alpha is not None else FAMILIES["deepseek_v2"]["seq_aux_loss_coef"]  # 2 MoE layers
+    assert (ours.cfg.seq_aux_loss_coef, ours.cfg.aux_loss_coef) == ((want, 0.0) if seq_aux is not False else (0.0, want))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert _max_diff(theirs, ours, torch.randint(0, V, (2, 48))) <= 1e-4
+    raw["topk_method"] = "noaux_tc"
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match="topk_method='noaux_tc'"):
+        load_hf(tmp_path)
 
 
 @pytest.mark.parametrize("field,value", [("capacity_factor", 1.25), ("noisy_gating", True)])

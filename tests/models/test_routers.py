@@ -17,6 +17,8 @@ ROUTERS = {
     "topk_softmax": dict(router="topk_softmax"),
     "sigmoid-groups-shared": dict(router="sigmoid", n_group=4, topk_group=2, routed_scaling=2.5,
                                   n_shared_experts=2),
+    "softmax-groups-best-expert": dict(router="softmax", n_group=4, topk_group=2, group_score_top=1,
+                                       norm_topk_prob=False, routed_scaling=1.5),  # DeepSeek-V2
     "softmax-gated-shared": dict(router="softmax", norm_topk_prob=False, n_shared_experts=1, shared_expert_dim=40,
                                  shared_expert_gate=True),  # Qwen1.5/Qwen2-MoE
     "switch-capacity": dict(router="switch", top_k=1, capacity_factor=1.0),
@@ -86,7 +88,8 @@ def _reference_choice(cfg: ModelConfig, router: Router, x_TD: torch.Tensor):
         allowed = list(range(E))
         if G > 1:
             size = E // G
-            group_score = [sorted(choice[g * size:(g + 1) * size].tolist())[-2:] for g in range(G)]
+            top = cfg.group_score_top
+            group_score = [sorted(choice[g * size:(g + 1) * size].tolist())[-top:] for g in range(G)]
             best = sorted(range(G), key=lambda g: -sum(group_score[g]))[: cfg.topk_group]
             allowed = [e for e in range(E) if e // size in best]
         chosen = sorted(allowed, key=lambda e: -choice[e].item())[:K]
@@ -101,7 +104,8 @@ def _reference_choice(cfg: ModelConfig, router: Router, x_TD: torch.Tensor):
     return torch.tensor(idx), torch.stack(weights)
 
 
-@pytest.mark.parametrize("kind", ["softmax", "softmax-unnormalised", "topk_softmax", "sigmoid-groups-shared"])
+@pytest.mark.parametrize("kind", ["softmax", "softmax-unnormalised", "topk_softmax", "sigmoid-groups-shared",
+                                  "softmax-groups-best-expert"])
 def test_router_choices_equal_brute_force_reference(kind):
     cfg = _cfg(**ROUTERS[kind])
     router = _layer(cfg).router.eval()
