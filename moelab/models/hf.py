@@ -11,6 +11,8 @@ Architectures (transformers model_type -> class):
   deepseek_v2  DeepseekV2ForCausalLM  MLA (interleaved RoPE), softmax router without renormalisation,
                                       groups scored by their best expert, shared experts (DeepSeek-V2, -Lite)
   glm4_moe     Glm4MoeForCausalLM     GQA + qkv bias, optional QK-norm, partial rotary, DeepSeek MoE
+  ernie4_5_moe Ernie4_5_MoeForCausalLM GQA, interleaved RoPE, softmax router whose choice adds a
+                                      selection bias (ERNIE 4.5's moe_statics), shared experts
   llama        LlamaForCausalLM       dense baseline
   qwen3        Qwen3ForCausalLM       dense baseline with per-head QK-norm
 
@@ -40,15 +42,15 @@ from moelab.files import staged_folder
 from moelab.models.transformer import WEIGHT_DTYPES, held_as
 
 ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
-         "glm4_moe": "Glm4Moe", "qwen2_moe": "Qwen2Moe", "deepseek_v2": "DeepseekV2", "llama": "Llama",
-         "qwen3": "Qwen3"}
-MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "qwen2_moe", "deepseek_v2")
+         "glm4_moe": "Glm4Moe", "qwen2_moe": "Qwen2Moe", "deepseek_v2": "DeepseekV2", "ernie4_5_moe": "Ernie4_5_Moe",
+         "llama": "Llama", "qwen3": "Qwen3"}
+MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "qwen2_moe", "deepseek_v2", "ernie4_5_moe")
 MLA_ARCHS = ("deepseek_v3", "deepseek_v2")
 ACTS = {"silu": "silu", "gelu": "gelu_pytorch_tanh"}
 # transformers' load-balancing loss (load_balancing_loss_func) of these counts every one of a token's
 # top-k picks, so it is top_k under uniform routing where moelab's (the share of picks) is 1: their
 # router_aux_loss_coef is moelab's aux_loss_coef / top_k, for the same balancing gradient.
-AUX_PER_PICK = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe")
+AUX_PER_PICK = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "ernie4_5_moe")
 
 
 def _aux_coef(coef: float, top_k: int, arch: str, to_hf: bool) -> float:
@@ -99,6 +101,9 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
     if arch == "qwen2_moe":
         need["qk_norm"] = (cfg.qk_norm, "none")
         need["out_bias"] = (cfg.out_bias, False)
+    if arch == "ernie4_5_moe":  # its use_bias would bias the MLPs and the head too, which moelab's have not
+        need.update(qk_norm=(cfg.qk_norm, "none"), qkv_bias=(cfg.qkv_bias, False), out_bias=(cfg.out_bias, False),
+                    rope_interleave=(cfg.rope_interleave, True))
     if moe:
         need["shared_expert_gate"] = (cfg.shared_expert_gate, arch == "qwen2_moe")
         if arch in ("deepseek_v3", "glm4_moe"):
@@ -107,6 +112,14 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
             if cfg.n_group > 1:
                 need["experts per group"] = (cfg.n_experts // cfg.n_group >= 2, True)
                 need["group_score_top"] = (cfg.group_score_top, 2)
+        elif arch == "ernie4_5_moe":  # softmax; top-k of the scores plus the selection bias, renormalised
+            plain = cfg.router == "topk_softmax" and cfg.bias_update_rate == 0  # the same without a bias
+            need["router"] = (cfg.router if not plain else "softmax", "softmax")
+            need["norm_topk_prob"] = (cfg.norm_topk_prob or plain, True)
+            need["routed_scaling"] = (cfg.routed_scaling, 1.0)
+            need["n_group"] = (cfg.n_group, 1)
+            if cfg.n_shared_experts:
+                need["shared_expert_dim"] = (cfg.shared_expert_dim, cfg.expert_dim)
         elif arch == "deepseek_v2":  # softmax, top-k, never renormalised, then scaled
             need["router"] = (cfg.router, "softmax")
             need["norm_topk_prob"] = (cfg.norm_topk_prob, False)
@@ -201,6 +214,11 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
                   num_experts=cfg.n_experts, norm_topk_prob=cfg.norm_topk_prob or cfg.router == "topk_softmax",
                   decoder_sparse_step=1, mlp_only_layers=list(range(cfg.first_k_dense)),
                   use_sliding_window=False, **moe)
+    elif arch == "ernie4_5_moe":
+        kw = dict(intermediate_size=cfg.dense_dim, moe_intermediate_size=cfg.expert_dim, moe_k=cfg.top_k,
+                  moe_num_experts=cfg.n_experts, moe_num_shared_experts=cfg.n_shared_experts,
+                  moe_layer_start_index=cfg.first_k_dense, moe_layer_end_index=cfg.n_layers - 1,
+                  moe_layer_interval=1, use_bias=False, router_aux_loss_coef=moe["router_aux_loss_coef"])
     elif arch == "olmoe":
         kw = dict(intermediate_size=cfg.expert_dim, num_experts=cfg.n_experts, clip_qkv=None,
                   norm_topk_prob=cfg.norm_topk_prob or cfg.router == "topk_softmax", **moe)
@@ -305,6 +323,8 @@ def model_config_from_hf(hf) -> ModelConfig:
             m.n_experts, m.expert_dim = hf.num_local_experts, hf.intermediate_size
         elif arch == "olmoe":
             m.n_experts, m.expert_dim = hf.num_experts, hf.intermediate_size
+        elif arch == "ernie4_5_moe":
+            _ernie_moe(hf, m)
         elif arch in ("qwen3_moe", "qwen2_moe"):
             m.n_experts, m.expert_dim = hf.num_experts, hf.moe_intermediate_size
             if arch == "qwen2_moe":
@@ -334,6 +354,24 @@ def model_config_from_hf(hf) -> ModelConfig:
     m.dense_dim = m.dense_dim or 4 * m.d_model
     m.shared_expert_dim = m.shared_expert_dim or m.expert_dim
     return m
+
+
+def _ernie_moe(hf, m: ModelConfig) -> None:
+    """ERNIE 4.5's MoE layers: layers moe_layer_start_index to the last (every one: moelab's are the
+    last n_layers - first_k_dense), a softmax router choosing by score + selection bias, renormalised.
+    The bias is held where moelab trains it, updated as ERNIE's training updated it (the family's rate)."""
+    from moelab.models.presets import FAMILIES
+
+    if hf.use_bias:
+        raise _refuse("ernie4_5_moe", "use_bias", True, False)
+    start, end, every = hf.moe_layer_start_index, hf.moe_layer_end_index, hf.moe_layer_interval
+    if every != 1 or end not in (-1, m.n_layers - 1) or not 0 <= start < m.n_layers:
+        raise _refuse("ernie4_5_moe", "MoE layers (moe_layer_start_index, moe_layer_end_index, moe_layer_interval)",
+                      (start, end, every), "from a start index to the last layer, every layer")
+    m.n_experts, m.top_k, m.expert_dim = hf.moe_num_experts, hf.moe_k, hf.moe_intermediate_size
+    m.n_shared_experts, m.shared_expert_dim = hf.moe_num_shared_experts or 0, hf.moe_intermediate_size
+    m.first_k_dense, m.norm_topk_prob, m.rope_interleave = start, True, True
+    m.bias_update_rate = FAMILIES["ernie4_5_moe"]["bias_update_rate"]
 
 
 def _deepseek_v2_routing(hf, m: ModelConfig) -> None:
@@ -366,6 +404,7 @@ _LAYER_RENAMES = [
     ("attn.kv_a_proj.", "self_attn.kv_a_proj_with_mqa."), ("attn.kv_a_norm.", "self_attn.kv_a_layernorm."),
     ("attn.q_a_norm.", "self_attn.q_a_layernorm."), ("attn.", "self_attn."),
     ("moe.router.weight", "mlp.gate.weight"), ("moe.router.selection_bias", "mlp.gate.e_score_correction_bias"),
+    ("moe.router.selection_bias", "mlp.gate.moe_statics.e_score_correction_bias"),  # ERNIE 4.5's, (1, E)
     ("moe.shared.", "mlp.shared_experts."), ("moe.shared.", "mlp.shared_expert."),  # Qwen2-MoE's: singular
     ("moe.shared_gate.", "mlp.shared_expert_gate."), ("moe.experts.down_proj", "mlp.experts.down_proj"),
     ("mlp.", "mlp."),
@@ -390,6 +429,8 @@ def _rename(name: str, to_hf: bool, arch: str | None = None) -> str | None:
         if rest.startswith(src):
             if to_hf and arch == "qwen2_moe" and dst == "mlp.shared_experts.":
                 dst = "mlp.shared_expert."
+            if to_hf and arch == "ernie4_5_moe" and dst == "mlp.gate.e_score_correction_bias":
+                dst = "mlp.gate.moe_statics.e_score_correction_bias"
             return dst_block.format(match.group(1)) + dst + rest[len(src):]
     return None
 
@@ -411,6 +452,10 @@ def _hf_groups(model, meta: bool = False, arch: str | None = None) -> Iterator[d
             d = model.cfg.d_model
             for proj, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
                 sd[block + proj + ".weight"] = w.new_empty(shape)
+    if arch == "ernie4_5_moe":  # its routers always add a selection bias, held (1, E): one of zeros adds nothing
+        for name in [n for n in sd if n.endswith("moe.router.weight")]:
+            bias = name[: -len("weight")] + "selection_bias"
+            sd[bias] = sd[bias].view(1, -1) if bias in sd else sd[name].new_zeros(1, sd[name].shape[0])
     groups: dict[object, list[str]] = {}
     for name in sd:
         block = re.match(r"blocks\.(\d+)\.", name)
@@ -458,6 +503,8 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], consume: bool = False,
             raise UserError(f"unexpected tensor '{name}' in the Hugging Face checkpoint")
         if ".moe.shared." in ours and t.numel() == 0:
             continue  # zero-wide shared experts (n_shared_experts 0 in an ALWAYS_SHARED architecture): none
+        if ours.endswith("router.selection_bias"):
+            t = t.reshape(-1)  # ERNIE 4.5 holds it (1, E)
         out[ours] = t if dtype is None else t.to(held_as(ours, dtype))
     if "lm_head.weight" not in out:
         out["lm_head.weight"] = out["embed.weight"]

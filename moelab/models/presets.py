@@ -75,6 +75,9 @@ FAMILIES = {
     "deepseek_v2": dict(attention="mla", router="softmax", norm_topk_prob=False, n_shared_experts=2,
                         rope_interleave=True, tie_embeddings=False, aux_loss_coef=0.0, seq_aux_loss_coef=0.01,
                         bias_update_rate=0.0),
+    # ERNIE 4.5: aux-loss-free selection bias (its moe_statics) beside a load-balancing loss (0.001 per pick)
+    "ernie4_5_moe": dict(n_kv_heads=2, rope_interleave=True, norm_topk_prob=True, n_shared_experts=2,
+                         tie_embeddings=True, bias_update_rate=1e-3),
     "qwen2_moe": dict(qkv_bias=True, n_shared_experts=1, shared_expert_gate=True, norm_topk_prob=False,
                       tie_embeddings=False),
     "switch": dict(router="switch", top_k=1, capacity_factor=1.25, ffn_glu=False, ffn_act="gelu"),
@@ -95,13 +98,14 @@ TINY = {
                         first_k_dense=1, dense_dim=256, routed_scaling=1.5, q_lora_rank=0, kv_lora_rank=48,
                         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
     "qwen2_moe": dict(n_experts=8, top_k=2, expert_dim=64, shared_expert_dim=256),
+    "ernie4_5_moe": dict(n_experts=8, top_k=2, expert_dim=96, first_k_dense=1, dense_dim=256),
     "switch": dict(n_experts=8, expert_dim=256),
     "llama": dict(dense_dim=384),
     "qwen3": dict(dense_dim=384),
 }
 
 # Published sizes: Mixtral-8x7B, Qwen3-30B-A3B, OLMoE-1B-7B, DeepSeek-V3 (671B), GLM-4.5-Air, DeepSeek-V2-Lite,
-# Qwen1.5-MoE-A2.7B,
+# Qwen1.5-MoE-A2.7B, ERNIE-4.5-21B-A3B,
 # a decoder-only Switch-Base-8 analogue, Llama-3-8B, Llama-3.2-1B (Llama 3.1's RoPE scaling), Qwen3-0.6B.
 PUBLISHED = {
     "mixtral-8x7b": ("mixtral", dict(
@@ -133,6 +137,10 @@ PUBLISHED = {
     "qwen1.5-moe-a2.7b": ("qwen2_moe", dict(
         vocab_size=151936, d_model=2048, n_layers=24, n_heads=16, n_experts=60, top_k=4, expert_dim=1408,
         shared_expert_dim=5632, dense_dim=5632, rope_theta=1e6, max_seq_len=8192, aux_loss_coef=0.004)),
+    "ernie-4.5-21b-a3b": ("ernie4_5_moe", dict(
+        vocab_size=103424, d_model=2560, n_layers=28, n_heads=20, n_kv_heads=4, head_dim=128, n_experts=64, top_k=6,
+        expert_dim=1536, dense_dim=12288, first_k_dense=1, rope_theta=5e5, norm_eps=1e-5, max_seq_len=131072,
+        aux_loss_coef=0.006)),  # its router_aux_loss_coef 0.001 per pick, x top_k
     "switch-base-8": ("switch", dict(
         vocab_size=32128, d_model=768, n_layers=12, n_heads=12, n_experts=8, expert_dim=3072,
         max_seq_len=2048)),

@@ -26,6 +26,11 @@ CASES = {
     # DeepSeek-V2: MLA, softmax routing within the groups whose best expert scores highest, unnormalised
     # weights scaled; then V2-Lite's design: no groups, full-rank... here low-rank queries, yarn with both mscales
     "deepseek_v2": ("deepseek_v2-tiny", {}),
+    # ERNIE 4.5: interleaved RoPE, a softmax router choosing by score + selection bias, shared experts;
+    # then untied, no shared experts, no dense layer
+    "ernie4_5_moe": ("ernie4_5_moe-tiny", {}),
+    "ernie4_5_moe-untied-no-shared": ("ernie4_5_moe-tiny", {"tie_embeddings": False, "n_shared_experts": 0,
+                                                            "first_k_dense": 0}),
     "deepseek_v2-lite-yarn": ("deepseek_v2-tiny", {
         "n_group": 1, "topk_group": 1, "q_lora_rank": 16, "n_shared_experts": 1, "rope_scaling": "yarn",
         "rope_factor": 4.0, "rope_original_max_len": 16, "yarn_mscale": 0.707, "yarn_mscale_all_dim": 0.707}),
@@ -53,6 +58,7 @@ CASES = {
 }
 EXPECTED_ARCH = {"mixtral-tied-mha": "mixtral", "deepseek_v3-full-q-yarn": "deepseek_v3",
                  "qwen2_moe-gqa-dense-first": "qwen2_moe", "deepseek_v2-lite-yarn": "deepseek_v2",
+                 "ernie4_5_moe-untied-no-shared": "ernie4_5_moe",
                  "glm4_moe-full-rotary-no-shared": "glm4_moe", "deepseek_v3-no-shared": "deepseek_v3",
                  "llama-llama3-rope": "llama", "qwen3_moe-linear-rope": "qwen3_moe", "qwen3-yarn": "qwen3"}
 
@@ -140,6 +146,9 @@ SWEEP = {
                              first_k_dense=[0, 1, 2], n_group=[1, 2, 4], topk_group=[1, 2], n_experts=[8, 16],
                              top_k=[1, 2, 3], routed_scaling=[1.0, 2.5], qk_rope_head_dim=[8, 16], v_head_dim=[8, 32],
                              rope_scaling=["none", "yarn"], tie_embeddings=[False, True]),
+    "ernie4_5_moe-tiny": dict(n_kv_heads=[1, 2, 4], head_dim=[0, 8, 24], n_shared_experts=[0, 1, 2],
+                              first_k_dense=[0, 1, 2], top_k=[1, 2, 3], n_experts=[4, 8], tie_embeddings=[False, True],
+                              rope_scaling=["none", "linear", "yarn"]),
     "qwen2_moe-tiny": dict(n_kv_heads=[1, 2, 4], head_dim=[0, 8, 24], qkv_bias=[False, True],
                            norm_topk_prob=[False, True], first_k_dense=[0, 1, 2], top_k=[1, 2, 4], n_experts=[4, 8],
                            n_shared_experts=[1, 2], shared_expert_dim=[8, 48], tie_embeddings=[False, True],
@@ -189,12 +198,12 @@ def test_training_gradients_equal_transformers(case):
     loss(ours(ids).logits).backward()
     loss(hf(ids).logits).backward()
     ours_named = dict(ours.named_parameters())
-    grads = {k: v.grad for k, v in hf.named_parameters()}
+    grads = {k: v.grad for k, v in hf.named_parameters() if v.requires_grad}
     for name, p in ours_named.items():
         # the gradients under transformers' names, laid out as it lays out its weights (none: zero)
         p.data = p.grad if p.grad is not None else torch.zeros_like(p)
     expected = to_hf_state_dict(ours, hf.config.model_type)
-    assert grads.keys() <= expected.keys()  # every weight transformers trains (not its buffers: a selection bias)
+    assert grads.keys() <= expected.keys()  # every weight transformers trains (not a selection bias)
     for name, g in grads.items():
         torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-6, msg=name)
     gate = [k for k in grads if "shared_expert_gate" in k]
@@ -390,7 +399,7 @@ def test_a_bf16_checkpoint_held_in_bf16_keeps_its_tensors_and_errs_as_transforme
     assert 0 < err <= 1.25 * hf_err, (err, hf_err)
 
 
-@pytest.mark.parametrize("case", ["deepseek_v3", "glm4_moe", "qwen3_moe"])
+@pytest.mark.parametrize("case", ["deepseek_v3", "glm4_moe", "qwen3_moe", "ernie4_5_moe", "deepseek_v2"])
 def test_a_bf16_checkpoint_with_fp32_routers_converts_and_exports_back_to_itself(tmp_path, case):
     """transformers keeps DeepSeek-V3's and GLM4-MoE's routers in fp32 in a bf16 model, and so in its
     bf16 checkpoints (Qwen3-MoE's: bf16): convert + export in bf16, and the export of the directory
@@ -405,7 +414,7 @@ def test_a_bf16_checkpoint_with_fp32_routers_converts_and_exports_back_to_itself
     src = _files(tmp_path / "src")
     fp32_routers = case != "qwen3_moe"
     assert {k for k, t in src.items() if t.dtype == torch.float32} == {
-        k for k in src if fp32_routers and k.endswith(("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))}
+        k for k in src if fp32_routers and k.endswith(("mlp.gate.weight", "e_score_correction_bias"))}
     assert run_cli("convert", tmp_path / "src", "--out", tmp_path / "run").returncode == 0
     res = run_cli("export", tmp_path / "run", "--out", tmp_path / "back", "--dtype", "bf16")
     assert res.returncode == 0, res.stderr
@@ -451,7 +460,8 @@ def test_published_presets_count_parameters_like_transformers(name):
     with torch.device("meta"):
         hf = transformers.AutoModelForCausalLM.from_config(config)
     hf.tie_weights()  # transformers 5.0 leaves a model built on the meta device untied
-    assert ours == sum(p.numel() for p in hf.parameters())
+    # trained ones: ERNIE 4.5's selection bias is a frozen parameter there, a buffer in moelab (and DeepSeek-V3's)
+    assert ours == sum(p.numel() for p in hf.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("preset,rope", [
@@ -543,22 +553,28 @@ def test_a_rope_type_moelab_cannot_compute_is_refused_on_convert(rope):
     ("group_score_top", 2, "deepseek_v2", "group_score_top=2"),  # V2 scores a group by its best expert
     ("group_score_top", 1, "deepseek_v3", "group_score_top=1"),  # V3 by its best two
     ("rope_interleave", False, "deepseek_v2", "rope_interleave=False"),
+    ("qkv_bias", True, "ernie4_5_moe", "qkv_bias=True"),  # its use_bias would bias its MLPs and head too
+    ("routed_scaling", 2.0, "ernie4_5_moe", "routed_scaling=2.0"),
 ])
 def test_inexpressible_config_is_refused_naming_the_field(field, value, arch, match):
     preset = {"deepseek_v3": "deepseek_v3-tiny", "qwen3_moe": "qwen3_moe-tiny", "qwen2_moe": "qwen2_moe-tiny",
-              "deepseek_v2": "deepseek_v2-tiny"}
+              "deepseek_v2": "deepseek_v2-tiny", "ernie4_5_moe": "ernie4_5_moe-tiny"}
     model = _model(preset.get(arch, "mixtral-tiny"), {})
     setattr(model.cfg, field, value)
     with pytest.raises(UserError, match=match):
         to_hf(model, arch)
 
 
-@pytest.mark.parametrize("preset", ["mixtral-tiny", "qwen3_moe-tiny", "olmoe-tiny", "qwen2_moe-tiny"])
+@pytest.mark.parametrize("preset", ["mixtral-tiny", "qwen3_moe-tiny", "olmoe-tiny", "qwen2_moe-tiny",
+                                    "ernie4_5_moe-tiny"])
 def test_the_aux_loss_coefficient_converts_to_the_same_balancing_term(preset):
     """transformers' load-balancing loss counts each of a token's top-k picks (top_k under uniform
     routing), moelab's the share of picks (1): the coefficient passed through unchanged, so a
-    converted model was balanced top_k times more weakly than transformers trains it."""
-    ours = _model(preset, {"n_layers": 1, "first_k_dense": 0, "top_k": 3, "aux_loss_coef": 0.03})
+    converted model was balanced top_k times more weakly than transformers trains it. (Without a
+    selection bias: transformers' loss re-picks each token's experts from the scores alone, where
+    moelab's counts the experts the bias made it pick.)"""
+    ours = _model(preset, {"n_layers": 1, "first_k_dense": 0, "top_k": 3, "aux_loss_coef": 0.03,
+                           "bias_update_rate": 0.0})
     hf = to_hf(ours)
     assert hf.config.router_aux_loss_coef == 0.01
     assert from_hf(hf).cfg.aux_loss_coef == 0.03
@@ -613,6 +629,30 @@ def test_a_deepseek_v2_hub_config_converts_its_routing_and_balancing(tmp_path, m
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(UserError, match="topk_method='noaux_tc'"):
         load_hf(tmp_path)
+
+
+def test_an_ernie_model_converts_its_selection_bias_and_refuses_what_moelab_cannot_hold(tmp_path):
+    """ERNIE 4.5's routers choose by softmax score + a (1, E) selection bias (moe_statics): it is kept
+    (and trained by the family's bias updates); a model without one exports a bias of zeros, which
+    chooses as it did. Biased MLPs and head (use_bias), or MoE layers other than a start index to the
+    last, are refused by name."""
+    import json
+
+    ours = _model(*CASES["ernie4_5_moe"])
+    hf = to_hf(ours)
+    biases = [r.selection_bias for r in ours.routers]
+    theirs = [layer.mlp.gate.moe_statics.e_score_correction_bias for layer in hf.model.layers[1:]]
+    assert all(torch.equal(a.view(1, -1), b) for a, b in zip(biases, theirs)) and biases[0].abs().sum() > 0
+    plain = _model("ernie4_5_moe-tiny", {"bias_update_rate": 0.0})
+    assert not hasattr(plain.routers[0], "selection_bias")
+    assert _max_diff(to_hf(plain), plain, torch.randint(0, V, (2, 40))) <= 1e-4
+    hf.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    for key, value, match in (("use_bias", True, "use_bias=True"), ("moe_layer_interval", 2, "MoE layers"),
+                              ("moe_layer_end_index", 1, "MoE layers")):
+        (tmp_path / "config.json").write_text(json.dumps({**raw, key: value}))
+        with pytest.raises(UserError, match=match):
+            load_hf(tmp_path)
 
 
 @pytest.mark.parametrize("field,value", [("capacity_factor", 1.25), ("noisy_gating", True)])
