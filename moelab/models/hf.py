@@ -11,6 +11,8 @@ Architectures (transformers model_type -> class):
   deepseek_v2  DeepseekV2ForCausalLM  MLA (interleaved RoPE), softmax router without renormalisation,
                                       groups scored by their best expert, shared experts (DeepSeek-V2, -Lite)
   glm4_moe     Glm4MoeForCausalLM     GQA + qkv bias, optional QK-norm, partial rotary, DeepSeek MoE
+  glm4_moe_lite Glm4MoeLiteForCausalLM MLA + GLM4's MoE: DeepSeek-V3's design under GLM's names
+                                      (GLM-4.7-Flash); `--arch glm4_moe_lite`, auto picks deepseek_v3
   ernie4_5_moe Ernie4_5_MoeForCausalLM GQA, interleaved RoPE, softmax router whose choice adds a
                                       selection bias (ERNIE 4.5's moe_statics), shared experts
   llama        LlamaForCausalLM       dense baseline
@@ -43,9 +45,11 @@ from moelab.models.transformer import WEIGHT_DTYPES, held_as
 
 ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
          "glm4_moe": "Glm4Moe", "qwen2_moe": "Qwen2Moe", "deepseek_v2": "DeepseekV2", "ernie4_5_moe": "Ernie4_5_Moe",
-         "llama": "Llama", "qwen3": "Qwen3"}
-MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "qwen2_moe", "deepseek_v2", "ernie4_5_moe")
-MLA_ARCHS = ("deepseek_v3", "deepseek_v2")
+         "glm4_moe_lite": "Glm4MoeLite", "llama": "Llama", "qwen3": "Qwen3"}
+MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "qwen2_moe", "deepseek_v2", "ernie4_5_moe",
+             "glm4_moe_lite")
+MLA_ARCHS = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite")
+SIGMOID_ARCHS = ("deepseek_v3", "glm4_moe", "glm4_moe_lite")  # DeepSeek-V3's MoE: sigmoid, selection bias, groups
 ACTS = {"silu": "silu", "gelu": "gelu_pytorch_tanh"}
 # transformers' load-balancing loss (load_balancing_loss_func) of these counts every one of a token's
 # top-k picks, so it is top_k under uniform routing where moelab's (the share of picks) is 1: their
@@ -106,7 +110,7 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
                     rope_interleave=(cfg.rope_interleave, True))
     if moe:
         need["shared_expert_gate"] = (cfg.shared_expert_gate, arch == "qwen2_moe")
-        if arch in ("deepseek_v3", "glm4_moe"):
+        if arch in SIGMOID_ARCHS:
             need["router"] = (cfg.router, "sigmoid")
             need["shared_expert_dim"] = (cfg.shared_expert_dim, cfg.expert_dim)
             if cfg.n_group > 1:
@@ -175,13 +179,13 @@ def _rope_parameters(cfg: ModelConfig, arch: str) -> dict:
     if cfg.rope_scaling == "llama3":
         rope.update(original_max_position_embeddings=cfg.rope_original_max_len,
                     low_freq_factor=cfg.llama3_low_freq_factor, high_freq_factor=cfg.llama3_high_freq_factor)
-    if cfg.partial_rotary != 1.0 or arch == "glm4_moe":  # GLM4-MoE's config takes 0.5 when it is not given
+    if cfg.partial_rotary != 1.0 or arch in ("glm4_moe", "glm4_moe_lite"):  # GLM4-MoE's takes 0.5 when not given
         rope["partial_rotary_factor"] = cfg.partial_rotary
     return rope
 
 
 def hf_config(cfg: ModelConfig, arch: str = "auto"):
-    transformers = _require_transformers()
+    _require_transformers()
     arch = pick_arch(cfg) if arch == "auto" else arch
     if arch not in ARCHS:
         raise UserError(f"unknown architecture '{arch}' (supported: {', '.join(ARCHS)})")
@@ -222,7 +226,7 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
     elif arch == "olmoe":
         kw = dict(intermediate_size=cfg.expert_dim, num_experts=cfg.n_experts, clip_qkv=None,
                   norm_topk_prob=cfg.norm_topk_prob or cfg.router == "topk_softmax", **moe)
-    elif arch in ("deepseek_v3", "glm4_moe", "deepseek_v2"):
+    elif arch in ("deepseek_v3", "glm4_moe", "deepseek_v2", "glm4_moe_lite"):
         kw = dict(intermediate_size=cfg.dense_dim, moe_intermediate_size=cfg.expert_dim,
                   n_routed_experts=cfg.n_experts, n_shared_experts=cfg.n_shared_experts,
                   routed_scaling_factor=cfg.routed_scaling, n_group=cfg.n_group, topk_group=cfg.topk_group,
@@ -232,8 +236,11 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
             kw.update(num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None,
                       kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
                       qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.v_head_dim, attention_bias=False)
-        if arch == "deepseek_v3":
+        if arch in ("deepseek_v3", "glm4_moe_lite"):
             kw["rope_interleave"] = cfg.rope_interleave
+        if arch == "glm4_moe_lite":  # its dense layers are listed, not counted
+            kw["mlp_layer_types"] = ["sparse" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.n_layers)]
+            del kw["first_k_dense_replace"]
         elif arch == "deepseek_v2":
             kw.update(topk_method="group_limited_greedy" if cfg.n_group > 1 else "greedy", mlp_bias=False)
         else:
@@ -244,7 +251,18 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
             kw["mlp_bias"] = False
         else:
             kw["use_sliding_window"] = False
-    return getattr(transformers, ARCHS[arch] + "Config")(**common, **kw)
+    return _hf_class(arch, "Config")(**common, **kw)
+
+
+def _hf_class(arch: str, kind: str):
+    """transformers' class of `arch` (kind: Config or ForCausalLM), or an error saying to upgrade where
+    the installed transformers predates the architecture."""
+    transformers = _require_transformers()
+    cls = getattr(transformers, ARCHS[arch] + kind, None)
+    if cls is None:
+        raise UserError(f"the installed transformers {transformers.__version__} has no {ARCHS[arch]}{kind}: "
+                        "pip install -U transformers")
+    return cls
 
 
 # ---------------------------------------------------------------- HF -> moelab config
@@ -302,6 +320,8 @@ def model_config_from_hf(hf) -> ModelConfig:
         m.kv_lora_rank, m.qk_rope_head_dim = hf.kv_lora_rank, hf.qk_rope_head_dim
         m.qk_nope_head_dim, m.v_head_dim = hf.qk_nope_head_dim, hf.v_head_dim
         m.rope_interleave = arch == "deepseek_v2" or bool(hf.rope_interleave)  # V2's is always interleaved
+        if arch == "glm4_moe_lite" and float(rope.get("partial_rotary_factor", 1.0)) != 1.0:  # rotates less than
+            raise _refuse(arch, "partial_rotary_factor", rope["partial_rotary_factor"], 1.0)  # qk_rope_head_dim
         m.head_dim, m.n_kv_heads = m.qk_nope_head_dim + m.qk_rope_head_dim, n_heads
         if hf.attention_bias:
             raise _refuse(arch, "attention_bias", True, False)
@@ -337,18 +357,24 @@ def model_config_from_hf(hf) -> ModelConfig:
             if sorted(hf.mlp_only_layers) != list(range(k)):
                 raise _refuse(arch, "mlp_only_layers", hf.mlp_only_layers, "the first k layers")
             m.first_k_dense = k
-        else:  # deepseek_v3, glm4_moe, deepseek_v2
+        else:  # deepseek_v3, glm4_moe, deepseek_v2, glm4_moe_lite
             m.n_experts, m.expert_dim = hf.n_routed_experts, hf.moe_intermediate_size
             m.router, m.routed_scaling = "sigmoid", float(hf.routed_scaling_factor)
             m.n_group, m.topk_group = hf.n_group or 1, hf.topk_group or 1
             m.n_shared_experts, m.shared_expert_dim = hf.n_shared_experts or 0, hf.moe_intermediate_size
-            m.first_k_dense = min(hf.first_k_dense_replace or 0, m.n_layers)
+            m.first_k_dense = min(g("first_k_dense_replace") or 0, m.n_layers)
+            if arch == "glm4_moe_lite":
+                types = list(hf.mlp_layer_types)
+                m.first_k_dense = types.count("dense")
+                if types != ["dense"] * m.first_k_dense + ["sparse"] * (m.n_layers - m.first_k_dense):
+                    raise _refuse(arch, "mlp_layer_types", types, "dense layers first, then sparse ones")
             # transformers has no field for how these are balanced in training: their own recipe
             # (aux-loss-free bias updates and a small sequence-wise loss), as the family presets have it
             from moelab.models.presets import FAMILIES
 
-            m.seq_aux_loss_coef = FAMILIES[arch]["seq_aux_loss_coef"]
-            m.bias_update_rate = FAMILIES[arch]["bias_update_rate"]
+            family = FAMILIES[arch if arch != "glm4_moe_lite" else "glm4_moe"]
+            m.seq_aux_loss_coef = family["seq_aux_loss_coef"]
+            m.bias_update_rate = family["bias_update_rate"]
             if arch == "deepseek_v2":
                 _deepseek_v2_routing(hf, m)
     m.dense_dim = m.dense_dim or 4 * m.d_model
@@ -437,7 +463,7 @@ def _rename(name: str, to_hf: bool, arch: str | None = None) -> str | None:
 
 # Architectures whose MoE layers always hold shared experts: a model without any has them zero
 # wide (no rows, so they add exactly zero), as transformers builds and saves them.
-ALWAYS_SHARED = ("deepseek_v3", "glm4_moe", "deepseek_v2")
+ALWAYS_SHARED = ("deepseek_v3", "glm4_moe", "deepseek_v2", "glm4_moe_lite")
 
 
 def _hf_groups(model, meta: bool = False, arch: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
@@ -526,9 +552,9 @@ def to_hf(model, arch: str = "auto", share: bool = False):
     """A transformers model of the chosen (or only fitting) architecture holding exactly this
     model's weights: a copy, or with `share` the same tensors (no memory of its own but the
     fused gate_up_proj experts)."""
-    transformers = _require_transformers()
+    _require_transformers()
     config = hf_config(model.cfg, arch)
-    cls = getattr(transformers, ARCHS[config.model_type] + "ForCausalLM")
+    cls = _hf_class(config.model_type, "ForCausalLM")
     hf = _without_init(cls, config).to(next(model.parameters()).dtype)
     # the fused gate_up_proj is a new tensor already (a concatenation): only the others need a copy
     sd = {k: v.detach() if share or k.endswith("gate_up_proj") else v.detach().clone()
@@ -692,11 +718,11 @@ def export_hf(model, out_dir: str | Path, arch: str = "auto", max_shard_size: st
     fp16 overflow) leaves nothing, not a directory that loads half a model."""
     out = check_export_target(out_dir, dtype)
     max_shard = _size_bytes(max_shard_size)
-    transformers = _require_transformers()
+    _require_transformers()
     config = hf_config(model.cfg, arch)  # an architecture that cannot hold the model is refused first
     for key, value in (token_ids or {}).items():
         setattr(config, key, value)
-    cls = getattr(transformers, ARCHS[config.model_type] + "ForCausalLM")
+    cls = _hf_class(config.model_type, "ForCausalLM")
     with torch.device("meta"):
         hf_meta = _without_init(cls, config)  # names, the weight conversions and generation config; no memory
         if config.tie_word_embeddings:

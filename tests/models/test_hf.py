@@ -631,6 +631,41 @@ def test_a_deepseek_v2_hub_config_converts_its_routing_and_balancing(tmp_path, m
         load_hf(tmp_path)
 
 
+@pytest.mark.parametrize("case", ["deepseek_v3", "deepseek_v3-full-q-yarn", "deepseek_v3-no-shared"])
+def test_glm4_moe_lite_holds_deepseek_v3s_design_exactly(tmp_path, case):
+    """GLM-4.7-Flash's Glm4MoeLite is DeepSeek-V3's MLA and MoE under GLM's config names (dense layers
+    listed in mlp_layer_types): `--arch glm4_moe_lite` writes it, and its checkpoints convert, both
+    ways exactly; dense layers not all first, or RoPE over part of qk_rope_head_dim, are refused."""
+    import json
+
+    from moelab.models.hf import model_config_from_hf
+
+    ours = _model(*CASES[case], seed=1)
+    hf = to_hf(ours, "glm4_moe_lite")
+    assert type(hf).__name__ == "Glm4MoeLiteForCausalLM"
+    ids = torch.randint(0, V, (2, 48))
+    assert _max_diff(hf, ours, ids) <= 1e-4
+    export_hf(ours, tmp_path / "hf", arch="glm4_moe_lite")
+    back = load_hf(tmp_path / "hf")
+    assert ours.state_dict().keys() == back.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), back.state_dict().values()))
+    torch.manual_seed(3)
+    theirs = transformers.Glm4MoeLiteForCausalLM(hf.config).eval()
+    with torch.no_grad():
+        for name, t in theirs.state_dict().items():
+            if t.ndim == 1:
+                t.normal_(mean=1.0 if "norm" in name else 0.0, std=0.1)
+    again = to_hf(from_hf(theirs), "glm4_moe_lite").state_dict()
+    assert all(torch.equal(t, again[k]) for k, t in theirs.state_dict().items())
+    assert _max_diff(theirs, from_hf(theirs), ids) <= 1e-4
+    raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key, value, match in (("mlp_layer_types", ["sparse", "dense", "sparse"], "mlp_layer_types"),
+                              ("rope_parameters", {**raw["rope_parameters"], "partial_rotary_factor": 0.5},
+                               "partial_rotary_factor=0.5")):
+        with pytest.raises(UserError, match=match):
+            model_config_from_hf(transformers.Glm4MoeLiteConfig.from_dict({**raw, key: value}))
+
+
 def test_an_ernie_model_converts_its_selection_bias_and_refuses_what_moelab_cannot_hold(tmp_path):
     """ERNIE 4.5's routers choose by softmax score + a (1, E) selection bias (moe_statics): it is kept
     (and trained by the family's bias updates); a model without one exports a bias of zeros, which
