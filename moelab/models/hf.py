@@ -13,6 +13,8 @@ Architectures (transformers model_type -> class):
   glm4_moe     Glm4MoeForCausalLM     GQA + qkv bias, optional QK-norm, partial rotary, DeepSeek MoE
   glm4_moe_lite Glm4MoeLiteForCausalLM MLA + GLM4's MoE: DeepSeek-V3's design under GLM's names
                                       (GLM-4.7-Flash); `--arch glm4_moe_lite`, auto picks deepseek_v3
+  dots1        Dots1ForCausalLM       Qwen3's attention (per-head QK-norm, biases on all four projections
+                                      or none) + DeepSeek-V3's MoE (dots.llm1)
   ernie4_5_moe Ernie4_5_MoeForCausalLM GQA, interleaved RoPE, softmax router whose choice adds a
                                       selection bias (ERNIE 4.5's moe_statics), shared experts
   llama        LlamaForCausalLM       dense baseline
@@ -45,11 +47,11 @@ from moelab.models.transformer import WEIGHT_DTYPES, held_as
 
 ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
          "glm4_moe": "Glm4Moe", "qwen2_moe": "Qwen2Moe", "deepseek_v2": "DeepseekV2", "ernie4_5_moe": "Ernie4_5_Moe",
-         "glm4_moe_lite": "Glm4MoeLite", "llama": "Llama", "qwen3": "Qwen3"}
+         "glm4_moe_lite": "Glm4MoeLite", "dots1": "Dots1", "llama": "Llama", "qwen3": "Qwen3"}
 MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "qwen2_moe", "deepseek_v2", "ernie4_5_moe",
-             "glm4_moe_lite")
+             "glm4_moe_lite", "dots1")
 MLA_ARCHS = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite")
-SIGMOID_ARCHS = ("deepseek_v3", "glm4_moe", "glm4_moe_lite")  # DeepSeek-V3's MoE: sigmoid, selection bias, groups
+SIGMOID_ARCHS = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1")  # DeepSeek-V3's MoE: sigmoid, selection bias, groups
 ACTS = {"silu": "silu", "gelu": "gelu_pytorch_tanh"}
 # transformers' load-balancing loss (load_balancing_loss_func) of these counts every one of a token's
 # top-k picks, so it is top_k under uniform routing where moelab's (the share of picks) is 1: their
@@ -86,7 +88,7 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
         need["rope_interleave"] = (cfg.rope_interleave, False)
     if arch != "glm4_moe":
         need["partial_rotary"] = (cfg.partial_rotary, 1.0)
-    qk = {"mixtral": "none", "llama": "none", "qwen3_moe": "head", "qwen3": "head", "olmoe": "full"}
+    qk = {"mixtral": "none", "llama": "none", "qwen3_moe": "head", "qwen3": "head", "olmoe": "full", "dots1": "head"}
     if arch in qk:
         need["qk_norm"] = (cfg.qk_norm, qk[arch])
         need["out_bias"] = (cfg.out_bias, cfg.qkv_bias if arch != "mixtral" else False)
@@ -199,7 +201,7 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
                   attention_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if arch not in MLA_ARCHS:
         common.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
-    if arch in ("qwen3_moe", "olmoe", "glm4_moe", "llama", "qwen3"):
+    if arch in ("qwen3_moe", "olmoe", "glm4_moe", "llama", "qwen3", "dots1"):
         common["attention_bias"] = cfg.qkv_bias
     if arch == "qwen2_moe":
         common["qkv_bias"] = cfg.qkv_bias
@@ -226,7 +228,7 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
     elif arch == "olmoe":
         kw = dict(intermediate_size=cfg.expert_dim, num_experts=cfg.n_experts, clip_qkv=None,
                   norm_topk_prob=cfg.norm_topk_prob or cfg.router == "topk_softmax", **moe)
-    elif arch in ("deepseek_v3", "glm4_moe", "deepseek_v2", "glm4_moe_lite"):
+    elif arch in ("deepseek_v3", "glm4_moe", "deepseek_v2", "glm4_moe_lite", "dots1"):
         kw = dict(intermediate_size=cfg.dense_dim, moe_intermediate_size=cfg.expert_dim,
                   n_routed_experts=cfg.n_experts, n_shared_experts=cfg.n_shared_experts,
                   routed_scaling_factor=cfg.routed_scaling, n_group=cfg.n_group, topk_group=cfg.topk_group,
@@ -243,6 +245,8 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
             del kw["first_k_dense_replace"]
         elif arch == "deepseek_v2":
             kw.update(topk_method="group_limited_greedy" if cfg.n_group > 1 else "greedy", mlp_bias=False)
+        elif arch == "dots1":  # every layer's attention full, none sliding
+            kw.update(sliding_window=None, layer_types=["full_attention"] * cfg.n_layers)
         else:
             kw.update(use_qk_norm=cfg.qk_norm == "head")
     else:  # llama, qwen3
@@ -332,7 +336,10 @@ def model_config_from_hf(hf) -> ModelConfig:
         m.n_kv_heads = g("num_key_value_heads") or n_heads
         bias = bool(g("qkv_bias", False) if arch == "qwen2_moe" else g("attention_bias", False))
         m.qkv_bias, m.out_bias = bias, bias and arch not in ("glm4_moe", "qwen2_moe")
-        m.qk_norm = {"qwen3_moe": "head", "qwen3": "head", "olmoe": "full"}.get(arch, "none")
+        m.qk_norm = {"qwen3_moe": "head", "qwen3": "head", "olmoe": "full", "dots1": "head"}.get(arch, "none")
+        types = g("layer_types") or []
+        if arch == "dots1" and any(t != "full_attention" for t in types):  # a window moelab does not apply
+            raise _refuse(arch, "layer_types", sorted(set(types)), ["full_attention"])
         if arch == "glm4_moe" and hf.use_qk_norm:
             m.qk_norm = "head"
     if arch in MOE_ARCHS:
@@ -372,7 +379,7 @@ def model_config_from_hf(hf) -> ModelConfig:
             # (aux-loss-free bias updates and a small sequence-wise loss), as the family presets have it
             from moelab.models.presets import FAMILIES
 
-            family = FAMILIES[arch if arch != "glm4_moe_lite" else "glm4_moe"]
+            family = FAMILIES[{"glm4_moe_lite": "glm4_moe", "dots1": "deepseek_v3"}.get(arch, arch)]
             m.seq_aux_loss_coef = family["seq_aux_loss_coef"]
             m.bias_update_rate = family["bias_update_rate"]
             if arch == "deepseek_v2":
@@ -463,7 +470,7 @@ def _rename(name: str, to_hf: bool, arch: str | None = None) -> str | None:
 
 # Architectures whose MoE layers always hold shared experts: a model without any has them zero
 # wide (no rows, so they add exactly zero), as transformers builds and saves them.
-ALWAYS_SHARED = ("deepseek_v3", "glm4_moe", "deepseek_v2", "glm4_moe_lite")
+ALWAYS_SHARED = ("deepseek_v3", "glm4_moe", "deepseek_v2", "glm4_moe_lite", "dots1")
 
 
 def _hf_groups(model, meta: bool = False, arch: str | None = None) -> Iterator[dict[str, torch.Tensor]]:

@@ -47,6 +47,9 @@ CASES = {
     # and DeepSeek-V3's always hold them: zero wide)
     "glm4_moe-full-rotary-no-shared": ("glm4_moe-tiny", {"partial_rotary": 1.0, "n_shared_experts": 0}),
     "deepseek_v3-no-shared": ("deepseek_v3-tiny", {"n_shared_experts": 0}),
+    # dots.llm1: Qwen3's attention (per-head QK-norm; biases on q, k, v and o) with DeepSeek-V3's MoE
+    "dots1": ("glm4_moe-tiny", {"partial_rotary": 1.0, "qk_norm": "head", "qkv_bias": True, "out_bias": True,
+                                "n_kv_heads": 2, "routed_scaling": 2.5}),
     "llama": ("llama-tiny", {"qkv_bias": True, "out_bias": True}),
     # Llama 3.1's RoPE: at head_dim 16 and an original context of 48 the wavelengths 6.3, 20 and
     # 63+ fall in its kept, blended and stretched bands (under 48/5, between, over 48/1.5)
@@ -208,6 +211,18 @@ def test_training_gradients_equal_transformers(case):
         torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-6, msg=name)
     gate = [k for k in grads if "shared_expert_gate" in k]
     assert bool(gate) == (case.startswith("qwen2_moe")) and all(grads[k].abs().sum() > 0 for k in gate)
+
+
+def test_a_dots1_model_with_sliding_window_layers_is_refused_on_convert():
+    """dots.llm1's config can make layers from max_window_layers on attend within a window, which
+    moelab does not apply: refused, naming the field, rather than converted to full attention."""
+    from moelab.models.hf import model_config_from_hf
+
+    config = hf_config(_model(*CASES["dots1"]).cfg)
+    assert config.model_type == "dots1" and model_config_from_hf(config).qk_norm == "head"
+    config.layer_types = ["full_attention", "sliding_attention", "sliding_attention"]
+    with pytest.raises(UserError, match="layer_types=.*sliding_attention"):
+        model_config_from_hf(config)
 
 
 def test_a_qwen2_moe_without_a_shared_expert_is_refused_on_convert():
