@@ -15,6 +15,8 @@ Architectures (transformers model_type -> class):
                                       (GLM-4.7-Flash); `--arch glm4_moe_lite`, auto picks deepseek_v3
   dots1        Dots1ForCausalLM       Qwen3's attention (per-head QK-norm, biases on all four projections
                                       or none) + DeepSeek-V3's MoE (dots.llm1)
+  minimax_m2   MiniMaxM2ForCausalLM   GQA + QK-norm over all heads, partial rotary, sigmoid router
+                                      choosing with a selection bias, no shared experts (MiniMax-M2)
   ernie4_5_moe Ernie4_5_MoeForCausalLM GQA, interleaved RoPE, softmax router whose choice adds a
                                       selection bias (ERNIE 4.5's moe_statics), shared experts
   llama        LlamaForCausalLM       dense baseline
@@ -47,16 +49,18 @@ from moelab.models.transformer import WEIGHT_DTYPES, held_as
 
 ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
          "glm4_moe": "Glm4Moe", "qwen2_moe": "Qwen2Moe", "deepseek_v2": "DeepseekV2", "ernie4_5_moe": "Ernie4_5_Moe",
-         "glm4_moe_lite": "Glm4MoeLite", "dots1": "Dots1", "llama": "Llama", "qwen3": "Qwen3"}
+         "glm4_moe_lite": "Glm4MoeLite", "dots1": "Dots1", "minimax_m2": "MiniMaxM2",
+         "llama": "Llama", "qwen3": "Qwen3"}
 MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "qwen2_moe", "deepseek_v2", "ernie4_5_moe",
-             "glm4_moe_lite", "dots1")
+             "glm4_moe_lite", "dots1", "minimax_m2")
+PARTIAL_ROTARY_ARCHS = ("glm4_moe", "minimax_m2")
 MLA_ARCHS = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite")
 SIGMOID_ARCHS = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1")  # DeepSeek-V3's MoE: sigmoid, selection bias, groups
 ACTS = {"silu": "silu", "gelu": "gelu_pytorch_tanh"}
 # transformers' load-balancing loss (load_balancing_loss_func) of these counts every one of a token's
 # top-k picks, so it is top_k under uniform routing where moelab's (the share of picks) is 1: their
 # router_aux_loss_coef is moelab's aux_loss_coef / top_k, for the same balancing gradient.
-AUX_PER_PICK = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "ernie4_5_moe")
+AUX_PER_PICK = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "ernie4_5_moe", "minimax_m2")
 
 
 def _aux_coef(coef: float, top_k: int, arch: str, to_hf: bool) -> float:
@@ -86,13 +90,14 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
     if arch not in MLA_ARCHS:
         need["attention"] = (cfg.attention, "gqa")
         need["rope_interleave"] = (cfg.rope_interleave, False)
-    if arch != "glm4_moe":
+    if arch not in PARTIAL_ROTARY_ARCHS:
         need["partial_rotary"] = (cfg.partial_rotary, 1.0)
-    qk = {"mixtral": "none", "llama": "none", "qwen3_moe": "head", "qwen3": "head", "olmoe": "full", "dots1": "head"}
+    qk = {"mixtral": "none", "llama": "none", "qwen3_moe": "head", "qwen3": "head", "olmoe": "full", "dots1": "head",
+          "minimax_m2": "full"}
     if arch in qk:
         need["qk_norm"] = (cfg.qk_norm, qk[arch])
-        need["out_bias"] = (cfg.out_bias, cfg.qkv_bias if arch != "mixtral" else False)
-        if arch == "mixtral":
+        need["out_bias"] = (cfg.out_bias, cfg.qkv_bias if arch not in ("mixtral", "minimax_m2") else False)
+        if arch in ("mixtral", "minimax_m2"):
             need["qkv_bias"] = (cfg.qkv_bias, False)
     if arch == "olmoe":
         need["n_heads*head_dim"] = (cfg.n_heads * cfg.head_dim, cfg.d_model)
@@ -118,6 +123,11 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
             if cfg.n_group > 1:
                 need["experts per group"] = (cfg.n_experts // cfg.n_group >= 2, True)
                 need["group_score_top"] = (cfg.group_score_top, 2)
+        elif arch == "minimax_m2":  # sigmoid; top-k of the scores plus the selection bias, renormalised
+            need["router"] = (cfg.router, "sigmoid")
+            need.update(norm_topk_prob=(cfg.norm_topk_prob, True), routed_scaling=(cfg.routed_scaling, 1.0),
+                        n_group=(cfg.n_group, 1), n_shared_experts=(cfg.n_shared_experts, 0),
+                        first_k_dense=(cfg.first_k_dense, 0))
         elif arch == "ernie4_5_moe":  # softmax; top-k of the scores plus the selection bias, renormalised
             plain = cfg.router == "topk_softmax" and cfg.bias_update_rate == 0  # the same without a bias
             need["router"] = (cfg.router if not plain else "softmax", "softmax")
@@ -181,7 +191,7 @@ def _rope_parameters(cfg: ModelConfig, arch: str) -> dict:
     if cfg.rope_scaling == "llama3":
         rope.update(original_max_position_embeddings=cfg.rope_original_max_len,
                     low_freq_factor=cfg.llama3_low_freq_factor, high_freq_factor=cfg.llama3_high_freq_factor)
-    if cfg.partial_rotary != 1.0 or arch in ("glm4_moe", "glm4_moe_lite"):  # GLM4-MoE's takes 0.5 when not given
+    if cfg.partial_rotary != 1.0 or arch in ("glm4_moe", "glm4_moe_lite", "minimax_m2"):  # GLM4-MoE's: 0.5 if not given
         rope["partial_rotary_factor"] = cfg.partial_rotary
     return rope
 
@@ -220,6 +230,8 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
                   num_experts=cfg.n_experts, norm_topk_prob=cfg.norm_topk_prob or cfg.router == "topk_softmax",
                   decoder_sparse_step=1, mlp_only_layers=list(range(cfg.first_k_dense)),
                   use_sliding_window=False, **moe)
+    elif arch == "minimax_m2":
+        kw = dict(intermediate_size=cfg.expert_dim, num_local_experts=cfg.n_experts, router_jitter_noise=0.0, **moe)
     elif arch == "ernie4_5_moe":
         kw = dict(intermediate_size=cfg.dense_dim, moe_intermediate_size=cfg.expert_dim, moe_k=cfg.top_k,
                   moe_num_experts=cfg.n_experts, moe_num_shared_experts=cfg.n_shared_experts,
@@ -307,7 +319,7 @@ def model_config_from_hf(hf) -> ModelConfig:
         max_seq_len=hf.max_position_embeddings, norm_eps=hf.rms_norm_eps,
         tie_embeddings=bool(hf.tie_word_embeddings), ffn_act=acts[hf.hidden_act],
         rope_theta=float(rope.get("rope_theta", 10000.0)),
-        partial_rotary=float(rope.get("partial_rotary_factor", 1.0)) if arch == "glm4_moe" else 1.0,
+        partial_rotary=float(rope.get("partial_rotary_factor", 1.0)) if arch in PARTIAL_ROTARY_ARCHS else 1.0,
         rope_scaling="none" if rope_type == "default" else rope_type,
         rope_factor=float(rope.get("factor") or 1.0),
         rope_original_max_len=int(rope.get("original_max_position_embeddings") or 0),
@@ -336,7 +348,8 @@ def model_config_from_hf(hf) -> ModelConfig:
         m.n_kv_heads = g("num_key_value_heads") or n_heads
         bias = bool(g("qkv_bias", False) if arch == "qwen2_moe" else g("attention_bias", False))
         m.qkv_bias, m.out_bias = bias, bias and arch not in ("glm4_moe", "qwen2_moe")
-        m.qk_norm = {"qwen3_moe": "head", "qwen3": "head", "olmoe": "full", "dots1": "head"}.get(arch, "none")
+        m.qk_norm = {"qwen3_moe": "head", "qwen3": "head", "olmoe": "full", "dots1": "head",
+                     "minimax_m2": "full"}.get(arch, "none")
         types = g("layer_types") or []
         if arch == "dots1" and any(t != "full_attention" for t in types):  # a window moelab does not apply
             raise _refuse(arch, "layer_types", sorted(set(types)), ["full_attention"])
@@ -352,6 +365,12 @@ def model_config_from_hf(hf) -> ModelConfig:
             m.n_experts, m.expert_dim = hf.num_experts, hf.intermediate_size
         elif arch == "ernie4_5_moe":
             _ernie_moe(hf, m)
+        elif arch == "minimax_m2":  # aux-loss-free bias updates, as its selection bias was trained, and its aux loss
+            from moelab.models.presets import FAMILIES
+
+            m.n_experts, m.expert_dim = hf.num_local_experts, hf.intermediate_size
+            m.router, m.norm_topk_prob = "sigmoid", True
+            m.bias_update_rate = FAMILIES["deepseek_v3"]["bias_update_rate"]
         elif arch in ("qwen3_moe", "qwen2_moe"):
             m.n_experts, m.expert_dim = hf.num_experts, hf.moe_intermediate_size
             if arch == "qwen2_moe":
@@ -438,6 +457,7 @@ _LAYER_RENAMES = [
     ("attn.q_a_norm.", "self_attn.q_a_layernorm."), ("attn.", "self_attn."),
     ("moe.router.weight", "mlp.gate.weight"), ("moe.router.selection_bias", "mlp.gate.e_score_correction_bias"),
     ("moe.router.selection_bias", "mlp.gate.moe_statics.e_score_correction_bias"),  # ERNIE 4.5's, (1, E)
+    ("moe.router.selection_bias", "mlp.e_score_correction_bias"),  # MiniMax-M2's, on the block
     ("moe.shared.", "mlp.shared_experts."), ("moe.shared.", "mlp.shared_expert."),  # Qwen2-MoE's: singular
     ("moe.shared_gate.", "mlp.shared_expert_gate."), ("moe.experts.down_proj", "mlp.experts.down_proj"),
     ("mlp.", "mlp."),
@@ -462,8 +482,9 @@ def _rename(name: str, to_hf: bool, arch: str | None = None) -> str | None:
         if rest.startswith(src):
             if to_hf and arch == "qwen2_moe" and dst == "mlp.shared_experts.":
                 dst = "mlp.shared_expert."
-            if to_hf and arch == "ernie4_5_moe" and dst == "mlp.gate.e_score_correction_bias":
-                dst = "mlp.gate.moe_statics.e_score_correction_bias"
+            if to_hf and dst == "mlp.gate.e_score_correction_bias":
+                dst = {"ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias",
+                       "minimax_m2": "mlp.e_score_correction_bias"}.get(arch, dst)
             return dst_block.format(match.group(1)) + dst + rest[len(src):]
     return None
 

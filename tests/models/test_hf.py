@@ -48,6 +48,10 @@ CASES = {
     "glm4_moe-full-rotary-no-shared": ("glm4_moe-tiny", {"partial_rotary": 1.0, "n_shared_experts": 0}),
     "deepseek_v3-no-shared": ("deepseek_v3-tiny", {"n_shared_experts": 0}),
     # dots.llm1: Qwen3's attention (per-head QK-norm; biases on q, k, v and o) with DeepSeek-V3's MoE
+    # MiniMax-M2: QK-norm over all heads with GQA and a head wider than d_model / n_heads, half the head
+    # rotated, a sigmoid router choosing with a selection bias, no shared experts
+    "minimax_m2": ("olmoe-tiny", {"router": "sigmoid", "n_kv_heads": 2, "head_dim": 24, "partial_rotary": 0.5,
+                                  "norm_topk_prob": True, "bias_update_rate": 1e-3}),
     "dots1": ("glm4_moe-tiny", {"partial_rotary": 1.0, "qk_norm": "head", "qkv_bias": True, "out_bias": True,
                                 "n_kv_heads": 2, "routed_scaling": 2.5}),
     "llama": ("llama-tiny", {"qkv_bias": True, "out_bias": True}),
@@ -189,10 +193,18 @@ def test_training_gradients_equal_transformers(case):
     """Fine-tuning a converted model takes the gradients transformers' own model would: the
     next-token loss's gradient of every weight (the shared-expert gate, routers, experts, biases)
     equals that of the same weights in transformers, under its name."""
+    grads = _gradients_match(_model(*CASES[case]))
+    gate = [k for k in grads if "shared_expert_gate" in k]
+    assert bool(gate) == (case.startswith("qwen2_moe")) and all(grads[k].abs().sum() > 0 for k in gate)
+
+
+def _gradients_match(ours, arch: str = "auto") -> dict:
+    """Asserts that the next-token loss gives every weight of `ours` the gradient transformers' model
+    of `arch` gives the same weight; returns transformers' gradients by name."""
     from moelab.models.hf import to_hf_state_dict
 
-    ours = _model(*CASES[case]).train()
-    hf = to_hf(ours).train()
+    ours.train()
+    hf = to_hf(ours, arch).train()
     ids = torch.randint(0, V, (2, 40))
 
     def loss(logits):
@@ -209,8 +221,26 @@ def test_training_gradients_equal_transformers(case):
     assert grads.keys() <= expected.keys()  # every weight transformers trains (not a selection bias)
     for name, g in grads.items():
         torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-6, msg=name)
-    gate = [k for k in grads if "shared_expert_gate" in k]
-    assert bool(gate) == (case.startswith("qwen2_moe")) and all(grads[k].abs().sum() > 0 for k in gate)
+    return grads
+
+
+def test_a_minimax_m2_config_json_with_its_rotary_dim_converts(tmp_path):
+    """MiniMax-M2's config.json on the Hub says its partial RoPE as `rotary_dim` (of head_dim), not
+    partial_rotary_factor: the same rotated width, bias and logits as transformers reads from it."""
+    import json
+
+    want = _model(*CASES["minimax_m2"])
+    hf = to_hf(want)
+    hf.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw["rope_parameters"].pop("partial_rotary_factor")
+    raw["rotary_dim"] = 12
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    ours = load_hf(tmp_path)
+    assert (ours.cfg.partial_rotary, ours.cfg.head_dim, ours.cfg.qk_norm) == (0.5, 24, "full")
+    assert torch.equal(ours.routers[0].selection_bias, want.routers[0].selection_bias)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert _max_diff(theirs, ours, torch.randint(0, V, (2, 48))) <= 1e-4
 
 
 def test_a_dots1_model_with_sliding_window_layers_is_refused_on_convert():
@@ -664,6 +694,7 @@ def test_glm4_moe_lite_holds_deepseek_v3s_design_exactly(tmp_path, case):
     back = load_hf(tmp_path / "hf")
     assert ours.state_dict().keys() == back.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), back.state_dict().values()))
+    _gradients_match(_model(*CASES[case], seed=1), "glm4_moe_lite")
     torch.manual_seed(3)
     theirs = transformers.Glm4MoeLiteForCausalLM(hf.config).eval()
     with torch.no_grad():
