@@ -120,16 +120,26 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sam
     return new, why
 
 
+# Prompt tokens (all rows together) one prefill forward takes: longer prompts are read into the cache in
+# chunks of positions. In one pass a batch of long prompts held a (B, S, S) attention mask and every
+# prompt token's expert activations at once: 8 prompts of 32K tokens, an 8.6 GB mask alone.
+PREFILL_TOKENS = 8192
+
+
 @torch.no_grad()
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, samplers: list[Sampler] | None = None,
                    eos_id: int | Iterable[int] | None = None, use_cache: bool = True, stops: list | None = None,
-                   vocab: int | None = None, on_token=None) -> list[tuple[list[int], str, float]]:
+                   vocab: int | None = None, on_token=None,
+                   prefill_tokens: int = PREFILL_TOKENS) -> list[tuple[list[int], str, float]]:
     """`generate_ids` for several prompts decoded together, as one batch (left-padded; see
     moelab.models.kvcache): for each, its new ids, why it stopped and the seconds from the start
     until it did. Each prompt's tokens are those it gets alone, up to floating-point rounding of the
     batched products. `samplers[i]` and `stops[i]` are prompt i's; a finished prompt leaves the batch,
     so the others run on without its rows. Without the cache the prompts run one after another.
-    `on_token(i, new_ids)` is called with prompt i's new ids after each one it draws."""
+    `on_token(i, new_ids)` is called with prompt i's new ids after each one it draws. With the cache,
+    the prompts are read in chunks of about `prefill_tokens` tokens in all (a position range of every
+    row at a time), each attending to the cache so far: the memory of a prefill is bounded whatever
+    the prompts' length."""
     if not prompts:
         return []
     samplers = samplers or [Sampler() for _ in prompts]
@@ -156,7 +166,9 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, sampler
         if use_cache:
             cache = model.new_cache(width + max_new_tokens, torch.tensor([width - len(p) for p in prompts],
                                                                          device=device))
-        out = model(ids, cache=cache, logits=False)  # each prompt's last position only
+        chunk = max(1, prefill_tokens // len(prompts)) if use_cache else width
+        for s in range(0, width, chunk):
+            out = model(ids[:, s:s + chunk], cache=cache, logits=False)  # each prompt's last position only
         logits_BV = out.project(out.hidden[:, -1])
         while True:
             going = []

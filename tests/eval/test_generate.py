@@ -104,6 +104,38 @@ def test_prompts_decoded_together_get_the_tokens_each_gets_alone(variant):
             assert max(len(new) for new, _ in alone) == 30
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_batch_of_long_prompts_is_read_in_chunks_and_decodes_as_read_at_once(variant):
+    """The prefill takes at most `prefill_tokens` prompt tokens per forward (a range of positions of
+    every row, each chunk after the cached ones, left padding included): each real position's logits
+    equal the prompt's own forward, and the tokens are those of each prompt alone. In one forward a
+    batch of 32K-token prompts held an 8.6 GB attention mask."""
+    model = _model(variant)
+    g = torch.Generator().manual_seed(2)
+    lens = [9, 4, 13, 1, 120]
+    prompts = [torch.randint(0, 97, (n,), generator=g) for n in lens]
+    width = max(lens)
+    ids = torch.stack([torch.cat([torch.zeros(width - n, dtype=torch.long), p]) for n, p in zip(lens, prompts)])
+    with torch.no_grad(), inference_routing(model):
+        cache = model.new_cache(width, pad=torch.tensor([width - n for n in lens]))
+        read = torch.cat([model(ids[:, s:s + 7], cache=cache).logits for s in range(0, width, 7)], dim=1)
+        for b, (n, p) in enumerate(zip(lens, prompts)):
+            torch.testing.assert_close(read[b, width - n:], model(p[None]).logits[0], rtol=0, atol=2e-5)
+    fed = []
+    hook = model.embed.register_forward_hook(lambda mod, args, out: fed.append(tuple(args[0].shape)))
+    try:
+        lists = [p.tolist() for p in prompts]
+        for make in (Sampler, lambda: Sampler(temperature=1.0, top_k=20, top_p=0.9, seed=3)):
+            alone = [generate_ids(model, p, 6, make()) for p in lists]
+            fed.clear()
+            chunked = generate_batch(model, lists, 6, [make() for _ in lists], prefill_tokens=35)
+            assert [(new, why) for new, why, _ in chunked] == alone
+    finally:
+        hook.remove()
+    prefill = fed[: -(6 - 1)]  # then the decoding steps, a token a row
+    assert [w for _, w in prefill] == [7] * 17 + [1] and all(b == 5 for b, _ in prefill)
+
+
 def test_a_prompt_that_is_done_leaves_the_batch():
     model = _model("mla-q-lowrank-interleaved")
     fed = []
