@@ -156,6 +156,11 @@ SWEEP = {
     "ernie4_5_moe-tiny": dict(n_kv_heads=[1, 2, 4], head_dim=[0, 8, 24], n_shared_experts=[0, 1, 2],
                               first_k_dense=[0, 1, 2], top_k=[1, 2, 3], n_experts=[4, 8], tie_embeddings=[False, True],
                               rope_scaling=["none", "linear", "yarn"]),
+    # designs built from another family's preset (CASES): MiniMax-M2, dots.llm1
+    "minimax_m2": dict(n_kv_heads=[1, 2, 4], head_dim=[8, 24], partial_rotary=[0.5, 1.0], top_k=[1, 2, 3],
+                       n_experts=[4, 8], tie_embeddings=[False, True], rope_scaling=["none", "yarn"]),
+    "dots1": dict(n_kv_heads=[1, 2, 4], qkv_bias=[False, True], n_shared_experts=[0, 1, 2], first_k_dense=[0, 1],
+                  n_group=[1, 2], topk_group=[1, 2], n_experts=[4, 8], top_k=[1, 2], routed_scaling=[1.0, 2.5]),
     "qwen2_moe-tiny": dict(n_kv_heads=[1, 2, 4], head_dim=[0, 8, 24], qkv_bias=[False, True],
                            norm_topk_prob=[False, True], first_k_dense=[0, 1, 2], top_k=[1, 2, 4], n_experts=[4, 8],
                            n_shared_experts=[1, 2], shared_expert_dim=[8, 48], tie_embeddings=[False, True],
@@ -180,6 +185,12 @@ def test_random_combinations_of_settings_match_transformers(seed):
     for i in range(8):
         preset = rng.choice(list(SWEEP))
         over = {k: rng.choice(v) for k, v in SWEEP[preset].items()}
+        if preset in CASES:  # a design built on another family's preset
+            design = preset
+            preset, fixed = CASES[design]
+            over = {**fixed, **over}
+            if design == "dots1":  # biases on all four projections or none
+                over["out_bias"] = over["qkv_bias"]
         over["topk_group"] = min(over.get("topk_group", 1), over.get("n_group", 1))
         if over.get("rope_scaling", "none") != "none":
             over.update(rope_factor=4.0, rope_original_max_len=16)
