@@ -15,44 +15,13 @@ Not a test: peaks depend on the allocator and the sampling.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import torch
 
-
-def rss() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
-
-
-def peak_above_now(fn) -> tuple[int, float]:
-    """(peak RSS during fn() minus RSS before it, seconds). Memory an earlier contender freed but
-    malloc kept is handed back first (glibc), or the second would grow into it unseen."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    base, peak, done = rss(), [0], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.001)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    t = time.perf_counter()
-    try:
-        fn()
-    finally:
-        seconds = time.perf_counter() - t
-        done.set()
-        watcher.join()
-    return max(peak[0], rss()) - base, seconds
+from common import peak_above_now
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ deepseek_v3-tiny), same prompt, in one process; each says whether it produced th
 
     python benchmarks/generate.py [--presets exp3 deepseek_v3-tiny] [--prompt 64] [--new 128] [--threads 2]
                                   [--no-hf] [--dtype bf16] [--batch 8]
+    python benchmarks/generate.py --prefill --presets exp3 --batch 4 --prompt 8192 [--prefill-tokens 8192]
 
 --dtype bf16: both models hold their weights in bf16 (moelab's as `moelab generate --dtype bf16`
 loads them: routers in fp32; transformers' whole model cast, as `.to(torch.bfloat16)` does), where
@@ -13,6 +14,10 @@ loads them: routers in fp32; transformers' whole model cast, as `.to(torch.bfloa
 (`generate_batch`, left-padded) against one at a time, and against transformers' batched `generate`
 (left padding, its attention mask); tokens/s count every prompt's new tokens, and "same tokens" is
 each prompt's against moelab's decoding of it alone.
+--prefill: the batch's prefill (--batch prompts of lengths spread from a quarter of --prompt to
+--prompt, one new token) read in chunks of --prefill-tokens tokens (moelab's default) against in one
+forward (as before): seconds and peak resident memory above the start (sampled each millisecond),
+their ratio, and whether both drew the same tokens.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import argparse
 
 import torch
 
-from common import compare
-from moelab.eval.generate import generate_batch, generate_ids
+from common import compare, peak_above_now
+from moelab.eval.generate import PREFILL_TOKENS, generate_batch, generate_ids
 from moelab.models import MoETransformer
 from moelab.models.presets import get_preset
 
@@ -37,6 +42,8 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the weights' dtype, both sides")
     ap.add_argument("--batch", type=int, default=1, help="prompts decoded together (see above)")
+    ap.add_argument("--prefill", action="store_true", help="the prefill in chunks vs in one forward (see above)")
+    ap.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS, help="tokens per prefill chunk")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,6 +55,9 @@ def main() -> None:
         model = MoETransformer(cfg.model, device=device).eval()
         if args.dtype == "bf16":  # held as load_model(dtype="bf16") holds them
             model = MoETransformer.from_weights(cfg.model, model.state_dict(), torch.bfloat16)
+        if args.prefill:
+            _prefill(model, preset, args, device)
+            continue
         if args.batch > 1:
             _batched(model, preset, args, device)
             continue
@@ -103,6 +113,23 @@ def _batched(model, preset: str, args, device) -> None:
           f"{lo:.2f}-{hi:.2f}x) | same tokens as alone: {same}")
     if hf is not None:
         _versus_transformers(t, "batch", hf, rate, hf_same, ", batched")
+
+
+def _prefill(model, preset: str, args, device) -> None:
+    n = max(args.batch, 1)
+    lengths = [round(args.prompt / 4 + 3 * args.prompt / 4 * i / max(n - 1, 1)) for i in range(n)]
+    prompts = [torch.randint(1, 8192, (k,)).tolist() for k in lengths]
+    runs = {}
+    for name, tokens in (("one forward", 1 << 62), (f"chunks of {args.prefill_tokens}", args.prefill_tokens)):
+        got = {}
+        peak, seconds = peak_above_now(lambda: got.update(out=generate_batch(model, prompts, 1, prefill_tokens=tokens)))
+        runs[name] = (peak, seconds, [new for new, *_ in got["out"]])
+    (one, chunked) = runs.values()
+    print(f"{preset} ({model.cfg.attention}, {args.dtype} weights) on {device}: prefill of {n} prompts of "
+          f"{lengths[0]}-{lengths[-1]} tokens | " + " | ".join(
+              f"{name} {seconds:.2f} s, peak +{peak / 2**20:.0f} MiB" for name, (peak, seconds, _) in runs.items())
+          + f" | memory ratio one forward / chunks: {one[0] / max(chunked[0], 1):.2f}x, time ratio "
+          f"{one[1] / chunked[1]:.2f}x | same tokens: {one[2] == chunked[2]}")
 
 
 def _versus_transformers(t, ours: str, hf, tokens: int, same: bool, how: str = "") -> None:

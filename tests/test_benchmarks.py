@@ -45,6 +45,9 @@ def _run(script, *args, cwd):
                      "--batch", "3"],
      [r"test \(gqa, fp32 weights\).*3 prompts of 3-6 tokens.*speed-up " + RATIO + r".*same tokens as alone: True",
       r"\(mla.*same tokens as alone: True"]),
+    ("generate.py", ["--presets", "test", "--prefill", "--batch", "3", "--prompt", "48", "--prefill-tokens", "24"],
+     [r"test \(gqa, fp32 weights\).*prefill of 3 prompts of 12-48 tokens \| one forward .* \| chunks of 24 .*"
+      r"memory ratio one forward / chunks: " + RATIO + r", time ratio " + RATIO + r" \| same tokens: True"]),
     pytest.param("export.py", ["--arch", "deepseek_v3", "--layers", "2", "--shard", "5MB", "--experts", "8",
                                "--expert-dim", "256", "--d-model", "256"],
                  [r"memory ratio save_pretrained / moelab: " + RATIO + r"; same tensors: True"],
