@@ -257,6 +257,11 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
             del kw["first_k_dense_replace"]
         elif arch == "deepseek_v2":
             kw.update(topk_method="group_limited_greedy" if cfg.n_group > 1 else "greedy", mlp_bias=False)
+            # DeepSeek's own fields for its balance loss (transformers keeps them; `_deepseek_v2_routing`
+            # reads them back): alpha in every MoE layer, per sequence or per batch
+            per_seq = cfg.seq_aux_loss_coef > 0 or cfg.aux_loss_coef == 0
+            coef = cfg.seq_aux_loss_coef if per_seq else cfg.aux_loss_coef
+            kw.update(aux_loss_alpha=float(f"{coef / len(cfg.moe_layers):.12g}"), seq_aux=per_seq)
         elif arch == "dots1":  # every layer's attention full, none sliding
             kw.update(sliding_window=None, layer_types=["full_attention"] * cfg.n_layers)
         else:

@@ -668,7 +668,8 @@ def test_a_deepseek_v2_hub_config_converts_its_routing_and_balancing(tmp_path, m
 
     model = _model(*CASES["deepseek_v2"])
     to_hf(model).save_pretrained(tmp_path)
-    raw = json.loads((tmp_path / "config.json").read_text())
+    raw = {k: v for k, v in json.loads((tmp_path / "config.json").read_text()).items()
+           if k not in ("aux_loss_alpha", "seq_aux")}  # as a config.json without them
     raw["topk_method"] = method
     for key, value in (("aux_loss_alpha", alpha), ("seq_aux", seq_aux)):
         if value is not None:
@@ -685,6 +686,21 @@ def test_a_deepseek_v2_hub_config_converts_its_routing_and_balancing(tmp_path, m
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(UserError, match="topk_method='noaux_tc'"):
         load_hf(tmp_path)
+
+
+@pytest.mark.parametrize("seq_aux,aux", [(0.04, 0.0), (0.0, 0.03)])
+def test_a_deepseek_v2_export_carries_its_balance_loss_back(tmp_path, seq_aux, aux):
+    """Exported as DeepSeek's own config fields (aux_loss_alpha per MoE layer, seq_aux), the
+    balancing a run trained with comes back on convert, not the family's default."""
+    import json
+
+    ours = _model(*CASES["deepseek_v2"], seed=0)
+    ours.cfg.seq_aux_loss_coef, ours.cfg.aux_loss_coef = seq_aux, aux
+    export_hf(ours, tmp_path / "hf")
+    raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (raw["aux_loss_alpha"], raw["seq_aux"]) == ((seq_aux or aux) / 2, seq_aux > 0)  # 2 MoE layers
+    back = load_hf(tmp_path / "hf").cfg
+    assert (back.seq_aux_loss_coef, back.aux_loss_coef) == (seq_aux, aux)
 
 
 @pytest.mark.parametrize("case", ["deepseek_v3", "deepseek_v3-full-q-yarn", "deepseek_v3-no-shared"])
