@@ -455,7 +455,7 @@ def test_a_bf16_checkpoint_held_in_bf16_keeps_its_tensors_and_errs_as_transforme
     assert 0 < err <= 1.25 * hf_err, (err, hf_err)
 
 
-@pytest.mark.parametrize("case", ["deepseek_v3", "glm4_moe", "qwen3_moe", "ernie4_5_moe", "deepseek_v2"])
+@pytest.mark.parametrize("case", ["deepseek_v3", "glm4_moe", "qwen3_moe", "ernie4_5_moe", "deepseek_v2", "dots1"])
 def test_a_bf16_checkpoint_with_fp32_routers_converts_and_exports_back_to_itself(tmp_path, case):
     """transformers keeps DeepSeek-V3's and GLM4-MoE's routers in fp32 in a bf16 model, and so in its
     bf16 checkpoints (Qwen3-MoE's: bf16): convert + export in bf16, and the export of the directory
