@@ -45,6 +45,7 @@ import torch
 from moelab.config import ModelConfig
 from moelab.errors import UserError, cannot_write, write_errors
 from moelab.files import staged_folder
+from moelab.models.presets import FAMILIES
 from moelab.models.transformer import WEIGHT_DTYPES, held_as
 
 ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
@@ -371,8 +372,6 @@ def model_config_from_hf(hf) -> ModelConfig:
         elif arch == "ernie4_5_moe":
             _ernie_moe(hf, m)
         elif arch == "minimax_m2":  # aux-loss-free bias updates, as its selection bias was trained, and its aux loss
-            from moelab.models.presets import FAMILIES
-
             m.n_experts, m.expert_dim = hf.num_local_experts, hf.intermediate_size
             m.router, m.norm_topk_prob = "sigmoid", True
             m.bias_update_rate = FAMILIES["deepseek_v3"]["bias_update_rate"]
@@ -401,8 +400,6 @@ def model_config_from_hf(hf) -> ModelConfig:
                     raise _refuse(arch, "mlp_layer_types", types, "dense layers first, then sparse ones")
             # transformers has no field for how these are balanced in training: their own recipe
             # (aux-loss-free bias updates and a small sequence-wise loss), as the family presets have it
-            from moelab.models.presets import FAMILIES
-
             family = FAMILIES[{"glm4_moe_lite": "glm4_moe", "dots1": "deepseek_v3"}.get(arch, arch)]
             m.seq_aux_loss_coef = family["seq_aux_loss_coef"]
             m.bias_update_rate = family["bias_update_rate"]
@@ -417,8 +414,6 @@ def _ernie_moe(hf, m: ModelConfig) -> None:
     """ERNIE 4.5's MoE layers: layers moe_layer_start_index to the last (every one: moelab's are the
     last n_layers - first_k_dense), a softmax router choosing by score + selection bias, renormalised.
     The bias is held where moelab trains it, updated as ERNIE's training updated it (the family's rate)."""
-    from moelab.models.presets import FAMILIES
-
     if hf.use_bias:
         raise _refuse("ernie4_5_moe", "use_bias", True, False)
     start, end, every = hf.moe_layer_start_index, hf.moe_layer_end_index, hf.moe_layer_interval
@@ -461,12 +456,17 @@ _LAYER_RENAMES = [
     ("attn.kv_a_proj.", "self_attn.kv_a_proj_with_mqa."), ("attn.kv_a_norm.", "self_attn.kv_a_layernorm."),
     ("attn.q_a_norm.", "self_attn.q_a_layernorm."), ("attn.", "self_attn."),
     ("moe.router.weight", "mlp.gate.weight"), ("moe.router.selection_bias", "mlp.gate.e_score_correction_bias"),
-    ("moe.router.selection_bias", "mlp.gate.moe_statics.e_score_correction_bias"),  # ERNIE 4.5's, (1, E)
-    ("moe.router.selection_bias", "mlp.e_score_correction_bias"),  # MiniMax-M2's, on the block
-    ("moe.shared.", "mlp.shared_experts."), ("moe.shared.", "mlp.shared_expert."),  # Qwen2-MoE's: singular
-    ("moe.shared_gate.", "mlp.shared_expert_gate."), ("moe.experts.down_proj", "mlp.experts.down_proj"),
-    ("mlp.", "mlp."),
+    ("moe.shared.", "mlp.shared_experts."), ("moe.shared_gate.", "mlp.shared_expert_gate."),
+    ("moe.experts.down_proj", "mlp.experts.down_proj"), ("mlp.", "mlp."),
 ]
+# Architectures that name a tensor their own way: tried first, for the target architecture on export;
+# every one's on import (their names are distinct)
+_ARCH_RENAMES = {
+    "qwen2_moe": [("moe.shared.", "mlp.shared_expert.")],  # one shared expert, singular
+    "ernie4_5_moe": [("moe.router.selection_bias", "mlp.gate.moe_statics.e_score_correction_bias")],  # (1, E)
+    "minimax_m2": [("moe.router.selection_bias", "mlp.e_score_correction_bias")],  # on the block
+}
+_ANY_ARCH_RENAMES = [pair for pairs in _ARCH_RENAMES.values() for pair in pairs]
 _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "lm_head.weight": "lm_head.weight"}
 
@@ -482,14 +482,10 @@ def _rename(name: str, to_hf: bool, arch: str | None = None) -> str | None:
     if not match:
         return None
     rest = name[match.end():]
-    for ours, theirs in _LAYER_RENAMES:
+    first = _ARCH_RENAMES.get(arch, []) if to_hf else _ANY_ARCH_RENAMES
+    for ours, theirs in first + _LAYER_RENAMES:
         src, dst = (ours, theirs) if to_hf else (theirs, ours)
         if rest.startswith(src):
-            if to_hf and arch == "qwen2_moe" and dst == "mlp.shared_experts.":
-                dst = "mlp.shared_expert."
-            if to_hf and dst == "mlp.gate.e_score_correction_bias":
-                dst = {"ernie4_5_moe": "mlp.gate.moe_statics.e_score_correction_bias",
-                       "minimax_m2": "mlp.e_score_correction_bias"}.get(arch, dst)
             return dst_block.format(match.group(1)) + dst + rest[len(src):]
     return None
 
