@@ -45,7 +45,7 @@ import torch
 from moelab.config import ModelConfig
 from moelab.errors import UserError, cannot_write, write_errors
 from moelab.files import staged_folder
-from moelab.models.presets import FAMILIES
+from moelab.models.presets import FAMILIES, recipe_seq_aux
 from moelab.models.transformer import WEIGHT_DTYPES, held_as
 
 ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
@@ -400,11 +400,13 @@ def model_config_from_hf(hf) -> ModelConfig:
                     raise _refuse(arch, "mlp_layer_types", types, "dense layers first, then sparse ones")
             # transformers has no field for how these are balanced in training: their own recipe
             # (aux-loss-free bias updates and a small sequence-wise loss), as the family presets have it
-            family = FAMILIES[{"glm4_moe_lite": "glm4_moe", "dots1": "deepseek_v3"}.get(arch, arch)]
-            m.seq_aux_loss_coef = family["seq_aux_loss_coef"]
-            m.bias_update_rate = family["bias_update_rate"]
+            family = {"glm4_moe_lite": "glm4_moe", "dots1": "deepseek_v3"}.get(arch, arch)
+            m.bias_update_rate = FAMILIES[family]["bias_update_rate"]
             if arch == "deepseek_v2":
+                m.seq_aux_loss_coef = FAMILIES[family]["seq_aux_loss_coef"]
                 _deepseek_v2_routing(hf, m)
+            else:
+                m.seq_aux_loss_coef = recipe_seq_aux(family, m)
     m.dense_dim = m.dense_dim or 4 * m.d_model
     m.shared_expert_dim = m.shared_expert_dim or m.expert_dim
     return m

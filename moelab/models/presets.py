@@ -56,6 +56,9 @@ def _tiny_family(name: str, **model) -> Config:
     cfg.preset = name
     for k, v in model.items():
         setattr(cfg.model, k, v)
+    family = name.removesuffix("-tiny")
+    if family in SEQ_AUX_PER_LAYER:
+        cfg.model.seq_aux_loss_coef = recipe_seq_aux(family, cfg.model)
     return cfg
 
 
@@ -65,11 +68,9 @@ FAMILIES = {
     "qwen3_moe": dict(n_kv_heads=2, qk_norm="head", tie_embeddings=False, norm_topk_prob=True),
     "olmoe": dict(qk_norm="full", norm_topk_prob=False, tie_embeddings=False),
     "deepseek_v3": dict(attention="mla", router="sigmoid", n_shared_experts=1, rope_interleave=True,
-                        norm_topk_prob=True, tie_embeddings=False, aux_loss_coef=0.0,
-                        seq_aux_loss_coef=1e-4, bias_update_rate=1e-3),
+                        norm_topk_prob=True, tie_embeddings=False, aux_loss_coef=0.0, bias_update_rate=1e-3),
     "glm4_moe": dict(router="sigmoid", n_shared_experts=1, qkv_bias=True, partial_rotary=0.5,
-                     norm_topk_prob=True, tie_embeddings=False, aux_loss_coef=0.0, seq_aux_loss_coef=1e-4,
-                     bias_update_rate=1e-3),
+                     norm_topk_prob=True, tie_embeddings=False, aux_loss_coef=0.0, bias_update_rate=1e-3),
     # DeepSeek-V2(-Lite) balanced experts with a per-sequence loss (seq_aux), alpha 0.001-0.003 in every MoE
     # layer: 0.03-0.18 as moelab's average over layers; 0.01 at the tiny size (1e-3 let its routing collapse)
     "deepseek_v2": dict(attention="mla", router="softmax", norm_topk_prob=False, n_shared_experts=2,
@@ -84,6 +85,17 @@ FAMILIES = {
     "llama": dict(n_experts=0, n_kv_heads=2, tie_embeddings=False),
     "qwen3": dict(n_experts=0, n_kv_heads=2, qk_norm="head", tie_embeddings=True),
 }
+
+# DeepSeek-V3 and GLM-4.5 add a sequence-wise balance loss of weight 1e-4 in every MoE layer. moelab
+# averages the layers' terms, so the recipe is 1e-4 x the MoE layers (see recipe_seq_aux).
+SEQ_AUX_PER_LAYER = {"deepseek_v3": 1e-4, "glm4_moe": 1e-4}
+
+
+def recipe_seq_aux(family: str, model: ModelConfig) -> float:
+    """The family's per-layer sequence-wise loss weight as moelab's coefficient (an average over the
+    MoE layers): the weight x the model's MoE layers, so each layer's term keeps the recipe's weight."""
+    return float(f"{SEQ_AUX_PER_LAYER[family] * len(model.moe_layers):.12g}")
+
 
 TINY = {
     "mixtral": dict(n_experts=8, top_k=2, expert_dim=128),
@@ -159,7 +171,10 @@ PUBLISHED = {
 
 def _published(name: str) -> Config:
     family, model = PUBLISHED[name]
-    cfg = Config(preset=name, model=ModelConfig(**{**FAMILIES[family], **model}),
+    m = ModelConfig(**{**FAMILIES[family], **model})
+    if family in SEQ_AUX_PER_LAYER:
+        m.seq_aux_loss_coef = recipe_seq_aux(family, m)
+    cfg = Config(preset=name, model=m,
                  data=DataConfig(vocab_size=model["vocab_size"]),
                  optim=OptimConfig(muon_lr=2e-3, adamw_lr=1e-3, warmup=2000),
                  train=TrainConfig(steps=100_000, seq_len=2048, batch_size=8, precision="bf16",

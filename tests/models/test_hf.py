@@ -650,8 +650,22 @@ def test_a_converted_deepseek_or_glm_model_trains_with_its_familys_balancing(pre
     ours = _model(preset, {"seq_aux_loss_coef": 0.0, "bias_update_rate": 0.0})
     cfg = from_hf(to_hf(ours)).cfg
     family = FAMILIES[preset.removesuffix("-tiny")]
-    assert (cfg.seq_aux_loss_coef, cfg.bias_update_rate) == (family["seq_aux_loss_coef"], family["bias_update_rate"])
-    assert cfg.bias_update_rate > 0
+    assert cfg.bias_update_rate == family["bias_update_rate"] > 0
+    # the recipe's 1e-4 in each MoE layer, as moelab's average over the MoE layers
+    n = len(cfg.moe_layers)
+    assert n >= 2 and cfg.seq_aux_loss_coef == pytest.approx(1e-4 * n, rel=1e-12)
+
+
+@pytest.mark.parametrize("preset,moe_layers", [("deepseek-v3", 58), ("glm-4.5-air", 45), ("deepseek_v3-tiny", 3)])
+def test_deepseek_v3_and_glm_presets_weigh_each_moe_layer_as_their_recipe(preset, moe_layers):
+    """DeepSeek-V3 and GLM-4.5 add a 1e-4 sequence-wise loss in every MoE layer; moelab averages
+    the layers' terms, so its coefficient is 1e-4 x the MoE layers: each layer's gradient the recipe's,
+    not a 58th of it."""
+    from moelab.models.presets import get_preset
+
+    m = get_preset(preset).model
+    assert len(m.moe_layers) == moe_layers
+    assert m.seq_aux_loss_coef / moe_layers == pytest.approx(1e-4, rel=1e-12)
 
 
 @pytest.mark.parametrize("method,alpha,seq_aux", [("greedy", 0.001, True), ("group_limited_greedy", 0.003, True),
