@@ -29,7 +29,7 @@ def main() -> None:
     from moelab.config import build_config
     from moelab.models import MoETransformer
     from moelab.models.hf import ARCHS, hf_config, to_hf_state_dict
-    from moelab.models.presets import FAMILIES
+    from moelab.models.presets import apply_family
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="exp3")
@@ -50,9 +50,7 @@ def main() -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     cfg = build_config(args.preset, overrides=args.set)
     size = {k: getattr(cfg.model, k) for k in ("d_model", "n_heads", "n_experts", "top_k", "expert_dim")}
-    for k, v in {**FAMILIES[args.arch], **size, "n_layers": 1, "first_k_dense": 0, "n_group": 1,
-                 "topk_group": 1}.items():
-        setattr(cfg.model, k, v)
+    apply_family(cfg.model, args.arch, **size, n_layers=1, first_k_dense=0, n_group=1, topk_group=1)
     m = cfg.resolve(vocab_size=cfg.data.vocab_size).model
     B, S = cfg.train.batch_size, cfg.train.seq_len
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ def main() -> None:
     from moelab.models import MoETransformer
     from moelab.models.accounting import parameter_table
     from moelab.models.hf import hf_config, to_hf_state_dict
-    from moelab.models.presets import FAMILIES
+    from moelab.models.presets import apply_family
     from moelab.optim.groups import HybridOptimizer
     from moelab.train.monitor import flops_per_token, peak_tflops
 
@@ -74,8 +74,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     apply_host_settings(args)
     cfg = build_config(args.preset)
-    for k, v in {**FAMILIES["deepseek_v3"], "n_group": 1, "topk_group": 1}.items():
-        setattr(cfg.model, k, v)
+    apply_family(cfg.model, "deepseek_v3", n_group=1, topk_group=1)
     for item in args.set:
         apply_override(cfg, item)
     cfg.validate()

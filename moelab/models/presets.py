@@ -51,14 +51,19 @@ def test() -> Config:
     )
 
 
-def _tiny_family(name: str, **model) -> Config:
-    cfg = tiny()
-    cfg.preset = name
-    for k, v in model.items():
-        setattr(cfg.model, k, v)
-    family = name.removesuffix("-tiny")
+def apply_family(model: ModelConfig, family: str, **sizes) -> ModelConfig:
+    """Give model a family's design, then sizes, then the balancing its recipe has at that depth."""
+    for k, v in {**FAMILIES[family], **sizes}.items():
+        setattr(model, k, v)
     if family in SEQ_AUX_PER_LAYER:
-        cfg.model.seq_aux_loss_coef = recipe_seq_aux(family, cfg.model)
+        model.seq_aux_loss_coef = recipe_seq_aux(family, model)
+    return model
+
+
+def _tiny_family(family: str) -> Config:
+    cfg = tiny()
+    cfg.preset = f"{family}-tiny"
+    apply_family(cfg.model, family, **TINY[family])
     return cfg
 
 
@@ -171,10 +176,7 @@ PUBLISHED = {
 
 def _published(name: str) -> Config:
     family, model = PUBLISHED[name]
-    m = ModelConfig(**{**FAMILIES[family], **model})
-    if family in SEQ_AUX_PER_LAYER:
-        m.seq_aux_loss_coef = recipe_seq_aux(family, m)
-    cfg = Config(preset=name, model=m,
+    cfg = Config(preset=name, model=apply_family(ModelConfig(), family, **model),
                  data=DataConfig(vocab_size=model["vocab_size"]),
                  optim=OptimConfig(muon_lr=2e-3, adamw_lr=1e-3, warmup=2000),
                  train=TrainConfig(steps=100_000, seq_len=2048, batch_size=8, precision="bf16",
@@ -184,7 +186,7 @@ def _published(name: str) -> Config:
 
 PRESETS = {"tiny": tiny, "exp3": exp3, "test": test}
 for _fam in FAMILIES:
-    PRESETS[f"{_fam}-tiny"] = (lambda f: lambda: _tiny_family(f"{f}-tiny", **FAMILIES[f], **TINY[f]))(_fam)
+    PRESETS[f"{_fam}-tiny"] = (lambda f: lambda: _tiny_family(f))(_fam)
 for _name in PUBLISHED:
     PRESETS[_name] = (lambda n: lambda: _published(n))(_name)
 
