@@ -45,6 +45,13 @@ class ModelConfig:
     qk_rope_head_dim: int = 16  # MLA: per-head query/key dims with RoPE (the key part is shared)
     v_head_dim: int = 32  # MLA: per-head value dim
     # ---- rotary position embedding ----
+    # Granite's muP-style multipliers (1 / 0: off): the embedding's output times embed_scale; each
+    # attention and feed-forward output times residual_scale before it joins the residual stream;
+    # attention scores times attn_scale instead of head_dim ** -0.5; the logits divided by logits_divisor
+    embed_scale: float = 1.0
+    residual_scale: float = 1.0
+    attn_scale: float = 0.0
+    logits_divisor: float = 1.0
     rope_theta: float = 10000.0  # RoPE base (wavelengths up to 2*pi*theta)
     partial_rotary: float = 1.0  # share of each head's dims that is rotated (GLM4: 0.5)
     rope_interleave: bool = False  # rotate (x0,x1),(x2,x3).. pairs (DeepSeek) instead of halves
@@ -250,6 +257,8 @@ class Config:
              "model.qkv_bias/out_bias are not supported with attention=mla"),
             (m.attention == "gqa" or m.partial_rotary == 1.0,
              "with attention=mla set the rotated width with model.qk_rope_head_dim, not partial_rotary"),
+            (m.attention == "gqa" or m.attn_scale == 0,
+             "model.attn_scale applies to attention=gqa (MLA's scale follows its head dims and yarn)"),
             (0.0 < m.partial_rotary <= 1.0, f"model.partial_rotary must be in (0, 1] (got {m.partial_rotary})"),
             (m.attention == "mla" or int(m.head_dim * m.partial_rotary) % 2 == 0,
              f"model.head_dim * model.partial_rotary must be even for RoPE (got {m.head_dim} * {m.partial_rotary})"),
@@ -312,7 +321,7 @@ class Config:
             ("model.group_score_top", m.group_score_top, 1),
             ("model.capacity_factor", m.capacity_factor, 0), ("model.aux_loss_coef", m.aux_loss_coef, 0),
             ("model.seq_aux_loss_coef", m.seq_aux_loss_coef, 0), ("model.z_loss_coef", m.z_loss_coef, 0),
-            ("model.bias_update_rate", m.bias_update_rate, 0),
+            ("model.bias_update_rate", m.bias_update_rate, 0), ("model.attn_scale", m.attn_scale, 0),
             ("train.steps", t.steps, 1), ("train.batch_size", t.batch_size, 1), ("train.grad_accum", t.grad_accum, 1),
             ("train.seq_len", t.seq_len, 2), ("train.eval_every", t.eval_every, 1),
             ("train.log_every", t.log_every, 1), ("train.save_every", t.save_every, 1),
@@ -359,6 +368,8 @@ class Config:
             if not 0 <= value < 1:
                 raise UserError(f"invalid config: {key} must be in [0, 1) (got {value})")
         above_zero = [("model.routed_scaling", m.routed_scaling), ("model.rope_theta", m.rope_theta),
+                      ("model.embed_scale", m.embed_scale), ("model.residual_scale", m.residual_scale),
+                      ("model.logits_divisor", m.logits_divisor),
                       ("model.yarn_beta_fast", m.yarn_beta_fast), ("model.yarn_beta_slow", m.yarn_beta_slow),
                       ("model.llama3_low_freq_factor", m.llama3_low_freq_factor),
                       ("model.llama3_high_freq_factor", m.llama3_high_freq_factor),

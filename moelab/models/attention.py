@@ -111,6 +111,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qk_norm, self.interleave = cfg.qk_norm, cfg.rope_interleave
+        self.scale = cfg.attn_scale or None  # None: SDPA's head_dim ** -0.5
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
@@ -143,7 +144,8 @@ class Attention(nn.Module):
         start = cache.len if cache is not None else 0
         if cache is not None:
             k_BGSD, v_BGSD = cache.append(k_BGSD, v_BGSD, dim=2)
-        y_BHSD = _attend(q_BHSD, k_BGSD, v_BGSD, cache, start, enable_gqa=self.n_kv_heads != self.n_heads)
+        y_BHSD = _attend(q_BHSD, k_BGSD, v_BGSD, cache, start, enable_gqa=self.n_kv_heads != self.n_heads,
+                         scale=self.scale)
         return self.o_proj(y_BHSD.transpose(1, 2).reshape(B, S, -1))
 
 

@@ -28,7 +28,8 @@ from moelab.models.router import Router, RouterOutput
 
 @dataclass
 class ModelOutput:
-    """`logits` (B, S, V) are computed from `hidden` (the final norm's output) on first access
+    """`logits` (B, S, V) are computed from `hidden` (the final norm's output, divided by
+    model.logits_divisor where it is not 1: the head's input) on first access
     when the forward did not compute them: the loss was fused with the projection (see
     `moelab.models.loss`), or the caller asked for `logits=False` to take only the positions or
     row chunks it needs through `project` (a (B, S, V) tensor is 2.4 MB per position at a
@@ -61,6 +62,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = build_attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.residual_scale = cfg.residual_scale
         if cfg.is_moe_layer(layer):
             self.moe = MoE(cfg, layer)
         else:
@@ -68,12 +70,16 @@ class Block(nn.Module):
 
     def forward(self, x_BSD, cos_SR, sin_SR, route_cache: dict | None = None, kv: LayerCache | None = None,
                 stats: bool = True):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR, kv)
+        r = self.residual_scale
+        a_BSD = self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR, kv)
+        x_BSD = x_BSD + a_BSD if r == 1.0 else x_BSD + a_BSD * r
         h_BSD = self.mlp_norm(x_BSD)
+        routing = None
         if hasattr(self, "moe"):
             y_BSD, routing = self.moe(h_BSD, route_cache, stats)
-            return x_BSD + y_BSD, routing
-        return x_BSD + self.mlp(h_BSD), None
+        else:
+            y_BSD = self.mlp(h_BSD)
+        return (x_BSD + y_BSD if r == 1.0 else x_BSD + y_BSD * r), routing
 
 
 # torch's CPU allocator starts every tensor on a 64-byte boundary (a cache line, an AVX-512 load).
@@ -245,6 +251,8 @@ class MoETransformer(nn.Module):
         else:  # (B, 1, S, R): each row from its own first token
             cos_SR, sin_SR = self.rope_cos[pos_BS].unsqueeze(1), self.rope_sin[pos_BS].unsqueeze(1)
         x_BSD = self.embed(input_ids)
+        if self.cfg.embed_scale != 1.0:
+            x_BSD = x_BSD * self.cfg.embed_scale
         routing = []
         ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         # the routers' balance terms where a loss or a gradient may use them (not decoding, say)
@@ -258,6 +266,8 @@ class MoETransformer(nn.Module):
             if r is not None:
                 routing.append(r)
         h_BSD = self.norm(x_BSD)
+        if self.cfg.logits_divisor != 1.0:  # (h / d) W^T: every path to the logits, the fused loss's too
+            h_BSD = h_BSD / self.cfg.logits_divisor
         out = ModelOutput(hidden=h_BSD, router=routing, _head=self.lm_head)
         if targets is not None and self.fuses_loss:
             # projection and loss fused in row chunks: no (B, S, V) logits (moelab.models.loss),
