@@ -19,6 +19,9 @@ Architectures (transformers model_type -> class):
                                       choosing with a selection bias, no shared experts (MiniMax-M2)
   ernie4_5_moe Ernie4_5_MoeForCausalLM GQA, interleaved RoPE, softmax router whose choice adds a
                                       selection bias (ERNIE 4.5's moe_statics), shared experts
+  granitemoe   GraniteMoeForCausalLM  GQA, softmax over the top-k logits, muP multipliers (embedding,
+                                      residual, attention scale, logits divisor) (Granite 3.0 MoE)
+  granitemoeshared GraniteMoeSharedForCausalLM  Granite MoE plus one ungated shared expert
   llama        LlamaForCausalLM       dense baseline
   qwen3        Qwen3ForCausalLM       dense baseline with per-head QK-norm
 
@@ -32,6 +35,7 @@ exactly is refused with every differing field named; never approximated. Trainin
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import shutil
@@ -51,9 +55,11 @@ from moelab.models.transformer import WEIGHT_DTYPES, held_as
 ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
          "glm4_moe": "Glm4Moe", "qwen2_moe": "Qwen2Moe", "deepseek_v2": "DeepseekV2", "ernie4_5_moe": "Ernie4_5_Moe",
          "glm4_moe_lite": "Glm4MoeLite", "dots1": "Dots1", "minimax_m2": "MiniMaxM2",
+         "granitemoe": "GraniteMoe", "granitemoeshared": "GraniteMoeShared",
          "llama": "Llama", "qwen3": "Qwen3"}
 MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "qwen2_moe", "deepseek_v2", "ernie4_5_moe",
-             "glm4_moe_lite", "dots1", "minimax_m2")
+             "glm4_moe_lite", "dots1", "minimax_m2", "granitemoe", "granitemoeshared")
+GRANITE_ARCHS = ("granitemoe", "granitemoeshared")
 PARTIAL_ROTARY_ARCHS = ("glm4_moe", "minimax_m2")
 MLA_ARCHS = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite")
 SIGMOID_ARCHS = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1")  # DeepSeek-V3's MoE: sigmoid, selection bias, groups
@@ -61,7 +67,7 @@ ACTS = {"silu": "silu", "gelu": "gelu_pytorch_tanh"}
 # transformers' load-balancing loss (load_balancing_loss_func) of these counts every one of a token's
 # top-k picks, so it is top_k under uniform routing where moelab's (the share of picks) is 1: their
 # router_aux_loss_coef is moelab's aux_loss_coef / top_k, for the same balancing gradient.
-AUX_PER_PICK = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "ernie4_5_moe", "minimax_m2")
+AUX_PER_PICK = ("mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "ernie4_5_moe", "minimax_m2", *GRANITE_ARCHS)
 
 
 def _aux_coef(coef: float, top_k: int, arch: str, to_hf: bool) -> float:
@@ -93,8 +99,13 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
         need["rope_interleave"] = (cfg.rope_interleave, False)
     if arch not in PARTIAL_ROTARY_ARCHS:
         need["partial_rotary"] = (cfg.partial_rotary, 1.0)
+    if arch not in GRANITE_ARCHS:  # Granite's multipliers; elsewhere each is 1 (the default attention scale)
+        need.update(embed_scale=(cfg.embed_scale, 1.0), residual_scale=(cfg.residual_scale, 1.0),
+                    logits_divisor=(cfg.logits_divisor, 1.0))
+        if cfg.attn_scale and cfg.attn_scale != cfg.head_dim ** -0.5:
+            need["attn_scale"] = (cfg.attn_scale, 0.0)
     qk = {"mixtral": "none", "llama": "none", "qwen3_moe": "head", "qwen3": "head", "olmoe": "full", "dots1": "head",
-          "minimax_m2": "full"}
+          "minimax_m2": "full", "granitemoe": "none", "granitemoeshared": "none"}
     if arch in qk:
         need["qk_norm"] = (cfg.qk_norm, qk[arch])
         need["out_bias"] = (cfg.out_bias, cfg.qkv_bias if arch not in ("mixtral", "minimax_m2") else False)
@@ -148,7 +159,7 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
             need["router"] = (cfg.router if cfg.router != "topk_softmax" else "softmax", "softmax")
             need["routed_scaling"] = (cfg.routed_scaling, 1.0)
             need["n_group"] = (cfg.n_group, 1)
-            if arch == "qwen2_moe":  # one shared expert of n_shared_experts * shared_expert_dim
+            if arch in ("qwen2_moe", "granitemoeshared"):  # one shared expert of n_shared_experts * shared_expert_dim
                 need["n_shared_experts > 0"] = (cfg.n_shared_experts > 0, True)
             else:
                 need["n_shared_experts"] = (cfg.n_shared_experts, 0)
@@ -157,7 +168,7 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
                 need["norm_topk_prob"] = (True, True)
             elif arch == "mixtral":
                 need["norm_topk_prob"] = (cfg.norm_topk_prob, True)
-        if arch in ("mixtral", "olmoe"):
+        if arch in ("mixtral", "olmoe", *GRANITE_ARCHS):
             need["first_k_dense"] = (cfg.first_k_dense, 0)
     out = []
     for name, (have, want) in need.items():
@@ -233,6 +244,13 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
                   use_sliding_window=False, **moe)
     elif arch == "minimax_m2":
         kw = dict(intermediate_size=cfg.expert_dim, num_local_experts=cfg.n_experts, router_jitter_noise=0.0, **moe)
+    elif arch in GRANITE_ARCHS:
+        kw = dict(intermediate_size=cfg.expert_dim, num_local_experts=cfg.n_experts, attention_bias=cfg.qkv_bias,
+                  embedding_multiplier=cfg.embed_scale, residual_multiplier=cfg.residual_scale,
+                  attention_multiplier=cfg.attn_scale or cfg.head_dim ** -0.5, logits_scaling=cfg.logits_divisor,
+                  **moe)
+        if arch == "granitemoeshared":
+            kw["shared_intermediate_size"] = cfg.n_shared_experts * cfg.shared_expert_dim
     elif arch == "ernie4_5_moe":
         kw = dict(intermediate_size=cfg.dense_dim, moe_intermediate_size=cfg.expert_dim, moe_k=cfg.top_k,
                   moe_num_experts=cfg.n_experts, moe_num_shared_experts=cfg.n_shared_experts,
@@ -371,6 +389,12 @@ def model_config_from_hf(hf) -> ModelConfig:
             m.n_experts, m.expert_dim = hf.num_experts, hf.intermediate_size
         elif arch == "ernie4_5_moe":
             _ernie_moe(hf, m)
+        elif arch in GRANITE_ARCHS:  # softmax over the top-k logits: softmax, top-k, renormalised
+            m.n_experts, m.expert_dim = hf.num_local_experts, hf.intermediate_size
+            m.embed_scale, m.residual_scale = float(hf.embedding_multiplier), float(hf.residual_multiplier)
+            m.attn_scale, m.logits_divisor = float(hf.attention_multiplier), float(hf.logits_scaling)
+            shared = g("shared_intermediate_size", 0) or 0
+            m.n_shared_experts, m.shared_expert_dim = (1, shared) if shared else (0, 0)
         elif arch == "minimax_m2":  # aux-loss-free bias updates, as its selection bias was trained, and its aux loss
             m.n_experts, m.expert_dim = hf.num_local_experts, hf.intermediate_size
             m.router, m.norm_topk_prob = "sigmoid", True
@@ -459,16 +483,42 @@ _LAYER_RENAMES = [
     ("attn.q_a_norm.", "self_attn.q_a_layernorm."), ("attn.", "self_attn."),
     ("moe.router.weight", "mlp.gate.weight"), ("moe.router.selection_bias", "mlp.gate.e_score_correction_bias"),
     ("moe.shared.", "mlp.shared_experts."), ("moe.shared_gate.", "mlp.shared_expert_gate."),
-    ("moe.experts.down_proj", "mlp.experts.down_proj"), ("mlp.", "mlp."),
+    ("moe.experts.down_proj", "mlp.experts.down_proj"), ("moe.experts.gate_up_proj", "mlp.experts.gate_up_proj"),
+    ("mlp.", "mlp."),
 ]
+# moe.experts.gate_up_proj and moe.shared.gate_up_proj.weight are no moelab tensors: the names of the
+# fused gate and up projections, (E, 2F, D) and (2F, D), that transformers holds, gate first
+_GRANITE = [("moe.router.weight", "block_sparse_moe.router.weight"),
+            ("moe.experts.down_proj", "block_sparse_moe.experts.down_proj"),
+            ("moe.experts.gate_up_proj", "block_sparse_moe.experts.gate_up_proj")]
+# transformers before its GraniteMoeExperts (5.0 to 5.1) held the same tensors under the checkpoints' names
+_GRANITE_LEGACY = [("moe.router.weight", "block_sparse_moe.router.layer.weight"),
+                   ("moe.experts.down_proj", "block_sparse_moe.output_linear.weight"),
+                   ("moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight")]
 # Architectures that name a tensor their own way: tried first, for the target architecture on export;
 # every one's on import (their names are distinct)
 _ARCH_RENAMES = {
     "qwen2_moe": [("moe.shared.", "mlp.shared_expert.")],  # one shared expert, singular
     "ernie4_5_moe": [("moe.router.selection_bias", "mlp.gate.moe_statics.e_score_correction_bias")],  # (1, E)
     "minimax_m2": [("moe.router.selection_bias", "mlp.e_score_correction_bias")],  # on the block
+    "granitemoe": _GRANITE,
+    "granitemoeshared": _GRANITE + [("moe.shared.gate_up_proj.weight", "shared_mlp.input_linear.weight"),
+                                    ("moe.shared.down_proj.weight", "shared_mlp.output_linear.weight")],
 }
-_ANY_ARCH_RENAMES = [pair for pairs in _ARCH_RENAMES.values() for pair in pairs]
+_ANY_ARCH_RENAMES = [pair for pairs in _ARCH_RENAMES.values() for pair in pairs] + _GRANITE_LEGACY
+
+
+@functools.cache
+def _granite_legacy() -> bool:
+    """Whether the installed transformers holds Granite MoE's experts under the checkpoints' names."""
+    from transformers.models.granitemoe import modeling_granitemoe
+
+    return not hasattr(modeling_granitemoe, "GraniteMoeExperts")
+
+
+def _export_renames(arch: str | None) -> list[tuple[str, str]]:
+    pairs = _ARCH_RENAMES.get(arch, [])
+    return _GRANITE_LEGACY + pairs if arch in GRANITE_ARCHS and _granite_legacy() else pairs
 _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "lm_head.weight": "lm_head.weight"}
 
@@ -484,7 +534,7 @@ def _rename(name: str, to_hf: bool, arch: str | None = None) -> str | None:
     if not match:
         return None
     rest = name[match.end():]
-    first = _ARCH_RENAMES.get(arch, []) if to_hf else _ANY_ARCH_RENAMES
+    first = _export_renames(arch) if to_hf else _ANY_ARCH_RENAMES
     for ours, theirs in first + _LAYER_RENAMES:
         src, dst = (ours, theirs) if to_hf else (theirs, ours)
         if rest.startswith(src):
@@ -513,6 +563,7 @@ def _hf_groups(model, meta: bool = False, arch: str | None = None) -> Iterator[d
         for name in [n for n in sd if n.endswith("moe.router.weight")]:
             bias = name[: -len("weight")] + "selection_bias"
             sd[bias] = sd[bias].view(1, -1) if bias in sd else sd[name].new_zeros(1, sd[name].shape[0])
+    fuse_shared = arch == "granitemoeshared"
     groups: dict[object, list[str]] = {}
     for name in sd:
         block = re.match(r"blocks\.(\d+)\.", name)
@@ -520,12 +571,16 @@ def _hf_groups(model, meta: bool = False, arch: str | None = None) -> Iterator[d
     for names in groups.values():
         out = {}
         for name in names:
-            if name.endswith("moe.experts.up_proj"):
+            if name.endswith("moe.experts.up_proj") or (fuse_shared and name.endswith("moe.shared.up_proj.weight")):
                 continue  # fused with its gate below
             if name.endswith("moe.experts.gate_proj"):  # HF fuses gate and up: chunk(2) gives gate first
                 base = name[: -len("gate_proj")]
-                hf_name = _rename(base + "down_proj", True).replace("down_proj", "gate_up_proj")
-                out[hf_name] = torch.cat([sd[name], sd[base + "up_proj"]], dim=1)
+                out[_rename(base + "gate_up_proj", True, arch)] = torch.cat([sd[name], sd[base + "up_proj"]], dim=1)
+                continue
+            if fuse_shared and name.endswith("moe.shared.gate_proj.weight"):  # Granite's shared expert: the same
+                base = name[: -len("gate_proj.weight")]
+                out[_rename(base + "gate_up_proj.weight", True, arch)] = torch.cat(
+                    [sd[name], sd[base + "up_proj.weight"]], dim=0)
                 continue
             hf_name = _rename(name, True, arch)
             if hf_name is None:
@@ -548,16 +603,17 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], consume: bool = False,
     out = {}
     for name in list(sd):
         t = sd.pop(name) if consume else sd[name]
-        if name.endswith("mlp.experts.gate_up_proj"):
-            base = _rename(name.replace("gate_up_proj", "down_proj"), False)[: -len("down_proj")]
-            t = t if dtype is None else t.to(dtype)
-            gate, up = t.chunk(2, dim=1)
-            out[base + "gate_proj"], out[base + "up_proj"] = gate.contiguous(), up.contiguous()
-            del t, gate, up
-            continue
         ours = _rename(name, False)
         if ours is None:
             raise UserError(f"unexpected tensor '{name}' in the Hugging Face checkpoint")
+        fused = re.search(r"(moe\.experts\.|moe\.shared\.)gate_up_proj(\.weight)?$", ours)
+        if fused:  # split into two contiguous tensors: (E, 2F, D) on dim 1, a shared (2F, D) on dim 0
+            base, suffix = ours[: fused.start(0)] + fused.group(1), fused.group(2) or ""
+            t = t if dtype is None else t.to(dtype)
+            gate, up = t.chunk(2, dim=t.dim() - 2)
+            out[base + "gate_proj" + suffix], out[base + "up_proj" + suffix] = gate.contiguous(), up.contiguous()
+            del t, gate, up
+            continue
         if ".moe.shared." in ours and t.numel() == 0:
             continue  # zero-wide shared experts (n_shared_experts 0 in an ALWAYS_SHARED architecture): none
         if ours.endswith("router.selection_bias"):

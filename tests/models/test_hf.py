@@ -54,6 +54,11 @@ CASES = {
                                   "norm_topk_prob": True, "bias_update_rate": 1e-3}),
     "dots1": ("glm4_moe-tiny", {"partial_rotary": 1.0, "qk_norm": "head", "qkv_bias": True, "out_bias": True,
                                 "n_kv_heads": 2, "routed_scaling": 2.5}),
+    # Granite MoE: embedding, residual and logits multipliers, attention scaled by 1 / head_dim; then
+    # GraniteMoeShared: with one ungated shared expert, biases on the four attention projections, untied
+    "granitemoe": ("granitemoe-tiny", {}),
+    "granitemoeshared": ("granitemoe-tiny", {"n_shared_experts": 1, "shared_expert_dim": 40, "qkv_bias": True,
+                                             "out_bias": True, "tie_embeddings": False}),
     "llama": ("llama-tiny", {"qkv_bias": True, "out_bias": True}),
     # Llama 3.1's RoPE: at head_dim 16 and an original context of 48 the wavelengths 6.3, 20 and
     # 63+ fall in its kept, blended and stretched bands (under 48/5, between, over 48/1.5)
@@ -159,6 +164,10 @@ SWEEP = {
     # designs built from another family's preset (CASES): MiniMax-M2, dots.llm1
     "minimax_m2": dict(n_kv_heads=[1, 2, 4], head_dim=[8, 24], partial_rotary=[0.5, 1.0], top_k=[1, 2, 3],
                        n_experts=[4, 8], tie_embeddings=[False, True], rope_scaling=["none", "yarn"]),
+    "granitemoe-tiny": dict(n_kv_heads=[1, 2, 4], head_dim=[0, 8, 24], tie_embeddings=[False, True], top_k=[1, 2, 3],
+                            n_experts=[4, 8], n_shared_experts=[0, 1, 2], shared_expert_dim=[8, 48],
+                            embed_scale=[1.0, 12.0], residual_scale=[0.22, 1.0], logits_divisor=[1.0, 6.0],
+                            attn_scale=[0.0, 0.015625, 0.3], rope_scaling=["none", "linear", "yarn"]),
     "dots1": dict(n_kv_heads=[1, 2, 4], qkv_bias=[False, True], n_shared_experts=[0, 1, 2], first_k_dense=[0, 1],
                   n_group=[1, 2], topk_group=[1, 2], n_experts=[4, 8], top_k=[1, 2], routed_scaling=[1.0, 2.5]),
     "qwen2_moe-tiny": dict(n_kv_heads=[1, 2, 4], head_dim=[0, 8, 24], qkv_bias=[False, True],
@@ -611,10 +620,18 @@ def test_a_rope_type_moelab_cannot_compute_is_refused_on_convert(rope):
     ("rope_interleave", False, "deepseek_v2", "rope_interleave=False"),
     ("qkv_bias", True, "ernie4_5_moe", "qkv_bias=True"),  # its use_bias would bias its MLPs and head too
     ("routed_scaling", 2.0, "ernie4_5_moe", "routed_scaling=2.0"),
+    ("embed_scale", 12.0, "mixtral", "embed_scale=12.0"),  # Granite's multipliers: no other architecture has them
+    ("residual_scale", 0.22, "qwen3_moe", "residual_scale=0.22"),
+    ("logits_divisor", 6.0, "deepseek_v3", "logits_divisor=6.0"),
+    ("attn_scale", 0.015625, "qwen2_moe", "attn_scale=0.015625"),
+    ("n_shared_experts", 1, "granitemoe", "n_shared_experts=1"),  # GraniteMoeShared's
+    ("first_k_dense", 1, "granitemoeshared", "first_k_dense=1"),
+    ("out_bias", True, "granitemoe", "out_bias=True"),  # attention_bias: all four projections or none
 ])
 def test_inexpressible_config_is_refused_naming_the_field(field, value, arch, match):
     preset = {"deepseek_v3": "deepseek_v3-tiny", "qwen3_moe": "qwen3_moe-tiny", "qwen2_moe": "qwen2_moe-tiny",
-              "deepseek_v2": "deepseek_v2-tiny", "ernie4_5_moe": "ernie4_5_moe-tiny"}
+              "deepseek_v2": "deepseek_v2-tiny", "ernie4_5_moe": "ernie4_5_moe-tiny", "granitemoe": "granitemoe-tiny",
+              "granitemoeshared": "granitemoe-tiny"}
     model = _model(preset.get(arch, "mixtral-tiny"), {})
     setattr(model.cfg, field, value)
     with pytest.raises(UserError, match=match):
@@ -622,7 +639,7 @@ def test_inexpressible_config_is_refused_naming_the_field(field, value, arch, ma
 
 
 @pytest.mark.parametrize("preset", ["mixtral-tiny", "qwen3_moe-tiny", "olmoe-tiny", "qwen2_moe-tiny",
-                                    "ernie4_5_moe-tiny"])
+                                    "ernie4_5_moe-tiny", "granitemoe-tiny"])
 def test_the_aux_loss_coefficient_converts_to_the_same_balancing_term(preset):
     """transformers' load-balancing loss counts each of a token's top-k picks (top_k under uniform
     routing), moelab's the share of picks (1): the coefficient passed through unchanged, so a
