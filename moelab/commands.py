@@ -54,8 +54,12 @@ def info(target: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
                + (f", first {m.first_k_dense} dense" if m.first_k_dense else ""))
     else:
         ffn = f"dense MLP width {m.dense_dim}"
+    scales = [f"{name} {value:g}" for name, value, off in (
+        ("embed_scale", m.embed_scale, 1.0), ("residual_scale", m.residual_scale, 1.0),
+        ("attn_scale", m.attn_scale, 0.0), ("logits_divisor", m.logits_divisor, 1.0)) if value != off]
     head = (f"{target}: d_model {m.d_model}, {m.n_layers} layers, {attn}, {ffn}, "
-            f"vocab {m.vocab_size}, tied embeddings {m.tie_embeddings}")
+            f"vocab {m.vocab_size}, tied embeddings {m.tie_embeddings}"
+            + (f", multipliers: {', '.join(scales)}" if scales else ""))
     meta = build_meta_model(m)
     return head + "\n" + format_table(parameter_table(meta)) + "\n\n" + _memory_table(meta)
 

@@ -491,7 +491,7 @@ _LAYER_RENAMES = [
 _GRANITE = [("moe.router.weight", "block_sparse_moe.router.weight"),
             ("moe.experts.down_proj", "block_sparse_moe.experts.down_proj"),
             ("moe.experts.gate_up_proj", "block_sparse_moe.experts.gate_up_proj")]
-# transformers before its GraniteMoeExperts (5.0 to 5.1) held the same tensors under the checkpoints' names
+# transformers before its GraniteMoeExperts (5.0 among them) held the same tensors under the checkpoints' names
 _GRANITE_LEGACY = [("moe.router.weight", "block_sparse_moe.router.layer.weight"),
                    ("moe.experts.down_proj", "block_sparse_moe.output_linear.weight"),
                    ("moe.experts.gate_up_proj", "block_sparse_moe.input_linear.weight")]

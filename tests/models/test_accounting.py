@@ -88,3 +88,13 @@ def test_info_lists_the_memory_of_the_weights_in_fp32_and_bf16_and_of_training()
     for what, size in expect.items():
         line = next(ln for ln in res.stdout.splitlines() if ln.startswith(what))
         assert f"{size / 1e6:,.1f} MB" in line, (line, size)
+
+
+def test_info_names_the_multipliers_a_design_sets_and_only_those():
+    """Granite's scales change what the model computes, not its parameter counts: the summary says them."""
+    from moelab.commands import info
+
+    head = info("granite-3.1-1b-a400m").splitlines()[0]
+    assert head.endswith("multipliers: embed_scale 12, residual_scale 0.22, attn_scale 0.015625, logits_divisor 6")
+    assert "multipliers" not in info("mixtral-tiny").splitlines()[0]
+    assert info("mixtral-tiny", ["model.residual_scale=0.5"]).splitlines()[0].endswith("multipliers: residual_scale 0.5")
