@@ -22,6 +22,8 @@ Architectures (transformers model_type -> class):
   granitemoe   GraniteMoeForCausalLM  GQA, softmax over the top-k logits, muP multipliers (embedding,
                                       residual, attention scale, logits divisor) (Granite 3.0 MoE)
   granitemoeshared GraniteMoeSharedForCausalLM  Granite MoE plus one ungated shared expert
+  sarvam_moe, param2moe                read only: GLM4-MoE's model under their own configs (Sarvam-30B,
+                                      Param2-17B-A2.4B); exported as glm4_moe, the same model
   llama        LlamaForCausalLM       dense baseline
   qwen3        Qwen3ForCausalLM       dense baseline with per-head QK-norm
 
@@ -60,6 +62,9 @@ ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deeps
 MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "qwen2_moe", "deepseek_v2", "ernie4_5_moe",
              "glm4_moe_lite", "dots1", "minimax_m2", "granitemoe", "granitemoeshared")
 GRANITE_ARCHS = ("granitemoe", "granitemoeshared")
+# Configs of their own that transformers runs as another architecture's model (its AutoModel maps
+# them to that class, with its tensor names): read as that architecture; `export` writes it.
+READ_AS = {"sarvam_moe": "glm4_moe", "param2moe": "glm4_moe"}  # Sarvam-30B, Param2-17B-A2.4B
 PARTIAL_ROTARY_ARCHS = ("glm4_moe", "minimax_m2")
 MLA_ARCHS = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite")
 SIGMOID_ARCHS = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1")  # DeepSeek-V3's MoE: sigmoid, selection bias, groups
@@ -313,9 +318,9 @@ def _refuse(arch: str, field: str, have, want) -> UserError:
 
 
 def model_config_from_hf(hf) -> ModelConfig:
-    arch = hf.model_type
+    arch = READ_AS.get(hf.model_type, hf.model_type)
     if arch not in ARCHS:
-        raise UserError(f"unsupported architecture '{arch}' (supported: {', '.join(ARCHS)})")
+        raise UserError(f"unsupported architecture '{arch}' (supported: {', '.join([*ARCHS, *READ_AS])})")
     g = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
     acts = {v: k for k, v in ACTS.items()} | {"gelu_new": "gelu"}
     if g("hidden_act") not in acts:

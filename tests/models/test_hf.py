@@ -263,6 +263,33 @@ def test_a_minimax_m2_config_json_with_its_rotary_dim_converts(tmp_path):
     assert _max_diff(theirs, ours, torch.randint(0, V, (2, 48))) <= 1e-4
 
 
+@pytest.mark.parametrize("name", ["SarvamMoE", "Param2Moe"])
+def test_sarvam_and_param2_checkpoints_convert_as_the_glm4_moe_model_transformers_runs(tmp_path, name):
+    """Sarvam-30B's and Param2's configs are their own, their model GLM4-MoE's (full rotary, QK-norm):
+    read from a directory as transformers loads it, the same logits; exported, a GLM4-MoE that
+    transformers loads with them too."""
+    if not hasattr(transformers, name + "Config"):
+        pytest.skip(f"transformers {transformers.__version__} predates {name}")
+    config = getattr(transformers, name + "Config")(
+        vocab_size=V, hidden_size=64, intermediate_size=80, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, attention_bias=True)
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # transformers initialises norms to 1, biases and the selection bias to 0
+        for key, t in theirs.state_dict().items():
+            if t.ndim == 1:
+                t.normal_(mean=1.0 if "norm" in key else 0.0, std=0.1)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf")
+    assert (ours.cfg.partial_rotary, ours.cfg.qk_norm, ours.cfg.qkv_bias, ours.cfg.n_group) == (1.0, "head", True, 2)
+    ids = torch.randint(0, V, (2, 48))
+    assert _max_diff(theirs, ours, ids) <= 1e-4
+    export_hf(ours, tmp_path / "out")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert again.config.model_type == "glm4_moe" and _max_diff(again, theirs, ids) <= 1e-4
+
+
 def test_a_dots1_model_with_sliding_window_layers_is_refused_on_convert():
     """dots.llm1's config can make layers from max_window_layers on attend within a window, which
     moelab does not apply: refused, naming the field, rather than converted to full attention."""
