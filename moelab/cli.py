@@ -543,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_output_dir, required=True, help="new output directory")
     p.add_argument("--arch", default="auto",
                    help="mixtral|qwen3_moe|olmoe|deepseek_v3|glm4_moe|qwen2_moe|deepseek_v2|ernie4_5_moe|glm4_moe_lite|"
-                        "dots1|minimax_m2|granitemoe|granitemoeshared|llama|qwen3; auto: the one that "
+                        "dots1|minimax_m2|minicpm5_moe|granitemoe|granitemoeshared|llama|qwen3; auto: the one that "
                         "expresses the model exactly")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="weights' dtype; auto: the stored one, exactly (fp32 for a trained run; a run converted in "

@@ -47,7 +47,7 @@ def info(target: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
 
     m = model_config_for(target, overrides)
     attn = (f"MLA {m.n_heads} heads (q rank {m.q_lora_rank or 'full'}, kv rank {m.kv_lora_rank})"
-            if m.attention == "mla" else f"{m.n_heads} heads ({m.n_kv_heads} kv)")
+            if m.attention == "mla" else f"{m.n_heads} heads ({m.n_kv_heads} kv){', gated output' * m.attn_gate}")
     if m.n_experts:
         ffn = (f"{m.n_experts} experts top-{m.top_k} x width {m.expert_dim}, {m.router} router"
                + m.shared_text

@@ -39,6 +39,9 @@ class ModelConfig:
     qk_norm: str = "none"  # none | head (RMSNorm per head: Qwen3, GLM4) | full (over all heads: OLMoE)
     qkv_bias: bool = False  # biases on the q/k/v projections (GLM4-MoE)
     out_bias: bool = False  # bias on the output projection
+    # attention's output times sigmoid(gate_proj(x)), element by element, before o_proj (gated
+    # attention: MiniCPM5-MoE, Qwen3-Next); gate_proj has the q/k/v projections' bias setting
+    attn_gate: bool = False
     q_lora_rank: int = 0  # MLA: 0 = full-rank query projection, else low-rank with its own norm
     kv_lora_rank: int = 64  # MLA: width of the compressed key/value latent
     qk_nope_head_dim: int = 32  # MLA: per-head query/key dims without RoPE
@@ -257,6 +260,7 @@ class Config:
              "model.qkv_bias/out_bias are not supported with attention=mla"),
             (m.attention == "gqa" or m.partial_rotary == 1.0,
              "with attention=mla set the rotated width with model.qk_rope_head_dim, not partial_rotary"),
+            (m.attention == "gqa" or not m.attn_gate, "model.attn_gate applies to attention=gqa"),
             (m.attention == "gqa" or m.attn_scale == 0,
              "model.attn_scale applies to attention=gqa (MLA's scale follows its head dims and yarn)"),
             (0.0 < m.partial_rotary <= 1.0, f"model.partial_rotary must be in (0, 1] (got {m.partial_rotary})"),

@@ -117,6 +117,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.out_bias)
+        if cfg.attn_gate:
+            self.gate_proj = nn.Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
         if cfg.qk_norm == "head":
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -146,7 +148,10 @@ class Attention(nn.Module):
             k_BGSD, v_BGSD = cache.append(k_BGSD, v_BGSD, dim=2)
         y_BHSD = _attend(q_BHSD, k_BGSD, v_BGSD, cache, start, enable_gqa=self.n_kv_heads != self.n_heads,
                          scale=self.scale)
-        return self.o_proj(y_BHSD.transpose(1, 2).reshape(B, S, -1))
+        y_BSX = y_BHSD.transpose(1, 2).reshape(B, S, -1)
+        if hasattr(self, "gate_proj"):
+            y_BSX = y_BSX * torch.sigmoid(self.gate_proj(x_BSD))
+        return self.o_proj(y_BSX)
 
 
 # DeepSeek's latent norms use eps 1e-6 whatever rms_norm_eps is (reference code and transformers).

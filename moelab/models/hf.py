@@ -19,6 +19,8 @@ Architectures (transformers model_type -> class):
                                       choosing with a selection bias, no shared experts (MiniMax-M2)
   ernie4_5_moe Ernie4_5_MoeForCausalLM GQA, interleaved RoPE, softmax router whose choice adds a
                                       selection bias (ERNIE 4.5's moe_statics), shared experts
+  minicpm5_moe MiniCPM5MoeForCausalLM  GQA with an output gate (sigmoid, element by element), DeepSeek-V3's MoE
+                                      (MiniCPM5-MoE)
   granitemoe   GraniteMoeForCausalLM  GQA, softmax over the top-k logits, muP multipliers (embedding,
                                       residual, attention scale, logits divisor) (Granite 3.0 MoE)
   granitemoeshared GraniteMoeSharedForCausalLM  Granite MoE plus one ungated shared expert
@@ -57,17 +59,17 @@ from moelab.models.transformer import WEIGHT_DTYPES, held_as
 ARCHS = {"mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "deepseek_v3": "DeepseekV3",
          "glm4_moe": "Glm4Moe", "qwen2_moe": "Qwen2Moe", "deepseek_v2": "DeepseekV2", "ernie4_5_moe": "Ernie4_5_Moe",
          "glm4_moe_lite": "Glm4MoeLite", "dots1": "Dots1", "minimax_m2": "MiniMaxM2",
-         "granitemoe": "GraniteMoe", "granitemoeshared": "GraniteMoeShared",
+         "granitemoe": "GraniteMoe", "granitemoeshared": "GraniteMoeShared", "minicpm5_moe": "MiniCPM5Moe",
          "llama": "Llama", "qwen3": "Qwen3"}
 MOE_ARCHS = ("mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "qwen2_moe", "deepseek_v2", "ernie4_5_moe",
-             "glm4_moe_lite", "dots1", "minimax_m2", "granitemoe", "granitemoeshared")
+             "glm4_moe_lite", "dots1", "minimax_m2", "granitemoe", "granitemoeshared", "minicpm5_moe")
 GRANITE_ARCHS = ("granitemoe", "granitemoeshared")
 # Configs of their own that transformers runs as another architecture's model (its AutoModel maps
 # them to that class, with its tensor names): read as that architecture; `export` writes it.
 READ_AS = {"sarvam_moe": "glm4_moe", "param2moe": "glm4_moe"}  # Sarvam-30B, Param2-17B-A2.4B
 PARTIAL_ROTARY_ARCHS = ("glm4_moe", "minimax_m2")
 MLA_ARCHS = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite")
-SIGMOID_ARCHS = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1")  # DeepSeek-V3's MoE: sigmoid, selection bias, groups
+SIGMOID_ARCHS = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "minicpm5_moe")  # DeepSeek-V3's MoE: sigmoid, selection bias, groups
 ACTS = {"silu": "silu", "gelu": "gelu_pytorch_tanh"}
 # transformers' load-balancing loss (load_balancing_loss_func) of these counts every one of a token's
 # top-k picks, so it is top_k under uniform routing where moelab's (the share of picks) is 1: their
@@ -104,13 +106,14 @@ def problems(cfg: ModelConfig, arch: str) -> list[str]:
         need["rope_interleave"] = (cfg.rope_interleave, False)
     if arch not in PARTIAL_ROTARY_ARCHS:
         need["partial_rotary"] = (cfg.partial_rotary, 1.0)
+    need["attn_gate"] = (cfg.attn_gate, arch == "minicpm5_moe")  # MiniCPM5's attention is always gated
     if arch not in GRANITE_ARCHS:  # Granite's multipliers; elsewhere each is 1 (the default attention scale)
         need.update(embed_scale=(cfg.embed_scale, 1.0), residual_scale=(cfg.residual_scale, 1.0),
                     logits_divisor=(cfg.logits_divisor, 1.0))
         if cfg.attn_scale and cfg.attn_scale != cfg.head_dim ** -0.5:
             need["attn_scale"] = (cfg.attn_scale, 0.0)
     qk = {"mixtral": "none", "llama": "none", "qwen3_moe": "head", "qwen3": "head", "olmoe": "full", "dots1": "head",
-          "minimax_m2": "full", "granitemoe": "none", "granitemoeshared": "none"}
+          "minimax_m2": "full", "granitemoe": "none", "granitemoeshared": "none", "minicpm5_moe": "none"}
     if arch in qk:
         need["qk_norm"] = (cfg.qk_norm, qk[arch])
         need["out_bias"] = (cfg.out_bias, cfg.qkv_bias if arch not in ("mixtral", "minimax_m2") else False)
@@ -228,7 +231,7 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
                   attention_dropout=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if arch not in MLA_ARCHS:
         common.update(num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim)
-    if arch in ("qwen3_moe", "olmoe", "glm4_moe", "llama", "qwen3", "dots1"):
+    if arch in ("qwen3_moe", "olmoe", "glm4_moe", "llama", "qwen3", "dots1", "minicpm5_moe"):
         common["attention_bias"] = cfg.qkv_bias
     if arch == "qwen2_moe":
         common["qkv_bias"] = cfg.qkv_bias
@@ -264,7 +267,7 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
     elif arch == "olmoe":
         kw = dict(intermediate_size=cfg.expert_dim, num_experts=cfg.n_experts, clip_qkv=None,
                   norm_topk_prob=cfg.norm_topk_prob or cfg.router == "topk_softmax", **moe)
-    elif arch in ("deepseek_v3", "glm4_moe", "deepseek_v2", "glm4_moe_lite", "dots1"):
+    elif arch in ("deepseek_v3", "glm4_moe", "deepseek_v2", "glm4_moe_lite", "dots1", "minicpm5_moe"):
         kw = dict(intermediate_size=cfg.dense_dim, moe_intermediate_size=cfg.expert_dim,
                   n_routed_experts=cfg.n_experts, n_shared_experts=cfg.n_shared_experts,
                   routed_scaling_factor=cfg.routed_scaling, n_group=cfg.n_group, topk_group=cfg.topk_group,
@@ -276,7 +279,7 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
                       qk_nope_head_dim=cfg.qk_nope_head_dim, v_head_dim=cfg.v_head_dim, attention_bias=False)
         if arch in ("deepseek_v3", "glm4_moe_lite"):
             kw["rope_interleave"] = cfg.rope_interleave
-        if arch == "glm4_moe_lite":  # its dense layers are listed, not counted
+        if arch in ("glm4_moe_lite", "minicpm5_moe"):  # their dense layers are listed, not counted
             kw["mlp_layer_types"] = ["sparse" if cfg.is_moe_layer(i) else "dense" for i in range(cfg.n_layers)]
             del kw["first_k_dense_replace"]
         elif arch == "deepseek_v2":
@@ -288,6 +291,8 @@ def hf_config(cfg: ModelConfig, arch: str = "auto"):
             kw.update(aux_loss_alpha=float(f"{coef / len(cfg.moe_layers):.12g}"), seq_aux=per_seq)
         elif arch == "dots1":  # every layer's attention full, none sliding
             kw.update(sliding_window=None, layer_types=["full_attention"] * cfg.n_layers)
+        elif arch == "minicpm5_moe":  # no QK-norm field: never normed
+            pass
         else:
             kw.update(use_qk_norm=cfg.qk_norm == "head")
     else:  # llama, qwen3
@@ -379,6 +384,7 @@ def model_config_from_hf(hf) -> ModelConfig:
         m.qkv_bias, m.out_bias = bias, bias and arch not in ("glm4_moe", "qwen2_moe")
         m.qk_norm = {"qwen3_moe": "head", "qwen3": "head", "olmoe": "full", "dots1": "head",
                      "minimax_m2": "full"}.get(arch, "none")
+        m.attn_gate = arch == "minicpm5_moe"
         types = g("layer_types") or []
         if arch == "dots1" and any(t != "full_attention" for t in types):  # a window moelab does not apply
             raise _refuse(arch, "layer_types", sorted(set(types)), ["full_attention"])
@@ -416,13 +422,13 @@ def model_config_from_hf(hf) -> ModelConfig:
             if sorted(hf.mlp_only_layers) != list(range(k)):
                 raise _refuse(arch, "mlp_only_layers", hf.mlp_only_layers, "the first k layers")
             m.first_k_dense = k
-        else:  # deepseek_v3, glm4_moe, deepseek_v2, glm4_moe_lite
+        else:  # deepseek_v3, glm4_moe, deepseek_v2, glm4_moe_lite, dots1, minicpm5_moe
             m.n_experts, m.expert_dim = hf.n_routed_experts, hf.moe_intermediate_size
             m.router, m.routed_scaling = "sigmoid", float(hf.routed_scaling_factor)
             m.n_group, m.topk_group = hf.n_group or 1, hf.topk_group or 1
             m.n_shared_experts, m.shared_expert_dim = hf.n_shared_experts or 0, hf.moe_intermediate_size
             m.first_k_dense = min(g("first_k_dense_replace") or 0, m.n_layers)
-            if arch == "glm4_moe_lite":
+            if arch in ("glm4_moe_lite", "minicpm5_moe"):
                 types = list(hf.mlp_layer_types)
                 m.first_k_dense = types.count("dense")
                 if types != ["dense"] * m.first_k_dense + ["sparse"] * (m.n_layers - m.first_k_dense):
@@ -549,7 +555,7 @@ def _rename(name: str, to_hf: bool, arch: str | None = None) -> str | None:
 
 # Architectures whose MoE layers always hold shared experts: a model without any has them zero
 # wide (no rows, so they add exactly zero), as transformers builds and saves them.
-ALWAYS_SHARED = ("deepseek_v3", "glm4_moe", "deepseek_v2", "glm4_moe_lite", "dots1")
+ALWAYS_SHARED = ("deepseek_v3", "glm4_moe", "deepseek_v2", "glm4_moe_lite", "dots1", "minicpm5_moe")
 
 
 def _hf_groups(model, meta: bool = False, arch: str | None = None) -> Iterator[dict[str, torch.Tensor]]:
@@ -568,7 +574,7 @@ def _hf_groups(model, meta: bool = False, arch: str | None = None) -> Iterator[d
         for name in [n for n in sd if n.endswith("moe.router.weight")]:
             bias = name[: -len("weight")] + "selection_bias"
             sd[bias] = sd[bias].view(1, -1) if bias in sd else sd[name].new_zeros(1, sd[name].shape[0])
-    fuse_shared = arch == "granitemoeshared"
+    fuse_shared, fuse_q_gate = arch == "granitemoeshared", arch == "minicpm5_moe"
     groups: dict[object, list[str]] = {}
     for name in sd:
         block = re.match(r"blocks\.(\d+)\.", name)
@@ -576,11 +582,17 @@ def _hf_groups(model, meta: bool = False, arch: str | None = None) -> Iterator[d
     for names in groups.values():
         out = {}
         for name in names:
-            if name.endswith("moe.experts.up_proj") or (fuse_shared and name.endswith("moe.shared.up_proj.weight")):
-                continue  # fused with its gate below
+            if name.endswith("moe.experts.up_proj") or (fuse_shared and name.endswith("moe.shared.up_proj.weight")) \
+                    or (fuse_q_gate and ".attn.gate_proj." in name):
+                continue  # fused with its gate below (with q_proj: MiniCPM5's output gate)
             if name.endswith("moe.experts.gate_proj"):  # HF fuses gate and up: chunk(2) gives gate first
                 base = name[: -len("gate_proj")]
                 out[_rename(base + "gate_up_proj", True, arch)] = torch.cat([sd[name], sd[base + "up_proj"]], dim=1)
+                continue
+            if fuse_q_gate and ".attn.q_proj." in name:  # each head's D query rows, then its D gate rows
+                gate, H = sd[name.replace(".q_proj.", ".gate_proj.")], model.cfg.n_heads
+                out[_rename(name.replace(".q_proj.", ".q_gate_proj."), True, arch)] = torch.cat(
+                    [sd[name].unflatten(0, (H, -1)), gate.unflatten(0, (H, -1))], dim=1).flatten(0, 1)
                 continue
             if fuse_shared and name.endswith("moe.shared.gate_proj.weight"):  # Granite's shared expert: the same
                 base = name[: -len("gate_proj.weight")]
@@ -599,7 +611,7 @@ def to_hf_state_dict(model, arch: str | None = None) -> dict[str, torch.Tensor]:
 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], consume: bool = False,
-                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                       dtype: torch.dtype | None = None, n_heads: int = 0) -> dict[str, torch.Tensor]:
     """moelab names and layout for a transformers state dict, optionally cast to `dtype` (the
     routers' tensors to fp32 whatever it is: `held_as`). The fused gate_up_proj is split into two
     contiguous tensors; `consume` pops each tensor from `sd` as it is mapped, so a caller that
@@ -611,6 +623,12 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], consume: bool = False,
         ours = _rename(name, False)
         if ours is None:
             raise UserError(f"unexpected tensor '{name}' in the Hugging Face checkpoint")
+        if ".attn.q_gate_proj." in ours:  # MiniCPM5's: per head (n_heads), D query rows then D gate rows
+            q, gate = t.unflatten(0, (n_heads, 2, -1)).unbind(1)
+            for key, part in ((".q_proj.", q), (".gate_proj.", gate)):
+                part = part.flatten(0, 1)
+                out[ours.replace(".q_gate_proj.", key)] = part.contiguous() if dtype is None else part.to(dtype)
+            continue
         fused = re.search(r"(moe\.experts\.|moe\.shared\.)gate_up_proj(\.weight)?$", ours)
         if fused:  # split into two contiguous tensors: (E, 2F, D) on dim 1, a shared (2F, D) on dim 0
             base, suffix = ours[: fused.start(0)] + fused.group(1), fused.group(2) or ""
@@ -686,7 +704,8 @@ def from_hf(hf_model):
     from moelab.models import MoETransformer
 
     sd = {k: v.detach().to(torch.float32, copy=True) for k, v in hf_model.state_dict().items()}
-    return MoETransformer.from_weights(_moelab_config(hf_model.config), from_hf_state_dict(sd, consume=True))
+    cfg = _moelab_config(hf_model.config)
+    return MoETransformer.from_weights(cfg, from_hf_state_dict(sd, consume=True, n_heads=cfg.n_heads))
 
 
 DTYPES = WEIGHT_DTYPES
@@ -926,4 +945,5 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
               "left out as transformers does", file=sys.stderr)
     cfg, sd = _moelab_config(hf.config), {k: v.detach() for k, v in hf.state_dict().items()}
     del hf  # the moelab model takes over the loaded tensors instead of copying them
-    return MoETransformer.from_weights(cfg, from_hf_state_dict(sd, consume=True, dtype=dtype)).to(device)
+    return MoETransformer.from_weights(cfg, from_hf_state_dict(sd, consume=True, dtype=dtype,
+                                                               n_heads=cfg.n_heads)).to(device)

@@ -94,6 +94,9 @@ FAMILIES = {
                          tie_embeddings=True, bias_update_rate=1e-3),
     "qwen2_moe": dict(qkv_bias=True, n_shared_experts=1, shared_expert_gate=True, norm_topk_prob=False,
                       tie_embeddings=False),
+    # MiniCPM5-MoE: GQA with a gated output, DeepSeek-V3's MoE (and, as it publishes none, its balancing)
+    "minicpm5_moe": dict(n_kv_heads=2, attn_gate=True, router="sigmoid", n_shared_experts=1, norm_topk_prob=True,
+                         tie_embeddings=False, aux_loss_coef=0.0, bias_update_rate=1e-3),
     # Granite 3.x MoE: muP multipliers (the attention scale 1 / head_dim, not its square root), softmax over
     # the top-k logits (softmax, top-k, renormalised), tied embeddings
     "granitemoe": dict(n_kv_heads=2, tie_embeddings=True, norm_topk_prob=True, embed_scale=12.0, residual_scale=0.22,
@@ -105,7 +108,7 @@ FAMILIES = {
 
 # DeepSeek-V3 and GLM-4.5 add a sequence-wise balance loss of weight 1e-4 in every MoE layer. moelab
 # averages the layers' terms, so the recipe is 1e-4 x the MoE layers (see recipe_seq_aux).
-SEQ_AUX_PER_LAYER = {"deepseek_v3": 1e-4, "glm4_moe": 1e-4}
+SEQ_AUX_PER_LAYER = {"deepseek_v3": 1e-4, "glm4_moe": 1e-4, "minicpm5_moe": 1e-4}
 
 
 def recipe_seq_aux(family: str, model: ModelConfig) -> float:
@@ -128,6 +131,8 @@ TINY = {
                         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
     "qwen2_moe": dict(n_experts=8, top_k=2, expert_dim=64, shared_expert_dim=256),
     "ernie4_5_moe": dict(n_experts=8, top_k=2, expert_dim=96, first_k_dense=1, dense_dim=256),
+    "minicpm5_moe": dict(n_experts=8, top_k=2, expert_dim=96, n_group=2, topk_group=1, first_k_dense=1, dense_dim=256,
+                         routed_scaling=2.5),
     "granitemoe": dict(n_experts=8, top_k=2, expert_dim=96, attn_scale=1 / 32),  # head_dim 128 / 4
     "switch": dict(n_experts=8, expert_dim=256),
     "llama": dict(dense_dim=384),
@@ -135,7 +140,7 @@ TINY = {
 }
 
 # Published sizes: Mixtral-8x7B, Qwen3-30B-A3B, OLMoE-1B-7B, DeepSeek-V3 (671B), GLM-4.5-Air, DeepSeek-V2-Lite,
-# Qwen1.5-MoE-A2.7B, ERNIE-4.5-21B-A3B, Granite-3.1-1B-A400M,
+# Qwen1.5-MoE-A2.7B, ERNIE-4.5-21B-A3B, Granite-3.1-1B-A400M, MiniCPM5-15B-A2.5B,
 # a decoder-only Switch-Base-8 analogue, Llama-3-8B, Llama-3.2-1B (Llama 3.1's RoPE scaling), Qwen3-0.6B.
 PUBLISHED = {
     "mixtral-8x7b": ("mixtral", dict(
@@ -175,6 +180,9 @@ PUBLISHED = {
         vocab_size=49155, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8, n_experts=32, top_k=8, expert_dim=512,
         attn_scale=0.015625, rope_theta=1.5e6, max_seq_len=131072,
         aux_loss_coef=0.008)),  # its router_aux_loss_coef 0.001 per pick, x top_k
+    "minicpm5-15b-a2.5b": ("minicpm5_moe", dict(
+        vocab_size=130560, d_model=2048, n_layers=28, n_heads=32, n_kv_heads=2, head_dim=128, n_experts=160, top_k=16,
+        expert_dim=512, dense_dim=8192, first_k_dense=1, routed_scaling=3.66, rope_theta=5e6, max_seq_len=524288)),
     "switch-base-8": ("switch", dict(
         vocab_size=32128, d_model=768, n_layers=12, n_heads=12, n_experts=8, expert_dim=3072,
         max_seq_len=2048)),

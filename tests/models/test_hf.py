@@ -57,6 +57,9 @@ CASES = {
     # Granite MoE: embedding, residual and logits multipliers, attention scaled by 1 / head_dim; then
     # GraniteMoeShared: with one ungated shared expert, biases on the four attention projections, untied
     "granitemoe": ("granitemoe-tiny", {}),
+    # MiniCPM5-MoE: each head's attention output gated by a sigmoid of its own projection (held with the
+    # query's rows, head by head), biases on all four projections, DeepSeek-V3's MoE after a dense layer
+    "minicpm5_moe": ("minicpm5_moe-tiny", {"qkv_bias": True, "out_bias": True}),
     "granitemoeshared": ("granitemoe-tiny", {"n_shared_experts": 1, "shared_expert_dim": 40, "qkv_bias": True,
                                              "out_bias": True, "tie_embeddings": False}),
     "llama": ("llama-tiny", {"qkv_bias": True, "out_bias": True}),
@@ -168,6 +171,10 @@ SWEEP = {
                             n_experts=[4, 8], n_shared_experts=[0, 1, 2], shared_expert_dim=[8, 48],
                             embed_scale=[1.0, 12.0], residual_scale=[0.22, 1.0], logits_divisor=[1.0, 6.0],
                             attn_scale=[0.0, 0.015625, 0.3], rope_scaling=["none", "linear", "yarn"]),
+    "minicpm5_moe-tiny": dict(n_kv_heads=[1, 2, 4], head_dim=[0, 8, 24], qkv_bias=[False, True],
+                              n_shared_experts=[0, 1, 2], first_k_dense=[0, 1, 2], n_group=[1, 2, 4], topk_group=[1, 2],
+                              n_experts=[8, 16], top_k=[1, 2], routed_scaling=[1.0, 2.5], norm_topk_prob=[False, True],
+                              rope_scaling=["none", "yarn"], tie_embeddings=[False, True]),
     "dots1": dict(n_kv_heads=[1, 2, 4], qkv_bias=[False, True], n_shared_experts=[0, 1, 2], first_k_dense=[0, 1],
                   n_group=[1, 2], topk_group=[1, 2], n_experts=[4, 8], top_k=[1, 2], routed_scaling=[1.0, 2.5]),
     "qwen2_moe-tiny": dict(n_kv_heads=[1, 2, 4], head_dim=[0, 8, 24], qkv_bias=[False, True],
@@ -192,14 +199,13 @@ def test_random_combinations_of_settings_match_transformers(seed):
 
     rng = random.Random(seed)
     for i in range(8):
-        preset = rng.choice(list(SWEEP))
-        over = {k: rng.choice(v) for k, v in SWEEP[preset].items()}
-        if preset in CASES:  # a design built on another family's preset
-            design = preset
+        design = preset = rng.choice(list(SWEEP))
+        over = {k: rng.choice(v) for k, v in SWEEP[design].items()}
+        if design in CASES:  # a design built on another family's preset
             preset, fixed = CASES[design]
             over = {**fixed, **over}
-            if design == "dots1":  # biases on all four projections or none
-                over["out_bias"] = over["qkv_bias"]
+        if design in ("dots1", "minicpm5_moe-tiny"):  # biases on all four projections or none
+            over["out_bias"] = over["qkv_bias"]
         over["topk_group"] = min(over.get("topk_group", 1), over.get("n_group", 1))
         if over.get("rope_scaling", "none") != "none":
             over.update(rope_factor=4.0, rope_original_max_len=16)

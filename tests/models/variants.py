@@ -18,9 +18,10 @@ VARIANTS = {
                                  v_head_dim=8, rope_scaling="yarn", rope_factor=4.0,
                                  rope_original_max_len=8, first_k_dense=1, router="sigmoid",
                                  n_shared_experts=1),
-    # Granite's multipliers: the attention scale reaches the cached and masked attention paths too
-    "gqa-granite-multipliers": dict(n_kv_heads=2, embed_scale=12.0, residual_scale=0.22, attn_scale=0.1,
-                                    logits_divisor=6.0),
+    # Granite's multipliers (the attention scale reaches the cached and masked attention paths too)
+    # and MiniCPM5's gated attention output
+    "gqa-multipliers-gated": dict(n_kv_heads=2, embed_scale=12.0, residual_scale=0.22, attn_scale=0.1,
+                                  logits_divisor=6.0, attn_gate=True, qkv_bias=True),
     # top-1 capacity gives priority by token order, so it stays causal (top-k>1 GShard priority is not)
     "switch-capacity": dict(router="switch", top_k=1, capacity_factor=1.0),
 }
