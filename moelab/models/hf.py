@@ -530,6 +530,8 @@ def _granite_legacy() -> bool:
 def _export_renames(arch: str | None) -> list[tuple[str, str]]:
     pairs = _ARCH_RENAMES.get(arch, [])
     return _GRANITE_LEGACY + pairs if arch in GRANITE_ARCHS and _granite_legacy() else pairs
+
+
 _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "lm_head.weight": "lm_head.weight"}
 
@@ -614,7 +616,7 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], consume: bool = False,
                        dtype: torch.dtype | None = None, n_heads: int = 0) -> dict[str, torch.Tensor]:
     """moelab names and layout for a transformers state dict, optionally cast to `dtype` (the
     routers' tensors to fp32 whatever it is: `held_as`). The fused gate_up_proj is split into two
-    contiguous tensors; `consume` pops each tensor from `sd` as it is mapped, so a caller that
+    contiguous tensors (and MiniCPM5's q_gate_proj into q_proj and gate_proj, by `n_heads` heads); `consume` pops each tensor from `sd` as it is mapped, so a caller that
     holds no other reference frees it at once (peak memory: the result, plus the source tensors
     not yet mapped)."""
     out = {}
