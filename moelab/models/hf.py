@@ -668,8 +668,10 @@ def to_hf(model, arch: str = "auto", share: bool = False):
     config = hf_config(model.cfg, arch)
     cls = _hf_class(config.model_type, "ForCausalLM")
     hf = _without_init(cls, config).to(next(model.parameters()).dtype)
-    # the fused gate_up_proj is a new tensor already (a concatenation): only the others need a copy
-    sd = {k: v.detach() if share or k.endswith("gate_up_proj") else v.detach().clone()
+    # a fused tensor (gate_up_proj, MiniCPM5's q_gate_proj) is a new one already, a concatenation:
+    # only those on the model's own storage need a copy
+    own = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    sd = {k: v.detach() if share or v.untyped_storage().data_ptr() not in own else v.detach().clone()
           for k, v in to_hf_state_dict(model, config.model_type).items()}
     missing, unexpected = hf.load_state_dict(sd, strict=False, assign=True)
     missing = [k for k in missing if not (model.cfg.tie_embeddings and k == "lm_head.weight")]

@@ -368,6 +368,18 @@ def test_to_hf_copies_unless_asked_to_share():
     assert q.abs().sum() > 0 and ours.embed.weight.abs().sum() > 0
 
 
+@pytest.mark.parametrize("case", ["minicpm5_moe", "granitemoeshared", "ernie4_5_moe"])
+def test_to_hf_shares_no_memory_with_the_model(case):
+    """to_hf copies: the fused tensors (the experts' gate_up_proj, MiniCPM5's q_gate_proj, Granite's
+    shared input_linear) are new concatenations, which it does not copy again; every other tensor
+    (ERNIE's selection bias is a (1, E) view of moelab's) is copied, so none shares moelab's memory."""
+    ours = _model(*CASES[case])
+    own = {t.untyped_storage().data_ptr() for t in ours.state_dict().values()}
+    hf = to_hf(ours)
+    assert not own & {t.untyped_storage().data_ptr() for t in hf.state_dict().values()}
+    assert _max_diff(hf, ours, torch.randint(0, V, (2, 24))) <= 1e-4
+
+
 def test_a_sharded_export_loads_in_transformers_and_back(tmp_path):
     ours = _model(*CASES["deepseek_v3"])
     export_hf(ours, tmp_path / "hf", max_shard_size="200KB")
