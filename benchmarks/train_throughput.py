@@ -145,6 +145,10 @@ def main() -> None:
         hf_cfg = hf_config(m, "deepseek_v3")
         hf_cfg._experts_implementation = impl
         hf_cfg._attn_implementation = attn
+        # no KV cache in training, as a fine-tuning script sets it: with one (the config's default) each
+        # step builds a DynamicCache it never reads, and under torch.compile its per-layer guards recompile
+        # the decoder layer past dynamo's limit of 8, leaving the later layers uncompiled
+        hf_cfg.use_cache = False
         hf = transformers.DeepseekV3ForCausalLM(hf_cfg)
         hf.load_state_dict(state, strict=False)
         hf.to(device)
