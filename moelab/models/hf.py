@@ -69,7 +69,8 @@ GRANITE_ARCHS = ("granitemoe", "granitemoeshared")
 READ_AS = {"sarvam_moe": "glm4_moe", "param2moe": "glm4_moe"}  # Sarvam-30B, Param2-17B-A2.4B
 PARTIAL_ROTARY_ARCHS = ("glm4_moe", "minimax_m2")
 MLA_ARCHS = ("deepseek_v3", "deepseek_v2", "glm4_moe_lite")
-SIGMOID_ARCHS = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "minicpm5_moe")  # DeepSeek-V3's MoE: sigmoid, selection bias, groups
+# DeepSeek-V3's MoE: sigmoid, selection bias, groups
+SIGMOID_ARCHS = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "minicpm5_moe")
 ACTS = {"silu": "silu", "gelu": "gelu_pytorch_tanh"}
 # transformers' load-balancing loss (load_balancing_loss_func) of these counts every one of a token's
 # top-k picks, so it is top_k under uniform routing where moelab's (the share of picks) is 1: their
@@ -616,7 +617,8 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], consume: bool = False,
                        dtype: torch.dtype | None = None, n_heads: int = 0) -> dict[str, torch.Tensor]:
     """moelab names and layout for a transformers state dict, optionally cast to `dtype` (the
     routers' tensors to fp32 whatever it is: `held_as`). The fused gate_up_proj is split into two
-    contiguous tensors (and MiniCPM5's q_gate_proj into q_proj and gate_proj, by `n_heads` heads); `consume` pops each tensor from `sd` as it is mapped, so a caller that
+    contiguous tensors (and MiniCPM5's q_gate_proj into q_proj and gate_proj, by `n_heads` heads);
+    `consume` pops each tensor from `sd` as it is mapped, so a caller that
     holds no other reference frees it at once (peak memory: the result, plus the source tensors
     not yet mapped)."""
     out = {}
