@@ -618,9 +618,8 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], consume: bool = False,
     """moelab names and layout for a transformers state dict, optionally cast to `dtype` (the
     routers' tensors to fp32 whatever it is: `held_as`). The fused gate_up_proj is split into two
     contiguous tensors (and MiniCPM5's q_gate_proj into q_proj and gate_proj, by `n_heads` heads);
-    `consume` pops each tensor from `sd` as it is mapped, so a caller that
-    holds no other reference frees it at once (peak memory: the result, plus the source tensors
-    not yet mapped)."""
+    `consume` pops each tensor from `sd` as it is mapped, so a caller that holds no other reference
+    frees it at once (peak memory: the result, plus the source tensors not yet mapped)."""
     out = {}
     for name in list(sd):
         t = sd.pop(name) if consume else sd[name]
